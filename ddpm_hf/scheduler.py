@@ -1,0 +1,510 @@
+# Copyright 2026 The ddpm_hf authors. Apache-2.0.
+"""The DDPM noise scheduler of Ho, Jain & Abbeel (2020), arXiv:2006.11239.
+
+Self-contained: this file depends on torch, numpy and diffusers' base classes only, so it can be shipped as is into a
+Hub repository as remote code.
+
+The configuration (names, defaults, meanings) is that of ``diffusers.DDPMScheduler``, so a ``scheduler_config.json``
+moves between the two classes unchanged and ``from_config`` swaps this scheduler with DDIM, DPM-Solver and the other
+Karras-compatible schedulers. The outputs of :meth:`DDPMScheduler.step`, :meth:`DDPMScheduler.add_noise` and
+:meth:`DDPMScheduler.get_velocity` equal diffusers' for every option, with two deliberate exceptions where diffusers
+is wrong:
+
+* ``variance_type="fixed_large_log"``: diffusers takes the square root of log β_t, which is negative, and returns NaN
+  samples (diffusers#14569). Here the log-variance is exponentiated, so the samples equal ``fixed_large``'s.
+* ``variance_type="learned"``: diffusers reads the model's extra output channels as a *variance* and takes its square
+  root (NaN as soon as the network outputs a negative number). Here, as in improved-diffusion (Nichol & Dhariwal 2021)
+  and the paper's "learned diagonal Σ_θ" ablation, they are a *log-variance*: σ_t = exp(v / 2).
+
+Notation in the docstrings: ᾱ_t = Π_{s≤t} (1 − β_s), β̃_t the posterior variance, "eq. N" the paper's equation N.
+Timesteps are 0-based as in diffusers: index t here is the paper's step t + 1.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# diffusers computes these variance types differently (and wrongly): a pipeline using them cannot be saved as a plain
+# diffusers folder, since diffusers would sample something else from the same config.
+VARIANCE_TYPES_DIFFUSERS_GETS_WRONG = ("fixed_large_log", "learned")
+# Floor of β̃ before taking its log: the posterior variance is exactly 0 at the first step.
+_MIN_VARIANCE = 1e-20
+
+Timesteps = Union[int, torch.Tensor]
+
+
+@dataclass
+class DDPMSchedulerOutput(BaseOutput):
+    """Output of :meth:`DDPMScheduler.step`.
+
+    Args:
+        prev_sample: x_{t−1}, the next sample of the reverse chain (Algorithm 2).
+        pred_original_sample: x̂_0, the model's prediction of the clean sample (after clipping/thresholding).
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _alpha_bar_betas(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> torch.Tensor:
+    """β_t = 1 − ᾱ(t+1)/ᾱ(t) for a continuous ᾱ on [0, 1], capped at ``max_beta`` (Nichol & Dhariwal 2021, eq. 17)."""
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _laplace_alpha_bar(t: float) -> float:
+    log_snr = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr = math.exp(log_snr)
+    return math.sqrt(snr / (1 + snr))
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """The forward-process variances β_1..β_T (float32). The paper's schedule is ``linear`` from 1e-4 to 0.02 (§4)."""
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # latent-diffusion's schedule: linear in √β
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _alpha_bar_betas(num_train_timesteps, _cosine_alpha_bar)
+    if beta_schedule == "laplace":
+        return _alpha_bar_betas(num_train_timesteps, _laplace_alpha_bar)
+    return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+
+
+def rescale_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale √ᾱ_t so that ᾱ_T = 0 while ᾱ_1 is kept (Lin et al. 2023, Algorithm 1)."""
+    sqrt_alpha_bars = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bars[0].clone(), sqrt_alpha_bars[-1].clone()
+    sqrt_alpha_bars = (sqrt_alpha_bars - last) * (first / (first - last))
+    alpha_bars = sqrt_alpha_bars**2
+    alphas = torch.cat([alpha_bars[0:1], alpha_bars[1:] / alpha_bars[:-1]])
+    return 1 - alphas
+
+
+def randn_like_batch(
+    shape: Sequence[int],
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``; a list of generators seeds each batch element on its own.
+
+    The noise is drawn on the generator's device and then moved, so that a CPU generator gives the same numbers
+    whatever device the model runs on (the convention of diffusers' pipelines).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
+        if len(generator) == 1:
+            generator = generator[0]
+        else:
+            draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+            return torch.cat(draws, dim=0).to(device)
+    noise_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device)
+
+
+class DDPMScheduler(SchedulerMixin, ConfigMixin):
+    """Denoising diffusion probabilistic model scheduler: the forward process q and the ancestral sampler of
+    Algorithm 2, plus the closed-form Gaussian quantities the variational bound needs.
+
+    Args (same names, defaults and meanings as ``diffusers.DDPMScheduler``):
+        num_train_timesteps: T, the length of the forward chain.
+        beta_start, beta_end: first and last β of the ``linear``, ``scaled_linear`` and ``sigmoid`` schedules.
+        beta_schedule: ``linear`` (the paper's), ``scaled_linear``, ``squaredcos_cap_v2`` (cosine), ``sigmoid``,
+            ``laplace``.
+        trained_betas: explicit β_1..β_T; overrides the schedule.
+        variance_type: σ_t² of p_θ(x_{t−1}|x_t): ``fixed_small`` (β̃_t), ``fixed_large`` (β_t), their ``_log`` forms
+            (same samples, computed through the log), ``learned`` (the model's extra channels are log σ_t²; see the
+            module docstring for how this differs from diffusers) or ``learned_range`` (they interpolate between
+            log β̃_t and log β_t, improved-diffusion eq. 15).
+        clip_sample, clip_sample_range: clip x̂_0 to [−range, range] before computing μ̃_t.
+        prediction_type: what the model predicts: ``epsilon`` (ε, the paper's choice), ``sample`` (x_0) or
+            ``v_prediction`` (v = √ᾱ_t ε − √(1−ᾱ_t) x_0).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x̂_0.
+        timestep_spacing, steps_offset: how :meth:`set_timesteps` picks fewer inference steps.
+        rescale_betas_zero_snr: rescale β so that ᾱ_T = 0 (Lin et al. 2023).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if trained_betas is None and (not isinstance(num_train_timesteps, int) or num_train_timesteps < 1):
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}.")
+        betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if trained_betas is not None and len(betas) != num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {len(betas)} values but num_train_timesteps={num_train_timesteps}; "
+                "pass num_train_timesteps=len(trained_betas)."
+            )
+        if rescale_betas_zero_snr:
+            betas = rescale_to_zero_terminal_snr(betas)
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("every β_t must lie in (0, 1]; check beta_start/beta_end or trained_betas.")
+
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # float64 tables for the paper's quantities (the bound); the sampler keeps diffusers' float32 arithmetic.
+        self._betas64 = betas.double()
+        self._alpha_bars64 = torch.cumprod(1.0 - self._betas64, dim=0)
+        self.one = torch.tensor(1.0)
+        self.init_noise_sigma = 1.0
+        self.custom_timesteps = False
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.variance_type = variance_type
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inference timesteps
+    # ------------------------------------------------------------------------------------------------------------
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Optional[int] = None) -> torch.Tensor:
+        """DDPM feeds x_t to the model unscaled; kept for interchangeability with schedulers that scale."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        timesteps: Optional[List[int]] = None,
+    ) -> None:
+        """Choose the timesteps of the reverse chain: ``num_inference_steps`` spaced by ``timestep_spacing``, or an
+        explicit strictly descending list ``timesteps``. Skipping steps uses the respaced
+        β'_t = 1 − ᾱ_t / ᾱ_{t'} between consecutive chosen steps (as improved-diffusion's respacing)."""
+        num_train = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("Pass exactly one of `num_inference_steps` or `timesteps` to set_timesteps.")
+        if timesteps is not None:
+            chosen = np.asarray([int(t) for t in timesteps], dtype=np.int64)
+            if chosen.size == 0:
+                raise ValueError("`timesteps` is empty; pass at least one timestep.")
+            if (np.diff(chosen) >= 0).any():
+                raise ValueError(f"`timesteps` must be strictly descending, got {chosen.tolist()}.")
+            if chosen[0] >= num_train or chosen[-1] < 0:
+                raise ValueError(
+                    f"`timesteps` must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), "
+                    f"got {chosen[0]}..{chosen[-1]}."
+                )
+            self.custom_timesteps = True
+            self.num_inference_steps = len(chosen)
+        else:
+            if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= num_train:
+                raise ValueError(
+                    f"num_inference_steps must be an integer in [1, {num_train}] (num_train_timesteps), "
+                    f"got {num_inference_steps!r}."
+                )
+            self.custom_timesteps = False
+            self.num_inference_steps = int(num_inference_steps)
+            chosen = self._spaced_timesteps(int(num_inference_steps))
+            if chosen.max() >= num_train:  # diffusers accepts this and fails later with an IndexError
+                raise ValueError(
+                    f"steps_offset={self.config.steps_offset} with {num_inference_steps} 'leading' steps reaches "
+                    f"timestep {chosen.max()} >= num_train_timesteps={num_train}; use fewer steps or steps_offset=0."
+                )
+        self.timesteps = torch.from_numpy(chosen).to(device)
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        num_train = self.config.num_train_timesteps
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":
+            return np.linspace(0, num_train - 1, n).round()[::-1].copy().astype(np.int64)
+        if spacing == "leading":  # never visits T−1 when n < T (Lin et al. 2023); kept for compatibility
+            return (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.int64) + self.config.steps_offset
+        return np.round(np.arange(num_train, 0, -num_train / n)).astype(np.int64) - 1  # trailing
+
+    def previous_timestep(self, timestep: Timesteps) -> Timesteps:
+        """The timestep that follows ``timestep`` in the reverse chain (−1 after the last one)."""
+        if self.custom_timesteps or self.num_inference_steps:
+            matches = (self.timesteps == timestep).nonzero(as_tuple=True)[0]
+            if len(matches) == 0:
+                raise ValueError(
+                    f"timestep {int(timestep)} is not one of the timesteps set by set_timesteps "
+                    f"({self.timesteps[0].item()}..{self.timesteps[-1].item()}, {len(self.timesteps)} steps)."
+                )
+            index = matches[0]
+            return torch.tensor(-1) if index == len(self.timesteps) - 1 else self.timesteps[index + 1]
+        return timestep - 1
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The paper's quantities. `t` is an int, a 0-dim tensor or one timestep per batch element; `prev_t` defaults to
+    # t − 1 (the full chain) and is the next chosen step when sampling with fewer steps.
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _check_timesteps(self, t: Timesteps) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point:
+            if not bool((t == t.round()).all()):
+                raise ValueError(f"timesteps must be integers, got {t.tolist()}.")
+            t = t.long()
+        num_train = self.config.num_train_timesteps
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_train):
+            shown = t.tolist() if t.numel() < 8 else f"{int(t.min())}..{int(t.max())}"
+            raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), got {shown}.")
+        return t
+
+    def _per_sample(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Index ``values`` by t and broadcast against ``like`` (one value per batch element, or one for all)."""
+        out = values.to(like.device)[t.to(like.device)].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.ndim - 1))) if out.ndim else out
+
+    def _alpha_bars(
+        self, t: Timesteps, prev_t: Optional[Timesteps] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ᾱ_t, ᾱ_{prev}, β_t) in float64, with ᾱ_{−1} = 1 and β_t = 1 − ᾱ_t / ᾱ_{prev} when steps are skipped.
+
+        float64 because 1 − ᾱ_t / ᾱ_{t−1} in float32 loses three digits at small t, which the bound would feel."""
+        t = self._check_timesteps(t).cpu()
+        alpha_bars = self._alpha_bars64
+        padded = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars])  # padded[p + 1] = ᾱ_p, ᾱ_{−1} = 1
+        if prev_t is None:
+            return alpha_bars[t], padded[t], self._betas64[t]
+        prev_t = torch.as_tensor(prev_t).cpu()
+        alpha_bar, alpha_bar_prev = alpha_bars[t], padded[prev_t.clamp(min=-1) + 1]
+        return alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+
+    def q_mean_variance(self, x_start: torch.Tensor, t: Timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean √ᾱ_t x_0 and variance 1 − ᾱ_t of q(x_t | x_0) (eq. 4)."""
+        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_start)
+        return alpha_bar**0.5 * x_start, 1 - alpha_bar
+
+    def posterior_variance(self, t: Timesteps, prev_t: Optional[Timesteps] = None) -> torch.Tensor:
+        """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t, the variance of q(x_{t−1} | x_t, x_0) (eq. 7).
+
+        Exactly 0 at the first step (t = 0 here, t = 1 in the paper)."""
+        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
+        return (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
+
+    def posterior_log_variance_clipped(self, t: Timesteps) -> torch.Tensor:
+        """log β̃_t with β̃ at the first step replaced by β̃ at the second, where β̃ = 0 (the original code and
+        improved-diffusion do this; it is the decoder variance of L_0 in the bound, §3.3)."""
+        t = self._check_timesteps(t)
+        return torch.log(self.posterior_variance(torch.where(t == 0, torch.ones_like(t), t)))
+
+    def posterior_mean_coefficients(
+        self, t: Timesteps, prev_t: Optional[Timesteps] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The coefficients of x_0 and x_t in μ̃_t(x_t, x_0) (eq. 7):
+        √ᾱ_{t−1} β_t / (1 − ᾱ_t) and √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)."""
+        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
+        return alpha_bar_prev**0.5 * beta / (1 - alpha_bar), (1 - beta) ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
+
+    def q_posterior_mean_variance(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: Timesteps
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (eqs. 6–7)."""
+        coef_x0, coef_xt = self.posterior_mean_coefficients(t)
+        t = self._check_timesteps(t)
+
+        def expand(v: torch.Tensor) -> torch.Tensor:
+            return v.to(x_t).reshape(-1, *([1] * (x_t.ndim - 1))) if v.ndim else v.to(x_t)
+
+        mean = expand(coef_x0) * x_start + expand(coef_xt) * x_t
+        return mean, expand(self.posterior_variance(t)), expand(self.posterior_log_variance_clipped(t))
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0 (the x̂_0 of eq. 15)."""
+        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_t)
+        return (x_t - (1 - alpha_bar) ** 0.5 * noise) / alpha_bar**0.5
+
+    def predict_noise_from_start(self, x_t: torch.Tensor, t: Timesteps, x_start: torch.Tensor) -> torch.Tensor:
+        """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), eq. 4 solved for ε."""
+        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_t)
+        return (x_t - alpha_bar**0.5 * x_start) / (1 - alpha_bar) ** 0.5
+
+    def p_mean_from_noise(self, x_t: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
+        """μ_θ(x_t, t) = (x_t − β_t / √(1 − ᾱ_t) · ε_θ) / √α_t, the ε-parameterised reverse mean (eq. 11)."""
+        t = self._check_timesteps(t)
+        alpha_bar = self._per_sample(self._alpha_bars64, t, x_t)
+        beta = self._per_sample(self._betas64, t, x_t)
+        return (x_t - beta / (1 - alpha_bar) ** 0.5 * noise) / (1 - beta) ** 0.5
+
+    def model_log_variance(
+        self, t: Timesteps, predicted: Optional[torch.Tensor] = None, prev_t: Optional[Timesteps] = None
+    ) -> torch.Tensor:
+        """log σ_t² of p_θ(x_{t−1} | x_t) for the configured ``variance_type`` (float64 for fixed variances).
+
+        ``fixed_small``: log β̃_t (floored at 1e-20); ``fixed_large``: log β_t; ``learned``: the model output itself;
+        ``learned_range``: v log β_t + (1 − v) log β̃_t with v = (output + 1) / 2 (improved-diffusion eq. 15)."""
+        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
+        return self._log_variance(alpha_bar, alpha_bar_prev, beta, predicted)
+
+    def _log_variance(self, alpha_bar, alpha_bar_prev, beta, predicted: Optional[torch.Tensor]) -> torch.Tensor:
+        small = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=_MIN_VARIANCE)
+        kind = self.config.variance_type
+        if kind in ("fixed_small", "fixed_small_log"):
+            return torch.log(small)
+        if kind in ("fixed_large", "fixed_large_log"):
+            return torch.log(beta)
+        if predicted is None:
+            raise ValueError(f"variance_type={kind!r} needs the model's variance channels (2× output channels).")
+        if kind == "learned":
+            return predicted
+        frac = (predicted + 1) / 2
+        return frac * torch.log(beta) + (1 - frac) * torch.log(small)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling (Algorithm 2) and the forward process
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Imagen's dynamic thresholding: clip x̂_0 to the per-sample ``dynamic_thresholding_ratio`` quantile s of
+        |x̂_0| (s clamped to [1, sample_max_value]) and divide by s."""
+        dtype = sample.dtype
+        flat = sample.float().reshape(sample.shape[0], -1)
+        s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
+        s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
+
+    def _step_noise_std(
+        self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, predicted_variance: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """σ_t of the reverse step, in float32 and in the operation order diffusers uses, so samples match bit for bit."""
+        beta = 1 - alpha_bar / alpha_bar_prev
+        kind = self.config.variance_type
+        if kind == "fixed_small":
+            return torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=_MIN_VARIANCE) ** 0.5
+        if kind == "fixed_large":
+            return beta**0.5
+        return torch.exp(0.5 * self._log_variance(alpha_bar, alpha_bar_prev, beta, predicted_variance))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Timesteps,
+        sample: torch.Tensor,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        return_dict: bool = True,
+    ) -> Union[DDPMSchedulerOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """One step of ancestral sampling (Algorithm 2): x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z, z = 0 at the last step.
+
+        x̂_0 comes from the model output according to ``prediction_type`` and is clipped or thresholded; the mean is
+        the posterior mean μ̃_t of eq. 7 at x̂_0, which for ε-prediction without clipping equals μ_θ of eq. 11.
+        With ``learned``/``learned_range`` variances the model outputs 2C channels; the second half sets σ_t.
+        """
+        if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[2:]:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}; "
+                "they must agree in batch and spatial size."
+            )
+        t = timestep
+        self._check_timesteps(t)
+        prev_t = self.previous_timestep(t)
+        channels = sample.shape[1]
+        predicted_variance = None
+        if model_output.shape[1] == 2 * channels and self.variance_type in ("learned", "learned_range"):
+            model_output, predicted_variance = torch.split(model_output, channels, dim=1)
+        elif model_output.shape[1] != channels:
+            raise ValueError(
+                f"model_output has {model_output.shape[1]} channels for a sample with {channels}; expected {channels}"
+                f" (or {2 * channels} with variance_type 'learned'/'learned_range')."
+            )
+
+        # float32 tables, as diffusers: the sampler must reproduce its numbers exactly.
+        alpha_bar = self.alphas_cumprod[int(t)]
+        alpha_bar_prev = self.alphas_cumprod[int(prev_t)] if int(prev_t) >= 0 else self.one
+        one_minus_alpha_bar = 1 - alpha_bar
+        alpha = alpha_bar / alpha_bar_prev
+        beta = 1 - alpha
+
+        prediction = self.config.prediction_type
+        if prediction == "epsilon":
+            pred_original_sample = (sample - one_minus_alpha_bar ** (0.5) * model_output) / alpha_bar ** (0.5)
+        elif prediction == "sample":
+            pred_original_sample = model_output
+        else:
+            pred_original_sample = (alpha_bar**0.5) * sample - (one_minus_alpha_bar**0.5) * model_output
+
+        if self.config.thresholding:
+            pred_original_sample = self._threshold_sample(pred_original_sample)
+        elif self.config.clip_sample:
+            limit = self.config.clip_sample_range
+            pred_original_sample = pred_original_sample.clamp(-limit, limit)
+
+        # μ̃_t(x_t, x̂_0), eq. 7 (coefficients written out in diffusers' operation order for bitwise parity).
+        coef_x0 = (alpha_bar_prev ** (0.5) * beta) / one_minus_alpha_bar
+        coef_xt = alpha ** (0.5) * (1 - alpha_bar_prev) / one_minus_alpha_bar
+        prev_sample = coef_x0 * pred_original_sample + coef_xt * sample
+
+        if int(t) > 0:
+            noise = randn_like_batch(model_output.shape, generator, model_output.device, model_output.dtype)
+            std = self._step_noise_std(alpha_bar, alpha_bar_prev, predicted_variance)
+            prev_sample = prev_sample + std * noise
+
+        if not return_dict:
+            return prev_sample, pred_original_sample
+        return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
+    ) -> torch.Tensor:
+        """Sample q(x_t | x_0): x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (eq. 4), one timestep per batch element."""
+        t = self._check_timesteps(timesteps)
+        alpha_bar = self._per_sample(self.alphas_cumprod, t.flatten(), original_samples)
+        if alpha_bar.ndim == 0:
+            alpha_bar = alpha_bar.reshape(*([1] * original_samples.ndim))
+        return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022)."""
+        t = self._check_timesteps(timesteps)
+        alpha_bar = self._per_sample(self.alphas_cumprod, t.flatten(), sample)
+        if alpha_bar.ndim == 0:
+            alpha_bar = alpha_bar.reshape(*([1] * sample.ndim))
+        return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * sample

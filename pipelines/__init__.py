@@ -1,0 +1,1 @@
+"""DiffusionPipeline subclasses of ddpm_hf (installed as ``ddpm_hf.pipelines``)."""

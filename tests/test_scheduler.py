@@ -1,0 +1,261 @@
+"""DDPMScheduler: parity with diffusers.DDPMScheduler (the oracle) and the paper's closed forms (a second oracle)."""
+
+import itertools
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from ddpm_hf import DDPMScheduler
+
+BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+VARIANCE_TYPES = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
+X0_LIMITS = [{"clip_sample": False}, {"clip_sample": True, "clip_sample_range": 1.5}, {"thresholding": True, "sample_max_value": 2.0}]
+SPACINGS = [{"timestep_spacing": "leading"}, {"timestep_spacing": "leading", "steps_offset": 1},
+            {"timestep_spacing": "trailing"}, {"timestep_spacing": "linspace"}]
+INFERENCE_STEPS = [None, 1, 10, 50, 1000, "custom"]
+CUSTOM_TIMESTEPS = [999, 871, 500, 321, 100, 20, 3, 0]
+
+# Where ddpm_hf deliberately differs from diffusers, the oracle is diffusers run with the equivalent correct config.
+ORACLE_VARIANCE = {"fixed_large_log": "fixed_large"}
+
+
+def _pair(**config):
+    ours = DDPMScheduler(**config)
+    config = dict(config, variance_type=ORACLE_VARIANCE.get(config.get("variance_type"), config.get("variance_type")))
+    return ours, diffusers.DDPMScheduler(**config)
+
+
+def _set_steps(schedulers, steps):
+    for s in schedulers:
+        if steps == "custom":
+            s.set_timesteps(timesteps=CUSTOM_TIMESTEPS)
+        elif steps is not None:
+            s.set_timesteps(steps)
+
+
+@pytest.mark.parametrize("beta_schedule,variance_type,prediction_type",
+                         list(itertools.product(BETA_SCHEDULES, VARIANCE_TYPES, PREDICTION_TYPES)))
+def test_step_matches_diffusers(beta_schedule, variance_type, prediction_type):
+    learned = variance_type in ("learned", "learned_range")
+    torch.manual_seed(0)
+    sample = torch.randn(2, 3, 4, 4) * 1.5
+    model_output = torch.randn(2, 6 if learned else 3, 4, 4)
+    cases = 0
+    for limits, spacing, steps in itertools.product(X0_LIMITS, SPACINGS, INFERENCE_STEPS):
+        if steps in (None, "custom") and spacing != SPACINGS[0]:
+            continue  # spacing only matters for num_inference_steps
+        config = dict(beta_schedule=beta_schedule, variance_type=variance_type,
+                      prediction_type=prediction_type, **limits, **spacing)
+        ours, oracle = _pair(**config)
+        if steps == 1000 and spacing.get("steps_offset"):
+            with pytest.raises(ValueError, match="steps_offset"):  # diffusers would index past the schedule
+                ours.set_timesteps(steps)
+            continue
+        _set_steps((ours, oracle), steps)
+        assert torch.equal(ours.timesteps, oracle.timesteps)
+        ts = ours.timesteps.tolist()
+        for t in sorted({ts[0], ts[len(ts) // 2], ts[-1]}, reverse=True):
+            oracle_output = model_output
+            if variance_type == "learned":  # ours reads a log-variance, diffusers a variance
+                oracle_output = torch.cat([model_output[:, :3], model_output[:, 3:].exp()], dim=1)
+            a = ours.step(model_output, t, sample, generator=torch.Generator().manual_seed(t))
+            b = oracle.step(oracle_output, t, sample, generator=torch.Generator().manual_seed(t))
+            torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-6, atol=1e-6)
+            assert torch.isfinite(a.prev_sample).all()
+            cases += 1
+    assert cases >= 3 * (2 + 4 * 4) * 2
+
+
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+@pytest.mark.parametrize("rescale", [False, True])
+def test_add_noise_velocity_and_schedule_match_diffusers(beta_schedule, rescale):
+    ours, oracle = _pair(beta_schedule=beta_schedule, rescale_betas_zero_snr=rescale)
+    torch.testing.assert_close(ours.alphas_cumprod, oracle.alphas_cumprod, rtol=0, atol=0)
+    torch.manual_seed(1)
+    x0, noise = torch.randn(8, 3, 5, 5), torch.randn(8, 3, 5, 5)
+    t = torch.tensor([0, 1, 10, 250, 500, 998, 999, 999]) if not rescale else torch.tensor([0, 1, 10, 250, 500, 998, 998, 3])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), oracle.add_noise(x0, noise, t), rtol=0, atol=1e-7)
+    torch.testing.assert_close(ours.get_velocity(x0, noise, t), oracle.get_velocity(x0, noise, t), rtol=0, atol=1e-7)
+
+
+def test_trained_betas_and_previous_timestep_match_diffusers():
+    betas = np.linspace(1e-3, 0.05, 50)
+    ours, oracle = _pair(num_train_timesteps=50, trained_betas=betas.tolist())
+    torch.testing.assert_close(ours.betas, oracle.betas)
+    assert ours.previous_timestep(10) == oracle.previous_timestep(10)
+    _set_steps((ours, oracle), 7)
+    assert [int(ours.previous_timestep(t)) for t in ours.timesteps] == [int(oracle.previous_timestep(t)) for t in oracle.timesteps]
+    assert len(ours) == len(oracle) == 50
+
+
+def test_per_sample_generators_match_diffusers():
+    ours, oracle = _pair(variance_type="fixed_large")
+    x, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    torch.testing.assert_close(ours.step(eps, 500, x, generator=gens()).prev_sample,
+                               oracle.step(eps, 500, x, generator=gens()).prev_sample, rtol=0, atol=0)
+
+
+def test_config_interchange(tmp_path):
+    ours = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large", prediction_type="v_prediction",
+                         timestep_spacing="trailing", clip_sample=False)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = diffusers.DDPMScheduler.from_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = DDPMScheduler.from_pretrained(tmp_path / "theirs")
+    for key in (k for k in diffusers.DDPMScheduler().config if not k.startswith("_")):
+        assert ours.config[key] == theirs.config[key] == back.config[key], key
+    torch.testing.assert_close(back.alphas_cumprod, theirs.alphas_cumprod, rtol=0, atol=0)
+    # _compatibles: swap with DDIM and back through from_config.
+    ddim = diffusers.DDIMScheduler.from_config(ours.config)
+    assert ddim.config.beta_schedule == "squaredcos_cap_v2" and ddim.config.prediction_type == "v_prediction"
+    assert isinstance(DDPMScheduler.from_config(ddim.config), DDPMScheduler)
+    assert "DDIMScheduler" in [c.__name__ for c in ours.compatibles]
+
+
+# --- closed forms, independent of diffusers ------------------------------------------------------------------------
+
+
+def _alpha_bars_float64(scheduler):
+    return np.cumprod(1 - scheduler.betas.double().numpy())
+
+
+def test_forward_process_monte_carlo_matches_eq4():
+    scheduler = DDPMScheduler()
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4)
+    n = 40_000
+    for t in (0, 99, 499, 999):
+        noise = torch.randn(n, 1, 4, 4, generator=generator, dtype=torch.float64)
+        xt = scheduler.add_noise(x0.double().expand(n, -1, -1, -1), noise, torch.full((n,), t))
+        ab = _alpha_bars_float64(scheduler)[t]
+        se_mean = np.sqrt((1 - ab) / n)
+        assert (xt.mean(0) - np.sqrt(ab) * x0.double()).abs().max() < 5 * se_mean
+        # The sample variance of a Gaussian has standard error σ² √(2/(n−1)).
+        assert (xt.var(0) - (1 - ab)).abs().max() < 5 * (1 - ab) * np.sqrt(2 / (n - 1))
+        mean, var = scheduler.q_mean_variance(x0.double(), t)
+        torch.testing.assert_close(mean, np.sqrt(ab) * x0.double(), rtol=1e-5, atol=1e-6)
+        assert abs(float(var) - (1 - ab)) < 1e-6
+
+
+def test_posterior_variance_and_coefficients_match_eq7():
+    scheduler = DDPMScheduler()
+    ab = _alpha_bars_float64(scheduler)
+    betas = scheduler.betas.double().numpy()
+    t = torch.arange(1, 1000)
+    ab_t, ab_prev = ab[1:], ab[:-1]
+    expected_var = (1 - ab_prev) / (1 - ab_t) * betas[1:]
+    np.testing.assert_allclose(scheduler.posterior_variance(t).double().numpy(), expected_var, rtol=1e-6)
+    assert float(scheduler.posterior_variance(0)) == 0.0
+    coef_x0, coef_xt = scheduler.posterior_mean_coefficients(t)
+    np.testing.assert_allclose(coef_x0.double().numpy(), np.sqrt(ab_prev) * betas[1:] / (1 - ab_t), rtol=1e-6)
+    np.testing.assert_allclose(coef_xt.double().numpy(), np.sqrt(1 - betas[1:]) * (1 - ab_prev) / (1 - ab_t), rtol=1e-6)
+    clipped = scheduler.posterior_log_variance_clipped(torch.tensor([0, 1, 500]))
+    np.testing.assert_allclose(clipped.double().numpy(), np.log(expected_var[[0, 0, 499]]), rtol=1e-4)
+
+
+def test_posterior_composed_with_forward_gives_marginal():
+    """∫ q(x_{t−1}|x_t, x_0) q(x_t|x_0) dx_t = q(x_{t−1}|x_0): mean √ᾱ_{t−1} x_0, variance 1 − ᾱ_{t−1}."""
+    scheduler = DDPMScheduler()
+    ab = _alpha_bars_float64(scheduler)
+    t = torch.arange(1, 1000)
+    coef_x0, coef_xt = (c.double().numpy() for c in scheduler.posterior_mean_coefficients(t))
+    var = scheduler.posterior_variance(t).double().numpy()
+    np.testing.assert_allclose(coef_x0 + coef_xt * np.sqrt(ab[1:]), np.sqrt(ab[:-1]), rtol=1e-4)
+    np.testing.assert_allclose(coef_xt**2 * (1 - ab[1:]) + var, 1 - ab[:-1], rtol=1e-4, atol=1e-7)
+    # and by sampling: x_t ~ q(x_t|x_0), then x_{t−1} ~ q(x_{t−1}|x_t, x_0).
+    g = torch.Generator().manual_seed(3)
+    n, x0 = 50_000, torch.full((50_000, 1), 0.7, dtype=torch.float64)
+    for step in (1, 300, 999):
+        xt = scheduler.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), torch.full((n,), step))
+        mean, var, _ = scheduler.q_posterior_mean_variance(x0, xt, step)
+        prev = mean + var.sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        assert abs(float(prev.mean()) - np.sqrt(ab[step - 1]) * 0.7) < 5 * np.sqrt((1 - ab[step - 1]) / n)
+        assert abs(float(prev.var()) - (1 - ab[step - 1])) < 5 * (1 - ab[step - 1]) * np.sqrt(2 / n)
+
+
+def test_eps_parameterisation_identities():
+    """eq. 11 (μ_θ from ε) equals eq. 7 at x̂_0 from ε; x̂_0 ↔ ε round trip; step() without clipping uses μ_θ."""
+    scheduler = DDPMScheduler(clip_sample=False)
+    torch.manual_seed(0)
+    x_t, eps = torch.randn(4, 3, 4, 4, dtype=torch.float64), torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([1, 10, 500, 999])
+    x0 = scheduler.predict_start_from_noise(x_t, t, eps)
+    torch.testing.assert_close(scheduler.predict_noise_from_start(x_t, t, x0), eps)
+    posterior_mean, _, _ = scheduler.q_posterior_mean_variance(x0, x_t, t)
+    torch.testing.assert_close(scheduler.p_mean_from_noise(x_t, t, eps), posterior_mean, rtol=1e-4, atol=1e-5)
+    for i, step in enumerate(t.tolist()):
+        out = scheduler.step(eps[i:i + 1].float(), step, x_t[i:i + 1].float(), generator=torch.Generator().manual_seed(0))
+        std = float(scheduler.posterior_variance(step)) ** 0.5
+        noise = torch.randn(out.prev_sample.shape, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out.prev_sample, (posterior_mean[i:i + 1] + std * noise).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_large_log_is_finite_and_equals_fixed_large():
+    log, plain = DDPMScheduler(variance_type="fixed_large_log"), DDPMScheduler(variance_type="fixed_large")
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in (999, 500, 1):
+        a = log.step(eps, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        b = plain.step(eps, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # diffusers' own result is NaN (diffusers#14569): the reason we differ
+        buggy = diffusers.DDPMScheduler(variance_type="fixed_large_log").step(eps, 500, x).prev_sample
+    assert torch.isnan(buggy).any()
+
+
+def test_learned_variance_is_a_log_variance():
+    scheduler = DDPMScheduler(variance_type="learned", clip_sample=False)
+    x = torch.zeros(1, 1, 64, 64)
+    out = torch.cat([torch.zeros_like(x), torch.full_like(x, -2.0)], dim=1)  # log σ² = −2, even a negative value
+    mean = scheduler.step(torch.cat([torch.zeros_like(x), torch.full_like(x, -50.0)], 1), 700, x).prev_sample
+    sample = scheduler.step(out, 700, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sample - mean, np.exp(-1.0) * noise, rtol=1e-5, atol=1e-5)
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"beta_schedule": "cosine"}, "squaredcos_cap_v2"),
+    ({"variance_type": "large"}, "fixed_large"),
+    ({"prediction_type": "eps"}, "v_prediction"),
+    ({"timestep_spacing": "uniform"}, "trailing"),
+    ({"num_train_timesteps": 0}, "positive"),
+    ({"num_train_timesteps": 10, "trained_betas": [0.1] * 5}, "trained_betas"),
+    ({"beta_end": 1.5}, "(0, 1]"),
+])
+def test_bad_config_names_the_allowed_values(kwargs, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("]", r"\]")):
+        DDPMScheduler(**kwargs)
+
+
+def test_bad_timesteps():
+    scheduler = DDPMScheduler()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        scheduler.step(x, 1000, x)
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        scheduler.add_noise(x, x, torch.tensor([-1]))
+    with pytest.raises(ValueError, match="descending"):
+        scheduler.set_timesteps(timesteps=[10, 20, 5])
+    with pytest.raises(ValueError, match="descending"):
+        scheduler.set_timesteps(timesteps=[10, 10, 5])
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        scheduler.set_timesteps(timesteps=[1000, 5])
+    with pytest.raises(ValueError, match="exactly one"):
+        scheduler.set_timesteps(10, timesteps=[5, 1])
+    with pytest.raises(ValueError, match="exactly one"):
+        scheduler.set_timesteps()
+    with pytest.raises(ValueError, match=r"\[1, 1000\]"):
+        scheduler.set_timesteps(1001)
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of the timesteps"):
+        scheduler.step(x, 901, x)
+    with pytest.raises(ValueError, match="channels"):
+        scheduler.step(torch.randn(1, 6, 4, 4), 900, x)
