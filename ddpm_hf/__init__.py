@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from .presets import PRESETS, unet_config
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
+from .unet import DDPMUNet, DDPMUNetOutput
 
-__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "__version__"]
+__all__ = ["DDPMScheduler", "DDPMSchedulerOutput", "DDPMUNet", "DDPMUNetOutput", "PRESETS", "unet_config", "__version__"]
