@@ -282,6 +282,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    def is_diffusers_equivalent(self) -> bool:
+        """True when ``diffusers.DDPMScheduler`` with this config samples exactly as this scheduler does; False for
+        the variance types diffusers computes wrongly (see the module docstring)."""
+        return self.config.variance_type not in VARIANCE_TYPES_DIFFUSERS_GETS_WRONG
+
     # ------------------------------------------------------------------------------------------------------------
     # The paper's quantities. `t` is an int, a 0-dim tensor or one timestep per batch element; `prev_t` defaults to
     # t − 1 (the full chain) and is the next chosen step when sampling with fewer steps.

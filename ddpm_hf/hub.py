@@ -1,0 +1,119 @@
+"""Loading pipeline folders and Hub repos into ddpm_hf's classes, safely.
+
+diffusers' own loader refuses a Hub repo whose components live in a third-party package and falls back to random
+weights for missing keys with only a warning; this loader reads every layout ddpm_hf writes plus diffusers' DDPM
+folders, always builds :class:`ddpm_hf.DDPMUNet` and :class:`ddpm_hf.DDPMScheduler`, and fails with an error that
+names the file at fault.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from .scheduler import DDPMScheduler
+from .unet import DDPMUNet
+
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+
+
+def is_repo_id(name: str) -> bool:
+    """A Hub repo id: ``name`` or ``namespace/name`` of letters, digits, ``.``, ``_``, ``-``; no ``..``, no path."""
+    return bool(_REPO_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def resolve_folder(
+    name_or_path: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """A local pipeline folder, or the snapshot of a Hub repo (only the files a pipeline needs are downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if not is_repo_id(name):
+        raise ValueError(f"{name!r} is neither an existing folder nor a valid Hub repo id ('namespace/name' of "
+                         "letters, digits, '.', '_' and '-').")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "unet/config.json", f"unet/{SAFE_WEIGHTS}", "scheduler/scheduler_config.json",
+                "scheduler/*.py", "*.py"]
+    if allow_pickle:
+        patterns.append(f"unet/{PICKLE_WEIGHTS}")
+    return Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
+                                  local_files_only=local_files_only, allow_patterns=patterns))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: not a complete pipeline folder (expected model_index.json, "
+                                "unet/config.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or truncated.") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dtype]) -> DDPMUNet:
+    unet_dir = folder / "unet"
+    _read_json(unet_dir / "config.json")
+    safe, pickle_file = unet_dir / SAFE_WEIGHTS, unet_dir / PICKLE_WEIGHTS
+    if not safe.is_file():
+        if pickle_file.is_file() and not allow_pickle:
+            raise ValueError(f"{pickle_file} is a pickle file, which can run arbitrary code when loaded, and there is no "
+                             f"{SAFE_WEIGHTS}. Pass allow_pickle=True only if you trust its source.")
+        if not pickle_file.is_file():
+            raise FileNotFoundError(f"missing {safe}: the folder has no U-Net weights.")
+    weights = safe if safe.is_file() else pickle_file
+    try:
+        unet, info = DDPMUNet.from_pretrained(unet_dir, use_safetensors=weights == safe, torch_dtype=torch_dtype,
+                                              output_loading_info=True, low_cpu_mem_usage=False)
+    except ValueError as err:
+        if "config" in str(err).lower() and "DDPMUNet" in str(err):
+            raise
+        raise ValueError(f"could not load {weights}: {err}") from err
+    except Exception as err:  # safetensors/torch raise several types for truncated or corrupt files
+        raise ValueError(f"could not load {weights}: the file is corrupt, truncated or does not match "
+                         f"unet/config.json ({type(err).__name__}: {err}).") from err
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        raise ValueError(f"{weights} does not match unet/config.json: {problems}.")
+    return unet
+
+
+def load_components(
+    name_or_path: Union[str, os.PathLike],
+    revision: Optional[str] = None,
+    token: Optional[Union[str, bool]] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    local_files_only: bool = False,
+    torch_dtype: Optional[torch.dtype] = None,
+    allow_pickle: bool = False,
+) -> Dict[str, object]:
+    """``{"unet": DDPMUNet, "scheduler": DDPMScheduler}`` from a pipeline folder or Hub repo of any layout ddpm_hf
+    writes, or a diffusers DDPM folder. Safetensors weights only unless ``allow_pickle=True``; remote code in the
+    folder is never imported (ddpm_hf's own classes are used)."""
+    folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle)
+    index = _read_json(folder / "model_index.json")
+    missing = [name for name in ("unet", "scheduler") if name not in index]
+    if missing:
+        raise ValueError(f"{folder / 'model_index.json'} has no {missing} entry: not a DDPM pipeline "
+                         f"(components: {sorted(k for k in index if not k.startswith('_'))}).")
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
+    return {"unet": _load_unet(folder, allow_pickle, torch_dtype), "scheduler": scheduler}

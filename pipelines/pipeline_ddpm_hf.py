@@ -1,0 +1,434 @@
+# Copyright 2026 The ddpm_hf authors. Apache-2.0.
+"""The DDPM sampling pipeline (Ho, Jain & Abbeel 2020): ancestral sampling (Algorithm 2), progressive generation
+(Fig. 6) and interpolation through the latent x_t (Fig. 8), plus the checkpoint format and Hub publishing.
+
+Self-contained: imports torch, numpy, PIL, huggingface_hub and diffusers only (ddpm_hf's own loader is imported
+lazily by :meth:`DDPMPipeline.from_pretrained`), so this file can travel into a Hub repo as remote pipeline code.
+
+Checkpoint format (``save_pretrained``):
+
+* when diffusers computes the same thing from the same config (every configuration of the paper), a plain diffusers
+  folder: ``model_index.json`` names ``DDPMPipeline``, ``["diffusers", "UNet2DModel"]`` and
+  ``["diffusers", "DDPMScheduler"]``; weights in safetensors. Anyone loads it with
+  ``diffusers.DiffusionPipeline.from_pretrained`` and gets the same samples;
+* otherwise (a scheduler whose ``variance_type`` diffusers gets wrong), the folder names this pipeline and the
+  scheduler as remote code and carries their module files; it loads with
+  ``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`` without ddpm_hf installed.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import __version__ as diffusers_version
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
+OUTPUT_TYPES = ("pil", "np", "pt")
+PIPELINE_FILE = "pipeline_ddpm_hf.py"
+SCHEDULER_FILE = "scheduling_ddpm_hf.py"
+
+
+@dataclass
+class ProgressiveOutput(BaseOutput):
+    """x̂_0 along the reverse chain (Fig. 6). ``snapshots[k]`` holds the predictions at ``timesteps[k]`` for every
+    sample; ``images`` are the final samples; ``grid`` has one row per sample and one column per snapshot."""
+
+    images: Union[List[Image.Image], np.ndarray, torch.Tensor]
+    snapshots: List[Union[List[Image.Image], np.ndarray, torch.Tensor]]
+    timesteps: List[int]
+    grid: Image.Image
+
+
+@dataclass
+class InterpolationOutput(BaseOutput):
+    """Decoded interpolations (Fig. 8) for each λ; ``grid`` shows the two sources at the ends of the row."""
+
+    images: Union[List[Image.Image], np.ndarray, torch.Tensor]
+    lambdas: List[float]
+    grid: Image.Image
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, cols: int, pad: int = 2) -> Image.Image:
+    """Tile equally sized PIL images row by row, with a ``pad``-pixel white border between them."""
+    if len(images) != rows * cols:
+        raise ValueError(f"image_grid needs rows × cols = {rows * cols} images, got {len(images)}.")
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), color=255)
+    for i, img in enumerate(images):
+        grid.paste(img, (pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad)))
+    return grid
+
+
+def _to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """[−1, 1] tensors (B, C, H, W) → PIL images, quantised to uint8 like the original code's evaluation."""
+    array = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a) for a in array]
+
+
+class DDPMPipeline(DiffusionPipeline):
+    """Unconditional image generation with a DDPM ε-predictor and the DDPM scheduler.
+
+    Components: ``unet`` (``ddpm_hf.DDPMUNet`` or ``diffusers.UNet2DModel``) and ``scheduler`` (``ddpm_hf.DDPMScheduler``
+    or any diffusers scheduler with the same interface). Same samples as ``diffusers.DDPMPipeline`` for the same
+    weights, config and generator.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["sample", "pred_original_sample"]
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _image_shape(self, batch_size: int):
+        size = self.unet.config.sample_size
+        if size is None:
+            raise ValueError("unet.config.sample_size is not set; set it to the training resolution.")
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, self.unet.config.in_channels, *size)
+
+    def _initial_noise(self, batch_size: int, generator: GeneratorArg) -> torch.Tensor:
+        """x_T ~ N(0, I), drawn on the generator's device (the same numbers on any execution device)."""
+        shape = self._image_shape(batch_size)
+        device, dtype = self._execution_device, self.unet.dtype
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"Got {len(generator)} generators for batch_size={batch_size}; pass one per sample.")
+            if len(generator) > 1:
+                draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+                return torch.cat(draws).to(device)
+            generator = generator[0]
+        noise_device = generator.device if generator is not None else device
+        if device.type == "mps":
+            noise_device = torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
+
+    def _reverse_chain(
+        self,
+        sample: torch.Tensor,
+        generator: GeneratorArg,
+        on_step: Optional[Callable[[int, torch.Tensor, Any], Optional[torch.Tensor]]] = None,
+    ) -> torch.Tensor:
+        """Run the scheduler's timesteps from ``sample``: x_{t−1} = step(ε_θ(x_t, t), t, x_t). ``on_step(i, t, out)``
+        sees every step's output and may return a replacement sample."""
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = self.scheduler.scale_model_input(sample, t)
+            model_output = self.unet(model_input, t).sample
+            out = self.scheduler.step(model_output, t, sample, generator=generator)
+            sample = out.prev_sample
+            if on_step is not None:
+                replaced = on_step(i, t, out)
+                sample = sample if replaced is None else replaced
+        return sample
+
+    def _postprocess(self, images: torch.Tensor, output_type: str):
+        if output_type == "pil":
+            return _to_pil(images)
+        images = (images / 2 + 0.5).clamp(0, 1)
+        return images if output_type == "pt" else images.cpu().permute(0, 2, 3, 1).float().numpy()
+
+    def _set_timesteps(self, num_inference_steps: Optional[int], timesteps: Optional[List[int]]) -> None:
+        if timesteps is not None:
+            self.scheduler.set_timesteps(timesteps=list(timesteps))
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+
+    @staticmethod
+    def _check_common(batch_size: int, output_type: str) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: GeneratorArg = None,
+        num_inference_steps: int = 1000,
+        timesteps: Optional[List[int]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[["DDPMPipeline", int, torch.Tensor, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("sample",),
+    ):
+        """Sample ``batch_size`` images by ancestral sampling (Algorithm 2).
+
+        Args:
+            batch_size: number of images.
+            generator: a ``torch.Generator`` or one per image (each image then depends on its own seed only).
+            num_inference_steps: steps of the reverse chain (1000 = the paper's full chain); fewer steps use the
+                scheduler's ``timestep_spacing``. Ignored when ``timesteps`` is given.
+            timesteps: explicit strictly descending timesteps.
+            output_type: ``"pil"`` (uint8 images), ``"np"`` (float in [0, 1], NHWC) or ``"pt"`` (float in [0, 1],
+                NCHW).
+            callback_on_step_end: ``fn(pipe, i, t, callback_kwargs) -> dict`` after every step; ``callback_kwargs``
+                holds the tensors named in ``callback_on_step_end_tensor_inputs`` and a returned ``"sample"``
+                replaces the current sample.
+        """
+        self._check_common(batch_size, output_type)
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from {self._callback_tensor_inputs}.")
+        self._set_timesteps(num_inference_steps, timesteps)
+        sample = self._initial_noise(batch_size, generator)
+
+        on_step = None
+        if callback_on_step_end is not None:
+            def on_step(i, t, out):
+                tensors = {"sample": out.prev_sample, "pred_original_sample": out.pred_original_sample}
+                result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                return (result or {}).get("sample")
+
+        sample = self._reverse_chain(sample, generator, on_step)
+        images = self._postprocess(sample, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    @torch.no_grad()
+    def progressive(
+        self,
+        batch_size: int = 4,
+        generator: GeneratorArg = None,
+        num_inference_steps: int = 1000,
+        num_snapshots: int = 10,
+        snapshot_timesteps: Optional[Sequence[int]] = None,
+        output_type: str = "pil",
+    ) -> ProgressiveOutput:
+        """Progressive generation (§4.4, Fig. 6): the predicted x̂_0 at ``num_snapshots`` evenly spaced points of the
+        reverse chain (or at ``snapshot_timesteps``), ending with the final sample. Large-scale features appear
+        first and details last."""
+        self._check_common(batch_size, output_type)
+        self._set_timesteps(num_inference_steps, None)
+        chain = [int(t) for t in self.scheduler.timesteps]
+        if snapshot_timesteps is None:
+            if not 1 <= num_snapshots <= len(chain):
+                raise ValueError(f"num_snapshots must be in [1, {len(chain)}], got {num_snapshots}.")
+            picks = np.linspace(0, len(chain) - 1, num_snapshots).round().astype(int)
+            wanted = [chain[i] for i in picks]
+        else:
+            wanted = [int(t) for t in snapshot_timesteps]
+            missing = sorted(set(wanted) - set(chain))
+            if missing:
+                raise ValueError(f"snapshot_timesteps {missing} are not steps of the chain ({chain[0]}..{chain[-1]}).")
+        kept: Dict[int, torch.Tensor] = {}
+
+        def on_step(i, t, out):
+            if int(t) in wanted:
+                kept[int(t)] = out.pred_original_sample.clone()
+
+        sample = self._reverse_chain(self._initial_noise(batch_size, generator), generator, on_step)
+        order = sorted(kept, reverse=True)
+        tiles = [_to_pil(kept[t]) for t in order]
+        grid = image_grid([tiles[k][b] for b in range(batch_size) for k in range(len(order))], batch_size, len(order))
+        return ProgressiveOutput(images=self._postprocess(sample, output_type),
+                                 snapshots=[self._postprocess(kept[t], output_type) for t in order],
+                                 timesteps=order, grid=grid)
+
+    def _as_model_input(self, image, name: str) -> torch.Tensor:
+        if isinstance(image, Image.Image):
+            mode = "L" if self.unet.config.in_channels == 1 else "RGB"
+            array = np.asarray(image.convert(mode), dtype=np.float32) / 127.5 - 1
+            image = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
+        if not torch.is_tensor(image):
+            raise ValueError(f"{name} must be a PIL image or a tensor in [-1, 1], got {type(image).__name__}.")
+        image = image[None] if image.ndim == 3 else image
+        expected = self._image_shape(1)[1:]
+        if image.ndim != 4 or image.shape[0] != 1 or tuple(image.shape[1:]) != expected:
+            raise ValueError(f"{name} must have shape {expected} (or 1×{expected}), got {tuple(image.shape)}.")
+        return image.to(self._execution_device, self.unet.dtype)
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image_a,
+        image_b,
+        lambdas: Union[int, Sequence[float]] = 8,
+        t: int = 500,
+        seed: int = 0,
+        output_type: str = "pil",
+    ) -> InterpolationOutput:
+        """Interpolation through the diffusion latent (§4.3, Fig. 8): encode both images once with the stochastic
+        encoder, x_t, x'_t ~ q(x_t | x_0); decode x̄_t = (1 − λ) x_t + λ x'_t with the reverse chain from t. The
+        encoding noise and the reverse-chain noise are the same for every λ (``seed``), so only λ varies.
+
+        Args:
+            image_a, image_b: PIL images or tensors in [-1, 1] of the model's shape.
+            lambdas: the λ values, or their number (evenly spaced in [0, 1]).
+            t: the diffusion step of the latent (the paper uses 500 of 1000).
+        """
+        self._check_common(1, output_type)
+        num_train = self.scheduler.config.num_train_timesteps
+        if not isinstance(t, int) or not 0 <= t < num_train:
+            raise ValueError(f"t must be an integer in [0, {num_train - 1}], got {t!r}.")
+        lambdas = list(np.linspace(0, 1, lambdas)) if isinstance(lambdas, int) else [float(x) for x in lambdas]
+        if not lambdas:
+            raise ValueError("lambdas is empty; pass the λ values or how many to use.")
+        x_a, x_b = self._as_model_input(image_a, "image_a"), self._as_model_input(image_b, "image_b")
+        encoder = torch.Generator().manual_seed(seed)
+        noise_a = torch.randn(x_a.shape, generator=encoder).to(x_a)
+        noise_b = torch.randn(x_b.shape, generator=encoder).to(x_b)
+        step = torch.tensor([t])
+        latent_a = self.scheduler.add_noise(x_a, noise_a, step)
+        latent_b = self.scheduler.add_noise(x_b, noise_b, step)
+        weights = torch.tensor(lambdas, dtype=x_a.dtype, device=x_a.device).view(-1, 1, 1, 1)
+        latents = (1 - weights) * latent_a + weights * latent_b
+        self.scheduler.set_timesteps(timesteps=list(range(t, -1, -1)))
+        generators = [torch.Generator().manual_seed(seed + 1) for _ in lambdas]  # same reverse noise for every λ
+        decoded = self._reverse_chain(latents, generators)
+        tiles = _to_pil(x_a) + _to_pil(decoded) + _to_pil(x_b)
+        return InterpolationOutput(images=self._postprocess(decoded, output_type), lambdas=lambdas,
+                                   grid=image_grid(tiles, 1, len(tiles)))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoint format
+    # ------------------------------------------------------------------------------------------------------------
+
+    def diffusers_can_load(self) -> bool:
+        """True when plain diffusers computes the same samples from this pipeline's saved configs."""
+        check = getattr(self.scheduler, "is_diffusers_equivalent", None)
+        return True if check is None else bool(check())
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
+                        variant: Optional[str] = None, **kwargs) -> None:
+        """Write the pipeline folder: a plain diffusers folder when diffusers computes the same thing, else a
+        remote-code folder (see the module docstring). ``push_to_hub`` is a separate method here."""
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("use pipe.push_to_hub(repo_id) to publish; save_pretrained only writes the folder.")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization, variant=variant)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        _set_class_name(folder / "unet" / "config.json", "UNet2DModel")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers_version,
+                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+        stale = [folder / PIPELINE_FILE, folder / "scheduler" / SCHEDULER_FILE]
+        if self.diffusers_can_load():
+            _set_class_name(folder / "scheduler" / "scheduler_config.json", "DDPMScheduler")
+            for path in stale:
+                path.unlink(missing_ok=True)
+        else:
+            shutil.copyfile(inspect.getsourcefile(type(self)), folder / PIPELINE_FILE)
+            shutil.copyfile(inspect.getsourcefile(type(self.scheduler)), folder / "scheduler" / SCHEDULER_FILE)
+            index["_class_name"] = [PIPELINE_FILE[:-3], type(self).__name__]
+            index["scheduler"] = [SCHEDULER_FILE[:-3], type(self.scheduler).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "DDPMPipeline":
+        """Load a pipeline folder or Hub repo (ddpm_hf's layouts or a diffusers DDPM folder such as
+        google/ddpm-cifar10-32) into ddpm_hf's own classes. Keyword arguments: ``revision``, ``token``,
+        ``cache_dir``, ``local_files_only``, ``torch_dtype``, ``allow_pickle`` (default False: safetensors only).
+        Without ddpm_hf installed, use ``diffusers.DiffusionPipeline.from_pretrained`` instead."""
+        try:
+            from ddpm_hf.hub import load_components
+        except ImportError as err:
+            raise ImportError("DDPMPipeline.from_pretrained needs the ddpm_hf package (pip install ddpm-hf); without "
+                              "it use diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True).") from err
+        return cls(**load_components(pretrained_model_name_or_path, **kwargs))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hub
+    # ------------------------------------------------------------------------------------------------------------
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: Optional[bool] = None,
+        token: Optional[Union[str, bool]] = None,
+        commit_message: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        license: str = "apache-2.0",
+        datasets: Optional[Sequence[str]] = None,
+        training_config: Optional[Dict[str, Any]] = None,
+        evaluation: Optional[Dict[str, Any]] = None,
+        sample_grid: Optional[Image.Image] = None,
+        grid_seed: int = 0,
+        grid_size: int = 4,
+        grid_inference_steps: Optional[int] = None,
+    ):
+        """Upload the pipeline folder (weights, configs, module files when needed) with a generated model card and a
+        sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
+
+        ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed``;
+        ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card when given.
+        Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
+        from huggingface_hub import HfApi
+
+        if sample_grid is None:
+            steps = grid_inference_steps or self.scheduler.config.num_train_timesteps
+            images = self(batch_size=grid_size**2, generator=torch.Generator().manual_seed(grid_seed),
+                          num_inference_steps=steps).images
+            sample_grid = image_grid(images, grid_size, grid_size)
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            sample_grid.save(Path(tmp) / "samples.png")
+            card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
+                              evaluation=evaluation)
+            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf")
+
+
+def _set_class_name(config_path: Path, class_name: str) -> None:
+    config = json.loads(config_path.read_text())
+    config["_class_name"] = class_name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", datasets: Optional[Sequence[str]] = None,
+               training_config: Optional[Dict[str, Any]] = None, evaluation: Optional[Dict[str, Any]] = None) -> str:
+    """The README.md of a published pipeline: YAML metadata, the sample grid, configuration, numbers, usage."""
+    meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", f"license: {license}",
+            "tags:", "- ddpm", "- ddpm_hf", "- diffusers", "- unconditional-image-generation"]
+    if datasets:
+        meta += ["datasets:"] + [f"- {d}" for d in datasets]
+    meta.append("---")
+    unet, sched = pipe.unet.config, pipe.scheduler.config
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    size = unet.sample_size
+    lines = [
+        f"# {repo_id.split('/')[-1]}", "",
+        "A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020, arXiv:2006.11239) trained with "
+        "[ddpm_hf](https://github.com/ddpm-hf/ddpm_hf).", "",
+        "![samples](samples.png)", "",
+        "## Model", "",
+        f"- U-Net ε-predictor, {params:,} parameters, {unet.in_channels} channel(s), {size}×{size} pixels, "
+        f"block_out_channels {list(unet.block_out_channels)}, {unet.layers_per_block} residual blocks per level",
+        f"- {sched.num_train_timesteps} diffusion steps, {sched.beta_schedule} β schedule "
+        f"({sched.beta_start} → {sched.beta_end}), variance {sched.variance_type}, prediction {sched.prediction_type}",
+    ]
+    if training_config:
+        lines += ["", "## Training configuration", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(training_config.items())]
+    if evaluation:
+        lines += ["", "## Evaluation", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(evaluation.items())]
+    loader = ("DiffusionPipeline.from_pretrained(repo_id)" if pipe.diffusers_can_load()
+              else "DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)")
+    lines += [
+        "", "## Usage", "", "With plain diffusers:", "", "```python",
+        "from diffusers import DiffusionPipeline", "", f'repo_id = "{repo_id}"', f"pipe = {loader}",
+        "image = pipe(num_inference_steps=1000).images[0]", "```", "",
+        "With ddpm_hf (adds bits/dim, progressive generation and interpolation):", "", "```python",
+        "from ddpm_hf import DDPMPipeline", "", f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
+        "images = pipe(batch_size=16).images", "```", "",
+    ]
+    return "\n".join(meta + lines)

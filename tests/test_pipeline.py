@@ -1,0 +1,245 @@
+"""DDPMPipeline: sample parity with diffusers.DDPMPipeline, the two checkpoint layouts (loaded by plain diffusers in
+a process where ddpm_hf cannot be imported), progressive generation, interpolation and bad input."""
+
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+from helpers import read_json, run_without_ddpm_hf, sample_np, tiny_pipeline
+
+
+def _diffusers_twin(pipe):
+    unet = diffusers.UNet2DModel(**{k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}).eval()
+    unet.load_state_dict(pipe.unet.state_dict())
+    twin = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler.from_config(pipe.scheduler.config))
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
+@pytest.mark.parametrize("scheduler_kwargs", [dict(variance_type="fixed_large"), dict(variance_type="fixed_small"),
+                                              dict(prediction_type="v_prediction", clip_sample=False)])
+def test_samples_match_diffusers_ddpm_pipeline(scheduler_kwargs):
+    pipe = tiny_pipeline(num_train_timesteps=1000, **scheduler_kwargs)
+    twin = _diffusers_twin(pipe)
+    for output_type in ("np", "pt"):
+        ours = pipe(batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=25,
+                    output_type=output_type).images
+        theirs = twin(batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=25,
+                      output_type=output_type).images
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (4, 5)]  # noqa: E731
+    ours = pipe(batch_size=2, generator=gens(), num_inference_steps=10, output_type="np").images
+    theirs = twin(batch_size=2, generator=gens(), num_inference_steps=10, output_type="np").images
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    # per-sample generators: an image depends on its own seed only
+    alone = pipe(batch_size=1, generator=[torch.Generator().manual_seed(5)], num_inference_steps=10, output_type="np").images
+    np.testing.assert_allclose(ours[1:], alone, rtol=0, atol=1e-5)
+    pil = pipe(batch_size=1, generator=torch.Generator().manual_seed(1), num_inference_steps=3).images[0]
+    assert isinstance(pil, Image.Image) and pil.size == (16, 16) and pil.mode == "L"
+
+
+def test_custom_timesteps_and_callback():
+    pipe = tiny_pipeline(num_train_timesteps=100)
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, int(t), tuple(tensors)))
+        return {"sample": tensors["sample"] * 0} if i == 3 else {}
+
+    out = pipe(batch_size=1, generator=torch.Generator().manual_seed(0), timesteps=[90, 50, 20, 0], output_type="pt",
+               callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
+    assert [s[:2] for s in seen] == [(0, 90), (1, 50), (2, 20), (3, 0)]
+    assert seen[0][2] == ("sample", "pred_original_sample")
+    assert torch.equal(out.images, torch.full_like(out.images, 0.5))  # the replaced final sample (0 → 0.5)
+
+
+def test_plain_diffusers_folder_loads_without_ddpm_hf(tmp_path):
+    pipe = tiny_pipeline(variance_type="fixed_large")
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = read_json(tmp_path / "pipe" / "model_index.json")
+    assert index["_class_name"] == "DDPMPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert read_json(tmp_path / "pipe" / "unet" / "config.json")["_class_name"] == "UNet2DModel"
+    assert not list((tmp_path / "pipe").rglob("*.py"))
+    expected = sample_np(pipe)
+    run_without_ddpm_hf(f"""
+        import numpy, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r})
+        assert type(pipe).__name__ == "DDPMPipeline" and type(pipe).__module__.startswith("diffusers."), type(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
+                      output_type="np").images
+        numpy.save("out.npy", images)
+    """, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
+    pipe = tiny_pipeline(variance_type="fixed_large_log")  # NaN in diffusers (diffusers#14569)
+    assert not pipe.diffusers_can_load()
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = read_json(tmp_path / "pipe" / "model_index.json")
+    assert index["_class_name"] == ["pipeline_ddpm_hf", "DDPMPipeline"]
+    assert index["scheduler"] == ["scheduling_ddpm_hf", "DDPMScheduler"]
+    assert (tmp_path / "pipe" / "scheduler" / "scheduling_ddpm_hf.py").is_file()
+    expected = sample_np(pipe)
+    assert np.isfinite(expected).all()
+    run_without_ddpm_hf(f"""
+        import numpy, torch
+        from diffusers import DiffusionPipeline
+        try:
+            DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r})
+        except ValueError as err:
+            assert "trust_remote_code" in str(err), err
+        else:
+            raise AssertionError("remote code was run without trust_remote_code=True")
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
+                      output_type="np").images
+        numpy.save("out.npy", images)
+    """, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+    # ddpm_hf reads it back into its own classes, without running the folder's code
+    back = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(back.scheduler) is DDPMScheduler and back.scheduler.config.variance_type == "fixed_large_log"
+    back.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(sample_np(back), expected, rtol=0, atol=1e-6)
+
+
+def test_from_pretrained_reads_diffusers_own_and_legacy_folders(tmp_path):
+    pipe = tiny_pipeline(variance_type="fixed_large")
+    twin = _diffusers_twin(pipe)
+    twin.save_pretrained(tmp_path / "native")  # what diffusers itself writes
+    loaded = DDPMPipeline.from_pretrained(tmp_path / "native")
+    assert type(loaded.unet) is DDPMUNet and type(loaded.scheduler) is DDPMScheduler
+    loaded.set_progress_bar_config(disable=True)
+    expected = sample_np(pipe)
+    np.testing.assert_allclose(sample_np(loaded), expected, rtol=0, atol=1e-5)
+
+    # google/ddpm-cifar10-32's layout: pickle weights with the pre-0.14 attention key names
+    legacy = tmp_path / "legacy"
+    twin.save_pretrained(legacy)
+    (legacy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    state = {}
+    for key, value in twin.unet.state_dict().items():
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        state[key] = value
+    torch.save(state, legacy / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        DDPMPipeline.from_pretrained(legacy)
+    loaded = DDPMPipeline.from_pretrained(legacy, allow_pickle=True)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(sample_np(loaded), expected, rtol=0, atol=1e-5)
+
+
+def test_progressive_generation():
+    pipe = tiny_pipeline(num_train_timesteps=50)
+    out = pipe.progressive(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=50,
+                           num_snapshots=5, output_type="np")
+    assert out.timesteps == [49, 37, 25, 12, 0]  # evenly spaced chain positions 0, 12, 24, 37, 49
+    assert len(out.snapshots) == 5 and out.snapshots[0].shape == (2, 16, 16, 1)
+    # At the last step μ̃ puts all weight on x̂_0, so the last snapshot is the sample itself.
+    np.testing.assert_allclose(out.snapshots[-1], out.images, rtol=0, atol=1e-6)
+    plain = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=50, output_type="np").images
+    np.testing.assert_allclose(out.images, plain, rtol=0, atol=1e-6)
+    assert out.grid.size == (5 * 16 + 6 * 2, 2 * 16 + 3 * 2)
+    with pytest.raises(ValueError, match="not steps of the chain"):
+        pipe.progressive(batch_size=1, num_inference_steps=10, snapshot_timesteps=[7])
+
+
+def test_interpolation_through_the_latent():
+    pipe = tiny_pipeline(num_train_timesteps=40)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(1, 16, 16, generator=g) * 2 - 1, torch.rand(1, 16, 16, generator=g) * 2 - 1
+    out = pipe.interpolate(a, b, lambdas=5, t=20, output_type="np")
+    assert out.lambdas == [0.0, 0.25, 0.5, 0.75, 1.0] and out.images.shape == (5, 16, 16, 1)
+    assert out.grid.size == (7 * 16 + 8 * 2, 16 + 2 * 2)
+    # The encoding noise and the reverse noise are fixed across λ: each λ decodes as it would alone, and the
+    # λ = 0 end depends on image_a only.
+    alone = pipe.interpolate(a, b, lambdas=[0.75], t=20, output_type="np").images
+    np.testing.assert_allclose(alone[0], out.images[3], rtol=0, atol=1e-6)
+    other_b = pipe.interpolate(a, -b, lambdas=[0.0, 1.0], t=20, output_type="np").images
+    np.testing.assert_allclose(other_b[0], out.images[0], rtol=0, atol=1e-6)
+    assert np.abs(other_b[1] - out.images[4]).max() > 1e-2
+    pil = Image.fromarray(((a[0].numpy() + 1) * 127.5).round().astype(np.uint8), "L")
+    assert len(pipe.interpolate(pil, b, lambdas=2, t=5).images) == 2
+    with pytest.raises(ValueError, match=r"\[0, 39\]"):
+        pipe.interpolate(a, b, t=40)
+    with pytest.raises(ValueError, match=r"shape \(1, 16, 16\)"):
+        pipe.interpolate(torch.zeros(3, 16, 16), b, t=10)
+
+
+def test_bad_call_arguments():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe(batch_size=0)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(output_type="jpg")
+    with pytest.raises(ValueError, match="one per sample"):
+        pipe(batch_size=3, generator=[torch.Generator(), torch.Generator()], num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"\[1, 20\]"):
+        pipe(num_inference_steps=1000)
+
+
+def test_bad_folders_name_the_file(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "ok")
+
+    def broken(name):
+        folder = tmp_path / name
+        pipe.save_pretrained(folder)
+        return folder
+
+    folder = broken("no_weights")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("truncated")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("wrong_shapes")
+    state = {k: v for k, v in pipe.unet.state_dict().items()}
+    state["conv_in.weight"] = torch.zeros(8, 1, 3, 3)
+    save_file(state, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("missing_keys")
+    state = {k: v for k, v in pipe.unet.state_dict().items() if not k.startswith("conv_out")}
+    save_file(state, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match="conv_out"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("bad_json")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="scheduler_config.json"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("bad_value")
+    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(config, variance_type="huge")))
+    with pytest.raises(ValueError, match="fixed_large"):
+        DDPMPipeline.from_pretrained(folder)
+
+    folder = broken("no_index")
+    (folder / "model_index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        DDPMPipeline.from_pretrained(folder)
+
+    for name in ("../../etc/passwd", "/definitely/not/here", "a/b/c", "bad name"):
+        with pytest.raises(ValueError, match="neither an existing folder nor a valid Hub repo id"):
+            DDPMPipeline.from_pretrained(name)
