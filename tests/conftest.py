@@ -1,0 +1,38 @@
+"""Test session setup. The local Hub server starts here, at import time, before anything imports huggingface_hub,
+diffusers or datasets: they read HF_ENDPOINT and HF_HOME once, when first imported. Keep project imports out of this
+block."""
+
+import os
+import tempfile
+
+from fakehub import FakeHub
+
+TOKENS = {"hf_test_alice": "alice", "hf_test_bob": "bob"}
+HUB = FakeHub(TOKENS)
+_HF_HOME = tempfile.mkdtemp(prefix="ddpm_hf_test_hf_home_")
+os.environ.update({
+    "HF_ENDPOINT": HUB.url,
+    "HF_HOME": _HF_HOME,
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_ETAG_TIMEOUT": "5",
+    "HF_HUB_DOWNLOAD_TIMEOUT": "10",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+})
+for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(variable, None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def hub():
+    """The local Hub, emptied; after the test it must have answered every request it received."""
+    HUB.reset()
+    yield HUB
+    assert not HUB.misses, f"requests the fake Hub could not answer: {HUB.misses}"
+
+
+def pytest_unconfigure(config):
+    HUB.stop()

@@ -1,0 +1,138 @@
+"""Publishing and loading through a Hub-compatible HTTP server on 127.0.0.1 (tests/fakehub.py), with the unmodified
+huggingface_hub client over real HTTP."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from ddpm_hf import DDPMPipeline
+from helpers import run_without_ddpm_hf, sample_np, tiny_pipeline
+
+ALICE, BOB = "hf_test_alice", "hf_test_bob"
+pytestmark = pytest.mark.hub
+
+
+def _push(pipe, repo_id, **kwargs):
+    kwargs.setdefault("token", ALICE)
+    return pipe.push_to_hub(repo_id, grid_size=2, **kwargs)
+
+
+def test_push_then_load_with_ddpm_hf_and_plain_diffusers(hub, tmp_path):
+    pipe = tiny_pipeline(variance_type="fixed_large")
+    _push(pipe, "alice/tiny-ddpm", datasets=["fashion_mnist"], training_config={"learning_rate": 2e-4},
+          evaluation={"bits/dim": 4.2})
+    files = set(HfApi().list_repo_files("alice/tiny-ddpm"))
+    assert files == {".gitattributes", "README.md", "samples.png", "model_index.json", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
+    card = hub.repos["alice/tiny-ddpm"].files("main")[1]["README.md"].decode()
+    for needle in ("library_name: diffusers", "pipeline_tag: unconditional-image-generation", "license: apache-2.0",
+                   "- fashion_mnist", "| learning_rate | 0.0002 |", "| bits/dim | 4.2 |", "![samples](samples.png)",
+                   'DDPMPipeline.from_pretrained("alice/tiny-ddpm")', "DiffusionPipeline.from_pretrained(repo_id)"):
+        assert needle in card, needle
+
+    expected = sample_np(pipe)
+    loaded = DDPMPipeline.from_pretrained("alice/tiny-ddpm", cache_dir=tmp_path / "cache1")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(sample_np(loaded), expected, rtol=0, atol=1e-5)
+    run_without_ddpm_hf(f"""
+        import numpy, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained("alice/tiny-ddpm", cache_dir={str(tmp_path / 'cache2')!r})
+        pipe.set_progress_bar_config(disable=True)
+        numpy.save("out.npy", pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
+                                   output_type="np").images)
+    """, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_remote_code_layout_through_the_hub(hub, tmp_path):
+    pipe = tiny_pipeline(variance_type="fixed_large_log")
+    _push(pipe, "alice/remote-ddpm")
+    card = hub.repos["alice/remote-ddpm"].files("main")[1]["README.md"].decode()
+    assert "trust_remote_code=True" in card
+    expected = sample_np(pipe)
+    run_without_ddpm_hf(f"""
+        import numpy, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained("alice/remote-ddpm", trust_remote_code=True,
+                                                 cache_dir={str(tmp_path / 'cache')!r})
+        pipe.set_progress_bar_config(disable=True)
+        numpy.save("out.npy", pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
+                                   output_type="np").images)
+    """, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+    loaded = DDPMPipeline.from_pretrained("alice/remote-ddpm", cache_dir=tmp_path / "ours")
+    assert loaded.scheduler.config.variance_type == "fixed_large_log"
+
+
+def test_private_repo(hub, tmp_path):
+    _push(tiny_pipeline(), "alice/secret", private=True)
+    assert hub.repos["alice/secret"].private
+    with pytest.raises(Exception) as anonymous:
+        DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "a", token=False)
+    assert "secret" in str(anonymous.value) or "401" in str(anonymous.value)
+    with pytest.raises(Exception):
+        DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "b", token=BOB)
+    owner = DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "c", token=ALICE)
+    assert owner.unet.config.sample_size == 16
+
+
+def test_writes_without_rights_fail_cleanly_and_never_show_the_token(hub, caplog):
+    pipe = tiny_pipeline()
+    _push(pipe, "alice/guarded")
+    before = list(hub.repos["alice/guarded"].history)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(HfHubHTTPError) as no_token:
+        _push(tiny_pipeline(seed=1), "alice/guarded", token=False)
+    assert no_token.value.response.status_code == 401
+    with pytest.raises(HfHubHTTPError) as foreign:
+        _push(tiny_pipeline(seed=1), "alice/guarded", token=BOB)
+    assert foreign.value.response.status_code == 403
+    assert hub.repos["alice/guarded"].history == before  # nothing half-written
+    for text in (str(no_token.value), str(foreign.value), caplog.text):
+        assert BOB not in text and ALICE not in text
+
+
+def test_unchanged_repush_makes_no_commit_and_pinned_revisions_stay(hub, tmp_path):
+    pipe = tiny_pipeline(seed=0)
+    _push(pipe, "alice/versions")
+    first = HfApi().model_info("alice/versions").sha
+    _push(pipe, "alice/versions")
+    assert HfApi().model_info("alice/versions").sha == first  # same files, no new commit
+
+    _push(tiny_pipeline(seed=5), "alice/versions", commit_message="retrained")
+    assert HfApi().model_info("alice/versions").sha != first
+    pinned = DDPMPipeline.from_pretrained("alice/versions", revision=first, cache_dir=tmp_path / "cache")
+    pinned.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(sample_np(pinned), sample_np(pipe), rtol=0, atol=1e-5)
+
+
+def test_offline_reload_from_cache_makes_no_request(hub, tmp_path):
+    pipe = tiny_pipeline()
+    _push(pipe, "alice/offline")
+    cache = tmp_path / "cache"
+    DDPMPipeline.from_pretrained("alice/offline", cache_dir=cache)
+    requests_before = len(hub.log)
+    run_without_ddpm_hf(f"""
+        from diffusers import DiffusionPipeline
+        DiffusionPipeline.from_pretrained("alice/offline", cache_dir={str(cache)!r})
+    """, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    # and ddpm_hf's own loader, offline, in a child where it is importable
+    import subprocess
+    import sys
+    code = f"from ddpm_hf import DDPMPipeline; DDPMPipeline.from_pretrained('alice/offline', cache_dir={str(cache)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=300,
+                   env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert len(hub.log) == requests_before
+
+
+def test_hub_id_errors_are_clear(hub, tmp_path):
+    with pytest.raises(Exception, match="alice/does-not-exist|Repository Not Found|not found"):
+        DDPMPipeline.from_pretrained("alice/does-not-exist", cache_dir=tmp_path, token=ALICE)
+    with pytest.raises(Exception):
+        DDPMPipeline.from_pretrained("alice/does-not-exist", cache_dir=tmp_path, local_files_only=True)
+    assert torch is not None
