@@ -1,0 +1,259 @@
+"""The variational bound of Ho et al. (2020), eq. 5, in bits per dimension, and the rate–distortion curve of §4.3.
+
+L = L_T + Σ_{t>1} L_{t−1} + L_0 with L_T = KL(q(x_T|x_0) ‖ N(0, I)), L_{t−1} = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t))
+and L_0 = −log p_θ(x_0|x_1) under the discretised Gaussian decoder of §3.3. Works with any ε-model returning
+``.sample`` (ddpm_hf.DDPMUNet, diffusers.UNet2DModel) and either DDPM scheduler (ours or diffusers'). Timesteps are
+0-based, as in the schedulers: index t here is the paper's t + 1, so index 0 is the decoder term L_0.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .scheduler import DDPMScheduler
+
+LN2 = math.log(2.0)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)), elementwise, in nats: the closed form behind L_{t−1} and L_T."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) for x on the 256-level grid of [−1, 1] under N(mean, e^{2 log_scale}) integrated over the pixel's bin
+    [x − 1/255, x + 1/255], the outermost bins extended to ±∞ (§3.3, eq. 13). Elementwise, in nats.
+
+    Uses log Φ for the tails and subtracts Φ on the side of the smaller tail, so the probability of a bin far from
+    the mean keeps its digits (floor 1e-12, as the original code)."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    upper = inv_std * (centered + 1.0 / 255)
+    lower = inv_std * (centered - 1.0 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X ≤ x + 1/255): the lowest bin
+    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X ≥ x − 1/255): the highest bin
+    mass = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
+                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
+    log_mass = torch.log(mass.clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mass))
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images → [−1, 1] (x / 127.5 − 1); float images must already lie on that 256-level grid."""
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {images.dtype}.")
+    grid = (images + 1) * 127.5
+    if images.min() < -1 - 1e-6 or images.max() > 1 + 1e-6 or (grid - grid.round()).abs().max() > 1e-3:
+        raise ValueError("float images must be uint8 values scaled as x / 127.5 - 1 (the bound's decoder is discrete); "
+                         "pass the uint8 images instead.")
+    return images.float()
+
+
+def _as_ddpm_scheduler(scheduler) -> DDPMScheduler:
+    return scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(scheduler.config)
+
+
+class VariationalBound:
+    """The per-timestep terms of the bound for one ε-model and DDPM scheduler.
+
+    ``clip_denoised`` clips x̂_0 to [−1, 1] before forming the reverse mean, as the original evaluation does.
+    """
+
+    def __init__(self, model: Callable, scheduler, clip_denoised: bool = True):
+        self.model = model
+        self.scheduler = _as_ddpm_scheduler(scheduler)
+        self.clip_denoised = clip_denoised
+
+    def _predict_start(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, kind = self.scheduler, self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            x0 = s.predict_start_from_noise(x_t, t, model_output)
+        elif kind == "sample":
+            x0 = model_output
+        else:  # v = √ᾱ ε − √(1−ᾱ) x_0  ⇒  x_0 = √ᾱ x_t − √(1−ᾱ) v
+            alpha_bar = s._per_sample(s._alpha_bars64, t, x_t)
+            x0 = alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
+
+    def _model_log_variance(self, t: torch.Tensor, predicted: Optional[torch.Tensor], like: torch.Tensor):
+        """log σ_t² of p_θ for the bound: at t = 0 (where β̃ = 0) fixed variances use β̃ of the second step, as the
+        original code; diffusers' fixed_large would use β_1 there, which is right for sampling but not for L_0."""
+        s = self.scheduler
+        kind = s.config.variance_type
+        t = t.cpu()
+        small = s.posterior_log_variance_clipped(t)
+        large = torch.log(torch.where(t == 0, s.posterior_variance(torch.ones_like(t)), s._betas64[t]))
+        expand = lambda v: v.to(like).reshape(-1, *([1] * (like.ndim - 1)))  # noqa: E731
+        if kind in ("fixed_small", "fixed_small_log"):
+            return expand(small)
+        if kind in ("fixed_large", "fixed_large_log"):
+            return expand(large)
+        if predicted is None:
+            raise ValueError(f"variance_type={kind!r} needs a model with 2× output channels.")
+        if kind == "learned":
+            return predicted
+        frac = (predicted + 1) / 2
+        return frac * expand(torch.log(s._betas64[t])) + (1 - frac) * expand(small)
+
+    def terms(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """For each batch element: the bound term at its timestep t in nats summed over dimensions (``"term"``:
+        L_{t−1} for t > 0, L_0 for t = 0), the MSE of x̂_0 (``"x0_mse"``) and of ε (``"eps_mse"``)."""
+        s = self.scheduler
+        alpha_bar = s._per_sample(s._alpha_bars64, t, x_start)
+        x_t = alpha_bar**0.5 * x_start + (1 - alpha_bar) ** 0.5 * noise
+        output = self.model(x_t, t).sample
+        channels = x_start.shape[1]
+        predicted_variance = None
+        if output.shape[1] == 2 * channels:
+            output, predicted_variance = output[:, :channels], output[:, channels:]
+        x0_pred = self._predict_start(output, x_t, t)
+        true_mean, _, true_log_var = s.q_posterior_mean_variance(x_start, x_t, t)
+        model_mean, _, _ = s.q_posterior_mean_variance(x0_pred, x_t, t)
+        model_log_var = self._model_log_variance(t, predicted_variance, x_t)
+        dims = tuple(range(1, x_start.ndim))
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).sum(dims)
+        decoder_nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var).sum(dims)
+        eps_pred = s.predict_noise_from_start(x_t, t, x0_pred)
+        return {"term": torch.where(t == 0, decoder_nll, kl), "x0_mse": (x0_pred - x_start).square().mean(dims),
+                "eps_mse": (eps_pred - noise).square().mean(dims)}
+
+    def prior(self, x_start: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in nats, summed over dimensions (no parameters: close to 0)."""
+        last = self.scheduler.config.num_train_timesteps - 1
+        mean, var = self.scheduler.q_mean_variance(x_start, last)
+        log_var = torch.log(torch.as_tensor(var, dtype=x_start.dtype)).expand_as(mean)
+        return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)).sum(tuple(range(1, x_start.ndim)))
+
+
+@dataclass
+class BitsPerDim:
+    """Result of :func:`bits_per_dim`, all in bits per dimension.
+
+    ``per_image``: the bound for each image; ``mean``: its average; ``stderr``: the standard error of ``mean`` from
+    the timestep sampling (0 when exact); ``prior``: L_T per image; ``terms``: the mean of each L_t over images
+    (index t, length T; exact mode only); ``x0_rmse``: RMSE of x̂_0 from x_t on the [0, 255] scale per t (exact
+    mode only); ``exact``: whether all T terms were computed."""
+
+    per_image: torch.Tensor
+    mean: float
+    stderr: float
+    prior: torch.Tensor
+    terms: Optional[torch.Tensor]
+    x0_rmse: Optional[torch.Tensor]
+    exact: bool
+
+    def rate_distortion(self) -> Dict[str, List[float]]:
+        """§4.3, Table 4: after reverse step i (i = 1..T, from x_T), the rate is the bits sent so far,
+        L_T + L_{T−1} + ... + L_{T−i}, excluding the decoder term, and the distortion the RMSE of x̂_0 (0–255)."""
+        if self.terms is None:
+            raise ValueError("rate_distortion needs the exact bound (bits_per_dim(..., num_timesteps=None)).")
+        terms = self.terms.double()
+        num_steps = len(terms)
+        sent = torch.cumsum(terms.flip(0), 0)  # index i−1: terms T−1 .. T−i
+        sent = sent - torch.where(torch.arange(num_steps) == num_steps - 1, terms[0], torch.zeros(()))
+        rate = float(self.prior.mean()) + sent
+        return {"reverse_step": list(range(1, num_steps + 1)), "rate_bpd": rate.tolist(),
+                "distortion_rmse": self.x0_rmse.flip(0).tolist()}
+
+
+@torch.no_grad()
+def bits_per_dim(
+    model: Callable,
+    scheduler,
+    images: torch.Tensor,
+    num_timesteps: Optional[int] = None,
+    timesteps_per_batch: int = 8,
+    batch_size: int = 64,
+    generator: Optional[torch.Generator] = None,
+    clip_denoised: bool = True,
+    progress: bool = True,
+) -> BitsPerDim:
+    """NLL upper bound in bits/dim of ``images`` (uint8 (N, C, H, W), or floats already scaled to [−1, 1]).
+
+    ``num_timesteps=None`` computes all T terms (exact); an integer K draws K timesteps per image uniformly with
+    replacement and returns the unbiased estimate L_T + T · mean_k L_{t_k} with its standard error. Each network
+    call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once.
+    """
+    x_all = to_model_range(images)
+    if x_all.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}.")
+    if num_timesteps is not None and num_timesteps < 2:
+        raise ValueError("num_timesteps must be at least 2 (for a standard error) or None for the exact bound.")
+    bound = VariationalBound(model, scheduler, clip_denoised)
+    num_train = bound.scheduler.config.num_train_timesteps
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    device, dtype = (first.device, first.dtype) if first is not None else (x_all.device, torch.float32)
+    generator = generator or torch.Generator().manual_seed(0)
+    dims = x_all[0].numel()
+    per_image, variances, priors = [], [], []
+    term_sums = torch.zeros(num_train, dtype=torch.float64)
+    mse_sums = torch.zeros(num_train, dtype=torch.float64)
+    exact = num_timesteps is None
+    draws = num_train if exact else num_timesteps
+    chunks = range(0, len(x_all), batch_size)
+    bar = tqdm(total=len(x_all) * draws, desc="bits/dim", unit="term", disable=not progress)
+    for start in chunks:
+        x0 = x_all[start:start + batch_size].to(device, dtype)
+        n = len(x0)
+        if exact:
+            schedule = torch.arange(num_train - 1, -1, -1).repeat(n, 1)  # (n, T), all timesteps
+        else:
+            schedule = torch.randint(0, num_train, (n, num_timesteps), generator=generator)
+        values = torch.zeros(n, draws, dtype=torch.float64)
+        for k in range(0, draws, timesteps_per_batch):
+            cols = schedule[:, k:k + timesteps_per_batch]
+            m = cols.shape[1]
+            t = cols.reshape(-1).to(device)
+            x_rep = x0.repeat_interleave(m, 0)
+            noise = torch.randn(x_rep.shape, generator=generator).to(device, dtype)
+            out = bound.terms(x_rep, t, noise)
+            values[:, k:k + m] = out["term"].double().cpu().view(n, m)
+            if exact:
+                term_sums.index_add_(0, t.cpu(), out["term"].double().cpu())
+                mse_sums.index_add_(0, t.cpu(), out["x0_mse"].double().cpu())
+            bar.update(n * m)
+        prior = bound.prior(x0).double().cpu()
+        priors.append(prior)
+        if exact:
+            per_image.append(prior + values.sum(1))
+            variances.append(torch.zeros(n, dtype=torch.float64))
+        else:
+            per_image.append(prior + num_train * values.mean(1))
+            variances.append(num_train**2 * values.var(1) / num_timesteps)
+    bar.close()
+    scale = 1.0 / (dims * LN2)
+    per_image_bpd = torch.cat(per_image) * scale
+    n_total = len(per_image_bpd)
+    stderr = float(torch.cat(variances).sum().sqrt() / n_total * scale)
+    return BitsPerDim(
+        per_image=per_image_bpd, mean=float(per_image_bpd.mean()), stderr=stderr, prior=torch.cat(priors) * scale,
+        terms=term_sums / n_total * scale if exact else None,
+        x0_rmse=(mse_sums / n_total).sqrt() * 127.5 if exact else None, exact=exact)
+
+
+def plot_rate_distortion(result: BitsPerDim, path: Union[str, os.PathLike], title: str = "") -> None:
+    """A PNG like the paper's Fig. 5: distortion and rate against reverse steps, and distortion against rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = result.rate_distortion()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(curve["reverse_step"], curve["distortion_rmse"])
+    axes[0].set(xlabel="reverse process steps (T − t)", ylabel="distortion (RMSE [0, 255])")
+    axes[1].plot(curve["reverse_step"], curve["rate_bpd"])
+    axes[1].set(xlabel="reverse process steps (T − t)", ylabel="rate (bits/dim)")
+    axes[2].plot(curve["rate_bpd"], curve["distortion_rmse"])
+    axes[2].set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE [0, 255])")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

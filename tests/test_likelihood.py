@@ -1,0 +1,114 @@
+"""The variational bound against closed forms: Gaussian KLs, the discretised decoder's normalisation, and data from a
+known Gaussian, where the optimal ε-predictor and the true reverse variances are analytic."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from ddpm_hf.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, normal_kl
+from ddpm_hf.scheduler import DDPMScheduler
+
+MEAN, STD = 0.1, 0.3
+
+
+def test_normal_kl_closed_forms():
+    m, lv = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(50, dtype=torch.float64), atol=1e-12)
+    # KL(N(μ1, σ1²) ‖ N(μ2, σ2²)) = log σ2/σ1 + (σ1² + (μ1 − μ2)²) / (2σ2²) − 1/2
+    mu1, s1, mu2, s2 = 0.3, 0.5, -1.2, 2.0
+    expected = math.log(s2 / s1) + (s1**2 + (mu1 - mu2) ** 2) / (2 * s2**2) - 0.5
+    got = normal_kl(torch.tensor(mu1), torch.tensor(2 * math.log(s1)), torch.tensor(mu2), torch.tensor(2 * math.log(s2)))
+    assert abs(float(got) - expected) < 1e-6
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 0.01), (0.37, 0.2), (-0.999, 0.05), (0.9, 3.0), (0.0, 1e-4)])
+def test_discretised_decoder_sums_to_one_over_the_256_bins(mean, std):
+    grid = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    log_p = discretized_gaussian_log_likelihood(grid, torch.tensor(mean, dtype=torch.float64),
+                                                torch.tensor(math.log(std), dtype=torch.float64))
+    assert abs(float(log_p.exp().sum()) - 1) < 1e-6
+    # and each bin is the Gaussian's mass over it (scipy as the oracle)
+    k = int(round((mean + 1) * 127.5))
+    lo, hi = (grid[k] - 1 / 255).item(), (grid[k] + 1 / 255).item()
+    lo, hi = (-np.inf if k == 0 else lo), (np.inf if k == 255 else hi)
+    expected = stats.norm.cdf(hi, mean, std) - stats.norm.cdf(lo, mean, std)
+    assert abs(float(log_p[k].exp()) - expected) < 1e-7
+
+
+class GaussianDataOptimum(torch.nn.Module):
+    """For x_0 ~ N(m, s²) per pixel: E[ε | x_t] and, for learned variances, log Var(x_{t−1} | x_t)."""
+
+    def __init__(self, scheduler, with_variance):
+        super().__init__()
+        self.alpha_bars = scheduler._alpha_bars64
+        self.with_variance = with_variance
+
+    def forward(self, x, t):
+        a = self.alpha_bars[t].to(x).view(-1, 1, 1, 1)
+        a_prev = torch.where(t == 0, torch.ones_like(t, dtype=torch.float64), self.alpha_bars[(t - 1).clamp(min=0)])
+        a_prev = a_prev.to(x).view(-1, 1, 1, 1)
+        v_t, v_prev = a * STD**2 + 1 - a, a_prev * STD**2 + 1 - a_prev
+        eps = (1 - a).sqrt() * (x - a.sqrt() * MEAN) / v_t
+        if not self.with_variance:
+            return SimpleNamespace(sample=eps)
+        log_var = torch.log(v_prev - (a / a_prev) * v_prev**2 / v_t).expand_as(x)
+        return SimpleNamespace(sample=torch.cat([eps, log_var], 1))
+
+
+def _gaussian_images(n=512, seed=0):
+    x = (MEAN + STD * torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+    images = ((x + 1) * 127.5).round().to(torch.uint8)
+    x0 = images.double() / 127.5 - 1
+    nll = -discretized_gaussian_log_likelihood(x0, torch.tensor(MEAN, dtype=torch.float64),
+                                               torch.tensor(math.log(STD), dtype=torch.float64)).sum((1, 2, 3))
+    return images, nll / (4 * math.log(2))  # the exact NLL of each discretised image, bits/dim
+
+
+@pytest.mark.parametrize("variance_type,max_gap", [("learned", 0.02), ("fixed_large", 0.3), ("fixed_small", 1.5)])
+def test_bound_with_the_optimal_predictor_is_at_or_above_the_exact_nll(variance_type, max_gap):
+    scheduler = DDPMScheduler(variance_type=variance_type)
+    images, nll = _gaussian_images()
+    model = GaussianDataOptimum(scheduler, variance_type == "learned")
+    result = bits_per_dim(model, scheduler, images, timesteps_per_batch=100, batch_size=512, progress=False)
+    assert result.exact and result.terms.shape == (1000,)
+    gap = result.per_image.double() - nll
+    stderr = float(gap.std() / math.sqrt(len(gap)))
+    assert float(gap.mean()) > -3 * stderr  # the bound is never below the NLL (up to Monte-Carlo noise)
+    assert float(gap.mean()) < max_gap
+    assert float(result.prior.max()) < 1e-4  # q(x_T | x_0) is almost N(0, I)
+
+
+def test_sampled_estimate_is_unbiased_within_three_standard_errors():
+    scheduler = DDPMScheduler(variance_type="learned")
+    images, _ = _gaussian_images(n=256, seed=1)
+    model = GaussianDataOptimum(scheduler, True)
+    exact = bits_per_dim(model, scheduler, images, timesteps_per_batch=100, batch_size=256, progress=False)
+    estimate = bits_per_dim(model, scheduler, images, num_timesteps=50, timesteps_per_batch=50, batch_size=256,
+                            generator=torch.Generator().manual_seed(7), progress=False)
+    assert not estimate.exact and estimate.stderr > 0
+    assert abs(estimate.mean - exact.mean) < 3 * estimate.stderr
+
+
+def test_rate_distortion_bookkeeping():
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="fixed_large")
+    images, _ = _gaussian_images(n=64)
+    result = bits_per_dim(GaussianDataOptimum(scheduler, False), scheduler, images, progress=False)
+    curve = result.rate_distortion()
+    assert curve["reverse_step"][0] == 1 and len(curve["rate_bpd"]) == 100
+    # all bits except the decoder's are sent by the last step; rate never decreases; distortion falls
+    assert abs(curve["rate_bpd"][-1] + float(result.terms[0]) - result.mean) < 1e-6
+    assert all(b >= a - 1e-12 for a, b in zip(curve["rate_bpd"], curve["rate_bpd"][1:]))
+    assert curve["distortion_rmse"][-1] < curve["distortion_rmse"][0]
+
+
+def test_float_input_must_lie_on_the_pixel_grid():
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    model = GaussianDataOptimum(scheduler, False)
+    with pytest.raises(ValueError, match="uint8"):
+        bits_per_dim(model, scheduler, torch.rand(2, 1, 2, 2) * 2 - 1, progress=False)
+    with pytest.raises(ValueError, match="num_timesteps"):
+        bits_per_dim(model, scheduler, torch.zeros(2, 1, 2, 2, dtype=torch.uint8), num_timesteps=1, progress=False)
