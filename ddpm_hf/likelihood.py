@@ -102,16 +102,25 @@ class VariationalBound:
         return frac * expand(torch.log(s._betas64[t])) + (1 - frac) * expand(small)
 
     def terms(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """For each batch element: the bound term at its timestep t in nats summed over dimensions (``"term"``:
-        L_{t−1} for t > 0, L_0 for t = 0), the MSE of x̂_0 (``"x0_mse"``) and of ε (``"eps_mse"``)."""
+        """Run the model on x_t ~ q(x_t | x_0) and return :meth:`terms_from_output`."""
         s = self.scheduler
         alpha_bar = s._per_sample(s._alpha_bars64, t, x_start)
         x_t = alpha_bar**0.5 * x_start + (1 - alpha_bar) ** 0.5 * noise
-        output = self.model(x_t, t).sample
+        return self.terms_from_output(self.model(x_t, t).sample, x_start, x_t, t, noise)
+
+    def terms_from_output(self, output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                          noise: torch.Tensor, freeze_mean: bool = False) -> Dict[str, torch.Tensor]:
+        """For each batch element: the bound term at its timestep t in nats summed over dimensions (``"term"``:
+        L_{t−1} for t > 0, L_0 for t = 0), the MSE of x̂_0 (``"x0_mse"``) and of ε (``"eps_mse"``).
+        ``freeze_mean`` stops the gradient through the mean, so that the term trains only the variance
+        (improved-diffusion's hybrid objective)."""
+        s = self.scheduler
         channels = x_start.shape[1]
         predicted_variance = None
         if output.shape[1] == 2 * channels:
             output, predicted_variance = output[:, :channels], output[:, channels:]
+        if freeze_mean:
+            output = output.detach()
         x0_pred = self._predict_start(output, x_t, t)
         true_mean, _, true_log_var = s.q_posterior_mean_variance(x_start, x_t, t)
         model_mean, _, _ = s.q_posterior_mean_variance(x0_pred, x_t, t)

@@ -1,0 +1,309 @@
+"""Training data through 🤗 datasets: any Hub dataset, local parquet / arrow / imagefolder, or the Fashion-MNIST subset
+embedded in this package, streamed or not, split across ranks by shards, shuffled per epoch, resumable exactly.
+
+Global batches do not depend on the number of processes: the stream is split into ``num_streams`` disjoint streams
+(by default one per process); each process serves the streams ``v`` with ``v % world_size == rank``, and each stream
+contributes ``per_stream_batch`` examples to every step and draws its own diffusion noise from its own generator. A
+run with 2 processes and a run with 1 process and ``num_streams=2`` therefore train on the same global batches.
+"""
+
+import glob
+import gzip
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded" / "fashion_mnist"
+EMBEDDED_NAME = "embedded:fashion_mnist"
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                        "Ankle boot"]
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# Decompressed md5 of the upstream IDX files (they match Debian's package; shared/research/data-metrics.md §1.1).
+FASHION_MNIST_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST as parquet shards laid out like a Hub dataset repository
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _read_idx(path: str, name: str) -> np.ndarray:
+    raw = gzip.open(path).read()
+    digest = hashlib.md5(raw).hexdigest()
+    if digest != FASHION_MNIST_MD5[name]:
+        raise ValueError(f"{path}: md5 {digest} differs from the published {FASHION_MNIST_MD5[name]}; the file is not "
+                         "the original Fashion-MNIST.")
+    if "images" in name:
+        return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)
+    return np.frombuffer(raw, np.uint8, offset=8)
+
+
+def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_limit: Optional[int] = None,
+                        test_limit: Optional[int] = None, num_shards: int = 8) -> Path:
+    """Convert the Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` package puts them in
+    /usr/share/datasets/fashion-mnist) into ``out_dir/data/{train,test}-0000k-of-0000n.parquet`` with an ``image``
+    (PNG) and a ``label`` column, plus a dataset card. ``*_limit`` keeps the first N images of a split."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    if num_shards < 1 or num_shards % 8 and num_shards not in (1, 2, 4):
+        raise ValueError("num_shards must be 1, 2, 4 or a multiple of 8, so that it divides the usual world sizes.")
+    files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_limit),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_limit)}
+    out = Path(out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
+    counts = {}
+    for split, (images_name, labels_name, limit) in files.items():
+        paths = [os.path.join(source, f"{n}.gz") for n in (images_name, labels_name)]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} not found: install Debian's package (apt-get install "
+                                    "dataset-fashion-mnist) or pass the folder holding the four IDX .gz files.")
+        images, labels = _read_idx(paths[0], images_name)[:limit], _read_idx(paths[1], labels_name)[:limit]
+        counts[split] = len(images)
+
+        def rows(images=images, labels=labels):
+            for image, label in zip(images, labels):
+                buffer = io.BytesIO()
+                Image.fromarray(image, "L").save(buffer, format="PNG", optimize=True)
+                yield {"image": {"bytes": buffer.getvalue(), "path": None}, "label": int(label)}
+
+        dataset = Dataset.from_generator(rows, features=features)
+        for old in out.glob(f"data/{split}-*.parquet"):
+            old.unlink()
+        for k in range(num_shards):
+            dataset.shard(num_shards, k, contiguous=True).to_parquet(
+                str(out / "data" / f"{split}-{k:05d}-of-{num_shards:05d}.parquet"))
+    (out / "README.md").write_text(_dataset_card(counts), encoding="utf-8")
+    return out
+
+
+def _dataset_card(counts: Dict[str, int]) -> str:
+    return f"""---
+license: mit
+pretty_name: Fashion-MNIST ({counts['train']} train / {counts['test']} test)
+task_categories:
+- unconditional-image-generation
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+  - split: test
+    path: data/test-*.parquet
+---
+# Fashion-MNIST
+
+{counts['train']:,} training and {counts['test']:,} test images (the first ones of each official split), 28×28 grey,
+10 classes, stored as PNG in parquet shards. Converted from the original IDX files (md5-checked) by
+`ddpm_hf.data.write_fashion_mnist`.
+
+Fashion-MNIST: Han Xiao, Kashif Rasul, Roland Vollgraf, "Fashion-MNIST: a Novel Image Dataset for Benchmarking
+Machine Learning Algorithms", arXiv:1708.07747, 2017. https://github.com/zalandoresearch/fashion-mnist
+
+The MIT License (MIT). Copyright © 2017 Zalando SE, https://tech.zalando.com
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated
+documentation files (the "Software"), to deal in the Software without restriction, including without limitation the
+rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and to permit
+persons to whom the Software is furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or substantial portions of the
+Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT LIMITED TO THE
+WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR
+COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading any image dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: Optional[str] = None,
+                       train_data_dir: Optional[str] = None, split: str = "train", streaming: bool = True,
+                       cache_dir: Optional[str] = None):
+    """A 🤗 IterableDataset of ``split`` from a Hub dataset name, a local folder of parquet / arrow files (laid out
+    flat or as ``data/{split}-*.parquet``), an image folder (``train_data_dir``), or ``embedded:fashion_mnist``."""
+    from datasets import load_dataset
+
+    if (dataset_name is None) == (train_data_dir is None):
+        raise ValueError("pass exactly one of --dataset_name or --train_data_dir.")
+    if train_data_dir is not None:
+        if not os.path.isdir(train_data_dir):
+            raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
+        ds = load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming, cache_dir=cache_dir)
+    else:
+        path = str(EMBEDDED_DIR) if dataset_name == EMBEDDED_NAME else dataset_name
+        if os.path.isdir(path):
+            ds = _load_local_files(path, split, streaming, cache_dir)
+        else:
+            ds = load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+    if not streaming:
+        ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
+    return ds
+
+
+def _load_local_files(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
+    from datasets import load_dataset
+
+    for builder, ext in (("parquet", "parquet"), ("arrow", "arrow")):
+        for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
+            files = sorted(glob.glob(os.path.join(folder, pattern)))
+            if files:
+                return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
+                                    cache_dir=cache_dir)
+    raise FileNotFoundError(f"{folder} holds no {split} parquet or arrow files (looked for data/{split}-*.parquet, "
+                            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow); for a folder "
+                            "of image files use --train_data_dir.")
+
+
+def find_image_column(features, image_column: Optional[str] = None) -> str:
+    """The named image column, or the only/first column whose feature is an Image; fails listing the columns."""
+    from datasets import Image as ImageFeature
+
+    columns = list(features) if features is not None else []
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"--image_column {image_column!r} is not a column of the dataset; its columns: {columns}.")
+        return image_column
+    candidates = [name for name, feature in (features or {}).items() if isinstance(feature, ImageFeature)]
+    if not candidates:
+        raise ValueError(f"the dataset has no image column (columns: {columns}); name it with --image_column.")
+    return candidates[0]
+
+
+def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
+               rng: np.random.Generator) -> np.ndarray:
+    """PIL image → float32 (C, H, W) in [−1, 1]: model's channels, shorter side resized to ``resolution``
+    (bilinear), centre or random crop, optional horizontal flip (the paper's only augmentation)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    if min(w, h) != resolution:
+        scale = resolution / min(w, h)
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.BILINEAR)
+        w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+    if flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+    return (array.transpose(2, 0, 1) / 127.5 - 1.0).copy()
+
+
+class TrainStream:
+    """Endless per-process batches for step-based training, with exact resume.
+
+    Each of the ``num_streams`` streams is ``split_dataset_by_node(dataset.shuffle(seed, buffer), v, num_streams)``,
+    reshuffled every epoch (``set_epoch``); it yields examples forever, epoch after epoch, so no example is dropped or
+    repeated within an epoch and every process does the same number of steps. Undecodable rows are skipped and
+    counted. ``state_dict()`` is the position of every stream (epoch, examples consumed) and its noise generator;
+    resuming skips the consumed rows without decoding them.
+    """
+
+    def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
+                 num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
+                 center_crop: bool = True, random_flip: bool = False, record_ids: bool = False):
+        from datasets import Image as ImageFeature
+        from datasets.distributed import split_dataset_by_node
+
+        if num_streams % world_size:
+            raise ValueError(f"num_streams={num_streams} must be a multiple of the number of processes ({world_size}).")
+        shards = dataset.num_shards
+        if shards % num_streams:
+            logger.warning(
+                "the dataset has %d shards, not a multiple of %d streams: falling back to splitting by examples (every "
+                "stream reads all %d shards and keeps one example in %d). Write the data as a multiple of %d files.",
+                shards, num_streams, shards, num_streams, num_streams)
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
+        if shuffle_buffer_size > 1:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        self.streams = list(range(rank, num_streams, world_size))
+        self.datasets = {v: split_dataset_by_node(dataset, rank=v, world_size=num_streams) for v in self.streams}
+        self.image_column, self.resolution, self.channels = image_column, resolution, channels
+        self.per_stream_batch, self.seed = per_stream_batch, seed
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
+        self.noise = {v: torch.Generator().manual_seed(seed * 1009 + v) for v in self.streams}
+        self.skipped_rows = 0
+        self.record_ids = record_ids
+        self.seen_ids: List[str] = []
+        self._iterators: Dict[int, Iterator] = {}
+
+    def state_dict(self) -> dict:
+        return {"position": dict(self.position), "noise": {v: g.get_state() for v, g in self.noise.items()},
+                "skipped_rows": self.skipped_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = {int(v): tuple(p) for v, p in state["position"].items()}
+        for v, g_state in state["noise"].items():
+            self.noise[int(v)].set_state(g_state)
+        self.skipped_rows = state["skipped_rows"]
+        self._iterators.clear()
+
+    def _rows(self, v: int) -> Iterator[Tuple[int, int, dict]]:
+        epoch, consumed = self.position[v]
+        while True:
+            ds = self.datasets[v]
+            ds.set_epoch(epoch)
+            index = -1
+            for index, row in enumerate(ds):
+                if index >= consumed:  # resuming: consumed rows are skipped undecoded
+                    yield epoch, index, row
+            if index < 0:
+                raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
+                                 f"{len(self.noise)} streams.")
+            epoch, consumed = epoch + 1, 0
+
+    def _decode(self, v: int, epoch: int, index: int, row: dict) -> Optional[np.ndarray]:
+        cell = row[self.image_column]
+        try:
+            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as err:  # a corrupt or truncated file must not stop a long run
+            self.skipped_rows += 1
+            logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s", v, epoch, index, err)
+            return None
+        if self.record_ids:
+            self.seen_ids.append(hashlib.sha1(data).hexdigest())
+        rng = np.random.default_rng([self.seed, v, epoch, index])  # augmentation tied to the example, not the rank
+        return preprocess(image, self.resolution, self.channels, self.center_crop, self.random_flip, rng)
+
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, timesteps' uniform draws in [0, 1), noise) for this process: ``per_stream_batch`` examples from
+        each of its streams, with noise from each stream's own generator."""
+        images, uniforms, noises = [], [], []
+        for v in self.streams:
+            if v not in self._iterators:
+                self._iterators[v] = self._rows(v)
+            taken = []
+            while len(taken) < self.per_stream_batch:
+                epoch, index, row = next(self._iterators[v])
+                self.position[v] = (epoch, index + 1)
+                array = self._decode(v, epoch, index, row)
+                if array is not None:
+                    taken.append(array)
+            batch = torch.from_numpy(np.stack(taken))
+            images.append(batch)
+            uniforms.append(torch.rand(len(taken), generator=self.noise[v], dtype=torch.float64))
+            noises.append(torch.randn(batch.shape, generator=self.noise[v]))
+        return torch.cat(images), torch.cat(uniforms), torch.cat(noises)

@@ -1,0 +1,47 @@
+"""Exponential moving average of the weights (the paper samples and evaluates with EMA 0.9999, from step 0)."""
+
+from typing import Iterable
+
+import torch
+
+
+class EMA:
+    """θ_ema ← d θ_ema + (1 − d) θ after every optimizer step, in float32 whatever the training precision.
+
+    ``warmup=False`` (the paper): d = max_decay from the first step. ``warmup=True``: d = min(max_decay,
+    (1 + n) / (10 + n)), which lets short runs move away from the initialisation.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], max_decay: float = 0.9999, warmup: bool = False):
+        if not 0.0 <= max_decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {max_decay}.")
+        self.shadow = [p.detach().float().clone() for p in parameters]
+        self.max_decay, self.warmup, self.num_updates = max_decay, warmup, 0
+
+    def decay(self) -> float:
+        if not self.warmup:
+            return self.max_decay
+        return min(self.max_decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, parameters: Iterable[torch.nn.Parameter]) -> float:
+        d = self.decay()
+        params = [p.detach().float() for p in parameters]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+        self.num_updates += 1
+        return d
+
+    @torch.no_grad()
+    def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        for shadow, p in zip(self.shadow, parameters):
+            p.copy_(shadow.to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "max_decay": self.max_decay, "warmup": self.warmup,
+                "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("the EMA state does not match the model (different number of parameters).")
+        self.shadow = [s.float().clone() for s in state["shadow"]]
+        self.max_decay, self.warmup, self.num_updates = state["max_decay"], state["warmup"], state["num_updates"]
