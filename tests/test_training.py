@@ -1,0 +1,185 @@
+"""training/train.py run for real: 2 DDP processes over gloo against a 1-process run with the same global batches,
+a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error handling."""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, Features, Image as ImageFeature, Value
+from safetensors.torch import load_file
+
+from ddpm_hf.data import TrainStream, find_image_column, load_image_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "training" / "train.py")
+COMMON = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4",
+          "--num_sample_images", "4", "--logger", "none", "--shuffle_buffer_size", "16", "--lr_warmup_steps", "2",
+          "--ema_max_decay", "0.9"]
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    array = np.random.default_rng(seed).integers(0, 256, (20, 20), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    """64 distinct 20×20 images in 8 parquet shards, plus an id column."""
+    folder = tmp_path_factory.mktemp("data")
+    features = Features({"image": ImageFeature(), "idx": Value("int64")})
+    ds = Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(64)], "idx": list(range(64))},
+                           features=features)
+    for k in range(8):
+        ds.shard(8, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-00008.parquet"))
+    return folder
+
+
+def _all_ids():
+    return {hashlib.sha1(_png(i)).hexdigest() for i in range(64)}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _run(cmd, **kwargs):
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def _weights(run_dir: Path):
+    return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _ids(run_dir: Path, rank: int):
+    return (run_dir / "logs" / f"example_ids_rank{rank}.txt").read_text().split()
+
+
+@pytest.mark.distributed
+def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir, tmp_path):
+    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "8",
+                     "--checkpointing_steps", "0", "--record_example_ids"]
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--main_process_port", str(_free_port()), TRAIN, *args, "--output_dir", str(two)],
+         env=_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    info = json.loads((two / "run_info.json").read_text())
+    assert info["num_processes"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
+    assert info["backend"] == "gloo" and info["model_wrapper"] == "DistributedDataParallel"
+    rank0, rank1 = _ids(two, 0), _ids(two, 1)
+    assert len(rank0) == len(rank1) == 32
+    assert not set(rank0) & set(rank1)  # disjoint
+    assert set(rank0) | set(rank1) == _all_ids()  # 8 steps × 2 ranks × 4 = one epoch, covered exactly
+
+    one = tmp_path / "one"
+    _run([sys.executable, TRAIN, *args, "--data_streams", "2", "--output_dir", str(one)], env=_env(), cwd=tmp_path)
+    assert sorted(_ids(one, 0)) == sorted(rank0 + rank1)
+    a, b = _weights(two), _weights(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.distributed
+def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
+    # --multi_gpu on a machine without CUDA and without ACCELERATE_USE_CPU: two processes that would train alone.
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(_free_port()), TRAIN, *COMMON, "--dataset_name", str(parquet_dir),
+         "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "ACCELERATE_USE_CPU=1" in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
+    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "30",
+                     "--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--record_example_ids"]
+    straight = tmp_path / "straight"
+    _run([sys.executable, TRAIN, *args, "--output_dir", str(straight)], env=_env(), cwd=tmp_path)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--output_dir", str(crashed)], env=_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (crashed / "checkpoint-5").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "pipeline").exists()
+    resumed_from = max(int(p.name.split("-")[1]) for p in crashed.glob("checkpoint-*"))
+
+    _run([sys.executable, TRAIN, *args, "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"],
+         env=_env(), cwd=tmp_path)
+    a, b = _weights(straight), _weights(crashed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # the resumed process trained on exactly the examples that followed the checkpoint: none twice, none skipped
+    assert _ids(crashed, 0) == _ids(straight, 0)[resumed_from * 4:]
+    assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-25", "checkpoint-30"]
+    assert not list(crashed.glob(".checkpoint-*"))
+
+
+def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir):
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the 5 s Arrow-thread pause per pass: irrelevant here
+    ds = load_image_dataset(str(parquet_dir))
+    column = find_image_column(ds.features)
+
+    def epochs(rank, world, n_batches):
+        stream = TrainStream(ds, column, 16, 1, 4, world, rank, world, seed=3, shuffle_buffer_size=16, record_ids=True)
+        for _ in range(n_batches):
+            stream.next_batch()
+        return stream.seen_ids
+
+    r0, r1 = epochs(0, 2, 16), epochs(1, 2, 16)  # two epochs each
+    for epoch in (slice(0, 32), slice(32, 64)):  # each epoch: disjoint across streams, covering the data once
+        assert set(r0[epoch]).isdisjoint(r1[epoch]) and set(r0[epoch]) | set(r1[epoch]) == _all_ids()
+    assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
+
+
+def test_dataset_without_image_column_lists_its_columns(tmp_path):
+    Dataset.from_dict({"text": ["a", "b"], "n": [1, 2]}).to_parquet(str(tmp_path / "train-0.parquet"))
+    ds = load_image_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=r"no image column \(columns: \['text', 'n'\]\)"):
+        find_image_column(ds.features)
+    with pytest.raises(ValueError, match="--image_column 'img'"):
+        find_image_column(ds.features, "img")
+
+
+def test_corrupt_rows_are_skipped_and_counted(tmp_path):
+    images = [{"bytes": _png(i), "path": None} for i in range(6)]
+    images[2] = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": None}
+    Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
+        str(tmp_path / "train-0.parquet"))
+    ds = load_image_dataset(str(tmp_path))
+    stream = TrainStream(ds, "image", 16, 1, 5, 1, 0, 1, seed=0, shuffle_buffer_size=0)
+    images, uniforms, noise = stream.next_batch()
+    assert images.shape == (5, 1, 16, 16) and stream.skipped_rows == 1
+    assert images.min() >= -1 and images.max() <= 1
