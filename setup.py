@@ -20,8 +20,8 @@ setup(
     # The top-level folders show the architecture (library, pipelines, training script); all install under ddpm_hf.
     packages=["ddpm_hf", "ddpm_hf.pipelines"],
     package_dir={"ddpm_hf": "ddpm_hf", "ddpm_hf.pipelines": "pipelines"},
-    package_data={"ddpm_hf": ["data/**/*", "assets/*"]},
-    include_package_data=True,
+    package_data={"ddpm_hf": ["embedded/fashion_mnist/README.md", "embedded/fashion_mnist/data/*.parquet",
+                              "assets/*.safetensors"]},
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.30",
