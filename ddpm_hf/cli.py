@@ -10,7 +10,6 @@ PIPELINE is a pipeline folder or a Hub repo id. Results go to --out as JSON and 
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -119,11 +118,8 @@ def _grid(images: torch.Tensor):
 
     from .pipelines import image_grid
 
-    tiles = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images.permute(0, 2, 3, 1).numpy()]
-    cols = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    tiles += [tiles[0].point(lambda _: 255)] * (rows * cols - len(tiles))
-    return image_grid(tiles, rows, cols)
+    return image_grid([Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+                       for a in images.permute(0, 2, 3, 1).numpy()])
 
 
 def cmd_sample(args) -> int:

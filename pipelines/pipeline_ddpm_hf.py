@@ -18,6 +18,7 @@ Checkpoint format (``save_pretrained``):
 
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,10 +59,15 @@ class InterpolationOutput(BaseOutput):
     grid: Image.Image
 
 
-def image_grid(images: Sequence[Image.Image], rows: int, cols: int, pad: int = 2) -> Image.Image:
-    """Tile equally sized PIL images row by row, with a ``pad``-pixel white border between them."""
-    if len(images) != rows * cols:
-        raise ValueError(f"image_grid needs rows × cols = {rows * cols} images, got {len(images)}.")
+def image_grid(images: Sequence[Image.Image], rows: Optional[int] = None, cols: Optional[int] = None,
+               pad: int = 2) -> Image.Image:
+    """Tile equally sized PIL images row by row with a ``pad``-pixel white border; without ``rows``/``cols`` the grid
+    is as square as possible and blank tiles fill the last row."""
+    if cols is None:
+        cols = math.ceil(math.sqrt(len(images))) if rows is None else math.ceil(len(images) / rows)
+    rows = rows or math.ceil(len(images) / cols)
+    if len(images) > rows * cols:
+        raise ValueError(f"{len(images)} images do not fit a {rows} × {cols} grid.")
     w, h = images[0].size
     grid = Image.new(images[0].mode, (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), color=255)
     for i, img in enumerate(images):

@@ -18,7 +18,6 @@ Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), s
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -202,11 +201,8 @@ def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
 def sample_grid(pipe, args, path: Path):
     images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
                   num_inference_steps=args.ddpm_num_inference_steps).images
-    cols = int(math.ceil(math.sqrt(len(images))))
-    rows = int(math.ceil(len(images) / cols))
-    images += [images[0].point(lambda _: 255)] * (rows * cols - len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, rows, cols).save(path)
+    image_grid(images).save(path)
     return path
 
 
