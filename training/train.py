@@ -78,6 +78,8 @@ def parse_args(argv=None):
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max_train_steps", type=int, default=None)
+    opt.add_argument("--max_train_minutes", type=float, default=None,
+                     help="also stop after this much training time (all processes stop at the same step)")
     opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
     opt.add_argument("--learning_rate", type=float, default=None)
@@ -89,6 +91,8 @@ def parse_args(argv=None):
     opt.add_argument("--adam_weight_decay", type=float, default=0.0)
     opt.add_argument("--adam_epsilon", type=float, default=1e-8)
     opt.add_argument("--max_grad_norm", type=float, default=None)
+    opt.add_argument("--max_nonfinite_steps", type=int, default=5,
+                     help="skip updates with a NaN/Inf loss; stop after this many in a row")
     opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     opt.add_argument("--ema_max_decay", type=float, default=None)
     opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
@@ -300,7 +304,8 @@ def main(argv=None):
     global_batch = args.train_batch_size * streams * args.gradient_accumulation_steps
     bar = tqdm(total=args.max_train_steps, initial=progress.step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
-    last_time = time.perf_counter()
+    started = last_time = time.perf_counter()
+    skipped_steps = consecutive_nonfinite = 0
     while progress.step < args.max_train_steps:
         with accelerator.accumulate(model):
             images, uniforms, noise = stream.next_batch()
@@ -310,16 +315,28 @@ def main(argv=None):
             output = model(x_t, t).sample
             per_example = loss_fn(output, x0, x_t, t, noise)
             loss = per_example.mean()
-            if not torch.isfinite(loss):
-                raise SystemExit(f"the loss is {loss.item()} at step {progress.step}: lower --learning_rate or check "
-                                 "the data; the last checkpoint is intact.")
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
                 if accelerator.sync_gradients else None
-            optimizer.step()
+            # A NaN/Inf loss on any process makes the all-reduced gradient norm non-finite on every process, so all
+            # of them skip the same update.
+            finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
+        if not finite:
+            skipped_steps += 1
+            consecutive_nonfinite += 1
+            logger.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, %d in all)",
+                           progress.step + 1, consecutive_nonfinite, skipped_steps)
+            if consecutive_nonfinite >= args.max_nonfinite_steps:
+                raise SystemExit(f"{consecutive_nonfinite} non-finite losses in a row at step {progress.step + 1}: "
+                                 "lower --learning_rate, check the data or use --mixed_precision no; the last "
+                                 "checkpoint is intact.")
+            continue
+        consecutive_nonfinite = 0
         lr_scheduler.step()
         decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
         progress.step += 1
@@ -328,6 +345,7 @@ def main(argv=None):
         steps = accelerator.gather(t).float()
         now = time.perf_counter()
         logs = {"loss": losses.mean().item(), "lr": lr_scheduler.get_last_lr()[0], "ema_decay": decay,
+                "skipped_steps": skipped_steps,
                 "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                 "images_per_s": global_batch / max(now - last_time, 1e-9)}
         last_time = now
@@ -339,6 +357,11 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}")
 
+        if args.max_train_minutes:  # every process must stop at the same step: agree on it
+            out_of_time = float(time.perf_counter() - started > 60 * args.max_train_minutes)
+            if accelerator.reduce(torch.tensor([out_of_time], device=accelerator.device), "sum").item() > 0:
+                logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, progress.step)
+                args.max_train_steps = progress.step
         final = progress.step == args.max_train_steps
         if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or final):
             save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_total_limit)
