@@ -133,6 +133,8 @@ def parse_args(argv=None):
     for name in ("checkpointing_steps", "save_images_steps", "eval_steps", "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.max_grad_norm > 0:
+        p.error(f"--max_grad_norm must be positive (use inf to disable clipping), got {args.max_grad_norm}")
     if not 0 < args.learning_rate < 1:
         p.error(f"--learning_rate must be in (0, 1), got {args.learning_rate}")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
