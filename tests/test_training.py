@@ -183,3 +183,23 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path):
     images, uniforms, noise = stream.next_batch()
     assert images.shape == (5, 1, 16, 16) and stream.skipped_rows == 1
     assert images.min() >= -1 and images.max() <= 1
+
+
+@pytest.mark.hub
+def test_push_to_hub_uploads_only_the_pipeline_and_a_failed_push_never_stops_training(parquet_dir, tmp_path, hub):
+    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "4",
+                     "--checkpointing_steps", "2", "--push_to_hub", "--hub_model_id", "alice/trained"]
+    _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_alice", "--output_dir", str(tmp_path / "ok")],
+         env=_env(), cwd=tmp_path)
+    files = set(hub.repos["alice/trained"].files("main")[1])
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+            "README.md", "samples.png"} <= files
+    assert not [f for f in files if f.startswith(("checkpoint", "logs", "samples/")) or f.endswith((".pkl", ".bin"))]
+    assert (tmp_path / "ok" / "checkpoint-4").is_dir()  # checkpoints stay local
+
+    # bob may not write to alice's namespace: the upload fails, is retried and reported; training still completes
+    result = _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_bob", "--output_dir", str(tmp_path / "denied")],
+                  env=_env(), cwd=tmp_path)
+    assert (tmp_path / "denied" / "pipeline" / "model_index.json").is_file()
+    log = result.stdout + result.stderr
+    assert "push to alice/trained failed (attempt 3/3)" in log and "hf_test_bob" not in log

@@ -226,7 +226,8 @@ def push_with_retries(pipe, args, grid_path, step, attempts=3):
         except Exception as err:  # network, auth, server: report without the token and go on
             message = str(err).replace(args.hub_token, "***") if args.hub_token else str(err)
             logger.warning("push to %s failed (attempt %d/%d): %s", args.hub_model_id, attempt, attempts, message)
-            time.sleep(min(2**attempt, 30))
+            if attempt < attempts:
+                time.sleep(min(2**attempt, 30))
     return False
 
 
