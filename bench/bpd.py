@@ -1,4 +1,4 @@
-"""Exact bits/dim of 64 test images: ddpm_hf.likelihood.bits_per_dim (several timesteps per network call) vs a
+"""Exact bits/dim of 64 test images: ddpm_hf.likelihood.bits_per_dim (timesteps batched per network call) vs a
 straightforward loop that evaluates one timestep of the batch at a time (improved-diffusion's calc_bpd_loop shape).
 
     python bench/bpd.py                            # small-32 preset, random weights, T = 1000, 1 thread
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--pipeline", default=None, help="a trained pipeline (default: small-32, random weights)")
     parser.add_argument("--timesteps", type=int, default=1000, help="T of the scheduler when no pipeline is given")
     parser.add_argument("--num_images", type=int, default=64)
-    parser.add_argument("--timesteps_per_batch", type=int, default=8)
+    parser.add_argument("--timesteps_per_batch", type=int, default=None, help="default: bits_per_dim's choice")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

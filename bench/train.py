@@ -26,7 +26,11 @@ OURS = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.argv = ["training/train.py"] + sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as done:  # train.py ends with sys.exit(main())
+        if done.code not in (None, 0):
+            raise
     print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """)
 

@@ -9,7 +9,7 @@ and L_0 = −log p_θ(x_0|x_1) under the discretised Gaussian decoder of §3.3. 
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -177,7 +177,7 @@ def bits_per_dim(
     scheduler,
     images: torch.Tensor,
     num_timesteps: Optional[int] = None,
-    timesteps_per_batch: int = 8,
+    timesteps_per_batch: Optional[int] = None,
     batch_size: int = 64,
     generator: Optional[torch.Generator] = None,
     clip_denoised: bool = True,
@@ -187,7 +187,8 @@ def bits_per_dim(
 
     ``num_timesteps=None`` computes all T terms (exact); an integer K draws K timesteps per image uniformly with
     replacement and returns the unbiased estimate L_T + T · mean_k L_{t_k} with its standard error. Each network
-    call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once.
+    call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default as many as
+    fill a network batch of 64 images on a CPU (larger batches run no faster there: bench/bpd.py) or 512 on a GPU.
     """
     x_all = to_model_range(images)
     if x_all.ndim != 4:
@@ -210,13 +211,14 @@ def bits_per_dim(
     for start in chunks:
         x0 = x_all[start:start + batch_size].to(device, dtype)
         n = len(x0)
+        per_call = timesteps_per_batch or max(1, (512 if device.type == "cuda" else 64) // n)
         if exact:
             schedule = torch.arange(num_train - 1, -1, -1).repeat(n, 1)  # (n, T), all timesteps
         else:
             schedule = torch.randint(0, num_train, (n, num_timesteps), generator=generator)
         values = torch.zeros(n, draws, dtype=torch.float64)
-        for k in range(0, draws, timesteps_per_batch):
-            cols = schedule[:, k:k + timesteps_per_batch]
+        for k in range(0, draws, per_call):
+            cols = schedule[:, k:k + per_call]
             m = cols.shape[1]
             t = cols.reshape(-1).to(device)
             x_rep = x0.repeat_interleave(m, 0)

@@ -1,7 +1,6 @@
 """Training objectives of Ho et al. (2020) §3.4 and improved-diffusion, as small objects: each maps the model output
 for a batch of (x_0, t, ε) to one loss per example, so that the script can log it per timestep quartile."""
 
-import torch
 
 from .likelihood import LN2, VariationalBound
 from .scheduler import DDPMScheduler
