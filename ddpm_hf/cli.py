@@ -138,22 +138,29 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import os
+
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object, parse_flag_from_env
 
     from .evaluation import load_eval_images
     from .likelihood import bits_per_dim, plot_rate_distortion
 
     if "rd" in args.metrics and args.bpd_timesteps:
         raise SystemExit("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise SystemExit(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
+                         "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
     pipe = _load(args.pipeline, args.device or str(state.device))
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = _num_steps(pipe, args.num_inference_steps)
-    results = {"pipeline": args.pipeline, "data": args.data, "num_inference_steps": steps}
+    results = {"pipeline": args.pipeline, "data": args.data, "num_inference_steps": steps,
+               "num_processes": state.num_processes}
     started = time.time()
 
     if {"bpd", "rd"} & set(args.metrics) and state.is_main_process:

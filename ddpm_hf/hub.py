@@ -80,10 +80,9 @@ def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dty
     try:
         unet, info = DDPMUNet.from_pretrained(unet_dir, use_safetensors=weights == safe, torch_dtype=torch_dtype,
                                               output_loading_info=True, low_cpu_mem_usage=False)
-    except ValueError as err:
-        if "config" in str(err).lower() and "DDPMUNet" in str(err):
-            raise
-        raise ValueError(f"could not load {weights}: {err}") from err
+    except ValueError as err:  # our config validation names the config; anything else is about the weights
+        source = unet_dir / "config.json" if str(err).startswith("DDPMUNet:") else weights
+        raise ValueError(f"could not load {source}: {err}") from err
     except Exception as err:  # safetensors/torch raise several types for truncated or corrupt files
         raise ValueError(f"could not load {weights}: the file is corrupt, truncated or does not match "
                          f"unet/config.json ({type(err).__name__}: {err}).") from err

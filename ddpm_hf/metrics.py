@@ -141,14 +141,16 @@ def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset
     from torchmetrics.image.kid import KernelInceptionDistance
 
     dim = real_features.shape[1]
-    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
+    # The caller gathers samples itself: no torchmetrics synchronisation (it would wait for every process).
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False, sync_on_compute=False)
     fid.update(real_features.double(), real=True)
     fid.update(fake_features.double(), real=False)
     # Subsets smaller than the sets, so that the spread over subsets means something.
     size = kid_subset_size or min(1000, len(real_features) // 2, len(fake_features) // 2)
     with warnings.catch_warnings():  # "will save all extracted features": intended, they are small
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size)
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size,
+                                      sync_on_compute=False)
     kid.update(real_features.double(), real=True)
     kid.update(fake_features.double(), real=False)
     kid_mean, kid_std = kid.compute()

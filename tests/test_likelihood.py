@@ -42,17 +42,17 @@ def test_discretised_decoder_sums_to_one_over_the_256_bins(mean, std):
 class GaussianDataOptimum(torch.nn.Module):
     """For x_0 ~ N(m, s²) per pixel: E[ε | x_t] and, for learned variances, log Var(x_{t−1} | x_t)."""
 
-    def __init__(self, scheduler, with_variance):
+    def __init__(self, scheduler, with_variance, mean=MEAN, std=STD):
         super().__init__()
         self.alpha_bars = scheduler._alpha_bars64
-        self.with_variance = with_variance
+        self.with_variance, self.mean, self.std = with_variance, mean, std
 
     def forward(self, x, t):
         a = self.alpha_bars[t].to(x).view(-1, 1, 1, 1)
         a_prev = torch.where(t == 0, torch.ones_like(t, dtype=torch.float64), self.alpha_bars[(t - 1).clamp(min=0)])
         a_prev = a_prev.to(x).view(-1, 1, 1, 1)
-        v_t, v_prev = a * STD**2 + 1 - a, a_prev * STD**2 + 1 - a_prev
-        eps = (1 - a).sqrt() * (x - a.sqrt() * MEAN) / v_t
+        v_t, v_prev = a * self.std**2 + 1 - a, a_prev * self.std**2 + 1 - a_prev
+        eps = (1 - a).sqrt() * (x - a.sqrt() * self.mean) / v_t
         if not self.with_variance:
             return SimpleNamespace(sample=eps)
         log_var = torch.log(v_prev - (a / a_prev) * v_prev**2 / v_t).expand_as(x)

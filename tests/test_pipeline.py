@@ -235,6 +235,12 @@ def test_bad_folders_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="fixed_large"):
         DDPMPipeline.from_pretrained(folder)
 
+    folder = broken("bad_unet_config")
+    config = read_json(folder / "unet" / "config.json")
+    (folder / "unet" / "config.json").write_text(json.dumps(dict(config, time_embedding_type="fourier")))
+    with pytest.raises(ValueError, match="unet/config.json.*positional"):
+        DDPMPipeline.from_pretrained(folder)
+
     folder = broken("no_index")
     (folder / "model_index.json").unlink()
     with pytest.raises(FileNotFoundError, match="model_index.json"):

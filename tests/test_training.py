@@ -203,3 +203,16 @@ def test_push_to_hub_uploads_only_the_pipeline_and_a_failed_push_never_stops_tra
     assert (tmp_path / "denied" / "pipeline" / "model_index.json").is_file()
     log = result.stdout + result.stderr
     assert "push to alice/trained failed (attempt 3/3)" in log and "hf_test_bob" not in log
+
+
+@pytest.mark.distributed
+def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
+    from helpers import tiny_pipeline
+
+    tiny_pipeline(num_train_timesteps=10).save_pretrained(tmp_path / "pipe")
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--main_process_port", str(_free_port()), "-m", "ddpm_hf.cli", "evaluate", str(tmp_path / "pipe"),
+          "--metrics", "fid,kid", "--num_samples", "10", "--num_reference", "32", "--out", str(tmp_path / "eval")],
+         env=_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["sample_quality"]["num_samples"] == 10
