@@ -89,7 +89,7 @@ class VariationalBound:
         t = t.cpu()
         small = s.posterior_log_variance_clipped(t)
         large = torch.log(torch.where(t == 0, s.posterior_variance(torch.ones_like(t)), s._betas64[t]))
-        expand = lambda v: v.to(like).reshape(-1, *([1] * (like.ndim - 1)))  # noqa: E731
+        expand = lambda v: s._broadcast(v, like)  # noqa: E731
         if kind in ("fixed_small", "fixed_small_log"):
             return expand(small)
         if kind in ("fixed_large", "fixed_large_log"):

@@ -96,21 +96,22 @@ class InceptionFeatures(nn.Module):
         return self.net(x * (0.9921875 + 1) - 1)  # the TF graph's input range [−1, 0.992]
 
 
+class FMNISTFeatures(nn.Module):
+    """The classifier's 128-d penultimate features as a module (what torchmetrics and extract_features call)."""
+
+    num_features = FMNISTClassifier.num_features
+
+    def __init__(self, classifier: FMNISTClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
 def feature_extractor(name: str) -> nn.Module:
     if name == "fmnist":
-        model = load_fmnist_classifier()
-
-        class _Features(nn.Module):
-            num_features = 128
-
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, images):
-                return self.model.features(images)
-
-        return _Features().eval()
+        return FMNISTFeatures(load_fmnist_classifier()).eval()
     if name == "inception":
         return InceptionFeatures()
     raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")

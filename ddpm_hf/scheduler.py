@@ -304,10 +304,15 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), got {shown}.")
         return t
 
+    @staticmethod
+    def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One value per batch element (or one for all), shaped and cast to broadcast against ``like``."""
+        values = values.to(device=like.device, dtype=like.dtype)
+        return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
+
     def _per_sample(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Index ``values`` by t and broadcast against ``like`` (one value per batch element, or one for all)."""
-        out = values.to(like.device)[t.to(like.device)].to(like.dtype)
-        return out.reshape(-1, *([1] * (like.ndim - 1))) if out.ndim else out
+        """Index ``values`` by t and broadcast against ``like``."""
+        return self._broadcast(values[t.cpu()], like)
 
     def _alpha_bars(
         self, t: Timesteps, prev_t: Optional[Timesteps] = None
@@ -357,11 +362,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         coef_x0, coef_xt = self.posterior_mean_coefficients(t)
         t = self._check_timesteps(t)
 
-        def expand(v: torch.Tensor) -> torch.Tensor:
-            return v.to(x_t).reshape(-1, *([1] * (x_t.ndim - 1))) if v.ndim else v.to(x_t)
-
-        mean = expand(coef_x0) * x_start + expand(coef_xt) * x_t
-        return mean, expand(self.posterior_variance(t)), expand(self.posterior_log_variance_clipped(t))
+        mean = self._broadcast(coef_x0, x_t) * x_start + self._broadcast(coef_xt, x_t) * x_t
+        return (mean, self._broadcast(self.posterior_variance(t), x_t),
+                self._broadcast(self.posterior_log_variance_clipped(t), x_t))
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0 (the x̂_0 of eq. 15)."""
