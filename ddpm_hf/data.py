@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -151,11 +152,43 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
         path = str(EMBEDDED_DIR) if dataset_name == EMBEDDED_NAME else dataset_name
         if os.path.isdir(path):
             ds = _load_local_files(path, split, streaming, cache_dir)
+        elif os.path.exists(path) or not _looks_like_hub_dataset(dataset_name):
+            raise FileNotFoundError(f"--dataset_name {dataset_name}: neither a folder nor a Hub dataset id "
+                                    "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
+                                    f"dataset or {EMBEDDED_NAME}.")
         else:
             ds = load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds
+
+
+def _looks_like_hub_dataset(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", part) and ".." not in part
+                                        for part in parts)
+
+
+def _check_readable(files: List[str], builder: str) -> None:
+    """Read each file's footer/schema (cheap) so that a truncated or foreign file is named before training starts,
+    not discovered as an Arrow error deep inside a data worker."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            if builder == "parquet":
+                pq.read_metadata(path)
+            else:
+                with pa.memory_map(path) as source:
+                    try:
+                        pa.ipc.open_stream(source).schema
+                    except pa.ArrowInvalid:
+                        source.seek(0)
+                        pa.ipc.open_file(source).schema
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path} is not a readable {builder} file ({err}); it is truncated or corrupt: "
+                             "rewrite or remove it.") from err
 
 
 def _load_local_files(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
@@ -165,6 +198,7 @@ def _load_local_files(folder: str, split: str, streaming: bool, cache_dir: Optio
         for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
             files = sorted(glob.glob(os.path.join(folder, pattern)))
             if files:
+                _check_readable(files, builder)
                 return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                     cache_dir=cache_dir)
     raise FileNotFoundError(f"{folder} holds no {split} parquet or arrow files (looked for data/{split}-*.parquet, "
@@ -185,6 +219,47 @@ def find_image_column(features, image_column: Optional[str] = None) -> str:
     if not candidates:
         raise ValueError(f"the dataset has no image column (columns: {columns}); name it with --image_column.")
     return candidates[0]
+
+
+def image_channels(image: Image.Image) -> int:
+    """1 for grey modes (L, LA, 1, I, I;16, F), 3 for colour ones (RGB, RGBA, P, CMYK, YCbCr, ...)."""
+    return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
+
+
+def first_image(dataset, image_column: str, max_rows: int = 100) -> Image.Image:
+    """The first decodable image of ``dataset`` (a few rows are read, nothing else): the data's channel count and a
+    clear error on an empty or undecodable dataset, before the model is trained."""
+    from datasets import Image as ImageFeature
+
+    rows = dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column]).take(max_rows)
+    seen = 0
+    last_error = None
+    for seen, row in enumerate(rows, 1):
+        cell = row[image_column]
+        try:
+            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            return image
+        except Exception as err:
+            last_error = err
+    if seen == 0:
+        raise ValueError("the dataset has no rows: check --split and the data files.")
+    raise ValueError(f"none of the first {seen} images of the dataset could be decoded (last error: {last_error}); "
+                     f"is {image_column!r} the image column?")
+
+
+def check_channels(image: Image.Image, in_channels: int) -> None:
+    """The model's input channels must match the data: training a 3-channel model on grey images (or the reverse)
+    would silently learn replicated or discarded channels."""
+    channels = image_channels(image)
+    if in_channels not in (1, 3):
+        raise ValueError(f"the model has in_channels={in_channels}; only 1 (grey) and 3 (colour) image data exist.")
+    if channels != in_channels:
+        kind = {1: "grey", 3: "colour"}
+        raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
+                         f"{kind[channels]} (mode {image.mode}): use a model with in_channels={channels} (a preset "
+                         f"or --model_config), or convert the dataset.")
 
 
 def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
@@ -218,6 +293,8 @@ class TrainStream:
     counted. ``state_dict()`` is the position of every stream (epoch, examples consumed) and its noise generator;
     resuming skips the consumed rows without decoding them.
     """
+
+    MAX_UNDECODABLE_IN_A_ROW = 1000
 
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
@@ -295,13 +372,19 @@ class TrainStream:
         for v in self.streams:
             if v not in self._iterators:
                 self._iterators[v] = self._rows(v)
-            taken = []
+            taken, failures_in_a_row = [], 0
             while len(taken) < self.per_stream_batch:
                 epoch, index, row = next(self._iterators[v])
                 self.position[v] = (epoch, index + 1)
                 array = self._decode(v, epoch, index, row)
                 if array is not None:
                     taken.append(array)
+                    failures_in_a_row = 0
+                else:
+                    failures_in_a_row += 1
+                    if failures_in_a_row >= self.MAX_UNDECODABLE_IN_A_ROW:
+                        raise ValueError(f"{failures_in_a_row} undecodable images in a row in stream {v}: the data "
+                                         "is corrupt or the image column holds something else.")
             batch = torch.from_numpy(np.stack(taken))
             images.append(batch)
             uniforms.append(torch.rand(len(taken), generator=self.noise[v], dtype=torch.float64))

@@ -6,13 +6,18 @@ needed), read repo info and trees, and download files (HEAD + GET ``resolve``). 
 memory; commit ids are stable sha1s, and old commits stay downloadable. Auth: bearer tokens map to users; only the
 owner writes; private repos are invisible to others (401 anonymous, 404 other users, as the Hub).
 
-``hub.log`` records every request (method, path, user); ``hub.misses`` every request no route answered, so tests
-notice when a client upgrade starts calling something new.
+``hub.log`` records every request (method, path, user, monotonic time); ``hub.misses`` every request no route
+answered, so tests notice when a client upgrade starts calling something new.
+
+Faults: ``hub.inject(method, path_part, kind, ...)`` makes matching requests misbehave, as a real server or network
+does: ``status`` answers an HTTP error (5xx, 429), ``drop`` reads part of the request body and closes the connection
+without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server).
 """
 
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +28,27 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Fault:
+    method: str
+    path_part: str
+    kind: str  # "status", "drop" or "stall"
+    times: int = 1  # how many matching requests misbehave; -1: all of them
+    status: int = 503
+    seconds: float = 0.0
+    hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and self.path_part in path and (self.times < 0 or len(self.hits) < self.times)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # clients that gave up or were killed mid-request
+        pass
 
 
 @dataclass
@@ -46,8 +72,9 @@ class FakeHub:
     def __init__(self, tokens: Dict[str, str]):
         self.tokens = dict(tokens)  # token -> user
         self.repos: Dict[str, Repo] = {}
-        self.log: List[Tuple[str, str, Optional[str]]] = []
+        self.log: List[Tuple[str, str, Optional[str], float]] = []
         self.misses: List[Tuple[str, str]] = []
+        self.faults: List[Fault] = []
         self.lock = threading.Lock()
         hub = self
 
@@ -58,6 +85,11 @@ class FakeHub:
                 pass
 
             def _dispatch(self, method):
+                fault = hub._fault_for(method, self.path)
+                if fault is not None and fault.kind != "stall":
+                    return hub._misbehave(self, fault)
+                if fault is not None:
+                    time.sleep(fault.seconds)
                 with hub.lock:
                     try:
                         hub._handle(self, method)
@@ -76,8 +108,7 @@ class FakeHub:
             def do_DELETE(self):
                 self._dispatch("DELETE")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -91,6 +122,46 @@ class FakeHub:
             self.repos.clear()
             self.log.clear()
             self.misses.clear()
+            self.faults.clear()
+
+    def inject(self, method: str, path_part: str, kind: str, times: int = 1, status: int = 503,
+               seconds: float = 0.0) -> Fault:
+        """Make the next ``times`` requests ``method`` whose path contains ``path_part`` misbehave (see module doc)."""
+        if kind not in ("status", "drop", "stall"):
+            raise ValueError(f"unknown fault kind {kind!r}")
+        fault = Fault(method, path_part, kind, times, status, seconds)
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def _fault_for(self, method: str, raw_path: str) -> Optional[Fault]:
+        path = urlsplit(raw_path).path
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.hits.append(time.monotonic())
+                    self.log.append((method, path, "fault:" + fault.kind, time.monotonic()))
+                    return fault
+        return None
+
+    def _misbehave(self, handler, fault: Fault) -> None:
+        if fault.kind == "status":
+            if handler.command in ("POST", "DELETE"):
+                self._read_body(handler)  # an unread body would corrupt the next request on this connection
+            self._error(handler, fault.status, "ServerError", f"injected HTTP {fault.status}",
+                        head=handler.command == "HEAD")
+            return
+        # "drop": take part of the upload, then vanish without an answer (a proxy or server dying mid-request)
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length:
+            handler.rfile.read(max(1, length // 2))
+        elif handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            handler.rfile.readline()
+        handler.close_connection = True
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
 
@@ -162,7 +233,7 @@ class FakeHub:
         parts = urlsplit(handler.path)
         path, query = parts.path, parse_qs(parts.query)
         user = self._user(handler)
-        self.log.append((method, path, user))
+        self.log.append((method, path, user, time.monotonic()))
         # Read the body before any answer: an unread body would corrupt the next request on a kept-alive connection.
         raw = self._read_body(handler) if method in ("POST", "DELETE") else b""
         segments = [unquote(s) for s in path.strip("/").split("/")]

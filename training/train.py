@@ -16,6 +16,7 @@ Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), s
 """
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -31,8 +33,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, PRESETS
-from ddpm_hf.data import EMBEDDED_NAME, TrainStream, find_image_column, load_image_dataset
+from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, find_image_column, first_image,
+                          load_image_dataset)
 from ddpm_hf.ema import EMA
+from ddpm_hf.hub import is_repo_id
 from ddpm_hf.losses import LOSSES, make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import training_defaults, unet_config
@@ -92,7 +96,7 @@ def parse_args(argv=None):
     opt.add_argument("--adam_epsilon", type=float, default=1e-8)
     opt.add_argument("--max_grad_norm", type=float, default=None)
     opt.add_argument("--max_nonfinite_steps", type=int, default=5,
-                     help="skip updates with a NaN/Inf loss; stop after this many in a row")
+                     help="skip updates with a NaN/Inf loss or gradient; stop after this many in a row")
     opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
     opt.add_argument("--ema_max_decay", type=float, default=None)
     opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
@@ -118,7 +122,16 @@ def parse_args(argv=None):
     hub.add_argument("--hub_token", default=None)
     hub.add_argument("--hub_private_repo", action="store_true")
     hub.add_argument("--push_checkpoints", action="store_true", help="also push the EMA pipeline at checkpoints")
+    hub.add_argument("--hub_push_attempts", type=int, default=3, help="tries per upload (backoff 2 s, 4 s, ...)")
+    hub.add_argument("--hub_timeout", type=float, default=120.0, help="seconds without progress before an upload "
+                     "request is abandoned (and retried)")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Every flag's range and combination, before anything is loaded: ``p.error`` names the flag and exits 2."""
 
     defaults = dict(FALLBACKS, **training_defaults(args.preset))
     for key, value in defaults.items():
@@ -127,34 +140,77 @@ def parse_args(argv=None):
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = EMBEDDED_NAME
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps",
-                 "ddpm_num_inference_steps", "num_sample_images"):
+                 "ddpm_num_inference_steps", "num_sample_images", "max_nonfinite_steps", "hub_push_attempts"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("checkpointing_steps", "save_images_steps", "eval_steps", "lr_warmup_steps", "shuffle_buffer_size"):
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "save_images_steps", "eval_steps",
+                 "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not args.max_grad_norm > 0:
-        p.error(f"--max_grad_norm must be positive (use inf to disable clipping), got {args.max_grad_norm}")
-    if not 0 < args.learning_rate < 1:
-        p.error(f"--learning_rate must be in (0, 1), got {args.learning_rate}")
+    if args.data_streams is not None and args.data_streams < 1:
+        p.error(f"--data_streams must be at least 1, got {args.data_streams}")
+    for name in ("max_grad_norm", "adam_epsilon", "hub_timeout") + (("max_train_minutes",) if args.max_train_minutes
+                                                                    is not None else ()):
+        if not getattr(args, name) > 0:  # also refuses NaN
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name, low, high in (("learning_rate", 0, 1), ("adam_beta1", 0, 1), ("adam_beta2", 0, 1),
+                            ("ema_max_decay", 0, 1), ("dropout", 0, 1), ("adam_weight_decay", 0, 1)):
+        value = getattr(args, name)
+        if value is not None and not low <= value < high or name == "learning_rate" and value == 0:
+            p.error(f"--{name} must be in [{low}, {high}), got {value}")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         p.error("--ddpm_num_inference_steps cannot exceed --ddpm_num_steps")
+    if args.resolution is not None and args.resolution < 1:
+        p.error(f"--resolution must be at least 1, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id namespace/name")
-    return args
+    if args.hub_model_id is not None and not (is_repo_id(args.hub_model_id) and args.hub_model_id.count("/") == 1):
+        p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use namespace/name with letters, "
+                "digits, '.', '_' or '-'")
+    if args.push_checkpoints and not args.push_to_hub:
+        p.error("--push_checkpoints needs --push_to_hub")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        p.error(f"--train_data_dir {args.train_data_dir} is not a folder")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder (or use 'latest')")
+    if args.model_config:
+        try:
+            read_model_config(args.model_config)
+        except ValueError as err:
+            p.error(str(err))
+
+
+def read_model_config(path: str) -> dict:
+    """A UNet2DModel-style config.json as a dict, checked for unknown keys (a typo would silently fall back to the
+    default) and missing files or bad JSON, each named."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--model_config {path}: no such file")
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model_config {path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"--model_config {path} must hold a JSON object")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    known = set(inspect.signature(DDPMUNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"--model_config {path} has unknown keys {unknown}; UNet2DModel's keys are {sorted(known)}")
+    return config
 
 
 def build_model(args) -> DDPMUNet:
-    if args.model_config:
-        config = json.loads(Path(args.model_config).read_text())
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-    else:
-        config = unet_config(args.preset)
+    config = read_model_config(args.model_config) if args.model_config else unet_config(args.preset)
     if args.dropout is not None:
         config["dropout"] = args.dropout
     if args.variance_type in ("learned", "learned_range"):
         config["out_channels"] = 2 * config["in_channels"]
-    model = DDPMUNet(**config)
+    try:
+        model = DDPMUNet(**config)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: invalid U-Net config: {err}") from err
     return model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed)) if args.original_init else model
 
 
@@ -176,21 +232,112 @@ def checkpoints(output_dir: Path):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+# Folders are written under a hidden name and renamed into place, so a crash at any moment leaves every visible
+# folder complete. Hidden leftovers: ".X.tmp" (half written), ".X.trash" (half deleted), ".X.old" (the previous X,
+# moved aside for the instant of a swap).
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk, so that the rename that publishes it cannot outlive its contents."""
+    for path in sorted(folder.rglob("*")) + [folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Make the complete folder ``tmp`` visible as ``final``, replacing any previous version."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def delete_folder(folder: Path) -> None:
+    """Delete ``folder`` so that it is never seen half deleted."""
+    trash = folder.with_name(f".{folder.name}.trash")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_folders(output_dir: Path) -> None:
+    """Finish what a crash interrupted: drop half-written and half-deleted folders, restore a swapped-out one."""
+    for hidden in [*output_dir.glob(".checkpoint-*.*"), *output_dir.glob(".pipeline.*")]:
+        name, _, kind = hidden.name[1:].rpartition(".")
+        if kind == "old" and not (output_dir / name).exists():
+            os.replace(hidden, output_dir / name)
+        elif kind in ("tmp", "trash", "old"):
+            shutil.rmtree(hidden, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
-    """accelerate.save_state into a hidden temporary folder, renamed when every process has written: a kill while
-    saving leaves the previous checkpoint intact (and the half-written one is ignored and removed later)."""
+    """accelerate.save_state into a hidden folder, published when every process has written and the files are on
+    disk: a kill or a full disk while saving leaves the previous checkpoint intact. A failed write stops the run with
+    the reason; the half-written folder is removed."""
     tmp, final = output_dir / f".checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fsync_tree(tmp)
+    except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoints(output_dir)
+        raise SystemExit(
+            f"could not write checkpoint-{step} in {output_dir} ({type(err).__name__}: {err}): "
+            f"{write_failure_reason(output_dir, previous)}. "
+            + (f"The previous checkpoint {previous[-1].name} is intact: make room, then resume with "
+               "--resume_from_checkpoint latest." if previous else "No earlier checkpoint exists.")) from err
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish_folder(tmp, final)
         for old in checkpoints(output_dir)[:-limit] if limit else []:
-            shutil.rmtree(old, ignore_errors=True)
+            delete_folder(old)
     accelerator.wait_for_everyone()
+
+
+def write_failure_reason(output_dir: Path, previous) -> str:
+    """Why a write most likely failed; torch.save reports a short write without the OS error behind it."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"this process may not write files over {limit} bytes (ulimit -f)"
+    free = shutil.disk_usage(output_dir).free
+    needed = sum(f.stat().st_size for f in previous[-1].iterdir()) if previous else 0
+    if free < max(needed, 1):
+        return f"the disk is full ({free / 2**20:.0f} MiB free, a checkpoint takes {needed / 2**20:.0f} MiB)"
+    return f"the disk may be full or failing ({free / 2**20:.0f} MiB free now)"
+
+
+def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
+    """Load the requested checkpoint, or with 'latest' the newest one that every process can read (an unreadable one
+    is reported and skipped). Returns the folder loaded, None when there is none."""
+    if requested != "latest":
+        candidates = [Path(requested)]
+    else:
+        candidates = list(reversed(checkpoints(output_dir)))
+        if not candidates:
+            logger.info("no checkpoint in %s: starting from scratch", output_dir)
+            return None
+    for path in candidates:
+        try:
+            accelerator.load_state(str(path))
+            failed, reason = 0.0, ""
+        except Exception as err:  # truncated or corrupt file: the processes must agree before going on
+            failed, reason = 1.0, f"{type(err).__name__}: {err}"
+        if accelerator.reduce(torch.tensor([failed], device=accelerator.device), "sum").item() == 0:
+            return path
+        if requested != "latest":
+            raise SystemExit(f"--resume_from_checkpoint {path} is unreadable ({reason or 'on another process'}); "
+                             "pass an older checkpoint-N folder or 'latest'.")
+        logger.warning("checkpoint %s is unreadable (%s): trying the previous one", path, reason or "on another process")
+    raise SystemExit(f"no readable checkpoint in {output_dir}; remove the broken ones or start without "
+                     "--resume_from_checkpoint.")
 
 
 def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
@@ -212,22 +359,40 @@ def sample_grid(pipe, args, path: Path):
     return path
 
 
-def push_with_retries(pipe, args, grid_path, step, attempts=3):
-    """Upload the EMA pipeline; a failure is retried with backoff, then reported, and never stops training."""
+def scrub(text: str, secrets) -> str:
+    """``text`` with every secret replaced by ***, for logs and error messages."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
+    """Upload the EMA pipeline. Server errors, dropped connections and stalls longer than --hub_timeout are retried
+    --hub_push_attempts times with exponential backoff (backoff_s, 2·backoff_s, ...); a final failure is reported and
+    training goes on. Local files are never modified and no token reaches the log."""
+    import huggingface_hub
     from PIL import Image
 
-    for attempt in range(1, attempts + 1):
+    # huggingface_hub's client waits forever by default: a stalled server would freeze training.
+    huggingface_hub.get_session().timeout = args.hub_timeout
+    secrets = [args.hub_token, huggingface_hub.get_token()]
+    for attempt in range(1, args.hub_push_attempts + 1):
         try:
             pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, token=args.hub_token,
                              commit_message=f"ddpm_hf: EMA weights at step {step}",
                              sample_grid=Image.open(grid_path) if grid_path else None,
                              training_config={k: v for k, v in vars(args).items() if k != "hub_token"})
+            logger.info("pushed the EMA pipeline of step %d to %s", step, args.hub_model_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
-            message = str(err).replace(args.hub_token, "***") if args.hub_token else str(err)
-            logger.warning("push to %s failed (attempt %d/%d): %s", args.hub_model_id, attempt, attempts, message)
-            if attempt < attempts:
-                time.sleep(min(2**attempt, 30))
+            message = scrub(f"{type(err).__name__}: {err}", secrets)
+            logger.warning("push to %s failed (attempt %d/%d): %s", args.hub_model_id, attempt, args.hub_push_attempts,
+                           message)
+            if attempt < args.hub_push_attempts:
+                time.sleep(min(backoff_s * 2 ** (attempt - 1), 60))
+    logger.error("gave up pushing step %d to %s after %d attempts; training goes on and the pipeline stays in %s",
+                 step, args.hub_model_id, args.hub_push_attempts, args.output_dir)
     return False
 
 
@@ -261,9 +426,13 @@ def main(argv=None):
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
     loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels)
 
-    dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                 args.streaming, args.cache_dir)
-    image_column = find_image_column(dataset.features, args.image_column)
+    try:  # the data is opened and its first image read before any training: a bad dataset stops here
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
+                                     args.streaming, args.cache_dir)
+        image_column = find_image_column(dataset.features, args.image_column)
+        check_channels(first_image(dataset, image_column), model.config.in_channels)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
     stream = TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size, streams,
                          rank, world, args.seed, args.shuffle_buffer_size, args.center_crop, args.random_flip,
                          record_ids=args.record_example_ids)
@@ -279,21 +448,16 @@ def main(argv=None):
     for state in (lr_scheduler, stream, progress) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
 
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recover_folders(output_dir)
+    accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
-        found = checkpoints(output_dir)
-        path = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else (found[-1] if found else None)
-        if path is None:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-        elif not path.is_dir():
-            raise SystemExit(f"--resume_from_checkpoint {path}: no such checkpoint folder.")
-        else:
-            accelerator.load_state(str(path))
+        path = resume(accelerator, output_dir, args.resume_from_checkpoint)
+        if path is not None:
             logger.info("resumed from %s at step %d", path, progress.step)
 
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": world,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
                 "data_streams": streams, "dataset_shards": dataset.num_shards}
@@ -324,7 +488,17 @@ def main(argv=None):
             # A NaN/Inf loss on any process makes the all-reduced gradient norm non-finite on every process, so all
             # of them skip the same update.
             finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-            if finite:
+            if accelerator.scaler is not None:
+                # fp16: the loss scaler skips overflowing updates and lowers its scale by itself; only a non-finite
+                # loss (on any process) counts as a bad step.
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    bad_loss = torch.tensor([float(not torch.isfinite(loss))], device=accelerator.device)
+                    finite = accelerator.reduce(bad_loss, "sum").item() == 0
+                    if accelerator.optimizer_step_was_skipped and finite:
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+            elif finite:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
@@ -370,7 +544,9 @@ def main(argv=None):
             save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_total_limit)
         want_images = args.save_images_steps and progress.step % args.save_images_steps == 0
         want_eval = args.eval_steps and progress.step % args.eval_steps == 0
-        if accelerator.is_main_process and (want_images or want_eval or final):
+        want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
+                                                    and progress.step % args.checkpointing_steps == 0))
+        if accelerator.is_main_process and (want_images or want_eval or want_push or final):
             pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
             grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{progress.step:07d}.png") \
                 if (want_images or final) else None
@@ -380,11 +556,14 @@ def main(argv=None):
                 bpd = quick_bits_per_dim(pipe, args, resolution)
                 accelerator.log({"eval_bpd_estimate": bpd}, step=progress.step)
             if final:
-                pipe.save_pretrained(output_dir / "pipeline")
-                (output_dir / "pipeline" / "training_config.json").write_text(json.dumps(
+                tmp = output_dir / ".pipeline.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                pipe.save_pretrained(tmp)
+                (tmp / "training_config.json").write_text(json.dumps(
                     {k: v for k, v in vars(args).items() if k != "hub_token"}, indent=2, default=str))
-            if args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
-                                               and progress.step % args.checkpointing_steps == 0)):
+                fsync_tree(tmp)
+                publish_folder(tmp, output_dir / "pipeline")
+            if want_push:
                 push_with_retries(pipe, args, grid, progress.step)
         accelerator.wait_for_everyone()
     bar.close()

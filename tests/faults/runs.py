@@ -1,0 +1,125 @@
+"""Real training runs for the fault tests and for bench/soak.py: a small parquet dataset, launching and killing
+training/train.py at chosen moments, and a check that every visible checkpoint is complete."""
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = str(ROOT / "training" / "train.py")
+# A 176 k-parameter model, a 50-step chain and no tensorboard: a step takes tens of milliseconds.
+FAST = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4", "--num_sample_images",
+        "4", "--logger", "none", "--shuffle_buffer_size", "16", "--lr_warmup_steps", "2", "--ema_max_decay", "0.9",
+        "--train_batch_size", "4"]
+KILL_POINTS = ("step", "checkpoint", "upload")
+
+
+def write_images(folder: Path, count: int = 256, shards: int = 8, size: int = 20) -> Path:
+    """``count`` distinct grey PNG images in ``shards`` parquet files (more rows than a short run reads, so that no
+    run reaches the end of an epoch)."""
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    def png(seed):
+        buffer = io.BytesIO()
+        array = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+        Image.fromarray(array, "L").save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = Dataset.from_dict({"image": [png(i) for i in range(count)]}, features=Features({"image": ImageFeature()}))
+    for k in range(shards):
+        ds.shard(shards, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-{shards:05d}.parquet"))
+    return folder
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def launch(args: List[str], log: Path, env: Optional[dict] = None, preexec_fn=None) -> subprocess.Popen:
+    """Start ``train.py args`` with stdout and stderr appended to ``log`` (a file: a pipe nobody reads would block)."""
+    with open(log, "ab") as sink:
+        return subprocess.Popen([sys.executable, TRAIN, *args], stdout=sink, stderr=subprocess.STDOUT,
+                                env=env or child_env(), cwd=log.parent, preexec_fn=preexec_fn)
+
+
+def run(args: List[str], log: Path, env: Optional[dict] = None, preexec_fn=None, expect_ok: bool = True) -> int:
+    proc = launch(args, log, env, preexec_fn)
+    code = proc.wait(timeout=600)
+    if expect_ok and code != 0:
+        raise AssertionError(f"train.py {' '.join(args)} exited {code}:\n{log.read_text()[-6000:]}")
+    return code
+
+
+def kill_at(proc: subprocess.Popen, point: str, output_dir: Path, rng: random.Random, upload_fault=None,
+            deadline_s: float = 300) -> str:
+    """SIGKILL ``proc`` at ``point``: "step" (a random moment of training), "checkpoint" (while a checkpoint folder
+    is being written) or "upload" (while the Hub holds an upload request: ``upload_fault`` is a stall fault of the
+    test Hub). Returns what was hit; "finished" if the run ended first. The caller removes run_info.json before the
+    launch: the run writes it once it has resumed and starts training."""
+    deadline = time.time() + deadline_s
+    while not (output_dir / "run_info.json").exists():
+        if proc.poll() is not None:
+            return "finished"
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.01)
+    hit = point
+    if point == "step":
+        time.sleep(rng.uniform(0.2, 1.5))
+    elif point == "checkpoint":
+        while not list(output_dir.glob(".checkpoint-*.tmp")):
+            if proc.poll() is not None or time.time() > deadline:
+                return "finished"
+            time.sleep(0.001)
+    elif point == "upload":
+        hits = len(upload_fault.hits)
+        while len(upload_fault.hits) == hits:
+            if proc.poll() is not None or time.time() > deadline:
+                return "finished"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, upload_fault.seconds / 2))
+    if proc.poll() is not None:
+        return "finished"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return hit
+
+
+def check_checkpoints(output_dir: Path) -> List[str]:
+    """Every visible checkpoint-N folder must load completely: the model's safetensors and every pickled state
+    accelerate wrote (optimizer, RNGs, our registered objects). Returns their names, oldest first."""
+    names = []
+    for folder in sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        files = sorted(p.name for p in folder.iterdir())
+        assert "model.safetensors" in files and "optimizer.bin" in files, f"{folder}: incomplete, holds {files}"
+        load_file(folder / "model.safetensors")
+        for name in files:
+            if name.endswith((".bin", ".pkl")):
+                torch.load(folder / name, weights_only=False)  # our own files: trusted
+        names.append(folder.name)
+    return names
+
+
+def final_weights(output_dir: Path) -> dict:
+    return load_file(output_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

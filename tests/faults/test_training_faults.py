@@ -1,0 +1,171 @@
+"""Faults injected into real training runs: SIGKILLs at random points (during a step, a checkpoint write, a Hub
+upload) with a resume after each, a disk that fills during a checkpoint, and NaN losses."""
+
+import hashlib
+import random
+import resource
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runs import FAST, KILL_POINTS, check_checkpoints, child_env, final_weights, kill_at, launch, run, write_images
+
+HERE = Path(__file__).resolve().parent
+ALICE = "hf_test_alice"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.hub
+def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images, tmp_path, hub):
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "48", "--checkpointing_steps", "6",
+                   "--checkpoints_total_limit", "2"]
+    run(args + ["--output_dir", str(tmp_path / "straight")], tmp_path / "straight.log")
+
+    # The Hub holds every upload for a moment, so that a kill can land in the middle of one.
+    upload = hub.inject("POST", "/commit/", "stall", times=-1, seconds=1.0)
+    out = tmp_path / "killed"
+    hub_args = ["--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/killed", "--hub_token", ALICE]
+    rng = random.Random(8)
+    points = rng.sample(KILL_POINTS * 2, 5)
+    hits, after_kill = [], []
+    for i, point in enumerate(points):
+        (out / "run_info.json").unlink(missing_ok=True)
+        resume = ["--resume_from_checkpoint", "latest"] if i else []
+        proc = launch(args + hub_args + resume + ["--output_dir", str(out)], tmp_path / "killed.log")
+        hits.append(kill_at(proc, point, out, rng, upload_fault=upload))
+        after_kill.append(check_checkpoints(out))  # the visible checkpoints all load, whatever the kill hit
+        assert not (out / "pipeline").exists()
+    assert hits == points, f"runs ended before their kill: {hits} (log: {tmp_path / 'killed.log'})"
+    assert any(after_kill), "no checkpoint was ever written"
+
+    run(args + hub_args + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], tmp_path / "killed.log")
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(out)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    assert check_checkpoints(out) == ["checkpoint-42", "checkpoint-48"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written leftovers
+
+    # What the Hub ended with is the final pipeline, whole
+    from ddpm_hf import DDPMPipeline
+
+    pushed = DDPMPipeline.from_pretrained("alice/killed", token=ALICE, cache_dir=tmp_path / "cache")
+    for key, value in pushed.unet.state_dict().items():
+        torch.testing.assert_close(value, resumed[key], rtol=0, atol=0, msg=key)
+
+
+def _file_size_limit(limit_bytes: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(images, tmp_path):
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "run")]
+    run(args + ["--max_train_steps", "8"], tmp_path / "first.log")
+    before = _digest(tmp_path / "run" / "checkpoint-8")
+    pipeline_before = _digest(tmp_path / "run" / "pipeline" / "unet")
+
+    # Files may grow to 1 MiB: the model (0.7 MB) is written, the optimizer state (1.4 MB) is not.
+    log = tmp_path / "full.log"
+    code = run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], log,
+               preexec_fn=_file_size_limit(2**20), expect_ok=False)
+    text = log.read_text()
+    assert code != 0
+    assert "could not write checkpoint-12" in text, text[-3000:]
+    assert "may not write files over 1048576 bytes (ulimit -f)" in text
+    assert "checkpoint-8 is intact" in text and "--resume_from_checkpoint latest" in text
+    assert _digest(tmp_path / "run" / "checkpoint-8") == before
+    assert check_checkpoints(tmp_path / "run") == ["checkpoint-4", "checkpoint-8"]
+    assert not (tmp_path / "run" / ".checkpoint-12.tmp").exists()
+    assert _digest(tmp_path / "run" / "pipeline" / "unet") == pipeline_before  # the first run's result, untouched
+
+    # With space again, the run resumes from checkpoint-8 and ends like a run that never hit the limit.
+    run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], tmp_path / "again.log")
+    run(FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--max_train_steps", "16",
+                "--output_dir", str(tmp_path / "straight")], tmp_path / "straight.log")
+    a, b = final_weights(tmp_path / "run"), final_weights(tmp_path / "straight")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(images, tmp_path):
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "run")]
+    run(args + ["--max_train_steps", "8"], tmp_path / "first.log")
+    optimizer = tmp_path / "run" / "checkpoint-8" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # a disk error after the fact
+    log = tmp_path / "resume.log"
+    run(args + ["--max_train_steps", "10", "--resume_from_checkpoint", "latest"], log)
+    text = log.read_text()
+    assert "checkpoint-8 is unreadable" in text and "resumed from" in text and "checkpoint-4 at step 4" in text
+    assert check_checkpoints(tmp_path / "run") == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]  # 8 rewritten
+
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    code = run(args + ["--max_train_steps", "12", "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-8")],
+               tmp_path / "named.log", expect_ok=False)
+    assert code != 0 and "checkpoint-8 is unreadable" in (tmp_path / "named.log").read_text()
+
+
+def _inject_nan(args, log, steps, ranks="0", processes=1, expect_ok=True):
+    """train.py with the loss made NaN at the given loss evaluations on the given ranks (tests/faults/inject_nan.py)."""
+    env = child_env(DDPM_HF_NAN_AT=",".join(map(str, steps)), DDPM_HF_NAN_RANKS=ranks)
+    command = [str(HERE / "inject_nan.py"), *args]
+    if processes > 1:
+        from runs import free_port
+
+        env["ACCELERATE_USE_CPU"] = "1"
+        command = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--main_process_port", str(free_port()), *command]
+    import subprocess
+
+    with open(log, "ab") as sink:
+        code = subprocess.run([sys.executable, *command], stdout=sink, stderr=subprocess.STDOUT, env=env,
+                              cwd=log.parent, timeout=600).returncode
+    if expect_ok and code != 0:
+        raise AssertionError(f"exited {code}:\n{log.read_text()[-6000:]}")
+    return code, log.read_text()
+
+
+def test_nan_losses_are_skipped_and_counted(images, tmp_path):
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "5",
+                   "--output_dir", str(out)]
+    _, text = _inject_nan(args, tmp_path / "nan.log", steps=[3, 7, 8])
+    assert "non-finite loss or gradient at step 3: update skipped (1 in a row, 1 in all)" in text
+    assert "non-finite loss or gradient at step 6: update skipped (2 in a row, 3 in all)" in text
+    assert check_checkpoints(out) == ["checkpoint-5", "checkpoint-10"]  # 10 real updates in 13 batches
+    weights = final_weights(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    optimizer = torch.load(out / "checkpoint-10" / "optimizer.bin", weights_only=False)
+    assert all(torch.isfinite(v).all() for s in optimizer["state"].values() for v in s.values()
+               if isinstance(v, torch.Tensor)), "a NaN reached Adam's moments"
+
+
+def test_nan_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(images, tmp_path):
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "2",
+                   "--max_nonfinite_steps", "3", "--output_dir", str(out)]
+    code, text = _inject_nan(args, tmp_path / "nan.log", steps=[5, 6, 7], expect_ok=False)
+    assert code != 0
+    assert "3 non-finite losses in a row at step 5" in text and "lower --learning_rate" in text
+    assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "pipeline").exists()
+
+
+@pytest.mark.distributed
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(images, tmp_path):
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "0",
+                   "--output_dir", str(out)]
+    _, text = _inject_nan(args, tmp_path / "nan.log", steps=[3], ranks="1", processes=2)
+    # the warning is logged by both processes, for the same step: they skipped the same update and stayed in sync
+    assert text.count("non-finite loss or gradient at step 3: update skipped (1 in a row, 1 in all)") == 2, text[-4000:]
+    assert all(torch.isfinite(w).all() for w in final_weights(out).values())
