@@ -49,8 +49,18 @@ def resolve_folder(
                 "scheduler/*.py", "*.py"]
     if allow_pickle:
         patterns.append(f"unet/{PICKLE_WEIGHTS}")
-    return Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
-                                  local_files_only=local_files_only, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, allow_patterns=patterns))
+    except Exception as err:  # HTTP errors, timeouts, offline mode, missing repo: one message naming the repo
+        from huggingface_hub import constants
+
+        message = f"{type(err).__name__}: {err}"
+        if isinstance(token, str):
+            message = message.replace(token, "***")
+        raise OSError(f"could not get {name} (revision {revision or 'main'}) from {constants.ENDPOINT}: {message}\n"
+                      "Check the repo id, your access to it and the connection; a repo downloaded before loads "
+                      "offline with local_files_only=True.") from err
 
 
 def _read_json(path: Path) -> dict:

@@ -38,6 +38,7 @@ class Fault:
     times: int = 1  # how many matching requests misbehave; -1: all of them
     status: int = 503
     seconds: float = 0.0
+    retry_after: Optional[int] = None  # the Retry-After header of a "status" answer
     hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
 
     def matches(self, method: str, path: str) -> bool:
@@ -75,6 +76,7 @@ class FakeHub:
         self.log: List[Tuple[str, str, Optional[str], float]] = []
         self.misses: List[Tuple[str, str]] = []
         self.faults: List[Fault] = []
+        self.generation = 0  # bumped by reset()
         self.lock = threading.Lock()
         hub = self
 
@@ -89,7 +91,11 @@ class FakeHub:
                 if fault is not None and fault.kind != "stall":
                     return hub._misbehave(self, fault)
                 if fault is not None:
+                    generation = hub.generation
                     time.sleep(fault.seconds)
+                    if hub.generation != generation:  # the test that stalled this request is over
+                        self.close_connection = True
+                        return None
                 with hub.lock:
                     try:
                         hub._handle(self, method)
@@ -123,13 +129,14 @@ class FakeHub:
             self.log.clear()
             self.misses.clear()
             self.faults.clear()
+            self.generation += 1
 
     def inject(self, method: str, path_part: str, kind: str, times: int = 1, status: int = 503,
-               seconds: float = 0.0) -> Fault:
+               seconds: float = 0.0, retry_after: Optional[int] = None) -> Fault:
         """Make the next ``times`` requests ``method`` whose path contains ``path_part`` misbehave (see module doc)."""
         if kind not in ("status", "drop", "stall"):
             raise ValueError(f"unknown fault kind {kind!r}")
-        fault = Fault(method, path_part, kind, times, status, seconds)
+        fault = Fault(method, path_part, kind, times, status, seconds, retry_after)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -148,8 +155,9 @@ class FakeHub:
         if fault.kind == "status":
             if handler.command in ("POST", "DELETE"):
                 self._read_body(handler)  # an unread body would corrupt the next request on this connection
+            extra = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
             self._error(handler, fault.status, "ServerError", f"injected HTTP {fault.status}",
-                        head=handler.command == "HEAD")
+                        head=handler.command == "HEAD", extra=extra)
             return
         # "drop": take part of the upload, then vanish without an answer (a proxy or server dying mid-request)
         length = int(handler.headers.get("Content-Length") or 0)

@@ -16,6 +16,7 @@ Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), s
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -367,22 +368,41 @@ def scrub(text: str, secrets) -> str:
     return text
 
 
+@contextlib.contextmanager
+def hub_timeout(seconds: float):
+    """huggingface_hub's HTTP client waits forever by default: a stalled server would freeze training. Within this
+    block its shared client gives up after ``seconds`` without progress (huggingface_hub then retries, and so do we)."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    def client_with_timeout():
+        client = _http.default_client_factory()
+        client.timeout = seconds
+        return client
+
+    huggingface_hub.set_client_factory(client_with_timeout)
+    try:
+        yield
+    finally:
+        huggingface_hub.set_client_factory(_http.default_client_factory)
+
+
 def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
-    """Upload the EMA pipeline. Server errors, dropped connections and stalls longer than --hub_timeout are retried
-    --hub_push_attempts times with exponential backoff (backoff_s, 2·backoff_s, ...); a final failure is reported and
-    training goes on. Local files are never modified and no token reaches the log."""
+    """Upload the EMA pipeline. huggingface_hub retries 5xx answers, dropped connections and timeouts
+    (--hub_timeout) itself, with backoff; on top of that the whole upload is tried --hub_push_attempts times with
+    exponential backoff (backoff_s, 2·backoff_s, ...). A final failure is reported and training goes on. Local files
+    are never modified and no token reaches the log."""
     import huggingface_hub
     from PIL import Image
 
-    # huggingface_hub's client waits forever by default: a stalled server would freeze training.
-    huggingface_hub.get_session().timeout = args.hub_timeout
     secrets = [args.hub_token, huggingface_hub.get_token()]
     for attempt in range(1, args.hub_push_attempts + 1):
         try:
-            pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, token=args.hub_token,
-                             commit_message=f"ddpm_hf: EMA weights at step {step}",
-                             sample_grid=Image.open(grid_path) if grid_path else None,
-                             training_config={k: v for k, v in vars(args).items() if k != "hub_token"})
+            with hub_timeout(args.hub_timeout):
+                pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, token=args.hub_token,
+                                 commit_message=f"ddpm_hf: EMA weights at step {step}",
+                                 sample_grid=Image.open(grid_path) if grid_path else None,
+                                 training_config={k: v for k, v in vars(args).items() if k != "hub_token"})
             logger.info("pushed the EMA pipeline of step %d to %s", step, args.hub_model_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
