@@ -27,6 +27,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return number
+
+
 def _metrics(value: str) -> List[str]:
     names = [m.strip() for m in value.split(",") if m.strip()]
     unknown = [m for m in names if m not in METRICS]
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID")
     evaluate.add_argument("--num_reference", type=_positive, default=5000, help="real images for FID/KID")
     evaluate.add_argument("--num_bpd_images", type=_positive, default=64)
-    evaluate.add_argument("--bpd_timesteps", type=int, default=0, help="0: exact bound (all T terms); K: sampled")
+    evaluate.add_argument("--bpd_timesteps", type=_non_negative, default=0, help="0: exact bound (all T terms); K: sampled")
     evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     evaluate.add_argument("--batch_size", type=_positive, default=64)
@@ -154,6 +161,9 @@ def cmd_evaluate(args) -> int:
         raise SystemExit(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
                          "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
     pipe = _load(args.pipeline, args.device or str(state.device))
+    if args.bpd_timesteps >= pipe.scheduler.config.num_train_timesteps:
+        raise ValueError(f"--bpd_timesteps {args.bpd_timesteps} is not fewer than the model's "
+                         f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
     out = Path(args.out)
@@ -224,13 +234,50 @@ def cmd_data(args) -> int:
     return 0
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Arguments every subcommand shares, checked before anything is loaded."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    device = getattr(args, "device", None)
+    if device:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as err:
+            parser.error(f"--device {device!r}: {err}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {device}: no CUDA device is available here (use cpu)")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            parser.error(f"--device {device}: MPS is not available here (use cpu)")
+    if args.command == "evaluate" and {"bpd", "rd", "fid", "kid", "interpolation"} & set(args.metrics):
+        _check_data(parser, args)
+
+
+def _check_data(parser: argparse.ArgumentParser, args) -> None:
+    """Open the evaluation data and read one image: a wrong name or split fails now, not after an hour of sampling."""
+    from .data import find_image_column, first_image, load_image_dataset
+
+    splits = [args.split] if {"bpd", "rd", "interpolation"} & set(args.metrics) else []
+    splits += [args.reference_split] if {"fid", "kid"} & set(args.metrics) else []
+    for split in dict.fromkeys(splits):
+        try:
+            dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True)
+            first_image(dataset, find_image_column(dataset.features))
+        except (OSError, ValueError) as err:
+            parser.error(f"--data {args.data} (split {split!r}): {err}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return {"sample": cmd_sample, "evaluate": cmd_evaluate, "data": cmd_data}[args.command](args)
+    check_args(parser, args)
+    try:
+        return {"sample": cmd_sample, "evaluate": cmd_evaluate, "data": cmd_data}[args.command](args)
+    except (OSError, ValueError) as err:  # bad pipeline folder, repo, data or values: the message says which
+        raise SystemExit(f"ddpm-hf {args.command}: error: {err}") from err
 
 
 if __name__ == "__main__":

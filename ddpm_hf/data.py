@@ -372,19 +372,21 @@ class TrainStream:
         for v in self.streams:
             if v not in self._iterators:
                 self._iterators[v] = self._rows(v)
-            taken, failures_in_a_row = [], 0
+            taken, first_failure, failures = [], None, 0
             while len(taken) < self.per_stream_batch:
                 epoch, index, row = next(self._iterators[v])
                 self.position[v] = (epoch, index + 1)
                 array = self._decode(v, epoch, index, row)
                 if array is not None:
                     taken.append(array)
-                    failures_in_a_row = 0
-                else:
-                    failures_in_a_row += 1
-                    if failures_in_a_row >= self.MAX_UNDECODABLE_IN_A_ROW:
-                        raise ValueError(f"{failures_in_a_row} undecodable images in a row in stream {v}: the data "
-                                         "is corrupt or the image column holds something else.")
+                    first_failure, failures = None, 0
+                    continue
+                first_failure, failures = first_failure or (epoch, index), failures + 1
+                whole_epoch = epoch > first_failure[0] and index >= first_failure[1]
+                if whole_epoch or failures >= self.MAX_UNDECODABLE_IN_A_ROW:
+                    what = "a whole epoch" if whole_epoch else f"{failures} rows in a row"
+                    raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
+                                     "column holds something else.")
             batch = torch.from_numpy(np.stack(taken))
             images.append(batch)
             uniforms.append(torch.rand(len(taken), generator=self.noise[v], dtype=torch.float64))

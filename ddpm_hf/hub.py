@@ -6,7 +6,9 @@ folders, always builds :class:`ddpm_hf.DDPMUNet` and :class:`ddpm_hf.DDPMSchedul
 names the file at fault.
 """
 
+import inspect
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from .scheduler import DDPMScheduler
 from .unet import DDPMUNet
 
+logger = logging.getLogger(__name__)
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_WEIGHTS = "diffusion_pytorch_model.bin"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -36,10 +39,15 @@ def resolve_folder(
     allow_pickle: bool = False,
 ) -> Path:
     """A local pipeline folder, or the snapshot of a Hub repo (only the files a pipeline needs are downloaded)."""
-    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    if not name.strip():
+        raise ValueError("the pipeline name is empty: pass a folder or a Hub repo id ('namespace/name').")
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "~user/..." for a user that does not exist here
+        path = Path(name)
     if path.is_dir():
         return path
-    name = str(name_or_path)
     if not is_repo_id(name):
         raise ValueError(f"{name!r} is neither an existing folder nor a valid Hub repo id ('namespace/name' of "
                          "letters, digits, '.', '_' and '-').")
@@ -76,9 +84,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _warn_unknown_keys(path: Path, config: dict, cls) -> None:
+    """Keys the class does not take are ignored, as diffusers does (a newer diffusers may add keys), but named: a
+    misspelt key would otherwise silently leave its default in place."""
+    known = set(inspect.signature(cls.__init__).parameters)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        logger.warning("%s: ignoring keys that %s does not take: %s", path, cls.__name__, unknown)
+
+
 def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dtype]) -> DDPMUNet:
     unet_dir = folder / "unet"
-    _read_json(unet_dir / "config.json")
+    _warn_unknown_keys(unet_dir / "config.json", _read_json(unet_dir / "config.json"), DDPMUNet)
     safe, pickle_file = unet_dir / SAFE_WEIGHTS, unet_dir / PICKLE_WEIGHTS
     if not safe.is_file():
         if pickle_file.is_file() and not allow_pickle:
@@ -110,10 +127,12 @@ def load_components(
     local_files_only: bool = False,
     torch_dtype: Optional[torch.dtype] = None,
     allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> Dict[str, object]:
     """``{"unet": DDPMUNet, "scheduler": DDPMScheduler}`` from a pipeline folder or Hub repo of any layout ddpm_hf
-    writes, or a diffusers DDPM folder. Safetensors weights only unless ``allow_pickle=True``; remote code in the
-    folder is never imported (ddpm_hf's own classes are used)."""
+    writes, or a diffusers DDPM folder. Safetensors weights only unless ``allow_pickle=True`` (and even then
+    ``torch.load(weights_only=True)``). Code files in the folder are never imported: ddpm_hf's own classes are used,
+    so ``trust_remote_code`` (accepted for diffusers compatibility) changes nothing."""
     folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle)
     index = _read_json(folder / "model_index.json")
     missing = [name for name in ("unet", "scheduler") if name not in index]
@@ -121,6 +140,7 @@ def load_components(
         raise ValueError(f"{folder / 'model_index.json'} has no {missing} entry: not a DDPM pipeline "
                          f"(components: {sorted(k for k in index if not k.startswith('_'))}).")
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    _warn_unknown_keys(folder / "scheduler" / "scheduler_config.json", scheduler_config, DDPMScheduler)
     try:
         scheduler = DDPMScheduler.from_config(scheduler_config)
     except (TypeError, ValueError) as err:

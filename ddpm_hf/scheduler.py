@@ -182,6 +182,12 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         _check_choice("variance_type", variance_type, VARIANCE_TYPES)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        for name, value in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value),
+                            ("dynamic_thresholding_ratio", dynamic_thresholding_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}.")
         if trained_betas is None and (not isinstance(num_train_timesteps, int) or num_train_timesteps < 1):
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}.")
         betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)

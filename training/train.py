@@ -168,6 +168,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.hub_model_id is not None and not (is_repo_id(args.hub_model_id) and args.hub_model_id.count("/") == 1):
         p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use namespace/name with letters, "
                 "digits, '.', '_' or '-'")
+    if args.variance_type in ("learned", "learned_range") and args.loss == "simple":
+        p.error(f"--variance_type {args.variance_type} gets no gradient from --loss simple: use --loss hybrid or vlb")
     if args.push_checkpoints and not args.push_to_hub:
         p.error("--push_checkpoints needs --push_to_hub")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):

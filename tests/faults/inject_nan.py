@@ -1,15 +1,12 @@
 """Run training/train.py with a NaN loss injected: the loss evaluations numbered in $DDPM_HF_NAN_AT (1, 2, ... per
 process) return NaN on the ranks listed in $DDPM_HF_NAN_RANKS. Everything else is the real script."""
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parents[2] / "training" / "train.py"
-spec = importlib.util.spec_from_file_location("train", TRAIN)
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+from runs import load_train_script
+
+train = load_train_script()
 
 NAN_AT = {int(s) for s in os.environ["DDPM_HF_NAN_AT"].split(",")}
 RANKS = {int(s) for s in os.environ.get("DDPM_HF_NAN_RANKS", "0").split(",")}

@@ -24,6 +24,16 @@ FAST = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_s
 KILL_POINTS = ("step", "checkpoint", "upload")
 
 
+def load_train_script():
+    """training/train.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_images(folder: Path, count: int = 256, shards: int = 8, size: int = 20) -> Path:
     """``count`` distinct grey PNG images in ``shards`` parquet files (more rows than a short run reads, so that no
     run reaches the end of an epoch)."""

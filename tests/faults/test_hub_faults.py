@@ -3,9 +3,7 @@ server that stops answering. Uploads from training are retried with backoff and 
 goes on; local files are untouched; no token appears in any log or error."""
 
 import hashlib
-import importlib.util
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +14,8 @@ from ddpm_hf import DDPMPipeline
 
 pytestmark = pytest.mark.hub
 ALICE = "hf_test_alice"
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def train():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _push(train, tmp_path, caplog, repo="alice/flaky", attempts=3, timeout=30.0):

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Soak test of training's fault handling (not in CI): for --minutes, one training run is killed again and again at
+random points (during a step, a checkpoint write, a Hub upload), sometimes restarted with a file-size limit that makes
+its next checkpoint fail (a full disk), while the test Hub answers 5xx, drops connections and stalls at random. After
+every interruption each visible checkpoint must load; at the end the run's weights must equal an uninterrupted run's
+and the Hub must hold the final pipeline.
+
+    python bench/soak.py --minutes 20 --steps 400
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "faults")]
+from fakehub import FakeHub  # noqa: E402  (the test Hub: stdlib only)
+
+HUB = FakeHub({"hf_soak": "soak"})
+os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="soak_hf_home_"), HF_HUB_DISABLE_TELEMETRY="1",
+                  NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+
+from runs import FAST, KILL_POINTS, check_checkpoints, child_env, final_weights, kill_at, launch, run, write_images  # noqa: E402,E501
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=20.0, help="time spent killing and resuming")
+    p.add_argument("--steps", type=int, default=400, help="training steps of the run")
+    p.add_argument("--checkpointing_steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ddpm_hf_soak_"))
+    images = write_images(work / "images", count=max(256, 4 * args.steps + 64))
+    common = FAST + ["--dataset_name", str(images), "--max_train_steps", str(args.steps), "--checkpointing_steps",
+                     str(args.checkpointing_steps), "--checkpoints_total_limit", "2", "--seed", str(args.seed)]
+    print(f"soak in {work}: {args.steps} steps, checkpoint every {args.checkpointing_steps}, {args.minutes} min")
+
+    started = time.time()
+    run(common + ["--output_dir", str(work / "straight")], work / "straight.log")
+    print(f"uninterrupted run: {time.time() - started:.0f} s")
+
+    out, log = work / "soaked", work / "soaked.log"
+    hub_args = ["--push_to_hub", "--push_checkpoints", "--hub_model_id", "soak/model", "--hub_token", "hf_soak",
+                "--hub_timeout", "3", "--hub_push_attempts", "2"]
+    stats, launches = Counter(), 0
+    deadline = time.time() + 60 * args.minutes
+    while time.time() < deadline:
+        fault = rng.choice(["none", "5xx", "drop", "hang"])  # injected first: the Hub applies the first match
+        if fault == "5xx":
+            HUB.inject("POST", "/commit/", "status", times=rng.randint(1, 8), status=rng.choice([500, 502, 503]),
+                       retry_after=0)
+        elif fault == "drop":
+            HUB.inject("POST", "/commit/", "drop", times=rng.randint(1, 3))
+        elif fault == "hang":
+            HUB.inject("POST", "/commit/", "stall", times=1, seconds=5)
+        upload = HUB.inject("POST", "/commit/", "stall", times=-1, seconds=rng.uniform(0.5, 2.0))
+        stats[f"hub fault {fault}"] += 1
+        (out / "run_info.json").unlink(missing_ok=True)
+        resume = ["--resume_from_checkpoint", "latest"] if launches else []
+        disk_full = launches and rng.random() < 0.15
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))) if disk_full else None
+        proc = launch(common + hub_args + resume + ["--output_dir", str(out)], log, preexec_fn=limit)
+        launches += 1
+        if disk_full:
+            code = proc.wait(timeout=600)
+            stats["disk full: stopped with a clear error" if code and "could not write checkpoint" in
+                  log.read_text()[-20000:] else f"disk full: exit {code}"] += 1
+        else:
+            stats[f"kill during {kill_at(proc, rng.choice(KILL_POINTS), out, rng, upload_fault=upload)}"] += 1
+        HUB.faults.clear()
+        names = check_checkpoints(out)
+        stats["checkpoint folders verified"] += len(names)
+        if (out / "pipeline").exists():
+            break  # the run finished between two kills
+    print(f"{launches} launches in {(time.time() - started) / 60:.1f} min")
+
+    run(common + hub_args + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], log)
+    straight, soaked = final_weights(work / "straight"), final_weights(out)
+    worst = max(float((straight[k] - soaked[k]).abs().max()) for k in straight)
+    from ddpm_hf import DDPMPipeline
+
+    pushed = DDPMPipeline.from_pretrained("soak/model", token="hf_soak", cache_dir=work / "cache")
+    pushed_diff = max(float((v - soaked[k]).abs().max()) for k, v in pushed.unet.state_dict().items())
+    summary = {"launches": launches, "events": dict(sorted(stats.items())),
+               "max_abs_diff_vs_uninterrupted": worst, "max_abs_diff_hub_vs_local": pushed_diff,
+               "hub_commits": len(HUB.repos["soak/model"].history) - 1, "minutes": round((time.time() - started) / 60, 1)}
+    print(json.dumps(summary, indent=2))
+    (work / "soak_summary.json").write_text(json.dumps(summary, indent=2))
+    ok = worst <= 1e-6 and pushed_diff == 0
+    print("soak: PASS" if ok else "soak: FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

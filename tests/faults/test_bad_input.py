@@ -1,0 +1,262 @@
+"""Bad input everywhere, each refused with an error that names the problem and the fix before any expensive work:
+training flags, datasets, CLI arguments, pipeline folders. Plus images of every mode and size, which must work."""
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset, Features, Image as ImageFeature, Value
+from PIL import Image
+
+from helpers import tiny_pipeline
+
+from ddpm_hf import DDPMPipeline
+from ddpm_hf.cli import main as cli
+from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset
+
+
+
+
+
+def _png(mode="L", size=(20, 20), seed=0, fmt="PNG") -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, "RGB").convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _parquet(folder: Path, images, extra=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = {"image": [{"bytes": b, "path": None} for b in images], **(extra or {})}
+    features = Features({"image": ImageFeature(), **{k: Value("string") for k in (extra or {})}})
+    Dataset.from_dict(columns, features=features).to_parquet(str(folder / "train-0.parquet"))
+    return folder
+
+
+# --- training flags: argparse errors (exit 2) naming the flag -------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
+    (["--max_train_steps", "ten"], "invalid int value: 'ten'"),
+    (["--train_batch_size", "-4"], "--train_batch_size must be at least 1"),
+    (["--learning_rate", "3"], "--learning_rate must be in [0, 1)"),
+    (["--learning_rate", "0"], "--learning_rate must be in [0, 1)"),
+    (["--adam_beta2", "1.5"], "--adam_beta2 must be in [0, 1)"),
+    (["--ema_max_decay", "1"], "--ema_max_decay must be in [0, 1)"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be positive"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be positive"),
+    (["--adam_epsilon=-1e-8"], "--adam_epsilon must be positive"),
+    (["--max_train_minutes", "-1"], "--max_train_minutes must be positive"),
+    (["--hub_timeout", "0"], "--hub_timeout must be positive"),
+    (["--data_streams", "0"], "--data_streams must be at least 1"),
+    (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
+    (["--checkpointing_steps", "-5"], "--checkpointing_steps must be >= 0"),
+    (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
+    (["--hub_push_attempts", "0"], "--hub_push_attempts must be at least 1"),
+    (["--resolution", "0"], "--resolution must be at least 1"),
+    (["--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "200"], "cannot exceed --ddpm_num_steps"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--loss", "l1"], "invalid choice: 'l1'"),
+    (["--variance_type", "learned"], "gets no gradient from --loss simple"),
+    (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    (["--push_to_hub", "--hub_model_id", "../etc/passwd"], "is not a Hub repo id"),
+    (["--push_to_hub", "--hub_model_id", "no-namespace"], "is not a Hub repo id"),
+    (["--push_to_hub", "--hub_model_id", "alice/a b"], "is not a Hub repo id"),
+    (["--push_checkpoints"], "--push_checkpoints needs --push_to_hub"),
+    (["--train_data_dir", "{tmp}/missing"], "is not a folder"),
+    (["--resume_from_checkpoint", "{tmp}/checkpoint-7"], "no such checkpoint folder"),
+    (["--output_dir", "{tmp}/a_file"], "is a file, not a folder"),
+    (["--model_config", "{tmp}/missing.json"], "no such file"),
+    (["--model_config", "{tmp}/bad.json"], "is not valid JSON"),
+    (["--model_config", "{tmp}/unknown.json"], "unknown keys ['block_out_channel']"),
+])
+def test_training_flags_are_checked_before_anything_loads(train, tmp_path, capsys, argv, words):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "unknown.json").write_text(json.dumps({"sample_size": 16, "block_out_channel": [32]}))
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert exit_info.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+# --- training: model and data problems found before training starts --------------------------------------------------
+
+FAST = ["--preset", "tiny-16", "--logger", "none", "--max_train_steps", "2", "--ddpm_num_steps", "10",
+        "--ddpm_num_inference_steps", "2", "--num_sample_images", "1"]
+
+
+def _main_error(train, tmp_path, argv) -> str:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(FAST + argv + ["--output_dir", str(out)])
+    assert not out.exists()  # refused before anything was written
+    return str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no_rows", "the dataset has no rows"),
+    ("truncated", "train-0.parquet is not a readable parquet file"),
+    ("no_image_column", "no image column (columns: ['text'])"),
+    ("undecodable", "none of the first 3 images of the dataset could be decoded"),
+    ("colour_for_grey_model", "in_channels=1 (grey) but the dataset's images are colour (mode RGB)"),
+    ("missing_path", "neither a folder nor a Hub dataset id"),
+    ("wrong_image_column", "--image_column 'img' is not a column"),
+])
+def test_bad_datasets_are_named(train, tmp_path, case, words):
+    data = tmp_path / "data"
+    extra = []
+    if case == "no_rows":
+        _parquet(data, [])
+    elif case == "truncated":
+        _parquet(data, [_png(seed=i) for i in range(8)])
+        raw = (data / "train-0.parquet").read_bytes()
+        (data / "train-0.parquet").write_bytes(raw[: len(raw) // 2])
+    elif case == "no_image_column":
+        data.mkdir()
+        Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(data / "train-0.parquet"))
+    elif case == "undecodable":
+        _parquet(data, [b"not an image"] * 3)
+    elif case == "colour_for_grey_model":
+        _parquet(data, [_png("RGB", seed=i) for i in range(4)])
+    elif case == "missing_path":
+        data = tmp_path / "nowhere" / ".." / "nowhere"
+    elif case == "wrong_image_column":
+        _parquet(data, [_png(seed=i) for i in range(4)])
+        extra = ["--image_column", "img"]
+    assert words in _main_error(train, tmp_path, ["--dataset_name", str(data), *extra])
+
+
+def test_bad_model_configs_are_named(train, tmp_path):
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [32],
+                                  "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D"]}))
+    message = _main_error(train, tmp_path, ["--model_config", str(config)])
+    assert "unet.json: invalid U-Net config" in message and "same length" in message
+    assert "is not a multiple of 2" in _main_error(train, tmp_path, ["--resolution", "15"])
+
+
+def test_images_of_every_mode_and_size_are_converted(tmp_path):
+    modes = ["L", "LA", "1", "I", "I;16", "F", "P", "RGB", "RGBA", "CMYK", "YCbCr"]
+    sizes = [(20, 20), (12, 30), (40, 17), (5, 5)]
+    images = [_png(mode, sizes[i % len(sizes)], seed=i, fmt="TIFF") for i, mode in enumerate(modes)]
+    _parquet(tmp_path / "data", images)
+    ds = load_image_dataset(str(tmp_path / "data"))
+    assert image_channels(first_image(ds, "image")) == 1
+    for channels in (1, 3):
+        stream = TrainStream(ds, "image", 16, channels, len(modes), 1, 0, 1, seed=0, shuffle_buffer_size=0)
+        batch, _, _ = stream.next_batch()
+        assert batch.shape == (len(modes), channels, 16, 16) and stream.skipped_rows == 0
+        assert batch.min() >= -1 and batch.max() <= 1
+    # Oracle for the grey conversion: PIL's own luminance of the same resized, centre-cropped RGB image.
+    rgb = Image.open(io.BytesIO(images[modes.index("RGB")]))
+    stream = TrainStream(ds, "image", 16, 1, len(modes), 1, 0, 1, seed=0, shuffle_buffer_size=0)
+    got = stream.next_batch()[0][modes.index("RGB"), 0].numpy()
+    w, h = rgb.size
+    scale = 16 / min(w, h)
+    expected = rgb.convert("L").resize((max(16, round(w * scale)), max(16, round(h * scale))), Image.BILINEAR)
+    left, top = (expected.size[0] - 16) // 2, (expected.size[1] - 16) // 2
+    expected = np.asarray(expected.crop((left, top, left + 16, top + 16)), dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_channel_check_names_both_sides():
+    with pytest.raises(ValueError, match=r"in_channels=3 \(colour\) but the dataset's images are grey \(mode L\)"):
+        check_channels(Image.new("L", (4, 4)), 3)
+    with pytest.raises(ValueError, match="only 1 \\(grey\\) and 3 \\(colour\\)"):
+        check_channels(Image.new("RGB", (4, 4)), 4)
+
+
+def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path):
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the per-epoch Arrow pause: irrelevant here
+    _parquet(tmp_path / "data", [b"\x89PNG\r\n\x1a\n broken"] * 5)
+    stream = TrainStream(load_image_dataset(str(tmp_path / "data")), "image", 16, 1, 4, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    with pytest.raises(ValueError, match="no decodable image in a whole epoch of stream 0"):
+        stream.next_batch()
+
+
+# --- the command line ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "pipe"
+    tiny_pipeline(num_train_timesteps=10).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sample", "{pipe}", "--batch_size", "0"], "must be a positive integer"),
+    (["sample", "{pipe}", "--out", "{tmp}/a_file"], "is a file, not a folder"),
+    (["sample", "{pipe}", "--device", "cuda:0"], "no CUDA device is available"),
+    (["sample", "{pipe}", "--device", "toaster"], "--device 'toaster'"),
+    (["evaluate", "{pipe}", "--bpd_timesteps", "-3"], "must be 0 or a positive integer"),
+    (["evaluate", "{pipe}", "--metrics", ""], "unknown metrics"),
+    (["evaluate", "{pipe}", "--features", "clip"], "invalid choice: 'clip'"),
+    (["evaluate", "{pipe}", "--data", "{tmp}/nowhere/.."], "neither a folder nor a Hub dataset id"),
+    (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet or arrow files"),
+    (["evaluate", "{pipe}", "--split", "validation", "--metrics", "bpd"], "split 'validation'"),
+    (["data", "fashion-mnist", "--num_shards", "0"], "must be a positive integer"),
+    (["data", "mnist"], "invalid choice: 'mnist'"),
+])
+def test_cli_arguments_are_checked_before_any_work(pipeline_folder, tmp_path, capsys, argv, words):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{pipe}", str(pipeline_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sample", "{tmp}/missing_pipeline"], "neither an existing folder nor a valid Hub repo id"),
+    (["sample", "{tmp}"], "missing {tmp}/model_index.json"),
+    (["data", "fashion-mnist", "--source", "{tmp}"], "install Debian's package"),
+    (["evaluate", "{pipe}", "--metrics", "bpd", "--bpd_timesteps", "50"], "use 0 for the exact bound"),
+])
+def test_cli_failures_are_one_line_not_a_traceback(pipeline_folder, tmp_path, argv, words):
+    argv = [a.replace("{pipe}", str(pipeline_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv + ["--out", str(tmp_path / "out"), "--num_bpd_images", "2"] if argv[0] == "evaluate"
+            else argv + ["--out", str(tmp_path / "out")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"ddpm-hf {argv[0]}: error: ") and words.replace("{tmp}", str(tmp_path)) in message
+
+
+# --- pipeline folders ----------------------------------------------------------------------------------------------
+
+def test_unknown_config_keys_are_named(tmp_path, caplog):
+    folder = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    for path, key in ((folder / "unet" / "config.json", "block_out_channel"),
+                      (folder / "scheduler" / "scheduler_config.json", "varience_type")):
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **{key: 1})))
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.hub"):
+        DDPMPipeline.from_pretrained(folder)
+    assert "unet/config.json: ignoring keys that DDPMUNet does not take: ['block_out_channel']" in caplog.text
+    assert "scheduler_config.json: ignoring keys that DDPMScheduler does not take: ['varience_type']" in caplog.text
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num_train_timesteps", "many", "num_train_timesteps must be a positive integer"),
+    ("beta_end", -1, "beta"),
+    ("clip_sample_range", "wide", "clip_sample_range must be a positive number"),
+    ("steps_offset", -1, "steps_offset must be a non-negative integer"),
+])
+def test_bad_scheduler_values_name_the_file(tmp_path, key, value, words):
+    folder = tmp_path / "pipe"
+    tiny_pipeline().save_pretrained(folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **{key: value})))
+    with pytest.raises(ValueError, match="scheduler_config.json") as raised:
+        DDPMPipeline.from_pretrained(folder)
+    assert words in str(raised.value)
