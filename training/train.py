@@ -418,6 +418,29 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
     return False
 
 
+def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, step: int, images: bool,
+                  evaluate: bool, push: bool, final: bool) -> None:
+    """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate, the final
+    pipeline folder (published atomically), an upload."""
+    output_dir = Path(args.output_dir)
+    pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
+    grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png") if (images or final) else None
+    if evaluate:
+        from ddpm_hf.evaluation import quick_bits_per_dim
+
+        accelerator.log({"eval_bpd_estimate": quick_bits_per_dim(pipe, args, resolution)}, step=step)
+    if final:
+        tmp = output_dir / ".pipeline.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp)
+        (tmp / "training_config.json").write_text(json.dumps(
+            {k: v for k, v in vars(args).items() if k != "hub_token"}, indent=2, default=str))
+        fsync_tree(tmp)
+        publish_folder(tmp, output_dir / "pipeline")
+    if push:
+        push_with_retries(pipe, args, grid, step)
+
+
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -494,6 +517,7 @@ def main(argv=None):
     bar = tqdm(total=args.max_train_steps, initial=progress.step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
     started = last_time = time.perf_counter()
+    resumed_at_end = progress.step >= args.max_train_steps
     skipped_steps = consecutive_nonfinite = 0
     while progress.step < args.max_train_steps:
         with accelerator.accumulate(model):
@@ -569,26 +593,14 @@ def main(argv=None):
         want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
                                                     and progress.step % args.checkpointing_steps == 0))
         if accelerator.is_main_process and (want_images or want_eval or want_push or final):
-            pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
-            grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{progress.step:07d}.png") \
-                if (want_images or final) else None
-            if want_eval:
-                from ddpm_hf.evaluation import quick_bits_per_dim
-
-                bpd = quick_bits_per_dim(pipe, args, resolution)
-                accelerator.log({"eval_bpd_estimate": bpd}, step=progress.step)
-            if final:
-                tmp = output_dir / ".pipeline.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                pipe.save_pretrained(tmp)
-                (tmp / "training_config.json").write_text(json.dumps(
-                    {k: v for k, v in vars(args).items() if k != "hub_token"}, indent=2, default=str))
-                fsync_tree(tmp)
-                publish_folder(tmp, output_dir / "pipeline")
-            if want_push:
-                push_with_retries(pipe, args, grid, progress.step)
+            write_outputs(accelerator, model, ema, scheduler, args, resolution, progress.step, want_images, want_eval,
+                          want_push, final)
         accelerator.wait_for_everyone()
     bar.close()
+    if resumed_at_end and accelerator.is_main_process:
+        # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them.
+        write_outputs(accelerator, model, ema, scheduler, args, resolution, progress.step, False, False,
+                      args.push_to_hub, True)
 
     if args.record_example_ids:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,26 @@ def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images
         torch.testing.assert_close(value, resumed[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.hub
+def test_a_kill_during_the_final_upload_is_finished_by_the_resume(images, tmp_path, hub):
+    # The last checkpoint is written, then the process dies while uploading: resuming at the end must still publish.
+    upload = hub.inject("POST", "/commit/", "stall", times=1, seconds=3.0)
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
+                   "--push_to_hub", "--hub_model_id", "alice/final", "--hub_token", ALICE, "--output_dir", str(out)]
+    proc = launch(args, tmp_path / "run.log")
+    assert kill_at(proc, "upload", out, random.Random(0), upload_fault=upload) == "upload"
+    assert check_checkpoints(out)[-1] == "checkpoint-4"
+    run(args + ["--resume_from_checkpoint", "latest"], tmp_path / "run.log")
+    assert "checkpoint-4 at step 4" in (tmp_path / "run.log").read_text()
+    from ddpm_hf import DDPMPipeline
+
+    pushed = DDPMPipeline.from_pretrained("alice/final", token=ALICE, cache_dir=tmp_path / "cache")
+    local = final_weights(out)
+    for key, value in pushed.unet.state_dict().items():
+        torch.testing.assert_close(value, local[key], rtol=0, atol=0, msg=key)
+
+
 def _file_size_limit(limit_bytes: int):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
@@ -167,3 +187,19 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(images, tmp_path):
     # the warning is logged by both processes, for the same step: they skipped the same update and stayed in sync
     assert text.count("non-finite loss or gradient at step 3: update skipped (1 in a row, 1 in all)") == 2, text[-4000:]
     assert all(torch.isfinite(w).all() for w in final_weights(out).values())
+
+
+def test_leftovers_of_a_crash_are_cleaned_and_a_swapped_out_folder_restored(train, tmp_path):
+    # The states a kill can leave behind, made by hand: a half-written checkpoint, a half-deleted one, and a pipeline
+    # folder moved aside for a swap whose new version never arrived.
+    (tmp_path / ".checkpoint-12.tmp").mkdir()
+    (tmp_path / ".checkpoint-12.tmp" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".checkpoint-4.trash").mkdir()
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / ".pipeline.old").mkdir()
+    (tmp_path / ".pipeline.old" / "model_index.json").write_text("{}")
+    (tmp_path / ".checkpoint-8.old").mkdir()  # checkpoint-8 exists: the old copy is stale
+    (tmp_path / ".cache.tmp").mkdir()  # not ours: left alone
+    train.recover_folders(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", "checkpoint-8", "pipeline"]
+    assert (tmp_path / "pipeline" / "model_index.json").read_text() == "{}"
