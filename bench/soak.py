@@ -5,7 +5,9 @@ its next checkpoint fail (a full disk), while the test Hub answers 5xx, drops co
 every interruption each visible checkpoint must load; at the end the run's weights must equal an uninterrupted run's
 and the Hub must hold the final pipeline.
 
-    python bench/soak.py --minutes 20 --steps 400
+    python bench/soak.py --minutes 20 --steps 200
+
+Rounds follow each other until the time is up; each round's final weights are compared with the uninterrupted run's.
 """
 
 import argparse
@@ -27,13 +29,13 @@ HUB = FakeHub({"hf_soak": "soak"})
 os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="soak_hf_home_"), HF_HUB_DISABLE_TELEMETRY="1",
                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
 
-from runs import FAST, KILL_POINTS, check_checkpoints, child_env, final_weights, kill_at, launch, run, write_images  # noqa: E402,E501
+from runs import FAST, KILL_POINTS, check_checkpoints, final_weights, kill_at, launch, run, write_images  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=20.0, help="time spent killing and resuming")
-    p.add_argument("--steps", type=int, default=400, help="training steps of the run")
+    p.add_argument("--steps", type=int, default=200, help="training steps of each round's run")
     p.add_argument("--checkpointing_steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None)
@@ -49,12 +51,42 @@ def main():
     run(common + ["--output_dir", str(work / "straight")], work / "straight.log")
     print(f"uninterrupted run: {time.time() - started:.0f} s")
 
-    out, log = work / "soaked", work / "soaked.log"
-    hub_args = ["--push_to_hub", "--push_checkpoints", "--hub_model_id", "soak/model", "--hub_token", "hf_soak",
-                "--hub_timeout", "3", "--hub_push_attempts", "2"]
-    stats, launches = Counter(), 0
+    hub_args = ["--push_to_hub", "--push_checkpoints", "--hub_token", "hf_soak", "--hub_timeout", "3",
+                "--hub_push_attempts", "2"]
+    straight = final_weights(work / "straight")
+    stats, rounds, failures = Counter(), [], 0
     deadline = time.time() + 60 * args.minutes
-    while time.time() < deadline:
+    while time.time() < deadline:  # one round: a run interrupted until it finishes, then checked
+        repo = f"soak/round-{len(rounds)}"
+        out, log = work / f"round-{len(rounds)}", work / f"round-{len(rounds)}.log"
+        launches = interrupt_until_done(common + hub_args + ["--hub_model_id", repo, "--output_dir", str(out)],
+                                        out, log, rng, stats, deadline)
+        run(common + hub_args + ["--hub_model_id", repo, "--resume_from_checkpoint", "latest", "--output_dir",
+                                 str(out)], log)
+        soaked = final_weights(out)
+        worst = max(float((straight[k] - soaked[k]).abs().max()) for k in straight)
+        from ddpm_hf import DDPMPipeline
+
+        pushed = DDPMPipeline.from_pretrained(repo, token="hf_soak", cache_dir=work / "cache")
+        pushed_diff = max(float((v - soaked[k]).abs().max()) for k, v in pushed.unet.state_dict().items())
+        rounds.append({"launches": launches, "max_abs_diff_vs_uninterrupted": worst,
+                       "max_abs_diff_hub_vs_local": pushed_diff, "hub_commits": len(HUB.repos[repo].history) - 1})
+        failures += not (worst <= 1e-6 and pushed_diff == 0)
+        print(f"round {len(rounds)}: {rounds[-1]}")
+    summary = {"rounds": rounds, "events": dict(sorted(stats.items())), "failed_rounds": failures,
+               "minutes": round((time.time() - started) / 60, 1)}
+    print(json.dumps(summary, indent=2))
+    (work / "soak_summary.json").write_text(json.dumps(summary, indent=2))
+    print("soak: PASS" if rounds and not failures else "soak: FAIL")
+    return 0 if rounds and not failures else 1
+
+
+def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, stats: Counter, deadline: float) -> int:
+    """Launch, interrupt, resume, ... until the run has written its pipeline or the time is up; returns the number
+    of launches. Each interruption is a SIGKILL at a random point or a file-size limit that fails a checkpoint, under a
+    random Hub fault; after each one every visible checkpoint must load."""
+    launches = 0
+    while time.time() < deadline and not (out / "pipeline").exists():
         fault = rng.choice(["none", "5xx", "drop", "hang"])  # injected first: the Hub applies the first match
         if fault == "5xx":
             HUB.inject("POST", "/commit/", "status", times=rng.randint(1, 8), status=rng.choice([500, 502, 503]),
@@ -69,7 +101,7 @@ def main():
         resume = ["--resume_from_checkpoint", "latest"] if launches else []
         disk_full = launches and rng.random() < 0.15
         limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))) if disk_full else None
-        proc = launch(common + hub_args + resume + ["--output_dir", str(out)], log, preexec_fn=limit)
+        proc = launch(train_args + resume, log, preexec_fn=limit)
         launches += 1
         if disk_full:
             code = proc.wait(timeout=600)
@@ -78,27 +110,8 @@ def main():
         else:
             stats[f"kill during {kill_at(proc, rng.choice(KILL_POINTS), out, rng, upload_fault=upload)}"] += 1
         HUB.faults.clear()
-        names = check_checkpoints(out)
-        stats["checkpoint folders verified"] += len(names)
-        if (out / "pipeline").exists():
-            break  # the run finished between two kills
-    print(f"{launches} launches in {(time.time() - started) / 60:.1f} min")
-
-    run(common + hub_args + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], log)
-    straight, soaked = final_weights(work / "straight"), final_weights(out)
-    worst = max(float((straight[k] - soaked[k]).abs().max()) for k in straight)
-    from ddpm_hf import DDPMPipeline
-
-    pushed = DDPMPipeline.from_pretrained("soak/model", token="hf_soak", cache_dir=work / "cache")
-    pushed_diff = max(float((v - soaked[k]).abs().max()) for k, v in pushed.unet.state_dict().items())
-    summary = {"launches": launches, "events": dict(sorted(stats.items())),
-               "max_abs_diff_vs_uninterrupted": worst, "max_abs_diff_hub_vs_local": pushed_diff,
-               "hub_commits": len(HUB.repos["soak/model"].history) - 1, "minutes": round((time.time() - started) / 60, 1)}
-    print(json.dumps(summary, indent=2))
-    (work / "soak_summary.json").write_text(json.dumps(summary, indent=2))
-    ok = worst <= 1e-6 and pushed_diff == 0
-    print("soak: PASS" if ok else "soak: FAIL")
-    return 0 if ok else 1
+        stats["checkpoint folders verified"] += len(check_checkpoints(out))
+    return launches
 
 
 if __name__ == "__main__":

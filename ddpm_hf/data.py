@@ -221,6 +221,15 @@ def find_image_column(features, image_column: Optional[str] = None) -> str:
     return candidates[0]
 
 
+def open_image_cell(cell: dict) -> Tuple[bytes, Image.Image]:
+    """The encoded bytes and the fully decoded image of an undecoded ``Image`` cell (``{"bytes", "path"}``); raises
+    whatever PIL or the file system raises for a corrupt, truncated or missing image."""
+    data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return data, image
+
+
 def image_channels(image: Image.Image) -> int:
     """1 for grey modes (L, LA, 1, I, I;16, F), 3 for colour ones (RGB, RGBA, P, CMYK, YCbCr, ...)."""
     return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
@@ -235,12 +244,8 @@ def first_image(dataset, image_column: str, max_rows: int = 100) -> Image.Image:
     seen = 0
     last_error = None
     for seen, row in enumerate(rows, 1):
-        cell = row[image_column]
         try:
-            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            return image
+            return open_image_cell(row[image_column])[1]
         except Exception as err:
             last_error = err
     if seen == 0:
@@ -351,11 +356,8 @@ class TrainStream:
             epoch, consumed = epoch + 1, 0
 
     def _decode(self, v: int, epoch: int, index: int, row: dict) -> Optional[np.ndarray]:
-        cell = row[self.image_column]
         try:
-            data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
-            image = Image.open(io.BytesIO(data))
-            image.load()
+            data, image = open_image_cell(row[self.image_column])
         except Exception as err:  # a corrupt or truncated file must not stop a long run
             self.skipped_rows += 1
             logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s", v, epoch, index, err)

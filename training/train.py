@@ -132,8 +132,8 @@ def parse_args(argv=None):
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Every flag's range and combination, before anything is loaded: ``p.error`` names the flag and exits 2."""
-
+    """Fill what the flags leave open from the preset, then check every flag's range and combination before anything
+    is loaded: ``p.error`` names the flag and exits with status 2."""
     defaults = dict(FALLBACKS, **training_defaults(args.preset))
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
@@ -154,11 +154,12 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                                                                     is not None else ()):
         if not getattr(args, name) > 0:  # also refuses NaN
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name, low, high in (("learning_rate", 0, 1), ("adam_beta1", 0, 1), ("adam_beta2", 0, 1),
-                            ("ema_max_decay", 0, 1), ("dropout", 0, 1), ("adam_weight_decay", 0, 1)):
+    if not 0 < args.learning_rate < 1:
+        p.error(f"--learning_rate must be in (0, 1), got {args.learning_rate}")
+    for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "dropout", "adam_weight_decay"):
         value = getattr(args, name)
-        if value is not None and not low <= value < high or name == "learning_rate" and value == 0:
-            p.error(f"--{name} must be in [{low}, {high}), got {value}")
+        if value is not None and not 0 <= value < 1:
+            p.error(f"--{name} must be in [0, 1), got {value}")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         p.error("--ddpm_num_inference_steps cannot exceed --ddpm_num_steps")
     if args.resolution is not None and args.resolution < 1:

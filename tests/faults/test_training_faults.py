@@ -55,6 +55,9 @@ def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images
     assert check_checkpoints(out) == ["checkpoint-42", "checkpoint-48"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written leftovers
 
+    leaks = [f for f in [tmp_path / "killed.log", *out.rglob("*")] if f.is_file() and ALICE.encode() in f.read_bytes()]
+    assert not leaks, f"the token was written to {leaks}"
+
     # What the Hub ended with is the final pipeline, whole
     from ddpm_hf import DDPMPipeline
 
