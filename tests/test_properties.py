@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddpm_hf.likelihood import bits_per_dim, discretized_gaussian_log_likelihood
+from ddpm_hf.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, normal_kl
 from ddpm_hf.scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES, DDPMScheduler
 from test_likelihood import GaussianDataOptimum
 
@@ -58,3 +58,26 @@ def test_bound_is_never_below_the_exact_nll_of_gaussian_data(mean, std, seed):
     result = bits_per_dim(model, scheduler, images, batch_size=256, progress=False)
     gap = result.per_image.double() - nll
     assert float(gap.mean()) > -3 * float(gap.std()) / math.sqrt(len(gap))
+
+
+@settings(max_examples=100, deadline=None)
+@given(mean=st.floats(-3, 3), log_scale=st.floats(-9, 3), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_the_decoder_is_a_probability_distribution_over_the_256_levels(mean, log_scale, dtype):
+    levels = torch.arange(256, dtype=dtype) / 127.5 - 1
+    log_p = discretized_gaussian_log_likelihood(levels, torch.tensor(mean, dtype=dtype),
+                                                torch.tensor(log_scale, dtype=dtype))
+    assert torch.isfinite(log_p).all() and (log_p <= 1e-6).all()
+    # The bins partition the real line; the 1e-12 floor per bin may add up to 256e-12. In float32 the levels
+    # themselves are off by up to ~1e-7, which at the smallest scales (σ ≈ 1e-4) moves ~1e-3 of mass across an edge.
+    assert abs(float(log_p.double().exp().sum()) - 1) < (1e-3 if dtype == torch.float32 else 1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(m1=st.floats(-5, 5), v1=st.floats(-8, 4), m2=st.floats(-5, 5), v2=st.floats(-8, 4))
+def test_kl_is_non_negative_and_zero_only_between_equal_gaussians(m1, v1, m2, v2):
+    args = [torch.tensor(x, dtype=torch.float64) for x in (m1, v1, m2, v2)]
+    kl = float(normal_kl(*args))
+    assert math.isfinite(kl) and kl >= -1e-12
+    assert abs(float(normal_kl(args[0], args[1], args[0], args[1]))) < 1e-12
+    if abs(m1 - m2) > 1e-3 or abs(v1 - v2) > 1e-3:
+        assert kl > 0

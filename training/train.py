@@ -359,7 +359,9 @@ def sample_grid(pipe, args, path: Path):
     images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
                   num_inference_steps=args.ddpm_num_inference_steps).images
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(path)
+    partial = path.with_name(f".{path.name}.tmp")
+    image_grid(images).save(partial, format="PNG")
+    os.replace(partial, path)  # never a truncated PNG under the final name
     return path
 
 
