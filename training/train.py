@@ -380,8 +380,10 @@ def hub_timeout(seconds: float):
     import huggingface_hub
     from huggingface_hub.utils import _http
 
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # a user's proxy setup, say
+
     def client_with_timeout():
-        client = _http.default_client_factory()
+        client = previous()
         client.timeout = seconds
         return client
 
@@ -389,7 +391,7 @@ def hub_timeout(seconds: float):
     try:
         yield
     finally:
-        huggingface_hub.set_client_factory(_http.default_client_factory)
+        huggingface_hub.set_client_factory(previous)
 
 
 def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
