@@ -462,6 +462,8 @@ def main(argv=None):
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
     world, rank = accelerator.num_processes, accelerator.process_index
     streams = args.data_streams or world
+    if streams % world:
+        raise SystemExit(f"--data_streams {streams} must be a multiple of the number of processes ({world}).")
     set_seed(args.seed)  # the same initial weights on every process
 
     model = build_model(args)

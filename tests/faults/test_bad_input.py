@@ -260,3 +260,20 @@ def test_bad_scheduler_values_name_the_file(tmp_path, key, value, words):
     with pytest.raises(ValueError, match="scheduler_config.json") as raised:
         DDPMPipeline.from_pretrained(folder)
     assert words in str(raised.value)
+
+
+@pytest.mark.distributed
+def test_data_streams_that_do_not_divide_among_the_processes_are_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from runs import TRAIN, child_env, free_port
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), TRAIN, *FAST, "--data_streams", "3", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "--data_streams 3 must be a multiple of the number of processes (2)" in result.stdout + result.stderr
+    assert not out.exists()
