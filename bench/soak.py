@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "faults")]
+sys.path.insert(0, str(ROOT / "tests"))
 from fakehub import FakeHub  # noqa: E402  (the test Hub: stdlib only)
 
 HUB = FakeHub({"hf_soak": "soak"})

@@ -235,12 +235,17 @@ def image_channels(image: Image.Image) -> int:
     return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
 
 
+def undecoded_images(dataset, image_column: str):
+    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt image can be skipped."""
+    from datasets import Image as ImageFeature
+
+    return dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
+
+
 def first_image(dataset, image_column: str, max_rows: int = 100) -> Image.Image:
     """The first decodable image of ``dataset`` (a few rows are read, nothing else): the data's channel count and a
     clear error on an empty or undecodable dataset, before the model is trained."""
-    from datasets import Image as ImageFeature
-
-    rows = dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column]).take(max_rows)
+    rows = undecoded_images(dataset, image_column).take(max_rows)
     seen = 0
     last_error = None
     for seen, row in enumerate(rows, 1):
@@ -304,18 +309,18 @@ class TrainStream:
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
                  center_crop: bool = True, random_flip: bool = False, record_ids: bool = False):
-        from datasets import Image as ImageFeature
         from datasets.distributed import split_dataset_by_node
 
         if num_streams % world_size:
-            raise ValueError(f"num_streams={num_streams} must be a multiple of the number of processes ({world_size}).")
+            raise ValueError(f"{num_streams} data streams (--data_streams) cannot be shared evenly by {world_size} "
+                             f"processes: use a multiple of {world_size}.")
         shards = dataset.num_shards
         if shards % num_streams:
             logger.warning(
                 "the dataset has %d shards, not a multiple of %d streams: falling back to splitting by examples (every "
                 "stream reads all %d shards and keeps one example in %d). Write the data as a multiple of %d files.",
                 shards, num_streams, shards, num_streams, num_streams)
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
+        dataset = undecoded_images(dataset, image_column)
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))

@@ -63,9 +63,7 @@ def resolve_folder(
     except Exception as err:  # HTTP errors, timeouts, offline mode, missing repo: one message naming the repo
         from huggingface_hub import constants
 
-        message = f"{type(err).__name__}: {err}"
-        if isinstance(token, str):
-            message = message.replace(token, "***")
+        message = redact(f"{type(err).__name__}: {err}", [token])
         raise OSError(f"could not get {name} (revision {revision or 'main'}) from {constants.ENDPOINT}: {message}\n"
                       "Check the repo id, your access to it and the connection; a repo downloaded before loads "
                       "offline with local_files_only=True.") from err
@@ -84,11 +82,24 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def unknown_config_keys(config: dict, cls) -> list:
+    """The keys of ``config`` that ``cls.__init__`` does not take (``_``-prefixed metadata aside), sorted."""
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return sorted(k for k in config if not k.startswith("_") and k not in known)
+
+
+def redact(text: str, secrets) -> str:
+    """``text`` with every (non-empty) secret replaced by ***, for logs and error messages."""
+    for secret in secrets:
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _warn_unknown_keys(path: Path, config: dict, cls) -> None:
     """Keys the class does not take are ignored, as diffusers does (a newer diffusers may add keys), but named: a
     misspelt key would otherwise silently leave its default in place."""
-    known = set(inspect.signature(cls.__init__).parameters)
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    unknown = unknown_config_keys(config, cls)
     if unknown:
         logger.warning("%s: ignoring keys that %s does not take: %s", path, cls.__name__, unknown)
 

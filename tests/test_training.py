@@ -3,9 +3,7 @@ a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error 
 
 import hashlib
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,56 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, Features, Image as ImageFeature, Value
-from safetensors.torch import load_file
+from datasets import Dataset, Features, Image as ImageFeature
 
 from ddpm_hf.data import TrainStream, find_image_column, load_image_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "training" / "train.py")
-COMMON = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4",
-          "--num_sample_images", "4", "--logger", "none", "--shuffle_buffer_size", "16", "--lr_warmup_steps", "2",
-          "--ema_max_decay", "0.9"]
-
-
-def _png(seed: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    array = np.random.default_rng(seed).integers(0, 256, (20, 20), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array, "L").save(buffer, format="PNG")
-    return buffer.getvalue()
+from runs import FAST, TRAIN, child_env, final_weights, free_port, png_bytes, write_images
 
 
 @pytest.fixture(scope="module")
 def parquet_dir(tmp_path_factory):
-    """64 distinct 20×20 images in 8 parquet shards, plus an id column."""
-    folder = tmp_path_factory.mktemp("data")
-    features = Features({"image": ImageFeature(), "idx": Value("int64")})
-    ds = Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(64)], "idx": list(range(64))},
-                           features=features)
-    for k in range(8):
-        ds.shard(8, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-00008.parquet"))
-    return folder
+    """64 distinct 20×20 images in 8 parquet shards."""
+    return write_images(tmp_path_factory.mktemp("data"), count=64)
 
 
 def _all_ids():
-    return {hashlib.sha1(_png(i)).hexdigest() for i in range(64)}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    env.pop("WORLD_SIZE", None)
-    return env
+    return {hashlib.sha1(png_bytes(i)).hexdigest() for i in range(64)}
 
 
 def _run(cmd, **kwargs):
@@ -71,22 +33,18 @@ def _run(cmd, **kwargs):
     return result
 
 
-def _weights(run_dir: Path):
-    return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
-
-
 def _ids(run_dir: Path, rank: int):
     return (run_dir / "logs" / f"example_ids_rank{rank}.txt").read_text().split()
 
 
 @pytest.mark.distributed
 def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir, tmp_path):
-    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "8",
+    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "8",
                      "--checkpointing_steps", "0", "--record_example_ids"]
     two = tmp_path / "two"
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--main_process_port", str(_free_port()), TRAIN, *args, "--output_dir", str(two)],
-         env=_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+          "--main_process_port", str(free_port()), TRAIN, *args, "--output_dir", str(two)],
+         env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
     info = json.loads((two / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
     assert info["backend"] == "gloo" and info["model_wrapper"] == "DistributedDataParallel"
@@ -96,9 +54,9 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
     assert set(rank0) | set(rank1) == _all_ids()  # 8 steps × 2 ranks × 4 = one epoch, covered exactly
 
     one = tmp_path / "one"
-    _run([sys.executable, TRAIN, *args, "--data_streams", "2", "--output_dir", str(one)], env=_env(), cwd=tmp_path)
+    _run([sys.executable, TRAIN, *args, "--data_streams", "2", "--output_dir", str(one)], env=child_env(), cwd=tmp_path)
     assert sorted(_ids(one, 0)) == sorted(rank0 + rank1)
-    a, b = _weights(two), _weights(one)
+    a, b = final_weights(two), final_weights(one)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -108,22 +66,22 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
     # --multi_gpu on a machine without CUDA and without ACCELERATE_USE_CPU: two processes that would train alone.
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(_free_port()), TRAIN, *COMMON, "--dataset_name", str(parquet_dir),
+         "--main_process_port", str(free_port()), TRAIN, *FAST, "--dataset_name", str(parquet_dir),
          "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+        capture_output=True, text=True, timeout=600, env=child_env(), cwd=tmp_path)
     assert result.returncode != 0
     assert "ACCELERATE_USE_CPU=1" in result.stderr + result.stdout
     assert not (tmp_path / "run" / "pipeline").exists()
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
-    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "30",
+    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "30",
                      "--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--record_example_ids"]
     straight = tmp_path / "straight"
-    _run([sys.executable, TRAIN, *args, "--output_dir", str(straight)], env=_env(), cwd=tmp_path)
+    _run([sys.executable, TRAIN, *args, "--output_dir", str(straight)], env=child_env(), cwd=tmp_path)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--output_dir", str(crashed)], env=_env(), cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, TRAIN, *args, "--output_dir", str(crashed)], env=child_env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (crashed / "checkpoint-5").is_dir():
@@ -135,8 +93,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     resumed_from = max(int(p.name.split("-")[1]) for p in crashed.glob("checkpoint-*"))
 
     _run([sys.executable, TRAIN, *args, "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"],
-         env=_env(), cwd=tmp_path)
-    a, b = _weights(straight), _weights(crashed)
+         env=child_env(), cwd=tmp_path)
+    a, b = final_weights(straight), final_weights(crashed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     # the resumed process trained on exactly the examples that followed the checkpoint: none twice, none skipped
@@ -174,7 +132,7 @@ def test_dataset_without_image_column_lists_its_columns(tmp_path):
 
 
 def test_corrupt_rows_are_skipped_and_counted(tmp_path):
-    images = [{"bytes": _png(i), "path": None} for i in range(6)]
+    images = [{"bytes": png_bytes(i), "path": None} for i in range(6)]
     images[2] = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": None}
     Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
         str(tmp_path / "train-0.parquet"))
@@ -187,10 +145,10 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path):
 
 @pytest.mark.hub
 def test_push_to_hub_uploads_only_the_pipeline_and_a_failed_push_never_stops_training(parquet_dir, tmp_path, hub):
-    args = COMMON + ["--dataset_name", str(parquet_dir), "--train_batch_size", "4", "--max_train_steps", "4",
+    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "4",
                      "--checkpointing_steps", "2", "--push_to_hub", "--hub_model_id", "alice/trained"]
     _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_alice", "--output_dir", str(tmp_path / "ok")],
-         env=_env(), cwd=tmp_path)
+         env=child_env(), cwd=tmp_path)
     files = set(hub.repos["alice/trained"].files("main")[1])
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
             "README.md", "samples.png"} <= files
@@ -199,7 +157,7 @@ def test_push_to_hub_uploads_only_the_pipeline_and_a_failed_push_never_stops_tra
 
     # bob may not write to alice's namespace: the upload fails, is retried and reported; training still completes
     result = _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_bob", "--output_dir", str(tmp_path / "denied")],
-                  env=_env(), cwd=tmp_path)
+                  env=child_env(), cwd=tmp_path)
     assert (tmp_path / "denied" / "pipeline" / "model_index.json").is_file()
     log = result.stdout + result.stderr
     assert "push to alice/trained failed (attempt 3/3)" in log and "hf_test_bob" not in log
@@ -211,8 +169,8 @@ def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
 
     tiny_pipeline(num_train_timesteps=10).save_pretrained(tmp_path / "pipe")
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--main_process_port", str(_free_port()), "-m", "ddpm_hf.cli", "evaluate", str(tmp_path / "pipe"),
+          "--main_process_port", str(free_port()), "-m", "ddpm_hf.cli", "evaluate", str(tmp_path / "pipe"),
           "--metrics", "fid,kid", "--num_samples", "10", "--num_reference", "32", "--out", str(tmp_path / "eval")],
-         env=_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+         env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["num_processes"] == 2 and results["sample_quality"]["num_samples"] == 10

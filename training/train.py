@@ -17,7 +17,6 @@ Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), s
 
 import argparse
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, PRESETS
 from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, find_image_column, first_image,
                           load_image_dataset)
 from ddpm_hf.ema import EMA
-from ddpm_hf.hub import is_repo_id
+from ddpm_hf.hub import is_repo_id, redact, unknown_config_keys
 from ddpm_hf.losses import LOSSES, make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import training_defaults, unet_config
@@ -197,12 +196,11 @@ def read_model_config(path: str) -> dict:
         raise ValueError(f"--model_config {path} is not valid JSON ({err})") from err
     if not isinstance(config, dict):
         raise ValueError(f"--model_config {path} must hold a JSON object")
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    known = set(inspect.signature(DDPMUNet.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - known)
+    unknown = unknown_config_keys(config, DDPMUNet)
     if unknown:
-        raise ValueError(f"--model_config {path} has unknown keys {unknown}; UNet2DModel's keys are {sorted(known)}")
-    return config
+        raise ValueError(f"--model_config {path} has unknown keys {unknown}: not UNet2DModel config keys (see a "
+                         "preset, e.g. ddpm_hf.unet_config('small-28'))")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def build_model(args) -> DDPMUNet:
@@ -365,12 +363,9 @@ def sample_grid(pipe, args, path: Path):
     return path
 
 
-def scrub(text: str, secrets) -> str:
-    """``text`` with every secret replaced by ***, for logs and error messages."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+def public_config(args) -> dict:
+    """The run's flags without the token: what goes to the trackers, training_config.json and the model card."""
+    return {k: v for k, v in vars(args).items() if k != "hub_token"}
 
 
 @contextlib.contextmanager
@@ -409,11 +404,11 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
                 pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, token=args.hub_token,
                                  commit_message=f"ddpm_hf: EMA weights at step {step}",
                                  sample_grid=Image.open(grid_path) if grid_path else None,
-                                 training_config={k: v for k, v in vars(args).items() if k != "hub_token"})
+                                 training_config=public_config(args))
             logger.info("pushed the EMA pipeline of step %d to %s", step, args.hub_model_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
-            message = scrub(f"{type(err).__name__}: {err}", secrets)
+            message = redact(f"{type(err).__name__}: {err}", secrets)
             logger.warning("push to %s failed (attempt %d/%d): %s", args.hub_model_id, attempt, args.hub_push_attempts,
                            message)
             if attempt < args.hub_push_attempts:
@@ -438,8 +433,7 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
         tmp = output_dir / ".pipeline.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp)
-        (tmp / "training_config.json").write_text(json.dumps(
-            {k: v for k, v in vars(args).items() if k != "hub_token"}, indent=2, default=str))
+        (tmp / "training_config.json").write_text(json.dumps(public_config(args), indent=2, default=str))
         fsync_tree(tmp)
         publish_folder(tmp, output_dir / "pipeline")
     if push:
@@ -462,8 +456,6 @@ def main(argv=None):
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
     world, rank = accelerator.num_processes, accelerator.process_index
     streams = args.data_streams or world
-    if streams % world:
-        raise SystemExit(f"--data_streams {streams} must be a multiple of the number of processes ({world}).")
     set_seed(args.seed)  # the same initial weights on every process
 
     model = build_model(args)
@@ -483,11 +475,11 @@ def main(argv=None):
                                      args.streaming, args.cache_dir)
         image_column = find_image_column(dataset.features, args.image_column)
         check_channels(first_image(dataset, image_column), model.config.in_channels)
+        stream = TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
+                             streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
+                             args.random_flip, record_ids=args.record_example_ids)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
-    stream = TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size, streams,
-                         rank, world, args.seed, args.shuffle_buffer_size, args.center_crop, args.random_flip,
-                         record_ids=args.record_example_ids)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -514,7 +506,7 @@ def main(argv=None):
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
                 "data_streams": streams, "dataset_shards": dataset.num_shards}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ddpm_hf", config=tracker_config)
     logger.info("process %d/%d, %s, data streams %s, %d examples per step in all", rank, world,
                 accelerator.distributed_type, stream.streams, args.train_batch_size * streams)

@@ -3,8 +3,10 @@ process) return NaN on the ranks listed in $DDPM_HF_NAN_RANKS. Everything else i
 
 import os
 import sys
+from pathlib import Path
 
-from runs import load_train_script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for runs.py
+from runs import load_train_script  # noqa: E402
 
 train = load_train_script()
 

@@ -12,6 +12,7 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 from helpers import tiny_pipeline
+from runs import FAST
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
@@ -86,14 +87,12 @@ def test_training_flags_are_checked_before_anything_loads(train, tmp_path, capsy
 
 # --- training: model and data problems found before training starts --------------------------------------------------
 
-FAST = ["--preset", "tiny-16", "--logger", "none", "--max_train_steps", "2", "--ddpm_num_steps", "10",
-        "--ddpm_num_inference_steps", "2", "--num_sample_images", "1"]
 
 
 def _main_error(train, tmp_path, argv) -> str:
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        train.main(FAST + argv + ["--output_dir", str(out)])
+        train.main(FAST + ["--max_train_steps", "2"] + argv + ["--output_dir", str(out)])
     assert not out.exists()  # refused before anything was written
     return str(exit_info.value.code)
 
@@ -275,5 +274,5 @@ def test_data_streams_that_do_not_divide_among_the_processes_are_refused(tmp_pat
          "--main_process_port", str(free_port()), TRAIN, *FAST, "--data_streams", "3", "--output_dir", str(out)],
         capture_output=True, text=True, timeout=600, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
     assert result.returncode != 0
-    assert "--data_streams 3 must be a multiple of the number of processes (2)" in result.stdout + result.stderr
+    assert "3 data streams (--data_streams) cannot be shared evenly by 2 processes" in result.stdout + result.stderr
     assert not out.exists()

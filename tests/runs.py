@@ -1,4 +1,4 @@
-"""Real training runs for the fault tests and for bench/soak.py: a small parquet dataset, launching and killing
+"""Real training runs for the tests and for bench/soak.py: a small parquet dataset, launching and killing
 training/train.py at chosen moments, and a check that every visible checkpoint is complete."""
 
 import io
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "training" / "train.py")
 # A 176 k-parameter model, a 50-step chain and no tensorboard: a step takes tens of milliseconds.
 FAST = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4", "--num_sample_images",
@@ -34,20 +34,24 @@ def load_train_script():
     return module
 
 
-def write_images(folder: Path, count: int = 256, shards: int = 8, size: int = 20) -> Path:
-    """``count`` distinct grey PNG images in ``shards`` parquet files (more rows than a short run reads, so that no
-    run reaches the end of an epoch)."""
-    from datasets import Dataset, Features, Image as ImageFeature
+def png_bytes(seed: int, size: int = 20) -> bytes:
+    """A random grey ``size`` × ``size`` PNG, the same for the same seed."""
     from PIL import Image
 
-    def png(seed):
-        buffer = io.BytesIO()
-        array = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
-        Image.fromarray(array, "L").save(buffer, format="PNG")
-        return {"bytes": buffer.getvalue(), "path": None}
+    buffer = io.BytesIO()
+    array = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(array, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, count: int = 256, shards: int = 8, size: int = 20) -> Path:
+    """``png_bytes(0..count-1)`` in ``shards`` parquet files (``image`` column). The fault tests use more rows than a
+    short run reads, so that no run reaches the end of an epoch."""
+    from datasets import Dataset, Features, Image as ImageFeature
 
     folder.mkdir(parents=True, exist_ok=True)
-    ds = Dataset.from_dict({"image": [png(i) for i in range(count)]}, features=Features({"image": ImageFeature()}))
+    ds = Dataset.from_dict({"image": [{"bytes": png_bytes(i, size), "path": None} for i in range(count)]},
+                           features=Features({"image": ImageFeature()}))
     for k in range(shards):
         ds.shard(shards, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-{shards:05d}.parquet"))
     return folder
