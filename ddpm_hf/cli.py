@@ -11,13 +11,10 @@ PIPELINE is a pipeline folder or a Hub repo id. Results go to --out as JSON and 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
-
-METRICS = ("bpd", "fid", "kid", "rd", "progressive", "interpolation")
 
 
 def _positive(value: str) -> int:
@@ -35,11 +32,12 @@ def _non_negative(value: str) -> int:
 
 
 def _metrics(value: str) -> List[str]:
-    names = [m.strip() for m in value.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METRICS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown metrics {unknown or value!r}; choose from {','.join(METRICS)}")
-    return names
+    from .evaluation import check_metrics
+
+    try:
+        return check_metrics([m.strip() for m in value.split(",") if m.strip()])
+    except ValueError as err:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,140 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(pipeline: str, device: Optional[str]):
-    from .pipelines import DDPMPipeline
-
-    pipe = DDPMPipeline.from_pretrained(pipeline)
-    if device:
-        pipe.to(device)
-    return pipe
-
-
-def _num_steps(pipe, requested: Optional[int]) -> int:
-    total = pipe.scheduler.config.num_train_timesteps
-    if requested is not None and requested > total:
-        raise SystemExit(f"--num_inference_steps {requested} exceeds the model's {total} diffusion steps.")
-    return requested or total
-
-
-def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
-                   process_index: int = 0, num_processes: int = 1) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples; image i uses its own generator seeded seed + i, so the set does not depend on
-    the batch size or on how many processes share the work (process p makes images p, p + P, ...)."""
-    from tqdm.auto import tqdm
-
-    mine = list(range(process_index, num_images, num_processes))
-    pipe.set_progress_bar_config(disable=True)
-    chunks = []
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", disable=process_index != 0):
-        ids = mine[start:start + batch_size]
-        out = pipe(batch_size=len(ids), generator=[torch.Generator().manual_seed(seed + i) for i in ids],
-                   num_inference_steps=steps, output_type="pt").images
-        chunks.append((out * 255).round().clamp(0, 255).to(torch.uint8).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
-
-
-def _grid(images: torch.Tensor):
-    from PIL import Image
-
-    from .pipelines import image_grid
-
-    return image_grid([Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-                       for a in images.permute(0, 2, 3, 1).numpy()])
-
-
 def cmd_sample(args) -> int:
-    pipe = _load(args.pipeline, args.device)
+    from .evaluation import chain_length, generate_uint8, load_pipeline
+    from .images import to_pil, uint8_grid
+
+    pipe = load_pipeline(args.pipeline, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = generate_uint8(pipe, args.num_images, args.batch_size, _num_steps(pipe, args.num_inference_steps),
+    images = generate_uint8(pipe, args.num_images, args.batch_size, chain_length(pipe, args.num_inference_steps),
                             args.seed)
-    from PIL import Image
-
-    for i, array in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(out / f"{i:05d}.png")
-    _grid(images[:64]).save(out / "grid.png")
+    for i, image in enumerate(to_pil(images)):
+        image.save(out / f"{i:05d}.png")
+    uint8_grid(images[:64]).save(out / "grid.png")
     print(f"{len(images)} images in {out}, grid: {out / 'grid.png'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    import os
+    from .evaluation import evaluate
 
-    from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
-
-    from .evaluation import load_eval_images
-    from .likelihood import bits_per_dim, plot_rate_distortion
-
-    if "rd" in args.metrics and args.bpd_timesteps:
-        raise SystemExit("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and state.num_processes != launched:
-        raise SystemExit(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
-                         "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
-    pipe = _load(args.pipeline, args.device or str(state.device))
-    if args.bpd_timesteps >= pipe.scheduler.config.num_train_timesteps:
-        raise ValueError(f"--bpd_timesteps {args.bpd_timesteps} is not fewer than the model's "
-                         f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
-    unet = pipe.unet
-    channels, size = unet.config.in_channels, unet.config.sample_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    steps = _num_steps(pipe, args.num_inference_steps)
-    results = {"pipeline": args.pipeline, "data": args.data, "num_inference_steps": steps,
-               "num_processes": state.num_processes}
-    started = time.time()
-
-    if {"bpd", "rd"} & set(args.metrics) and state.is_main_process:
-        images = load_eval_images(args.data, args.num_bpd_images, size, channels, split=args.split,
-                                  dataset_config_name=args.data_config)
-        bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=args.bpd_timesteps or None,
-                             batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed))
-        results["bpd"] = {"bits_per_dim": bound.mean, "stderr": bound.stderr, "exact": bound.exact,
-                          "num_images": len(images), "split": args.split, "prior_bpd": float(bound.prior.mean())}
-        if bound.exact:
-            results["bpd"]["decoder_L0_bpd"] = float(bound.terms[0])
-            results["bpd"]["rate_bpd"] = float(bound.mean - bound.terms[0])
-        if "rd" in args.metrics:
-            curve = bound.rate_distortion()
-            (out / "rate_distortion.json").write_text(json.dumps(curve))
-            plot_rate_distortion(bound, out / "rate_distortion.png", title=f"{args.pipeline} on {args.data}")
-            results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
-                                          "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
-
-    if {"fid", "kid"} & set(args.metrics):
-        from .metrics import cached_features, extract_features, feature_extractor, fid_kid
-
-        extractor = feature_extractor(args.features)  # fails now, before any sampling, if unavailable
-        mine = generate_uint8(pipe, args.num_samples, args.batch_size, steps, args.seed + 10**6, "sampling for FID",
-                              state.process_index, state.num_processes)
-        samples = torch.cat(gather_object([mine]))
-        if state.is_main_process:
-            key = f"{args.features}|{args.data}|{args.data_config}|{args.reference_split}|{args.num_reference}|{size}|{channels}"
-            real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
-                args.data, args.num_reference, size, channels, split=args.reference_split,
-                dataset_config_name=args.data_config)))
-            scores = fid_kid(real, extract_features(extractor, samples))
-            label = "FID-FMNIST" if args.features == "fmnist" else "FID"
-            results["sample_quality"] = {"features": args.features, "label": label, "num_samples": len(samples),
-                                         "num_reference": len(real), "reference_split": args.reference_split,
-                                         **{k: v for k, v in scores.items() if k[:3] in args.metrics}}
-            _grid(samples[:64]).save(out / "samples.png")
-
-    if state.is_main_process and "progressive" in args.metrics:
-        pipe.progressive(batch_size=4, generator=torch.Generator().manual_seed(args.seed), num_inference_steps=steps,
-                         num_snapshots=10).grid.save(out / "progressive.png")
-    if state.is_main_process and "interpolation" in args.metrics:
-        pair = load_eval_images(args.data, 2, size, channels, split=args.split, dataset_config_name=args.data_config)
-        to_model = lambda x: x.float() / 127.5 - 1  # noqa: E731
-        t = pipe.scheduler.config.num_train_timesteps // 2
-        pipe.interpolate(to_model(pair[0]), to_model(pair[1]), lambdas=8, t=t, seed=args.seed).grid.save(
-            out / "interpolation.png")
-    if state.is_main_process:
-        results["seconds"] = round(time.time() - started, 1)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+    results = evaluate(
+        args.pipeline, args.out, data=args.data, data_config=args.data_config, split=args.split,
+        reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
+        num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
+        features=args.features, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+        seed=args.seed, device=args.device)
+    if results is not None:  # the main process reports
+        out = Path(args.out)
         print(json.dumps(results, indent=2))
         print(f"results: {out / 'results.json'}; figures: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
     return 0

@@ -1,10 +1,30 @@
-"""The paper's evaluations on a dataset: bits/dim of test images, rate–distortion, sample grids, FID/KID."""
+"""The paper's evaluations of a pipeline on a dataset, in one place: bits/dim of test images (eq. 5), the
+rate–distortion curve (§4.3), FID/KID of samples, progressive generation (Fig. 6) and interpolation (Fig. 8), written
+to a folder as results.json and PNG figures. ``ddpm-hf evaluate`` is argument parsing around :func:`evaluate`;
+training monitors its EMA model with :func:`quick_bits_per_dim`."""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .data import find_image_column, load_image_dataset, preprocess
-from .likelihood import bits_per_dim
+from .images import to_model_range, to_uint8, uint8_grid
+from .likelihood import bits_per_dim, plot_rate_distortion
+
+METRICS = ("bpd", "fid", "kid", "rd", "progressive", "interpolation")
+
+
+def check_metrics(metrics: Sequence[str]) -> List[str]:
+    """``metrics`` as a list, when it names at least one metric and only those of :data:`METRICS`."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown or list(metrics)}; choose from {','.join(METRICS)}")
+    return list(metrics)
 
 
 def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
@@ -16,17 +36,143 @@ def load_eval_images(dataset_name, num_images: int, resolution: int, channels: i
     images = []
     for row in dataset:
         array = preprocess(row[column], resolution, channels, center_crop=True, flip=False, rng=rng)
-        images.append(np.round((array + 1) * 127.5).astype(np.uint8))
+        images.append(to_uint8(torch.from_numpy(array)))
         if len(images) == num_images:
             break
     if not images:
         raise ValueError(f"the {split} split has no images.")
-    return torch.from_numpy(np.stack(images))
+    return torch.stack(images)
 
 
-def quick_bits_per_dim(pipe, args, resolution: int, num_images: int = 64, num_timesteps: int = 20) -> float:
-    """A sampled bits/dim estimate on the first test images (for monitoring during training)."""
-    images = load_eval_images(args.dataset_name, num_images, resolution, pipe.unet.config.in_channels,
-                              dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
-                              image_column=args.image_column)
+def quick_bits_per_dim(pipe, *, dataset_name: Optional[str], dataset_config_name: Optional[str] = None,
+                       train_data_dir: Optional[str] = None, image_column: Optional[str] = None, resolution: int,
+                       num_images: int = 64, num_timesteps: int = 20) -> float:
+    """A sampled bits/dim estimate (``num_timesteps`` terms per image) on the first ``num_images`` test images, for
+    monitoring during training."""
+    images = load_eval_images(dataset_name, num_images, resolution, pipe.unet.config.in_channels,
+                              dataset_config_name=dataset_config_name, train_data_dir=train_data_dir,
+                              image_column=image_column)
     return bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=num_timesteps, progress=False).mean
+
+
+def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = None):
+    """A DDPMPipeline from a folder or a Hub repo id, moved to ``device`` when given."""
+    from .pipelines import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(pipeline)
+    if device:
+        pipe.to(device)
+    return pipe
+
+
+def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
+    """Steps of the reverse chain: ``num_inference_steps``, or the model's full chain when None."""
+    total = pipe.scheduler.config.num_train_timesteps
+    if num_inference_steps is not None and num_inference_steps > total:
+        raise ValueError(f"--num_inference_steps {num_inference_steps} exceeds the model's {total} diffusion steps.")
+    return num_inference_steps or total
+
+
+def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
+                   process_index: int = 0, num_processes: int = 1) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples; image i uses its own generator seeded seed + i, so the set does not depend on
+    the batch size or on how many processes share the work (process p makes images p, p + P, ...)."""
+    from tqdm.auto import tqdm
+
+    mine = list(range(process_index, num_images, num_processes))
+    pipe.set_progress_bar_config(disable=True)
+    chunks = []
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", disable=process_index != 0):
+        ids = mine[start:start + batch_size]
+        out = pipe(batch_size=len(ids), generator=[torch.Generator().manual_seed(seed + i) for i in ids],
+                   num_inference_steps=steps, output_type="pt").images
+        # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
+        # are the levels of the pipeline's own PIL output.
+        chunks.append(to_uint8(out * 2 - 1).cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+
+
+def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "embedded:fashion_mnist",
+             data_config: Optional[str] = None, split: str = "test", reference_split: str = "train",
+             metrics: Sequence[str] = ("bpd", "fid", "kid"), num_samples: int = 1000, num_reference: int = 5000,
+             num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist",
+             num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
+             device: Optional[str] = None) -> Optional[dict]:
+    """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
+    results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
+
+    ``metrics`` picks among :data:`METRICS`: ``bpd`` the bound on ``num_bpd_images`` images of ``split``
+    (``bpd_timesteps`` 0: all T terms, exact; K: K sampled terms per image), ``rd`` its rate–distortion curve (exact
+    bound only), ``fid``/``kid`` on ``num_samples`` samples against ``num_reference`` images of ``reference_split``
+    through the ``features`` network ("fmnist" or "inception"), ``progressive`` and ``interpolation`` figures.
+    Under ``accelerate launch`` every process samples its share for FID/KID; everything else runs on the main one.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
+
+    check_metrics(metrics)
+    if "rd" in metrics and bpd_timesteps:
+        raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise ValueError(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
+                         "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
+    pipe = load_pipeline(pipeline, device or str(state.device))
+    if bpd_timesteps >= pipe.scheduler.config.num_train_timesteps:
+        raise ValueError(f"--bpd_timesteps {bpd_timesteps} is not fewer than the model's "
+                         f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
+    unet = pipe.unet
+    channels, size = unet.config.in_channels, unet.config.sample_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = chain_length(pipe, num_inference_steps)
+    results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
+    started = time.time()
+
+    if {"bpd", "rd"} & set(metrics) and state.is_main_process:
+        images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config)
+        bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None,
+                             batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+        results["bpd"] = {"bits_per_dim": bound.mean, "stderr": bound.stderr, "exact": bound.exact,
+                          "num_images": len(images), "split": split, "prior_bpd": float(bound.prior.mean())}
+        if bound.exact:
+            results["bpd"]["decoder_L0_bpd"] = float(bound.terms[0])
+            results["bpd"]["rate_bpd"] = float(bound.mean - bound.terms[0])
+        if "rd" in metrics:
+            curve = bound.rate_distortion()
+            (out / "rate_distortion.json").write_text(json.dumps(curve))
+            plot_rate_distortion(bound, out / "rate_distortion.png", title=f"{pipeline} on {data}")
+            results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
+                                          "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
+
+    if {"fid", "kid"} & set(metrics):
+        from .metrics import cached_features, extract_features, feature_extractor, fid_kid
+
+        extractor = feature_extractor(features)  # fails now, before any sampling, if unavailable
+        mine = generate_uint8(pipe, num_samples, batch_size, steps, seed + 10**6, "sampling for FID",
+                              state.process_index, state.num_processes)
+        samples = torch.cat(gather_object([mine]))
+        if state.is_main_process:
+            key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
+            real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
+                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config)))
+            scores = fid_kid(real, extract_features(extractor, samples))
+            label = "FID-FMNIST" if features == "fmnist" else "FID"
+            results["sample_quality"] = {"features": features, "label": label, "num_samples": len(samples),
+                                         "num_reference": len(real), "reference_split": reference_split,
+                                         **{k: v for k, v in scores.items() if k[:3] in metrics}}
+            uint8_grid(samples[:64]).save(out / "samples.png")
+
+    if not state.is_main_process:
+        return None
+    if "progressive" in metrics:
+        pipe.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                         num_snapshots=10).grid.save(out / "progressive.png")
+    if "interpolation" in metrics:
+        pair = to_model_range(load_eval_images(data, 2, size, channels, split=split, dataset_config_name=data_config))
+        t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
+        pipe.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
+    results["seconds"] = round(time.time() - started, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results

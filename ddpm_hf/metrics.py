@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import to_model_range
+
 ASSETS = Path(__file__).parent / "assets"
 FMNIST_WEIGHTS = ASSETS / "fmnist_classifier.safetensors"
 FMNIST_SHA256 = "bb9b414f96486431ea472f27a0f3735c63b43c9f18759e4878b98bc4a5be144b"  # test accuracy 0.882
@@ -44,7 +46,7 @@ class FMNISTClassifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise ValueError("FMNISTClassifier takes uint8 images; quantise samples first.")
-        x = images.float() / 127.5 - 1
+        x = to_model_range(images)
         if x.shape[1] == 3:
             x = x.mean(1, keepdim=True)
         if x.shape[-2:] != (28, 28):
