@@ -3,8 +3,9 @@ embedded in this package, streamed or not, split across ranks by shards, shuffle
 
 Global batches do not depend on the number of processes: the stream is split into ``num_streams`` disjoint streams
 (by default one per process); each process serves the streams ``v`` with ``v % world_size == rank``, and each stream
-contributes ``per_stream_batch`` examples to every step and draws its own diffusion noise from its own generator. A
-run with 2 processes and a run with 1 process and ``num_streams=2`` therefore train on the same global batches.
+contributes ``per_stream_batch`` examples to every step (the training loop draws each stream's diffusion noise from
+that stream's own generator). A run with 2 processes and a run with 1 process and ``num_streams=2`` therefore train on
+the same global batches, and so do runs with any number of decoding workers.
 """
 
 import glob
@@ -13,7 +14,14 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import re
+import signal
+import threading
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -272,10 +280,10 @@ def check_channels(image: Image.Image, in_channels: int) -> None:
                          f"or --model_config), or convert the dataset.")
 
 
-def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
-               rng: np.random.Generator) -> np.ndarray:
-    """PIL image → float32 (C, H, W) in [−1, 1]: model's channels, shorter side resized to ``resolution``
-    (bilinear), centre or random crop, optional horizontal flip (the paper's only augmentation)."""
+def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
+                  rng: np.random.Generator) -> np.ndarray:
+    """PIL image → uint8 (C, H, W): model's channels, shorter side resized to ``resolution`` (bilinear), centre or
+    random crop, optional horizontal flip (the paper's only augmentation)."""
     image = image.convert("L" if channels == 1 else "RGB")
     w, h = image.size
     if min(w, h) != resolution:
@@ -288,32 +296,99 @@ def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: 
     else:
         left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+    array = np.asarray(image, dtype=np.uint8).reshape(resolution, resolution, channels)
     if flip and rng.random() < 0.5:
         array = array[:, ::-1]
-    return (array.transpose(2, 0, 1) / 127.5 - 1.0).copy()
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
+               rng: np.random.Generator) -> np.ndarray:
+    """``prepare_image`` in the model's range: float32 (C, H, W) in [−1, 1]."""
+    return prepare_image(image, resolution, channels, center_crop, flip, rng).astype(np.float32) / 127.5 - 1.0
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels {0..255} → float32 in [−1, 1] (x / 127.5 − 1, the paper's scaling), on the tensor's device."""
+    return images.float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training stream: rows read in order by a background thread, decoded by worker processes, batches prefetched
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    resolution: int
+    channels: int
+    center_crop: bool
+    random_flip: bool
+    seed: int
+    record_ids: bool
+
+
+def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: DecodeSettings) -> list:
+    """Decode and augment image cells; ``keys`` are their (stream, epoch, row). Each result is (uint8 array, sha1 or
+    None) or (None, error message). The augmentation's randomness is tied to the example's key, so the result is the
+    same whichever process or worker decodes it. Runs in the data workers (a pure function of its arguments)."""
+    results = []
+    for cell, (v, epoch, index) in zip(cells, keys):
+        try:
+            data, image = open_image_cell(cell)
+        except Exception as err:  # a corrupt or truncated file must not stop a long run
+            results.append((None, f"{type(err).__name__}: {err}"))
+            continue
+        rng = np.random.default_rng([settings.seed, v, epoch, index])
+        array = prepare_image(image, settings.resolution, settings.channels, settings.center_crop,
+                              settings.random_flip, rng)
+        results.append((array, hashlib.sha1(data).hexdigest() if settings.record_ids else None))
+    return results
+
+
+def _init_data_worker() -> None:
+    """Data workers die with the training process (even on SIGKILL) and leave Ctrl-C to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the pool's own shutdown still ends them on a normal exit
+        pass
+    torch.set_num_threads(1)
+
+
+@dataclass
+class _Batch:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    position: Dict[int, Tuple[int, int]]  # every stream's position after this batch
+    skipped: int
+    ids: List[str]
 
 
 class TrainStream:
-    """Endless per-process batches for step-based training, with exact resume.
+    """Endless per-process uint8 image batches for step-based training, prefetched, with exact resume.
 
     Each of the ``num_streams`` streams is ``split_dataset_by_node(dataset.shuffle(seed, buffer), v, num_streams)``,
     reshuffled every epoch (``set_epoch``); it yields examples forever, epoch after epoch, so no example is dropped or
-    repeated within an epoch and every process does the same number of steps. Undecodable rows are skipped and
-    counted. ``state_dict()`` is the position of every stream (epoch, examples consumed) and its noise generator;
-    resuming skips the consumed rows without decoding them.
+    repeated within an epoch and every process does the same number of steps. A background thread reads the rows in
+    order and assembles ``prefetch`` batches ahead; ``num_workers`` processes decode and augment them (0: the thread
+    decodes). Undecodable rows are skipped and counted. ``state_dict()`` is the position of every stream after the
+    last batch handed out (not the prefetched ones); resuming skips the consumed rows without decoding them.
     """
 
     MAX_UNDECODABLE_IN_A_ROW = 1000
 
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
-                 center_crop: bool = True, random_flip: bool = False, record_ids: bool = False):
+                 center_crop: bool = True, random_flip: bool = False, record_ids: bool = False, num_workers: int = 0,
+                 prefetch: int = 4):
         from datasets.distributed import split_dataset_by_node
 
         if num_streams % world_size:
             raise ValueError(f"{num_streams} data streams (--data_streams) cannot be shared evenly by {world_size} "
                              f"processes: use a multiple of {world_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         shards = dataset.num_shards
         if shards % num_streams:
             logger.warning(
@@ -324,30 +399,104 @@ class TrainStream:
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
+        self.num_streams, self.num_shards = num_streams, shards
         self.datasets = {v: split_dataset_by_node(dataset, rank=v, world_size=num_streams) for v in self.streams}
-        self.image_column, self.resolution, self.channels = image_column, resolution, channels
-        self.per_stream_batch, self.seed = per_stream_batch, seed
-        self.center_crop, self.random_flip = center_crop, random_flip
+        self.image_column, self.per_stream_batch = image_column, per_stream_batch
+        self.settings = DecodeSettings(resolution, channels, center_crop, random_flip, seed, record_ids)
+        self.num_workers, self.prefetch = num_workers, max(1, prefetch)
         self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
-        self.noise = {v: torch.Generator().manual_seed(seed * 1009 + v) for v in self.streams}
         self.skipped_rows = 0
-        self.record_ids = record_ids
         self.seen_ids: List[str] = []
-        self._iterators: Dict[int, Iterator] = {}
+        self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
+        self._pool: Optional[ProcessPoolExecutor] = None
+        self._thread: Optional[threading.Thread] = None
+        self._queue: "queue.Queue" = queue.Queue()
+        self._stop = threading.Event()
 
+    # --- checkpointing ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"position": dict(self.position), "noise": {v: g.get_state() for v, g in self.noise.items()},
-                "skipped_rows": self.skipped_rows}
+        return {"position": dict(self.position), "skipped_rows": self.skipped_rows}
 
     def load_state_dict(self, state: dict) -> None:
+        self._stop_producer()
         self.position = {int(v): tuple(p) for v, p in state["position"].items()}
-        for v, g_state in state["noise"].items():
-            self.noise[int(v)].set_state(g_state)
         self.skipped_rows = state["skipped_rows"]
-        self._iterators.clear()
+        self.legacy_noise_state = state.get("noise")
 
-    def _rows(self, v: int) -> Iterator[Tuple[int, int, dict]]:
-        epoch, consumed = self.position[v]
+    # --- the consumer side -----------------------------------------------------------------------------------------
+    def next_batch(self) -> torch.Tensor:
+        """uint8 images (per_stream_batch × this process's streams, C, H, W), stream after stream; on CUDA machines
+        in pinned memory, ready for a non-blocking copy."""
+        if self._thread is None:
+            self._start_producer()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread = None
+            raise item
+        self.position, self.skipped_rows = item.position, self.skipped_rows + item.skipped
+        self.seen_ids.extend(item.ids)
+        return item.images
+
+    def close(self) -> None:
+        """Stop the reader thread and the decoding workers (idempotent)."""
+        self._stop_producer()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _start_producer(self) -> None:
+        if self.num_workers and self._pool is None:
+            import multiprocessing
+
+            # fork from the main thread, before the reader thread exists; all workers start now (not lazily later
+            # from the thread), each dying with this process.
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_init_data_worker)
+            list(self._pool.map(int, range(self.num_workers)))
+        self._stop = threading.Event()
+        self._queue = queue.Queue(self.prefetch)
+        self._thread = threading.Thread(target=self._produce, args=(dict(self.position), self._stop, self._queue),
+                                        name="ddpm_hf-data", daemon=True)
+        self._thread.start()
+
+    def _stop_producer(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread = None
+
+    # --- the producer thread ---------------------------------------------------------------------------------------
+    def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, out: "queue.Queue") -> None:
+        decoded = {v: self._decoded(v, *position[v]) for v in self.streams}
+        pin = torch.cuda.is_available()
+        try:
+            while not stop.is_set():
+                arrays, ids, skipped = [], [], 0
+                for v in self.streams:
+                    taken, stream_ids, stream_skipped, position[v] = self._take(v, decoded[v])
+                    arrays += taken
+                    ids += stream_ids
+                    skipped += stream_skipped
+                images = torch.from_numpy(np.stack(arrays))
+                batch = _Batch(images.pin_memory() if pin else images, dict(position), skipped, ids)
+                while not stop.is_set():
+                    try:
+                        out.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as err:  # handed to the training loop, which raises it
+            out.put(err)
+        finally:
+            for generator in decoded.values():
+                generator.close()
+
+    def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
         while True:
             ds = self.datasets[v]
             ds.set_epoch(epoch)
@@ -357,45 +506,62 @@ class TrainStream:
                     yield epoch, index, row
             if index < 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
-                                 f"{len(self.noise)} streams.")
+                                 f"{self.num_streams} streams.")
             epoch, consumed = epoch + 1, 0
 
-    def _decode(self, v: int, epoch: int, index: int, row: dict) -> Optional[np.ndarray]:
-        try:
-            data, image = open_image_cell(row[self.image_column])
-        except Exception as err:  # a corrupt or truncated file must not stop a long run
-            self.skipped_rows += 1
-            logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s", v, epoch, index, err)
-            return None
-        if self.record_ids:
-            self.seen_ids.append(hashlib.sha1(data).hexdigest())
-        rng = np.random.default_rng([self.seed, v, epoch, index])  # augmentation tied to the example, not the rank
-        return preprocess(image, self.resolution, self.channels, self.center_crop, self.random_flip, rng)
+    def _decoded(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, tuple]]:
+        """(epoch, row, decode result) of stream ``v`` in row order; with workers, ``prefetch`` batches of rows are
+        in flight at once, in chunks spread over the workers."""
+        rows = self._rows(v, epoch, consumed)
+        if not self.num_workers:
+            for epoch, index, row in rows:
+                yield epoch, index, decode_rows([row[self.image_column]], [(v, epoch, index)], self.settings)[0]
+            return
+        chunk = max(1, min(64, -(-self.per_stream_batch // self.num_workers)))
+        pending: deque = deque()
+        while True:
+            while len(pending) * chunk < self.prefetch * self.per_stream_batch:
+                part = [next(rows) for _ in range(chunk)]
+                keys = [(v, e, i) for e, i, _ in part]
+                pending.append((keys, self._pool.submit(decode_rows, [row[self.image_column] for _, _, row in part],
+                                                        keys, self.settings)))
+            keys, future = pending.popleft()
+            try:
+                results = future.result()
+            except BrokenProcessPool as err:  # which of the rows in flight killed it is unknowable here
+                (_, e0, i0), (_, e1, i1) = keys[0], (pending[-1][0] if pending else keys)[-1]
+                raise RuntimeError(f"a data worker died while decoding stream {v}, between epoch {e0} row {i0} and "
+                                   f"epoch {e1} row {i1} (killed for memory, or the image decoder crashed on one of "
+                                   "these rows); the last checkpoint is intact.") from err
+            for (_, e, i), result in zip(keys, results):
+                yield e, i, result
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, timesteps' uniform draws in [0, 1), noise) for this process: ``per_stream_batch`` examples from
-        each of its streams, with noise from each stream's own generator."""
-        images, uniforms, noises = [], [], []
-        for v in self.streams:
-            if v not in self._iterators:
-                self._iterators[v] = self._rows(v)
-            taken, first_failure, failures = [], None, 0
-            while len(taken) < self.per_stream_batch:
-                epoch, index, row = next(self._iterators[v])
-                self.position[v] = (epoch, index + 1)
-                array = self._decode(v, epoch, index, row)
-                if array is not None:
-                    taken.append(array)
-                    first_failure, failures = None, 0
-                    continue
-                first_failure, failures = first_failure or (epoch, index), failures + 1
-                whole_epoch = epoch > first_failure[0] and index >= first_failure[1]
-                if whole_epoch or failures >= self.MAX_UNDECODABLE_IN_A_ROW:
-                    what = "a whole epoch" if whole_epoch else f"{failures} rows in a row"
-                    raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
-                                     "column holds something else.")
-            batch = torch.from_numpy(np.stack(taken))
-            images.append(batch)
-            uniforms.append(torch.rand(len(taken), generator=self.noise[v], dtype=torch.float64))
-            noises.append(torch.randn(batch.shape, generator=self.noise[v]))
-        return torch.cat(images), torch.cat(uniforms), torch.cat(noises)
+    def _take(self, v: int, decoded: Iterator) -> Tuple[list, list, int, Tuple[int, int]]:
+        """The next ``per_stream_batch`` decodable examples of stream ``v``, their ids, the rows skipped and the
+        stream's position after them."""
+        taken, ids, skipped, first_failure, failures = [], [], 0, None, 0
+        while len(taken) < self.per_stream_batch:
+            epoch, index, (array, detail) = next(decoded)
+            position = (epoch, index + 1)
+            if array is not None:
+                taken.append(array)
+                if detail is not None:
+                    ids.append(detail)
+                first_failure, failures = None, 0
+                continue
+            skipped += 1
+            logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s", v, epoch, index, detail)
+            first_failure, failures = first_failure or (epoch, index), failures + 1
+            whole_epoch = epoch > first_failure[0] and index >= first_failure[1]
+            if whole_epoch or failures >= self.MAX_UNDECODABLE_IN_A_ROW:
+                what = "a whole epoch" if whole_epoch else f"{failures} rows in a row"
+                raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
+                                 "column holds something else.")
+        return taken, ids, skipped, position
+
+
+def default_num_workers(local_processes: int) -> int:
+    """Decoding workers per training process when --dataloader_num_workers is not given: the cores left after one
+    per training process, shared among the local processes, at most 8 each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_processes) - 1))

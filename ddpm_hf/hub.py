@@ -6,11 +6,13 @@ folders, always builds :class:`ddpm_hf.DDPMUNet` and :class:`ddpm_hf.DDPMSchedul
 names the file at fault.
 """
 
+import contextlib
 import inspect
 import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -157,3 +159,54 @@ def load_components(
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
     return {"unet": _load_unet(folder, allow_pickle, torch_dtype), "scheduler": scheduler}
+
+
+@contextlib.contextmanager
+def hub_timeout(seconds: float):
+    """huggingface_hub's HTTP client waits forever by default: a stalled server would freeze training. Within this
+    block its shared client gives up after ``seconds`` without progress (huggingface_hub then retries, and so do we)."""
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # a user's proxy setup, say
+
+    def client_with_timeout():
+        client = previous()
+        client.timeout = seconds
+        return client
+
+    huggingface_hub.set_client_factory(client_with_timeout)
+    try:
+        yield
+    finally:
+        huggingface_hub.set_client_factory(previous)
+
+
+def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional[str], private: bool, attempts: int,
+                      timeout_s: float, grid_path: Optional[Path], training_config: dict, local_dir: str,
+                      backoff_s: float = 2.0) -> bool:
+    """Upload a training run's EMA pipeline. huggingface_hub retries 5xx answers, dropped connections and timeouts
+    (``timeout_s``) itself, with backoff; on top of that the whole upload is tried ``attempts`` times with exponential
+    backoff (backoff_s, 2·backoff_s, ...). A final failure is reported and training goes on. Local files are never
+    modified and no token reaches the log."""
+    import huggingface_hub
+    from PIL import Image
+
+    secrets = [token, huggingface_hub.get_token()]
+    for attempt in range(1, attempts + 1):
+        try:
+            with hub_timeout(timeout_s):
+                pipe.push_to_hub(repo_id, private=private or None, token=token,
+                                 commit_message=f"ddpm_hf: EMA weights at step {step}",
+                                 sample_grid=Image.open(grid_path) if grid_path else None,
+                                 training_config=training_config)
+            logger.info("pushed the EMA pipeline of step %d to %s", step, repo_id)
+            return True
+        except Exception as err:  # network, auth, server: report without the token and go on
+            message = redact(f"{type(err).__name__}: {err}", secrets)
+            logger.warning("push to %s failed (attempt %d/%d): %s", repo_id, attempt, attempts, message)
+            if attempt < attempts:
+                time.sleep(min(backoff_s * 2 ** (attempt - 1), 60))
+    logger.error("gave up pushing step %d to %s after %d attempts; training goes on and the pipeline stays in %s",
+                 step, repo_id, attempts, local_dir)
+    return False

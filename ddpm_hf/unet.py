@@ -153,8 +153,12 @@ class Upsample(nn.Module):
     Computed without materialising the upsampled image: on a nearest-upsampled input, the 3×3 kernel sees only a 2×2
     neighbourhood of the low-resolution input for each of the four output phases, so one 2×2 convolution with 4×C
     outputs (the summed taps) followed by a pixel interleave gives the same result with 16 instead of 36 multiply-adds
-    per input pixel and channel pair.
+    per input pixel and channel pair. Which formulation runs is chosen per device type (``phases_on``): the phase
+    form won on CPU (bench/unet.py); on other devices diffusers' own formulation (interpolate, then convolve) runs
+    until a measurement there (bench/gpu.sh) says otherwise. Both give the same result to float rounding.
     """
+
+    phases_on = {"cpu"}
 
     def __init__(self, channels: int):
         super().__init__()
@@ -171,6 +175,8 @@ class Upsample(nn.Module):
         return cols.reshape(4 * w.shape[0], w.shape[1], 2, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type not in self.phases_on:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         b, _, h, w = x.shape
         c = self.conv.out_channels
         phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._phase_kernels(), self.conv.bias.repeat(4))

@@ -103,7 +103,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     assert not list(crashed.glob(".checkpoint-*"))
 
 
-def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir, workers):
     import datasets
 
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the 5 s Arrow-thread pause per pass: irrelevant here
@@ -111,9 +112,11 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir)
     column = find_image_column(ds.features)
 
     def epochs(rank, world, n_batches):
-        stream = TrainStream(ds, column, 16, 1, 4, world, rank, world, seed=3, shuffle_buffer_size=16, record_ids=True)
+        stream = TrainStream(ds, column, 16, 1, 4, world, rank, world, seed=3, shuffle_buffer_size=16, record_ids=True,
+                             num_workers=workers)
         for _ in range(n_batches):
             stream.next_batch()
+        stream.close()
         return stream.seen_ids
 
     r0, r1 = epochs(0, 2, 16), epochs(1, 2, 16)  # two epochs each
@@ -131,16 +134,23 @@ def test_dataset_without_image_column_lists_its_columns(tmp_path):
         find_image_column(ds.features, "img")
 
 
-def test_corrupt_rows_are_skipped_and_counted(tmp_path):
-    images = [{"bytes": png_bytes(i), "path": None} for i in range(6)]
-    images[2] = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": None}
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
+    images = [{"bytes": png_bytes(i), "path": None} for i in range(12)]
+    for bad in (2, 7, 8):  # decoded by different workers
+        images[bad] = {"bytes": b"\x89PNG\r\n\x1a\n truncated", "path": None}
     Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
         str(tmp_path / "train-0.parquet"))
     ds = load_image_dataset(str(tmp_path))
-    stream = TrainStream(ds, "image", 16, 1, 5, 1, 0, 1, seed=0, shuffle_buffer_size=0)
-    images, uniforms, noise = stream.next_batch()
-    assert images.shape == (5, 1, 16, 16) and stream.skipped_rows == 1
-    assert images.min() >= -1 and images.max() <= 1
+    stream = TrainStream(ds, "image", 16, 1, 3, 1, 0, 1, seed=0, shuffle_buffer_size=0, record_ids=True,
+                         num_workers=workers)
+    batches = [stream.next_batch() for _ in range(3)]
+    stream.close()
+    assert all(b.shape == (3, 1, 16, 16) and b.dtype == torch.uint8 for b in batches)
+    assert stream.skipped_rows == 3  # counted once each, whichever worker met them
+    good = [i for i in range(12) if i not in (2, 7, 8)]
+    assert stream.seen_ids == [hashlib.sha1(png_bytes(i)).hexdigest() for i in good[:9]]
+    assert stream.state_dict()["position"] == {0: (0, 12)}  # row 11 was the last one used
 
 
 @pytest.mark.hub

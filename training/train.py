@@ -16,15 +16,12 @@ Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), s
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -33,21 +30,17 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, PRESETS
-from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, find_image_column, first_image,
-                          load_image_dataset)
+from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline
+from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, default_num_workers, find_image_column,
+                          first_image, load_image_dataset, to_model_range)
 from ddpm_hf.ema import EMA
-from ddpm_hf.hub import is_repo_id, redact, unknown_config_keys
+from ddpm_hf.hub import is_repo_id, push_pipeline_with_retries, unknown_config_keys
 from ddpm_hf.losses import LOSSES, make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import training_defaults, unet_config
 from ddpm_hf.scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 
 logger = logging.getLogger("ddpm_hf.train")
-
-# Used when neither the flag nor the preset sets a value.
-FALLBACKS = dict(learning_rate=2e-4, lr_warmup_steps=5000, train_batch_size=16, max_grad_norm=1.0, ema_max_decay=0.9999,
-                 random_flip=False, variance_type="fixed_large", max_train_steps=10_000)
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +57,9 @@ def parse_args(argv=None):
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
     data.add_argument("--cache_dir", default=None)
+    data.add_argument("--dataloader_num_workers", type=int, default=None,
+                      help="processes that decode and augment images for each training process (0: a background "
+                           "thread of the training process does it); default: the free cores, at most 8")
     data.add_argument("--data_streams", type=int, default=None,
                       help="split the data into this many streams (default: one per process); runs with the same "
                            "value train on the same global batches whatever the number of processes")
@@ -102,6 +98,8 @@ def parse_args(argv=None):
     opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
     opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     opt.add_argument("--gradient_checkpointing", action="store_true")
+    opt.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the U-Net (checked before training)")
     opt.add_argument("--seed", type=int, default=0)
 
     out = p.add_argument_group("outputs")
@@ -113,6 +111,8 @@ def parse_args(argv=None):
     out.add_argument("--num_sample_images", type=int, default=16)
     out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
     out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
+                     "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
     out.add_argument("--record_example_ids", action="store_true",
                      help="write the sha1 of every training image per process (audits of the data split)")
@@ -133,20 +133,23 @@ def parse_args(argv=None):
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Fill what the flags leave open from the preset, then check every flag's range and combination before anything
     is loaded: ``p.error`` names the flag and exits with status 2."""
-    defaults = dict(FALLBACKS, **training_defaults(args.preset))
-    for key, value in defaults.items():
+    for key, value in training_defaults(args.preset).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = EMBEDDED_NAME
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps",
-                 "ddpm_num_inference_steps", "num_sample_images", "max_nonfinite_steps", "hub_push_attempts"):
+                 "ddpm_num_inference_steps", "num_sample_images", "max_nonfinite_steps", "hub_push_attempts", "logging_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("checkpointing_steps", "checkpoints_total_limit", "save_images_steps", "eval_steps",
                  "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        p.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        p.error("--mixed_precision fp16 needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16 or no")
     if args.data_streams is not None and args.data_streams < 1:
         p.error(f"--data_streams must be at least 1, got {args.data_streams}")
     for name in ("max_grad_norm", "adam_epsilon", "hub_timeout") + (("max_train_minutes",) if args.max_train_minutes
@@ -216,130 +219,110 @@ def build_model(args) -> DDPMUNet:
     return model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed)) if args.original_init else model
 
 
-class Progress:
-    """The optimizer step count, checkpointed with the rest of the state."""
+class LoopState:
+    """What the training loop owns, checkpointed with the rest: the optimizer step count, and the generators of the
+    diffusion noise (t and ε of Algorithm 1), one per data stream, so that a stream's examples get the same t and ε
+    whichever process serves it. On a GPU the generators live there (drawing ε on the host would cost more than the
+    step)."""
 
-    def __init__(self):
+    def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device):
         self.step = 0
+        self.per_stream_batch = per_stream_batch
+        self.generators = {v: torch.Generator(device).manual_seed(seed * 1009 + v) for v in streams}
+
+    def draw(self, x0: torch.Tensor, num_train_timesteps: int):
+        """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream."""
+        t, noise = [], []
+        for v, chunk in zip(self.generators, x0.split(self.per_stream_batch)):
+            g = self.generators[v]
+            uniform = torch.rand(len(chunk), generator=g, dtype=torch.float64, device=g.device)
+            t.append((uniform * num_train_timesteps).long().clamp(max=num_train_timesteps - 1))
+            noise.append(torch.randn(chunk.shape, generator=g, device=g.device))
+        return torch.cat(t).to(x0.device), torch.cat(noise).to(x0.device, x0.dtype)
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "noise": {v: g.get_state() for v, g in self.generators.items()}}
 
     def load_state_dict(self, state):
         self.step = state["step"]
+        self.load_noise_state(state.get("noise", {}))  # checkpoints before 0.2 kept it in the data stream
+
+    def load_noise_state(self, noise_state):
+        for v, g_state in noise_state.items():
+            self.generators[int(v)].set_state(g_state)
 
 
-def checkpoints(output_dir: Path):
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def make_accelerator(args) -> Accelerator:
+    """The Accelerator, with the run's precision, trackers and folders; refuses a launch that would not be DDP."""
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
+        raise SystemExit(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
+                         f"with {accelerator.num_processes} process(es): each would train alone. On CPU launch with "
+                         "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return accelerator
 
 
-# Folders are written under a hidden name and renamed into place, so a crash at any moment leaves every visible
-# folder complete. Hidden leftovers: ".X.tmp" (half written), ".X.trash" (half deleted), ".X.old" (the previous X,
-# moved aside for the instant of a swap).
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk, so that the rename that publishes it cannot outlive its contents."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def publish_folder(tmp: Path, final: Path) -> None:
-    """Make the complete folder ``tmp`` visible as ``final``, replacing any previous version."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def delete_folder(folder: Path) -> None:
-    """Delete ``folder`` so that it is never seen half deleted."""
-    trash = folder.with_name(f".{folder.name}.trash")
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def recover_folders(output_dir: Path) -> None:
-    """Finish what a crash interrupted: drop half-written and half-deleted folders, restore a swapped-out one."""
-    for hidden in [*output_dir.glob(".checkpoint-*.*"), *output_dir.glob(".pipeline.*")]:
-        name, _, kind = hidden.name[1:].rpartition(".")
-        if kind == "old" and not (output_dir / name).exists():
-            os.replace(hidden, output_dir / name)
-        elif kind in ("tmp", "trash", "old"):
-            shutil.rmtree(hidden, ignore_errors=True)
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
-    """accelerate.save_state into a hidden folder, published when every process has written and the files are on
-    disk: a kill or a full disk while saving leaves the previous checkpoint intact. A failed write stops the run with
-    the reason; the half-written folder is removed."""
-    tmp, final = output_dir / f".checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int,
+                      local_processes: int) -> TrainStream:
+    """The data opened and its first image read before any training: a bad dataset stops here, named."""
     try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            fsync_tree(tmp)
-    except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoints(output_dir)
-        raise SystemExit(
-            f"could not write checkpoint-{step} in {output_dir} ({type(err).__name__}: {err}): "
-            f"{write_failure_reason(output_dir, previous)}. "
-            + (f"The previous checkpoint {previous[-1].name} is intact: make room, then resume with "
-               "--resume_from_checkpoint latest." if previous else "No earlier checkpoint exists.")) from err
-    if accelerator.is_main_process:
-        publish_folder(tmp, final)
-        for old in checkpoints(output_dir)[:-limit] if limit else []:
-            delete_folder(old)
-    accelerator.wait_for_everyone()
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
+                                     args.streaming, args.cache_dir)
+        image_column = find_image_column(dataset.features, args.image_column)
+        check_channels(first_image(dataset, image_column), model.config.in_channels)
+        workers = args.dataloader_num_workers
+        return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
+                           streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
+                           args.random_flip, record_ids=args.record_example_ids,
+                           num_workers=default_num_workers(local_processes) if workers is None else workers)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
 
-def write_failure_reason(output_dir: Path, previous) -> str:
-    """Why a write most likely failed; torch.save reports a short write without the OS error behind it."""
-    import resource
+def compile_model(model, loss_fn, batch: int, resolution: int, device) -> None:
+    """``torch.compile`` the U-Net in place (its state_dict keys stay plain: no ``_orig_mod.``), then run one training
+    forward and backward of the prepared model (with its autocast) on a dummy batch: a compiler failure stops the run
+    here, before any training, and the real steps reuse the compiled graph. The random state is left as it was."""
+    unet = getattr(model, "module", model)  # inside DDP
+    unet.compile()
+    c = unet.config
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            x0 = torch.zeros(batch, c.in_channels, resolution, resolution, device=device)
+            t = torch.zeros(batch, dtype=torch.long, device=device)
+            loss_fn(model(x0, t).sample, x0, x0, t, x0).mean().backward()
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SystemExit(f"--compile: torch.compile of the U-Net failed ({type(err).__name__}: {first_line}); "
+                         "train without --compile.") from err
+    unet.zero_grad(set_to_none=True)
 
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        return f"this process may not write files over {limit} bytes (ulimit -f)"
-    free = shutil.disk_usage(output_dir).free
-    needed = sum(f.stat().st_size for f in previous[-1].iterdir()) if previous else 0
-    if free < max(needed, 1):
-        return f"the disk is full ({free / 2**20:.0f} MiB free, a checkpoint takes {needed / 2**20:.0f} MiB)"
-    return f"the disk may be full or failing ({free / 2**20:.0f} MiB free now)"
 
-
-def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
-    """Load the requested checkpoint, or with 'latest' the newest one that every process can read (an unreadable one
-    is reported and skipped). Returns the folder loaded, None when there is none."""
-    if requested != "latest":
-        candidates = [Path(requested)]
-    else:
-        candidates = list(reversed(checkpoints(output_dir)))
-        if not candidates:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-            return None
-    for path in candidates:
-        try:
-            accelerator.load_state(str(path))
-            failed, reason = 0.0, ""
-        except Exception as err:  # truncated or corrupt file: the processes must agree before going on
-            failed, reason = 1.0, f"{type(err).__name__}: {err}"
-        if accelerator.reduce(torch.tensor([failed], device=accelerator.device), "sum").item() == 0:
-            return path
-        if requested != "latest":
-            raise SystemExit(f"--resume_from_checkpoint {path} is unreadable ({reason or 'on another process'}); "
-                             "pass an older checkpoint-N folder or 'latest'.")
-        logger.warning("checkpoint %s is unreadable (%s): trying the previous one", path, reason or "on another process")
-    raise SystemExit(f"no readable checkpoint in {output_dir}; remove the broken ones or start without "
-                     "--resume_from_checkpoint.")
+def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm):
+    """Clip and step; an update whose loss or gradient is NaN/Inf on any process is skipped by every process (the
+    all-reduced gradient norm is non-finite everywhere). Returns (finite, grad_norm, overflow): ``overflow`` is an
+    fp16 step that the loss scaler skipped (it lowers its scale by itself; not a bad step)."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if accelerator.sync_gradients else None
+    finite, overflow = grad_norm is None or bool(torch.isfinite(grad_norm)), False
+    if accelerator.scaler is not None:
+        optimizer.step()  # the scaler skips an overflowing update itself
+        if accelerator.sync_gradients:
+            bad_loss = torch.tensor([float(not torch.isfinite(loss))], device=accelerator.device)
+            finite = accelerator.reduce(bad_loss, "sum").item() == 0
+            overflow = finite and accelerator.optimizer_step_was_skipped
+    elif finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm, overflow
 
 
 def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
@@ -368,54 +351,13 @@ def public_config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "hub_token"}
 
 
-@contextlib.contextmanager
-def hub_timeout(seconds: float):
-    """huggingface_hub's HTTP client waits forever by default: a stalled server would freeze training. Within this
-    block its shared client gives up after ``seconds`` without progress (huggingface_hub then retries, and so do we)."""
-    import huggingface_hub
-    from huggingface_hub.utils import _http
-
-    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)  # a user's proxy setup, say
-
-    def client_with_timeout():
-        client = previous()
-        client.timeout = seconds
-        return client
-
-    huggingface_hub.set_client_factory(client_with_timeout)
-    try:
-        yield
-    finally:
-        huggingface_hub.set_client_factory(previous)
-
-
 def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
-    """Upload the EMA pipeline. huggingface_hub retries 5xx answers, dropped connections and timeouts
-    (--hub_timeout) itself, with backoff; on top of that the whole upload is tried --hub_push_attempts times with
-    exponential backoff (backoff_s, 2·backoff_s, ...). A final failure is reported and training goes on. Local files
-    are never modified and no token reaches the log."""
-    import huggingface_hub
-    from PIL import Image
-
-    secrets = [args.hub_token, huggingface_hub.get_token()]
-    for attempt in range(1, args.hub_push_attempts + 1):
-        try:
-            with hub_timeout(args.hub_timeout):
-                pipe.push_to_hub(args.hub_model_id, private=args.hub_private_repo or None, token=args.hub_token,
-                                 commit_message=f"ddpm_hf: EMA weights at step {step}",
-                                 sample_grid=Image.open(grid_path) if grid_path else None,
-                                 training_config=public_config(args))
-            logger.info("pushed the EMA pipeline of step %d to %s", step, args.hub_model_id)
-            return True
-        except Exception as err:  # network, auth, server: report without the token and go on
-            message = redact(f"{type(err).__name__}: {err}", secrets)
-            logger.warning("push to %s failed (attempt %d/%d): %s", args.hub_model_id, attempt, args.hub_push_attempts,
-                           message)
-            if attempt < args.hub_push_attempts:
-                time.sleep(min(backoff_s * 2 ** (attempt - 1), 60))
-    logger.error("gave up pushing step %d to %s after %d attempts; training goes on and the pipeline stays in %s",
-                 step, args.hub_model_id, args.hub_push_attempts, args.output_dir)
-    return False
+    """The EMA pipeline to --hub_model_id, with the run's --hub_* settings (see push_pipeline_with_retries)."""
+    return push_pipeline_with_retries(pipe, args.hub_model_id, step=step, token=args.hub_token,
+                                      private=args.hub_private_repo, attempts=args.hub_push_attempts,
+                                      timeout_s=args.hub_timeout, grid_path=grid_path,
+                                      training_config=public_config(args), local_dir=args.output_dir,
+                                      backoff_s=backoff_s)
 
 
 def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, step: int, images: bool,
@@ -430,34 +372,48 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
 
         accelerator.log({"eval_bpd_estimate": quick_bits_per_dim(pipe, args, resolution)}, step=step)
     if final:
-        tmp = output_dir / ".pipeline.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp)
-        (tmp / "training_config.json").write_text(json.dumps(public_config(args), indent=2, default=str))
-        fsync_tree(tmp)
-        publish_folder(tmp, output_dir / "pipeline")
+        save_pipeline(pipe, output_dir / "pipeline", public_config(args))
     if push:
         push_with_retries(pipe, args, grid, step)
+
+
+class Throughput:
+    """Images/s the model consumed and the fraction of wall time spent waiting for batches, per logging interval
+    and in all (the first interval, with its compilation and start-up, left out of the total)."""
+
+    def __init__(self):
+        self.interval_start = time.perf_counter()
+        self.images = self.wait = 0.0
+        self.total = {"images": 0.0, "wait": 0.0, "seconds": 0.0}
+
+    def waited(self, seconds: float, images: int):
+        self.wait, self.images = self.wait + seconds, self.images + images
+
+    def interval(self, first: bool) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.interval_start, 1e-9)
+        logs = {"images_per_s": self.images / elapsed, "data_wait": self.wait / elapsed}
+        if not first:
+            for key, value in (("images", self.images), ("wait", self.wait), ("seconds", elapsed)):
+                self.total[key] += value
+        self.interval_start, self.images, self.wait = now, 0.0, 0.0
+        return logs
+
+    def summary(self) -> str:
+        seconds = max(self.total["seconds"], 1e-9)
+        return (f"{self.total['images'] / seconds:.1f} images/s, data_wait {100 * self.total['wait'] / seconds:.2f} % "
+                f"over {seconds:.1f} s (the first logging interval left out)")
 
 
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.logger == "none" else args.logger,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
-        raise SystemExit(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
-                         f"with {accelerator.num_processes} process(es): each would train alone. On CPU launch with "
-                         "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
-    world, rank = accelerator.num_processes, accelerator.process_index
+    accelerator = make_accelerator(args)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     streams = args.data_streams or world
     set_seed(args.seed)  # the same initial weights on every process
 
+    # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
     model = build_model(args)
     resolution = args.resolution or model.config.sample_size
     factor = 2 ** (len(model.config.block_out_channels) - 1)
@@ -469,136 +425,120 @@ def main(argv=None):
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
     loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels)
+    num_train_timesteps = scheduler.config.num_train_timesteps
 
-    try:  # the data is opened and its first image read before any training: a bad dataset stops here
-        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                     args.streaming, args.cache_dir)
-        image_column = find_image_column(dataset.features, args.image_column)
-        check_channels(first_image(dataset, image_column), model.config.in_channels)
-        stream = TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
-                             streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
-                             args.random_flip, record_ids=args.record_example_ids)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
+    # --- data ------------------------------------------------------------------------------------------------------
+    stream = open_train_stream(args, model, resolution, streams, rank, world,
+                               local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
+    # --- optimiser, EMA, and the state a checkpoint holds ----------------------------------------------------------
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on a GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     ema = EMA(model.parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
-    progress = Progress()
+    loop = LoopState(stream.streams, args.train_batch_size, args.seed, device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    for state in (lr_scheduler, stream, progress) + ((ema,) if ema else ()):
+    for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
+    if args.compile:
+        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device)
 
+    # --- resume ----------------------------------------------------------------------------------------------------
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_folders(output_dir)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
+        if stream.legacy_noise_state is not None:
+            loop.load_noise_state(stream.legacy_noise_state)
         if path is not None:
-            logger.info("resumed from %s at step %d", path, progress.step)
-
+            logger.info("resumed from %s at step %d", path, loop.step)
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": world,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
-                "data_streams": streams, "dataset_shards": dataset.num_shards}
+                "data_streams": streams, "dataset_shards": stream.num_shards,
+                "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ddpm_hf", config=tracker_config)
-    logger.info("process %d/%d, %s, data streams %s, %d examples per step in all", rank, world,
-                accelerator.distributed_type, stream.streams, args.train_batch_size * streams)
+    logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per step in all", rank, world,
+                accelerator.distributed_type, stream.streams, stream.num_workers, args.train_batch_size * streams)
 
-    num_train = scheduler.config.num_train_timesteps
-    global_batch = args.train_batch_size * streams * args.gradient_accumulation_steps
-    bar = tqdm(total=args.max_train_steps, initial=progress.step, desc="training", unit="step",
+    # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
+    bar = tqdm(total=args.max_train_steps, initial=loop.step, desc="training", unit="step",
                disable=not accelerator.is_main_process)
-    started = last_time = time.perf_counter()
-    resumed_at_end = progress.step >= args.max_train_steps
-    skipped_steps = consecutive_nonfinite = 0
-    while progress.step < args.max_train_steps:
-        with accelerator.accumulate(model):
-            images, uniforms, noise = stream.next_batch()
-            x0, noise = images.to(accelerator.device), noise.to(accelerator.device)
-            t = (uniforms * num_train).long().clamp(max=num_train - 1).to(accelerator.device)
-            x_t = scheduler.add_noise(x0, noise, t)
-            output = model(x_t, t).sample
-            per_example = loss_fn(output, x0, x_t, t, noise)
-            loss = per_example.mean()
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
-                if accelerator.sync_gradients else None
-            # A NaN/Inf loss on any process makes the all-reduced gradient norm non-finite on every process, so all
-            # of them skip the same update.
-            finite = grad_norm is None or bool(torch.isfinite(grad_norm))
-            if accelerator.scaler is not None:
-                # fp16: the loss scaler skips overflowing updates and lowers its scale by itself; only a non-finite
-                # loss (on any process) counts as a bad step.
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    bad_loss = torch.tensor([float(not torch.isfinite(loss))], device=accelerator.device)
-                    finite = accelerator.reduce(bad_loss, "sum").item() == 0
-                    if accelerator.optimizer_step_was_skipped and finite:
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-            elif finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        if not finite:
-            skipped_steps += 1
-            consecutive_nonfinite += 1
-            logger.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, %d in all)",
-                           progress.step + 1, consecutive_nonfinite, skipped_steps)
-            if consecutive_nonfinite >= args.max_nonfinite_steps:
-                raise SystemExit(f"{consecutive_nonfinite} non-finite losses in a row at step {progress.step + 1}: "
-                                 "lower --learning_rate, check the data or use --mixed_precision no; the last "
-                                 "checkpoint is intact.")
-            continue
-        consecutive_nonfinite = 0
-        lr_scheduler.step()
-        decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
-        progress.step += 1
+    started, speed = time.perf_counter(), Throughput()
+    resumed_at_end, first_interval = loop.step >= args.max_train_steps, True
+    skipped_steps = overflow_steps = nonfinite_in_a_row = 0
+    try:
+        while loop.step < args.max_train_steps:
+            waiting = time.perf_counter()
+            x0 = to_model_range(stream.next_batch().to(device, non_blocking=True))  # x_0 ~ q(x_0), in [−1, 1]
+            speed.waited(time.perf_counter() - waiting, len(x0) * world)
+            with accelerator.accumulate(model):
+                t, noise = loop.draw(x0, num_train_timesteps)  # t ~ Uniform, ε ~ N(0, I)
+                x_t = scheduler.add_noise(x0, noise, t)  # eq. 4
+                per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)  # eq. 14 (or the bound)
+                loss = per_example.mean()
+                accelerator.backward(loss)
+                finite, grad_norm, overflow = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            if overflow:
+                overflow_steps += 1
+                continue
+            if not finite:
+                skipped_steps, nonfinite_in_a_row = skipped_steps + 1, nonfinite_in_a_row + 1
+                logger.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, %d in all)",
+                               loop.step + 1, nonfinite_in_a_row, skipped_steps)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise SystemExit(f"{nonfinite_in_a_row} non-finite losses in a row at step {loop.step + 1}: "
+                                     "lower --learning_rate, check the data or use --mixed_precision no; the last "
+                                     "checkpoint is intact.")
+                continue
+            nonfinite_in_a_row = 0
+            lr_scheduler.step()
+            decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
+            loop.step += 1
 
-        losses = accelerator.gather(per_example.detach()).float()
-        steps = accelerator.gather(t).float()
-        now = time.perf_counter()
-        logs = {"loss": losses.mean().item(), "lr": lr_scheduler.get_last_lr()[0], "ema_decay": decay,
-                "skipped_steps": skipped_steps,
-                "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                "images_per_s": global_batch / max(now - last_time, 1e-9)}
-        last_time = now
-        for q in range(4):
-            in_quartile = (steps >= q * num_train / 4) & (steps < (q + 1) * num_train / 4)
-            if in_quartile.any():
-                logs[f"loss_q{q}"] = losses[in_quartile].mean().item()
-        accelerator.log(logs, step=progress.step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}")
+            if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
+                logs = dict(loss_logs(accelerator, per_example, t, num_train_timesteps), lr=lr_scheduler.get_last_lr()[0],
+                            ema_decay=decay, skipped_steps=skipped_steps, fp16_overflow_steps=overflow_steps,
+                            grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                            **speed.interval(first_interval))
+                first_interval = False
+                accelerator.log(logs, step=loop.step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
+                                data_wait=f"{100 * logs['data_wait']:.1f}%")
+            bar.update(1)
 
-        if args.max_train_minutes:  # every process must stop at the same step: agree on it
-            out_of_time = float(time.perf_counter() - started > 60 * args.max_train_minutes)
-            if accelerator.reduce(torch.tensor([out_of_time], device=accelerator.device), "sum").item() > 0:
-                logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, progress.step)
-                args.max_train_steps = progress.step
-        final = progress.step == args.max_train_steps
-        if args.checkpointing_steps and (progress.step % args.checkpointing_steps == 0 or final):
-            save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_total_limit)
-        want_images = args.save_images_steps and progress.step % args.save_images_steps == 0
-        want_eval = args.eval_steps and progress.step % args.eval_steps == 0
-        want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
-                                                    and progress.step % args.checkpointing_steps == 0))
-        if accelerator.is_main_process and (want_images or want_eval or want_push or final):
-            write_outputs(accelerator, model, ema, scheduler, args, resolution, progress.step, want_images, want_eval,
-                          want_push, final)
-        accelerator.wait_for_everyone()
+            # --- checkpoints, samples, evaluation, uploads -----------------------------------------------------
+            if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
+                logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, loop.step)
+                args.max_train_steps = loop.step
+            final = loop.step == args.max_train_steps
+            if args.checkpointing_steps and (loop.step % args.checkpointing_steps == 0 or final):
+                save_checkpoint(accelerator, output_dir, loop.step, args.checkpoints_total_limit)
+            want_images = args.save_images_steps and loop.step % args.save_images_steps == 0
+            want_eval = args.eval_steps and loop.step % args.eval_steps == 0
+            want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
+                                                        and loop.step % args.checkpointing_steps == 0))
+            if accelerator.is_main_process and (want_images or want_eval or want_push or final):
+                write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, want_images,
+                              want_eval, want_push, final)
+            accelerator.wait_for_everyone()
+    finally:
+        stream.close()
     bar.close()
+    logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps", rank, speed.summary(),
+                skipped_steps, overflow_steps)
     if resumed_at_end and accelerator.is_main_process:
         # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them.
-        write_outputs(accelerator, model, ema, scheduler, args, resolution, progress.step, False, False,
+        write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, False, False,
                       args.push_to_hub, True)
 
     if args.record_example_ids:
@@ -610,6 +550,25 @@ def main(argv=None):
     if accelerator.is_main_process:
         print(f"pipeline: {output_dir / 'pipeline'}\nsamples: {output_dir / 'samples'}\n"
               f"checkpoints: {output_dir}/checkpoint-*\nlogs: {output_dir / args.logging_dir}")
+
+
+def loss_logs(accelerator, per_example, t, num_train_timesteps: int) -> dict:
+    """The step's mean loss over all processes, and per quarter of the timesteps (the loss varies with t by orders
+    of magnitude: the quarters show where training stands)."""
+    losses = accelerator.gather(per_example.detach()).float()
+    steps = accelerator.gather(t).float()
+    logs = {"loss": losses.mean().item()}
+    for q in range(4):
+        in_quartile = (steps >= q * num_train_timesteps / 4) & (steps < (q + 1) * num_train_timesteps / 4)
+        if in_quartile.any():
+            logs[f"loss_q{q}"] = losses[in_quartile].mean().item()
+    return logs
+
+
+def out_of_time(accelerator, started: float, minutes: float) -> bool:
+    """Whether any process has used up --max_train_minutes: every process must stop at the same step."""
+    late = float(time.perf_counter() - started > 60 * minutes)
+    return accelerator.reduce(torch.tensor([late], device=accelerator.device), "sum").item() > 0
 
 
 if __name__ == "__main__":

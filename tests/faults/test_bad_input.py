@@ -16,7 +16,8 @@ from runs import FAST
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
-from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset
+from ddpm_hf.data import (TrainStream, check_channels, first_image, image_channels, load_image_dataset,
+                          to_model_range)
 
 
 
@@ -148,13 +149,13 @@ def test_images_of_every_mode_and_size_are_converted(tmp_path):
     assert image_channels(first_image(ds, "image")) == 1
     for channels in (1, 3):
         stream = TrainStream(ds, "image", 16, channels, len(modes), 1, 0, 1, seed=0, shuffle_buffer_size=0)
-        batch, _, _ = stream.next_batch()
+        batch = to_model_range(stream.next_batch())
         assert batch.shape == (len(modes), channels, 16, 16) and stream.skipped_rows == 0
         assert batch.min() >= -1 and batch.max() <= 1
     # Oracle for the grey conversion: PIL's own luminance of the same resized, centre-cropped RGB image.
     rgb = Image.open(io.BytesIO(images[modes.index("RGB")]))
     stream = TrainStream(ds, "image", 16, 1, len(modes), 1, 0, 1, seed=0, shuffle_buffer_size=0)
-    got = stream.next_batch()[0][modes.index("RGB"), 0].numpy()
+    got = to_model_range(stream.next_batch())[modes.index("RGB"), 0].numpy()
     w, h = rgb.size
     scale = 16 / min(w, h)
     expected = rgb.convert("L").resize((max(16, round(w * scale)), max(16, round(h * scale))), Image.BILINEAR)

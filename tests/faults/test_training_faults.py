@@ -41,8 +41,14 @@ def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images
     for i, point in enumerate(points):
         (out / "run_info.json").unlink(missing_ok=True)
         resume = ["--resume_from_checkpoint", "latest"] if i else []
-        proc = launch(args + hub_args + resume + ["--output_dir", str(out)], tmp_path / "killed.log")
+        log = tmp_path / f"killed-{i}.log"
+        proc = launch(args + hub_args + resume + ["--output_dir", str(out)], log)
         hits.append(kill_at(proc, point, out, rng, upload_fault=upload))
+        if i:  # each relaunch resumed from the newest visible checkpoint, not from scratch (same final weights!)
+            latest = after_kill[-1][-1] if after_kill[-1] else None
+            expected = (f"resumed from {out / latest} at step {latest.split('-')[1]}" if latest
+                        else f"no checkpoint in {out}: starting from scratch")
+            assert expected in log.read_text(), f"launch {i}: expected {expected!r} in {log}"
         after_kill.append(check_checkpoints(out))  # the visible checkpoints all load, whatever the kill hit
         assert not (out / "pipeline").exists()
     assert hits == points, f"runs ended before their kill: {hits} (log: {tmp_path / 'killed.log'})"
@@ -55,7 +61,7 @@ def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images
     assert check_checkpoints(out) == ["checkpoint-42", "checkpoint-48"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written leftovers
 
-    leaks = [f for f in [tmp_path / "killed.log", *out.rglob("*")] if f.is_file() and ALICE.encode() in f.read_bytes()]
+    leaks = [f for f in [*tmp_path.glob("killed*.log"), *out.rglob("*")] if f.is_file() and ALICE.encode() in f.read_bytes()]
     assert not leaks, f"the token was written to {leaks}"
 
     # What the Hub ended with is the final pipeline, whole

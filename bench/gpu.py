@@ -1,0 +1,232 @@
+"""One prepared GPU check: every figure the GPU goals of the project need, one line each, in one run (≤ 8 minutes on one
+H100). Run through bench/gpu.sh, which installs diffusers and datasets from wheels first (the GPU machine has no
+network). Each part is timed against a deadline and skipped, saying so, when the time is up.
+
+Lines printed (prefix "GPU"):
+  unet train step  ours vs diffusers at ddpm-cifar10, batch 128, fp32 and bf16 autocast (time ratio), and the two
+                   upsampling formulations of ours on this device;
+  train.py         ~300 steps at ddpm-cifar10, batch 128, bf16, on synthetic 32² PNG parquet: images/s, data_wait,
+                   model FLOP utilisation (FLOPs counted from the network by torch's FLOP counter, against the
+                   measured bf16 matmul peak and the data-sheet peak), eager and --compile; fp16 for a few steps;
+  sampling         1000 ancestral steps of 256 images (images/s; 50,000-sample projection);
+  bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
+"""
+
+import argparse
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+START = time.time()
+H100_BF16_DENSE_TFLOPS = 989.0  # SXM data sheet, dense
+
+
+def say(*parts):
+    print("GPU", *parts, flush=True)
+
+
+def left(deadline_s):
+    return deadline_s - (time.time() - START)
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def time_steps(fn, repeats):
+    fn(), fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    seconds = time_steps(lambda: a @ b, 10)
+    return 2 * 8192 ** 3 / seconds / 1e12
+
+
+def train_flops_per_image(preset: str) -> float:
+    """Forward + backward FLOPs of one training image, counted by torch on the real network (batch 8)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_hf import DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    config = unet_config(preset, dropout=0.0)
+    model = DDPMUNet(**config).cuda()
+    x = torch.randn(8, config["in_channels"], config["sample_size"], config["sample_size"], device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).sample.square().mean().backward()
+    return counter.get_total_flops() / 8
+
+
+def unet_step_ratios(batch: int):
+    from diffusers import UNet2DModel
+
+    from ddpm_hf import DDPMUNet
+    from ddpm_hf.presets import unet_config
+    from ddpm_hf.unet import Upsample
+
+    config = unet_config("ddpm-cifar10", dropout=0.0)
+    torch.manual_seed(0)
+    theirs = UNet2DModel(**config).cuda()
+    ours = DDPMUNet(**config).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (batch,), device="cuda")
+    target = torch.randn_like(x)
+    for precision in ("fp32", "bf16"):
+        def step(model, optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = torch.nn.functional.mse_loss(model(x, t).sample.float(), target)
+            loss.backward()
+            optimizer.step()
+
+        opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (ours, theirs)}
+        results = {}
+        for name, model in (("ours", ours), ("diffusers", theirs)):
+            results[name] = time_steps(lambda: step(model, opts[model]), 20)
+        Upsample.phases_on = {"cpu", "cuda"}
+        results["ours_phases"] = time_steps(lambda: step(ours, opts[ours]), 20)
+        Upsample.phases_on = {"cpu"}
+        say(f"unet train step ddpm-cifar10 b{batch} {precision}: ours {1000 * results['ours']:.1f} ms, diffusers "
+            f"{1000 * results['diffusers']:.1f} ms, ratio ours/diffusers {results['ours'] / results['diffusers']:.3f}; "
+            f"ours with phase upsampling {1000 * results['ours_phases']:.1f} ms "
+            f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f})")
+
+
+def write_cifar_like(folder: Path, count: int, shards: int = 16):
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB").save(buffer, format="PNG")
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    ds = Dataset.from_dict({"image": rows}, features=Features({"image": ImageFeature()}))
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        ds.shard(shards, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-{shards:05d}.parquet"))
+
+
+def train_run(data: Path, out: Path, steps: int, extra, timeout):
+    cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10", "--dataset_name", str(data),
+           "--train_batch_size", "128", "--max_train_steps", str(steps), "--checkpointing_steps", "0",
+           "--num_sample_images", "1", "--ddpm_num_inference_steps", "2", "--logger", "none", "--logging_steps", "50",
+           "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    text = result.stdout + result.stderr
+    found = re.search(r"([\d.]+) images/s, data_wait ([\d.]+) % over ([\d.]+) s", text)
+    if result.returncode or not found:
+        raise RuntimeError(f"train.py exited {result.returncode}:\n{text[-3000:]}")
+    overflow = re.search(r"(\d+) fp16 overflow steps", text)
+    return float(found.group(1)), float(found.group(2)), float(found.group(3)), overflow and int(overflow.group(1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deadline_s", type=float, default=450, help="skip parts that would start after this")
+    parser.add_argument("--train_steps", type=int, default=300)
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
+    say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}, "
+        f"{os.cpu_count()} CPUs")
+    peak = matmul_peak_tflops()
+    flops = train_flops_per_image("ddpm-cifar10")
+    say(f"bf16 matmul 8192³: {peak:.0f} TFLOP/s measured (data sheet {H100_BF16_DENSE_TFLOPS:.0f}); ddpm-cifar10 "
+        f"training: {flops / 1e9:.2f} GFLOP per image (forward + backward, counted)")
+
+    def part(name, fn, needs_s):
+        if left(args.deadline_s) < needs_s:
+            say(f"{name}: skipped, {left(args.deadline_s):.0f} s left of the deadline")
+            return
+        try:
+            fn()
+        except Exception as err:  # one failing part must not hide the others' figures
+            say(f"{name}: FAILED {type(err).__name__}: {str(err)[-1500:]}")
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "cifar_like"
+
+    def training(extra, label, steps):
+        img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra, timeout=max(60, left(600)))
+        mfu = img_s * flops / 1e12
+        say(f"train.py {label} ddpm-cifar10 b128 {steps} steps: {img_s:.0f} images/s, data_wait {wait:.2f} %, "
+            f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak ({100 * mfu / H100_BF16_DENSE_TFLOPS:.1f} "
+            f"% of data sheet); 800k steps × 128 would take {800_000 * 128 / img_s / 3600:.1f} h"
+            + (f"; fp16 overflow steps {overflow}" if overflow is not None and "fp16" in label else ""))
+
+    part("unet", lambda: unet_step_ratios(128), 30)
+    part("data", lambda: write_cifar_like(data, 20_000), 30)
+    part("train bf16", lambda: training(["--mixed_precision", "bf16", "--allow_tf32"], "bf16", args.train_steps), 60)
+    part("train bf16 compile", lambda: training(["--mixed_precision", "bf16", "--allow_tf32", "--compile"],
+                                                "bf16-compile", args.train_steps), 150)
+    part("sampling", sampling, 60)
+    part("bits/dim", lambda: bits(compiled=False), 60)
+    part("bits/dim compiled", lambda: bits(compiled=True), 90)
+    part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
+    say(f"done in {time.time() - START:.0f} s")
+
+
+def sampling():
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    unet = DDPMUNet(**unet_config("ddpm-cifar10")).cuda().eval()
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    for label, autocast in (("fp32/tf32", False), ("bf16 autocast", True)):
+        sync()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            pipe(batch_size=256, num_inference_steps=1000, output_type="np", generator=torch.Generator().manual_seed(0))
+        sync()
+        seconds = time.perf_counter() - start
+        say(f"sampling 1000 steps × 256 images {label}: {seconds:.1f} s, {256 / seconds:.1f} images/s; 50,000 samples "
+            f"projected {50_000 / (256 / seconds) / 60:.1f} min on one GPU")
+
+
+def bits(compiled: bool):
+    from ddpm_hf import DDPMScheduler, DDPMUNet
+    from ddpm_hf.likelihood import bits_per_dim
+    from ddpm_hf.presets import unet_config
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    unet = DDPMUNet(**unet_config("ddpm-cifar10")).cuda().eval()
+    if compiled:
+        unet.compile()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (256, 3, 32, 32), dtype=np.uint8)).cuda()
+    sync()
+    start = time.perf_counter()
+    result = bits_per_dim(unet, DDPMScheduler(), images, batch_size=256, progress=False)
+    sync()
+    say(f"bits/dim 256 images × 1000 terms {'compiled' if compiled else 'eager'} (tf32): "
+        f"{time.perf_counter() - start:.1f} s (includes compilation) , mean {float(result.mean):.3f}")
+
+
+if __name__ == "__main__":
+    main()

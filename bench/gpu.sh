@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The prepared GPU check of issue 13, one command on a GPU machine with torch but without network, diffusers or
+# datasets:
+#     bash bench/gpu.sh            # prints one "GPU ..." line per figure, ≤ 8 minutes on one H100
+# It installs diffusers, datasets and their pure-Python dependencies from wheels in .gpu_wheels/ (git-ignored), made
+# on a machine with network by:
+#     pip download --no-deps -d .gpu_wheels diffusers==0.42.1 datasets==5.2.0 dill multiprocess xxhash regex \
+#         importlib_metadata zipp      # plus --python-version 3.X --only-binary=:all: for the GPU machine's Python
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-.gpu_wheels}
+if ! python -c "import diffusers, datasets" 2>/dev/null; then
+    pip install -q --no-index --no-deps --find-links "$WHEELS" diffusers datasets dill multiprocess xxhash regex \
+        importlib_metadata zipp
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+python bench/gpu.py "$@"
+if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests
+    python -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "fp16 or upsampling or ema" 2>&1 | tail -3
+fi

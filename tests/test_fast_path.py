@@ -1,0 +1,225 @@
+"""The training fast path: decoding workers that change nothing but speed, the data-wait measurement, bf16,
+torch.compile, fp16 (CUDA only), and the per-device choices of the U-Net."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import ddpm_hf.data as data
+from ddpm_hf.data import TrainStream, load_image_dataset
+from runs import FAST, TRAIN, child_env, final_weights, launch, run, write_images
+
+
+REAL_DECODE_ROWS = data.decode_rows
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data"), count=96)
+
+
+def _children(pid: int):
+    """The pids whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pids, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_workers_change_nothing_but_speed(images, tmp_path):
+    """Same weights and the same examples with 0 and 2 decoding workers (2 data streams in one process; the
+    2-process case is in test_training.py)."""
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "0",
+                   "--data_streams", "2", "--record_example_ids", "--random_flip"]
+    for workers in (0, 2):
+        run(args + ["--dataloader_num_workers", str(workers), "--output_dir", str(tmp_path / f"w{workers}")],
+            tmp_path / f"w{workers}.log")
+    assert json.loads((tmp_path / "w2" / "run_info.json").read_text())["dataloader_num_workers"] == 2
+    ids = [(tmp_path / f"w{w}" / "logs" / "example_ids_rank0.txt").read_text().split() for w in (0, 2)]
+    assert ids[0] == ids[1] and len(ids[0]) == 10 * 2 * 4
+    a, b = final_weights(tmp_path / "w0"), final_weights(tmp_path / "w2")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # the wait for data is measured and reported
+    assert "data_wait" in (tmp_path / "w2.log").read_text()
+
+
+def dies_on_row_9(cells, keys, settings):
+    """decode_rows in a worker that gets killed at row 9 (by reference, the workers find it in this module)."""
+    if any(index == 9 for _, _, index in keys):
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer or a decoder crash does
+    return REAL_DECODE_ROWS(cells, keys, settings)
+
+
+def test_a_dead_worker_stops_the_stream_naming_the_rows(images, monkeypatch):
+    monkeypatch.setattr(data, "decode_rows", dies_on_row_9)
+    stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, shuffle_buffer_size=0,
+                         num_workers=2)
+    try:
+        with pytest.raises(RuntimeError, match=r"a data worker died while decoding stream 0, between epoch 0 row "
+                                               r"(\d+) and epoch 0 row (\d+)") as failure:
+            for _ in range(4):
+                stream.next_batch()
+    finally:
+        stream.close()
+    first, last = map(int, re.search(r"row (\d+) and epoch 0 row (\d+)", str(failure.value)).groups())
+    assert first <= 9 <= last  # the fatal row is named among those in flight
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "exception"])
+def test_workers_exit_with_the_run(images, tmp_path, how):
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "100000", "--checkpointing_steps", "0",
+                   "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "run")]
+    env = None
+    if how == "exception":  # the loss turns NaN at every step: the run stops itself with an error after 5
+        env = child_env(DDPM_HF_NAN_AT=",".join(str(i) for i in range(3, 100)))
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "faults" / "inject_nan.py"), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
+    else:
+        proc = launch(args, tmp_path / "log.txt")
+    deadline = time.time() + 120
+    while len(_children(proc.pid)) < 2:  # the two decoding workers (and nothing has finished)
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    if how != "exception":
+        time.sleep(1.0)  # into the training loop
+        proc.send_signal(getattr(signal, how))
+    code = proc.wait(timeout=120)
+    assert code != 0
+    assert _gone(workers), f"data workers {workers} outlived the training process ({how})"
+
+
+def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, tmp_path):
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "12", "--checkpointing_steps", "0",
+                   "--logging_dir", "logs", "--logger", "tensorboard"]
+    for precision in ("no", "bf16"):
+        run(args + ["--mixed_precision", precision, "--output_dir", str(tmp_path / precision)],
+            tmp_path / f"{precision}.log")
+    losses = {p: _scalars(tmp_path / p / "logs", "loss") for p in ("no", "bf16")}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    # bf16 keeps 8 bits of mantissa: the same batches give losses within a few percent, step by step
+    torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=0.02)
+    with safe_open(str(tmp_path / "bf16" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "bf16" / "pipeline")
+    assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
+
+
+def _scalars(logdir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(logdir.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(files[-1].parent))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_compiled_training_matches_and_its_checkpoints_are_plain(images, tmp_path):
+    """--compile: the same losses as eager to float tolerance; checkpoints and the pipeline hold plain keys and load
+    in plain diffusers; a compiled run resumes an eager checkpoint and the reverse, ending on the eager weights."""
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "3",
+                   "--logger", "tensorboard"]
+    run(args + ["--output_dir", str(tmp_path / "eager")], tmp_path / "eager.log")
+    run(args + ["--compile", "--output_dir", str(tmp_path / "compiled")], tmp_path / "compiled.log")
+    torch.testing.assert_close(torch.tensor(_scalars(tmp_path / "compiled" / "logs", "loss")),
+                               torch.tensor(_scalars(tmp_path / "eager" / "logs", "loss")), rtol=1e-4, atol=1e-5)
+    for folder in (tmp_path / "compiled" / "checkpoint-3", tmp_path / "compiled" / "pipeline" / "unet"):
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                assert not [k for k in f.keys() if "_orig_mod" in k], file
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(tmp_path / "compiled" / "pipeline" / "unet")
+    # compiled checkpoint-3 → eager steps 4–6, and eager checkpoint-3 → compiled steps 4–6
+    for source, flag, name in (("compiled", [], "c2e"), ("eager", ["--compile"], "e2c")):
+        out = tmp_path / name
+        out.mkdir()
+        subprocess.run(["cp", "-r", str(tmp_path / source / "checkpoint-3"), str(out)], check=True)
+        run(args + flag + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], tmp_path / f"{name}.log")
+        eager, resumed = final_weights(tmp_path / "eager"), final_weights(out)
+        for key in eager:
+            torch.testing.assert_close(resumed[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
+def test_a_compiler_failure_stops_before_training(images, tmp_path):
+    out = tmp_path / "run"
+    env = child_env(CXX="/bin/false", CC="/bin/false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    code = run(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--compile", "--output_dir", str(out)],
+               tmp_path / "log.txt", env=env, expect_ok=False)
+    log = (tmp_path / "log.txt").read_text()
+    assert code != 0 and "--compile: torch.compile of the U-Net failed" in log and "without --compile" in log
+    assert not list(out.glob("checkpoint-*")) and "training:" not in log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a loss scaler needs a CUDA GPU")
+def test_fp16_on_cuda_trains_and_counts_overflow_steps(images, tmp_path):
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "20", "--checkpointing_steps", "0",
+                   "--mixed_precision", "fp16", "--logger", "tensorboard", "--output_dir", str(tmp_path / "fp16")]
+    run(args, tmp_path / "log.txt")
+    losses = _scalars(tmp_path / "fp16" / "logs", "loss")
+    assert len(losses) == 20 and all(v == v for v in losses)
+    assert "fp16 overflow steps" in (tmp_path / "log.txt").read_text()
+
+
+def test_ema_update_is_the_update_rule():
+    """EMA with foreach ops against θ_ema ← d θ_ema + (1 − d) θ written out, decay warm-up (1 + n) / (10 + n)."""
+    from ddpm_hf.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))]
+    ema = EMA(params, max_decay=0.999, warmup=True)
+    shadow = [p.detach().clone().double() for p in params]
+    for n in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g))
+        d = min(0.999, (1 + n) / (10 + n))
+        assert ema.update(params) == pytest.approx(d)
+        shadow = [d * s + (1 - d) * p.detach().double() for s, p in zip(shadow, params)]
+    for s, e in zip(shadow, ema.shadow):
+        torch.testing.assert_close(e.double(), s, rtol=0, atol=1e-6)
+
+
+def test_both_upsampling_formulations_agree():
+    """The per-device choice in Upsample (phases on CPU, diffusers' interpolate-then-convolve elsewhere) is a choice
+    of speed only."""
+    from ddpm_hf.unet import Upsample
+
+    up = Upsample(8)
+    x = torch.randn(2, 8, 6, 5)
+    phases = up(x)
+    Upsample.phases_on = set()
+    try:
+        plain = up(x)
+    finally:
+        Upsample.phases_on = {"cpu"}
+    torch.testing.assert_close(phases, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0)), rtol=0, atol=0)
