@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import find_image_column, load_image_dataset, preprocess
+from .data import find_image_column, load_image_dataset, prepare_image
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 
@@ -35,13 +35,12 @@ def load_eval_images(dataset_name, num_images: int, resolution: int, channels: i
     rng = np.random.default_rng(0)
     images = []
     for row in dataset:
-        array = preprocess(row[column], resolution, channels, center_crop=True, flip=False, rng=rng)
-        images.append(to_uint8(torch.from_numpy(array)))
+        images.append(prepare_image(row[column], resolution, channels, center_crop=True, flip=False, rng=rng))
         if len(images) == num_images:
             break
     if not images:
         raise ValueError(f"the {split} split has no images.")
-    return torch.stack(images)
+    return torch.from_numpy(np.stack(images))  # a new, writable array: prepare_image may return a PIL buffer view
 
 
 def quick_bits_per_dim(pipe, *, dataset_name: Optional[str], dataset_config_name: Optional[str] = None,
