@@ -2,12 +2,13 @@
 huggingface_hub client over real HTTP."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from ddpm_hf import DDPMPipeline
 from helpers import run_without_ddpm_hf, sample_np, tiny_pipeline
@@ -72,11 +73,18 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
 def test_private_repo(hub, tmp_path):
     _push(tiny_pipeline(), "alice/secret", private=True)
     assert hub.repos["alice/secret"].private
-    with pytest.raises(Exception) as anonymous:
+    # The Hub answers 401 without a token and 404 to another user (it does not confirm that the repo exists);
+    # the loader turns both into one OSError that names the repo and keeps the Hub's error as its cause.
+    refused = rf"^could not get alice/secret \(revision main\) from {re.escape(hub.url)}: RepositoryNotFoundError: "
+    with pytest.raises(OSError, match=refused + "401 Client Error") as anonymous:
         DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "a", token=False)
     assert "secret" in str(anonymous.value) or "401" in str(anonymous.value)
-    with pytest.raises(Exception):
+    assert isinstance(anonymous.value.__cause__, RepositoryNotFoundError)
+    assert anonymous.value.__cause__.response.status_code == 401
+    with pytest.raises(OSError, match=refused + "404 Client Error") as foreign:
         DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "b", token=BOB)
+    assert isinstance(foreign.value.__cause__, RepositoryNotFoundError)
+    assert foreign.value.__cause__.response.status_code == 404 and BOB not in str(foreign.value)
     owner = DDPMPipeline.from_pretrained("alice/secret", cache_dir=tmp_path / "c", token=ALICE)
     assert owner.unet.config.sample_size == 16
 
@@ -131,8 +139,17 @@ def test_offline_reload_from_cache_makes_no_request(hub, tmp_path):
 
 
 def test_hub_id_errors_are_clear(hub, tmp_path):
-    with pytest.raises(Exception, match="alice/does-not-exist|Repository Not Found|not found"):
+    not_got = rf"^could not get alice/does-not-exist \(revision main\) from {re.escape(hub.url)}: "
+    with pytest.raises(OSError, match=not_got + "RepositoryNotFoundError: 404 Client Error") as missing:
         DDPMPipeline.from_pretrained("alice/does-not-exist", cache_dir=tmp_path, token=ALICE)
-    with pytest.raises(Exception):
+    assert isinstance(missing.value.__cause__, RepositoryNotFoundError)
+    assert str(missing.value).endswith("Check the repo id, your access to it and the connection; a repo downloaded "
+                                       "before loads offline with local_files_only=True.")
+    assert ALICE not in str(missing.value)
+    requests_before = len(hub.log)
+    with pytest.raises(OSError, match=not_got + "LocalEntryNotFoundError: Cannot find an appropriate cached snapshot"
+                       ) as offline:
         DDPMPipeline.from_pretrained("alice/does-not-exist", cache_dir=tmp_path, local_files_only=True)
+    assert isinstance(offline.value.__cause__, LocalEntryNotFoundError)
+    assert len(hub.log) == requests_before  # local_files_only asks the Hub nothing
     assert torch is not None

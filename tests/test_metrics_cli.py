@@ -1,9 +1,11 @@
 """FID/KID on the shipped Fashion-MNIST features, and the ddpm-hf command line run as a user would."""
 
+import io
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,46 @@ def test_cli_sample_and_evaluate(tmp_path):
     assert quality["label"] == "FID-FMNIST" and quality["num_samples"] == 16 and quality["fid"] > 0
     for figure in ("rate_distortion.png", "samples.png", "progressive.png", "interpolation.png"):
         assert (out / figure).is_file(), figure
+
+
+def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise(tmp_path):
+    """results.json holds exactly what bits_per_dim gives on the test split's images with a generator seeded --seed,
+    for the exact bound and a sampled one: reading other images, another split, or drawing other t or ε would change
+    the numbers (the check below shows that other noise does)."""
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.likelihood import bits_per_dim
+    from runs import png_bytes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pngs = [png_bytes(seed, size=16) for seed in range(6)]  # the model's 16 × 16: no resizing, the pixels as stored
+    Dataset.from_dict({"image": [{"bytes": png, "path": None} for png in pngs]},
+                      features=Features({"image": ImageFeature()})).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(png))))[None] for png in pngs])
+    tiny_pipeline(num_train_timesteps=20, variance_type="fixed_small").save_pretrained(tmp_path / "pipe")
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
+
+    for bpd_timesteps, seed in ((0, 3), (5, 4)):  # 0: all T terms; 5: five sampled terms per image
+        out = tmp_path / f"eval-{bpd_timesteps}"
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images",
+                    "6", "--bpd_timesteps", str(bpd_timesteps), "--batch_size", "4", "--seed", str(seed), "--out",
+                    str(out)]) == 0
+        reported = json.loads((out / "results.json").read_text())["bpd"]
+        expected = bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=4,
+                                generator=torch.Generator().manual_seed(seed))
+        assert reported["bits_per_dim"] == expected.mean and reported["stderr"] == expected.stderr
+        assert reported["prior_bpd"] == float(expected.prior.mean())
+        assert reported["exact"] is expected.exact is (bpd_timesteps == 0)
+        assert reported["num_images"] == 6 and reported["split"] == "test"
+        if expected.exact:
+            assert reported["decoder_L0_bpd"] == float(expected.terms[0])
+            assert reported["rate_bpd"] == float(expected.mean - expected.terms[0])
+        other_noise = bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None,
+                                   batch_size=4, generator=torch.Generator().manual_seed(seed + 1))
+        assert abs(other_noise.mean - expected.mean) > 1e-6  # so the equality above pins the noise too
 
 
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):

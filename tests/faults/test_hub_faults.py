@@ -25,7 +25,7 @@ def _push(train, tmp_path, caplog, repo="alice/flaky", attempts=3, timeout=30.0)
     pipe = tiny_pipeline(num_train_timesteps=10)
     grid = tmp_path / "grid.png"
     pipe(batch_size=1, num_inference_steps=2).images[0].save(grid)
-    with caplog.at_level(logging.INFO, logger="ddpm_hf.train"):
+    with caplog.at_level(logging.INFO, logger="ddpm_hf"):  # training and ddpm_hf.hub, which pushes
         ok = train.push_with_retries(pipe, args, grid, step=7, backoff_s=0.2)
     return ok, pipe
 

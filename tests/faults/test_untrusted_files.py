@@ -3,11 +3,13 @@ try to leave the cache. Each payload would create a marker file if it ever ran; 
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import HFValidationError
 
 from helpers import run_without_ddpm_hf, tiny_pipeline
 
@@ -86,11 +88,14 @@ def test_odd_names_are_refused_without_touching_the_network_or_the_disk(hub, tmp
     assert hub.log == [] and os.listdir(tmp_path) == []  # no request, no cache folder, no file
 
 
-@pytest.mark.parametrize("name, words", [("", "the pipeline name is empty"), ("..", "missing ../model_index.json"),
-                                         (".", "missing model_index.json")])
-def test_existing_folders_that_are_not_pipelines_are_named(hub, name, words):
-    with pytest.raises((ValueError, FileNotFoundError), match=words):
+@pytest.mark.parametrize("name, error, words", [
+    ("", ValueError, "the pipeline name is empty"), ("..", FileNotFoundError, "missing ../model_index.json"),
+    (".", FileNotFoundError, "missing model_index.json"),
+])
+def test_existing_folders_that_are_not_pipelines_are_named(hub, name, error, words):
+    with pytest.raises(error, match=words) as raised:
         DDPMPipeline.from_pretrained(name)
+    assert type(raised.value) is error  # this class itself: pytest.raises would also accept a subclass
     assert hub.log == []
 
 
@@ -116,9 +121,11 @@ def test_local_paths_with_dots_are_the_users_own(tmp_path, monkeypatch):
 def test_push_to_a_malformed_repo_id_sends_nothing(hub):
     pipe = tiny_pipeline()
     grid = pipe(batch_size=1, num_inference_steps=2).images[0]
+    # huggingface_hub's own repo-id check refuses them, before any request
     for repo_id in ("../alice", "alice/../bob/x", "alice/x?y"):
-        with pytest.raises(ValueError):
+        with pytest.raises(HFValidationError, match=rf"^Repo id must .*: {re.escape(repr(repo_id))}") as refused:
             pipe.push_to_hub(repo_id, token=ALICE, sample_grid=grid)
+        assert isinstance(refused.value, ValueError)  # what a caller of push_to_hub catches
     assert hub.log == [] and hub.repos == {}
 
 
