@@ -1,0 +1,230 @@
+"""The bound's terms and the training losses against the paper's formulas, written out here in numpy float64.
+
+Nothing in this file's reference calls the library: β_t is read from the scheduler (it is the configuration's data),
+everything else (ᾱ_t, the posterior of eqs. 6–7, x̂_0 from ε / x_0 / v, the Gaussian KL, the discretised decoder of
+§3.3 with variance β̃_2 at t = 1, L_T) is computed below from the equations. The tolerances (≈1e-6 relative) are far
+below the effects of the formula errors they guard against: fixed_small using β_t instead of β̃_t (≈0.6 bits/dim)
+or the decoder variance at t = 1 set to β_1 instead of β̃_2 (≈0.09 bits/dim). Timesteps are 0-based as in the
+library: index k is the paper's t = k + 1, index 0 is the decoder term L_0.
+"""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import log_ndtr, ndtr
+
+from ddpm_hf.likelihood import VariationalBound
+from ddpm_hf.losses import make_loss
+from ddpm_hf.scheduler import DDPMScheduler
+
+T = 1000
+# Gaussian data x_0 ~ N(M, S²) per dimension: the optimal predictor is known in closed form.
+M, S = 0.1, 0.3
+
+
+# --- the paper, in numpy -------------------------------------------------------------------------------------------
+
+
+def paper_schedule(scheduler):
+    """β_t (the paper's linear schedule, §4), ᾱ_t = Π_{s≤t} (1 − β_s) and ᾱ_{t−1} with ᾱ_0 = 1, all float64."""
+    betas = scheduler.betas.double().numpy()
+    np.testing.assert_allclose(betas, np.linspace(1e-4, 0.02, len(betas)), rtol=1e-6)
+    alpha_bars = np.cumprod(1 - betas)
+    return SimpleNamespace(betas=betas, alpha_bars=alpha_bars, alpha_bars_prev=np.append(1.0, alpha_bars[:-1]))
+
+
+def per_sample(values, k):
+    """values[k] shaped (B, 1, 1, 1) to broadcast against images."""
+    return values[np.asarray(k)].reshape(-1, 1, 1, 1)
+
+
+def posterior(p, x0, x_t, k):
+    """Mean μ̃_t and variance β̃_t of q(x_{t−1} | x_t, x_0), eq. 7."""
+    ab, ab_prev, beta = per_sample(p.alpha_bars, k), per_sample(p.alpha_bars_prev, k), per_sample(p.betas, k)
+    mean = np.sqrt(ab_prev) * beta / (1 - ab) * x0 + np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * x_t
+    return mean, (1 - ab_prev) / (1 - ab) * beta
+
+
+def posterior_variance_at(p, k):
+    """β̃ at index k (the paper's β̃_{k+1}); 0 at index 0."""
+    return (1 - p.alpha_bars_prev[k]) / (1 - p.alpha_bars[k]) * p.betas[k]
+
+
+def reverse_log_variance(p, variance_type, k, variance_output=None):
+    """log σ_t² of p_θ(x_{t−1} | x_t). At t = 1 (index 0) β̃_1 = 0: the decoder uses β̃_2 for both fixed types (the
+    original code's and improved-diffusion's rule); learned_range interpolates log β_t and that clipped log β̃_t."""
+    k = np.asarray(k)
+    small = np.where(k == 0, posterior_variance_at(p, 1), posterior_variance_at(p, k))
+    if variance_type == "fixed_small":
+        return per_sample(np.log(small), np.arange(len(k)))
+    if variance_type == "fixed_large":
+        return per_sample(np.log(np.where(k == 0, posterior_variance_at(p, 1), p.betas[k])), np.arange(len(k)))
+    assert variance_type == "learned_range"  # improved-diffusion eq. 15
+    frac = (variance_output + 1) / 2
+    return frac * per_sample(np.log(p.betas[k]), np.arange(len(k))) + (1 - frac) * per_sample(np.log(small),
+                                                                                                np.arange(len(k)))
+
+
+def start_from_output(p, prediction_type, output, x_t, k):
+    """x̂_0 from the model output: eq. 4 solved for x_0 (ε, the x̂_0 of eq. 15), x_0 itself, or from
+    v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (which gives x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v)."""
+    ab = per_sample(p.alpha_bars, k)
+    if prediction_type == "epsilon":
+        return (x_t - np.sqrt(1 - ab) * output) / np.sqrt(ab)
+    if prediction_type == "sample":
+        return output
+    return np.sqrt(ab) * x_t - np.sqrt(1 - ab) * output
+
+
+def gaussian_kl(mean1, var1, mean2, log_var2):
+    """KL(N(mean1, var1) ‖ N(mean2, e^log_var2)) per element, nats."""
+    var2 = np.exp(log_var2)
+    return 0.5 * (log_var2 - np.log(var1) + var1 / var2 + (mean1 - mean2) ** 2 / var2 - 1)
+
+
+def decoder_log_likelihood(x0, mean, log_var):
+    """log ∫ N(x; mean, σ²) over the pixel's bin [x0 − 1/255, x0 + 1/255], the outer bins reaching ±∞ (§3.3)."""
+    std = np.exp(0.5 * log_var)
+    upper, lower = (x0 + 1 / 255 - mean) / std, (x0 - 1 / 255 - mean) / std
+    inner = np.log(np.maximum(ndtr(upper) - ndtr(lower), 1e-300))
+    return np.where(x0 < -0.999, log_ndtr(upper), np.where(x0 > 0.999, log_ndtr(-lower), inner))
+
+
+def bound_term(p, x0, x_t, x0_pred, k, log_var):
+    """L_{t−1} = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) for t > 1, L_0 = −log p_θ(x_0|x_1) at t = 1 (eq. 5),
+    in nats summed over dimensions; p_θ's mean is μ̃_t at x̂_0 (eq. 7, which equals eq. 11 for ε)."""
+    true_mean, true_var = posterior(p, x0, x_t, k)
+    model_mean, _ = posterior(p, x0_pred, x_t, k)
+    log_var = np.broadcast_to(log_var, x0.shape)
+    kl = gaussian_kl(true_mean, np.where(true_var > 0, true_var, 1.0), model_mean, log_var).sum((1, 2, 3))
+    nll = -decoder_log_likelihood(x0, model_mean, log_var).sum((1, 2, 3))
+    return np.where(np.asarray(k) == 0, nll, kl)
+
+
+def prior_term(p, x0):
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) = KL(N(√ᾱ_T x_0, 1 − ᾱ_T) ‖ N(0, 1)) summed over dimensions."""
+    ab = p.alpha_bars[-1]
+    return (0.5 * (-np.log(1 - ab) + (1 - ab) + ab * x0**2 - 1)).sum((1, 2, 3))
+
+
+def optimal_prediction(p, prediction_type, x_t, k):
+    """For x_0 ~ N(M, S²): E[x_0 | x_t] = M + √ᾱ S² (x_t − √ᾱ M) / (ᾱ S² + 1 − ᾱ) and
+    E[ε | x_t] = √(1 − ᾱ) (x_t − √ᾱ M) / (ᾱ S² + 1 − ᾱ); E[v | x_t] follows by linearity."""
+    ab = per_sample(p.alpha_bars, k)
+    residual = (x_t - np.sqrt(ab) * M) / (ab * S**2 + 1 - ab)
+    x0, eps = M + np.sqrt(ab) * S**2 * residual, np.sqrt(1 - ab) * residual
+    return {"epsilon": eps, "sample": x0, "v_prediction": np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0}[prediction_type]
+
+
+class OptimalPredictor:
+    """The model: the analytic optimum for Gaussian data, evaluated on whatever x_t the bound hands it."""
+
+    def __init__(self, p, prediction_type):
+        self.p, self.prediction_type = p, prediction_type
+
+    def __call__(self, x_t, t):
+        out = optimal_prediction(self.p, self.prediction_type, x_t.double().numpy(), t.numpy())
+        return SimpleNamespace(sample=torch.from_numpy(out).to(x_t.dtype))
+
+
+# Fixed pixels on the 256-level grid, both edges included (their bins extend to ±∞).
+PIXELS = np.array([[0, 37, 127, 128], [255, 200, 64, 250]], dtype=np.float64).reshape(2, 1, 2, 2) / 127.5 - 1
+
+
+# --- the bound -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_every_bound_term_matches_the_closed_form_for_gaussian_data(variance_type, prediction_type):
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)
+    p = paper_schedule(scheduler)
+    k = np.repeat(np.arange(T), len(PIXELS))  # every timestep for every image
+    x0 = np.tile(PIXELS, (T, 1, 1, 1))
+    noise = np.random.default_rng(0).standard_normal(x0.shape)
+    bound = VariationalBound(OptimalPredictor(p, prediction_type), scheduler)  # clips x̂_0 to [−1, 1]
+    got = bound.terms(torch.from_numpy(x0), torch.from_numpy(k), torch.from_numpy(noise))["term"].numpy()
+
+    x_t = np.sqrt(per_sample(p.alpha_bars, k)) * x0 + np.sqrt(1 - per_sample(p.alpha_bars, k)) * noise  # eq. 4
+    x0_pred = np.clip(start_from_output(p, prediction_type, optimal_prediction(p, prediction_type, x_t, k), x_t, k),
+                      -1, 1)
+    expected = bound_term(p, x0, x_t, x0_pred, k, reverse_log_variance(p, variance_type, k))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(bound.prior(torch.from_numpy(PIXELS)).numpy(), prior_term(p, PIXELS), rtol=1e-6,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_the_decoder_variance_at_t1_is_the_posterior_variance_of_t2(variance_type):
+    """L_0 for one pixel and a mean half a bin off: −log of the N(mean, β̃_2) mass of the bin, whatever the fixed
+    variance type (β̃_1 = 0 is no variance and β_1 is fixed_large's sampling choice, not the bound's)."""
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type="sample", clip_sample=False)
+    p = paper_schedule(scheduler)
+    beta_tilde_2 = (1 - p.alpha_bars[0]) / (1 - p.alpha_bars[1]) * p.betas[1]
+    beta_2 = 0.0001 + 0.0199 / 999
+    np.testing.assert_allclose(beta_tilde_2, 0.0001 * beta_2 / (1 - 0.9999 * (1 - beta_2)), rtol=1e-6)  # ≈ 5.45e-5
+    x0 = torch.full((1, 1, 1, 1), 1 / 255, dtype=torch.float64)  # pixel 128: its bin is [0, 2/255]
+    mean = x0 + 1 / 255  # the output is x̂_0 = μ̃_1 (ᾱ_0 = 1 in eq. 7), at the bin's upper edge
+    bound = VariationalBound(None, scheduler, clip_denoised=False)
+    got = float(bound.terms_from_output(mean, x0, x0, torch.tensor([0]), torch.zeros_like(x0))["term"])
+    std = math.sqrt(beta_tilde_2)
+    expected = -math.log(ndtr(0.0) - ndtr(-2 / 255 / std))
+    assert abs(got - expected) < 1e-9
+    std_beta_1 = math.sqrt(p.betas[0])  # what the bound would be with β_1: clearly different
+    assert abs(got + math.log(ndtr(0.0) - ndtr(-2 / 255 / std_beta_1))) > 0.05
+
+
+# --- the losses ----------------------------------------------------------------------------------------------------
+
+LOSS_CASES = [("simple", "fixed_small"), ("vlb", "fixed_small"), ("vlb", "fixed_large"), ("vlb", "learned_range"),
+              ("hybrid", "learned_range")]
+
+
+def hand_made_batch(p, prediction_type, learned):
+    """Four images at t = 1, 2, 500 and 1000 (indices 0, 1, 499, 999) and a model output near the true target,
+    so that the decoder's bins keep their mass."""
+    rng = np.random.default_rng(1)
+    k = np.array([0, 1, 499, 999])
+    x0 = np.array([[0, 255, 128, 5], [30, 127, 129, 250], [255, 0, 100, 180], [60, 61, 62, 63]],
+                  dtype=np.float64).reshape(4, 1, 2, 2) / 127.5 - 1
+    noise = rng.standard_normal(x0.shape)
+    ab = per_sample(p.alpha_bars, k)
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
+    target = {"epsilon": noise, "sample": x0, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}
+    output = target[prediction_type] + 0.01 * rng.standard_normal(x0.shape)
+    if learned:
+        output = np.concatenate([output, rng.uniform(-1, 1, x0.shape)], axis=1)
+    return k, x0, noise, x_t, target[prediction_type], output
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("loss_name,variance_type", LOSS_CASES)
+def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type):
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)
+    p = paper_schedule(scheduler)
+    learned = variance_type == "learned_range"
+    k, x0, noise, x_t, target, output = hand_made_batch(p, prediction_type, learned)
+    loss_fn = make_loss(loss_name, scheduler, out_channels=2 if learned else 1, in_channels=1)
+    tensors = [torch.from_numpy(a).float() for a in (x0, x_t, noise)]
+    out = torch.from_numpy(output).float().requires_grad_()
+    got = loss_fn(out, tensors[0], tensors[1], torch.from_numpy(k), tensors[2])
+    got.sum().backward()
+
+    # The same float32 numbers the loss saw, now in float64.
+    x0, x_t, noise, output = (t.double().numpy() for t in (*tensors, out.detach()))
+    mean_output, variance_output = output[:, :1], (output[:, 1:] if learned else None)
+    dims = x0[0].size
+    simple = ((mean_output - target) ** 2).mean((1, 2, 3))  # eq. 14, per example
+    x0_pred = start_from_output(p, prediction_type, mean_output, x_t, k)  # no clipping in training
+    vlb_nats = T * bound_term(p, x0, x_t, x0_pred, k, reverse_log_variance(p, variance_type, k, variance_output)) / dims
+    expected = {"simple": simple, "vlb": vlb_nats, "hybrid": simple + 0.001 * vlb_nats / math.log(2)}[loss_name]
+    # float32 arithmetic: x̂_0 from ε at t = 1000 divides a cancellation by √ᾱ_T ≈ 0.006 (an absolute error ~1e-4).
+    np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-4, atol=2e-4)
+    if loss_name == "hybrid":  # the bound trains the variance only: the mean's gradient is L_simple's alone
+        # (the v target is computed from diffusers' float32 ᾱ table: √(1 − ᾱ_1) is off by ~1e-4 relative)
+        np.testing.assert_allclose(out.grad[:, :1].double().numpy(), 2 * (mean_output - target) / dims,
+                                   rtol=1e-4, atol=1e-6)
+        assert out.grad[:, 1:].abs().sum() > 0
