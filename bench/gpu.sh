@@ -10,10 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.gpu_wheels}
 if ! python -c "import diffusers, datasets" 2>/dev/null; then
-    pip install -q --no-index --no-deps --find-links "$WHEELS" diffusers datasets dill multiprocess xxhash regex \
+    python -m pip install -q --no-index --no-deps --find-links "$WHEELS" diffusers datasets dill multiprocess xxhash regex \
         importlib_metadata zipp
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The package as setup.py lays it out (pipelines/ is ddpm_hf.pipelines), without installing anything.
+PKG=$(mktemp -d)
+mkdir "$PKG/ddpm_hf" && ln -s "$PWD"/ddpm_hf/* "$PKG/ddpm_hf/" && ln -s "$PWD/pipelines" "$PKG/ddpm_hf/pipelines"
+export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
 if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests

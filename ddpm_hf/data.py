@@ -302,17 +302,6 @@ def prepare_image(image: Image.Image, resolution: int, channels: int, center_cro
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
-               rng: np.random.Generator) -> np.ndarray:
-    """``prepare_image`` in the model's range: float32 (C, H, W) in [−1, 1]."""
-    return prepare_image(image, resolution, channels, center_crop, flip, rng).astype(np.float32) / 127.5 - 1.0
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels {0..255} → float32 in [−1, 1] (x / 127.5 − 1, the paper's scaling), on the tensor's device."""
-    return images.float() / 127.5 - 1.0
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The training stream: rows read in order by a background thread, decoded by worker processes, batches prefetched
 # ---------------------------------------------------------------------------------------------------------------------

@@ -43,5 +43,6 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError("the EMA state does not match the model (different number of parameters).")
-        self.shadow = [s.float().clone() for s in state["shadow"]]
+        # on the device of the weights it follows (a checkpoint is read onto the CPU)
+        self.shadow = [s.to(own.device, torch.float32, copy=True) for s, own in zip(state["shadow"], self.shadow)]
         self.max_decay, self.warmup, self.num_updates = state["max_decay"], state["warmup"], state["num_updates"]

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, PRESETS
 from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline
 from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, default_num_workers, find_image_column,
-                          first_image, load_image_dataset, to_model_range)
+                          first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.hub import is_repo_id, push_pipeline_with_retries, unknown_config_keys
+from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import LOSSES, make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import training_defaults, unet_config
@@ -370,7 +371,10 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
     if evaluate:
         from ddpm_hf.evaluation import quick_bits_per_dim
 
-        accelerator.log({"eval_bpd_estimate": quick_bits_per_dim(pipe, args, resolution)}, step=step)
+        estimate = quick_bits_per_dim(pipe, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                                      train_data_dir=args.train_data_dir, image_column=args.image_column,
+                                      resolution=resolution)
+        accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
         save_pipeline(pipe, output_dir / "pipeline", public_config(args))
     if push:
@@ -438,9 +442,10 @@ def main(argv=None):
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
-    ema = EMA(model.parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     loop = LoopState(stream.streams, args.train_batch_size, args.seed, device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: the average lives on the device of the weights it follows
+    ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
     if args.compile:

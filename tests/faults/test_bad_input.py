@@ -16,8 +16,8 @@ from runs import FAST
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
-from ddpm_hf.data import (TrainStream, check_channels, first_image, image_channels, load_image_dataset,
-                          to_model_range)
+from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset
+from ddpm_hf.images import to_model_range
 
 
 
