@@ -174,7 +174,9 @@ def main():
     data = tmp / "cifar_like"
 
     def training(extra, label, steps):
-        img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra, timeout=max(60, left(600)))
+        # a run may overstay the deadline by a minute at most: the figures of the parts before it must get out
+        img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra,
+                                                   timeout=max(60, left(args.deadline_s + 60)))
         mfu = img_s * flops / 1e12
         say(f"train.py {label} ddpm-cifar10 b128 {steps} steps: {img_s:.0f} images/s, data_wait {wait:.2f} %, "
             f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak ({100 * mfu / H100_BF16_DENSE_TFLOPS:.1f} "

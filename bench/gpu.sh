@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 13, one command on a GPU machine with torch but without network, diffusers or
 # datasets:
-#     bash bench/gpu.sh            # prints one "GPU ..." line per figure, ≤ 8 minutes on one H100
+#     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure, ≤ 8 minutes on one H100
+#     bash bench/gpu.sh --only data train --deadline_s 240    # some parts only
+# Send the output to a file, not through a pipe: a run stopped by a time limit keeps what it printed.
 # It installs diffusers, datasets and their pure-Python dependencies from wheels in .gpu_wheels/ (git-ignored), made
 # on a machine with network by:
 #     pip download --no-deps -d .gpu_wheels diffusers==0.42.1 datasets==5.2.0 dill multiprocess xxhash regex \

@@ -1,0 +1,108 @@
+"""How fast the training stream decodes, per worker, against how fast the matching preset's network consumes images.
+
+    python bench/data.py                       # CPU: 0, 1 and 2 workers
+    python bench/data.py --workers 0 4 8 --device cuda
+
+Two synthetic datasets in 16 parquet shards: 32×32 PNG (CIFAR-10-like, for ddpm-cifar10) and 256×256 JPEG (LSUN-like,
+for ddpm-256, decoded and resized from 320×256). For each, ddpm_hf.data.TrainStream is read for --seconds per worker
+count (after one warm-up batch) and prints images/s and images/s per worker; then one training step of the preset's
+U-Net (forward, backward, AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio decode/consume is
+printed: above 1, the stream keeps the model fed.
+"""
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_dataset(folder: Path, kind: str, count: int, shards: int = 16) -> Path:
+    from datasets import Dataset, Features, Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        if kind == "png32":
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        else:  # a smooth image, as photos are (noise would make JPEG decoding unrealistically slow)
+            base = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((320, 256), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
+        rows.append({"bytes": buffer.getvalue(), "path": None})
+    ds = Dataset.from_dict({"image": rows}, features=Features({"image": ImageFeature()}))
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        ds.shard(shards, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-{shards:05d}.parquet"))
+    return folder
+
+
+def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds: float) -> float:
+    from ddpm_hf.data import TrainStream, load_image_dataset
+
+    stream = TrainStream(load_image_dataset(str(folder)), "image", resolution, 3, batch, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0, random_flip=True, num_workers=workers)
+    try:
+        stream.next_batch()
+        start, images = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            images += len(stream.next_batch())
+        return images / (time.perf_counter() - start)
+    finally:
+        stream.close()
+
+
+def consume_rate(preset: str, batch: int, device: torch.device) -> float:
+    from ddpm_hf import DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    config = unet_config(preset)
+    model = DDPMUNet(**config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size = config["sample_size"]
+    x = torch.randn(batch, 3, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(x, t).sample.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    start = time.perf_counter()
+    repeats = 3 if device.type == "cpu" else 10
+    for _ in range(repeats):
+        step()
+    return repeats * batch / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cases = [("png32", 32, 128, "ddpm-cifar10", 128 if device.type == "cuda" else 4, 4096),
+             ("jpeg256", 256, 64, "ddpm-256", 64 if device.type == "cuda" else 1, 1024)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, resolution, batch, preset, model_batch, count in cases:
+            folder = write_dataset(Path(tmp) / kind, kind, count)
+            consumed = consume_rate(preset, model_batch, device)
+            print(f"{kind}: {preset} consumes {consumed:.1f} images/s on {device} (training step, batch {model_batch})")
+            for workers in args.workers:
+                rate = decode_rate(folder, resolution, batch, workers, args.seconds)
+                print(f"{kind} decode with {workers} workers: {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per "
+                      f"worker); ratio decode/consume {rate / consumed:.2f}")
+
+
+if __name__ == "__main__":
+    main()
