@@ -14,7 +14,6 @@ Lines printed (prefix "GPU"):
 
 import argparse
 import io
-import json
 import os
 import re
 import statistics

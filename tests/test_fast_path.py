@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import ddpm_hf.data as data
 from ddpm_hf.data import TrainStream, load_image_dataset
-from runs import FAST, TRAIN, child_env, final_weights, launch, run, write_images
+from runs import FAST, child_env, final_weights, launch, run, write_images
 
 
 REAL_DECODE_ROWS = data.decode_rows

@@ -207,7 +207,9 @@ def read_model_config(path: str) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def build_model(args) -> DDPMUNet:
+def build_model(args):
+    """The U-Net of --model_config or --preset (with --dropout, --original_init, a doubled output for a learned
+    variance, gradient checkpointing) and the training resolution, checked against the model's levels."""
     config = read_model_config(args.model_config) if args.model_config else unet_config(args.preset)
     if args.dropout is not None:
         config["dropout"] = args.dropout
@@ -217,7 +219,16 @@ def build_model(args) -> DDPMUNet:
         model = DDPMUNet(**config)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: invalid U-Net config: {err}") from err
-    return model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed)) if args.original_init else model
+    if args.original_init:
+        model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed))
+    resolution = args.resolution or model.config.sample_size
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise SystemExit(f"--resolution {resolution} is not a multiple of {factor}, which the model's "
+                         f"{len(model.config.block_out_channels)} levels need.")
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, resolution
 
 
 class LoopState:
@@ -389,15 +400,18 @@ class Throughput:
         self.interval_start = time.perf_counter()
         self.images = self.wait = 0.0
         self.total = {"images": 0.0, "wait": 0.0, "seconds": 0.0}
+        self.first = True
 
     def waited(self, seconds: float, images: int):
         self.wait, self.images = self.wait + seconds, self.images + images
 
-    def interval(self, first: bool) -> dict:
+    def interval(self) -> dict:
         now = time.perf_counter()
         elapsed = max(now - self.interval_start, 1e-9)
         logs = {"images_per_s": self.images / elapsed, "data_wait": self.wait / elapsed}
-        if not first:
+        if self.first:
+            self.first = False
+        else:
             for key, value in (("images", self.images), ("wait", self.wait), ("seconds", elapsed)):
                 self.total[key] += value
         self.interval_start, self.images, self.wait = now, 0.0, 0.0
@@ -411,37 +425,23 @@ class Throughput:
 
 def main(argv=None):
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    streams = args.data_streams or world
+    device, world = accelerator.device, accelerator.num_processes
     set_seed(args.seed)  # the same initial weights on every process
 
     # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
-    model = build_model(args)
-    resolution = args.resolution or model.config.sample_size
-    factor = 2 ** (len(model.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise SystemExit(f"--resolution {resolution} is not a multiple of {factor}, which the model's "
-                         f"{len(model.config.block_out_channels)} levels need.")
-    if args.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    model, resolution = build_model(args)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
     loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels)
     num_train_timesteps = scheduler.config.num_train_timesteps
 
-    # --- data ------------------------------------------------------------------------------------------------------
-    stream = open_train_stream(args, model, resolution, streams, rank, world,
+    # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
+    stream = open_train_stream(args, model, resolution, args.data_streams or world, accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
-    # --- optimiser, EMA, and the state a checkpoint holds ----------------------------------------------------------
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel for all parameters on a GPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
-    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+    # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
+    optimizer, lr_scheduler = make_optimizer(args, model, device)
     loop = LoopState(stream.streams, args.train_batch_size, args.seed, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: the average lives on the device of the weights it follows
@@ -450,8 +450,67 @@ def main(argv=None):
         accelerator.register_for_checkpointing(state)
     if args.compile:
         compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device)
+    started = start_run(accelerator, args, model, stream, loop)
 
-    # --- resume ----------------------------------------------------------------------------------------------------
+    # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
+    bar = tqdm(total=args.max_train_steps, initial=loop.step, desc="training", unit="step",
+               disable=not accelerator.is_main_process)
+    speed, bad = Throughput(), BadSteps(args.max_nonfinite_steps)
+    resumed_at_end = loop.step >= args.max_train_steps
+    try:
+        while loop.step < args.max_train_steps:
+            waiting = time.perf_counter()
+            x0 = to_model_range(stream.next_batch().to(device, non_blocking=True))  # x_0 ~ q(x_0), in [−1, 1]
+            speed.waited(time.perf_counter() - waiting, len(x0) * world)
+            with accelerator.accumulate(model):
+                t, noise = loop.draw(x0, num_train_timesteps)  # t ~ Uniform({1, ..., T}), ε ~ N(0, I)
+                x_t = scheduler.add_noise(x0, noise, t)  # eq. 4
+                per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)  # eq. 14 (or the bound)
+                loss = per_example.mean()
+                accelerator.backward(loss)
+                finite, grad_norm, overflow = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            if not accelerator.sync_gradients or bad.skip(finite, overflow, loop.step + 1):
+                continue
+            lr_scheduler.step()
+            decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
+            loop.step += 1
+
+            if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
+                logs = dict(loss_logs(accelerator, per_example, t, num_train_timesteps), **speed.interval(),
+                            lr=lr_scheduler.get_last_lr()[0], ema_decay=decay, grad_norm=float(grad_norm or 0.0),
+                            skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
+                accelerator.log(logs, step=loop.step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
+                                data_wait=f"{100 * logs['data_wait']:.1f}%")
+            bar.update(1)
+            after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started)  # checkpoints, ...
+    finally:
+        stream.close()
+    bar.close()
+    logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps",
+                accelerator.process_index, speed.summary(), bad.skipped, bad.overflows)
+    if resumed_at_end and accelerator.is_main_process:
+        # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them.
+        write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, False, False,
+                      args.push_to_hub, True)
+    finish(accelerator, args, stream)
+
+
+def make_optimizer(args, model, device):
+    """AdamW (fused into one kernel on a GPU) and its learning-rate schedule, stepped by hand once per optimizer step
+    (not prepared: accelerate would step it once per process)."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    return optimizer, lr_scheduler
+
+
+def start_run(accelerator, args, model, stream, loop) -> float:
+    """Finish what a crash left half done in --output_dir, resume when asked, write run_info.json, start the
+    trackers. Returns the start time of --max_train_minutes."""
+    output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_folders(output_dir)
@@ -462,90 +521,67 @@ def main(argv=None):
             loop.load_noise_state(stream.legacy_noise_state)
         if path is not None:
             logger.info("resumed from %s at step %d", path, loop.step)
+    streams = args.data_streams or accelerator.num_processes
     if accelerator.is_main_process:
-        info = {"distributed_type": str(accelerator.distributed_type), "num_processes": world,
+        info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
                 "data_streams": streams, "dataset_shards": stream.num_shards,
                 "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ddpm_hf", config=tracker_config)
-    logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per step in all", rank, world,
-                accelerator.distributed_type, stream.streams, stream.num_workers, args.train_batch_size * streams)
+    logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per step in all",
+                accelerator.process_index, accelerator.num_processes, accelerator.distributed_type, stream.streams,
+                stream.num_workers, args.train_batch_size * streams)
+    return time.perf_counter()
 
-    # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
-    bar = tqdm(total=args.max_train_steps, initial=loop.step, desc="training", unit="step",
-               disable=not accelerator.is_main_process)
-    started, speed = time.perf_counter(), Throughput()
-    resumed_at_end, first_interval = loop.step >= args.max_train_steps, True
-    skipped_steps = overflow_steps = nonfinite_in_a_row = 0
-    try:
-        while loop.step < args.max_train_steps:
-            waiting = time.perf_counter()
-            x0 = to_model_range(stream.next_batch().to(device, non_blocking=True))  # x_0 ~ q(x_0), in [−1, 1]
-            speed.waited(time.perf_counter() - waiting, len(x0) * world)
-            with accelerator.accumulate(model):
-                t, noise = loop.draw(x0, num_train_timesteps)  # t ~ Uniform, ε ~ N(0, I)
-                x_t = scheduler.add_noise(x0, noise, t)  # eq. 4
-                per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)  # eq. 14 (or the bound)
-                loss = per_example.mean()
-                accelerator.backward(loss)
-                finite, grad_norm, overflow = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            if overflow:
-                overflow_steps += 1
-                continue
-            if not finite:
-                skipped_steps, nonfinite_in_a_row = skipped_steps + 1, nonfinite_in_a_row + 1
-                logger.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, %d in all)",
-                               loop.step + 1, nonfinite_in_a_row, skipped_steps)
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise SystemExit(f"{nonfinite_in_a_row} non-finite losses in a row at step {loop.step + 1}: "
-                                     "lower --learning_rate, check the data or use --mixed_precision no; the last "
-                                     "checkpoint is intact.")
-                continue
-            nonfinite_in_a_row = 0
-            lr_scheduler.step()
-            decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
-            loop.step += 1
 
-            if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
-                logs = dict(loss_logs(accelerator, per_example, t, num_train_timesteps), lr=lr_scheduler.get_last_lr()[0],
-                            ema_decay=decay, skipped_steps=skipped_steps, fp16_overflow_steps=overflow_steps,
-                            grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
-                            **speed.interval(first_interval))
-                first_interval = False
-                accelerator.log(logs, step=loop.step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
-                                data_wait=f"{100 * logs['data_wait']:.1f}%")
-            bar.update(1)
+class BadSteps:
+    """Counts the updates that did not happen: non-finite ones (skipped by every process; too many in a row stop
+    the run) and fp16 overflows (the loss scaler skipped them and lowered its scale)."""
 
-            # --- checkpoints, samples, evaluation, uploads -----------------------------------------------------
-            if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
-                logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, loop.step)
-                args.max_train_steps = loop.step
-            final = loop.step == args.max_train_steps
-            if args.checkpointing_steps and (loop.step % args.checkpointing_steps == 0 or final):
-                save_checkpoint(accelerator, output_dir, loop.step, args.checkpoints_total_limit)
-            want_images = args.save_images_steps and loop.step % args.save_images_steps == 0
-            want_eval = args.eval_steps and loop.step % args.eval_steps == 0
-            want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
-                                                        and loop.step % args.checkpointing_steps == 0))
-            if accelerator.is_main_process and (want_images or want_eval or want_push or final):
-                write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, want_images,
-                              want_eval, want_push, final)
-            accelerator.wait_for_everyone()
-    finally:
-        stream.close()
-    bar.close()
-    logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps", rank, speed.summary(),
-                skipped_steps, overflow_steps)
-    if resumed_at_end and accelerator.is_main_process:
-        # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them.
-        write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, False, False,
-                      args.push_to_hub, True)
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.skipped, self.overflows, self.in_a_row = max_in_a_row, 0, 0, 0
 
+    def skip(self, finite: bool, overflow: bool, step: int) -> bool:
+        if overflow:
+            self.overflows += 1
+            return True
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        logger.warning("non-finite loss or gradient at step %d: update skipped (%d in a row, %d in all)", step,
+                       self.in_a_row, self.skipped)
+        if self.in_a_row >= self.max_in_a_row:
+            raise SystemExit(f"{self.in_a_row} non-finite losses in a row at step {step}: lower --learning_rate, "
+                             "check the data or use --mixed_precision no; the last checkpoint is intact.")
+        return True
+
+
+def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float) -> None:
+    """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
+    bits/dim estimate, the final pipeline, an upload (the main process)."""
+    if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
+        logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
+        args.max_train_steps = step
+    final = step == args.max_train_steps
+    if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final):
+        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
+    want_images = args.save_images_steps and step % args.save_images_steps == 0
+    want_eval = args.eval_steps and step % args.eval_steps == 0
+    want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
+                                                and step % args.checkpointing_steps == 0))
+    if accelerator.is_main_process and (want_images or want_eval or want_push or final):
+        write_outputs(accelerator, model, ema, scheduler, args, resolution, step, want_images, want_eval, want_push,
+                      final)
+    accelerator.wait_for_everyone()
+
+
+def finish(accelerator, args, stream) -> None:
+    """The example ids (--record_example_ids), the count of undecodable images, the trackers closed, where
+    everything is."""
+    output_dir, rank = Path(args.output_dir), accelerator.process_index
     if args.record_example_ids:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         (output_dir / "logs" / f"example_ids_rank{rank}.txt").write_text("\n".join(stream.seen_ids) + "\n")
