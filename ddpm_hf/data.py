@@ -507,21 +507,22 @@ class TrainStream:
                 yield epoch, index, decode_rows([row[self.image_column]], [(v, epoch, index)], self.settings)[0]
             return
         chunk = max(1, min(64, -(-self.per_stream_batch // self.num_workers)))
-        pending: deque = deque()
+        pending: deque = deque()  # (keys, future) of the chunks in flight, oldest first
         while True:
-            while len(pending) * chunk < self.prefetch * self.per_stream_batch:
-                part = [next(rows) for _ in range(chunk)]
-                keys = [(v, e, i) for e, i, _ in part]
-                pending.append((keys, self._pool.submit(decode_rows, [row[self.image_column] for _, _, row in part],
-                                                        keys, self.settings)))
-            keys, future = pending.popleft()
             try:
-                results = future.result()
+                while len(pending) * chunk < self.prefetch * self.per_stream_batch:
+                    part = [next(rows) for _ in range(chunk)]
+                    keys = [(v, e, i) for e, i, _ in part]
+                    pending.append((keys, None))  # named in the error below even if the submission itself fails
+                    pending[-1] = (keys, self._pool.submit(decode_rows, [row[self.image_column] for _, _, row in part],
+                                                           keys, self.settings))
+                keys, results = pending[0][0], pending[0][1].result()
             except BrokenProcessPool as err:  # which of the rows in flight killed it is unknowable here
-                (_, e0, i0), (_, e1, i1) = keys[0], (pending[-1][0] if pending else keys)[-1]
+                (_, e0, i0), (_, e1, i1) = pending[0][0][0], pending[-1][0][-1]
                 raise RuntimeError(f"a data worker died while decoding stream {v}, between epoch {e0} row {i0} and "
                                    f"epoch {e1} row {i1} (killed for memory, or the image decoder crashed on one of "
                                    "these rows); the last checkpoint is intact.") from err
+            pending.popleft()
             for (_, e, i), result in zip(keys, results):
                 yield e, i, result
 
