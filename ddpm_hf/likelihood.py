@@ -60,7 +60,8 @@ def _as_ddpm_scheduler(scheduler) -> DDPMScheduler:
 
 
 class VariationalBound:
-    """The per-timestep terms of the bound for one ε-model and DDPM scheduler.
+    """The terms of the bound (eq. 5) for one model and DDPM scheduler, each a few lines on the scheduler's
+    definitions of eqs. 4, 7, 11 and 15. Computed in float64 (the scheduler's ᾱ then keeps its digits at small t).
 
     ``clip_denoised`` clips x̂_0 to [−1, 1] before forming the reverse mean, as the original evaluation does.
     """
@@ -70,63 +71,36 @@ class VariationalBound:
         self.scheduler = _as_ddpm_scheduler(scheduler)
         self.clip_denoised = clip_denoised
 
-    def _predict_start(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s, kind = self.scheduler, self.scheduler.config.prediction_type
-        if kind == "epsilon":
-            x0 = s.predict_start_from_noise(x_t, t, model_output)
-        elif kind == "sample":
-            x0 = model_output
-        else:  # v = √ᾱ ε − √(1−ᾱ) x_0  ⇒  x_0 = √ᾱ x_t − √(1−ᾱ) v
-            alpha_bar = s._per_sample(s._alpha_bars64, t, x_t)
-            x0 = alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
-        return x0.clamp(-1, 1) if self.clip_denoised else x0
-
-    def _model_log_variance(self, t: torch.Tensor, predicted: Optional[torch.Tensor], like: torch.Tensor):
-        """log σ_t² of p_θ for the bound: at t = 0 (where β̃ = 0) fixed variances use β̃ of the second step, as the
-        original code; diffusers' fixed_large would use β_1 there, which is right for sampling but not for L_0."""
-        s = self.scheduler
-        kind = s.config.variance_type
-        t = t.cpu()
-        small = s.posterior_log_variance_clipped(t)
-        large = torch.log(torch.where(t == 0, s.posterior_variance(torch.ones_like(t)), s._betas64[t]))
-        expand = lambda v: s._broadcast(v, like)  # noqa: E731
-        if kind in ("fixed_small", "fixed_small_log"):
-            return expand(small)
-        if kind in ("fixed_large", "fixed_large_log"):
-            return expand(large)
-        if predicted is None:
-            raise ValueError(f"variance_type={kind!r} needs a model with 2× output channels.")
-        if kind == "learned":
-            return predicted
-        frac = (predicted + 1) / 2
-        return frac * expand(torch.log(s._betas64[t])) + (1 - frac) * expand(small)
-
     def terms(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Run the model on x_t ~ q(x_t | x_0) and return :meth:`terms_from_output`."""
-        s = self.scheduler
-        alpha_bar = s._per_sample(s._alpha_bars64, t, x_start)
-        x_t = alpha_bar**0.5 * x_start + (1 - alpha_bar) ** 0.5 * noise
+        """Run the model on x_t ~ q(x_t | x_0) (eq. 4) and return :meth:`terms_from_output`."""
+        x_t = self.scheduler.add_noise(x_start.double(), noise.double(), t).to(x_start.dtype)
         return self.terms_from_output(self.model(x_t, t).sample, x_start, x_t, t, noise)
 
     def terms_from_output(self, output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                           noise: torch.Tensor, freeze_mean: bool = False) -> Dict[str, torch.Tensor]:
         """For each batch element: the bound term at its timestep t in nats summed over dimensions (``"term"``:
-        L_{t−1} for t > 0, L_0 for t = 0), the MSE of x̂_0 (``"x0_mse"``) and of ε (``"eps_mse"``).
+        L_{t−1} for t > 0, L_0 for t = 0), the MSE of x̂_0 (``"x0_mse"``) and of ε (``"eps_mse"``), all float64.
         ``freeze_mean`` stops the gradient through the mean, so that the term trains only the variance
         (improved-diffusion's hybrid objective)."""
         s = self.scheduler
+        output, x_start, x_t, noise = (v.double() for v in (output, x_start, x_t, noise))
         channels = x_start.shape[1]
-        predicted_variance = None
+        model_variance = None
         if output.shape[1] == 2 * channels:
-            output, predicted_variance = output[:, :channels], output[:, channels:]
+            output, model_variance = output[:, :channels], output[:, channels:]
         if freeze_mean:
             output = output.detach()
-        x0_pred = self._predict_start(output, x_t, t)
-        true_mean, _, true_log_var = s.q_posterior_mean_variance(x_start, x_t, t)
-        model_mean, _, _ = s.q_posterior_mean_variance(x0_pred, x_t, t)
-        model_log_var = self._model_log_variance(t, predicted_variance, x_t)
+        x0_pred = s.predict_start(output, x_t, t)
+        if self.clip_denoised:
+            x0_pred = x0_pred.clamp(-1, 1)
+        # p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂_0), σ_t²): eq. 7 at x̂_0, which for ε is μ_θ of eq. 11.
+        model_mean = s.q_posterior_mean(x0_pred, x_t, t)
+        _, model_log_var = s.p_variance(x_t, t, model_variance=model_variance)
         dims = tuple(range(1, x_start.ndim))
+        # L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) for t > 1 ...
+        true_mean, _, true_log_var = s.q_posterior_mean_variance(x_start, x_t, t)
         kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).sum(dims)
+        # ... and L_0 = −log p_θ(x_0 | x_1) under the discretised decoder at t = 1 (§3.3).
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var).sum(dims)
         eps_pred = s.predict_noise_from_start(x_t, t, x0_pred)
         return {"term": torch.where(t == 0, decoder_nll, kl), "x0_mse": (x0_pred - x_start).square().mean(dims),
@@ -134,10 +108,9 @@ class VariationalBound:
 
     def prior(self, x_start: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in nats, summed over dimensions (no parameters: close to 0)."""
-        last = self.scheduler.config.num_train_timesteps - 1
-        mean, var = self.scheduler.q_mean_variance(x_start, last)
-        log_var = torch.log(torch.as_tensor(var, dtype=x_start.dtype)).expand_as(mean)
-        return normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)).sum(tuple(range(1, x_start.ndim)))
+        mean, variance = self.scheduler.q_mean_variance(x_start.double(), self.scheduler.config.num_train_timesteps - 1)
+        zero = torch.zeros_like(mean)
+        return normal_kl(mean, torch.log(variance), zero, zero).sum(tuple(range(1, x_start.ndim)))
 
 
 @dataclass

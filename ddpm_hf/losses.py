@@ -3,7 +3,7 @@ for a batch of (x_0, t, ε) to one loss per example, so that the script can log 
 
 
 from .likelihood import LN2, VariationalBound
-from .scheduler import DDPMScheduler
+from .scheduler import LEARNED_VARIANCE_TYPES, DDPMScheduler
 
 LOSSES = ("simple", "vlb", "hybrid")
 
@@ -35,7 +35,7 @@ class VLBLoss:
         self.num_steps = scheduler.config.num_train_timesteps
 
     def __call__(self, output, x_start, x_t, t, noise):
-        term = self.bound.terms_from_output(output.float(), x_start.float(), x_t.float(), t, noise.float())["term"]
+        term = self.bound.terms_from_output(output, x_start, x_t, t, noise)["term"].float()
         return self.num_steps * term / x_start[0].numel()
 
 
@@ -49,10 +49,17 @@ class HybridLoss:
         self.num_steps, self.weight = scheduler.config.num_train_timesteps, weight
 
     def __call__(self, output, x_start, x_t, t, noise):
-        term = self.bound.terms_from_output(output.float(), x_start.float(), x_t.float(), t, noise.float(),
-                                            freeze_mean=True)["term"]
+        term = self.bound.terms_from_output(output, x_start, x_t, t, noise, freeze_mean=True)["term"].float()
         vlb_bits_per_dim = self.num_steps * term / (x_start[0].numel() * LN2)
         return self.simple(output, x_start, x_t, t, noise) + self.weight * vlb_bits_per_dim
+
+
+def check_loss_supports_variance(loss: str, variance_type: str) -> None:
+    """Raise ValueError when ``loss`` cannot train ``variance_type``: a learned variance (LEARNED_VARIANCE_TYPES) gets
+    its gradient from the bound alone, so it needs the vlb or hybrid loss, not L_simple."""
+    if variance_type in LEARNED_VARIANCE_TYPES and loss == "simple":
+        raise ValueError(f"--variance_type {variance_type} gets no gradient from --loss simple: "
+                         "use --loss hybrid or --loss vlb")
 
 
 def make_loss(name: str, scheduler: DDPMScheduler, out_channels: int, in_channels: int):
@@ -60,10 +67,10 @@ def make_loss(name: str, scheduler: DDPMScheduler, out_channels: int, in_channel
     loss that trains them (vlb or hybrid)."""
     if name not in LOSSES:
         raise ValueError(f"--loss {name!r}; choose one of {LOSSES}.")
-    learned = scheduler.config.variance_type in ("learned", "learned_range")
+    variance_type = scheduler.config.variance_type
+    learned = variance_type in LEARNED_VARIANCE_TYPES
     if learned != (out_channels == 2 * in_channels):
-        raise ValueError(f"variance_type={scheduler.config.variance_type!r} needs out_channels = "
+        raise ValueError(f"variance_type={variance_type!r} needs out_channels = "
                          f"{2 * in_channels if learned else in_channels} (model has {out_channels}).")
-    if learned and name == "simple":
-        raise ValueError("a learned variance gets no gradient from --loss simple; use --loss hybrid or --loss vlb.")
+    check_loss_supports_variance(name, variance_type)
     return {"simple": SimpleLoss, "vlb": VLBLoss, "hybrid": HybridLoss}[name](scheduler)

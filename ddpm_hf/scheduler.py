@@ -32,6 +32,8 @@ from diffusers.utils import BaseOutput
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# The variance types read σ_t from the model's extra output channels (2C channels for C image channels).
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers computes these variance types differently (and wrongly): a pipeline using them cannot be saved as a plain
@@ -204,10 +206,6 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        # float64 tables for the paper's quantities (the bound); the sampler keeps diffusers' float32 arithmetic.
-        self._betas64 = betas.double()
-        self._alpha_bars64 = torch.cumprod(1.0 - self._betas64, dim=0)
-        self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
@@ -294,8 +292,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         return self.config.variance_type not in VARIANCE_TYPES_DIFFUSERS_GETS_WRONG
 
     # ------------------------------------------------------------------------------------------------------------
-    # The paper's quantities. `t` is an int, a 0-dim tensor or one timestep per batch element; `prev_t` defaults to
-    # t − 1 (the full chain) and is the next chosen step when sampling with fewer steps.
+    # The paper's quantities, each defined once: step, add_noise, the bound and the losses all call these. `t` is an
+    # int, a 0-dim tensor or one timestep per batch element; `prev_t` defaults to t − 1 (the full chain) and is the
+    # next chosen step when sampling with fewer steps, where β_t = 1 − ᾱ_t / ᾱ_{prev} (the respaced β).
     # ------------------------------------------------------------------------------------------------------------
 
     def _check_timesteps(self, t: Timesteps) -> torch.Tensor:
@@ -310,108 +309,133 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), got {shown}.")
         return t
 
-    @staticmethod
-    def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """One value per batch element (or one for all), shaped and cast to broadcast against ``like``."""
-        values = values.to(device=like.device, dtype=like.dtype)
-        return values.reshape(-1, *([1] * (like.ndim - 1))) if values.ndim else values
-
-    def _per_sample(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Index ``values`` by t and broadcast against ``like``."""
-        return self._broadcast(values[t.cpu()], like)
-
     def _alpha_bars(
-        self, t: Timesteps, prev_t: Optional[Timesteps] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_{prev}, β_t) in float64, with ᾱ_{−1} = 1 and β_t = 1 − ᾱ_t / ᾱ_{prev} when steps are skipped.
+        self, t: Timesteps, prev_t: Optional[Timesteps] = None, dtype: torch.dtype = torch.float64
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ_t, ᾱ_{prev}) on the CPU, shaped like t, with ᾱ_{−1} = 1.
 
-        float64 because 1 − ᾱ_t / ᾱ_{t−1} in float32 loses three digits at small t, which the bound would feel."""
+        The one precision switch: float64 data (the bound) get ᾱ accumulated in float64, since in float32
+        1 − ᾱ_t keeps only about four digits at small t; any other dtype gets diffusers' float32 ``alphas_cumprod``,
+        so that step and add_noise reproduce diffusers' numbers."""
         t = self._check_timesteps(t).cpu()
-        alpha_bars = self._alpha_bars64
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars])  # padded[p + 1] = ᾱ_p, ᾱ_{−1} = 1
-        if prev_t is None:
-            return alpha_bars[t], padded[t], self._betas64[t]
-        prev_t = torch.as_tensor(prev_t).cpu()
-        alpha_bar, alpha_bar_prev = alpha_bars[t], padded[prev_t.clamp(min=-1) + 1]
-        return alpha_bar, alpha_bar_prev, 1 - alpha_bar / alpha_bar_prev
+        table = torch.cumprod(1 - self.betas.double(), dim=0) if dtype == torch.float64 else self.alphas_cumprod
+        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).cpu()
+        alpha_bar_prev = torch.where(prev_t >= 0, table[prev_t.clamp(min=0)], torch.ones((), dtype=table.dtype))
+        return table[t], alpha_bar_prev
+
+    @staticmethod
+    def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-sample values as (B, 1, …, 1) in ``like``'s dtype and device. One value for the whole batch (0-dim)
+        stays a CPU scalar in the schedule's precision: diffusers' step multiplies by float32 scalars, also in fp16."""
+        if values.ndim == 0:
+            return values
+        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def q_mean_variance(self, x_start: torch.Tensor, t: Timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean √ᾱ_t x_0 and variance 1 − ᾱ_t of q(x_t | x_0) (eq. 4)."""
-        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_start)
+        alpha_bar = self._expand(self._alpha_bars(t, dtype=x_start.dtype)[0], x_start)
         return alpha_bar**0.5 * x_start, 1 - alpha_bar
 
-    def posterior_variance(self, t: Timesteps, prev_t: Optional[Timesteps] = None) -> torch.Tensor:
+    def posterior_mean_coefficients(
+        self, t: Timesteps, prev_t: Optional[Timesteps] = None, dtype: torch.dtype = torch.float64
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The coefficients of x_0 and x_t in μ̃_t(x_t, x_0) (eq. 7): √ᾱ_{t−1} β_t / (1 − ᾱ_t) and
+        √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), with α_t = ᾱ_t / ᾱ_{t−1} (in diffusers' operation order, for parity)."""
+        alpha_bar, alpha_bar_prev = self._alpha_bars(t, prev_t, dtype)
+        alpha = alpha_bar / alpha_bar_prev
+        beta = 1 - alpha
+        return (alpha_bar_prev**0.5 * beta) / (1 - alpha_bar), alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
+
+    def q_posterior_mean(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: Timesteps, prev_t: Optional[Timesteps] = None
+    ) -> torch.Tensor:
+        """μ̃_t(x_t, x_0), the mean of q(x_{t−1} | x_t, x_0) (eq. 7)."""
+        coef_x0, coef_xt = (self._expand(c, x_t) for c in self.posterior_mean_coefficients(t, prev_t, x_t.dtype))
+        return coef_x0 * x_start + coef_xt * x_t
+
+    def posterior_variance(
+        self, t: Timesteps, prev_t: Optional[Timesteps] = None, dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
         """β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t, the variance of q(x_{t−1} | x_t, x_0) (eq. 7).
 
         Exactly 0 at the first step (t = 0 here, t = 1 in the paper)."""
-        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
-        return (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
+        alpha_bar, alpha_bar_prev = self._alpha_bars(t, prev_t, dtype)
+        return (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
 
-    def posterior_log_variance_clipped(self, t: Timesteps) -> torch.Tensor:
-        """log β̃_t with β̃ at the first step replaced by β̃ at the second, where β̃ = 0 (the original code and
-        improved-diffusion do this; it is the decoder variance of L_0 in the bound, §3.3)."""
+    def _posterior_variance_clipped(self, t: Timesteps, prev_t: Optional[Timesteps], dtype: torch.dtype):
+        """β̃_t, with the first step's 0 replaced by β̃ of the second step (the original code and improved-diffusion
+        do this, for the decoder of L_0) and floored at 1e-20 (a chain that skips steps also ends on β̃ = 0)."""
         t = self._check_timesteps(t)
-        return torch.log(self.posterior_variance(torch.where(t == 0, torch.ones_like(t), t)))
+        second = self.posterior_variance(torch.ones_like(t), dtype=dtype)
+        return torch.where(t.cpu() == 0, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
 
-    def posterior_mean_coefficients(
-        self, t: Timesteps, prev_t: Optional[Timesteps] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The coefficients of x_0 and x_t in μ̃_t(x_t, x_0) (eq. 7):
-        √ᾱ_{t−1} β_t / (1 − ᾱ_t) and √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)."""
-        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
-        return alpha_bar_prev**0.5 * beta / (1 - alpha_bar), (1 - beta) ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    def posterior_log_variance_clipped(self, t: Timesteps, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """log β̃_t (eq. 7) with β̃ at the first step, where it is 0, replaced by β̃ at the second (§3.3's decoder)."""
+        return torch.log(self._posterior_variance_clipped(t, None, dtype))
 
     def q_posterior_mean_variance(
         self, x_start: torch.Tensor, x_t: torch.Tensor, t: Timesteps
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean μ̃_t, variance β̃_t and clipped log-variance of q(x_{t−1} | x_t, x_0) (eqs. 6–7)."""
-        coef_x0, coef_xt = self.posterior_mean_coefficients(t)
-        t = self._check_timesteps(t)
-
-        mean = self._broadcast(coef_x0, x_t) * x_start + self._broadcast(coef_xt, x_t) * x_t
-        return (mean, self._broadcast(self.posterior_variance(t), x_t),
-                self._broadcast(self.posterior_log_variance_clipped(t), x_t))
+        variance = self._expand(self.posterior_variance(t, dtype=x_t.dtype), x_t)
+        log_variance = self._expand(self.posterior_log_variance_clipped(t, x_t.dtype), x_t)
+        return self.q_posterior_mean(x_start, x_t, t), variance, log_variance
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t, eq. 4 solved for x_0 (the x̂_0 of eq. 15)."""
-        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_t)
+        alpha_bar = self._expand(self._alpha_bars(t, dtype=x_t.dtype)[0], x_t)
         return (x_t - (1 - alpha_bar) ** 0.5 * noise) / alpha_bar**0.5
 
     def predict_noise_from_start(self, x_t: torch.Tensor, t: Timesteps, x_start: torch.Tensor) -> torch.Tensor:
         """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t), eq. 4 solved for ε."""
-        alpha_bar = self._per_sample(self._alpha_bars64, self._check_timesteps(t), x_t)
+        alpha_bar = self._expand(self._alpha_bars(t, dtype=x_t.dtype)[0], x_t)
         return (x_t - alpha_bar**0.5 * x_start) / (1 - alpha_bar) ** 0.5
 
-    def p_mean_from_noise(self, x_t: torch.Tensor, t: Timesteps, noise: torch.Tensor) -> torch.Tensor:
-        """μ_θ(x_t, t) = (x_t − β_t / √(1 − ᾱ_t) · ε_θ) / √α_t, the ε-parameterised reverse mean (eq. 11)."""
-        t = self._check_timesteps(t)
-        alpha_bar = self._per_sample(self._alpha_bars64, t, x_t)
-        beta = self._per_sample(self._betas64, t, x_t)
-        return (x_t - beta / (1 - alpha_bar) ** 0.5 * noise) / (1 - beta) ** 0.5
+    def predict_start(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Timesteps) -> torch.Tensor:
+        """x̂_0 from the model's output, by ``prediction_type``: from ε as eq. 15 (:meth:`predict_start_from_noise`),
+        x_0 itself, or from v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022): x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return self.predict_start_from_noise(x_t, t, model_output)
+        if kind == "sample":
+            return model_output
+        alpha_bar = self._expand(self._alpha_bars(t, dtype=x_t.dtype)[0], x_t)
+        return alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
 
-    def model_log_variance(
-        self, t: Timesteps, predicted: Optional[torch.Tensor] = None, prev_t: Optional[Timesteps] = None
-    ) -> torch.Tensor:
-        """log σ_t² of p_θ(x_{t−1} | x_t) for the configured ``variance_type`` (float64 for fixed variances).
+    def p_variance(
+        self,
+        x_t: torch.Tensor,
+        t: Timesteps,
+        prev_t: Optional[Timesteps] = None,
+        model_variance: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """σ_t² and log σ_t² of p_θ(x_{t−1} | x_t) (§3.2) for the configured ``variance_type``, to broadcast
+        against x_t.
 
-        ``fixed_small``: log β̃_t (floored at 1e-20); ``fixed_large``: log β_t; ``learned``: the model output itself;
-        ``learned_range``: v log β_t + (1 − v) log β̃_t with v = (output + 1) / 2 (improved-diffusion eq. 15)."""
-        alpha_bar, alpha_bar_prev, beta = self._alpha_bars(t, prev_t)
-        return self._log_variance(alpha_bar, alpha_bar_prev, beta, predicted)
-
-    def _log_variance(self, alpha_bar, alpha_bar_prev, beta, predicted: Optional[torch.Tensor]) -> torch.Tensor:
-        small = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=_MIN_VARIANCE)
+        ``fixed_small``: β̃_t (eq. 7); ``fixed_large``: β_t (their ``_log`` forms give the same numbers);
+        ``learned``: the model's extra channels ``model_variance`` are log σ_t²; ``learned_range``: they interpolate,
+        v log β_t + (1 − v) log β̃_t with v = (output + 1) / 2 (improved-diffusion eq. 15). At the first step (t = 0
+        here, the paper's t = 1) β̃ = 0, and both fixed types use β̃ of the second step, as the original code and
+        improved-diffusion do for the decoder L_0; sampling adds no noise at that step, so only the bound sees it."""
         kind = self.config.variance_type
+        t = self._check_timesteps(t)
+        small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
+        alpha_bar, alpha_bar_prev = self._alpha_bars(t, prev_t, x_t.dtype)
+        beta = 1 - alpha_bar / alpha_bar_prev
         if kind in ("fixed_small", "fixed_small_log"):
-            return torch.log(small)
+            variance = self._expand(small, x_t)
+            return variance, torch.log(variance)
         if kind in ("fixed_large", "fixed_large_log"):
-            return torch.log(beta)
-        if predicted is None:
+            variance = self._expand(torch.where(t.cpu() == 0, small, beta), x_t)
+            return variance, torch.log(variance)
+        if model_variance is None:
             raise ValueError(f"variance_type={kind!r} needs the model's variance channels (2× output channels).")
         if kind == "learned":
-            return predicted
-        frac = (predicted + 1) / 2
-        return frac * torch.log(beta) + (1 - frac) * torch.log(small)
+            log_variance = model_variance
+        else:
+            frac = (model_variance + 1) / 2
+            log_variance = frac * self._expand(torch.log(beta), x_t) + (1 - frac) * self._expand(torch.log(small), x_t)
+        return torch.exp(log_variance), log_variance
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling (Algorithm 2) and the forward process
@@ -425,18 +449,6 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         s = torch.quantile(flat.abs(), self.config.dynamic_thresholding_ratio, dim=1)
         s = torch.clamp(s, min=1, max=self.config.sample_max_value).unsqueeze(1)
         return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
-
-    def _step_noise_std(
-        self, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, predicted_variance: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """σ_t of the reverse step, in float32 and in the operation order diffusers uses, so samples match bit for bit."""
-        beta = 1 - alpha_bar / alpha_bar_prev
-        kind = self.config.variance_type
-        if kind == "fixed_small":
-            return torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=_MIN_VARIANCE) ** 0.5
-        if kind == "fixed_large":
-            return beta**0.5
-        return torch.exp(0.5 * self._log_variance(alpha_bar, alpha_bar_prev, beta, predicted_variance))
 
     def step(
         self,
@@ -462,7 +474,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         prev_t = self.previous_timestep(t)
         channels = sample.shape[1]
         predicted_variance = None
-        if model_output.shape[1] == 2 * channels and self.variance_type in ("learned", "learned_range"):
+        if model_output.shape[1] == 2 * channels and self.variance_type in LEARNED_VARIANCE_TYPES:
             model_output, predicted_variance = torch.split(model_output, channels, dim=1)
         elif model_output.shape[1] != channels:
             raise ValueError(
@@ -470,35 +482,24 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 f" (or {2 * channels} with variance_type 'learned'/'learned_range')."
             )
 
-        # float32 tables, as diffusers: the sampler must reproduce its numbers exactly.
-        alpha_bar = self.alphas_cumprod[int(t)]
-        alpha_bar_prev = self.alphas_cumprod[int(prev_t)] if int(prev_t) >= 0 else self.one
-        one_minus_alpha_bar = 1 - alpha_bar
-        alpha = alpha_bar / alpha_bar_prev
-        beta = 1 - alpha
-
-        prediction = self.config.prediction_type
-        if prediction == "epsilon":
-            pred_original_sample = (sample - one_minus_alpha_bar ** (0.5) * model_output) / alpha_bar ** (0.5)
-        elif prediction == "sample":
-            pred_original_sample = model_output
-        else:
-            pred_original_sample = (alpha_bar**0.5) * sample - (one_minus_alpha_bar**0.5) * model_output
-
+        # 1. x̂_0 from the model output (eq. 15 for ε), clipped or thresholded.
+        pred_original_sample = self.predict_start(model_output, sample, t)
         if self.config.thresholding:
             pred_original_sample = self._threshold_sample(pred_original_sample)
         elif self.config.clip_sample:
             limit = self.config.clip_sample_range
             pred_original_sample = pred_original_sample.clamp(-limit, limit)
 
-        # μ̃_t(x_t, x̂_0), eq. 7 (coefficients written out in diffusers' operation order for bitwise parity).
-        coef_x0 = (alpha_bar_prev ** (0.5) * beta) / one_minus_alpha_bar
-        coef_xt = alpha ** (0.5) * (1 - alpha_bar_prev) / one_minus_alpha_bar
-        prev_sample = coef_x0 * pred_original_sample + coef_xt * sample
+        # 2. The mean of p_θ: μ̃_t(x_t, x̂_0), eq. 7.
+        prev_sample = self.q_posterior_mean(pred_original_sample, sample, t, prev_t)
 
+        # 3. Add σ_t z, except at the last step.
         if int(t) > 0:
             noise = randn_like_batch(model_output.shape, generator, model_output.device, model_output.dtype)
-            std = self._step_noise_std(alpha_bar, alpha_bar_prev, predicted_variance)
+            variance, log_variance = self.p_variance(sample, t, prev_t, predicted_variance)
+            # √σ² where diffusers takes the root, exp(½ log σ²) where it goes through the log: the same samples.
+            rooted = self.variance_type in ("fixed_small", "fixed_large")
+            std = variance**0.5 if rooted else torch.exp(0.5 * log_variance)
             prev_sample = prev_sample + std * noise
 
         if not return_dict:
@@ -509,16 +510,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor
     ) -> torch.Tensor:
         """Sample q(x_t | x_0): x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε (eq. 4), one timestep per batch element."""
-        t = self._check_timesteps(timesteps)
-        alpha_bar = self._per_sample(self.alphas_cumprod, t.flatten(), original_samples)
-        if alpha_bar.ndim == 0:
-            alpha_bar = alpha_bar.reshape(*([1] * original_samples.ndim))
-        return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
+        mean, variance = self.q_mean_variance(original_samples, torch.as_tensor(timesteps).reshape(-1))
+        return mean + variance**0.5 * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """The v-prediction target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022)."""
-        t = self._check_timesteps(timesteps)
-        alpha_bar = self._per_sample(self.alphas_cumprod, t.flatten(), sample)
-        if alpha_bar.ndim == 0:
-            alpha_bar = alpha_bar.reshape(*([1] * sample.ndim))
+        alpha_bar, _ = self._alpha_bars(torch.as_tensor(timesteps).reshape(-1), dtype=sample.dtype)
+        alpha_bar = self._expand(alpha_bar, sample)
         return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * sample

@@ -17,8 +17,8 @@ import torch
 from scipy.special import log_ndtr, ndtr
 
 from ddpm_hf.likelihood import VariationalBound
-from ddpm_hf.losses import make_loss
-from ddpm_hf.scheduler import DDPMScheduler
+from ddpm_hf.losses import LOSSES, check_loss_supports_variance, make_loss
+from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES, DDPMScheduler
 
 T = 1000
 # Gaussian data x_0 ~ N(M, S²) per dimension: the optimal predictor is known in closed form.
@@ -173,6 +173,9 @@ def test_the_decoder_variance_at_t1_is_the_posterior_variance_of_t2(variance_typ
     std = math.sqrt(beta_tilde_2)
     expected = -math.log(ndtr(0.0) - ndtr(-2 / 255 / std))
     assert abs(got - expected) < 1e-9
+    # The scheduler's reverse variance says the same, and sampling never uses it (no noise is added at t = 0).
+    _, log_var = scheduler.p_variance(x0, torch.tensor([0]))
+    assert abs(float(log_var) - math.log(beta_tilde_2)) < 1e-9
     std_beta_1 = math.sqrt(p.betas[0])  # what the bound would be with β_1: clearly different
     assert abs(got + math.log(ndtr(0.0) - ndtr(-2 / 255 / std_beta_1))) > 0.05
 
@@ -221,10 +224,21 @@ def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type
     x0_pred = start_from_output(p, prediction_type, mean_output, x_t, k)  # no clipping in training
     vlb_nats = T * bound_term(p, x0, x_t, x0_pred, k, reverse_log_variance(p, variance_type, k, variance_output)) / dims
     expected = {"simple": simple, "vlb": vlb_nats, "hybrid": simple + 0.001 * vlb_nats / math.log(2)}[loss_name]
-    # float32 arithmetic: x̂_0 from ε at t = 1000 divides a cancellation by √ᾱ_T ≈ 0.006 (an absolute error ~1e-4).
-    np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-4, atol=2e-4)
+    # The bound runs in float64 on the float32 inputs; the loss is returned in float32.
+    np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-6, atol=1e-7)
     if loss_name == "hybrid":  # the bound trains the variance only: the mean's gradient is L_simple's alone
         # (the v target is computed from diffusers' float32 ᾱ table: √(1 − ᾱ_1) is off by ~1e-4 relative)
         np.testing.assert_allclose(out.grad[:, :1].double().numpy(), 2 * (mean_output - target) / dims,
                                    rtol=1e-4, atol=1e-6)
         assert out.grad[:, 1:].abs().sum() > 0
+
+
+def test_a_learned_variance_needs_a_loss_that_trains_it():
+    for loss in LOSSES:
+        for variance_type in VARIANCE_TYPES:
+            if loss == "simple" and variance_type in LEARNED_VARIANCE_TYPES:
+                words = f"--variance_type {variance_type} gets no gradient from --loss simple"
+                with pytest.raises(ValueError, match=words):
+                    check_loss_supports_variance(loss, variance_type)
+            else:
+                check_loss_supports_variance(loss, variance_type)

