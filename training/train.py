@@ -36,10 +36,10 @@ from ddpm_hf.data import (EMBEDDED_NAME, TrainStream, check_channels, default_nu
 from ddpm_hf.ema import EMA
 from ddpm_hf.hub import is_repo_id, push_pipeline_with_retries, unknown_config_keys
 from ddpm_hf.images import to_model_range
-from ddpm_hf.losses import LOSSES, make_loss
+from ddpm_hf.losses import LOSSES, check_loss_supports_variance, make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import training_defaults, unet_config
-from ddpm_hf.scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
+from ddpm_hf.scheduler import BETA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 
 logger = logging.getLogger("ddpm_hf.train")
 
@@ -172,8 +172,10 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.hub_model_id is not None and not (is_repo_id(args.hub_model_id) and args.hub_model_id.count("/") == 1):
         p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use namespace/name with letters, "
                 "digits, '.', '_' or '-'")
-    if args.variance_type in ("learned", "learned_range") and args.loss == "simple":
-        p.error(f"--variance_type {args.variance_type} gets no gradient from --loss simple: use --loss hybrid or vlb")
+    try:
+        check_loss_supports_variance(args.loss, args.variance_type)
+    except ValueError as err:
+        p.error(str(err))
     if args.push_checkpoints and not args.push_to_hub:
         p.error("--push_checkpoints needs --push_to_hub")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -213,7 +215,7 @@ def build_model(args):
     config = read_model_config(args.model_config) if args.model_config else unet_config(args.preset)
     if args.dropout is not None:
         config["dropout"] = args.dropout
-    if args.variance_type in ("learned", "learned_range"):
+    if args.variance_type in LEARNED_VARIANCE_TYPES:
         config["out_channels"] = 2 * config["in_channels"]
     try:
         model = DDPMUNet(**config)
