@@ -1,0 +1,192 @@
+"""The flags of training/train.py: parsed, completed from the preset, and checked (range and combination) before
+anything is loaded; a bad flag exits with status 2 and names itself. Flags are named like diffusers'
+train_unconditional.py where the meaning is the same."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import EMBEDDED_NAME
+from .hub import is_repo_id, unknown_config_keys
+from .losses import LOSSES, check_loss_supports_variance
+from .presets import PRESETS, training_defaults
+from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
+from .unet import DDPMUNet
+
+DESCRIPTION = """Train a DDPM (Ho, Jain & Abbeel 2020) with 🤗 Accelerate on any 🤗 datasets image dataset:
+    accelerate launch training/train.py --preset small-28 --dataset_name embedded:fashion_mnist --output_dir runs/x
+A preset supplies the network and the paper's hyper-parameters; any flag overrides it. Training is step-based."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow files, or "
+                      f"{EMBEDDED_NAME} (default when --train_data_dir is not given)")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_data_dir", default=None, help="a folder of image files (imagefolder)")
+    data.add_argument("--split", default="train")
+    data.add_argument("--image_column", default=None, help="default: the first Image column")
+    data.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000)
+    data.add_argument("--resolution", type=int, default=None, help="default: the model's sample_size")
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
+    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--dataloader_num_workers", type=int, default=None,
+                      help="processes that decode and augment images for each training process (0: a background "
+                           "thread of the training process does it); default: the free cores, at most 8")
+    data.add_argument("--data_streams", type=int, default=None,
+                      help="split the data into this many streams (default: one per process); runs with the same "
+                           "value train on the same global batches whatever the number of processes")
+
+    model = p.add_argument_group("model and diffusion")
+    model.add_argument("--preset", default="small-28", choices=sorted(PRESETS))
+    model.add_argument("--model_config", default=None, help="a UNet2DModel-style config.json, overrides --preset")
+    model.add_argument("--dropout", type=float, default=None)
+    model.add_argument("--original_init", action="store_true", help="the original code's initialisation")
+    model.add_argument("--ddpm_num_steps", type=int, default=1000)
+    model.add_argument("--ddpm_beta_schedule", default="linear", choices=BETA_SCHEDULES)
+    model.add_argument("--variance_type", default=None, choices=VARIANCE_TYPES)
+    model.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES)
+    model.add_argument("--loss", default="simple", choices=LOSSES)
+    model.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--max_train_steps", type=int, default=None)
+    opt.add_argument("--max_train_minutes", type=float, default=None,
+                     help="also stop after this much training time (all processes stop at the same step)")
+    opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
+    opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    opt.add_argument("--learning_rate", type=float, default=None)
+    opt.add_argument("--lr_scheduler", default="constant_with_warmup",
+                     choices=["constant_with_warmup", "constant", "linear", "cosine"])
+    opt.add_argument("--lr_warmup_steps", type=int, default=None)
+    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--adam_beta2", type=float, default=0.999)
+    opt.add_argument("--adam_weight_decay", type=float, default=0.0)
+    opt.add_argument("--adam_epsilon", type=float, default=1e-8)
+    opt.add_argument("--max_grad_norm", type=float, default=None)
+    opt.add_argument("--max_nonfinite_steps", type=int, default=5,
+                     help="skip updates with a NaN/Inf loss or gradient; stop after this many in a row")
+    opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    opt.add_argument("--ema_max_decay", type=float, default=None)
+    opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
+    opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    opt.add_argument("--gradient_checkpointing", action="store_true")
+    opt.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the U-Net (checked before training)")
+    opt.add_argument("--seed", type=int, default=0)
+
+    out = p.add_argument_group("outputs")
+    out.add_argument("--output_dir", default="ddpm-output")
+    out.add_argument("--checkpointing_steps", type=int, default=500)
+    out.add_argument("--checkpoints_total_limit", type=int, default=3)
+    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
+    out.add_argument("--num_sample_images", type=int, default=16)
+    out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
+    out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
+                     "every N steps; above 1 keeps a GPU from waiting on the host")
+    out.add_argument("--logging_dir", default="logs")
+    out.add_argument("--record_example_ids", action="store_true",
+                     help="write the sha1 of every training image per process (audits of the data split)")
+    hub = p.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", default=None)
+    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_private_repo", action="store_true")
+    hub.add_argument("--push_checkpoints", action="store_true", help="also push the EMA pipeline at checkpoints")
+    hub.add_argument("--hub_push_attempts", type=int, default=3, help="tries per upload (backoff 2 s, 4 s, ...)")
+    hub.add_argument("--hub_timeout", type=float, default=120.0, help="seconds without progress before an upload "
+                     "request is abandoned (and retried)")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Fill what the flags leave open from the preset, then check every flag's range and combination before anything
+    is loaded: ``p.error`` names the flag and exits with status 2."""
+    for key, value in training_defaults(args.preset).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = EMBEDDED_NAME
+    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps",
+                 "ddpm_num_inference_steps", "num_sample_images", "max_nonfinite_steps", "hub_push_attempts", "logging_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "save_images_steps", "eval_steps",
+                 "lr_warmup_steps", "shuffle_buffer_size"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        p.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        p.error("--mixed_precision fp16 needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16 or no")
+    if args.data_streams is not None and args.data_streams < 1:
+        p.error(f"--data_streams must be at least 1, got {args.data_streams}")
+    for name in ("max_grad_norm", "adam_epsilon", "hub_timeout") + (("max_train_minutes",) if args.max_train_minutes
+                                                                    is not None else ()):
+        if not getattr(args, name) > 0:  # also refuses NaN
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0 < args.learning_rate < 1:
+        p.error(f"--learning_rate must be in (0, 1), got {args.learning_rate}")
+    for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "dropout", "adam_weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < 1:
+            p.error(f"--{name} must be in [0, 1), got {value}")
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        p.error("--ddpm_num_inference_steps cannot exceed --ddpm_num_steps")
+    if args.resolution is not None and args.resolution < 1:
+        p.error(f"--resolution must be at least 1, got {args.resolution}")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id namespace/name")
+    if args.hub_model_id is not None and not (is_repo_id(args.hub_model_id) and args.hub_model_id.count("/") == 1):
+        p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use namespace/name with letters, "
+                "digits, '.', '_' or '-'")
+    try:
+        check_loss_supports_variance(args.loss, args.variance_type)
+    except ValueError as err:
+        p.error(str(err))
+    if args.push_checkpoints and not args.push_to_hub:
+        p.error("--push_checkpoints needs --push_to_hub")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
+        p.error(f"--train_data_dir {args.train_data_dir} is not a folder")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder (or use 'latest')")
+    if args.model_config:
+        try:
+            read_model_config(args.model_config)
+        except ValueError as err:
+            p.error(str(err))
+
+
+def read_model_config(path: str) -> dict:
+    """A UNet2DModel-style config.json as a dict, checked for unknown keys (a typo would silently fall back to the
+    default) and missing files or bad JSON, each named."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--model_config {path}: no such file")
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model_config {path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"--model_config {path} must hold a JSON object")
+    unknown = unknown_config_keys(config, DDPMUNet)
+    if unknown:
+        raise ValueError(f"--model_config {path} has unknown keys {unknown}: not UNet2DModel config keys (see a "
+                         "preset, e.g. ddpm_hf.unet_config('small-28'))")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def public_config(args) -> dict:
+    """The run's flags without the token: what goes to the trackers, training_config.json and the model card."""
+    return {k: v for k, v in vars(args).items() if k != "hub_token"}
