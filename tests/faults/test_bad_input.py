@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
@@ -55,6 +56,11 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--max_train_minutes", "-1"], "--max_train_minutes must be positive"),
     (["--hub_timeout", "0"], "--hub_timeout must be positive"),
     (["--data_streams", "0"], "--data_streams must be at least 1"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+    (["--dataloader_num_workers", "two"], "invalid int value: 'two'"),
+    (["--logging_steps", "0"], "--logging_steps must be at least 1"),
+    pytest.param(["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed with CUDA")),
     (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),
     (["--checkpointing_steps", "-5"], "--checkpointing_steps must be >= 0"),
     (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps must be at least 1"),
