@@ -116,22 +116,17 @@ def test_workers_exit_with_the_run(images, tmp_path, how):
     assert _gone(workers), f"data workers {workers} outlived the training process ({how})"
 
 
-def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, tmp_path):
-    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "12", "--checkpointing_steps", "0",
-                   "--logging_dir", "logs", "--logger", "tensorboard"]
-    for precision in ("no", "bf16"):
-        run(args + ["--mixed_precision", precision, "--output_dir", str(tmp_path / precision)],
-            tmp_path / f"{precision}.log")
-    losses = {p: _scalars(tmp_path / p / "logs", "loss") for p in ("no", "bf16")}
-    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
-    # bf16 keeps 8 bits of mantissa: the same batches give losses within a few percent, step by step
-    torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=0.02)
-    with safe_open(str(tmp_path / "bf16" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
-    from diffusers import DiffusionPipeline
+def _eager_args(images):
+    return FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "3",
+                   "--logger", "tensorboard"]
 
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "bf16" / "pipeline")
-    assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
+
+@pytest.fixture(scope="module")
+def eager(images, tmp_path_factory):
+    """One fp32, uncompiled run: the reference of the bf16 and the compiled runs."""
+    out = tmp_path_factory.mktemp("eager") / "run"
+    run(_eager_args(images) + ["--output_dir", str(out)], out.parent / "log.txt")
+    return out
 
 
 def _scalars(logdir: Path, tag: str):
@@ -143,15 +138,29 @@ def _scalars(logdir: Path, tag: str):
     return [e.value for e in acc.Scalars(tag)]
 
 
-def test_compiled_training_matches_and_its_checkpoints_are_plain(images, tmp_path):
+def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, eager, tmp_path):
+    run(_eager_args(images) + ["--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")],
+        tmp_path / "bf16.log")
+    losses = {"no": _scalars(eager / "logs", "loss"), "bf16": _scalars(tmp_path / "bf16" / "logs", "loss")}
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    # bf16 keeps 8 bits of mantissa: the same batches give losses within a few percent, step by step
+    torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=0.02)
+    with safe_open(str(tmp_path / "bf16" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "bf16" / "pipeline")
+    assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
+
+
+def test_compiled_training_matches_and_its_checkpoints_are_plain(images, eager, tmp_path):
     """--compile: the same losses as eager to float tolerance; checkpoints and the pipeline hold plain keys and load
-    in plain diffusers; a compiled run resumes an eager checkpoint and the reverse, ending on the eager weights."""
-    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "3",
-                   "--logger", "tensorboard"]
-    run(args + ["--output_dir", str(tmp_path / "eager")], tmp_path / "eager.log")
+    in plain diffusers; an eager run resumes the compiled checkpoint and ends on the eager weights (the reverse is
+    the slow test below)."""
+    args = _eager_args(images)
     run(args + ["--compile", "--output_dir", str(tmp_path / "compiled")], tmp_path / "compiled.log")
     torch.testing.assert_close(torch.tensor(_scalars(tmp_path / "compiled" / "logs", "loss")),
-                               torch.tensor(_scalars(tmp_path / "eager" / "logs", "loss")), rtol=1e-4, atol=1e-5)
+                               torch.tensor(_scalars(eager / "logs", "loss")), rtol=1e-4, atol=1e-5)
     for folder in (tmp_path / "compiled" / "checkpoint-3", tmp_path / "compiled" / "pipeline" / "unet"):
         for file in folder.glob("*.safetensors"):
             with safe_open(str(file), "pt") as f:
@@ -159,25 +168,21 @@ def test_compiled_training_matches_and_its_checkpoints_are_plain(images, tmp_pat
     from diffusers import UNet2DModel
 
     UNet2DModel.from_pretrained(tmp_path / "compiled" / "pipeline" / "unet")
-    # compiled checkpoint-3 → eager steps 4–6 ends on the eager weights
-    _resume_and_compare(tmp_path, "compiled", [], "c2e", args)
+    _resume_and_compare(tmp_path / "compiled" / "checkpoint-3", [], eager, tmp_path / "c2e", args)
 
 
 @pytest.mark.slow
-def test_an_eager_checkpoint_resumes_compiled(images, tmp_path):
-    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "3"]
-    run(args + ["--output_dir", str(tmp_path / "eager")], tmp_path / "eager.log")
-    _resume_and_compare(tmp_path, "eager", ["--compile"], "e2c", args)
+def test_an_eager_checkpoint_resumes_compiled(images, eager, tmp_path):
+    _resume_and_compare(eager / "checkpoint-3", ["--compile"], eager, tmp_path / "e2c", _eager_args(images))
 
 
-def _resume_and_compare(tmp_path, source, flag, name, args):
-    out = tmp_path / name
+def _resume_and_compare(checkpoint: Path, flags, eager: Path, out: Path, args):
     out.mkdir()
-    shutil.copytree(tmp_path / source / "checkpoint-3", out / "checkpoint-3")
-    run(args + flag + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], tmp_path / f"{name}.log")
-    eager, resumed = final_weights(tmp_path / "eager"), final_weights(out)
-    for key in eager:
-        torch.testing.assert_close(resumed[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+    shutil.copytree(checkpoint, out / checkpoint.name)
+    run(args + flags + ["--resume_from_checkpoint", "latest", "--output_dir", str(out)], out.parent / "resume.log")
+    reference, resumed = final_weights(eager), final_weights(out)
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{out.name} {key}")
 
 
 def test_a_compiler_failure_stops_before_training(images, tmp_path):
