@@ -13,7 +13,6 @@ Lines printed (prefix "GPU"):
 """
 
 import argparse
-import io
 import os
 import re
 import statistics
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from data import write_dataset  # bench/data.py: the same synthetic CIFAR-like parquet shards
 
 ROOT = Path(__file__).resolve().parents[1]
 START = time.time()
@@ -114,22 +115,6 @@ def unet_step_ratios(batch: int):
             f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f})")
 
 
-def write_cifar_like(folder: Path, count: int, shards: int = 16):
-    from datasets import Dataset, Features, Image as ImageFeature
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "RGB").save(buffer, format="PNG")
-        rows.append({"bytes": buffer.getvalue(), "path": None})
-    ds = Dataset.from_dict({"image": rows}, features=Features({"image": ImageFeature()}))
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(shards):
-        ds.shard(shards, k, contiguous=True).to_parquet(str(folder / f"train-{k:05d}-of-{shards:05d}.parquet"))
-
-
 def train_run(data: Path, out: Path, steps: int, extra, timeout):
     cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10", "--dataset_name", str(data),
            "--train_batch_size", "128", "--max_train_steps", str(steps), "--checkpointing_steps", "0",
@@ -183,7 +168,7 @@ def main():
             + (f"; fp16 overflow steps {overflow}" if overflow is not None and "fp16" in label else ""))
 
     part("unet", lambda: unet_step_ratios(128), 30)
-    part("data", lambda: write_cifar_like(data, 20_000), 30)
+    part("data", lambda: write_dataset(data, "png32", 20_000), 30)
     part("train bf16", lambda: training(["--mixed_precision", "bf16", "--allow_tf32"], "bf16", args.train_steps), 60)
     part("sampling", sampling, 60)
     part("bits/dim", lambda: bits(compiled=False), 45)

@@ -350,7 +350,7 @@ def _init_data_worker() -> None:
 class _Batch:
     images: torch.Tensor  # uint8 (N, C, H, W)
     position: Dict[int, Tuple[int, int]]  # every stream's position after this batch
-    skipped: int
+    skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
 
 
@@ -370,7 +370,7 @@ class TrainStream:
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
                  center_crop: bool = True, random_flip: bool = False, record_ids: bool = False, num_workers: int = 0,
-                 prefetch: int = 4):
+                 prefetch: int = 4, pin_memory: bool = False):
         from datasets.distributed import split_dataset_by_node
 
         if num_streams % world_size:
@@ -392,9 +392,9 @@ class TrainStream:
         self.datasets = {v: split_dataset_by_node(dataset, rank=v, world_size=num_streams) for v in self.streams}
         self.image_column, self.per_stream_batch = image_column, per_stream_batch
         self.settings = DecodeSettings(resolution, channels, center_crop, random_flip, seed, record_ids)
-        self.num_workers, self.prefetch = num_workers, max(1, prefetch)
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, max(1, prefetch), pin_memory
         self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
-        self.skipped_rows = 0
+        self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream
         self.seen_ids: List[str] = []
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
         self._pool: Optional[ProcessPoolExecutor] = None
@@ -403,13 +403,23 @@ class TrainStream:
         self._stop = threading.Event()
 
     # --- checkpointing ---------------------------------------------------------------------------------------------
+    @property
+    def skipped_rows(self) -> int:
+        """Undecodable rows this process skipped."""
+        return sum(self.skipped.values())
+
     def state_dict(self) -> dict:
-        return {"position": dict(self.position), "skipped_rows": self.skipped_rows}
+        """Every stream's position and skip count, those of the other processes included: accelerate writes the
+        registered states from the main process only (a collective: every process calls this when saving)."""
+        return all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped)})
 
     def load_state_dict(self, state: dict) -> None:
         self._stop_producer()
-        self.position = {int(v): tuple(p) for v, p in state["position"].items()}
-        self.skipped_rows = state["skipped_rows"]
+        self.position = {v: tuple(state["position"][v]) for v in self.streams}
+        skipped = state["skipped_rows"]
+        if isinstance(skipped, int):  # written by 0.1 (one process): one count for all
+            skipped = {self.streams[0]: skipped}
+        self.skipped = {v: skipped.get(v, 0) for v in self.streams}
         self.legacy_noise_state = state.get("noise")
 
     # --- the consumer side -----------------------------------------------------------------------------------------
@@ -422,7 +432,9 @@ class TrainStream:
         if isinstance(item, BaseException):
             self._thread = None
             raise item
-        self.position, self.skipped_rows = item.position, self.skipped_rows + item.skipped
+        self.position = item.position
+        for v, n in item.skipped.items():
+            self.skipped[v] += n
         self.seen_ids.extend(item.ids)
         return item.images
 
@@ -462,15 +474,14 @@ class TrainStream:
     # --- the producer thread ---------------------------------------------------------------------------------------
     def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, out: "queue.Queue") -> None:
         decoded = {v: self._decoded(v, *position[v]) for v in self.streams}
-        pin = torch.cuda.is_available()
+        pin = self.pin_memory
         try:
             while not stop.is_set():
-                arrays, ids, skipped = [], [], 0
+                arrays, ids, skipped = [], [], {}
                 for v in self.streams:
-                    taken, stream_ids, stream_skipped, position[v] = self._take(v, decoded[v])
+                    taken, stream_ids, skipped[v], position[v] = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
-                    skipped += stream_skipped
                 images = torch.from_numpy(np.stack(arrays))
                 batch = _Batch(images.pin_memory() if pin else images, dict(position), skipped, ids)
                 while not stop.is_set():
@@ -548,6 +559,18 @@ class TrainStream:
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
         return taken, ids, skipped, position
+
+
+def all_processes(state: dict) -> dict:
+    """``state``'s per-stream dicts merged with those of every other process (identity in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, state)
+    return {key: ({k: v for part in parts for k, v in part[key].items()} if isinstance(value, dict) else value)
+            for key, value in state.items()}
 
 
 def default_num_workers(local_processes: int) -> int:

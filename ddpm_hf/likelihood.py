@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from .images import to_model_range
 from .scheduler import DDPMScheduler
 
 LN2 = math.log(2.0)
@@ -42,10 +43,11 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_mass))
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images → [−1, 1] (x / 127.5 − 1); float images must already lie on that 256-level grid."""
+def checked_model_range(images: torch.Tensor) -> torch.Tensor:
+    """The bound's input in [−1, 1]: uint8 images converted (images.to_model_range); float images must already lie
+    on that 256-level grid."""
     if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1
+        return to_model_range(images)
     if not images.is_floating_point():
         raise ValueError(f"images must be uint8 or float in [-1, 1], got dtype {images.dtype}.")
     grid = (images + 1) * 127.5
@@ -163,7 +165,7 @@ def bits_per_dim(
     call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default as many as
     fill a network batch of 64 images on a CPU (larger batches run no faster there: bench/bpd.py) or 512 on a GPU.
     """
-    x_all = to_model_range(images)
+    x_all = checked_model_range(images)
     if x_all.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}.")
     if num_timesteps is not None and num_timesteps < 2:

@@ -3,6 +3,7 @@ a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error 
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +41,15 @@ def _ids(run_dir: Path, rank: int):
 @pytest.mark.distributed
 def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir, tmp_path):
     args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "8",
-                     "--checkpointing_steps", "0", "--record_example_ids"]
+                     "--checkpointing_steps", "4", "--record_example_ids"]
     two = tmp_path / "two"
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--main_process_port", str(free_port()), TRAIN, *args, "--output_dir", str(two)],
-         env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+
+    def two_processes(*extra):
+        _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), TRAIN, *args, *extra],
+             env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+
+    two_processes("--output_dir", str(two))
     info = json.loads((two / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
     assert info["backend"] == "gloo" and info["model_wrapper"] == "DistributedDataParallel"
@@ -59,6 +64,17 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
     a, b = final_weights(two), final_weights(one)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+    # Both processes resume exactly from a 2-process checkpoint: each finds its own streams' data position and
+    # noise in it (accelerate writes it from the main process alone)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "checkpoint-4", resumed / "checkpoint-4")
+    two_processes("--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    assert _ids(resumed, 0) == rank0[16:] and _ids(resumed, 1) == rank1[16:]
+    c = final_weights(resumed)
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.distributed

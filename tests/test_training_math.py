@@ -92,3 +92,17 @@ def test_each_paper_preset_carries_the_paper_recipe(preset, parameters, lr, batc
     scheduler = train.DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule)
     torch.testing.assert_close(scheduler.betas.double(), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64),
                                rtol=0, atol=1e-8)  # float32 rounding of the betas
+
+
+def test_the_draw_of_t_and_noise_is_algorithm_1():
+    """t ~ Uniform({1, ..., T}) (0-based here: 0 … T−1, each about equally often) and ε ~ N(0, I), per data stream
+    from the stream's own generator: the same stream gives the same draws in any process."""
+    loop = train.LoopState([0, 1], 10_000, seed=0, device=torch.device("cpu"))
+    x0 = torch.zeros(20_000, 1, 2, 2)
+    t, noise = loop.draw(x0, 10)
+    counts = torch.bincount(t, minlength=10)
+    assert len(counts) == 10 and counts.min() > 1_800 and counts.max() < 2_200  # 2,000 ± 4.7 σ
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+    alone = train.LoopState([1], 10_000, seed=0, device=torch.device("cpu"))  # stream 1 served by another process
+    t1, noise1 = alone.draw(x0[:10_000], 10)
+    assert torch.equal(t1, t[10_000:]) and torch.equal(noise1, noise[10_000:])

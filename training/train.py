@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
 from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline
-from ddpm_hf.data import (TrainStream, check_channels, default_num_workers, find_image_column, first_image,
-                          load_image_dataset)
+from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
+                          first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
@@ -89,15 +89,22 @@ class LoopState:
         return torch.cat(t).to(x0.device), torch.cat(noise).to(x0.device, x0.dtype)
 
     def state_dict(self):
-        return {"step": self.step, "noise": {v: g.get_state() for v, g in self.generators.items()}}
+        """The step and every stream's generator, the other processes' included (see TrainStream.state_dict)."""
+        return all_processes({"step": self.step, "noise": {v: g.get_state() for v, g in self.generators.items()}})
 
     def load_state_dict(self, state):
         self.step = state["step"]
-        self.load_noise_state(state.get("noise", {}))  # checkpoints before 0.2 kept it in the data stream
+        if "noise" in state:  # checkpoints before 0.2 kept it in the data stream (see start_run)
+            self.load_noise_state(state["noise"])
 
     def load_noise_state(self, noise_state):
-        for v, g_state in noise_state.items():
-            self.generators[int(v)].set_state(g_state)
+        for v in self.generators:
+            g_state = noise_state[v]
+            if len(g_state) != len(self.generators[v].get_state()):
+                # written on another kind of device (a CPU run resumed on a GPU): continue that generator on the
+                # CPU, so that the run goes on with exactly the noise it would have drawn
+                self.generators[v] = torch.Generator("cpu")
+            self.generators[v].set_state(g_state)
 
 
 def make_accelerator(args) -> Accelerator:
@@ -119,8 +126,8 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int,
-                      local_processes: int) -> TrainStream:
+def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int, local_processes: int,
+                      pin_memory: bool) -> TrainStream:
     """The data opened and its first image read before any training: a bad dataset stops here, named."""
     try:
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
@@ -131,7 +138,8 @@ def open_train_stream(args, model, resolution: int, streams: int, rank: int, wor
         return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
                            args.random_flip, record_ids=args.record_example_ids,
-                           num_workers=default_num_workers(local_processes) if workers is None else workers)
+                           num_workers=default_num_workers(local_processes) if workers is None else workers,
+                           pin_memory=pin_memory)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
@@ -269,7 +277,8 @@ def main(argv=None):
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
     stream = open_train_stream(args, model, resolution, args.data_streams or world, accelerator.process_index, world,
-                               local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+                               local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                               pin_memory=device.type == "cuda")
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
@@ -403,10 +412,11 @@ def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: 
     want_eval = args.eval_steps and step % args.eval_steps == 0
     want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
                                                 and step % args.checkpointing_steps == 0))
-    if accelerator.is_main_process and (want_images or want_eval or want_push or final):
-        write_outputs(accelerator, model, ema, scheduler, args, resolution, step, want_images, want_eval, want_push,
-                      final)
-    accelerator.wait_for_everyone()
+    if want_images or want_eval or want_push or final:  # the same answer on every process
+        if accelerator.is_main_process:
+            write_outputs(accelerator, model, ema, scheduler, args, resolution, step, want_images, want_eval,
+                          want_push, final)
+        accelerator.wait_for_everyone()  # only then: a barrier every step would stall a GPU on the host
 
 
 def finish(accelerator, args, stream) -> None:
