@@ -145,9 +145,10 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 
 def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: Optional[str] = None,
                        train_data_dir: Optional[str] = None, split: str = "train", streaming: bool = True,
-                       cache_dir: Optional[str] = None):
-    """A 🤗 IterableDataset of ``split`` from a Hub dataset name, a local folder of parquet / arrow files (laid out
-    flat or as ``data/{split}-*.parquet``), an image folder (``train_data_dir``), or ``embedded:fashion_mnist``."""
+                       cache_dir: Optional[str] = None, token: Optional[str] = None):
+    """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one), a local folder
+    (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
+    image files as an imagefolder), or ``embedded:fashion_mnist``."""
     from datasets import load_dataset
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -155,17 +156,18 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
-        ds = load_dataset("imagefolder", data_dir=train_data_dir, split=split, streaming=streaming, cache_dir=cache_dir)
+        ds = _load_local_folder(train_data_dir, split, streaming, cache_dir)
     else:
         path = str(EMBEDDED_DIR) if dataset_name == EMBEDDED_NAME else dataset_name
         if os.path.isdir(path):
-            ds = _load_local_files(path, split, streaming, cache_dir)
+            ds = _load_local_folder(path, split, streaming, cache_dir)
         elif os.path.exists(path) or not _looks_like_hub_dataset(dataset_name):
             raise FileNotFoundError(f"--dataset_name {dataset_name}: neither a folder nor a Hub dataset id "
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
-            ds = load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+            ds = load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir,
+                              token=token)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds
@@ -199,7 +201,12 @@ def _check_readable(files: List[str], builder: str) -> None:
                              "rewrite or remove it.") from err
 
 
-def _load_local_files(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
+    """A local folder, whichever flag named it: its ``split`` parquet / arrow files if it has any, else its image files
+    (imagefolder, with its metadata if present); a folder with neither is refused with what it does hold."""
     from datasets import load_dataset
 
     for builder, ext in (("parquet", "parquet"), ("arrow", "arrow")):
@@ -209,9 +216,18 @@ def _load_local_files(folder: str, split: str, streaming: bool, cache_dir: Optio
                 _check_readable(files, builder)
                 return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                     cache_dir=cache_dir)
-    raise FileNotFoundError(f"{folder} holds no {split} parquet or arrow files (looked for data/{split}-*.parquet, "
-                            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow); for a folder "
-                            "of image files use --train_data_dir.")
+    found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
+    if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in found):
+        return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
+    extensions = sorted({path.suffix.lower() or "(none)" for path in found})
+    data_files = [path for path in found if path.suffix in (".parquet", ".arrow")]
+    what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
+    hint = (f"; its data files are not named for split {split!r} (looked for data/{split}-*.parquet, "
+            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow): pass --split"
+            if data_files else "")
+    raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow files and no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. Point --dataset_name or "
+                            "--train_data_dir at a folder of parquet/arrow files or of images.")
 
 
 def find_image_column(features, image_column: Optional[str] = None) -> str:

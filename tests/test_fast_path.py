@@ -92,7 +92,8 @@ def test_a_dead_worker_stops_the_stream_naming_the_rows(images, monkeypatch):
     assert first <= 9 <= last  # the fatal row is named among those in flight
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", "exception"])
+# The exception case (about 20 s) stays in the slow set: it shares its exit path with SIGINT (the launcher's finally).
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", pytest.param("exception", marks=pytest.mark.slow)])
 def test_workers_exit_with_the_run(images, tmp_path, how):
     args = FAST + ["--dataset_name", str(images), "--max_train_steps", "100000", "--checkpointing_steps", "0",
                    "--dataloader_num_workers", "2", "--output_dir", str(tmp_path / "run")]
@@ -185,6 +186,7 @@ def _resume_and_compare(checkpoint: Path, flags, eager: Path, out: Path, args):
         torch.testing.assert_close(resumed[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{out.name} {key}")
 
 
+@pytest.mark.slow  # about 40 s: inductor tries its compilers before failing
 def test_a_compiler_failure_stops_before_training(images, tmp_path):
     out = tmp_path / "run"
     env = child_env(CXX="/bin/false", CC="/bin/false", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))

@@ -137,6 +137,36 @@ def test_bad_datasets_are_named(train, tmp_path, case, words):
     assert words in _main_error(train, tmp_path, ["--dataset_name", str(data), *extra])
 
 
+def test_train_data_dir_takes_data_files_or_images_and_names_what_else_it_found(tmp_path):
+    """diffusers users pass a folder with --train_data_dir whatever it holds: parquet files load as such (they used to
+    read as an empty imagefolder: "no rows"), image files as an imagefolder, anything else is named."""
+    images = [_png(seed=i) for i in range(3)]
+    parquet = _parquet(tmp_path / "parquet", images)
+    rows = list(load_image_dataset(train_data_dir=str(parquet)))
+    assert [row["image"].tobytes() for row in rows] == [Image.open(io.BytesIO(b)).tobytes() for b in images]
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i}.png").write_bytes(data)
+    assert len(list(load_image_dataset(train_data_dir=str(folder)))) == 3
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    (other / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as err:
+        load_image_dataset(train_data_dir=str(other))
+    assert "holds no train parquet/arrow files and no image files" in str(err.value)
+    assert "found 2 files (.bin, .txt)" in str(err.value)
+
+    wrong_split = tmp_path / "wrong_split" / "data"
+    _parquet(wrong_split, images)
+    (wrong_split / "train-0.parquet").rename(wrong_split / "test-00000-of-00001.parquet")
+    with pytest.raises(FileNotFoundError, match="not named for split 'train'.*pass --split"):
+        load_image_dataset(dataset_name=str(wrong_split.parent))
+
+
 def test_bad_model_configs_are_named(train, tmp_path):
     config = tmp_path / "unet.json"
     config.write_text(json.dumps({"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [32],
