@@ -18,6 +18,7 @@ import queue
 import re
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -166,11 +167,72 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
-            ds = load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir,
-                              token=token)
+            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds
+
+
+def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
+                      cache_dir: Optional[str], token: Optional[str]):
+    """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
+    repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
+    truncated or not parquet (its footer is read, a few KB per shard, before any training)."""
+    from datasets import load_dataset_builder
+    from datasets.exceptions import DatasetNotFoundError
+
+    where = f"Hub dataset {repo_id}"
+    try:
+        builder = load_dataset_builder(repo_id, config_name, cache_dir=cache_dir, token=token)
+    except DatasetNotFoundError as err:
+        raise FileNotFoundError(
+            f"{where} does not exist or this token cannot read it: check --dataset_name, and for a private or gated "
+            "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
+    except ValueError as err:  # an unknown config: datasets lists the available ones
+        raise ValueError(f"{where}: {_first_line(err)} Pass one of them with --dataset_config_name.") from err
+    data_files = builder.config.data_files or {}
+    if data_files and split not in data_files:
+        raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
+                         f"{sorted(data_files)}. Pass one of them with --split.")
+    if builder.name in ("parquet", "arrow"):
+        _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
+    if streaming:
+        return builder.as_streaming_dataset(split=split)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split)
+
+
+def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optional[str]) -> None:
+    """Read the footer of each ``hf://`` parquet shard (arrow: its schema), a few threads at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfFileSystem
+
+    filesystem = HfFileSystem(token=token)
+
+    def check(url: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = url[len("hf://"):] if url.startswith("hf://") else url
+        try:
+            with filesystem.open(path, "rb", block_size=64 * 1024) as remote:
+                if builder == "parquet":
+                    pq.read_metadata(remote)
+                else:
+                    pa.ipc.open_stream(remote).schema
+        except (pa.ArrowException, OSError) as err:
+            name = path.split("@", 1)[-1].split("/", 1)[-1]  # datasets/{repo}@{revision}/{file in the repo}
+            raise ValueError(f"{where}: {name} is not a readable {builder} file ({_first_line(err)}); it is "
+                             f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(check, urls))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _looks_like_hub_dataset(name: str) -> bool:
@@ -226,8 +288,8 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
             f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow): pass --split"
             if data_files else "")
     raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow files and no image files "
-                            f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. Point --dataset_name or "
-                            "--train_data_dir at a folder of parquet/arrow files or of images.")
+                            f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. A dataset folder holds parquet/arrow "
+                            "files or image files.")
 
 
 def find_image_column(features, image_column: Optional[str] = None) -> str:
@@ -382,6 +444,8 @@ class TrainStream:
     """
 
     MAX_UNDECODABLE_IN_A_ROW = 1000
+    READ_RETRIES = 5  # failed reads in a row before the run stops (datasets retries each read before that)
+    READ_RETRY_PAUSE_S = 2.0  # doubled at each retry: 2 + 4 + 8 + 16 + 32 s at most
 
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
@@ -397,9 +461,10 @@ class TrainStream:
         shards = dataset.num_shards
         if shards % num_streams:
             logger.warning(
-                "the dataset has %d shards, not a multiple of %d streams: falling back to splitting by examples (every "
-                "stream reads all %d shards and keeps one example in %d). Write the data as a multiple of %d files.",
-                shards, num_streams, shards, num_streams, num_streams)
+                "the dataset has %d shards, not a multiple of %d streams: falling back to splitting by examples: every "
+                "stream reads (for a Hub dataset: downloads) all %d shards and keeps one example in %d, %d× the reading "
+                "of an even split. Write the data as a multiple of %d files.",
+                shards, num_streams, shards, num_streams, num_streams, num_streams)
         dataset = undecoded_images(dataset, image_column)
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
@@ -513,13 +578,33 @@ class TrainStream:
                 generator.close()
 
     def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
+        """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the
+        network, a 5xx that datasets' own retries gave up on) re-opens the epoch and continues at the same row, up to
+        READ_RETRIES times in a row with a doubling pause; then the run stops, its checkpoints intact."""
+        failures = 0
         while True:
             ds = self.datasets[v]
             ds.set_epoch(epoch)
             index = -1
-            for index, row in enumerate(ds):
-                if index >= consumed:  # resuming: consumed rows are skipped undecoded
-                    yield epoch, index, row
+            try:
+                for index, row in enumerate(ds):
+                    if index >= consumed:  # resuming: consumed rows are skipped undecoded
+                        yield epoch, index, row
+                        consumed, failures = index + 1, 0
+            except Exception as err:  # noqa: BLE001 (whatever the fsspec/HTTP stack raises; parse errors are final)
+                if isinstance(err, ValueError) and not isinstance(err, OSError) or failures >= self.READ_RETRIES:
+                    where = f"stream {v}, epoch {epoch}, row {consumed}"
+                    raise RuntimeError(f"reading the dataset failed at {where} ({type(err).__name__}: "
+                                       f"{_first_line(err)}){' after %d retries' % failures if failures else ''}; "
+                                       "the last checkpoint is intact: resume with --resume_from_checkpoint latest "
+                                       "once the data is readable.") from err
+                pause = self.READ_RETRY_PAUSE_S * 2 ** failures
+                failures += 1
+                logger.warning("reading stream %d failed at epoch %d row %d (%s: %s); retry %d/%d in %.1f s, "
+                               "re-reading the epoch up to that row", v, epoch, consumed, type(err).__name__,
+                               _first_line(err), failures, self.READ_RETRIES, pause)
+                time.sleep(pause)
+                continue
             if index < 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
                                  f"{self.num_streams} streams.")

@@ -131,7 +131,7 @@ def open_train_stream(args, model, resolution: int, streams: int, rank: int, wor
     """The data opened and its first image read before any training: a bad dataset stops here, named."""
     try:
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                     args.streaming, args.cache_dir)
+                                     args.streaming, args.cache_dir, token=args.hub_token)
         image_column = find_image_column(dataset.features, args.image_column)
         check_channels(first_image(dataset, image_column), model.config.in_channels)
         workers = args.dataloader_num_workers

@@ -236,7 +236,7 @@ def pipeline_folder(tmp_path_factory):
     (["evaluate", "{pipe}", "--metrics", ""], "unknown metrics"),
     (["evaluate", "{pipe}", "--features", "clip"], "invalid choice: 'clip'"),
     (["evaluate", "{pipe}", "--data", "{tmp}/nowhere/.."], "neither a folder nor a Hub dataset id"),
-    (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet or arrow files"),
+    (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet/arrow files"),
     (["evaluate", "{pipe}", "--split", "validation", "--metrics", "bpd"], "split 'validation'"),
     (["data", "fashion-mnist", "--num_shards", "0"], "must be a positive integer"),
     (["data", "mnist"], "invalid choice: 'mnist'"),

@@ -1,0 +1,101 @@
+"""Streaming from the Hub against reading local files: images/s of the training stream, side by side in one run.
+
+    python bench/stream.py                    # 1 and 2 processes, 0 and 2 decoding workers, 32² PNG
+    python bench/stream.py --kind jpeg256 --seconds 20
+
+The same synthetic dataset (bench/data.py's, 16 parquet shards) is read by ddpm_hf.data.TrainStream from local
+parquet files and from a dataset repo on the local Hub server of the tests (tests/fakehub.py, unmodified datasets and
+huggingface_hub clients over HTTP on 127.0.0.1, parquet read by Range requests). The network is loopback: what is
+measured is the overhead of the Hub path (HTTP, fsspec, retries), not bandwidth. For each number of processes and
+workers it prints images/s of both sources and the ratio hub/local (goal: ≥ 0.9). Each process serves its own data
+stream (rank r of P, as in a P-process training run) and decodes as training does; the rate is all processes' images
+over the wall time.
+"""
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
+
+from fakehub import FakeHub  # noqa: E402  (before huggingface_hub is imported: it reads HF_ENDPOINT once)
+
+HUB = FakeHub({"hf_bench": "bench"})
+os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="bench_stream_hf_"),
+                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost")
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_DATASETS_OFFLINE", None)
+
+from data import write_dataset  # noqa: E402  (bench/data.py)
+
+RESOLUTION = {"png32": 32, "jpeg256": 256}
+
+
+def read_stream(source: str, resolution: int, batch: int, rank: int, world: int, workers: int, seconds: float,
+                result: "multiprocessing.Queue") -> None:
+    import datasets
+
+    from ddpm_hf.data import TrainStream, load_image_dataset
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    stream = TrainStream(load_image_dataset(source), "image", resolution, 3, batch, world, rank, world, seed=0,
+                         shuffle_buffer_size=256, random_flip=True, num_workers=workers)
+    try:
+        stream.next_batch()  # warm-up: the first shard opened, the workers started
+        start, images = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            images += len(stream.next_batch())
+        result.put((images, time.perf_counter() - start))
+    finally:
+        stream.close()
+
+
+def rate(source: str, resolution: int, batch: int, processes: int, workers: int, seconds: float) -> float:
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    procs = [context.Process(target=read_stream, args=(source, resolution, batch, rank, processes, workers, seconds,
+                                                       result)) for rank in range(processes)]
+    for proc in procs:
+        proc.start()
+    parts = [result.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return sum(images for images, _ in parts) / max(wall for _, wall in parts)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=sorted(RESOLUTION), default="png32")
+    parser.add_argument("--count", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_dataset(Path(tmp) / "data" / "data", args.kind, args.count)
+        api = HfApi(token="hf_bench")
+        api.create_repo("bench/stream", repo_type="dataset")
+        api.upload_folder(repo_id="bench/stream", repo_type="dataset", folder_path=str(folder.parent))
+        local, hub = str(folder.parent), "bench/stream"
+        print(f"{args.kind}, {args.count} images in 16 shards, batch {args.batch} per process, {args.seconds:.0f} s "
+              f"per case; local parquet against {HUB.url}")
+        for processes in args.processes:
+            for workers in args.workers:
+                on_disk = rate(local, RESOLUTION[args.kind], args.batch, processes, workers, args.seconds)
+                streamed = rate(hub, RESOLUTION[args.kind], args.batch, processes, workers, args.seconds)
+                print(f"{processes} process(es), {workers} workers: local {on_disk:8.1f} images/s, hub "
+                      f"{streamed:8.1f} images/s, ratio hub/local {streamed / on_disk:.3f}")
+    HUB.stop()
+
+
+if __name__ == "__main__":
+    main()
