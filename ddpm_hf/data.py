@@ -146,10 +146,11 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 
 def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: Optional[str] = None,
                        train_data_dir: Optional[str] = None, split: str = "train", streaming: bool = True,
-                       cache_dir: Optional[str] = None, token: Optional[str] = None):
+                       cache_dir: Optional[str] = None, token: Optional[str] = None, check_shards: bool = True):
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one), a local folder
     (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
-    image files as an imagefolder), or ``embedded:fashion_mnist``."""
+    image files as an imagefolder), or ``embedded:fashion_mnist``. ``check_shards``: read the footer of every remote
+    parquet shard first (in a multi-process run the main process alone does it)."""
     from datasets import load_dataset
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -167,14 +168,14 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
-            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token)
+            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
-                      cache_dir: Optional[str], token: Optional[str]):
+                      cache_dir: Optional[str], token: Optional[str], check_shards: bool):
     """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
     repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
     truncated or not parquet (its footer is read, a few KB per shard, before any training)."""
@@ -194,7 +195,7 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
                          f"{sorted(data_files)}. Pass one of them with --split.")
-    if builder.name in ("parquet", "arrow"):
+    if check_shards and builder.name in ("parquet", "arrow"):
         _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
     if streaming:
         return builder.as_streaming_dataset(split=split)
@@ -216,7 +217,7 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
 
         path = url[len("hf://"):] if url.startswith("hf://") else url
         try:
-            with filesystem.open(path, "rb", block_size=64 * 1024) as remote:
+            with filesystem.open(path, "rb", block_size=16 * 1024) as remote:  # the footer, not the rows
                 if builder == "parquet":
                     pq.read_metadata(remote)
                 else:
@@ -430,6 +431,58 @@ class _Batch:
     position: Dict[int, Tuple[int, int]]  # every stream's position after this batch
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
+    last_rows: Dict[int, str]  # fingerprint of each stream's last row in this batch
+
+
+def row_fingerprint(cell: dict) -> str:
+    """A cheap identity of an image cell (its size and CRC-32), kept with a stream's position."""
+    import zlib
+
+    data = cell.get("bytes")
+    return f"{len(data)}:{zlib.crc32(data):08x}" if data is not None else f"path:{cell.get('path')}"
+
+
+def parquet_shard_files(dataset) -> Optional[List[str]]:
+    """The parquet file behind each shard of a streamed parquet dataset (local or ``hf://``), in shard order; None
+    for any other source. Read from datasets' examples iterable: checked, with None where it is not as expected."""
+    source = getattr(dataset, "_ex_iterable", None)
+    kwargs = getattr(source, "kwargs", None) or {}
+    files, row_groups = kwargs.get("files"), kwargs.get("row_groups_list")
+    if (type(source).__name__ != "ArrowExamplesIterable" or not isinstance(files, list)
+            or len(files) != dataset.num_shards or any(group is not None for group in row_groups or [])
+            or not all(isinstance(f, str) and f.endswith(".parquet") and "::" not in f for f in files)):
+        return None
+    return files
+
+
+def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[List[int]]]:
+    """Rows of each row group of each parquet file, from its footer (a few threads; ``hf://`` files through
+    HfFileSystem); None, with a warning, where a footer cannot be read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    def row_groups(path: str) -> List[int]:
+        if path.startswith("hf://"):
+            from huggingface_hub import HfFileSystem
+
+            with HfFileSystem(token=token).open(path[len("hf://"):], "rb", block_size=16 * 1024) as remote:
+                metadata = pq.read_metadata(remote)
+        else:
+            metadata = pq.read_metadata(path)
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(row_groups, files))
+    except Exception as err:  # noqa: BLE001 (then resuming reads the epoch again: slower, still exact)
+        logger.warning("could not read the shards' row groups (%s); a resume will read its epoch again", err)
+        return None
+
+
+def _fallback(v: int, why: str) -> None:
+    logger.warning("stream %d resumes by reading its epoch again up to its position: %s", v, why)
+    return None
 
 
 class TrainStream:
@@ -450,7 +503,7 @@ class TrainStream:
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
                  center_crop: bool = True, random_flip: bool = False, record_ids: bool = False, num_workers: int = 0,
-                 prefetch: int = 4, pin_memory: bool = False):
+                 prefetch: int = 4, pin_memory: bool = False, token: Optional[str] = None):
         from datasets.distributed import split_dataset_by_node
 
         if num_streams % world_size:
@@ -465,7 +518,10 @@ class TrainStream:
                 "stream reads (for a Hub dataset: downloads) all %d shards and keeps one example in %d, %d× the reading "
                 "of an even split. Write the data as a multiple of %d files.",
                 shards, num_streams, shards, num_streams, num_streams, num_streams)
-        dataset = undecoded_images(dataset, image_column)
+        self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
+        self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
+        self._row_groups: Optional[List[List[int]]] = None
+        dataset = self.base = undecoded_images(dataset, image_column)
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
@@ -476,6 +532,7 @@ class TrainStream:
         self.num_workers, self.prefetch, self.pin_memory = num_workers, max(1, prefetch), pin_memory
         self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
         self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream
+        self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
         self.seen_ids: List[str] = []
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
         self._pool: Optional[ProcessPoolExecutor] = None
@@ -492,7 +549,8 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
-        return all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped)})
+        return all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
+                              "last_row": dict(self.last_row)})
 
     def load_state_dict(self, state: dict) -> None:
         self._stop_producer()
@@ -501,6 +559,7 @@ class TrainStream:
         if isinstance(skipped, int):  # written by 0.1 (one process): one count for all
             skipped = {self.streams[0]: skipped}
         self.skipped = {v: skipped.get(v, 0) for v in self.streams}
+        self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
         self.legacy_noise_state = state.get("noise")
 
     # --- the consumer side -----------------------------------------------------------------------------------------
@@ -514,6 +573,7 @@ class TrainStream:
             self._thread = None
             raise item
         self.position = item.position
+        self.last_row.update(item.last_rows)
         for v, n in item.skipped.items():
             self.skipped[v] += n
         self.seen_ids.extend(item.ids)
@@ -558,13 +618,13 @@ class TrainStream:
         pin = self.pin_memory
         try:
             while not stop.is_set():
-                arrays, ids, skipped = [], [], {}
+                arrays, ids, skipped, last_rows = [], [], {}, {}
                 for v in self.streams:
-                    taken, stream_ids, skipped[v], position[v] = self._take(v, decoded[v])
+                    taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
                 images = torch.from_numpy(np.stack(arrays))
-                batch = _Batch(images.pin_memory() if pin else images, dict(position), skipped, ids)
+                batch = _Batch(images.pin_memory() if pin else images, dict(position), skipped, ids, last_rows)
                 while not stop.is_set():
                     try:
                         out.put(batch, timeout=0.1)
@@ -581,16 +641,13 @@ class TrainStream:
         """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the
         network, a 5xx that datasets' own retries gave up on) re-opens the epoch and continues at the same row, up to
         READ_RETRIES times in a row with a doubling pause; then the run stops, its checkpoints intact."""
-        failures = 0
+        failures, expected = 0, self.last_row.get(v)
         while True:
-            ds = self.datasets[v]
-            ds.set_epoch(epoch)
-            index = -1
+            row = None
             try:
-                for index, row in enumerate(ds):
-                    if index >= consumed:  # resuming: consumed rows are skipped undecoded
-                        yield epoch, index, row
-                        consumed, failures = index + 1, 0
+                for index, row in self._epoch_rows(v, epoch, consumed, expected):
+                    yield epoch, index, row
+                    consumed, failures = index + 1, 0
             except Exception as err:  # noqa: BLE001 (whatever the fsspec/HTTP stack raises; parse errors are final)
                 if isinstance(err, ValueError) and not isinstance(err, OSError) or failures >= self.READ_RETRIES:
                     where = f"stream {v}, epoch {epoch}, row {consumed}"
@@ -600,15 +657,116 @@ class TrainStream:
                                        "once the data is readable.") from err
                 pause = self.READ_RETRY_PAUSE_S * 2 ** failures
                 failures += 1
-                logger.warning("reading stream %d failed at epoch %d row %d (%s: %s); retry %d/%d in %.1f s, "
-                               "re-reading the epoch up to that row", v, epoch, consumed, type(err).__name__,
-                               _first_line(err), failures, self.READ_RETRIES, pause)
+                logger.warning("reading stream %d failed at epoch %d row %d (%s: %s); retry %d/%d in %.1f s",
+                               v, epoch, consumed, type(err).__name__, _first_line(err), failures, self.READ_RETRIES,
+                               pause)
+                if row is not None:
+                    expected = row_fingerprint(row[self.image_column])
                 time.sleep(pause)
                 continue
-            if index < 0:
+            if consumed == 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
                                  f"{self.num_streams} streams.")
-            epoch, consumed = epoch + 1, 0
+            epoch, consumed, expected = epoch + 1, 0, None
+
+    def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str]) -> Iterator[Tuple[int, dict]]:
+        """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
+        finished where that is possible (see _replayed), else read from the epoch's start, the first ``start`` rows
+        skipped undecoded."""
+        if start:
+            replayed = self._replayed(v, epoch, start, expected)
+            if replayed is not None:
+                return replayed
+        ds = self.datasets[v]
+        ds.set_epoch(epoch)
+        return ((index, row) for index, row in enumerate(ds) if index >= start)
+
+    # --- resuming without reading the finished shards again --------------------------------------------------------
+    def _replayed(self, v: int, epoch: int, start: int, expected: Optional[str]):
+        """Stream ``v``'s epoch from row ``start`` on, reading only the shards that still hold rows of it; None where
+        that cannot be done exactly (not parquet, or the check below fails), and the caller reads the epoch again.
+
+        datasets' shard shuffle, split and shuffle buffer depend on the shards' row counts, not on the rows: the same
+        operations on a dataset of (shard, row) pairs with the same row counts yield the order in which the stream
+        yields its rows. The row before ``start`` is read and compared with the fingerprint kept with the position,
+        so a datasets version that shuffles differently, or data that changed, falls back to the exact slow path."""
+        row_groups = self.shard_row_groups()
+        if row_groups is None or expected is None:
+            return None
+        order = self._replay_order(v, epoch, row_groups)
+        if len(order) < start:
+            return _fallback(v, f"the replayed epoch has {len(order)} rows, the position is at row {start}")
+        check, remaining = order[start - 1], order[start:]
+        needed = set(remaining)
+        # the shards in the order their rows are due (the row before the position first): each is read once, whole
+        wanted = list(dict.fromkeys([check[0]] + [shard for shard, _ in remaining]))
+        source = self._read_shards(wanted)
+        held = {}
+        for shard, row, cells in source:
+            if (shard, row) in needed:
+                held[(shard, row)] = cells
+            if (shard, row) == check:
+                if row_fingerprint(cells[self.image_column]) != expected:
+                    return _fallback(v, "the row before the position is not the one the checkpoint saw")
+                break
+        else:
+            return _fallback(v, "the row before the position was not found")
+        finished = len({shard for shard, _ in order}) - len(wanted)
+        logger.info("stream %d resumes at epoch %d row %d reading %d of its shards (%d finished ones skipped)", v,
+                    epoch, start, len(wanted), finished)
+        return self._emit(remaining, start, needed, held, source)
+
+    @staticmethod
+    def _emit(remaining, start: int, needed: set, held: dict, source) -> Iterator[Tuple[int, dict]]:
+        """The remaining rows in the stream's order, read from their shards in the source's order: a row waits in
+        ``held`` from its reading to its turn (about a shuffle buffer's worth of rows)."""
+        for index, (shard, row) in enumerate(remaining, start):
+            while (shard, row) not in held:
+                got = next(source)
+                if got[:2] in needed:
+                    held[got[:2]] = got[2]
+            yield index, held.pop((shard, row))
+
+    def shard_row_groups(self) -> Optional[List[List[int]]]:
+        """Rows of each row group of each shard (parquet footers, read once), or None for other sources."""
+        if self._row_groups is None and self.shard_files is not None:
+            self._row_groups = parquet_row_groups(self.shard_files, self.token)
+        return self._row_groups
+
+    def _replay_order(self, v: int, epoch: int, row_groups: List[List[int]]) -> List[Tuple[int, int]]:
+        """(shard, row in shard) of each row of stream ``v``'s epoch, in yield order, from stand-in parquet files of
+        (shard, row) pairs with the shards' row groups (datasets shuffles tables as they come: same row groups, same
+        tables), streamed through the same shuffle and split."""
+        import tempfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        schema = pa.schema([("shard", pa.int64()), ("row", pa.int64())])
+        with tempfile.TemporaryDirectory(prefix="ddpm_hf_replay_") as folder:
+            files = []
+            for shard, groups in enumerate(row_groups):
+                files.append(os.path.join(folder, f"{shard:07d}.parquet"))
+                with pq.ParquetWriter(files[-1], schema) as writer:
+                    first = 0
+                    for rows in groups:
+                        writer.write_table(pa.table({"shard": [shard] * rows, "row": range(first, first + rows)},
+                                                    schema=schema), row_group_size=max(rows, 1))
+                        first += rows
+            pairs = load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
+            if self.shuffle_buffer_size > 1:
+                pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
+            pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)
+            pairs.set_epoch(epoch)
+            return [(item["shard"], item["row"]) for item in pairs]
+
+    def _read_shards(self, shards: List[int]) -> Iterator[Tuple[int, int, dict]]:
+        """(shard, row, cells) of the given shards, in that order, each shard read from its start."""
+        for shard in shards:
+            for row, cells in enumerate(self.base.shard(num_shards=self.num_shards, index=shard, contiguous=True)):
+                yield shard, row, cells
 
     def _decoded(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, tuple]]:
         """(epoch, row, decode result) of stream ``v`` in row order; with workers, ``prefetch`` batches of rows are
@@ -616,7 +774,8 @@ class TrainStream:
         rows = self._rows(v, epoch, consumed)
         if not self.num_workers:
             for epoch, index, row in rows:
-                yield epoch, index, decode_rows([row[self.image_column]], [(v, epoch, index)], self.settings)[0]
+                cell = row[self.image_column]
+                yield epoch, index, decode_rows([cell], [(v, epoch, index)], self.settings)[0], cell
             return
         chunk = max(1, min(64, -(-self.per_stream_batch // self.num_workers)))
         pending: deque = deque()  # (keys, future) of the chunks in flight, oldest first
@@ -625,25 +784,25 @@ class TrainStream:
                 while len(pending) * chunk < self.prefetch * self.per_stream_batch:
                     part = [next(rows) for _ in range(chunk)]
                     keys = [(v, e, i) for e, i, _ in part]
-                    pending.append((keys, None))  # named in the error below even if the submission itself fails
-                    pending[-1] = (keys, self._pool.submit(decode_rows, [row[self.image_column] for _, _, row in part],
-                                                           keys, self.settings))
-                keys, results = pending[0][0], pending[0][1].result()
+                    pending.append((keys, None, None))  # named in the error below even if the submission fails
+                    cells = [row[self.image_column] for _, _, row in part]
+                    pending[-1] = (keys, self._pool.submit(decode_rows, cells, keys, self.settings), cells)
+                keys, results, cells = pending[0][0], pending[0][1].result(), pending[0][2]
             except BrokenProcessPool as err:  # which of the rows in flight killed it is unknowable here
                 (_, e0, i0), (_, e1, i1) = pending[0][0][0], pending[-1][0][-1]
                 raise RuntimeError(f"a data worker died while decoding stream {v}, between epoch {e0} row {i0} and "
                                    f"epoch {e1} row {i1} (killed for memory, or the image decoder crashed on one of "
                                    "these rows); the last checkpoint is intact.") from err
             pending.popleft()
-            for (_, e, i), result in zip(keys, results):
-                yield e, i, result
+            for (_, e, i), result, cell in zip(keys, results, cells):
+                yield e, i, result, cell
 
-    def _take(self, v: int, decoded: Iterator) -> Tuple[list, list, int, Tuple[int, int]]:
-        """The next ``per_stream_batch`` decodable examples of stream ``v``, their ids, the rows skipped and the
-        stream's position after them."""
+    def _take(self, v: int, decoded: Iterator) -> Tuple[list, list, int, Tuple[int, int], str]:
+        """The next ``per_stream_batch`` decodable examples of stream ``v``, their ids, the rows skipped, the
+        stream's position after them and the fingerprint of the row before that position."""
         taken, ids, skipped, first_failure, failures = [], [], 0, None, 0
         while len(taken) < self.per_stream_batch:
-            epoch, index, (array, detail) = next(decoded)
+            epoch, index, (array, detail), cell = next(decoded)
             position = (epoch, index + 1)
             if array is not None:
                 taken.append(array)
@@ -659,7 +818,7 @@ class TrainStream:
                 what = "a whole epoch" if whole_epoch else f"{failures} rows in a row"
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
-        return taken, ids, skipped, position
+        return taken, ids, skipped, position, row_fingerprint(cell)
 
 
 def all_processes(state: dict) -> dict:

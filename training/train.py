@@ -127,11 +127,12 @@ def make_accelerator(args) -> Accelerator:
 
 
 def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int, local_processes: int,
-                      pin_memory: bool) -> TrainStream:
+                      pin_memory: bool, is_main_process: bool = True) -> TrainStream:
     """The data opened and its first image read before any training: a bad dataset stops here, named."""
     try:
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                     args.streaming, args.cache_dir, token=args.hub_token)
+                                     args.streaming, args.cache_dir, token=args.hub_token,
+                                     check_shards=is_main_process)
         image_column = find_image_column(dataset.features, args.image_column)
         check_channels(first_image(dataset, image_column), model.config.in_channels)
         workers = args.dataloader_num_workers
@@ -139,7 +140,7 @@ def open_train_stream(args, model, resolution: int, streams: int, rank: int, wor
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
                            args.random_flip, record_ids=args.record_example_ids,
                            num_workers=default_num_workers(local_processes) if workers is None else workers,
-                           pin_memory=pin_memory)
+                           pin_memory=pin_memory, token=args.hub_token)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
@@ -278,7 +279,7 @@ def main(argv=None):
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
     stream = open_train_stream(args, model, resolution, args.data_streams or world, accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
-                               pin_memory=device.type == "cuda")
+                               pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
