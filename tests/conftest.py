@@ -21,7 +21,7 @@ os.environ.update({
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 })
-for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.pop(variable, None)
 
 import pytest  # noqa: E402
@@ -33,6 +33,17 @@ def hub():
     HUB.reset()
     yield HUB
     assert not HUB.misses, f"requests the fake Hub could not answer: {HUB.misses}"
+
+
+@pytest.fixture
+def dataset_hub(hub, monkeypatch):
+    """The local Hub, for a test that uploads dataset repos (upload_folder, push_to_hub): the Hub stores data files
+    (parquet, images) in LFS or Xet, and the local Hub speaks LFS only, so this process's huggingface_hub must not
+    choose Xet. Other tests keep the client's default upload path (Xet-capable; every model file is regular here)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    yield hub
 
 
 def pytest_unconfigure(config):
