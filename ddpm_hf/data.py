@@ -8,6 +8,7 @@ that stream's own generator). A run with 2 processes and a run with 1 process an
 the same global batches, and so do runs with any number of decoding workers.
 """
 
+import copy
 import glob
 import gzip
 import hashlib
@@ -20,6 +21,7 @@ import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -480,6 +482,26 @@ def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[
         return None
 
 
+@contextmanager
+def _streaming_patches_kept():
+    """datasets patches the parquet builder's module once for streaming, then gives its download settings the token
+    and storage options of each new builder: the stand-in parquet dataset must not replace those of the real one (its
+    reads of a private repo would go out without the token)."""
+    import importlib
+
+    config = getattr(importlib.import_module("datasets.packaged_modules.parquet.parquet"), "_patched_for_streaming",
+                     None)
+    # deep copies: datasets fills a shared storage_options dict in place with each builder's token
+    saved = (config.token, copy.deepcopy(config.storage_options)) if hasattr(config, "storage_options") else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.token = saved[0]
+            config.storage_options.clear()
+            config.storage_options.update(saved[1])
+
+
 def _fallback(v: int, why: str) -> None:
     logger.warning("stream %d resumes by reading its epoch again up to its position: %s", v, why)
     return None
@@ -755,7 +777,8 @@ class TrainStream:
                         writer.write_table(pa.table({"shard": [shard] * rows, "row": range(first, first + rows)},
                                                     schema=schema), row_group_size=max(rows, 1))
                         first += rows
-            pairs = load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
+            with _streaming_patches_kept():
+                pairs = load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
             if self.shuffle_buffer_size > 1:
                 pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
             pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)

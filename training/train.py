@@ -128,13 +128,15 @@ def make_accelerator(args) -> Accelerator:
 
 def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int, local_processes: int,
                       pin_memory: bool, is_main_process: bool = True) -> TrainStream:
-    """The data opened and its first image read before any training: a bad dataset stops here, named."""
+    """The data opened, its shards checked and its first image read (by the main process) before any training: a bad
+    dataset stops here, named."""
     try:
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
                                      args.streaming, args.cache_dir, token=args.hub_token,
                                      check_shards=is_main_process)
         image_column = find_image_column(dataset.features, args.image_column)
-        check_channels(first_image(dataset, image_column), model.config.in_channels)
+        if is_main_process:  # one process suffices (the others would download the first shard's rows too)
+            check_channels(first_image(dataset, image_column), model.config.in_channels)
         workers = args.dataloader_num_workers
         return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,

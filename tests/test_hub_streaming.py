@@ -1,0 +1,358 @@
+"""Training data streamed from a Hub dataset repo, as users do it, against the local Hub server (tests/fakehub.py)
+with the unmodified datasets and huggingface_hub clients: shards split between real DDP processes (the server's log
+says which process read which bytes), equality with the same data as local files, a SIGKILL and an exact resume,
+network faults mid-stream, private repos, configs and splits, and bad repos named before training."""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image as ImageFeature, Value
+from huggingface_hub import HfApi
+from PIL import Image
+
+from runs import FAST, TRAIN, child_env, final_weights, free_port, load_train_script, png_bytes, write_images
+
+from ddpm_hf.data import TrainStream, load_image_dataset
+
+pytestmark = pytest.mark.hub
+TOKEN = "hf_test_alice"
+
+
+def publish(folder: Path, repo_id: str, private: bool = False) -> str:
+    """``folder``'s files as the dataset repo ``repo_id`` (alice's), as `HfApi.upload_folder` sends them."""
+    api = HfApi(token=TOKEN)
+    api.create_repo(repo_id, repo_type="dataset", private=private)
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder))
+    return repo_id
+
+
+@pytest.fixture(scope="module")
+def sixteen_shards(tmp_path_factory):
+    """256 distinct 96×96 images in 16 parquet shards of about 150 KB: a shard's first rows lie outside what the
+    main process's footer check reads (pyarrow's last 64 KB), so the server's log tells the two apart. 16 steps of
+    2 × 4 examples, prefetch included, stay within the first epoch (shards are dealt to the streams anew each epoch)."""
+    root = tmp_path_factory.mktemp("hub_data")
+    write_images(root / "data", count=256, shards=16, size=96)
+    return root
+
+
+def _ids(run_dir: Path, rank: int):
+    return (run_dir / "logs" / f"example_ids_rank{rank}.txt").read_text().split()
+
+
+def _two_processes(args, log: Path, env_extra=None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), TRAIN, *args]
+    with open(log, "ab") as sink:
+        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True,
+                                env=child_env(ACCELERATE_USE_CPU="1", **(env_extra or {})))
+
+
+def _kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, as a crashed machine would (torchrun starts the training
+    processes in sessions of their own: a kill of the launcher's group alone leaves them running)."""
+    tree, frontier = [proc.pid], [proc.pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                children = [int(pid) for pid in task.read_text().split()]
+            except OSError:
+                continue
+            tree += children
+            frontier += children
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in tree[1:]:  # reaped by init: wait until they are gone
+        deadline = time.time() + 30
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) and time.time() < deadline:
+            time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+@pytest.mark.distributed
+def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_exactly(dataset_hub, sixteen_shards, tmp_path):
+    repo = publish(sixteen_shards, "alice/sixteen", private=True)
+    args = FAST + ["--max_train_steps", "16", "--checkpointing_steps", "4", "--record_example_ids",
+                   "--logger", "tensorboard"]
+
+    # The reference: the same files read locally by one process serving both data streams, never interrupted.
+    local = tmp_path / "local"
+    subprocess.run([sys.executable, TRAIN, *args, "--dataset_name", str(sixteen_shards), "--data_streams", "2",
+                    "--output_dir", str(local)], env=child_env(), cwd=tmp_path, check=True, capture_output=True)
+
+    # Two DDP processes stream the private repo (token given by flag), are SIGKILLed after their first checkpoint
+    # and resumed: they must end on the reference's weights.
+    out, log = tmp_path / "hub", tmp_path / "hub.log"
+    hub_args = args + ["--dataset_name", repo, "--hub_token", TOKEN, "--output_dir", str(out)]
+    proc = _two_processes(hub_args, log)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-4").is_dir():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.02)
+    _kill_everything(proc)
+    assert not (out / "pipeline").exists(), "killed too late: the run had finished"
+    killed_at = time.monotonic()
+    resumed_from = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    proc = _two_processes(hub_args + ["--resume_from_checkpoint", "latest"], log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
+
+    a, b = final_weights(local), final_weights(out)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # The local run's batches are stream 0's 4 examples then stream 1's; rank r serves stream r.
+    reference = _ids(local, 0)
+    per_stream = [[i for step in range(16) for i in reference[8 * step + 4 * r: 8 * step + 4 * r + 4]] for r in (0, 1)]
+    assert _ids(out, 0) == per_stream[0][4 * resumed_from:] and _ids(out, 1) == per_stream[1][4 * resumed_from:]
+
+    # Each shard's rows went to exactly one process: who read its first KB (the main process's footer check before
+    # training reads only the tail)
+    files = sorted(p.relative_to(sixteen_shards).as_posix() for p in (sixteen_shards / "data").glob("*.parquet"))
+    size = {f: (sixteen_shards / f).stat().st_size for f in files}
+    assert min(size.values()) > 80 * 1024
+    readers = {f: set() for f in files}
+    for read in dataset_hub.reads:
+        if read.repo_id == repo and read.path in readers and read.sent and read.start < 1024:
+            readers[read.path].add(read.rank)
+    assert all(len(ranks) <= 1 for ranks in readers.values()), readers
+    assert {rank for ranks in readers.values() for rank in ranks} == {"0", "1"}
+    # What the resume downloaded again (reported: it re-reads the epoch up to the checkpoint's position)
+    after_kill = sum(read.sent for read in dataset_hub.reads if read.time > killed_at and read.repo_id == repo)
+    print(f"resume from step {resumed_from}: {after_kill} bytes read after the kill, dataset {sum(size.values())} "
+          "bytes")
+
+    # The token is nowhere: not in the logs, run_info.json, the model card, tensorboard or the checkpoints
+    assert TOKEN not in log.read_text()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_a_resume_downloads_only_the_shards_that_still_hold_rows_of_the_epoch(dataset_hub, tmp_path):
+    """A stream over 24 shards (datasets feeds its shuffle buffer from 10 at a time) is stopped after 64 of its 96
+    rows, its state taken as a checkpoint does, and resumed: the examples continue exactly, and no shard whose rows
+    were all used is downloaded again. Shards of about 80 KB: the footer reads (the last 64 KB) start after the
+    rows' first KB, so the server's log tells them apart."""
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
+    root = tmp_path / "many"
+    write_images(root / "data", count=96, shards=24, size=144)
+    repo = publish(root, "alice/many")
+    dataset = load_image_dataset(repo, check_shards=False)
+
+    def stream():
+        return TrainStream(dataset, "image", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
+
+    def read(s, batches):
+        try:
+            for _ in range(batches):
+                s.next_batch()
+        finally:
+            s.close()
+
+    reference = stream()
+    read(reference, 19)  # 76 rows; with the prefetch the reading stays in the first epoch
+    first = stream()
+    read(first, 16)
+    second = stream()
+    second.load_state_dict(first.state_dict())
+    resumed_at = time.monotonic()
+    read(second, 3)
+    assert first.seen_ids + second.seen_ids == reference.seen_ids
+
+    shard_of = {hashlib.sha1(png_bytes(i, 144)).hexdigest(): f"data/train-{i // 4:05d}-of-00024.parquet"
+                for i in range(96)}
+    used = {}
+    for example in first.seen_ids:
+        used[shard_of[example]] = used.get(shard_of[example], 0) + 1
+    finished = {shard for shard, n in used.items() if n == 4}
+    assert min((root / shard).stat().st_size for shard in shard_of.values()) > 66 * 1024
+    downloaded_again = {read.path for read in dataset_hub.reads if read.time > resumed_at and read.repo_id == repo
+                        and read.sent and read.start < 1024}
+    print(f"resumed after 64 of 96 rows: {len(finished)} shards finished, {len(downloaded_again)} downloaded again")
+    assert len(finished) >= 8 and downloaded_again and not finished & downloaded_again, (finished, downloaded_again)
+
+
+@pytest.fixture
+def four_shards(tmp_path):
+    root = tmp_path / "four"
+    write_images(root / "data", count=16, shards=4)
+    return root
+
+
+def _read_ids(dataset, batches: int, streams: int = 1, per_stream_batch: int = 4) -> list:
+    """The example ids of ``batches`` batches of a stream over ``dataset``, all ``streams`` served here."""
+    stream = TrainStream(dataset, "image", 16, 1, per_stream_batch, streams, 0, 1, seed=5, shuffle_buffer_size=8,
+                         record_ids=True)
+    try:
+        for _ in range(batches):
+            stream.next_batch()
+    finally:
+        stream.close()
+    return stream.seen_ids
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """datasets' own pause between read retries (5 s) and ours, shortened; the read timeout lowered to 2 s."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_RETRY_INTERVAL", 0.01)
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL", 0.01)
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 2)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
+    monkeypatch.setattr(TrainStream, "READ_RETRY_PAUSE_S", 0.01)
+
+
+@pytest.mark.parametrize("fault", ["status", "cut", "stall"])
+def test_a_fault_mid_stream_continues_at_the_same_row(dataset_hub, four_shards, fast_retries, fault):
+    """An HTTP 500, a connection cut in the middle of a shard, a server that stops answering: the stream goes on
+    with exactly the examples of a fault-free read (two epochs, 16 rows)."""
+    repo = publish(four_shards, "alice/four")
+    reference = _read_ids(load_image_dataset(repo), 8)
+    assert sorted(reference[:16]) == sorted(reference[16:]) and len(set(reference[:16])) == 16
+    dataset = load_image_dataset(repo)  # its footer checks done before the fault is armed
+    third = sorted(p.name for p in (four_shards / "data").glob("*.parquet"))[2]
+    injected = dataset_hub.inject("GET", third, fault, times=2, status=500, seconds=4)
+    assert _read_ids(dataset, 8) == reference
+    assert injected.hits, "the fault never fired"
+
+
+def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries):
+    repo = publish(four_shards, "alice/four")
+    dataset = load_image_dataset(repo)
+    third = sorted(p.name for p in (four_shards / "data").glob("*.parquet"))[2]
+    dataset_hub.inject("GET", third, "status", times=-1, status=500)
+    with pytest.raises(RuntimeError) as failure:
+        _read_ids(dataset, 8)
+    message = str(failure.value)
+    assert "reading the dataset failed at stream 0, epoch 0, row" in message and "after 5 retries" in message
+    assert "resume with --resume_from_checkpoint latest" in message
+
+
+def test_shards_that_do_not_divide_are_read_by_every_stream_with_a_warning(dataset_hub, tmp_path, caplog):
+    root = tmp_path / "three"
+    write_images(root / "data", count=12, shards=3)
+    repo = publish(root, "alice/three")
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.data"):
+        ids = _read_ids(load_image_dataset(repo, check_shards=False), 2, streams=2, per_stream_batch=3)
+    warning = caplog.text
+    assert "3 shards, not a multiple of 2 streams" in warning and "2× the reading" in warning
+    # one epoch of 12 rows = 2 batches of (2 streams × 3): every row once, whichever stream had it
+    assert len(set(ids)) == len(ids) == 12
+    totals = dataset_hub.bytes_read(repo)
+    for path in (p.relative_to(root).as_posix() for p in (root / "data").glob("*.parquet")):
+        assert totals[path][1] >= 2 * (root / path).stat().st_size  # both streams downloaded every shard
+
+
+def _png_rgb(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, tmp_path):
+    # two configs, the second with a non-default split, laid out and declared as the Hub does (README configs:)
+    root = tmp_path / "multi"
+    for config, split, seeds in (("grey", "train", range(0, 4)), ("colour", "holdout", range(10, 13))):
+        folder = root / config
+        folder.mkdir(parents=True)
+        Dataset.from_dict({"image": [{"bytes": png_bytes(s) if config == "grey" else _png_rgb(s), "path": None}
+                                     for s in seeds], "label": [str(s) for s in seeds]},
+                          features=Features({"image": ImageFeature(), "label": Value("string")})
+                          ).to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: grey\n  data_files:\n  - split: train\n    path: grey/train-*.parquet\n"
+        "  default: true\n- config_name: colour\n  data_files:\n  - split: holdout\n    path: colour/holdout-*.parquet\n"
+        "---\n")
+    repo = publish(root, "alice/multi")
+    grey = [row["label"] for row in load_image_dataset(repo)]
+    colour = list(load_image_dataset(repo, "colour", split="holdout"))
+    assert grey == ["0", "1", "2", "3"] and [row["label"] for row in colour] == ["10", "11", "12"]
+    assert colour[0]["image"].mode == "RGB"
+    assert colour[0]["image"].tobytes() == Image.open(io.BytesIO(_png_rgb(10))).tobytes()
+
+    # an image folder with its metadata
+    folder = tmp_path / "folder"
+    (folder / "train").mkdir(parents=True)
+    for s in range(3):
+        (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
+    (folder / "train" / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{s}.png", "label": str(s)})
+                                                             + "\n" for s in range(3)))
+    repo = publish(folder, "alice/folder")
+    rows = sorted(load_image_dataset(repo), key=lambda row: row["label"])
+    assert [row["label"] for row in rows] == ["0", "1", "2"]
+    assert rows[2]["image"].tobytes() == Image.open(io.BytesIO(png_bytes(2))).tobytes()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_train_script()
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "Hub dataset alice/nothing does not exist or this token cannot read it"),
+    ("no_token", "Hub dataset alice/private does not exist or this token cannot read it"),
+    ("wrong_token", "pass --hub_token (or set HF_TOKEN) with read access"),
+    ("split", "has no split 'holdout'; its splits: ['train']. Pass one of them with --split"),
+    ("config", "Pass one of them with --dataset_config_name"),
+    ("no_image_column", "no image column (columns: ['text'])"),
+    ("truncated", "data/train-00001-of-00002.parquet is not a readable parquet file"),
+    ("not_parquet", "data/train-00000-of-00002.parquet is not a readable parquet file"),
+])
+def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path, case, words):
+    root = tmp_path / "repo"
+    write_images(root / "data", count=8, shards=2)
+    argv, name = [], "alice/repo"
+    if case == "no_token":
+        publish(root, "alice/private", private=True)
+        name = "alice/private"
+    elif case == "wrong_token":
+        publish(root, "alice/private", private=True)
+        name, argv = "alice/private", ["--hub_token", "hf_test_bob"]
+    elif case == "missing":
+        name = "alice/nothing"
+    else:
+        if case == "no_image_column":
+            for path in (root / "data").glob("*.parquet"):
+                path.unlink()
+            Dataset.from_dict({"text": ["a", "b"]}).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+        elif case == "truncated":
+            shard = root / "data" / "train-00001-of-00002.parquet"
+            shard.write_bytes(shard.read_bytes()[:-100])
+        elif case == "not_parquet":
+            (root / "data" / "train-00000-of-00002.parquet").write_text("not parquet at all\n" * 50)
+        publish(root, name)
+        argv = {"split": ["--split", "holdout"], "config": ["--dataset_config_name", "nope"]}.get(case, [])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(FAST + ["--max_train_steps", "2", "--dataset_name", name, *argv, "--output_dir", str(out)])
+    message = str(exit_info.value.code)
+    assert words in message, message
+    assert "\n" not in message.strip() and "Traceback" not in message
+    assert not out.exists() or not list(out.glob("checkpoint-*"))
+    assert "hf_test" not in message
