@@ -87,7 +87,7 @@ class Read:
     rank: Optional[str]  # that process's RANK environment variable (accelerate/torchrun set it per process)
     time: float
     repo_type: str = "model"
-    status: int = 200  # 206: the client sent a Range header
+    status: int = 200  # 206: a Range request
     sent: int = 0
 
 
@@ -179,8 +179,8 @@ def _byte_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
     if unit.strip() != "bytes" or "," in spec:
         raise ValueError(f"unsupported Range {header!r}")
     first, _, last = spec.strip().partition("-")
-    if not first:
-        return max(0, size - int(last)), size
+    if not first:  # the last n bytes
+        return (max(0, size - int(last)), size) if int(last) else None
     start = int(first)
     if start >= size:
         return None
@@ -212,7 +212,7 @@ class FakeHub:
                 fault = hub._fault_for(method, self.path)
                 if fault is not None and fault.kind != "stall":
                     return hub._misbehave(self, fault)
-                if fault is not None and fault.kind == "stall":
+                if fault is not None:  # a stall
                     generation = hub.generation
                     time.sleep(fault.seconds)
                     # The test that stalled this request is over, or its client gave up: answering now would only

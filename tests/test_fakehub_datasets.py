@@ -325,3 +325,31 @@ def test_a_reader_that_does_not_read_does_not_block_other_clients(hub, tmp_path)
         # (a download written under the hub's lock would hang this request until the client's timeout).
         assert HfApi().dataset_info("alice/slow", timeout=5).sha == sha
         assert hub.reads[0].sent < path.stat().st_size
+
+
+def test_range_answers_follow_rfc_7233(hub, tmp_path):
+    import http.client
+
+    data = bytes(range(200)) * 5
+    api = HfApi(token=ALICE)
+    api.create_repo("alice/bytes", repo_type="dataset")
+    api.upload_file(path_or_fileobj=data, path_in_repo="blob.bin", repo_id="alice/bytes", repo_type="dataset")
+    connection = http.client.HTTPConnection("127.0.0.1", int(hub.url.rsplit(":", 1)[1]), timeout=10)
+
+    def get(range_header=None):
+        connection.request("GET", "/datasets/alice/bytes/resolve/main/blob.bin",
+                           headers={"Range": range_header} if range_header else {})
+        answer = connection.getresponse()
+        return answer.status, answer.getheader("Content-Range"), answer.read()
+
+    assert get("bytes=10-19") == (206, "bytes 10-19/1000", data[10:20])
+    assert get("bytes=20-29") == (206, "bytes 20-29/1000", data[20:30])
+    assert get("bytes=990-") == (206, "bytes 990-999/1000", data[990:])  # open-ended
+    assert get("bytes=-5") == (206, "bytes 995-999/1000", data[-5:])  # the last 5 bytes
+    assert get("bytes=1000-")[:2] == (416, "bytes */1000")  # starts past the end: how a resumed read learns it is done
+    assert hub.bytes_read("alice/bytes") == {"blob.bin": ([(10, 30), (990, 1000)], 35)}
+    assert get("bytes=900-5000") == (206, "bytes 900-999/1000", data[900:])  # clipped to the file
+    assert get() == (200, None, data)
+    assert [(r.start, r.end, r.status) for r in hub.reads] == [(10, 20, 206), (20, 30, 206), (990, 1000, 206),
+                                                               (995, 1000, 206), (900, 1000, 206), (0, 1000, 200)]
+    assert hub.bytes_read("alice/bytes") == {"blob.bin": ([(0, 1000)], 1135)}
