@@ -342,14 +342,17 @@ class FakeHub:
         limit = len(body)
         if cut is not None:
             limit = len(body) // 2 if cut.cut_at is None else cut.cut_at - read.start
-        try:
-            while read.sent < limit:
-                chunk = body[read.sent: min(limit, read.sent + _CHUNK)]
+        # Counted before each write: a client can receive the bytes, and a test read the log, before this thread runs
+        # again; a chunk the socket refuses is taken back.
+        while read.sent < limit:
+            chunk = body[read.sent: min(limit, read.sent + _CHUNK)]
+            read.sent += len(chunk)
+            try:
                 handler.wfile.write(chunk)
-                read.sent += len(chunk)
-        except OSError:  # the client went away
-            handler.close_connection = True
-            return
+            except OSError:  # the client went away
+                read.sent -= len(chunk)
+                handler.close_connection = True
+                return
         if cut is not None:
             handler.wfile.flush()
             generation = self.generation
@@ -632,13 +635,13 @@ class FakeHub:
         status = 206 if ranged else 200
         if ranged:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        self._send_head(handler, status, end - start, "application/octet-stream", headers)
         if head:
-            return None
+            return self._send_head(handler, status, end - start, "application/octet-stream", headers)
         pid, rank = handler.peer_process or (None, None)
         read = Read(repo_id, file_path, start, end, user, "%s:%d" % handler.client_address,
                     handler.headers.get("User-Agent", ""), pid, rank, time.monotonic(), repo_type, status)
-        self.reads.append(read)
+        self.reads.append(read)  # before the client can have its answer
+        self._send_head(handler, status, end - start, "application/octet-stream", headers)
         path = urlsplit(handler.path).path
         cut = self._hit("GET", path, (f for f in self.faults if f.cuts("GET", path, start, end)))
         return _Download(memoryview(data)[start:end], read, cut)
