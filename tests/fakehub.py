@@ -1,12 +1,14 @@
 """A Hugging Face Hub stand-in for the tests: stdlib only, in-process, bound to 127.0.0.1 on a free port.
 
 It speaks the part of the Hub's HTTP API that the unmodified huggingface_hub and datasets clients use for model and
-dataset repos: create repos, upload a folder or push a dataset (every file answered as "regular": contents travel
-base64-encoded in the commit, so no Xet/LFS server is needed), read repo info, trees and paths-info, and download
+dataset repos: create repos, upload a folder or push a dataset, read repo info, trees and paths-info, and download
 files (HEAD + GET ``resolve``, ``/{repo}/resolve/...`` for models, ``/datasets/{repo}/resolve/...`` for datasets) with
-HTTP Range requests, as streaming reads parquet. Repos, commits and files live in memory; commit ids are stable
-sha1s, and old commits stay downloadable. Auth: bearer tokens map to users; only the owner writes; private repos are
-invisible to others (401 anonymous, 404 other users, as the Hub).
+HTTP Range requests, as streaming reads parquet. Uploads: a file the repo's .gitattributes marks LFS (a dataset's
+parquet, arrow and image files, as on the Hub) goes through the Git LFS batch API and a PUT to this server; every
+other file (all of a model's) is "regular", base64 in the commit. There is no Xet server: a process that uploads data
+files must run huggingface_hub with Xet off (HF_HUB_DISABLE_XET; the ``dataset_hub`` fixture). Repos, commits and
+files live in memory; commit ids are stable sha1s, and old commits stay downloadable. Auth: bearer tokens map to
+users; only the owner writes; private repos are invisible to others (401 anonymous, 404 other users, as the Hub).
 
 ``hub.log`` records every request (method, path, user, monotonic time); ``hub.misses`` every request no route
 answered, so tests notice when a client upgrade starts calling something new. ``hub.reads`` records every GET of a
@@ -14,13 +16,15 @@ answered, so tests notice when a client upgrade starts calling something new. ``
 
 Telling client processes apart: each read carries the peer's process id and its ``RANK`` environment variable, found
 through /proc from the TCP connection (Linux; None elsewhere), and the User-Agent, to which huggingface_hub appends
-``origin/<value>`` when the client process was started with ``HF_HUB_USER_AGENT_ORIGIN=<value>``.
+``origin/<value>`` when the client process was started with ``HF_HUB_USER_AGENT_ORIGIN=<value>``. The processes of one
+``accelerate launch`` share their environment, so one origin: pid and RANK tell them apart.
 
 Faults: ``hub.inject(method, path_part, kind, ...)`` makes matching requests misbehave, as a real server or network
 does: ``status`` answers an HTTP error (5xx, 429), ``drop`` reads part of the request body and closes the connection
 without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server), ``cut`` (GET
-of a resolve URL only) sends the headers and part of the body, waits ``seconds``, then closes the connection: a
-connection dropped, or a server stalled, in the middle of a shard.
+of a resolve URL only) sends the headers and the body up to file offset ``cut_at`` (or half of it), waits ``seconds``,
+then closes the connection: a connection dropped, or a server stalled, in the middle of a shard. A cut with ``cut_at``
+hits only a read whose range holds that offset.
 """
 
 import base64
@@ -140,16 +144,24 @@ def _peer_process(peer: Tuple[str, int], server_port: int) -> Tuple[Optional[int
         target = f"socket:[{inode}]"
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
-                    with open(f"/proc/{pid}/environ", "rb") as env:
-                        variables = dict(v.split(b"=", 1) for v in env.read().split(b"\0") if b"=" in v)
-                    rank = variables.get(b"RANK")
-                    return int(pid), rank.decode() if rank is not None else None
+                descriptors = os.listdir(f"/proc/{pid}/fd")
             except OSError:  # another user's process, or one that just ended
                 continue
+            if any(_link(f"/proc/{pid}/fd/{fd}") == target for fd in descriptors):
+                with open(f"/proc/{pid}/environ", "rb") as env:
+                    variables = dict(v.split(b"=", 1) for v in env.read().split(b"\0") if b"=" in v)
+                rank = variables.get(b"RANK")
+                return int(pid), rank.decode() if rank is not None else None
     except OSError:  # no /proc
         pass
     return None, None
+
+
+def _link(path: str) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:  # a descriptor closed while we looked
+        return None
 
 
 def _is_lfs(files: Dict[str, bytes], path: str) -> bool:
