@@ -1,12 +1,14 @@
 """A Hugging Face Hub stand-in for the tests: stdlib only, in-process, bound to 127.0.0.1 on a free port.
 
 It speaks the part of the Hub's HTTP API that the unmodified huggingface_hub and datasets clients use for model and
-dataset repos: create repos, upload a folder or push a dataset (every file answered as "regular": contents travel
-base64-encoded in the commit, so no Xet/LFS server is needed), read repo info, trees and paths-info, and download
+dataset repos: create repos, upload a folder or push a dataset, read repo info, trees and paths-info, and download
 files (HEAD + GET ``resolve``, ``/{repo}/resolve/...`` for models, ``/datasets/{repo}/resolve/...`` for datasets) with
-HTTP Range requests, as streaming reads parquet. Repos, commits and files live in memory; commit ids are stable
-sha1s, and old commits stay downloadable. Auth: bearer tokens map to users; only the owner writes; private repos are
-invisible to others (401 anonymous, 404 other users, as the Hub).
+HTTP Range requests, as streaming reads parquet. Uploads: a file the repo's .gitattributes marks LFS (a dataset's
+parquet, arrow and image files, as on the Hub) goes through the Git LFS batch API and a PUT to this server; every
+other file (all of a model's) is "regular", base64 in the commit. There is no Xet server: a process that uploads data
+files must run huggingface_hub with Xet off (HF_HUB_DISABLE_XET; the ``dataset_hub`` fixture). Repos, commits and
+files live in memory; commit ids are stable sha1s, and old commits stay downloadable. Auth: bearer tokens map to
+users; only the owner writes; private repos are invisible to others (401 anonymous, 404 other users, as the Hub).
 
 ``hub.log`` records every request (method, path, user, monotonic time); ``hub.misses`` every request no route
 answered, so tests notice when a client upgrade starts calling something new. ``hub.reads`` records every GET of a
@@ -14,13 +16,15 @@ answered, so tests notice when a client upgrade starts calling something new. ``
 
 Telling client processes apart: each read carries the peer's process id and its ``RANK`` environment variable, found
 through /proc from the TCP connection (Linux; None elsewhere), and the User-Agent, to which huggingface_hub appends
-``origin/<value>`` when the client process was started with ``HF_HUB_USER_AGENT_ORIGIN=<value>``.
+``origin/<value>`` when the client process was started with ``HF_HUB_USER_AGENT_ORIGIN=<value>``. The processes of one
+``accelerate launch`` share their environment, so one origin: pid and RANK tell them apart.
 
 Faults: ``hub.inject(method, path_part, kind, ...)`` makes matching requests misbehave, as a real server or network
 does: ``status`` answers an HTTP error (5xx, 429), ``drop`` reads part of the request body and closes the connection
 without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server), ``cut`` (GET
-of a resolve URL only) sends the headers and part of the body, waits ``seconds``, then closes the connection: a
-connection dropped, or a server stalled, in the middle of a shard.
+of a resolve URL only) sends the headers and the body up to file offset ``cut_at`` (or half of it), waits ``seconds``,
+then closes the connection: a connection dropped, or a server stalled, in the middle of a shard. A cut with ``cut_at``
+hits only a read whose range holds that offset.
 """
 
 import base64
@@ -87,7 +91,7 @@ class Read:
     rank: Optional[str]  # that process's RANK environment variable (accelerate/torchrun set it per process)
     time: float
     repo_type: str = "model"
-    status: int = 200  # 206: the client sent a Range header
+    status: int = 200  # 206: a Range request
     sent: int = 0
 
 
@@ -140,16 +144,24 @@ def _peer_process(peer: Tuple[str, int], server_port: int) -> Tuple[Optional[int
         target = f"socket:[{inode}]"
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
-                    with open(f"/proc/{pid}/environ", "rb") as env:
-                        variables = dict(v.split(b"=", 1) for v in env.read().split(b"\0") if b"=" in v)
-                    rank = variables.get(b"RANK")
-                    return int(pid), rank.decode() if rank is not None else None
+                descriptors = os.listdir(f"/proc/{pid}/fd")
             except OSError:  # another user's process, or one that just ended
                 continue
+            if any(_link(f"/proc/{pid}/fd/{fd}") == target for fd in descriptors):
+                with open(f"/proc/{pid}/environ", "rb") as env:
+                    variables = dict(v.split(b"=", 1) for v in env.read().split(b"\0") if b"=" in v)
+                rank = variables.get(b"RANK")
+                return int(pid), rank.decode() if rank is not None else None
     except OSError:  # no /proc
         pass
     return None, None
+
+
+def _link(path: str) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:  # a descriptor closed while we looked
+        return None
 
 
 def _is_lfs(files: Dict[str, bytes], path: str) -> bool:
@@ -179,8 +191,8 @@ def _byte_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
     if unit.strip() != "bytes" or "," in spec:
         raise ValueError(f"unsupported Range {header!r}")
     first, _, last = spec.strip().partition("-")
-    if not first:
-        return max(0, size - int(last)), size
+    if not first:  # the last n bytes
+        return (max(0, size - int(last)), size) if int(last) else None
     start = int(first)
     if start >= size:
         return None
@@ -212,7 +224,7 @@ class FakeHub:
                 fault = hub._fault_for(method, self.path)
                 if fault is not None and fault.kind != "stall":
                     return hub._misbehave(self, fault)
-                if fault is not None and fault.kind == "stall":
+                if fault is not None:  # a stall
                     generation = hub.generation
                     time.sleep(fault.seconds)
                     # The test that stalled this request is over, or its client gave up: answering now would only
@@ -342,14 +354,17 @@ class FakeHub:
         limit = len(body)
         if cut is not None:
             limit = len(body) // 2 if cut.cut_at is None else cut.cut_at - read.start
-        try:
-            while read.sent < limit:
-                chunk = body[read.sent: min(limit, read.sent + _CHUNK)]
+        # Counted before each write: a client can receive the bytes, and a test read the log, before this thread runs
+        # again; a chunk the socket refuses is taken back.
+        while read.sent < limit:
+            chunk = body[read.sent: min(limit, read.sent + _CHUNK)]
+            read.sent += len(chunk)
+            try:
                 handler.wfile.write(chunk)
-                read.sent += len(chunk)
-        except OSError:  # the client went away
-            handler.close_connection = True
-            return
+            except OSError:  # the client went away
+                read.sent -= len(chunk)
+                handler.close_connection = True
+                return
         if cut is not None:
             handler.wfile.flush()
             generation = self.generation
@@ -632,13 +647,13 @@ class FakeHub:
         status = 206 if ranged else 200
         if ranged:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-        self._send_head(handler, status, end - start, "application/octet-stream", headers)
         if head:
-            return None
+            return self._send_head(handler, status, end - start, "application/octet-stream", headers)
         pid, rank = handler.peer_process or (None, None)
         read = Read(repo_id, file_path, start, end, user, "%s:%d" % handler.client_address,
                     handler.headers.get("User-Agent", ""), pid, rank, time.monotonic(), repo_type, status)
-        self.reads.append(read)
+        self.reads.append(read)  # before the client can have its answer
+        self._send_head(handler, status, end - start, "application/octet-stream", headers)
         path = urlsplit(handler.path).path
         cut = self._hit("GET", path, (f for f in self.faults if f.cuts("GET", path, start, end)))
         return _Download(memoryview(data)[start:end], read, cut)

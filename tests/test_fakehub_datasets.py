@@ -163,8 +163,8 @@ def test_configs_and_a_non_default_split_from_the_readme(hub, tmp_path):
         list(datasets.load_dataset("alice/configs", "letters", split="holdout", streaming=True))
 
 
-@pytest.mark.parametrize("metadata", ["metadata.csv", "metadata.jsonl"])
-def test_an_image_folder_repo_streams_images_with_their_metadata(hub, tmp_path, metadata):
+def _image_folder_repo(hub, tmp_path, metadata):
+    """train/img_{i}.png with label i in train/{metadata}; returns {file name: pixels}."""
     folder = tmp_path / "repo" / "train"
     folder.mkdir(parents=True)
     pixels = {}
@@ -176,13 +176,34 @@ def test_an_image_folder_repo_streams_images_with_their_metadata(hub, tmp_path, 
     else:
         (folder / metadata).write_text("".join(f'{{"file_name": "img_{i}.png", "label": {i}}}\n' for i in range(5)))
     _upload(tmp_path / "repo", "alice/pictures")
+    return pixels
 
-    rows = _rows(datasets.load_dataset("alice/pictures", split="train", streaming=True))
+
+def _assert_images_match(rows, pixels):
     assert sorted(row["label"] for row in rows) == list(range(5))
     for row in rows:  # each image comes with its own metadata
         np.testing.assert_array_equal(np.asarray(row["image"]), pixels[f"img_{row['label']}.png"])
+
+
+@pytest.mark.parametrize("metadata", ["metadata.csv", "metadata.jsonl"])
+def test_an_image_folder_repo_streams_images_with_their_metadata(hub, tmp_path, metadata):
+    pixels = _image_folder_repo(hub, tmp_path, metadata)
+    _assert_images_match(_rows(datasets.load_dataset("alice/pictures", split="train", streaming=True)), pixels)
     read_files = {r.path for r in hub.reads if r.repo_id == "alice/pictures"}
     assert read_files == {f"train/{name}" for name in pixels} | {f"train/{metadata}"}
+    assert {r.status for r in hub.reads if r.path.endswith(".png")} == {200}  # images are fetched whole, no Range
+
+
+def test_an_image_download_dropped_mid_body_is_fetched_again_whole(hub, tmp_path):
+    pixels = _image_folder_repo(hub, tmp_path, "metadata.csv")
+    fault = hub.inject("GET", "train/img_2.png", "cut")  # half of the image, then the connection closes
+    _assert_images_match(_rows(datasets.load_dataset("alice/pictures", split="train", streaming=True)), pixels)
+    size = len(hub.datasets["alice/pictures"].files("main")[1]["train/img_2.png"])
+    # huggingface_hub's streaming file reopens the download at once (no pause), from the position its reader had
+    # reached: 0 for a whole-file read, so the image comes again whole, without a Range header.
+    assert len(fault.hits) == 1
+    assert [(r.status, r.start, r.sent) for r in hub.reads if r.path == "train/img_2.png"] == [
+        (200, 0, size // 2), (200, 0, size)]
 
 
 def test_private_dataset_needs_the_owners_token(hub, tmp_path):
@@ -225,11 +246,23 @@ def test_push_to_hub_then_load_round_trip(hub, tmp_path):
             np.testing.assert_array_equal(np.asarray(row["image"]), pixels)
 
 
-def test_a_parquet_export_ref_that_does_not_exist_is_revision_not_found(hub, tmp_path):
-    _write_shards(tmp_path / "repo", num_shards=1, rows_per_shard=3, rows_per_group=3)
+def test_repo_info_paths_info_and_missing_refs_answer_as_the_hub(hub, tmp_path):
+    (path,) = _write_shards(tmp_path / "repo", num_shards=1, rows_per_shard=3, rows_per_group=3)
     _upload(tmp_path / "repo", "alice/unconverted")
+    api = HfApi()
+    info = api.dataset_info("alice/unconverted")
+    assert info.id == "alice/unconverted" and info.private is False and info.sha == hub.datasets[
+        "alice/unconverted"].history[-1]
+    assert sorted(s.rfilename for s in info.siblings) == [".gitattributes", f"data/{path.name}"]
+    entries = api.get_paths_info("alice/unconverted", [f"data/{path.name}", "data", "nope.txt"], repo_type="dataset")
+    assert [(type(e).__name__, e.path) for e in entries] == [("RepoFolder", "data"), ("RepoFile", f"data/{path.name}")]
+    assert entries[1].size == path.stat().st_size
+    with pytest.raises(huggingface_hub.errors.EntryNotFoundError):
+        list(api.list_repo_tree("alice/unconverted", "no-such-folder", repo_type="dataset"))
+    # No dataset-viewer conversion here: `datasets` asks the viewer first (unreachable from HF_ENDPOINT=127.0.0.1,
+    # which it takes as "no export"); the ref itself is a missing revision, as on the Hub.
     with pytest.raises(RevisionNotFoundError):
-        HfApi().dataset_info("alice/unconverted", revision="refs/convert/parquet")
+        api.dataset_info("alice/unconverted", revision="refs/convert/parquet")
 
 
 # -- faults in the middle of a stream ---------------------------------------------------------------------------------
@@ -286,24 +319,26 @@ def test_a_server_error_that_persists_ends_the_stream_with_the_hub_error(hub, tm
 def test_reads_tell_processes_apart_by_pid_rank_and_user_agent_origin(hub, tmp_path):
     paths = _write_shards(tmp_path / "repo", num_shards=2, rows_per_shard=5, rows_per_group=5)
     _upload(tmp_path / "repo", "alice/shared")
-    child = run_without_ddpm_hf("""
-        import os, datasets
-        rows = list(datasets.load_dataset("alice/shared", split="train", streaming=True))
-        print(os.getpid(), len(rows))
+    # Another process reads the second shard as `datasets` does (HfFileSystem, Range GETs); this one streams both.
+    child = run_without_ddpm_hf(f"""
+        import os
+        from huggingface_hub import HfFileSystem
+        with HfFileSystem().open("datasets/alice/shared/data/{paths[1].name}", "rb") as shard:
+            print(os.getpid(), len(shard.read(shard.size)))  # a length: a Range GET, as pyarrow's reads
     """, cwd=tmp_path, env={"HF_HUB_USER_AGENT_ORIGIN": "reader-b", "RANK": "1"})
-    child_pid, child_rows = map(int, child.stdout.split())
-    assert child_rows == 10
+    child_pid, child_bytes = map(int, child.stdout.split())
+    assert child_bytes == paths[1].stat().st_size
     _rows(datasets.load_dataset("alice/shared", split="train", streaming=True))
 
     mine = [r for r in hub.reads if r.pid == os.getpid()]
     theirs = [r for r in hub.reads if r.pid == child_pid]
     assert len(mine) + len(theirs) == len(hub.reads) and mine and theirs
-    assert all(r.rank == "1" and r.user_agent.endswith("; origin/reader-b") for r in theirs)
+    assert all(r.rank == "1" and r.user_agent.endswith("; origin/reader-b") and r.status == 206 for r in theirs)
     assert all(r.rank is None and "origin/" not in r.user_agent for r in mine)
-    for pid in (os.getpid(), child_pid):
+    whole = {f"data/{p.name}": [(0, p.stat().st_size)] for p in paths}
+    for pid, files in ((os.getpid(), whole), (child_pid, {f"data/{paths[1].name}": whole[f"data/{paths[1].name}"]})):
         per_file = hub.bytes_read("alice/shared", select=lambda r, pid=pid: r.pid == pid)
-        assert {name: ranges for name, (ranges, _) in per_file.items()} == {
-            f"data/{p.name}": [(0, p.stat().st_size)] for p in paths}
+        assert {name: ranges for name, (ranges, _) in per_file.items()} == files
 
 
 def test_a_reader_that_does_not_read_does_not_block_other_clients(hub, tmp_path):
@@ -325,3 +360,31 @@ def test_a_reader_that_does_not_read_does_not_block_other_clients(hub, tmp_path)
         # (a download written under the hub's lock would hang this request until the client's timeout).
         assert HfApi().dataset_info("alice/slow", timeout=5).sha == sha
         assert hub.reads[0].sent < path.stat().st_size
+
+
+def test_range_answers_follow_rfc_7233(hub, tmp_path):
+    import http.client
+
+    data = bytes(range(200)) * 5
+    api = HfApi(token=ALICE)
+    api.create_repo("alice/bytes", repo_type="dataset")
+    api.upload_file(path_or_fileobj=data, path_in_repo="blob.bin", repo_id="alice/bytes", repo_type="dataset")
+    connection = http.client.HTTPConnection("127.0.0.1", int(hub.url.rsplit(":", 1)[1]), timeout=10)
+
+    def get(range_header=None):
+        connection.request("GET", "/datasets/alice/bytes/resolve/main/blob.bin",
+                           headers={"Range": range_header} if range_header else {})
+        answer = connection.getresponse()
+        return answer.status, answer.getheader("Content-Range"), answer.read()
+
+    assert get("bytes=10-19") == (206, "bytes 10-19/1000", data[10:20])
+    assert get("bytes=20-29") == (206, "bytes 20-29/1000", data[20:30])
+    assert get("bytes=990-") == (206, "bytes 990-999/1000", data[990:])  # open-ended
+    assert get("bytes=-5") == (206, "bytes 995-999/1000", data[-5:])  # the last 5 bytes
+    assert get("bytes=1000-")[:2] == (416, "bytes */1000")  # starts past the end: how a resumed read learns it is done
+    assert hub.bytes_read("alice/bytes") == {"blob.bin": ([(10, 30), (990, 1000)], 35)}
+    assert get("bytes=900-5000") == (206, "bytes 900-999/1000", data[900:])  # clipped to the file
+    assert get() == (200, None, data)
+    assert [(r.start, r.end, r.status) for r in hub.reads] == [(10, 20, 206), (20, 30, 206), (990, 1000, 206),
+                                                               (995, 1000, 206), (900, 1000, 206), (0, 1000, 200)]
+    assert hub.bytes_read("alice/bytes") == {"blob.bin": ([(0, 1000)], 1135)}
