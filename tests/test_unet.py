@@ -46,6 +46,33 @@ def test_diffusers_folder_loads_in_ours_and_back(tmp_path, preset):
     torch.testing.assert_close(_outputs(back, x, t), _outputs(theirs, x, t), **TOL)
 
 
+@pytest.mark.parametrize("preset", ["ddpm-cifar10", "ddpm-256", "small-32", "small-28", "tiny-16"])
+def test_blocks_are_unet2dmodels_by_class_name_and_gradient_checkpointing(preset):
+    """Code that finds a U-Net's blocks by class name, or by the gradient_checkpointing attribute diffusers'
+    enable_gradient_checkpointing sets, sees the same blocks at the same positions as in a UNet2DModel."""
+    config = unet_config(preset)
+    with torch.device("meta"):
+        ours, theirs = DDPMUNet(**config), UNet2DModel(**config)
+
+    def blocks(model):
+        return {name: type(module).__name__ for name, module in model.named_modules()
+                if name == "mid_block" or (name.count(".") == 1 and name.startswith(("down_blocks.", "up_blocks.")))}
+
+    def checkpointing(model):
+        return {name: module.gradient_checkpointing for name, module in model.named_modules()
+                if hasattr(module, "gradient_checkpointing")}
+
+    assert blocks(ours) == blocks(theirs)
+    assert len(blocks(ours)) == 2 * len(config["block_out_channels"]) + 1
+    assert checkpointing(ours) == checkpointing(theirs) and set(checkpointing(ours)) == set(blocks(ours))
+    for model in (ours, theirs):
+        model.enable_gradient_checkpointing()
+    assert checkpointing(ours) == checkpointing(theirs) and all(checkpointing(ours).values())
+    for model in (ours, theirs):
+        model.disable_gradient_checkpointing()
+    assert checkpointing(ours) == checkpointing(theirs) and not any(checkpointing(ours).values())
+
+
 def test_paper_parameter_counts_match_unet2dmodel():
     cifar = DDPMUNet(**unet_config("ddpm-cifar10"))
     assert sum(p.numel() for p in cifar.parameters()) == 35_746_307  # the paper's 35.7 M
