@@ -461,9 +461,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         diffusers' callers scale sampling noise by it, and the floor is what keeps their last step noiseless."""
         kind = self.config.variance_type if variance_type is None else variance_type
         # diffusers computes in the float32 schedule whatever the dtype of predicted_variance.
-        schedule_dtype = torch.zeros((), dtype=torch.float32)
+        float32_scalar = torch.zeros((), dtype=torch.float32)
         variance, log_variance = self.p_variance(
-            schedule_dtype, t, self.previous_timestep(t), predicted_variance, kind, first_step_decoder=False
+            float32_scalar, t, self.previous_timestep(t), predicted_variance, kind, first_step_decoder=False
         )
         if kind in ("fixed_small", "fixed_large"):
             return variance

@@ -93,7 +93,6 @@ class ResnetBlock(nn.Module):
         out = self._shortcut(x) + h
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
-
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """x, or its 1×1 convolution when the channel count changes. On channels-last activations (the CPU path)
         the convolution runs as what it is, a linear map of each pixel's channels: one GEMM on the (B·H·W, C) pixel
@@ -101,12 +100,12 @@ class ResnetBlock(nn.Module):
         strides: a (O, I, 1, 1) weight counts as channels-last too, so the convolution's backward returns its
         gradient with channels-last strides, which DDP compares literally with its gradient buckets ("Grad strides do
         not match bucket view strides", at every multi-process run's first backward)."""
-        if self.conv_shortcut is None:
+        conv = self.conv_shortcut
+        if conv is None:
             return x
-        weight, bias = self.conv_shortcut.weight, self.conv_shortcut.bias
         if x.is_contiguous(memory_format=torch.channels_last):
-            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-        return self.conv_shortcut(x)
+            return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+        return conv(x)
 
 
 class SelfAttention(nn.Module):
