@@ -408,25 +408,32 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         t: Timesteps,
         prev_t: Optional[Timesteps] = None,
         model_variance: Optional[torch.Tensor] = None,
+        variance_type: Optional[str] = None,
+        first_step_decoder: bool = True,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """σ_t² and log σ_t² of p_θ(x_{t−1} | x_t) (§3.2) for the configured ``variance_type``, to broadcast
-        against x_t.
+        """σ_t² and log σ_t² of p_θ(x_{t−1} | x_t) (§3.2) for ``variance_type`` (default: the configured one), to
+        broadcast against x_t.
 
         ``fixed_small``: β̃_t (eq. 7); ``fixed_large``: β_t (their ``_log`` forms give the same numbers);
         ``learned``: the model's extra channels ``model_variance`` are log σ_t²; ``learned_range``: they interpolate,
         v log β_t + (1 − v) log β̃_t with v = (output + 1) / 2 (improved-diffusion eq. 15). At the first step (t = 0
-        here, the paper's t = 1) β̃ = 0, and both fixed types use β̃ of the second step, as the original code and
-        improved-diffusion do for the decoder L_0; sampling adds no noise at that step, so only the bound sees it."""
-        kind = self.config.variance_type
+        here, the paper's t = 1) β̃ = 0, and by default both fixed types use β̃ of the second step, as the original
+        code and improved-diffusion do for the decoder L_0; sampling adds no noise at that step, so only the bound
+        sees it. ``first_step_decoder=False`` keeps the sampling chain's values there instead (β̃ floored at 1e-20,
+        and β_t), as diffusers does."""
+        kind = self.config.variance_type if variance_type is None else variance_type
+        _check_choice("variance_type", kind, VARIANCE_TYPES)
         t = self._check_timesteps(t)
-        small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
         alpha_bar, alpha_bar_prev = self._alpha_bars(t, prev_t, x_t.dtype)
         beta = 1 - alpha_bar / alpha_bar_prev
-        if kind in ("fixed_small", "fixed_small_log"):
-            variance = self._expand(small, x_t)
-            return variance, torch.log(variance)
-        if kind in ("fixed_large", "fixed_large_log"):
-            variance = self._expand(torch.where(t.cpu() == 0, small, beta), x_t)
+        if first_step_decoder:
+            small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
+            large = torch.where(t.cpu() == 0, small, beta)
+        else:
+            small = self.posterior_variance(t, prev_t, x_t.dtype).clamp(min=_MIN_VARIANCE)
+            large = beta
+        if kind in ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"):
+            variance = self._expand(small if kind.startswith("fixed_small") else large, x_t)
             return variance, torch.log(variance)
         if model_variance is None:
             raise ValueError(f"variance_type={kind!r} needs the model's variance channels (2× output channels).")
@@ -436,6 +443,33 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             frac = (model_variance + 1) / 2
             log_variance = frac * self._expand(torch.log(beta), x_t) + (1 - frac) * self._expand(torch.log(small), x_t)
         return torch.exp(log_variance), log_variance
+
+    def _get_variance(
+        self, t: Timesteps, predicted_variance: Optional[torch.Tensor] = None, variance_type: Optional[str] = None
+    ) -> torch.Tensor:
+        """``diffusers.DDPMScheduler._get_variance``: same signature, same values. diffusers' own code calls it on
+        whatever DDPM scheduler a pipeline holds (the value-guided sampling pipeline, for one); here it reads
+        :meth:`p_variance` at the chain's previous timestep.
+
+        As in diffusers, what it returns depends on ``variance_type`` (default: the configured one): σ_t² for
+        ``fixed_small`` and ``fixed_large``, σ_t itself for ``fixed_small_log``, log σ_t² for ``fixed_large_log`` and
+        ``learned_range``, and ``predicted_variance`` unchanged for ``learned`` (a log-variance here, a variance to
+        diffusers: the values agree, their meaning is the module docstring's difference).
+
+        At t = 0 it gives the sampling chain's values, as diffusers does (β̃_1 = 0 floored at 1e-20, and β_1 for
+        ``fixed_large``), not the decoder variance (β̃ of the second step) that :meth:`p_variance` gives the bound:
+        diffusers' callers scale sampling noise by it, and the floor is what keeps their last step noiseless."""
+        kind = self.config.variance_type if variance_type is None else variance_type
+        # diffusers computes in the float32 schedule whatever the dtype of predicted_variance.
+        float32_scalar = torch.zeros((), dtype=torch.float32)
+        variance, log_variance = self.p_variance(
+            float32_scalar, t, self.previous_timestep(t), predicted_variance, kind, first_step_decoder=False
+        )
+        if kind in ("fixed_small", "fixed_large"):
+            return variance
+        if kind == "fixed_small_log":
+            return torch.exp(0.5 * log_variance)
+        return log_variance
 
     # ------------------------------------------------------------------------------------------------------------
     # Sampling (Algorithm 2) and the forward process

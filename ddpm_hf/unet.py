@@ -23,8 +23,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -92,9 +90,22 @@ class ResnetBlock(nn.Module):
         if self.dropout.p > 0:  # nn.Dropout(0) in training mode still draws and applies a mask
             h = self.dropout(h)
         h = self.conv2(h)
-        skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = skip + h
+        out = self._shortcut(x) + h
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """x, or its 1×1 convolution when the channel count changes. On channels-last activations (the CPU path)
+        the convolution runs as what it is, a linear map of each pixel's channels: one GEMM on the (B·H·W, C) pixel
+        matrix (faster than oneDNN's 1×1 convolution here). It also keeps the weight's gradient in the weight's
+        strides: a (O, I, 1, 1) weight counts as channels-last too, so the convolution's backward returns its
+        gradient with channels-last strides, which DDP compares literally with its gradient buckets ("Grad strides do
+        not match bucket view strides", at every multi-process run's first backward)."""
+        conv = self.conv_shortcut
+        if conv is None:
+            return x
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+        return conv(x)
 
 
 class SelfAttention(nn.Module):
@@ -198,16 +209,18 @@ class _CheckpointableBlock(nn.Module):
         return module(*args)
 
 
-class DownBlock(_CheckpointableBlock):
-    """One resolution level of the encoder: ``layers`` ResNet blocks (each followed by attention for AttnDownBlock2D)
-    and a downsampler; returns every intermediate output for the skip connections."""
+class DownBlock2D(_CheckpointableBlock):
+    """One resolution level of the encoder, diffusers' ``DownBlock2D``: ``layers`` ResNet blocks and a downsampler;
+    returns every intermediate output for the skip connections."""
 
-    def __init__(self, in_ch: int, out_ch: int, layers: int, attention: bool, downsample: bool, resnet_kwargs: dict,
+    with_attention = False
+
+    def __init__(self, in_ch: int, out_ch: int, layers: int, downsample: bool, resnet_kwargs: dict,
                  attention_kwargs: dict, downsample_padding: int):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock(in_ch if i == 0 else out_ch, out_ch, **resnet_kwargs) for i in range(layers))
-        if attention:
+        if self.with_attention:
             self.attentions = nn.ModuleList(SelfAttention(out_ch, **attention_kwargs) for _ in range(layers))
         self.downsamplers = nn.ModuleList([Downsample(out_ch, downsample_padding)]) if downsample else None
 
@@ -215,7 +228,7 @@ class DownBlock(_CheckpointableBlock):
         skips = ()
         for i, resnet in enumerate(self.resnets):
             x = self._run(resnet, x, temb_act)
-            if hasattr(self, "attentions"):
+            if self.with_attention:
                 x = self._run(self.attentions[i], x)
             skips += (x,)
         if self.downsamplers is not None:
@@ -224,33 +237,48 @@ class DownBlock(_CheckpointableBlock):
         return x, skips
 
 
-class UpBlock(_CheckpointableBlock):
-    """One resolution level of the decoder: ``layers`` ResNet blocks on [h, skip] (each followed by attention for
-    AttnUpBlock2D) and an upsampler."""
+class AttnDownBlock2D(DownBlock2D):
+    """diffusers' ``AttnDownBlock2D``: a :class:`DownBlock2D` with self-attention after each ResNet block (§4: at the
+    16×16 resolution)."""
 
-    def __init__(self, in_ch: int, prev_ch: int, out_ch: int, layers: int, attention: bool, upsample: bool,
-                 resnet_kwargs: dict, attention_kwargs: dict):
+    with_attention = True
+
+
+class UpBlock2D(_CheckpointableBlock):
+    """One resolution level of the decoder, diffusers' ``UpBlock2D``: ``layers`` ResNet blocks on [h, skip] and an
+    upsampler."""
+
+    with_attention = False
+
+    def __init__(self, in_ch: int, prev_ch: int, out_ch: int, layers: int, upsample: bool, resnet_kwargs: dict,
+                 attention_kwargs: dict):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock((prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch), out_ch,
                         **resnet_kwargs)
             for i in range(layers))
-        if attention:
+        if self.with_attention:
             self.attentions = nn.ModuleList(SelfAttention(out_ch, **attention_kwargs) for _ in range(layers))
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], temb_act: torch.Tensor) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = self._run(resnet, torch.cat([x, skips[-1 - i]], dim=1), temb_act)
-            if hasattr(self, "attentions"):
+            if self.with_attention:
                 x = self._run(self.attentions[i], x)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
 
 
-class MidBlock(_CheckpointableBlock):
-    """The bottleneck: ResNet → attention → ResNet."""
+class AttnUpBlock2D(UpBlock2D):
+    """diffusers' ``AttnUpBlock2D``: an :class:`UpBlock2D` with self-attention after each ResNet block."""
+
+    with_attention = True
+
+
+class UNetMidBlock2D(_CheckpointableBlock):
+    """The bottleneck, diffusers' ``UNetMidBlock2D``: ResNet → attention → ResNet."""
 
     def __init__(self, channels: int, add_attention: bool, resnet_kwargs: dict, attention_kwargs: dict):
         super().__init__()
@@ -262,6 +290,12 @@ class MidBlock(_CheckpointableBlock):
         if self.attentions[0] is not None:
             x = self._run(self.attentions[0], x)
         return self._run(self.resnets[1], x, temb_act)
+
+
+# The block types of UNet2DModel's config that a DDPM uses, by the class that builds each.
+DOWN_BLOCKS = {block.__name__: block for block in (DownBlock2D, AttnDownBlock2D)}
+UP_BLOCKS = {block.__name__: block for block in (UpBlock2D, AttnUpBlock2D)}
+DOWN_BLOCK_TYPES, UP_BLOCK_TYPES = tuple(DOWN_BLOCKS), tuple(UP_BLOCKS)
 
 
 class DDPMUNet(ModelMixin, ConfigMixin):
@@ -338,16 +372,15 @@ class DDPMUNet(ModelMixin, ConfigMixin):
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(down_block_types):
-            self.down_blocks.append(DownBlock(
-                channels[max(i - 1, 0)], channels[i], layers_per_block, kind == "AttnDownBlock2D",
-                downsample=i < len(channels) - 1, resnet_kwargs=resnet_kwargs,
+            self.down_blocks.append(DOWN_BLOCKS[kind](
+                channels[max(i - 1, 0)], channels[i], layers_per_block, downsample=i < len(channels) - 1, resnet_kwargs=resnet_kwargs,
                 attention_kwargs=attention_kwargs(channels[i]), downsample_padding=downsample_padding))
 
         self.mid_block = None
         if mid_block_type is not None:
             # diffusers' UNetMidBlock2D: without explicit attn groups, the attention is normed only in "default" mode.
             mid_groups = attn_norm_num_groups if attn_norm_num_groups is not None else (None if scale_shift else norm_num_groups)
-            self.mid_block = MidBlock(
+            self.mid_block = UNetMidBlock2D(
                 channels[-1], add_attention,
                 dict(resnet_kwargs, output_scale_factor=mid_block_scale_factor),
                 attention_kwargs(channels[-1], mid_groups, mid_block_scale_factor))
@@ -355,10 +388,10 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         reversed_channels = channels[::-1]
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(up_block_types):
-            self.up_blocks.append(UpBlock(
+            self.up_blocks.append(UP_BLOCKS[kind](
                 in_ch=reversed_channels[min(i + 1, len(channels) - 1)],
                 prev_ch=reversed_channels[max(i - 1, 0)], out_ch=reversed_channels[i], layers=layers_per_block + 1,
-                attention=kind == "AttnUpBlock2D", upsample=i < len(channels) - 1, resnet_kwargs=resnet_kwargs,
+                upsample=i < len(channels) - 1, resnet_kwargs=resnet_kwargs,
                 attention_kwargs=attention_kwargs(reversed_channels[i])))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, base, eps=norm_eps)

@@ -11,6 +11,7 @@ from ddpm_hf import DDPMScheduler
 
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 VARIANCE_TYPES = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 X0_LIMITS = [{"clip_sample": False}, {"clip_sample": True, "clip_sample_range": 1.5}, {"thresholding": True, "sample_max_value": 2.0}]
 SPACINGS = [{"timestep_spacing": "leading"}, {"timestep_spacing": "leading", "steps_offset": 1},
@@ -262,3 +263,100 @@ def test_bad_timesteps():
         scheduler.step(x, 901, x)
     with pytest.raises(ValueError, match="channels"):
         scheduler.step(torch.randn(1, 6, 4, 4), 900, x)
+
+
+# --- diffusers' private _get_variance, called by diffusers' own pipelines on the scheduler they hold ----------------
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("steps", [None, 10, "trailing", "custom"])
+def test_get_variance_matches_diffusers(beta_schedule, steps):
+    """Every variance_type, configured and passed as the override, at t = 0, 1, T−1 and timesteps in between; with
+    fewer steps the variance uses the respaced β, so diffusers' values depend on set_timesteps."""
+    torch.manual_seed(0)
+    predicted = torch.rand(2, 3, 4, 4) * 2 - 1
+    spacing = {"timestep_spacing": "trailing"} if steps == "trailing" else {}
+    compared = 0
+    for configured in VARIANCE_TYPES:
+        ours = DDPMScheduler(beta_schedule=beta_schedule, variance_type=configured, **spacing)
+        oracle = diffusers.DDPMScheduler(beta_schedule=beta_schedule, variance_type=configured, **spacing)
+        _set_steps((ours, oracle), 10 if steps == "trailing" else steps)
+        timesteps = ours.timesteps.tolist()
+        if steps is None:  # the full chain: its ends and every 37th step
+            timesteps = [999, 998, *range(963, 2, -37), 2, 1, 0]
+        assert timesteps[-1] == (99 if steps == "trailing" else 0)  # trailing's last step has no successor either
+        for t in timesteps:
+            for override in (None, *VARIANCE_TYPES) if configured == "fixed_small" else (None,):
+                a = ours._get_variance(t, predicted_variance=predicted, variance_type=override)
+                b = oracle._get_variance(t, predicted_variance=predicted, variance_type=override)
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{configured=} {override=} {t=}")
+                compared += 1
+        # diffusers' pipelines pass an element of scheduler.timesteps (a 0-dim tensor), without predicted_variance.
+        if configured not in LEARNED_VARIANCE_TYPES:
+            t = ours.timesteps[len(ours.timesteps) // 2]
+            torch.testing.assert_close(ours._get_variance(t), oracle._get_variance(t), rtol=0, atol=0)
+    assert compared == (len(VARIANCE_TYPES) + 6) * len(timesteps)
+
+
+def test_get_variance_at_the_first_step_is_the_sampling_chains():
+    """At t = 0 (the paper's t = 1) β̃ = 0. The bound's p_variance uses β̃ of the second step there (§3.3's decoder);
+    _get_variance keeps diffusers' floor of 1e-20 (and β_1 for fixed_large), so that a diffusers caller scaling its
+    last step's noise by √_get_variance adds none, as step() does."""
+    small, large = DDPMScheduler(variance_type="fixed_small"), DDPMScheduler(variance_type="fixed_large")
+    assert float(small._get_variance(0)) == pytest.approx(1e-20, rel=1e-6)
+    assert float(small._get_variance(0, variance_type="fixed_small_log")) == pytest.approx(1e-10, rel=1e-6)
+    assert float(large._get_variance(0)) == pytest.approx(1e-4, rel=1e-3)  # β_1 of the linear schedule, in float32
+    decoder_variance = float(small.posterior_variance(1, dtype=torch.float32))
+    x = torch.zeros(1, 1, 2, 2)
+    for scheduler in (small, large):
+        assert float(scheduler.p_variance(x, 0)[0].flatten()[0]) == decoder_variance
+    # step() at t = 0 adds no noise: its result is the mean whatever the generator.
+    eps = torch.randn(1, 1, 2, 2)
+    a = small.step(eps, 0, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    b = small.step(eps, 0, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="variance channels"):
+        DDPMScheduler(variance_type="learned_range")._get_variance(500)
+    with pytest.raises(ValueError, match="fixed_large"):
+        small._get_variance(500, variance_type="large")
+
+
+class _HopperLikeEnv:
+    """The two things ValueGuidedRLPipeline reads from a gym environment: its spaces and its offline dataset."""
+
+    observation_space = type("Space", (), {"shape": (3,)})
+    action_space = type("Space", (), {"shape": (2,)})
+
+    def get_dataset(self):
+        rng = np.random.default_rng(0)
+        return {"observations": rng.normal(size=(50, 3)), "actions": rng.normal(size=(50, 2))}
+
+
+def test_diffusers_value_guided_pipeline_runs_with_our_scheduler():
+    """diffusers' value-guided sampling pipeline calls scheduler._get_variance at every step (AttributeError before):
+    with our scheduler it plans the same actions as with diffusers'."""
+    from diffusers import UNet1DModel
+    from diffusers.experimental import ValueGuidedRLPipeline
+
+    torch.manual_seed(0)
+    common = dict(in_channels=5, use_timestep_embedding=True, layers_per_block=1, act_fn="mish", freq_shift=1,
+                  flip_sin_to_cos=False, time_embedding_type="positional")
+    unet = UNet1DModel(out_channels=5, block_out_channels=(8, 16), down_block_types=("DownResnetBlock1D",) * 2,
+                       up_block_types=("UpResnetBlock1D",), mid_block_type="MidResTemporalBlock1D",
+                       out_block_type="OutConv1DBlock", norm_num_groups=8, **common).eval()
+    # The smallest value function whose fully connected head fits a horizon of 16 (diffusers' test config).
+    value_function = UNet1DModel(out_channels=1, block_out_channels=(32, 64, 128, 256), downsample_each_block=True,
+                                 down_block_types=("DownResnetBlock1D",) * 4, up_block_types=(),
+                                 mid_block_type="ValueFunctionMidBlock1D", out_block_type="ValueFunction",
+                                 **common).eval()
+    actions = []
+    for scheduler_class in (DDPMScheduler, diffusers.DDPMScheduler):
+        # fixed_small_log is the variance type of diffusers' pretrained hopper planner.
+        scheduler = scheduler_class(num_train_timesteps=3, variance_type="fixed_small_log", clip_sample=False)
+        pipe = ValueGuidedRLPipeline(value_function=value_function, unet=unet, scheduler=scheduler,
+                                     env=_HopperLikeEnv())
+        pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)  # the pipeline and step() draw from the global generator
+        actions.append(pipe(np.zeros(3), batch_size=2, planning_horizon=16, n_guide_steps=1, scale=0.1))
+    np.testing.assert_allclose(actions[0], actions[1], rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from ddpm_hf import DDPMUNet, unet_config
+from ddpm_hf.presets import PRESETS
 from ddpm_hf.unet import ResnetBlock
 
 TOL = dict(rtol=0, atol=1e-5)
@@ -43,6 +44,33 @@ def test_diffusers_folder_loads_in_ours_and_back(tmp_path, preset):
     assert set(load_file(tmp_path / "ours" / "diffusion_pytorch_model.safetensors")) == set(theirs.state_dict())
     back = UNet2DModel.from_pretrained(tmp_path / "ours").eval()
     torch.testing.assert_close(_outputs(back, x, t), _outputs(theirs, x, t), **TOL)
+
+
+@pytest.mark.parametrize("preset", ["ddpm-cifar10", "ddpm-256", "small-32", "small-28", "tiny-16"])
+def test_blocks_are_unet2dmodels_by_class_name_and_gradient_checkpointing(preset):
+    """Code that finds a U-Net's blocks by class name, or by the gradient_checkpointing attribute diffusers'
+    enable_gradient_checkpointing sets, sees the same blocks at the same positions as in a UNet2DModel."""
+    config = unet_config(preset)
+    with torch.device("meta"):
+        ours, theirs = DDPMUNet(**config), UNet2DModel(**config)
+
+    def blocks(model):
+        return {name: type(module).__name__ for name, module in model.named_modules()
+                if name == "mid_block" or (name.count(".") == 1 and name.startswith(("down_blocks.", "up_blocks.")))}
+
+    def checkpointing(model):
+        return {name: module.gradient_checkpointing for name, module in model.named_modules()
+                if hasattr(module, "gradient_checkpointing")}
+
+    assert blocks(ours) == blocks(theirs)
+    assert len(blocks(ours)) == 2 * len(config["block_out_channels"]) + 1
+    assert checkpointing(ours) == checkpointing(theirs) and set(checkpointing(ours)) == set(blocks(ours))
+    for model in (ours, theirs):
+        model.enable_gradient_checkpointing()
+    assert checkpointing(ours) == checkpointing(theirs) and all(checkpointing(ours).values())
+    for model in (ours, theirs):
+        model.disable_gradient_checkpointing()
+    assert checkpointing(ours) == checkpointing(theirs) and not any(checkpointing(ours).values())
 
 
 def test_paper_parameter_counts_match_unet2dmodel():
@@ -145,6 +173,23 @@ def test_channels_last_model_and_input_give_same_outputs():
     out = _outputs(model, x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(out, reference, **TOL)
     assert out.is_contiguous()
+
+
+def test_every_gradient_has_its_parameters_strides():
+    """DDP copies each gradient into a bucket view laid out like its parameter and compares their strides literally
+    ("Grad strides do not match bucket view strides", at every multi-process run's first backward). The 1×1
+    shortcut convolutions, whose weights count as channels-last too, returned channels-last gradients from the
+    channels-last CPU activations from the preset's training batch of 16 on (not at 4 or 12, with torch 2.13)."""
+    torch.manual_seed(8)
+    config = unet_config("tiny-16")
+    model = DDPMUNet(**config).train()
+    x, t = _inputs(config, batch=PRESETS["tiny-16"]["training"]["train_batch_size"])
+    model(x, t).sample.square().mean().backward()
+    mismatched = {n: (p.stride(), p.grad.stride()) for n, p in model.named_parameters()
+                  if p.grad.stride() != p.stride()}
+    assert not mismatched
+    shortcuts = [m for m in model.modules() if isinstance(m, ResnetBlock) and m.conv_shortcut is not None]
+    assert len(shortcuts) >= 4
 
 
 @pytest.mark.slow
