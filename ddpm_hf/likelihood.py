@@ -150,29 +150,30 @@ class BitsPerDim:
 
 
 class _ImageNoise:
-    """The timesteps and ε of one batch of images: image i draws from its own generator seeded (seed, i), first its
-    sampled timesteps, then one ε per draw in order. So an image's noise depends on neither the batching nor on
-    which process evaluates which draws."""
+    """The timesteps and ε of one batch of images: image i draws from its own generator, on the model's device,
+    seeded from (seed, i): first its sampled timesteps, then the ε of each network call in turn. A process that
+    starts inside the images' draws first replays the draws of the earlier calls (same shapes, so the generators
+    reach the same state whatever their internals): an image's noise does not depend on which process evaluates
+    which calls."""
 
     def __init__(self, seed: int, first_image: int, images: torch.Tensor, num_train: int,
-                 num_timesteps: Optional[int], first_draw: int):
+                 num_timesteps: Optional[int], device: torch.device, earlier_calls: List[int]):
         self.shape = tuple(images.shape[1:])
-        self.generators = [np.random.default_rng([seed, i]) for i in range(first_image, first_image + len(images))]
+        seeds = (np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]  # distinct streams for all (seed, i)
+                 for i in range(first_image, first_image + len(images)))
+        self.generators = [torch.Generator(device).manual_seed(int(image_seed)) for image_seed in seeds]
         if num_timesteps is None:  # exact: every image runs through t = T−1 … 0
-            self.schedule = torch.arange(num_train - 1, -1, -1).repeat(len(images), 1)
+            self.schedule = torch.arange(num_train - 1, -1, -1, device=device).repeat(len(images), 1)
         else:
-            self.schedule = torch.from_numpy(np.stack([g.integers(0, num_train, num_timesteps)
-                                                       for g in self.generators]))
-        for g in self.generators:  # the ε of earlier draws, made by another process: drawn and dropped
-            for _ in range(first_draw):
-                g.standard_normal(self.shape, dtype=np.float32)
+            self.schedule = torch.stack([torch.randint(0, num_train, (num_timesteps,), generator=g, device=device)
+                                         for g in self.generators])
+        for num_draws in earlier_calls:  # made by another process: drawn again and dropped
+            self.noise(num_draws)
 
     def noise(self, num_draws: int) -> torch.Tensor:
         """The next ``num_draws`` ε of every image, image-major: (images × num_draws, C, H, W)."""
-        draws = np.empty((len(self.generators), num_draws, *self.shape), dtype=np.float32)
-        for generator, image_draws in zip(self.generators, draws):
-            generator.standard_normal(dtype=np.float32, out=image_draws)
-        return torch.from_numpy(draws).flatten(0, 1)
+        return torch.cat([torch.randn((num_draws, *self.shape), generator=g, device=g.device)
+                          for g in self.generators])
 
 
 @torch.no_grad()
@@ -194,7 +195,8 @@ def bits_per_dim(
     replacement and returns the unbiased estimate L_T + T · mean_k L_{t_k} with its standard error. Each network
     call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default as many as
     fill a network batch of 64 images on a CPU (larger batches run no faster there: bench/bpd.py) or 512 on a GPU.
-    Image i's timesteps and ε come from its own generator seeded (``seed``, i).
+    Image i's timesteps and ε come from its own generator seeded from (``seed``, i), on the model's device, drawn
+    network call by network call: they depend on the seed, i, the batching and the device, not on the processes.
 
     ``state``, an accelerate ``PartialState`` that every process passes: the network calls are split over the
     processes in contiguous blocks and every process receives the whole result. The calls are the same ones, on the
@@ -220,17 +222,19 @@ def bits_per_dim(
         per_call = timesteps_per_batch or max(1, (512 if device.type == "cuda" else 64) // n)
         calls += [(start, k, n, min(per_call, draws - k)) for k in range(0, draws, per_call)]
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    mine = calls[rank * len(calls) // world:(rank + 1) * len(calls) // world]
+    mine = range(rank * len(calls) // world, (rank + 1) * len(calls) // world)  # a contiguous block of calls
     blocks, streams = [], {}
-    bar = tqdm(total=sum(n * m for _, _, n, m in mine), desc="bits/dim", unit="term",
+    bar = tqdm(total=sum(calls[i][2] * calls[i][3] for i in mine), desc="bits/dim", unit="term",
                disable=not progress or rank != 0)
-    for start, k, n, m in mine:
+    for index in mine:
+        start, k, n, m = calls[index]
         x0 = x_all[start:start + n]
         if start not in streams:  # this process's first call on these images
-            streams = {start: _ImageNoise(seed, start, x0, num_train, num_timesteps, first_draw=k)}
+            earlier = [draws for other_start, _, _, draws in calls[:index] if other_start == start]
+            streams = {start: _ImageNoise(seed, start, x0, num_train, num_timesteps, device, earlier)}
         noise = streams[start]
-        t = noise.schedule[:, k:k + m].reshape(-1).to(device)
-        out = bound.terms(x0.to(device, dtype).repeat_interleave(m, 0), t, noise.noise(m).to(device, dtype))
+        t = noise.schedule[:, k:k + m].reshape(-1)
+        out = bound.terms(x0.to(device, dtype).repeat_interleave(m, 0), t, noise.noise(m).to(dtype))
         blocks.append((start, k, out["term"].double().cpu().view(n, m), out["x0_mse"].double().cpu().view(n, m)))
         bar.update(n * m)
     bar.close()
