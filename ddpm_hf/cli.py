@@ -2,7 +2,7 @@
 
     ddpm-hf sample PIPELINE --num_images 64 --out samples/
     ddpm-hf evaluate PIPELINE --data embedded:fashion_mnist --metrics bpd,fid,kid,rd --num_samples 1000 --out eval/
-    accelerate launch -m ddpm_hf.cli evaluate ...     # samples generated on every process
+    accelerate launch -m ddpm_hf.cli evaluate ...     # bits/dim terms and samples spread over the processes
     ddpm-hf data fashion-mnist --out data/fmnist       # full 60k/10k from Debian's dataset-fashion-mnist
 
 PIPELINE is a pipeline folder or a Hub repo id. Results go to --out as JSON and PNG files.
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     evaluate.add_argument("--batch_size", type=_positive, default=64)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=_non_negative, default=0)
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--device", default=None)
 
@@ -147,10 +147,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 def _check_data(parser: argparse.ArgumentParser, args) -> None:
     """Open the evaluation data and read one image: a wrong name or split fails now, not after an hour of sampling."""
     from .data import find_image_column, first_image, load_image_dataset
+    from .evaluation import data_splits
 
-    splits = [args.split] if {"bpd", "rd", "interpolation"} & set(args.metrics) else []
-    splits += [args.reference_split] if {"fid", "kid"} & set(args.metrics) else []
-    for split in dict.fromkeys(splits):
+    for split in data_splits(args.metrics, args.split, args.reference_split):
         try:
             dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True)
             first_image(dataset, find_image_column(dataset.features))

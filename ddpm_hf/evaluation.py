@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import find_image_column, load_image_dataset, prepare_image
+from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 
@@ -27,14 +27,29 @@ def check_metrics(metrics: Sequence[str]) -> List[str]:
     return list(metrics)
 
 
+def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> List[str]:
+    """The dataset splits that evaluating ``metrics`` reads: ``split`` for the bound and the interpolation,
+    ``reference_split`` for FID/KID."""
+    splits = [split] if {"bpd", "rd", "interpolation"} & set(metrics) else []
+    splits += [reference_split] if {"fid", "kid"} & set(metrics) else []
+    return list(dict.fromkeys(splits))
+
+
 def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
                      dataset_config_name=None, train_data_dir=None, image_column=None) -> torch.Tensor:
-    """The first ``num_images`` images of ``split`` as uint8 (N, C, H, W), centre-cropped to ``resolution``."""
+    """The first ``num_images`` images of ``split`` as uint8 (N, C, H, W), centre-cropped to ``resolution``, for a
+    model with ``channels`` input channels: data of the other kind (grey for colour or the reverse) is refused, as
+    in training."""
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True)
     column = find_image_column(dataset.features, image_column)
     rng = np.random.default_rng(0)
     images = []
     for row in dataset:
+        if not images:
+            try:
+                check_channels(row[column], channels)
+            except ValueError as err:
+                raise ValueError(f"{dataset_name or train_data_dir} ({split} split): {err}") from None
         images.append(prepare_image(row[column], resolution, channels, center_crop=True, flip=False, rng=rng))
         if len(images) == num_images:
             break
@@ -104,7 +119,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     (``bpd_timesteps`` 0: all T terms, exact; K: K sampled terms per image), ``rd`` its rate–distortion curve (exact
     bound only), ``fid``/``kid`` on ``num_samples`` samples against ``num_reference`` images of ``reference_split``
     through the ``features`` network ("fmnist" or "inception"), ``progressive`` and ``interpolation`` figures.
-    Under ``accelerate launch`` every process samples its share for FID/KID; everything else runs on the main one.
+    Under ``accelerate launch`` every process computes its share of the bound's terms and samples its share for
+    FID/KID (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on the
+    main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
@@ -123,18 +140,24 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
+    for data_split in data_splits(metrics, split, reference_split):
+        # One image of each split, on every process: images of the wrong kind fail now, everywhere, before any work.
+        load_eval_images(data, 1, size, channels, split=data_split, dataset_config_name=data_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
     results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
     started = time.time()
 
-    if {"bpd", "rd"} & set(metrics) and state.is_main_process:
+    bound = None
+    if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
         images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config)
-        bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None,
-                             batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+        bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=batch_size,
+                             seed=seed, progress=state.is_main_process, state=state)
+    if bound is not None and state.is_main_process:
         results["bpd"] = {"bits_per_dim": bound.mean, "stderr": bound.stderr, "exact": bound.exact,
-                          "num_images": len(images), "split": split, "prior_bpd": float(bound.prior.mean())}
+                          "num_images": len(bound.per_image), "split": split, "prior_bpd": float(bound.prior.mean()),
+                          "terms_per_process": bound.terms_per_process}
         if bound.exact:
             results["bpd"]["decoder_L0_bpd"] = float(bound.terms[0])
             results["bpd"]["rate_bpd"] = float(bound.mean - bound.terms[0])

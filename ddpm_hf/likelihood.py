@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -122,7 +123,8 @@ class BitsPerDim:
     ``per_image``: the bound for each image; ``mean``: its average; ``stderr``: the standard error of ``mean`` from
     the timestep sampling (0 when exact); ``prior``: L_T per image; ``terms``: the mean of each L_t over images
     (index t, length T; exact mode only); ``x0_rmse``: RMSE of x̂_0 from x_t on the [0, 255] scale per t (exact
-    mode only); ``exact``: whether all T terms were computed."""
+    mode only); ``exact``: whether all T terms were computed; ``terms_per_process``: how many of the bound's terms
+    (image, t) each process computed, counted from what it sent (one entry when the work was not spread)."""
 
     per_image: torch.Tensor
     mean: float
@@ -131,6 +133,7 @@ class BitsPerDim:
     terms: Optional[torch.Tensor]
     x0_rmse: Optional[torch.Tensor]
     exact: bool
+    terms_per_process: List[int]
 
     def rate_distortion(self) -> Dict[str, List[float]]:
         """§4.3, Table 4: after reverse step i (i = 1..T, from x_T), the rate is the bits sent so far,
@@ -146,6 +149,33 @@ class BitsPerDim:
                 "distortion_rmse": self.x0_rmse.flip(0).tolist()}
 
 
+class _ImageNoise:
+    """The timesteps and ε of one batch of images: image i draws from its own generator, on the model's device,
+    seeded from (seed, i): first its sampled timesteps, then the ε of each network call in turn. A process that
+    starts inside the images' draws first replays the draws of the earlier calls (same shapes, so the generators
+    reach the same state whatever their internals): an image's noise does not depend on which process evaluates
+    which calls."""
+
+    def __init__(self, seed: int, first_image: int, images: torch.Tensor, num_train: int,
+                 num_timesteps: Optional[int], device: torch.device, earlier_calls: List[int]):
+        self.shape = tuple(images.shape[1:])
+        seeds = (np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]  # distinct streams for all (seed, i)
+                 for i in range(first_image, first_image + len(images)))
+        self.generators = [torch.Generator(device).manual_seed(int(image_seed)) for image_seed in seeds]
+        if num_timesteps is None:  # exact: every image runs through t = T−1 … 0
+            self.schedule = torch.arange(num_train - 1, -1, -1, device=device).repeat(len(images), 1)
+        else:
+            self.schedule = torch.stack([torch.randint(0, num_train, (num_timesteps,), generator=g, device=device)
+                                         for g in self.generators])
+        for num_draws in earlier_calls:  # made by another process: drawn again and dropped
+            self.noise(num_draws)
+
+    def noise(self, num_draws: int) -> torch.Tensor:
+        """The next ``num_draws`` ε of every image, image-major: (images × num_draws, C, H, W)."""
+        return torch.cat([torch.randn((num_draws, *self.shape), generator=g, device=g.device)
+                          for g in self.generators])
+
+
 @torch.no_grad()
 def bits_per_dim(
     model: Callable,
@@ -154,9 +184,10 @@ def bits_per_dim(
     num_timesteps: Optional[int] = None,
     timesteps_per_batch: Optional[int] = None,
     batch_size: int = 64,
-    generator: Optional[torch.Generator] = None,
+    seed: int = 0,
     clip_denoised: bool = True,
     progress: bool = True,
+    state=None,
 ) -> BitsPerDim:
     """NLL upper bound in bits/dim of ``images`` (uint8 (N, C, H, W), or floats already scaled to [−1, 1]).
 
@@ -164,63 +195,75 @@ def bits_per_dim(
     replacement and returns the unbiased estimate L_T + T · mean_k L_{t_k} with its standard error. Each network
     call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default as many as
     fill a network batch of 64 images on a CPU (larger batches run no faster there: bench/bpd.py) or 512 on a GPU.
+    Image i's timesteps and ε come from its own generator seeded from (``seed``, i), on the model's device, drawn
+    network call by network call: they depend on the seed, i, the batching and the device, not on the processes.
+
+    ``state``, an accelerate ``PartialState`` that every process passes: the network calls are split over the
+    processes in contiguous blocks and every process receives the whole result. The calls are the same ones, on the
+    same inputs, as one process makes, so the result is identical to one process's on the same kind of device
+    (merely regrouping images would not be: a network's float32 output for an image depends on its batch).
     """
     x_all = checked_model_range(images)
     if x_all.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}.")
     if num_timesteps is not None and num_timesteps < 2:
         raise ValueError("num_timesteps must be at least 2 (for a standard error) or None for the exact bound.")
+    if seed < 0:
+        raise ValueError(f"seed must be 0 or a positive integer, got {seed}.")
     bound = VariationalBound(model, scheduler, clip_denoised)
     num_train = bound.scheduler.config.num_train_timesteps
     first = next(model.parameters(), None) if hasattr(model, "parameters") else None
     device, dtype = (first.device, first.dtype) if first is not None else (x_all.device, torch.float32)
-    generator = generator or torch.Generator().manual_seed(0)
-    dims = x_all[0].numel()
-    per_image, variances, priors = [], [], []
-    term_sums = torch.zeros(num_train, dtype=torch.float64)
-    mse_sums = torch.zeros(num_train, dtype=torch.float64)
     exact = num_timesteps is None
     draws = num_train if exact else num_timesteps
-    chunks = range(0, len(x_all), batch_size)
-    bar = tqdm(total=len(x_all) * draws, desc="bits/dim", unit="term", disable=not progress)
-    for start in chunks:
-        x0 = x_all[start:start + batch_size].to(device, dtype)
-        n = len(x0)
+    calls = []  # (first image, first draw, images, draws) of every network call, in order
+    for start in range(0, len(x_all), batch_size):
+        n = min(batch_size, len(x_all) - start)
         per_call = timesteps_per_batch or max(1, (512 if device.type == "cuda" else 64) // n)
-        if exact:
-            schedule = torch.arange(num_train - 1, -1, -1).repeat(n, 1)  # (n, T), all timesteps
-        else:
-            schedule = torch.randint(0, num_train, (n, num_timesteps), generator=generator)
-        values = torch.zeros(n, draws, dtype=torch.float64)
-        for k in range(0, draws, per_call):
-            cols = schedule[:, k:k + per_call]
-            m = cols.shape[1]
-            t = cols.reshape(-1).to(device)
-            x_rep = x0.repeat_interleave(m, 0)
-            noise = torch.randn(x_rep.shape, generator=generator).to(device, dtype)
-            out = bound.terms(x_rep, t, noise)
-            values[:, k:k + m] = out["term"].double().cpu().view(n, m)
-            if exact:
-                term_sums.index_add_(0, t.cpu(), out["term"].double().cpu())
-                mse_sums.index_add_(0, t.cpu(), out["x0_mse"].double().cpu())
-            bar.update(n * m)
-        prior = bound.prior(x0).double().cpu()
-        priors.append(prior)
-        if exact:
-            per_image.append(prior + values.sum(1))
-            variances.append(torch.zeros(n, dtype=torch.float64))
-        else:
-            per_image.append(prior + num_train * values.mean(1))
-            variances.append(num_train**2 * values.var(1) / num_timesteps)
+        calls += [(start, k, n, min(per_call, draws - k)) for k in range(0, draws, per_call)]
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    mine = range(rank * len(calls) // world, (rank + 1) * len(calls) // world)  # a contiguous block of calls
+    blocks, streams = [], {}
+    bar = tqdm(total=sum(calls[i][2] * calls[i][3] for i in mine), desc="bits/dim", unit="term",
+               disable=not progress or rank != 0)
+    for index in mine:
+        start, k, n, m = calls[index]
+        x0 = x_all[start:start + n]
+        if start not in streams:  # this process's first call on these images
+            earlier = [draws for other_start, _, _, draws in calls[:index] if other_start == start]
+            streams = {start: _ImageNoise(seed, start, x0, num_train, num_timesteps, device, earlier)}
+        noise = streams[start]
+        t = noise.schedule[:, k:k + m].reshape(-1)
+        out = bound.terms(x0.to(device, dtype).repeat_interleave(m, 0), t, noise.noise(m).to(dtype))
+        blocks.append((start, k, out["term"].double().cpu().view(n, m), out["x0_mse"].double().cpu().view(n, m)))
+        bar.update(n * m)
     bar.close()
-    scale = 1.0 / (dims * LN2)
-    per_image_bpd = torch.cat(per_image) * scale
-    n_total = len(per_image_bpd)
-    stderr = float(torch.cat(variances).sum().sqrt() / n_total * scale)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shares = gather_object([blocks])  # every process receives every process's blocks
+    else:
+        shares = [blocks]
+    # Each term is computed once, by one process: the assembled tables are the same whoever computed what.
+    values = torch.zeros(len(x_all), draws, dtype=torch.float64)  # column k: draw k (exact: t = T − 1 − k)
+    mse = torch.zeros(len(x_all), draws, dtype=torch.float64)
+    for start, k, term, x0_mse in (block for share in shares for block in share):
+        values[start:start + len(term), k:k + term.shape[1]] = term
+        mse[start:start + len(term), k:k + term.shape[1]] = x0_mse
+    prior = torch.cat([bound.prior(x_all[s:s + batch_size].to(device, dtype)).double().cpu()
+                       for s in range(0, len(x_all), batch_size)])
+    if exact:
+        per_image, variance = prior + values.sum(1), torch.zeros(len(x_all), dtype=torch.float64)
+    else:
+        per_image, variance = prior + num_train * values.mean(1), num_train**2 * values.var(1) / num_timesteps
+    scale = 1.0 / (x_all[0].numel() * LN2)
+    per_image_bpd = per_image * scale
     return BitsPerDim(
-        per_image=per_image_bpd, mean=float(per_image_bpd.mean()), stderr=stderr, prior=torch.cat(priors) * scale,
-        terms=term_sums / n_total * scale if exact else None,
-        x0_rmse=(mse_sums / n_total).sqrt() * 127.5 if exact else None, exact=exact)
+        per_image=per_image_bpd, mean=float(per_image_bpd.mean()),
+        stderr=float(variance.sum().sqrt() / len(x_all) * scale), prior=prior * scale,
+        terms=values.flip(1).mean(0) * scale if exact else None,
+        x0_rmse=mse.flip(1).mean(0).sqrt() * 127.5 if exact else None, exact=exact,
+        terms_per_process=[sum(term.numel() for _, _, term, _ in share) for share in shares])
 
 
 def plot_rate_distortion(result: BitsPerDim, path: Union[str, os.PathLike], title: str = "") -> None:

@@ -14,6 +14,17 @@ from ddpm_hf.cli import main as cli
 from ddpm_hf.evaluation import load_eval_images
 from ddpm_hf.metrics import FMNIST_SHA256, FMNIST_WEIGHTS, extract_features, feature_extractor, fid_kid
 from helpers import tiny_pipeline
+from runs import child_env, free_port, png_bytes
+
+
+def write_test_split(folder, pngs):
+    """``pngs`` as the test split of a parquet dataset in ``folder`` (an ``image`` column)."""
+    from datasets import Dataset, Features, Image as ImageFeature
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict({"image": [{"bytes": png, "path": None} for png in pngs]},
+                      features=Features({"image": ImageFeature()})).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -68,21 +79,16 @@ def test_cli_sample_and_evaluate(tmp_path):
 
 
 def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise(tmp_path):
-    """results.json holds exactly what bits_per_dim gives on the test split's images with a generator seeded --seed,
-    for the exact bound and a sampled one: reading other images, another split, or drawing other t or ε would change
+    """results.json holds exactly what bits_per_dim gives on the test split's images with noise seeded --seed, for
+    the exact bound and a sampled one: reading other images, another split, or drawing other t or ε would change
     the numbers (the check below shows that other noise does)."""
-    from datasets import Dataset, Features, Image as ImageFeature
     from PIL import Image
 
     from ddpm_hf import DDPMPipeline
     from ddpm_hf.likelihood import bits_per_dim
-    from runs import png_bytes
 
-    data = tmp_path / "data"
-    data.mkdir()
     pngs = [png_bytes(seed, size=16) for seed in range(6)]  # the model's 16 × 16: no resizing, the pixels as stored
-    Dataset.from_dict({"image": [{"bytes": png, "path": None} for png in pngs]},
-                      features=Features({"image": ImageFeature()})).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    data = write_test_split(tmp_path / "data", pngs)
     images = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(png))))[None] for png in pngs])
     tiny_pipeline(num_train_timesteps=20, variance_type="fixed_small").save_pretrained(tmp_path / "pipe")
     pipe = DDPMPipeline.from_pretrained(tmp_path / "pipe")
@@ -94,7 +100,7 @@ def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise
                     str(out)]) == 0
         reported = json.loads((out / "results.json").read_text())["bpd"]
         expected = bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=4,
-                                generator=torch.Generator().manual_seed(seed))
+                                seed=seed)
         assert reported["bits_per_dim"] == expected.mean and reported["stderr"] == expected.stderr
         assert reported["prior_bpd"] == float(expected.prior.mean())
         assert reported["exact"] is expected.exact is (bpd_timesteps == 0)
@@ -103,8 +109,72 @@ def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise
             assert reported["decoder_L0_bpd"] == float(expected.terms[0])
             assert reported["rate_bpd"] == float(expected.mean - expected.terms[0])
         other_noise = bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None,
-                                   batch_size=4, generator=torch.Generator().manual_seed(seed + 1))
+                                   batch_size=4, seed=seed + 1)
         assert abs(other_noise.mean - expected.mean) > 1e-6  # so the equality above pins the noise too
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("bpd_timesteps", [0, pytest.param(5, marks=pytest.mark.slow)])
+def test_evaluate_spreads_the_bound_over_two_processes_with_the_same_result(tmp_path, bpd_timesteps):
+    """Two real processes each compute a share of the bound's terms, and results.json (and the rate-distortion
+    curve: every L_t and x̂_0 RMSE) is identical, to the last bit, to one process's: the same network calls on the
+    same inputs, each image's t and ε seeded by the image, not by the process. Process 1 starts inside the first
+    batch of images (at draw 16 of 20), so its noise must continue the images' streams."""
+    data = write_test_split(tmp_path / "data", [png_bytes(seed, size=16) for seed in range(6)])
+    tiny_pipeline(num_train_timesteps=20, variance_type="fixed_small").save_pretrained(tmp_path / "pipe")
+    args = ["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd,rd" if bpd_timesteps == 0 else
+            "bpd", "--num_bpd_images", "6", "--bpd_timesteps", str(bpd_timesteps), "--batch_size", "4", "--seed", "3"]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port", str(free_port()), "-m", "ddpm_hf.cli", *args, "--out",
+                             str(tmp_path / "two")], env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): the same kernels, the same float32 sums
+    try:
+        assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
+    terms = 6 * (bpd_timesteps or 20)
+    assert (one.pop("num_processes"), two.pop("num_processes")) == (1, 2)
+    assert one["bpd"].pop("terms_per_process") == [terms]
+    shares = two["bpd"].pop("terms_per_process")
+    assert len(shares) == 2 and sum(shares) == terms and min(shares) > 0, shares  # each process did part, not all
+    one.pop("seconds"), two.pop("seconds")
+    assert one == two  # JSON floats are written with every digit: equal here means equal doubles
+    if bpd_timesteps == 0:
+        assert (tmp_path / "one" / "rate_distortion.json").read_bytes() == (tmp_path / "two" / "rate_distortion.json"
+                                                                            ).read_bytes()
+
+
+def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
+    """A colour model on grey images, or a grey one on colour images: an error naming the data and the fix, raised
+    while reading the first image, before the output folder (let alone a sample) exists."""
+    import io
+
+    from PIL import Image
+
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, unet_config
+
+    grey = write_test_split(tmp_path / "grey", [png_bytes(seed, size=16) for seed in range(2)])
+    colour_png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").save(
+        colour_png, format="PNG")
+    colour = write_test_split(tmp_path / "colour", [colour_png.getvalue()] * 2)
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "grey-model")
+    DDPMPipeline(unet=DDPMUNet(**unet_config("tiny-16", in_channels=3, out_channels=3)),
+                 scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(tmp_path / "colour-model")
+    for model, data, metrics, model_kind, data_kind in (("colour-model", grey, "fid", 3, 1),
+                                                         ("grey-model", colour, "bpd", 1, 3)):
+        out = tmp_path / f"eval-{model}"
+        with pytest.raises(SystemExit) as failure:
+            cli(["evaluate", str(tmp_path / model), "--data", str(data), "--split", "test", "--reference_split", "test",
+                 "--metrics", metrics, "--num_samples", "4", "--num_reference", "2", "--out", str(out)])
+        message = str(failure.value)
+        assert str(data) in message and f"in_channels={model_kind}" in message, message
+        assert f"use a model with in_channels={data_kind}" in message, message
+        assert not out.exists()  # nothing sampled, nothing written
 
 
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
@@ -119,5 +189,8 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
         cli(["sample", str(tmp_path / "pipe"), "--num_inference_steps", "50", "--out", str(tmp_path / "s")])
     with pytest.raises(SystemExit):
         cli(["sample", str(tmp_path / "pipe"), "--num_images", "0", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
+        cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])
+    assert "--seed" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "ddpm-hf" in result.stdout
