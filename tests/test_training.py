@@ -119,6 +119,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     assert not list(crashed.glob(".checkpoint-*"))
 
 
+def test_inference_steps_default_to_the_training_steps():
+    from ddpm_hf.training_args import parse_args
+
+    assert parse_args(["--ddpm_num_steps", "50"]).ddpm_num_inference_steps == 50  # was refused: 1000 > 50
+    assert parse_args([]).ddpm_num_inference_steps == 1000
+    assert parse_args(["--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4"]).ddpm_num_inference_steps == 4
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir, workers):
     import datasets
