@@ -97,7 +97,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
         if accelerator.is_main_process:
             fsync_tree(tmp)
     except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
-        raise write_failed(output_dir, final, err, partial=tmp) from err
+        raise write_failed(output_dir, str(final), err, partial=tmp) from err
     if accelerator.is_main_process:
         publish_folder(tmp, final)
         for old in checkpoints(output_dir)[:-limit] if limit else []:
@@ -105,14 +105,14 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
     accelerator.wait_for_everyone()
 
 
-def write_failed(output_dir: Path, target: Path, err: Exception, partial: Path) -> SystemExit:
-    """The error that stops a run whose write of ``target`` failed, once the ``partial`` copy is removed: the path,
-    the likely reason with the space left, and the checkpoint to resume from."""
+def write_failed(output_dir: Path, what: str, err: Exception, partial: Path) -> SystemExit:
+    """The error that stops a run whose write of ``what`` (a path) failed, once the ``partial`` copy is removed: the
+    path, the likely reason with the space left, and the checkpoint to resume from."""
     remove(partial)
     latest = checkpoints(output_dir)
     then = (f"The checkpoint {latest[-1].name} is intact: make room, then resume with --resume_from_checkpoint "
             "latest." if latest else "There is no checkpoint to resume from.")
-    return SystemExit(f"could not write {target} ({type(err).__name__}: {err}): "
+    return SystemExit(f"could not write {what} ({type(err).__name__}: {err}): "
                       f"{write_failure_reason(output_dir, err, latest)}. {then}")
 
 
@@ -154,7 +154,7 @@ def write_file(path: Path, write: Callable[[Path], None], output_dir: Path) -> P
     try:
         write(partial)
     except OSError as err:
-        raise write_failed(output_dir, path, err, partial) from err
+        raise write_failed(output_dir, str(path), err, partial) from err
     os.replace(partial, path)
     return path
 
@@ -199,7 +199,7 @@ def save_pipeline(pipe, output_dir: Path, training_config: dict) -> None:
         (tmp / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
         fsync_tree(tmp)
     except Exception as err:  # a full disk: OSError, or SafetensorError from the weights
-        raise write_failed(output_dir, output_dir / "model_index.json", err, partial=tmp) from err
+        raise write_failed(output_dir, f"the final pipeline into {output_dir}", err, partial=tmp) from err
     shutil.rmtree(ready, ignore_errors=True)
     os.replace(tmp, ready)
     install_pipeline(output_dir)

@@ -1,6 +1,8 @@
 """Faults injected into real training runs: SIGKILLs at random points (during a step, a checkpoint write, a Hub
-upload) with a resume after each, a disk that fills during a checkpoint, and NaN losses."""
+upload) with a resume after each, a kill at every step of the final save, a real full disk (tmpfs) during a
+checkpoint, a sample grid and the final pipeline, a file-size limit, and NaN losses."""
 
+import gc
 import hashlib
 import random
 import resource
@@ -98,13 +100,14 @@ def _file_size_limit(limit_bytes: int):
     return apply
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(images, tmp_path):
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(images, tmp_path, train_here, caplog):
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "run")]
-    run(args + ["--max_train_steps", "8"], tmp_path / "first.log")
+    train_here(args + ["--max_train_steps", "8"])
     before = _digest(tmp_path / "run" / "checkpoint-8")
     pipeline_before = _digest(tmp_path / "run" / "unet")
 
-    # Files may grow to 1 MiB: the model (0.7 MB) is written, the optimizer state (1.4 MB) is not.
+    # Files may grow to 1 MiB: the model (0.7 MB) is written, the optimizer state (1.4 MB) is not. (A launched run:
+    # the limit would hold for the test process too.)
     log = tmp_path / "full.log"
     code = run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], log,
                preexec_fn=_file_size_limit(2**20), expect_ok=False)
@@ -119,9 +122,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(image
     assert _digest(tmp_path / "run" / "unet") == pipeline_before  # the first run's result, untouched
 
     # With space again, the run resumes from checkpoint-8 and finishes (exactness of resuming: the kill test above).
-    run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], tmp_path / "again.log")
-    assert "resumed from" in (tmp_path / "again.log").read_text() and "checkpoint-8 at step 8" in (
-        tmp_path / "again.log").read_text()
+    with caplog.at_level("INFO", logger="ddpm_hf.train"):
+        train_here(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"])
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint-8'} at step 8" in caplog.text
     assert check_checkpoints(tmp_path / "run") == ["checkpoint-8", "checkpoint-12", "checkpoint-16"]
 
 
@@ -293,3 +296,100 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_pipeline_the_new_on
         assert sorted(p.name for p in out.iterdir()) == sorted(listing[expected] + ["checkpoint-4"])
         assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == b"weights"
     assert seen == {"old", None, "new"}, seen  # the kills landed before, during and after the switch
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for the test: a real disk that fills up (ENOSPC from the kernel). Mounting needs root;
+    where it is refused the test is skipped, saying why. Always unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True,
+                                 text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no mount command here: a real full disk needs a tmpfs")
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs was refused (a real full disk needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        gc.collect()  # files a failed write left open, held by the traceback of the error the test caught
+        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=60).returncode != 0:
+            # still in use (a failed test's traceback holds a file): detached now, freed when the file closes
+            subprocess.run(["umount", "--lazy", str(disk)], check=True, timeout=60)
+
+
+def _leave_room(disk: Path, room: int) -> None:
+    """Fill ``disk`` with a ballast file until the kernel refuses (ENOSPC), then give ``room`` bytes back."""
+    import errno
+    import os
+
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(2**16))
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+    os.truncate(ballast, max(ballast.stat().st_size - room, 0))
+
+
+def test_a_full_disk_at_a_checkpoint_a_sample_grid_and_the_final_pipeline_then_an_exact_resume(
+        train_here, images, small_disk, tmp_path):
+    """Each write hits a real ENOSPC in the middle: the run stops naming the path and the free space, leaves no
+    partial file or folder, keeps the last checkpoint; with room again it resumes to the uninterrupted weights."""
+    import os
+    import shutil
+
+    from ddpm_hf.checkpoints import size_text
+
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "8", "--checkpointing_steps", "4",
+                   "--save_images_steps", "6"]
+    straight = tmp_path / "straight"
+    train_here(args + ["--output_dir", str(straight)])
+
+    block = os.statvfs(small_disk).f_frsize  # what the tmpfs charges a file: whole blocks
+
+    def used(*paths):
+        files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        return sum(-(-f.stat().st_size // block) * block for f in files)
+
+    checkpoint, grid = used(straight / "checkpoint-8"), used(straight / "samples" / "step-0000006.png")
+    pipeline = used(*[straight / part for part in ("model_index.json", "unet", "scheduler", "training_config.json")])
+    out = small_disk / "run"
+
+    def stops(room: int, path: str, intact: str) -> None:
+        _leave_room(small_disk, room)
+        with pytest.raises(SystemExit) as stop:
+            train_here(args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+        message = str(stop.value.code)
+        free = shutil.disk_usage(small_disk).free  # the oracle: the room left once the run has stopped
+        assert message.startswith(f"could not write {path} ("), message
+        assert f"the disk is full ({size_text(free)} free in {out}" in message, message
+        assert f"The checkpoint {intact} is intact: make room, then resume" in message, message
+        assert not [p for p in out.rglob(".*")], "a partial file or folder was left behind"
+        assert not (out / "model_index.json").exists()
+
+    # 1. checkpoint-8 finds room for half of itself (after run_info.json, checkpoint-4 and the grid of step 6)
+    stops(block + checkpoint + grid + checkpoint // 2, str(out / "checkpoint-8"), "checkpoint-4")
+    assert check_checkpoints(out) == ["checkpoint-4"]
+    kept = _digest(out / "checkpoint-4")
+    # 2. no room at all: the grid of step 6 (resumed from checkpoint-4) cannot be written; the earlier one stays whole
+    grid_before = (out / "samples" / "step-0000006.png").read_bytes()
+    stops(0, str(out / "samples" / "step-0000006.png"), "checkpoint-4")
+    assert (out / "samples" / "step-0000006.png").read_bytes() == grid_before and _digest(out / "checkpoint-4") == kept
+    # 3. room for checkpoint-8 and the grids, half the pipeline: the final save fails, checkpoint-8 is whole
+    stops(checkpoint + 2 * grid + pipeline // 2, f"the final pipeline into {out}", "checkpoint-8")
+    assert check_checkpoints(out) == ["checkpoint-4", "checkpoint-8"] and _digest(out / "checkpoint-4") == kept
+    # 4. space freed: the resume (at the end) writes the final pipeline, bit for bit the uninterrupted run's
+    (small_disk / "ballast").unlink()
+    train_here(args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    expected, resumed = final_weights(straight), final_weights(out)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in expected.items()), "the resumed weights differ"
+    assert not [p for p in out.rglob(".*")]
