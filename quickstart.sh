@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the Fashion-MNIST subset embedded in the package (no network needed beyond pip):
-# install, train a small DDPM with 2 real DDP processes on the CPU, save the pipeline folder, sample a grid,
+# install, train a small DDPM with 2 real DDP processes on the CPU, save the pipeline (in $OUT itself, as diffusers'
+# train_unconditional.py does), sample a grid,
 # evaluate bits/dim and FID-FMNIST, and print where every output is.
 #
 #   bash quickstart.sh                 # about 26 minutes on 2 CPU cores (17 training, 7 evaluating)
@@ -32,19 +33,19 @@ else
 fi
 
 echo "== sampling =="
-ddpm-hf sample "$OUT/pipeline" --num_images 64 --num_inference_steps 100 --out "$OUT/samples-final"
+ddpm-hf sample "$OUT" --num_images 64 --num_inference_steps 100 --out "$OUT/samples-final"
 
 echo "== evaluating: bits/dim (exact bound, 64 test images), FID-FMNIST and KID (500 samples), figures =="
-ddpm-hf evaluate "$OUT/pipeline" --data embedded:fashion_mnist --metrics bpd,rd,fid,kid,progressive,interpolation \
+ddpm-hf evaluate "$OUT" --data embedded:fashion_mnist --metrics bpd,rd,fid,kid,progressive,interpolation \
   --num_bpd_images 64 --num_samples 500 --num_reference 2000 --num_inference_steps 100 --out "$OUT/eval"
 
 cat <<EOF
 
 Done. Outputs:
-  pipeline folder (diffusers format): $OUT/pipeline
+  pipeline (diffusers format):        $OUT  (model_index.json, unet/, scheduler/)
   samples:                            $OUT/samples-final/grid.png  (and $OUT/samples/ during training)
   evaluation:                         $OUT/eval/results.json, rate_distortion.png, progressive.png, interpolation.png
   checkpoints:                        $OUT/checkpoint-*
   tensorboard logs:                   $OUT/logs   (tensorboard --logdir $OUT/logs)
-Load it anywhere: DiffusionPipeline.from_pretrained("$OUT/pipeline")
+Load it anywhere: DiffusionPipeline.from_pretrained("$OUT")
 EOF

@@ -2,7 +2,7 @@
 straightforward loop that evaluates one timestep of the batch at a time (improved-diffusion's calc_bpd_loop shape).
 
     python bench/bpd.py                            # small-32 preset, random weights, T = 1000, 1 thread
-    python bench/bpd.py --pipeline runs/quickstart/pipeline --timesteps 1000
+    python bench/bpd.py --pipeline runs/quickstart --timesteps 1000
 
 Both compute the same quantity (printed side by side); the ratio line is baseline time / ours (above 1: ours is
 faster).

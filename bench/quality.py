@@ -70,18 +70,18 @@ def main():
     run(launch(args.processes) + [
         "bench/diffusers_loop.py", "--preset", args.preset, "--data_dir", str(data), "--minutes", str(args.minutes),
         "--train_batch_size", str(per_process), "--report", str(out / "diffusers_example.json"),
-        "--output_dir", str(theirs / "pipeline")], env)
+        "--output_dir", str(theirs)], env)
 
     summary = {"minutes": args.minutes, "processes": args.processes, "preset": args.preset, "data": str(data)}
     for name, folder in (("ddpm_hf", ours), ("diffusers_example", theirs)):
         metrics = "bpd,fid,kid" + (",progressive" if name == "ddpm_hf" else "")
         run(launch(args.processes) + [
-            "-m", "ddpm_hf.cli", "evaluate", str(folder / "pipeline"), "--data", str(data), "--metrics", metrics,
+            "-m", "ddpm_hf.cli", "evaluate", str(folder), "--data", str(data), "--metrics", metrics,
             "--num_samples", str(args.num_samples), "--num_reference", str(args.num_reference),
             "--num_bpd_images", str(args.num_bpd_images), "--bpd_timesteps", str(args.bpd_timesteps),
             "--num_inference_steps", str(args.num_inference_steps), "--out", str(folder / "eval")], env)
         summary[name] = json.loads((folder / "eval" / "results.json").read_text())
-    summary["ddpm_hf"]["steps"] = json.loads((ours / "pipeline" / "training_config.json").read_text())["max_train_steps"]
+    summary["ddpm_hf"]["steps"] = json.loads((ours / "training_config.json").read_text())["max_train_steps"]
     summary["diffusers_example"]["steps"] = json.loads((out / "diffusers_example.json").read_text())["steps"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n| training | steps in the budget | bits/dim (test) | FID-FMNIST | KID-FMNIST |\n| --- | --- | --- | --- | --- |")

@@ -86,7 +86,7 @@ def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, s
     of launches. Each interruption is a SIGKILL at a random point or a file-size limit that fails a checkpoint, under a
     random Hub fault; after each one every visible checkpoint must load."""
     launches = 0
-    while time.time() < deadline and not (out / "pipeline").exists():
+    while time.time() < deadline and not (out / "model_index.json").exists():
         fault = rng.choice(["none", "5xx", "drop", "hang"])  # injected first: the Hub applies the first match
         if fault == "5xx":
             HUB.inject("POST", "/commit/", "status", times=rng.randint(1, 8), status=rng.choice([500, 502, 503]),
@@ -105,7 +105,7 @@ def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, s
         launches += 1
         if disk_full:
             code = proc.wait(timeout=600)
-            stats["disk full: stopped with a clear error" if code and "could not write checkpoint" in
+            stats["disk full: stopped with a clear error" if code and f"could not write {out / 'checkpoint-'}" in
                   log.read_text()[-20000:] else f"disk full: exit {code}"] += 1
         else:
             stats[f"kill during {kill_at(proc, rng.choice(KILL_POINTS), out, rng, upload_fault=upload)}"] += 1

@@ -1,20 +1,30 @@
-"""Training checkpoints that survive a kill at any moment: accelerate state written into hidden folders and published
-by a rename, pruned to a limit, and resumed from the newest readable one.
+"""What a training run writes, so that it survives a kill or a full disk at any moment: accelerate checkpoints in
+hidden folders published by a rename, pruned to a limit and resumed from the newest readable one; the final pipeline
+in --output_dir itself, published by writing model_index.json last; sample grids renamed into place.
 
-Folders are written under a hidden name and renamed into place, so a crash at any moment leaves every visible folder
-complete. Hidden leftovers: ".X.tmp" (half written), ".X.trash" (half deleted), ".X.old" (the previous X, moved aside
-for the instant of a swap); ``recover_folders`` finishes what a crash interrupted.
+Hidden leftovers: ".X.tmp" (half written), ".X.trash" (half deleted), ".checkpoint-N.old" (the previous checkpoint,
+moved aside for the instant of a swap), ".pipeline.ready" and ".pipeline.moving" (a complete final pipeline on its
+way into place), ".pipeline.old" (the pipeline/ folder of ddpm_hf < 0.2, moved aside for a swap);
+``recover_folders`` finishes what a crash interrupted. A write that fails (full disk, file-size limit) removes what it
+had written and stops the run with the path, the free space and the checkpoint to resume from.
 """
 
+import errno
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
+from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
+
 logger = logging.getLogger(__name__)
+# What a final pipeline may hold in --output_dir besides model_index.json (diffusers' train_unconditional.py layout:
+# the pipeline beside checkpoint-N/, logs/ and samples/); a part the new pipeline lacks is removed with the old one.
+PIPELINE_PARTS = ("unet", "scheduler", PIPELINE_FILE, "training_config.json")
 
 
 def checkpoints(output_dir: Path) -> List[Path]:
@@ -23,14 +33,25 @@ def checkpoints(output_dir: Path) -> List[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file of ``folder`` to disk, so that the rename that publishes it cannot outlive its contents."""
     for path in sorted(folder.rglob("*")) + [folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def publish_folder(tmp: Path, final: Path) -> None:
@@ -51,7 +72,9 @@ def delete_folder(folder: Path) -> None:
 
 
 def recover_folders(output_dir: Path) -> None:
-    """Finish what a crash interrupted: drop half-written and half-deleted folders, restore a swapped-out one."""
+    """Finish what a crash interrupted: drop half-written and half-deleted folders, restore a swapped-out one, finish
+    moving a complete final pipeline into place."""
+    install_pipeline(output_dir)
     for hidden in [*output_dir.glob(".checkpoint-*.*"), *output_dir.glob(".pipeline.*")]:
         name, _, kind = hidden.name[1:].rpartition(".")
         if kind == "old" and not (output_dir / name).exists():
@@ -74,13 +97,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
         if accelerator.is_main_process:
             fsync_tree(tmp)
     except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoints(output_dir)
-        raise SystemExit(
-            f"could not write checkpoint-{step} in {output_dir} ({type(err).__name__}: {err}): "
-            f"{write_failure_reason(output_dir, previous)}. "
-            + (f"The previous checkpoint {previous[-1].name} is intact: make room, then resume with "
-               "--resume_from_checkpoint latest." if previous else "No earlier checkpoint exists.")) from err
+        raise write_failed(output_dir, str(final), err, partial=tmp) from err
     if accelerator.is_main_process:
         publish_folder(tmp, final)
         for old in checkpoints(output_dir)[:-limit] if limit else []:
@@ -88,18 +105,58 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
     accelerator.wait_for_everyone()
 
 
-def write_failure_reason(output_dir: Path, previous) -> str:
-    """Why a write most likely failed; torch.save reports a short write without the OS error behind it."""
+def write_failed(output_dir: Path, what: str, err: Exception, partial: Path) -> SystemExit:
+    """The error that stops a run whose write of ``what`` (a path) failed, once the ``partial`` copy is removed: the
+    path, the likely reason with the space left, and the checkpoint to resume from."""
+    remove(partial)
+    latest = checkpoints(output_dir)
+    then = (f"The checkpoint {latest[-1].name} is intact: make room, then resume with --resume_from_checkpoint "
+            "latest." if latest else "There is no checkpoint to resume from.")
+    return SystemExit(f"could not write {what} ({type(err).__name__}: {err}): "
+                      f"{write_failure_reason(output_dir, err, latest)}. {then}")
+
+
+def write_failure_reason(output_dir: Path, err: Exception, latest: List[Path]) -> str:
+    """Why a write most likely failed; torch.save reports a short write without the OS error behind it, so a disk
+    with less room than the last checkpoint took counts as full too."""
     import resource
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
         return f"this process may not write files over {limit} bytes (ulimit -f)"
     free = shutil.disk_usage(output_dir).free
-    needed = sum(f.stat().st_size for f in previous[-1].iterdir()) if previous else 0
-    if free < max(needed, 1):
-        return f"the disk is full ({free / 2**20:.0f} MiB free, a checkpoint takes {needed / 2**20:.0f} MiB)"
-    return f"the disk may be full or failing ({free / 2**20:.0f} MiB free now)"
+    needed = sum(f.stat().st_size for f in latest[-1].iterdir()) if latest else 0
+    full = free < needed or _no_space_left(err)
+    return (f"{'the disk is full' if full else 'the disk may be full or failing'} ({size_text(free)} free in "
+            f"{output_dir}" + (f"; a checkpoint takes {size_text(needed)})" if needed else ")"))
+
+
+def _no_space_left(err: Optional[BaseException]) -> bool:
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def size_text(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def write_file(path: Path, write: Callable[[Path], None], output_dir: Path) -> Path:
+    """``write(hidden_path)``, then the rename to ``path``: never a truncated file under the final name. A failed
+    write removes the partial file and stops the run (see write_failed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        write(partial)
+    except OSError as err:
+        raise write_failed(output_dir, str(path), err, partial) from err
+    os.replace(partial, path)
+    return path
 
 
 def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
@@ -129,14 +186,48 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
 
 
 
-def save_pipeline(pipe, folder: Path, training_config: dict) -> None:
-    """``pipe.save_pretrained`` plus the run's training_config.json, published atomically as ``folder``: a kill
-    leaves the previous pipeline or the new one, never a half-written folder that looks loadable."""
-    import json
-
-    tmp = folder.with_name(f".{folder.name}.tmp")
+def save_pipeline(pipe, output_dir: Path, training_config: dict) -> None:
+    """The final pipeline and the run's training_config.json into ``output_dir`` itself, as diffusers'
+    train_unconditional.py lays it out: ``DiffusionPipeline.from_pretrained(output_dir)`` loads it. Written whole
+    under a hidden name and flushed first, then moved into place with model_index.json last (see install_pipeline):
+    a kill leaves the previous pipeline, the new one, or a folder without model_index.json that nothing loads and
+    that the next start completes."""
+    tmp, ready = output_dir / ".pipeline.tmp", output_dir / ".pipeline.ready"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    (tmp / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
-    fsync_tree(tmp)
-    publish_folder(tmp, folder)
+    try:
+        pipe.save_pretrained(tmp)
+        (tmp / "training_config.json").write_text(json.dumps(training_config, indent=2, default=str))
+        fsync_tree(tmp)
+    except Exception as err:  # a full disk: OSError, or SafetensorError from the weights
+        raise write_failed(output_dir, f"the final pipeline into {output_dir}", err, partial=tmp) from err
+    shutil.rmtree(ready, ignore_errors=True)
+    os.replace(tmp, ready)
+    install_pipeline(output_dir)
+
+
+def install_pipeline(output_dir: Path) -> None:
+    """Move the complete pipeline of ``.pipeline.ready`` into ``output_dir`` by renames: the previous pipeline's
+    model_index.json goes first (from then on nothing loads a half-replaced pipeline), then its parts, then (as
+    ``.pipeline.moving``) the new parts come in, model_index.json last. Each step can be redone, so after a kill the
+    next call finishes the job; without a pipeline on its way it does nothing."""
+    ready, moving = output_dir / ".pipeline.ready", output_dir / ".pipeline.moving"
+    if ready.is_dir():
+        (output_dir / "model_index.json").unlink(missing_ok=True)
+        for name in sorted({*PIPELINE_PARTS, *(p.name for p in ready.iterdir())} - {"model_index.json"}):
+            remove(output_dir / name)
+        os.replace(ready, moving)
+    if not moving.is_dir():
+        return
+    for part in sorted(moving.iterdir()):
+        if part.name != "model_index.json":
+            os.replace(part, output_dir / part.name)
+    if (moving / "model_index.json").exists():
+        fsync_path(output_dir)  # the parts' renames reach the disk before the one that publishes them
+        os.replace(moving / "model_index.json", output_dir / "model_index.json")
+        fsync_path(output_dir)
+    moving.rmdir()
+    if (output_dir / "pipeline" / "model_index.json").is_file():
+        logger.info("the final pipeline is now %s itself: removing %s, the layout of ddpm_hf < 0.2", output_dir,
+                    output_dir / "pipeline")
+        delete_folder(output_dir / "pipeline")
+

@@ -5,7 +5,8 @@
     accelerate launch -m ddpm_hf.cli evaluate ...     # bits/dim terms and samples spread over the processes
     ddpm-hf data fashion-mnist --out data/fmnist       # full 60k/10k from Debian's dataset-fashion-mnist
 
-PIPELINE is a pipeline folder or a Hub repo id. Results go to --out as JSON and PNG files.
+PIPELINE is a pipeline folder (a training run's --output_dir is one) or a Hub repo id. Results go to --out as JSON
+and PNG files.
 """
 
 import argparse
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sample = sub.add_parser("sample", help="generate images with a pipeline")
-    sample.add_argument("pipeline", help="pipeline folder or Hub repo id")
+    sample.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
     sample.add_argument("--num_images", type=_positive, default=16)
     sample.add_argument("--out", required=True)
     sample.add_argument("--batch_size", type=_positive, default=64)
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID, rate-distortion and the paper's figures")
-    evaluate.add_argument("pipeline", help="pipeline folder or Hub repo id")
+    evaluate.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
     evaluate.add_argument("--data", default="embedded:fashion_mnist", help="dataset name or local folder")
     evaluate.add_argument("--data_config", default=None)
     evaluate.add_argument("--split", default="test", help="split for bits/dim")

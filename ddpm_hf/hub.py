@@ -49,6 +49,8 @@ def resolve_folder(
     except RuntimeError:  # "~user/..." for a user that does not exist here
         path = Path(name)
     if path.is_dir():
+        if not (path / "model_index.json").exists() and (path / "pipeline" / "model_index.json").is_file():
+            return path / "pipeline"  # the --output_dir of a training run of ddpm_hf < 0.2
         return path
     if not is_repo_id(name):
         raise ValueError(f"{name!r} is neither an existing folder nor a valid Hub repo id ('namespace/name' of "

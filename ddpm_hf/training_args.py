@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import LoggerType
 
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
@@ -16,6 +17,7 @@ from .presets import PRESETS, training_defaults
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from .unet import DDPMUNet
 
+TRACKERS = [t.value for t in LoggerType] + ["none"]  # what accelerate can log to, or nothing
 DESCRIPTION = """Train a DDPM (Ho, Jain & Abbeel 2020) with 🤗 Accelerate on any 🤗 datasets image dataset:
     accelerate launch training/train.py --preset small-28 --dataset_name embedded:fashion_mnist --output_dir runs/x
 A preset supplies the network and the paper's hyper-parameters; any flag overrides it. Training is step-based."""
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     model.add_argument("--variance_type", default=None, choices=VARIANCE_TYPES)
     model.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES)
     model.add_argument("--loss", default="simple", choices=LOSSES)
-    model.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
+    model.add_argument("--ddpm_num_inference_steps", type=int, default=None,
+                       help="steps of the sample grids' reverse chain (default: --ddpm_num_steps)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max_train_steps", type=int, default=None)
@@ -89,7 +92,8 @@ def parse_args(argv=None):
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
     out.add_argument("--num_sample_images", type=int, default=16)
     out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
-    out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    out.add_argument("--logger", "--report_to", dest="logger", default="tensorboard", choices=TRACKERS,
+                     help="the accelerate tracker(s) to log to (--report_to: diffusers' name for this flag)")
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
                      "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
@@ -115,6 +119,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     for key, value in training_defaults(args.preset).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.ddpm_num_inference_steps is None:
+        args.ddpm_num_inference_steps = args.ddpm_num_steps
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = EMBEDDED_NAME
     for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps",
@@ -154,6 +160,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         check_loss_supports_variance(args.loss, args.variance_type)
     except ValueError as err:
         p.error(str(err))
+    missing_tracker = tracker_not_installed(args.logger)
+    if missing_tracker:
+        p.error(missing_tracker)
     if args.push_checkpoints and not args.push_to_hub:
         p.error("--push_checkpoints needs --push_to_hub")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -167,6 +176,18 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             read_model_config(args.model_config)
         except ValueError as err:
             p.error(str(err))
+
+
+def tracker_not_installed(logger_name: str):
+    """Why --logger cannot log (its package is missing), or None. accelerate itself would drop such a tracker with a
+    debug message only, and the run would log nothing."""
+    from accelerate.tracking import get_available_trackers
+
+    if logger_name in ("none", "all") or LoggerType(logger_name) in get_available_trackers():
+        return None
+    # every tracker's pip package is named like the tracker (comet_ml: pip normalises it to comet-ml)
+    return (f"--logger/--report_to {logger_name}: the {logger_name} package is not installed; pip install "
+            f"{logger_name}, or choose --logger tensorboard (installed with ddpm_hf) or none")
 
 
 def read_model_config(path: str) -> dict:

@@ -128,7 +128,7 @@ def check_checkpoints(output_dir: Path) -> List[str]:
 
 
 def final_weights(output_dir: Path) -> dict:
-    return load_file(output_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def free_port() -> int:

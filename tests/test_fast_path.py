@@ -146,11 +146,11 @@ def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, eage
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     # bf16 keeps 8 bits of mantissa: the same batches give losses within a few percent, step by step
     torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=0.02)
-    with safe_open(str(tmp_path / "bf16" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "bf16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "bf16" / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "bf16")
     assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
 
 
@@ -162,13 +162,13 @@ def test_compiled_training_matches_and_its_checkpoints_are_plain(images, eager, 
     run(args + ["--compile", "--output_dir", str(tmp_path / "compiled")], tmp_path / "compiled.log")
     torch.testing.assert_close(torch.tensor(_scalars(tmp_path / "compiled" / "logs", "loss")),
                                torch.tensor(_scalars(eager / "logs", "loss")), rtol=1e-4, atol=1e-5)
-    for folder in (tmp_path / "compiled" / "checkpoint-3", tmp_path / "compiled" / "pipeline" / "unet"):
+    for folder in (tmp_path / "compiled" / "checkpoint-3", tmp_path / "compiled" / "unet"):
         for file in folder.glob("*.safetensors"):
             with safe_open(str(file), "pt") as f:
                 assert not [k for k in f.keys() if "_orig_mod" in k], file
     from diffusers import UNet2DModel
 
-    UNet2DModel.from_pretrained(tmp_path / "compiled" / "pipeline" / "unet")
+    UNet2DModel.from_pretrained(tmp_path / "compiled" / "unet")
     _resume_and_compare(tmp_path / "compiled" / "checkpoint-3", [], eager, tmp_path / "c2e", args)
 
 

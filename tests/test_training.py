@@ -67,6 +67,13 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
     a, b = final_weights(two), final_weights(one)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # --output_dir is the pipeline, as after diffusers' train_unconditional.py: plain diffusers loads it
+    from diffusers import DDPMPipeline as DiffusersDDPMPipeline, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(two)
+    assert type(pipe) is DiffusersDDPMPipeline
+    for key, value in pipe.unet.state_dict().items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=0, msg=key)
 
     # Both processes resume exactly from a 2-process checkpoint: each finds its own streams' data position and
     # noise in it (accelerate writes it from the main process alone)
@@ -90,7 +97,7 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
         capture_output=True, text=True, timeout=600, env=child_env(), cwd=tmp_path)
     assert result.returncode != 0
     assert "ACCELERATE_USE_CPU=1" in result.stderr + result.stdout
-    assert not (tmp_path / "run" / "pipeline").exists()
+    assert not (tmp_path / "run" / "model_index.json").exists()
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
@@ -108,7 +115,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (crashed / "pipeline").exists()
+    assert not (crashed / "model_index.json").exists()
     resumed_from = max(int(p.name.split("-")[1]) for p in crashed.glob("checkpoint-*"))
 
     _run([sys.executable, TRAIN, *args, "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"],
@@ -120,6 +127,14 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     assert _ids(crashed, 0) == _ids(straight, 0)[resumed_from * 4:]
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-25", "checkpoint-30"]
     assert not list(crashed.glob(".checkpoint-*"))
+
+
+def test_inference_steps_default_to_the_training_steps():
+    from ddpm_hf.training_args import parse_args
+
+    assert parse_args(["--ddpm_num_steps", "50"]).ddpm_num_inference_steps == 50  # was refused: 1000 > 50
+    assert parse_args([]).ddpm_num_inference_steps == 1000
+    assert parse_args(["--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4"]).ddpm_num_inference_steps == 4
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -178,16 +193,17 @@ def test_push_to_hub_uploads_only_the_pipeline_and_a_failed_push_never_stops_tra
                      "--checkpointing_steps", "2", "--push_to_hub", "--hub_model_id", "alice/trained"]
     _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_alice", "--output_dir", str(tmp_path / "ok")],
          env=child_env(), cwd=tmp_path)
-    files = set(hub.repos["alice/trained"].files("main")[1])
-    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
-            "README.md", "samples.png"} <= files
-    assert not [f for f in files if f.startswith(("checkpoint", "logs", "samples/")) or f.endswith((".pkl", ".bin"))]
-    assert (tmp_path / "ok" / "checkpoint-4").is_dir()  # checkpoints stay local
+    # the pipeline, its card and a sample grid; not the checkpoints, logs, samples/ or run files beside it locally
+    assert set(hub.repos["alice/trained"].files("main")[1]) == {
+        ".gitattributes", "README.md", "samples.png", "model_index.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
+    assert {"checkpoint-4", "samples", "run_info.json", "training_config.json", "model_index.json"} <= {
+        p.name for p in (tmp_path / "ok").iterdir()}
 
     # bob may not write to alice's namespace: the upload fails, is retried and reported; training still completes
     result = _run([sys.executable, TRAIN, *args, "--hub_token", "hf_test_bob", "--output_dir", str(tmp_path / "denied")],
                   env=child_env(), cwd=tmp_path)
-    assert (tmp_path / "denied" / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "denied" / "model_index.json").is_file()
     log = result.stdout + result.stderr
     assert "push to alice/trained failed (attempt 3/3)" in log and "hf_test_bob" not in log
 

@@ -11,8 +11,10 @@
 
 Training is step-based (a stream has no length). Flags are named like diffusers' train_unconditional.py where the
 meaning is the same; a preset supplies the network and the paper's hyper-parameters, and any flag overrides it.
-Outputs in --output_dir: checkpoint-N/ (accelerate state, written atomically), samples/step-N.png, logs/
-(tensorboard), run_info.json, and pipeline/ (the final EMA pipeline: a diffusers folder).
+Outputs in --output_dir, laid out like diffusers' example: the final EMA pipeline in the folder itself
+(model_index.json, unet/, scheduler/, training_config.json: `DiffusionPipeline.from_pretrained(output_dir)` loads it),
+and beside it checkpoint-N/ (accelerate state, written atomically), samples/step-N.png, logs/ (tensorboard) and
+run_info.json.
 """
 
 import json
@@ -29,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
-from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline
+from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline, write_file
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
                           first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
@@ -198,11 +200,7 @@ def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
 def sample_grid(pipe, args, path: Path):
     images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
                   num_inference_steps=args.ddpm_num_inference_steps).images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    image_grid(images).save(partial, format="PNG")
-    os.replace(partial, path)  # never a truncated PNG under the final name
-    return path
+    return write_file(path, lambda partial: image_grid(images).save(partial, format="PNG"), Path(args.output_dir))
 
 
 def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
@@ -217,7 +215,7 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
 def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, step: int, images: bool,
                   evaluate: bool, push: bool, final: bool) -> None:
     """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate, the final
-    pipeline folder (published atomically), an upload."""
+    pipeline (published atomically in --output_dir), an upload."""
     output_dir = Path(args.output_dir)
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png") if (images or final) else None
@@ -229,7 +227,7 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
                                       resolution=resolution)
         accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
-        save_pipeline(pipe, output_dir / "pipeline", public_config(args))
+        save_pipeline(pipe, output_dir, public_config(args))
     if push:
         push_with_retries(pipe, args, grid, step)
 
@@ -333,7 +331,8 @@ def main(argv=None):
     logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps",
                 accelerator.process_index, speed.summary(), bad.skipped, bad.overflows)
     if resumed_at_end and accelerator.is_main_process:
-        # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them.
+        # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them
+        # (the pipeline/ folder of a run from ddpm_hf < 0.2 gives way to the pipeline in --output_dir).
         write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, False, False,
                       args.push_to_hub, True)
     finish(accelerator, args, stream)
@@ -433,7 +432,7 @@ def finish(accelerator, args, stream) -> None:
         logger.warning("process %d skipped %d undecodable images", rank, stream.skipped_rows)
     accelerator.end_training()
     if accelerator.is_main_process:
-        print(f"pipeline: {output_dir / 'pipeline'}\nsamples: {output_dir / 'samples'}\n"
+        print(f"pipeline: {output_dir}\nsamples: {output_dir / 'samples'}\n"
               f"checkpoints: {output_dir}/checkpoint-*\nlogs: {output_dir / args.logging_dir}")
 
 

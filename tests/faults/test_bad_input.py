@@ -1,6 +1,7 @@
 """Bad input everywhere, each refused with an error that names the problem and the fix before any expensive work:
 training flags, datasets, CLI arguments, pipeline folders. Plus images of every mode and size, which must work."""
 
+import importlib.util
 import io
 import json
 import logging
@@ -90,6 +91,27 @@ def test_training_flags_are_checked_before_anything_loads(train, tmp_path, capsy
         train.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert exit_info.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--logger", "--report_to"])
+@pytest.mark.parametrize("tracker", ["wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "trackio"])
+def test_a_tracker_whose_package_is_missing_is_refused_naming_the_package(train, capsys, flag, tracker):
+    if importlib.util.find_spec(tracker) is not None:  # the oracle: can Python import the tracker's package here?
+        pytest.skip(f"{tracker} is installed here")
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag, tracker])
+    assert exit_info.value.code == 2
+    assert f"--logger/--report_to {tracker}: the {tracker} package is not installed; pip install {tracker}" in (
+        capsys.readouterr().err)
+
+
+def test_report_to_is_the_logger_flag_under_diffusers_name(train):
+    assert train.parse_args(["--report_to", "tensorboard"]).logger == "tensorboard"  # installed with ddpm_hf
+    assert train.parse_args(["--report_to", "none"]).logger == "none"
+    assert train.parse_args(["--logger", "all"]).logger == "all"
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--report_to", "tensorbord"])
+    assert exit_info.value.code == 2
 
 
 # --- training: model and data problems found before training starts --------------------------------------------------

@@ -73,7 +73,7 @@ def test_a_server_that_stops_answering_times_out_and_is_retried(train, hub, tmp_
 def test_a_hub_that_keeps_failing_is_reported_and_nothing_local_changes(train, hub, tmp_path, caplog):
     # Retry-After: 0 keeps huggingface_hub's 5 retries per upload at 1 s each; our 2 attempts wrap them.
     fault = hub.inject("POST", "/commit/", "status", times=-1, status=500, retry_after=0)
-    local = tmp_path / "run" / "pipeline"
+    local = tmp_path / "run"  # the final pipeline lies in --output_dir
     tiny_pipeline().save_pretrained(local)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in local.rglob("*") if p.is_file()}
     ok, _ = _push(train, tmp_path, caplog, attempts=2)

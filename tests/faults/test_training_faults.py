@@ -1,6 +1,8 @@
 """Faults injected into real training runs: SIGKILLs at random points (during a step, a checkpoint write, a Hub
-upload) with a resume after each, a disk that fills during a checkpoint, and NaN losses."""
+upload) with a resume after each, a kill at every step of the final save, a real full disk (tmpfs) during a
+checkpoint, a sample grid and the final pipeline, a file-size limit, and NaN losses."""
 
+import gc
 import hashlib
 import random
 import resource
@@ -50,7 +52,7 @@ def test_five_random_kills_with_resume_end_with_the_uninterrupted_weights(images
                         else f"no checkpoint in {out}: starting from scratch")
             assert expected in log.read_text(), f"launch {i}: expected {expected!r} in {log}"
         after_kill.append(check_checkpoints(out))  # the visible checkpoints all load, whatever the kill hit
-        assert not (out / "pipeline").exists()
+        assert not (out / "model_index.json").exists()
     assert hits == points, f"runs ended before their kill: {hits} (log: {tmp_path / 'killed.log'})"
     assert any(after_kill), "no checkpoint was ever written"
 
@@ -98,30 +100,31 @@ def _file_size_limit(limit_bytes: int):
     return apply
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(images, tmp_path):
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(images, tmp_path, train_here, caplog):
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "run")]
-    run(args + ["--max_train_steps", "8"], tmp_path / "first.log")
+    train_here(args + ["--max_train_steps", "8"])
     before = _digest(tmp_path / "run" / "checkpoint-8")
-    pipeline_before = _digest(tmp_path / "run" / "pipeline" / "unet")
+    pipeline_before = _digest(tmp_path / "run" / "unet")
 
-    # Files may grow to 1 MiB: the model (0.7 MB) is written, the optimizer state (1.4 MB) is not.
+    # Files may grow to 1 MiB: the model (0.7 MB) is written, the optimizer state (1.4 MB) is not. (A launched run:
+    # the limit would hold for the test process too.)
     log = tmp_path / "full.log"
     code = run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], log,
                preexec_fn=_file_size_limit(2**20), expect_ok=False)
     text = log.read_text()
     assert code != 0
-    assert "could not write checkpoint-12" in text, text[-3000:]
+    assert f"could not write {tmp_path / 'run' / 'checkpoint-12'}" in text, text[-3000:]
     assert "may not write files over 1048576 bytes (ulimit -f)" in text
     assert "checkpoint-8 is intact" in text and "--resume_from_checkpoint latest" in text
     assert _digest(tmp_path / "run" / "checkpoint-8") == before
     assert check_checkpoints(tmp_path / "run") == ["checkpoint-4", "checkpoint-8"]
     assert not (tmp_path / "run" / ".checkpoint-12.tmp").exists()
-    assert _digest(tmp_path / "run" / "pipeline" / "unet") == pipeline_before  # the first run's result, untouched
+    assert _digest(tmp_path / "run" / "unet") == pipeline_before  # the first run's result, untouched
 
     # With space again, the run resumes from checkpoint-8 and finishes (exactness of resuming: the kill test above).
-    run(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"], tmp_path / "again.log")
-    assert "resumed from" in (tmp_path / "again.log").read_text() and "checkpoint-8 at step 8" in (
-        tmp_path / "again.log").read_text()
+    with caplog.at_level("INFO", logger="ddpm_hf.train"):
+        train_here(args + ["--max_train_steps", "16", "--resume_from_checkpoint", "latest"])
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint-8'} at step 8" in caplog.text
     assert check_checkpoints(tmp_path / "run") == ["checkpoint-8", "checkpoint-12", "checkpoint-16"]
 
 
@@ -184,7 +187,7 @@ def test_nan_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(images
     code, text = _inject_nan(args, tmp_path / "nan.log", steps=[5, 6, 7], expect_ok=False)
     assert code != 0
     assert "3 non-finite losses in a row at step 5" in text and "lower --learning_rate" in text
-    assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "pipeline").exists()
+    assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "model_index.json").exists()
 
 
 @pytest.mark.distributed
@@ -212,3 +215,181 @@ def test_leftovers_of_a_crash_are_cleaned_and_a_swapped_out_folder_restored(trai
     train.recover_folders(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", "checkpoint-8", "pipeline"]
     assert (tmp_path / "pipeline" / "model_index.json").read_text() == "{}"
+
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs (not an Exception, so no handler of ours sees it)."""
+
+
+def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_pipeline_the_new_one_or_none(tmp_path, monkeypatch):
+    import json
+    import os
+    import shutil
+
+    from ddpm_hf import DDPMPipeline
+    from ddpm_hf.checkpoints import recover_folders, save_pipeline
+    from helpers import tiny_pipeline
+
+    # the old pipeline is a remote-code folder, the new one a plain diffusers folder: the old module file must go too
+    old_variance, new_variance = "fixed_large_log", "fixed_small"
+    old, new = tiny_pipeline(seed=0, variance_type=old_variance), tiny_pipeline(seed=1, variance_type=new_variance)
+    weights = {name: p.unet.state_dict() for name, p in (("old", old), ("new", new))}
+
+    def which(out):
+        """The pipeline that --output_dir loads as: 'old' or 'new' (all of it), or None without model_index.json."""
+        if not (out / "model_index.json").exists():
+            return None
+        index = json.loads((out / "model_index.json").read_text())
+        if isinstance(index["_class_name"], list):  # remote code: its module must be there
+            assert (out / index["_class_name"][0]).with_suffix(".py").is_file()
+        loaded = DDPMPipeline.from_pretrained(out)
+        for name, state in weights.items():
+            if all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in state.items()):
+                assert loaded.scheduler.config.variance_type == (old_variance if name == "old" else new_variance)
+                assert json.loads((out / "training_config.json").read_text()) == {"run": name}
+                return name
+        raise AssertionError(f"{out} loads weights that are neither the old nor the new pipeline's")
+
+    # Every rename and deletion is a point where a kill can land: count them in an undisturbed save, then kill at each.
+    calls = []
+    real = {"replace": os.replace, "unlink": os.unlink, "rmdir": os.rmdir, "rmtree": shutil.rmtree}
+
+    def watch(name, kill_at):
+        def operation(*args, **kwargs):
+            calls.append(name)
+            if len(calls) == kill_at:
+                raise Killed
+            return real[name](*args, **kwargs)
+        return operation
+
+    def save_new(out, kill_at=None):
+        for module, name in ((os, "replace"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree")):
+            monkeypatch.setattr(module, name, watch(name, kill_at))
+        try:
+            save_pipeline(new, out, {"run": "new"})
+        finally:
+            monkeypatch.undo()
+
+    reference = tmp_path / "undisturbed"
+    save_pipeline(old, reference, {"run": "old"})
+    calls.clear()
+    save_new(reference)
+    assert which(reference) == "new"
+    kill_points = len(calls)
+    save_pipeline(old, tmp_path / "old", {"run": "old"})
+    listing = {name: [p.name for p in (tmp_path / folder).iterdir()] for name, folder in (("old", "old"),
+                                                                                          ("new", "undisturbed"))}
+    seen = set()
+    for kill_at in range(1, kill_points + 1):
+        out = tmp_path / f"killed-{kill_at}"
+        save_pipeline(old, out, {"run": "old"})
+        (out / "checkpoint-4").mkdir()
+        (out / "checkpoint-4" / "model.safetensors").write_bytes(b"weights")
+        calls.clear()
+        with pytest.raises(Killed):
+            save_new(out, kill_at)
+        seen.add(which(out))  # the old pipeline, the new one, or nothing that loads: never a mixture
+        complete = (out / ".pipeline.ready").exists() or (out / ".pipeline.moving").exists()
+        recover_folders(out)  # the next start: a new pipeline that was whole on disk is moved in, else the old stays
+        expected = "new" if complete else "old"
+        assert which(out) == expected, f"killed at operation {kill_at} ({calls[-1]}): not {expected} after a restart"
+        assert sorted(p.name for p in out.iterdir()) == sorted(listing[expected] + ["checkpoint-4"])
+        assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == b"weights"
+    assert seen == {"old", None, "new"}, seen  # the kills landed before, during and after the switch
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs mounted for the test: a real disk that fills up (ENOSPC from the kernel). Mounting needs root;
+    where it is refused the test is skipped, saying why. Always unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True,
+                                 text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no mount command here: a real full disk needs a tmpfs")
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs was refused (a real full disk needs root): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        gc.collect()  # files a failed write left open, held by the traceback of the error the test caught
+        if subprocess.run(["umount", str(disk)], capture_output=True, timeout=60).returncode != 0:
+            # still in use (a failed test's traceback holds a file): detached now, freed when the file closes
+            subprocess.run(["umount", "--lazy", str(disk)], check=True, timeout=60)
+
+
+def _leave_room(disk: Path, room: int) -> None:
+    """Fill ``disk`` with a ballast file until the kernel refuses (ENOSPC), then give ``room`` bytes back."""
+    import errno
+    import os
+
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(2**16))
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
+    os.truncate(ballast, max(ballast.stat().st_size - room, 0))
+
+
+def test_a_full_disk_at_a_checkpoint_a_sample_grid_and_the_final_pipeline_then_an_exact_resume(
+        train_here, images, small_disk, tmp_path):
+    """Each write hits a real ENOSPC in the middle: the run stops naming the path and the free space, leaves no
+    partial file or folder, keeps the last checkpoint; with room again it resumes to the uninterrupted weights."""
+    import os
+    import shutil
+
+    from ddpm_hf.checkpoints import size_text
+
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "8", "--checkpointing_steps", "4",
+                   "--save_images_steps", "6"]
+    straight = tmp_path / "straight"
+    train_here(args + ["--output_dir", str(straight)])
+
+    block = os.statvfs(small_disk).f_frsize  # what the tmpfs charges a file: whole blocks
+
+    def used(*paths):
+        files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+        return sum(-(-f.stat().st_size // block) * block for f in files)
+
+    checkpoint, grid = used(straight / "checkpoint-8"), used(straight / "samples" / "step-0000006.png")
+    pipeline = used(*[straight / part for part in ("model_index.json", "unet", "scheduler", "training_config.json")])
+    out = small_disk / "run"
+
+    def stops(room: int, path: str, intact: str) -> None:
+        _leave_room(small_disk, room)
+        with pytest.raises(SystemExit) as stop:
+            train_here(args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+        message = str(stop.value.code)
+        free = shutil.disk_usage(small_disk).free  # the oracle: the room left once the run has stopped
+        assert message.startswith(f"could not write {path} ("), message
+        assert f"the disk is full ({size_text(free)} free in {out}" in message, message
+        assert f"The checkpoint {intact} is intact: make room, then resume" in message, message
+        assert not [p for p in out.rglob(".*")], "a partial file or folder was left behind"
+        assert not (out / "model_index.json").exists()
+
+    # 1. checkpoint-8 finds room for half of itself (after run_info.json, checkpoint-4 and the grid of step 6)
+    stops(block + checkpoint + grid + checkpoint // 2, str(out / "checkpoint-8"), "checkpoint-4")
+    assert check_checkpoints(out) == ["checkpoint-4"]
+    kept = _digest(out / "checkpoint-4")
+    # 2. no room at all: the grid of step 6 (resumed from checkpoint-4) cannot be written; the earlier one stays whole
+    grid_before = (out / "samples" / "step-0000006.png").read_bytes()
+    stops(0, str(out / "samples" / "step-0000006.png"), "checkpoint-4")
+    assert (out / "samples" / "step-0000006.png").read_bytes() == grid_before and _digest(out / "checkpoint-4") == kept
+    # 3. room for checkpoint-8 and the grids, half the pipeline: the final save fails, checkpoint-8 is whole
+    stops(checkpoint + 2 * grid + pipeline // 2, f"the final pipeline into {out}", "checkpoint-8")
+    assert check_checkpoints(out) == ["checkpoint-4", "checkpoint-8"] and _digest(out / "checkpoint-4") == kept
+    # 4. space freed: the resume (at the end) writes the final pipeline, bit for bit the uninterrupted run's
+    (small_disk / "ballast").unlink()
+    train_here(args + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    expected, resumed = final_weights(straight), final_weights(out)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in expected.items()), "the resumed weights differ"
+    assert not [p for p in out.rglob(".*")]
