@@ -226,8 +226,12 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                     pa.ipc.open_stream(remote).schema
         except (pa.ArrowException, OSError) as err:
             name = path.split("@", 1)[-1].split("/", 1)[-1]  # datasets/{repo}@{revision}/{file in the repo}
-            raise ValueError(f"{where}: {name} is not a readable {builder} file ({_first_line(err)}); it is "
-                             f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
+            if isinstance(err, pa.ArrowInvalid):  # the bytes arrived and are not parquet
+                raise ValueError(f"{where}: {name} is not a readable {builder} file ({_first_line(err)}); it is "
+                                 f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
+            raise ConnectionError(f"{where}: {name} could not be read ({type(err).__name__}: {_first_line(err)}) "
+                                  "after huggingface_hub's retries: check the network and the Hub's status, then "
+                                  "start again.") from err
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(check, urls))

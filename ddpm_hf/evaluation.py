@@ -36,11 +36,12 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
 
 
 def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
-                     dataset_config_name=None, train_data_dir=None, image_column=None) -> torch.Tensor:
+                     dataset_config_name=None, train_data_dir=None, image_column=None, token=None) -> torch.Tensor:
     """The first ``num_images`` images of ``split`` as uint8 (N, C, H, W), centre-cropped to ``resolution``, for a
     model with ``channels`` input channels: data of the other kind (grey for colour or the reverse) is refused, as
     in training."""
-    dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True)
+    dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
+                                 token=token)
     column = find_image_column(dataset.features, image_column)
     rng = np.random.default_rng(0)
     images = []
@@ -60,12 +61,12 @@ def load_eval_images(dataset_name, num_images: int, resolution: int, channels: i
 
 def quick_bits_per_dim(pipe, *, dataset_name: Optional[str], dataset_config_name: Optional[str] = None,
                        train_data_dir: Optional[str] = None, image_column: Optional[str] = None, resolution: int,
-                       num_images: int = 64, num_timesteps: int = 20) -> float:
+                       num_images: int = 64, num_timesteps: int = 20, token: Optional[str] = None) -> float:
     """A sampled bits/dim estimate (``num_timesteps`` terms per image) on the first ``num_images`` test images, for
     monitoring during training."""
     images = load_eval_images(dataset_name, num_images, resolution, pipe.unet.config.in_channels,
                               dataset_config_name=dataset_config_name, train_data_dir=train_data_dir,
-                              image_column=image_column)
+                              image_column=image_column, token=token)
     return bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=num_timesteps, progress=False).mean
 
 

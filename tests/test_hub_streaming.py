@@ -112,7 +112,7 @@ def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_ex
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
         time.sleep(0.02)
     _kill_everything(proc)
-    assert not (out / "pipeline").exists(), "killed too late: the run had finished"
+    assert not (out / "model_index.json").exists(), "killed too late: the run had finished"
     killed_at = time.monotonic()
     resumed_from = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     proc = _two_processes(hub_args + ["--resume_from_checkpoint", "latest"], log)
@@ -356,3 +356,26 @@ def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path
     assert "\n" not in message.strip() and "Traceback" not in message
     assert not out.exists() or not list(out.glob("checkpoint-*"))
     assert "hf_test" not in message
+
+
+def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(dataset_hub, tmp_path, monkeypatch):
+    """`ddpm-hf evaluate --data org/name` with HF_TOKEN: the same bits/dim as on the same files read locally."""
+    from helpers import tiny_pipeline
+
+    from ddpm_hf.cli import main as cli
+
+    root = tmp_path / "repo"
+    write_images(root / "data", count=4, shards=1)
+    (root / "data" / "train-00000-of-00001.parquet").rename(root / "data" / "test-00000-of-00001.parquet")
+    repo = publish(root, "alice/evalset", private=True)
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    results = {}
+    for name, data in (("local", str(root)), ("hub", repo)):
+        if name == "hub":
+            monkeypatch.setenv("HF_TOKEN", TOKEN)
+        out = tmp_path / name
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--data", data, "--metrics", "bpd", "--num_bpd_images", "4",
+                    "--bpd_timesteps", "3", "--out", str(out)]) == 0
+        results[name] = json.loads((out / "results.json").read_text())["bpd"]
+    assert results["hub"]["bits_per_dim"] == results["local"]["bits_per_dim"]
+    assert results["hub"]["num_images"] == 4

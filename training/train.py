@@ -224,7 +224,7 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
 
         estimate = quick_bits_per_dim(pipe, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                                       train_data_dir=args.train_data_dir, image_column=args.image_column,
-                                      resolution=resolution)
+                                      resolution=resolution, token=args.hub_token)
         accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
         save_pipeline(pipe, output_dir, public_config(args))
