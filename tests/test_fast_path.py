@@ -154,6 +154,7 @@ def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, eage
     assert type(pipe).__name__ == "DDPMPipeline" and pipe.unet.dtype == torch.float32
 
 
+@pytest.mark.slow  # 50-170 s of inductor compilation on 2 cores: bench/gpu.sh runs --compile for real
 def test_compiled_training_matches_and_its_checkpoints_are_plain(images, eager, tmp_path):
     """--compile: the same losses as eager to float tolerance; checkpoints and the pipeline hold plain keys and load
     in plain diffusers; an eager run resumes the compiled checkpoint and ends on the eager weights (the reverse is
