@@ -27,7 +27,8 @@ from fakehub import FakeHub  # noqa: E402  (before huggingface_hub is imported: 
 
 HUB = FakeHub({"hf_bench": "bench"})
 os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="bench_stream_hf_"),
-                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost")
+                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+                  HF_HUB_DISABLE_XET="1")  # the local Hub stores data files by LFS, not Xet
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_DATASETS_OFFLINE", None)
 
