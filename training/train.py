@@ -128,14 +128,21 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def open_train_stream(args, model, resolution: int, streams: int, rank: int, world: int, local_processes: int,
-                      pin_memory: bool, is_main_process: bool = True) -> TrainStream:
-    """The data opened, its shards checked and its first image read (by the main process) before any training: a bad
-    dataset stops here, named."""
+def open_dataset(args, is_main_process: bool):
+    """The dataset opened, its repo, token, config, split and (by the main process) shards checked: a bad dataset stops
+    here, named, before anything is built."""
     try:
-        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                     args.streaming, args.cache_dir, token=args.hub_token,
-                                     check_shards=is_main_process)
+        return load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
+                                  args.streaming, args.cache_dir, token=args.hub_token, check_shards=is_main_process)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
+
+
+def open_train_stream(args, dataset, model, resolution: int, streams: int, rank: int, world: int,
+                      local_processes: int, pin_memory: bool, is_main_process: bool = True) -> TrainStream:
+    """The training stream over ``dataset``, its image column found and its first image read (by the main process)
+    before any training: data the model cannot take stops here, named."""
+    try:
         image_column = find_image_column(dataset.features, args.image_column)
         if is_main_process:  # one process suffices (the others would download the first shard's rows too)
             check_channels(first_image(dataset, image_column), model.config.in_channels)
@@ -267,6 +274,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = make_accelerator(args)
     device, world = accelerator.device, accelerator.num_processes
+    dataset = open_dataset(args, accelerator.is_main_process)  # a bad repo, token, split or shard stops here
     set_seed(args.seed)  # the same initial weights on every process
 
     # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
@@ -277,7 +285,8 @@ def main(argv=None):
     num_train_timesteps = scheduler.config.num_train_timesteps
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
-    stream = open_train_stream(args, model, resolution, args.data_streams or world, accelerator.process_index, world,
+    stream = open_train_stream(args, dataset, model, resolution, args.data_streams or world,
+                               accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
 
