@@ -207,25 +207,19 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
 
 def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optional[str]) -> None:
     """Read the footer of each ``hf://`` parquet shard (arrow: its schema), a few threads at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from huggingface_hub import HfFileSystem
-
-    filesystem = HfFileSystem(token=token)
 
     def check(url: str) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        path = url[len("hf://"):] if url.startswith("hf://") else url
         try:
-            with filesystem.open(path, "rb", block_size=16 * 1024) as remote:  # the footer, not the rows
+            with _open_footer(url, token) as remote:
                 if builder == "parquet":
                     pq.read_metadata(remote)
                 else:
                     pa.ipc.open_stream(remote).schema
         except (pa.ArrowException, OSError) as err:
-            name = path.split("@", 1)[-1].split("/", 1)[-1]  # datasets/{repo}@{revision}/{file in the repo}
+            name = url.split("@", 1)[-1].split("/", 1)[-1]  # hf://datasets/{repo}@{revision}/{file in the repo}
             if isinstance(err, pa.ArrowInvalid):  # the bytes arrived and are not parquet
                 raise ValueError(f"{where}: {name} is not a readable {builder} file ({_first_line(err)}); it is "
                                  f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
@@ -233,8 +227,25 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                                   "after huggingface_hub's retries: check the network and the Hub's status, then "
                                   "start again.") from err
 
+    _in_threads(check, urls)
+
+
+def _open_footer(path: str, token: Optional[str]):
+    """A shard opened to read its footer: a local file, or an ``hf://`` URL through HfFileSystem in 16 KB blocks (the
+    footer, not the rows)."""
+    if path.startswith("hf://"):
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem(token=token).open(path[len("hf://"):], "rb", block_size=16 * 1024)
+    return open(path, "rb")
+
+
+def _in_threads(function, items) -> list:
+    """``function`` over ``items`` in 8 threads (the footers of many shards are small, latency-bound reads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(check, urls))
+        return list(pool.map(function, items))
 
 
 def _first_line(err: BaseException) -> str:
@@ -462,25 +473,17 @@ def parquet_shard_files(dataset) -> Optional[List[str]]:
 
 
 def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[List[int]]]:
-    """Rows of each row group of each parquet file, from its footer (a few threads; ``hf://`` files through
-    HfFileSystem); None, with a warning, where a footer cannot be read."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Rows of each row group of each parquet file (local or ``hf://``), from its footer; None, with a warning, where a
+    footer cannot be read."""
     import pyarrow.parquet as pq
 
     def row_groups(path: str) -> List[int]:
-        if path.startswith("hf://"):
-            from huggingface_hub import HfFileSystem
-
-            with HfFileSystem(token=token).open(path[len("hf://"):], "rb", block_size=16 * 1024) as remote:
-                metadata = pq.read_metadata(remote)
-        else:
-            metadata = pq.read_metadata(path)
+        with _open_footer(path, token) as source:
+            metadata = pq.read_metadata(source)
         return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
     try:
-        with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(row_groups, files))
+        return _in_threads(row_groups, files)
     except Exception as err:  # noqa: BLE001 (then resuming reads the epoch again: slower, still exact)
         logger.warning("could not read the shards' row groups (%s); a resume will read its epoch again", err)
         return None
