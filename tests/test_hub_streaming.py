@@ -242,6 +242,27 @@ def test_a_fault_mid_stream_continues_at_the_same_row(dataset_hub, four_shards, 
     assert injected.hits, "the fault never fired"
 
 
+def test_a_shard_missing_for_a_moment_mid_epoch_is_retried_by_the_stream_at_the_same_row(dataset_hub, tmp_path,
+                                                                                          fast_retries):
+    """Shards that answer 404 twice once a third of the epoch is read (no library retries a 404: the stream's own
+    retry does, re-opening the epoch at its position): exactly the examples of a fault-free read."""
+    root = tmp_path / "many"
+    write_images(root / "data", count=48, shards=24)  # 24 shards: datasets opens 10 at a time, the rest later
+    repo = publish(root, "alice/many")
+    dataset = load_image_dataset(repo)
+    reference = _read_ids(dataset, 12)
+    stream = TrainStream(dataset, "image", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
+    try:
+        for batch in range(12):
+            if batch == 4:
+                injected = dataset_hub.inject("GET", "data/train-", "status", times=2, status=404)
+            stream.next_batch()
+    finally:
+        stream.close()
+    assert stream.seen_ids == reference
+    assert injected.hits, "the fault never fired"
+
+
 def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries):
     repo = publish(four_shards, "alice/four")
     dataset = load_image_dataset(repo)
