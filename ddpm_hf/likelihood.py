@@ -96,8 +96,8 @@ class VariationalBound:
         x0_pred = s.predict_start(output, x_t, t)
         if self.clip_denoised:
             x0_pred = x0_pred.clamp(-1, 1)
-        # p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂_0), σ_t²): eq. 7 at x̂_0, which for ε is μ_θ of eq. 11.
-        model_mean = s.q_posterior_mean(x0_pred, x_t, t)
+        # p_θ(x_{t−1} | x_t) = N(μ_θ, σ_t²): μ̃_t of eq. 7 at x̂_0 (for ε, eq. 11), or the network's own mean.
+        model_mean = s.p_mean(output, x_t, t, x0_pred)
         _, model_log_var = s.p_variance(x_t, t, model_variance=model_variance)
         dims = tuple(range(1, x_start.ndim))
         # L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) for t > 1 ...

@@ -9,21 +9,24 @@ LOSSES = ("simple", "vlb", "hybrid")
 
 
 class SimpleLoss:
-    """L_simple (eq. 14): ‖target − model(x_t, t)‖² averaged over dimensions, the target being ε, x_0 or v according
-    to the scheduler's ``prediction_type``. The paper's best samples (FID 3.17) come from this loss."""
+    """L_simple (eq. 14): ‖target − model(x_t, t)‖² averaged over dimensions, the target being what the scheduler's
+    ``prediction_type`` names: ε (the paper's best samples, FID 3.17), x_0, v, or for ``mean`` the posterior mean
+    μ̃_t(x_t, x_0) of eq. 7 (Table 2's unweighted ‖μ̃ − μ̃_θ‖², which the paper found unstable)."""
 
     def __init__(self, scheduler: DDPMScheduler):
         self.scheduler = scheduler
 
-    def target(self, x_start, t, noise):
+    def target(self, x_start, x_t, t, noise):
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
             return noise
+        if kind == "mean":
+            return self.scheduler.q_posterior_mean(x_start.double(), x_t.double(), t)
         return x_start if kind == "sample" else self.scheduler.get_velocity(x_start, noise, t)
 
     def __call__(self, output, x_start, x_t, t, noise):
         mean_part = output[:, : x_start.shape[1]]
-        return (mean_part.float() - self.target(x_start, t, noise).float()).square().mean(dim=(1, 2, 3))
+        return (mean_part.float() - self.target(x_start, x_t, t, noise).float()).square().mean(dim=(1, 2, 3))
 
 
 class VLBLoss:

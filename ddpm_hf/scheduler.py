@@ -12,6 +12,8 @@ is wrong:
 
 * ``variance_type="fixed_large_log"``: diffusers takes the square root of log β_t, which is negative, and returns NaN
   samples (diffusers#14569). Here the log-variance is exponentiated, so the samples equal ``fixed_large``'s.
+* ``prediction_type="mean"`` (not in diffusers): the network outputs the reverse mean μ_θ(x_t, t) itself, the
+  paper's "μ̃ prediction" (Table 2; the original code's ``xprev``). diffusers has no such type and raises on it.
 * ``variance_type="learned"``: diffusers reads the model's extra output channels as a *variance* and takes its square
   root (NaN as soon as the network outputs a negative number). Here, as in improved-diffusion (Nichol & Dhariwal 2021)
   and the paper's "learned diagonal Σ_θ" ablation, they are a *log-variance*: σ_t = exp(v / 2).
@@ -34,7 +36,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "la
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 # The variance types read σ_t from the model's extra output channels (2C channels for C image channels).
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# What diffusers' DDPMScheduler knows, and "mean": the network outputs μ_θ(x_t, t) (the paper's μ̃ prediction).
+DIFFUSERS_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = DIFFUSERS_PREDICTION_TYPES + ("mean",)
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # diffusers computes these variance types differently (and wrongly): a pipeline using them cannot be saved as a plain
 # diffusers folder, since diffusers would sample something else from the same config.
@@ -152,8 +156,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             module docstring for how this differs from diffusers) or ``learned_range`` (they interpolate between
             log β̃_t and log β_t, improved-diffusion eq. 15).
         clip_sample, clip_sample_range: clip x̂_0 to [−range, range] before computing μ̃_t.
-        prediction_type: what the model predicts: ``epsilon`` (ε, the paper's choice), ``sample`` (x_0) or
-            ``v_prediction`` (v = √ᾱ_t ε − √(1−ᾱ_t) x_0).
+        prediction_type: what the model predicts: ``epsilon`` (ε, the paper's choice), ``sample`` (x_0),
+            ``v_prediction`` (v = √ᾱ_t ε − √(1−ᾱ_t) x_0) or ``mean`` (μ_θ(x_t, t), the mean of x_{t−1}: the paper's
+            μ̃ prediction of Table 2; ddpm_hf only).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen's dynamic thresholding of x̂_0.
         timestep_spacing, steps_offset: how :meth:`set_timesteps` picks fewer inference steps.
         rescale_betas_zero_snr: rescale β so that ᾱ_T = 0 (Lin et al. 2023).
@@ -288,8 +293,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def is_diffusers_equivalent(self) -> bool:
         """True when ``diffusers.DDPMScheduler`` with this config samples exactly as this scheduler does; False for
-        the variance types diffusers computes wrongly (see the module docstring)."""
-        return self.config.variance_type not in VARIANCE_TYPES_DIFFUSERS_GETS_WRONG
+        the variance types diffusers computes wrongly and the prediction type it lacks (see the module docstring)."""
+        return (self.config.variance_type not in VARIANCE_TYPES_DIFFUSERS_GETS_WRONG
+                and self.config.prediction_type in DIFFUSERS_PREDICTION_TYPES)
 
     # ------------------------------------------------------------------------------------------------------------
     # The paper's quantities, each defined once: step, add_noise, the bound and the losses all call these. `t` is an
@@ -393,14 +399,35 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def predict_start(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Timesteps) -> torch.Tensor:
         """x̂_0 from the model's output, by ``prediction_type``: from ε as eq. 15 (:meth:`predict_start_from_noise`),
-        x_0 itself, or from v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022): x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
+        x_0 itself, from v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022): x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v, or from
+        the mean μ_θ of x_{t−1}: eq. 7 solved for x_0 (:meth:`predict_start_from_mean`)."""
         kind = self.config.prediction_type
         if kind == "epsilon":
             return self.predict_start_from_noise(x_t, t, model_output)
         if kind == "sample":
             return model_output
+        if kind == "mean":
+            return self.predict_start_from_mean(x_t, t, model_output)
         alpha_bar = self._expand(self._alpha_bars(t, dtype=x_t.dtype)[0], x_t)
         return alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
+
+    def predict_start_from_mean(self, x_t: torch.Tensor, t: Timesteps, mean: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (μ − c_t x_t) / c_0: eq. 7, μ̃_t = c_0 x_0 + c_t x_t, solved for x_0, with the one-step
+        coefficients of :meth:`posterior_mean_coefficients` (c_0 = 1, c_t = 0 at the first step: μ̃_1 = x_0)."""
+        coef_x0, coef_xt = (self._expand(c, x_t) for c in self.posterior_mean_coefficients(t, dtype=x_t.dtype))
+        return (mean - coef_xt * x_t) / coef_x0
+
+    def p_mean(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Timesteps, x0_pred: torch.Tensor,
+               prev_t: Optional[Timesteps] = None) -> torch.Tensor:
+        """μ_θ(x_t, t), the mean of p_θ(x_{t−1} | x_t) (§3.2): μ̃_t(x_t, x̂_0) of eq. 7 at the (clipped) x̂_0, which for
+        ε-prediction without clipping is eq. 11. For ``mean`` prediction on the full chain it is the network's output
+        itself, as in the original code (clipping changes only the reported x̂_0); a chain that skips steps
+        (``prev_t`` ≠ t − 1) goes through x̂_0 as the other types do, since the network's mean is that of one step."""
+        if self.config.prediction_type == "mean":
+            one_step = prev_t is None or bool((torch.as_tensor(prev_t).cpu() == self._check_timesteps(t).cpu() - 1).all())
+            if one_step:
+                return model_output
+        return self.q_posterior_mean(x0_pred, x_t, t, prev_t)
 
     def p_variance(
         self,
@@ -524,8 +551,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             limit = self.config.clip_sample_range
             pred_original_sample = pred_original_sample.clamp(-limit, limit)
 
-        # 2. The mean of p_θ: μ̃_t(x_t, x̂_0), eq. 7.
-        prev_sample = self.q_posterior_mean(pred_original_sample, sample, t, prev_t)
+        # 2. The mean of p_θ: μ̃_t(x_t, x̂_0), eq. 7 (for mean prediction, the network's μ_θ on the full chain).
+        prev_sample = self.p_mean(model_output, sample, t, pred_original_sample, prev_t)
 
         # 3. Add σ_t z, except at the last step.
         if int(t) > 0:

@@ -69,13 +69,17 @@ def reverse_log_variance(p, variance_type, k, variance_output=None):
 
 
 def start_from_output(p, prediction_type, output, x_t, k):
-    """x̂_0 from the model output: eq. 4 solved for x_0 (ε, the x̂_0 of eq. 15), x_0 itself, or from
-    v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (which gives x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v)."""
+    """x̂_0 from the model output: eq. 4 solved for x_0 (ε, the x̂_0 of eq. 15), x_0 itself, from
+    v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (which gives x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v), or from the mean μ of x_{t−1}:
+    eq. 7 is linear in x_0, μ̃ = μ̃(x_t, 0) + (μ̃(x_t, 1) − μ̃(x_t, 0)) x_0, so x_0 = (μ − μ̃(x_t, 0)) / its slope."""
     ab = per_sample(p.alpha_bars, k)
     if prediction_type == "epsilon":
         return (x_t - np.sqrt(1 - ab) * output) / np.sqrt(ab)
     if prediction_type == "sample":
         return output
+    if prediction_type == "mean":
+        at_zero = posterior(p, np.zeros_like(x_t), x_t, k)[0]
+        return (output - at_zero) / (posterior(p, np.ones_like(x_t), x_t, k)[0] - at_zero)
     return np.sqrt(ab) * x_t - np.sqrt(1 - ab) * output
 
 
@@ -116,6 +120,8 @@ def optimal_prediction(p, prediction_type, x_t, k):
     ab = per_sample(p.alpha_bars, k)
     residual = (x_t - np.sqrt(ab) * M) / (ab * S**2 + 1 - ab)
     x0, eps = M + np.sqrt(ab) * S**2 * residual, np.sqrt(1 - ab) * residual
+    if prediction_type == "mean":  # E[μ̃_t(x_t, x_0) | x_t] = μ̃_t(x_t, E[x_0 | x_t]): eq. 7 is linear in x_0
+        return posterior(p, x0, x_t, k)[0]
     return {"epsilon": eps, "sample": x0, "v_prediction": np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0}[prediction_type]
 
 
@@ -158,6 +164,55 @@ def test_every_bound_term_matches_the_closed_form_for_gaussian_data(variance_typ
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_the_optimal_mean_predictor_has_the_bound_of_the_optimal_noise_predictor(variance_type):
+    """μ̃ prediction (Table 2): the network's output is p_θ's mean itself. For Gaussian data the optimal μ̃-predictor
+    and the optimal ε-predictor define the same p_θ, so every term of the bound agrees, and agrees with eq. 5 written
+    out in numpy (without clipping: the original code clips only the reported x̂_0 of a mean predictor)."""
+    k = np.repeat(np.arange(T), len(PIXELS))
+    x0 = np.tile(PIXELS, (T, 1, 1, 1))
+    noise = np.random.default_rng(0).standard_normal(x0.shape)
+    terms = {}
+    for prediction_type in ("mean", "epsilon"):
+        scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)
+        p = paper_schedule(scheduler)
+        bound = VariationalBound(OptimalPredictor(p, prediction_type), scheduler, clip_denoised=False)
+        terms[prediction_type] = bound.terms(torch.from_numpy(x0), torch.from_numpy(k), torch.from_numpy(noise))
+    x_t = np.sqrt(per_sample(p.alpha_bars, k)) * x0 + np.sqrt(1 - per_sample(p.alpha_bars, k)) * noise  # eq. 4
+    x0_optimal = optimal_prediction(p, "sample", x_t, k)
+    expected = bound_term(p, x0, x_t, x0_optimal, k, reverse_log_variance(p, variance_type, k))
+    np.testing.assert_allclose(terms["mean"]["term"].numpy(), expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(terms["mean"]["term"].numpy(), terms["epsilon"]["term"].numpy(), rtol=1e-6, atol=1e-9)
+    # x̂_0 recovered from the mean (eq. 7 solved for x_0) is E[x_0 | x_t], hence the same x̂_0 error
+    np.testing.assert_allclose(terms["mean"]["x0_mse"].numpy(), terms["epsilon"]["x0_mse"].numpy(), rtol=1e-5,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("num_inference_steps", [None, 50])
+def test_a_mean_predictor_samples_as_the_noise_predictor_it_was_converted_from(num_inference_steps):
+    """Algorithm 2 with μ̃ prediction: a network whose mean is computed from a given ε (eq. 11 = eq. 7 at the x̂_0 of
+    eq. 15) takes the same steps as that ε-network, on the full chain (the mean is used as is) and on a chain that
+    skips steps (the mean's x̂_0 feeds the respaced posterior)."""
+    by_type = {kind: DDPMScheduler(prediction_type=kind, clip_sample=False) for kind in ("epsilon", "mean")}
+    for scheduler in by_type.values():
+        if num_inference_steps:
+            scheduler.set_timesteps(num_inference_steps)
+    p = paper_schedule(by_type["mean"])
+    rng = np.random.default_rng(3)
+    timesteps = by_type["mean"].timesteps[[0, 1, len(by_type["mean"].timesteps) // 2, -2, -1]]
+    for t in timesteps.tolist():
+        x_t = rng.standard_normal((2, 1, 4, 4))
+        eps = rng.standard_normal(x_t.shape)
+        mean = posterior(p, start_from_output(p, "epsilon", eps, x_t, [t]), x_t, [t])[0]  # one step, eq. 7 at eq. 15
+        outputs = {"epsilon": eps, "mean": mean}
+        steps = {kind: by_type[kind].step(torch.from_numpy(outputs[kind]).float(), t, torch.from_numpy(x_t).float(),
+                                          generator=torch.Generator().manual_seed(t)) for kind in by_type}
+        # float32 steps; x̂_0 from a mean divides by √ᾱ_{t−1} β_t / (1 − ᾱ_t), as small as 1e-4 at t = T
+        np.testing.assert_allclose(steps["mean"].prev_sample, steps["epsilon"].prev_sample, rtol=0, atol=2e-4)
+        np.testing.assert_allclose(steps["mean"].pred_original_sample, steps["epsilon"].pred_original_sample,
+                                   rtol=1e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 def test_the_decoder_variance_at_t1_is_the_posterior_variance_of_t2(variance_type):
     """L_0 for one pixel and a mean half a bin off: −log of the N(mean, β̃_2) mass of the bin, whatever the fixed
     variance type (β̃_1 = 0 is no variance and β_1 is fixed_large's sampling choice, not the bound's)."""
@@ -196,14 +251,15 @@ def hand_made_batch(p, prediction_type, learned):
     noise = rng.standard_normal(x0.shape)
     ab = per_sample(p.alpha_bars, k)
     x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise
-    target = {"epsilon": noise, "sample": x0, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0}
+    target = {"epsilon": noise, "sample": x0, "v_prediction": np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0,
+              "mean": posterior(p, x0, x_t, k)[0]}
     output = target[prediction_type] + 0.01 * rng.standard_normal(x0.shape)
     if learned:
         output = np.concatenate([output, rng.uniform(-1, 1, x0.shape)], axis=1)
     return k, x0, noise, x_t, target[prediction_type], output
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "mean"])
 @pytest.mark.parametrize("loss_name,variance_type", LOSS_CASES)
 def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type):
     scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)

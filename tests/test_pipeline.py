@@ -81,8 +81,11 @@ def test_plain_diffusers_folder_loads_without_ddpm_hf(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
 
 
-def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
-    pipe = tiny_pipeline(variance_type="fixed_large_log")  # NaN in diffusers (diffusers#14569)
+@pytest.mark.parametrize("config", [dict(variance_type="fixed_large_log"),  # NaN in diffusers (diffusers#14569)
+                                    dict(prediction_type="mean", clip_sample=False)],  # μ̃ prediction: not in diffusers
+                         ids=["fixed_large_log", "mean"])
+def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path, config):
+    pipe = tiny_pipeline(**config)
     assert not pipe.diffusers_can_load()
     pipe.save_pretrained(tmp_path / "pipe")
     index = read_json(tmp_path / "pipe" / "model_index.json")
@@ -105,11 +108,24 @@ def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
         images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
                       output_type="np").images
         numpy.save("out.npy", images)
+        # diffusers' own scheduler on the saved config samples nothing else: it refuses what it lacks, or is the bug
+        from diffusers import DDPMScheduler
+        theirs = DDPMScheduler.from_pretrained({str(tmp_path / 'pipe')!r}, subfolder="scheduler")
+        x = torch.zeros(1, 1, 4, 4)
+        try:
+            out = theirs.step(torch.zeros(1, 1, 4, 4), 10, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        except ValueError as err:
+            assert "prediction_type given as mean must be one of" in str(err), err
+            numpy.save("diffusers_refused.npy", numpy.ones(1))
+        else:
+            assert torch.isnan(out).any(), "diffusers sampled from this config: it needs no remote code"
     """, cwd=tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+    assert (tmp_path / "diffusers_refused.npy").is_file() == (config.get("prediction_type") == "mean")
     # ddpm_hf reads it back into its own classes, without running the folder's code
     back = DDPMPipeline.from_pretrained(tmp_path / "pipe")
-    assert type(back.scheduler) is DDPMScheduler and back.scheduler.config.variance_type == "fixed_large_log"
+    assert type(back.scheduler) is DDPMScheduler
+    assert {k: back.scheduler.config[k] for k in config} == config
     back.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample_np(back), expected, rtol=0, atol=1e-6)
 
