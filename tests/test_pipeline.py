@@ -120,7 +120,9 @@ def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path, config):
         else:
             assert torch.isnan(out).any(), "diffusers sampled from this config: it needs no remote code"
     """, cwd=tmp_path)
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
+    # diffusers' UNet2DModel runs the saved weights: its float32 output differs from ours by ~1e-5, which a mean
+    # predictor's last step passes on undamped (an ε-predictor's is scaled by √β_1 = 0.01); a level is 4e-3
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-4)
     assert (tmp_path / "diffusers_refused.npy").is_file() == (config.get("prediction_type") == "mean")
     # ddpm_hf reads it back into its own classes, without running the folder's code
     back = DDPMPipeline.from_pretrained(tmp_path / "pipe")
