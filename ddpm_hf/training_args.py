@@ -12,7 +12,7 @@ from accelerate.utils import LoggerType
 
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
-from .losses import LOSSES, check_loss_supports_variance
+from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
 from .presets import PRESETS, training_defaults
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from .unet import DDPMUNet
@@ -55,6 +55,10 @@ def parse_args(argv=None):
     model.add_argument("--variance_type", default=None, choices=VARIANCE_TYPES)
     model.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES)
     model.add_argument("--loss", default="simple", choices=LOSSES)
+    model.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR-γ loss weighting (Hang et al. 2023, who recommend 5): each example's x_0 error "
+                            "weighted by min(SNR(t), γ), for ε, x_0 or v prediction; with --loss hybrid its L_simple "
+                            "part only (default: none, the paper's L_simple)")
     model.add_argument("--ddpm_num_inference_steps", type=int, default=None,
                        help="steps of the sample grids' reverse chain (default: --ddpm_num_steps)")
 
@@ -158,6 +162,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                 "digits, '.', '_' or '-'")
     try:
         check_loss_supports_variance(args.loss, args.variance_type)
+        check_snr_gamma(args.snr_gamma, args.prediction_type, args.loss)
     except ValueError as err:
         p.error(str(err))
     missing_tracker = tracker_not_installed(args.logger)

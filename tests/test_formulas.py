@@ -17,7 +17,7 @@ import torch
 from scipy.special import log_ndtr, ndtr
 
 from ddpm_hf.likelihood import VariationalBound
-from ddpm_hf.losses import LOSSES, check_loss_supports_variance, make_loss
+from ddpm_hf.losses import LOSSES, check_loss_supports_variance, check_snr_gamma, make_loss, min_snr_weights
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES, VARIANCE_TYPES, DDPMScheduler
 
 T = 1000
@@ -259,14 +259,25 @@ def hand_made_batch(p, prediction_type, learned):
     return k, x0, noise, x_t, target[prediction_type], output
 
 
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "mean"])
 @pytest.mark.parametrize("loss_name,variance_type", LOSS_CASES)
-def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type):
+def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type, snr_gamma):
+    """With --snr_gamma the simple loss, and the simple part of the hybrid loss, is each example's MSE times its
+    Min-SNR-γ weight (t = 1, 2 have SNR > 5, t = 500, 1000 SNR < 5); the bound refuses it."""
     scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)
     p = paper_schedule(scheduler)
     learned = variance_type == "learned_range"
     k, x0, noise, x_t, target, output = hand_made_batch(p, prediction_type, learned)
-    loss_fn = make_loss(loss_name, scheduler, out_channels=2 if learned else 1, in_channels=1)
+    if loss_name == "vlb" and snr_gamma is not None:
+        with pytest.raises(ValueError, match="--loss vlb is the variational bound, whose terms already carry"):
+            make_loss(loss_name, scheduler, out_channels=2 if learned else 1, in_channels=1, snr_gamma=snr_gamma)
+        return
+    if prediction_type == "mean" and snr_gamma is not None:  # no Min-SNR weights are derived for μ̃ prediction
+        with pytest.raises(ValueError, match="--snr_gamma is defined for --prediction_type epsilon / sample / v_pre"):
+            make_loss(loss_name, scheduler, out_channels=2 if learned else 1, in_channels=1, snr_gamma=snr_gamma)
+        return
+    loss_fn = make_loss(loss_name, scheduler, out_channels=2 if learned else 1, in_channels=1, snr_gamma=snr_gamma)
     tensors = [torch.from_numpy(a).float() for a in (x0, x_t, noise)]
     out = torch.from_numpy(output).float().requires_grad_()
     got = loss_fn(out, tensors[0], tensors[1], torch.from_numpy(k), tensors[2])
@@ -276,7 +287,8 @@ def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type
     x0, x_t, noise, output = (t.double().numpy() for t in (*tensors, out.detach()))
     mean_output, variance_output = output[:, :1], (output[:, 1:] if learned else None)
     dims = x0[0].size
-    simple = ((mean_output - target) ** 2).mean((1, 2, 3))  # eq. 14, per example
+    weight = np.ones(len(k)) if snr_gamma is None else min_snr_weight(p.alpha_bars, prediction_type, snr_gamma)[k]
+    simple = weight * ((mean_output - target) ** 2).mean((1, 2, 3))  # eq. 14, per example
     x0_pred = start_from_output(p, prediction_type, mean_output, x_t, k)  # no clipping in training
     vlb_nats = T * bound_term(p, x0, x_t, x0_pred, k, reverse_log_variance(p, variance_type, k, variance_output)) / dims
     expected = {"simple": simple, "vlb": vlb_nats, "hybrid": simple + 0.001 * vlb_nats / math.log(2)}[loss_name]
@@ -284,7 +296,8 @@ def test_each_loss_matches_its_formula(loss_name, variance_type, prediction_type
     np.testing.assert_allclose(got.detach().double().numpy(), expected, rtol=1e-6, atol=1e-7)
     if loss_name == "hybrid":  # the bound trains the variance only: the mean's gradient is L_simple's alone
         # (the v target is computed from diffusers' float32 ᾱ table: √(1 − ᾱ_1) is off by ~1e-4 relative)
-        np.testing.assert_allclose(out.grad[:, :1].double().numpy(), 2 * (mean_output - target) / dims,
+        np.testing.assert_allclose(out.grad[:, :1].double().numpy(),
+                                   per_sample(weight, np.arange(len(k))) * 2 * (mean_output - target) / dims,
                                    rtol=1e-4, atol=1e-6)
         assert out.grad[:, 1:].abs().sum() > 0
 
@@ -298,3 +311,75 @@ def test_a_learned_variance_needs_a_loss_that_trains_it():
                     check_loss_supports_variance(loss, variance_type)
             else:
                 check_loss_supports_variance(loss, variance_type)
+
+
+# --- Min-SNR-γ (Hang et al. 2023) ----------------------------------------------------------------------------------
+
+
+def min_snr_weight(alpha_bars, prediction_type, gamma):
+    """The weight on each prediction type's own MSE that makes it min(SNR, γ) · ‖x_0 − x̂_0‖², SNR = ᾱ / (1 − ᾱ):
+    ‖ε − ε̂‖² = SNR · ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1) · ‖x_0 − x̂_0‖² for x̂_0, ε̂, v̂ from one output."""
+    snr = alpha_bars / (1 - alpha_bars)
+    return np.minimum(snr, gamma) / {"epsilon": snr, "sample": 1.0, "v_prediction": snr + 1}[prediction_type]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("gamma, crossing", [(5.0, 130), (1.0, 259)])  # the first index with SNR < γ
+def test_min_snr_weights_match_their_closed_form_at_every_t(prediction_type, gamma, crossing):
+    alpha_bars = np.cumprod(1 - np.linspace(1e-4, 0.02, T))  # the paper's schedule, here in float64
+    snr = alpha_bars / (1 - alpha_bars)
+    assert snr[crossing - 1] > gamma > snr[crossing]
+    expected = min_snr_weight(alpha_bars, prediction_type, gamma)
+    got = min_snr_weights(DDPMScheduler(prediction_type=prediction_type), gamma)
+    assert got.dtype == torch.float64 and got.shape == (T,)
+    # ≈1e-7: the scheduler's β_t are float32 numbers; a clamp missing or at the wrong side of γ is off by ≥ 1 %
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    k = np.array([0, 1, crossing - 2, crossing - 1, crossing, crossing + 1, 500, 999])
+    np.testing.assert_allclose(got.numpy()[k], expected[k], rtol=1e-6)  # the same, named: both sides of SNR = γ
+    if prediction_type == "epsilon":  # min(SNR, γ) / SNR: γ / SNR above the crossing, exactly 1 from it on
+        assert (got[crossing:] == 1).all() and (got[:crossing] < 1).all()
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0, math.inf])
+def test_min_snr_is_one_x0_space_loss_whatever_the_model_predicts(gamma):
+    """For x̂_0 turned into the ε, x_0 and v output that carries it, the three weighted losses are one number:
+    min(SNR, γ) · ‖x_0 − x̂_0‖² per dimension (γ = ∞: SNR · ‖x_0 − x̂_0‖² = ‖ε − ε̂‖², eq. 14's L_simple)."""
+    rng = np.random.default_rng(3)
+    k = np.array([0, 1, 129, 130, 258, 259, 500, 998, 999])
+    x0, noise = rng.uniform(-1, 1, (len(k), 1, 4, 4)), rng.standard_normal((len(k), 1, 4, 4))
+    x0_pred = x0 + 0.1 * rng.standard_normal(x0.shape)
+    alpha_bars = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    ab = per_sample(alpha_bars, k)
+    x_t = np.sqrt(ab) * x0 + np.sqrt(1 - ab) * noise  # eq. 4
+    noise_pred = (x_t - np.sqrt(ab) * x0_pred) / np.sqrt(1 - ab)
+    outputs = {"epsilon": noise_pred, "sample": x0_pred,
+               "v_prediction": np.sqrt(ab) * noise_pred - np.sqrt(1 - ab) * x0_pred}
+    snr = alpha_bars[k] / (1 - alpha_bars[k])
+    expected = np.minimum(snr, gamma) * ((x0 - x0_pred) ** 2).mean((1, 2, 3))
+    for prediction_type, output in outputs.items():
+        loss_fn = make_loss("simple", DDPMScheduler(prediction_type=prediction_type), 1, 1, snr_gamma=gamma)
+        got = loss_fn(torch.from_numpy(output), torch.from_numpy(x0), torch.from_numpy(x_t), torch.from_numpy(k),
+                      torch.from_numpy(noise))
+        # float32 differences of ε-sized numbers (|ε − ε̂| ≈ 10 at t = 1): ≈1e-6 relative
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=2e-5, err_msg=prediction_type)
+
+
+def test_min_snr_with_infinite_gamma_is_l_simple_exactly():
+    """ε prediction: min(SNR, ∞) / SNR = 1, so the loss is the paper's L_simple bit for bit."""
+    scheduler = DDPMScheduler()
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, output = (torch.randn(16, 1, 4, 4, generator=generator) for _ in range(3))
+    t = torch.randint(0, T, (16,), generator=generator)
+    x_t = scheduler.add_noise(x0, noise, t)
+    weighted = make_loss("simple", scheduler, 1, 1, snr_gamma=math.inf)(output, x0, x_t, t, noise)
+    assert torch.equal(weighted, make_loss("simple", scheduler, 1, 1)(output, x0, x_t, t, noise))
+
+
+def test_min_snr_refuses_what_it_is_not_defined_for():
+    with pytest.raises(ValueError, match=r"--snr_gamma is defined for --prediction_type epsilon / sample / "
+                                         r"v_prediction, not 'mean'"):
+        check_snr_gamma(5.0, "mean", "simple")
+    for gamma in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="--snr_gamma must be positive"):
+            check_snr_gamma(gamma, "epsilon")
+    check_snr_gamma(None, "mean", "vlb")  # no weighting asked for: nothing to refuse

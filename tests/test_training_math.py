@@ -2,10 +2,13 @@
 weights, batch, t and ε), the warm-up learning rate against its formula, each preset's recipe against the paper's
 numbers (Ho et al. 2020, §4 and Appendix B)."""
 
+import json
+import re
+
 import pytest
 import torch
 
-from runs import load_train_script
+from runs import FAST, load_train_script, write_images
 
 train = load_train_script()
 
@@ -106,3 +109,17 @@ def test_the_draw_of_t_and_noise_is_algorithm_1():
     alone = train.LoopState([1], 10_000, seed=0, device=torch.device("cpu"))  # stream 1 served by another process
     t1, noise1 = alone.draw(x0[:10_000], 10)
     assert torch.equal(t1, t[10_000:]) and torch.equal(noise1, noise[10_000:])
+
+
+def test_a_run_reaches_its_min_snr_weights_and_records_gamma(tmp_path, capsys):
+    """A real run (2 steps, ≈5 s) with γ = 1e-6: every Min-SNR weight of ε prediction is γ / SNR(t) ≤ 1e-6 here
+    (SNR ≥ 1.5 on this 50-step schedule), so the progress bar's loss reads 0.0000 when --snr_gamma reaches the
+    loss, and about 1 when it does not. training_config.json keeps γ."""
+    data = write_images(tmp_path / "data", count=16, shards=1)
+    out = tmp_path / "out"
+    train.main(FAST + ["--max_train_steps", "2", "--checkpointing_steps", "0", "--dataloader_num_workers", "0",
+                       "--num_sample_images", "1", "--snr_gamma", "1e-6", "--dataset_name", str(data),
+                       "--output_dir", str(out)])
+    assert json.loads((out / "training_config.json").read_text())["snr_gamma"] == 1e-6
+    shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
+    assert shown and set(shown) == {"0.0000"}, shown

@@ -281,7 +281,7 @@ def main(argv=None):
     model, resolution = build_model(args)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
-    loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels)
+    loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels, args.snr_gamma)
     num_train_timesteps = scheduler.config.num_train_timesteps
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------

@@ -71,6 +71,12 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--loss", "l1"], "invalid choice: 'l1'"),
     (["--variance_type", "learned"], "gets no gradient from --loss simple"),
+    (["--snr_gamma", "0"], "--snr_gamma must be positive, got 0.0"),
+    (["--snr_gamma=-5"], "--snr_gamma must be positive, got -5.0"),
+    (["--snr_gamma", "nan"], "--snr_gamma must be positive, got nan"),
+    (["--snr_gamma", "five"], "--snr_gamma: invalid float value: 'five'"),
+    (["--loss", "vlb", "--snr_gamma", "5"], "--snr_gamma reweights L_simple, but --loss vlb is the variational "
+                                            "bound, whose terms already carry their own weights"),
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--push_to_hub", "--hub_model_id", "../etc/passwd"], "is not a Hub repo id"),
     (["--push_to_hub", "--hub_model_id", "no-namespace"], "is not a Hub repo id"),
