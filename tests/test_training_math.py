@@ -123,3 +123,39 @@ def test_a_run_reaches_its_min_snr_weights_and_records_gamma(tmp_path, capsys):
     assert json.loads((out / "training_config.json").read_text())["snr_gamma"] == 1e-6
     shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
     assert shown and set(shown) == {"0.0000"}, shown
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "mean"])
+def test_the_true_bound_trains_the_mean_and_the_learned_variance(prediction_type):
+    """Table 2's "L, learned diagonal Σ" rows: --loss vlb with --variance_type learned sends the bound's gradient
+    through both halves of the output, the mean's and the log-variance's (no stop-gradient, unlike the hybrid loss),
+    so one optimizer step moves the output convolution's rows of both halves. The hybrid loss with the L_simple part
+    removed (its bound alone) leaves the mean's rows untouched: the check tells the two apart."""
+    def output_rows_after_one_step(loss_name):
+        args = _args("--variance_type", "learned", "--loss", loss_name, "--prediction_type", prediction_type,
+                     "--learning_rate", "1e-3", "--lr_warmup_steps", "0")
+        torch.manual_seed(0)
+        model, resolution = train.build_model(args)
+        assert model.config.out_channels == 2 * model.config.in_channels
+        torch.nn.init.normal_(model.conv_out.weight, std=1e-3)  # the original init zeroes it: no gradient below it
+        scheduler = train.DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, variance_type="learned",
+                                        prediction_type=prediction_type)
+        loss_fn = train.make_loss(loss_name, scheduler, model.config.out_channels, model.config.in_channels)
+        x0 = torch.rand(4, 1, resolution, resolution, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        t = torch.tensor([0, 3, 20, 49])
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+        x_t = scheduler.add_noise(x0, noise, t)
+        before = model.conv_out.weight.detach().clone()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)
+        if loss_name == "hybrid":  # its bound part only
+            per_example = per_example - loss_fn.simple(model(x_t, t).sample, x0, x_t, t, noise)
+        per_example.mean().backward()
+        optimizer.step()
+        moved = (model.conv_out.weight.detach() - before).abs().flatten(1).sum(1)  # per output channel
+        return moved[:1], moved[1:]
+
+    mean_rows, variance_rows = output_rows_after_one_step("vlb")
+    assert mean_rows.min() > 0 and variance_rows.min() > 0
+    mean_rows, variance_rows = output_rows_after_one_step("hybrid")
+    assert float(mean_rows.max()) == 0 and variance_rows.min() > 0
