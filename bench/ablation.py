@@ -165,11 +165,11 @@ def markdown(summary) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of every row")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps of every row")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--preset", default="small-28")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_samples", type=int, default=250, help="samples for FID, KID and IS")
+    parser.add_argument("--num_samples", type=int, default=200, help="samples for FID, KID and IS")
     parser.add_argument("--num_reference", type=int, default=5000)
     parser.add_argument("--num_bpd_images", type=int, default=100)
     parser.add_argument("--bpd_timesteps", type=int, default=25)
