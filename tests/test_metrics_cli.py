@@ -1,4 +1,4 @@
-"""FID/KID on the shipped Fashion-MNIST features, and the ddpm-hf command line run as a user would."""
+"""FID/KID/IS on the shipped Fashion-MNIST classifier, and the ddpm-hf command line run as a user would."""
 
 import io
 import json
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ddpm_hf.cli import main as cli
 from ddpm_hf.evaluation import load_eval_images
-from ddpm_hf.metrics import FMNIST_SHA256, FMNIST_WEIGHTS, extract_features, feature_extractor, fid_kid
+from ddpm_hf.metrics import (FMNIST_SHA256, FMNIST_WEIGHTS, class_probabilities, extract_features,
+                             feature_extractor, fid_kid, inception_score)
 from helpers import tiny_pipeline
 from runs import child_env, free_port, png_bytes
 
@@ -51,6 +52,69 @@ def test_fid_is_zero_on_itself_and_grows_with_blur_and_noise(real_sets):
     assert real["fid"] < blur["fid"] < noise["fid"]
     assert real["kid"] < blur["kid"] < noise["kid"]
     assert real["fid"] < 15 and blur["fid"] > 30
+
+
+def test_inception_score_is_highest_on_real_images_and_one_on_a_single_image(real_sets):
+    """IS-FMNIST of 600 real test images (about 7 of at most 10: the classifier is confident and the classes are
+    balanced) against the same images blurred by a 7 × 7 box (about 2.8) and uniform noise (about 1.1); 600 copies
+    of one image give p(y|x) = p(y), so 1."""
+    _, test = real_sets
+    classifier = class_probabilities("fmnist")
+
+    def score(images):
+        return inception_score(extract_features(classifier, images), splits=5)[0]
+
+    real = score(test)
+    blurred = score(F.avg_pool2d(test.float(), 7, 1, 3).round().to(torch.uint8))
+    noise = score(torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    assert real > 6 and blurred < 4 and noise < 1.5 and noise < blurred, (real, blurred, noise)
+    assert abs(score(test[3:4].repeat(600, 1, 1, 1)) - 1) < 1e-6
+
+
+def test_evaluate_inception_score_of_the_images_the_sample_command_writes(tmp_path, monkeypatch):
+    """`--metrics fid,kid,is` samples once and reports the IS-FMNIST of exactly the images `ddpm-hf sample` writes
+    with the evaluation's seed (seed + 10**6), computed here from the PNG files over the same splits."""
+    from PIL import Image
+
+    import ddpm_hf.evaluation
+
+    tiny_pipeline(num_train_timesteps=20, variance_type="fixed_large").save_pretrained(tmp_path / "pipe")
+    assert cli(["sample", str(tmp_path / "pipe"), "--num_images", "20", "--num_inference_steps", "5", "--seed",
+                str(10**6), "--out", str(tmp_path / "samples")]) == 0
+    pngs = sorted((tmp_path / "samples").glob("0*.png"))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(png)))[None] for png in pngs])
+    expected = inception_score(extract_features(class_probabilities("fmnist"), images), splits=2)
+
+    sampled = []
+    generate = ddpm_hf.evaluation.generate_uint8
+    monkeypatch.setattr(ddpm_hf.evaluation, "generate_uint8", lambda *a, **k: sampled.append(a[1]) or generate(*a, **k))
+    assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "fid,kid,is", "--num_samples", "20", "--is_splits",
+                "2", "--num_inference_steps", "5", "--num_reference", "40", "--out", str(tmp_path / "eval")]) == 0
+    assert sampled == [20]  # one set of samples for FID, KID and IS
+    quality = json.loads((tmp_path / "eval" / "results.json").read_text())["sample_quality"]
+    assert quality["inception_score_label"] == "IS-FMNIST" and quality["is_splits"] == 2
+    assert (quality["inception_score"], quality["inception_score_std"]) == pytest.approx(expected, rel=1e-12)
+    assert quality["label"] == "FID-FMNIST" and quality["fid"] > 0 and "kid" in quality
+
+
+def test_inception_score_refuses_too_few_samples_and_splits_before_any_work(tmp_path, capsys):
+    """Exit 2 naming the flag and the fix, checked before the pipeline is even opened (it does not exist here)."""
+    from ddpm_hf.evaluation import evaluate
+
+    missing = str(tmp_path / "no-such-pipeline")
+    for args, flag, fix in ((["--num_samples", "99"], "--num_samples 99", "--num_samples 100 or more"),
+                            (["--num_samples", "29", "--is_splits", "3"], "--num_samples 29", "--num_samples 30 or "),
+                            (["--is_splits", "0"], "--is_splits", "positive integer"),
+                            (["--features", "inception"], "1008-way softmax", "--features fmnist")):
+        with pytest.raises(SystemExit) as failure:
+            cli(["evaluate", missing, "--metrics", "fid,is", *args, "--out", str(tmp_path / "e")])
+        error = capsys.readouterr().err
+        assert failure.value.code == 2 and flag in error and fix in error, error
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(ValueError, match="each split needs at least as many samples as the classifier has classes"):
+        evaluate(missing, tmp_path / "e", metrics=["is"], num_samples=50)
+    with pytest.raises(ValueError, match="--is_splits 0"):
+        evaluate(missing, tmp_path / "e", metrics=["is"], is_splits=0)
 
 
 def test_features_refuse_float_images():
