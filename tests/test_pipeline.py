@@ -81,55 +81,65 @@ def test_plain_diffusers_folder_loads_without_ddpm_hf(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [dict(variance_type="fixed_large_log"),  # NaN in diffusers (diffusers#14569)
-                                    dict(prediction_type="mean", clip_sample=False)],  # μ̃ prediction: not in diffusers
-                         ids=["fixed_large_log", "mean"])
-def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path, config):
-    pipe = tiny_pipeline(**config)
-    assert not pipe.diffusers_can_load()
-    pipe.save_pretrained(tmp_path / "pipe")
-    index = read_json(tmp_path / "pipe" / "model_index.json")
-    assert index["_class_name"] == ["pipeline_ddpm_hf", "DDPMPipeline"]
-    assert index["scheduler"] == ["scheduling_ddpm_hf", "DDPMScheduler"]
-    assert (tmp_path / "pipe" / "scheduler" / "scheduling_ddpm_hf.py").is_file()
-    expected = sample_np(pipe)
-    assert np.isfinite(expected).all()
+# What diffusers would sample wrongly from a plain folder: NaN from fixed_large_log (diffusers#14569), and μ̃
+# prediction, a prediction type diffusers lacks.
+WRONG_IN_DIFFUSERS = {"fixed_large_log": dict(variance_type="fixed_large_log"),
+                      "mean": dict(prediction_type="mean", clip_sample=False)}
+
+
+def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
+    """Saved as remote code; diffusers refuses to run it without trust_remote_code=True and samples our samples with
+    it; diffusers' own DDPMScheduler on the saved config refuses μ̃ prediction with its own error (and gives NaN for
+    fixed_large_log); ddpm_hf reads the folders back into its own classes. One child process checks both folders."""
+    expected = {}
+    for name, config in WRONG_IN_DIFFUSERS.items():
+        pipe = tiny_pipeline(**config)
+        assert not pipe.diffusers_can_load()
+        pipe.save_pretrained(tmp_path / name)
+        index = read_json(tmp_path / name / "model_index.json")
+        assert index["_class_name"] == ["pipeline_ddpm_hf", "DDPMPipeline"]
+        assert index["scheduler"] == ["scheduling_ddpm_hf", "DDPMScheduler"]
+        assert (tmp_path / name / "scheduler" / "scheduling_ddpm_hf.py").is_file()
+        expected[name] = sample_np(pipe)
+        assert np.isfinite(expected[name]).all()
     run_without_ddpm_hf(f"""
-        import numpy, torch
-        from diffusers import DiffusionPipeline
-        try:
-            DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r})
-        except ValueError as err:
-            assert "trust_remote_code" in str(err), err
-        else:
-            raise AssertionError("remote code was run without trust_remote_code=True")
-        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'pipe')!r}, trust_remote_code=True)
-        pipe.set_progress_bar_config(disable=True)
-        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
-                      output_type="np").images
-        numpy.save("out.npy", images)
-        # diffusers' own scheduler on the saved config samples nothing else: it refuses what it lacks, or is the bug
-        from diffusers import DDPMScheduler
-        theirs = DDPMScheduler.from_pretrained({str(tmp_path / 'pipe')!r}, subfolder="scheduler")
-        x = torch.zeros(1, 1, 4, 4)
-        try:
-            out = theirs.step(torch.zeros(1, 1, 4, 4), 10, x, generator=torch.Generator().manual_seed(0)).prev_sample
-        except ValueError as err:
-            assert "prediction_type given as mean must be one of" in str(err), err
-            numpy.save("diffusers_refused.npy", numpy.ones(1))
-        else:
-            assert torch.isnan(out).any(), "diffusers sampled from this config: it needs no remote code"
+        import json, numpy, torch
+        from diffusers import DDPMScheduler, DiffusionPipeline
+        refused = {{}}
+        for name in {list(WRONG_IN_DIFFUSERS)!r}:
+            try:
+                DiffusionPipeline.from_pretrained(name)
+            except ValueError as err:
+                assert "trust_remote_code" in str(err), err
+            else:
+                raise AssertionError("remote code was run without trust_remote_code=True")
+            pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20,
+                          output_type="np").images
+            numpy.save(name + ".npy", images)
+            theirs = DDPMScheduler.from_pretrained(name, subfolder="scheduler")
+            try:
+                out = theirs.step(torch.zeros(1, 1, 4, 4), 10, torch.zeros(1, 1, 4, 4),
+                                  generator=torch.Generator().manual_seed(0)).prev_sample
+                refused[name] = "NaN" if torch.isnan(out).any() else "sampled"
+            except ValueError as err:
+                refused[name] = str(err)
+        json.dump(refused, open("refused.json", "w"))
     """, cwd=tmp_path)
-    # diffusers' UNet2DModel runs the saved weights: its float32 output differs from ours by ~1e-5, which a mean
-    # predictor's last step passes on undamped (an ε-predictor's is scaled by √β_1 = 0.01); a level is 4e-3
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-4)
-    assert (tmp_path / "diffusers_refused.npy").is_file() == (config.get("prediction_type") == "mean")
-    # ddpm_hf reads it back into its own classes, without running the folder's code
-    back = DDPMPipeline.from_pretrained(tmp_path / "pipe")
-    assert type(back.scheduler) is DDPMScheduler
-    assert {k: back.scheduler.config[k] for k in config} == config
-    back.set_progress_bar_config(disable=True)
-    np.testing.assert_allclose(sample_np(back), expected, rtol=0, atol=1e-6)
+    refused = read_json(tmp_path / "refused.json")
+    assert refused["fixed_large_log"] == "NaN"
+    assert "prediction_type given as mean must be one of" in refused["mean"], refused["mean"]
+    for name, config in WRONG_IN_DIFFUSERS.items():
+        # diffusers' UNet2DModel runs the saved weights: its float32 output differs from ours by ~1e-5, which a mean
+        # predictor's last step passes on undamped (an ε-predictor's is scaled by √β_1 = 0.01); a level is 4e-3
+        np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected[name], rtol=0, atol=1e-4)
+        # ddpm_hf reads it back into its own classes, without running the folder's code
+        back = DDPMPipeline.from_pretrained(tmp_path / name)
+        assert type(back.scheduler) is DDPMScheduler
+        assert {k: back.scheduler.config[k] for k in config} == config
+        back.set_progress_bar_config(disable=True)
+        np.testing.assert_allclose(sample_np(back), expected[name], rtol=0, atol=1e-6)
 
 
 def test_from_pretrained_reads_diffusers_own_and_legacy_folders(tmp_path):
