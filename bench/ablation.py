@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from quality import full_fashion_mnist  # bench/ is on the path of a bench script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (name, --prediction_type, --loss, --variance_type or None for the preset's fixed Σ, the paper's IS, FID)
@@ -42,21 +44,6 @@ OBJECTIVES = {("vlb", "learned"): "L, learned diagonal Σ", ("vlb", None): "L, f
               ("simple", "mean"): "‖μ̃ − μ̃_θ‖²", ("simple", "epsilon"): "‖ε − ε_θ‖² (L_simple)"}
 PAPER_TABLE1 = {"eps-L-fixed": "≤ 3.70", "eps-simple": "≤ 3.75"}  # CIFAR-10 test NLL, bits/dim
 DIVERGED = 3.0  # last tenth's mean loss over the best tenth's
-
-
-def full_fashion_mnist(out: Path, env) -> Path:
-    """The 60k/10k Fashion-MNIST as parquet (Debian's dataset-fashion-mnist), else the embedded 10k/2k subset."""
-    data = out / "fashion_mnist_full"
-    if (data / "data").is_dir():
-        return data
-    if Path("/usr/share/datasets/fashion-mnist").is_dir():
-        subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "data", "fashion-mnist", "--out", str(data)], check=True,
-                       cwd=ROOT, env=env)
-        return data
-    print("Debian's dataset-fashion-mnist is not installed: using the embedded 10k/2k subset", flush=True)
-    from ddpm_hf.data import EMBEDDED_DIR
-
-    return Path(EMBEDDED_DIR)
 
 
 def train_command(args, row, data: Path, folder: Path):
