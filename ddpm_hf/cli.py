@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID/IS")
     evaluate.add_argument("--num_reference", type=_positive, default=5000, help="real images for FID/KID")
     evaluate.add_argument("--num_bpd_images", type=_positive, default=64)
-    evaluate.add_argument("--bpd_timesteps", type=_non_negative, default=0, help="0: exact bound (all T terms); K: sampled")
+    evaluate.add_argument("--bpd_timesteps", type=_non_negative, default=0, help="0: exact bound (all T terms); K: L_0 and K sampled terms per image")
     evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
     evaluate.add_argument("--is_splits", type=_positive, default=10, help="splits of the samples for the IS's spread")
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")

@@ -91,6 +91,13 @@ def test_sampled_estimate_is_unbiased_within_three_standard_errors():
                             seed=7, progress=False)
     assert not estimate.exact and estimate.stderr > 0
     assert abs(estimate.mean - exact.mean) < 3 * estimate.stderr
+    # L_0 is computed, not drawn: the spread left is that of the other T − 1 terms. From the exact terms (mean
+    # over these alike images), 50 uniform draws of all T terms would give a standard error of T·std(L_t)/√(50·256)
+    # (≈ 0.71 here), those of t ≥ 1 (T − 1)·std(L_{t≥1})/√(50·256) (≈ 0.25).
+    T, draws = scheduler.config.num_train_timesteps, 50 * len(images)
+    uniform = T * float(exact.terms.std()) / math.sqrt(draws)
+    without_decoder = (T - 1) * float(exact.terms[1:].std()) / math.sqrt(draws)
+    assert 0.8 * without_decoder < estimate.stderr < 1.25 * without_decoder < 0.5 * uniform
 
 
 def test_rate_distortion_bookkeeping():

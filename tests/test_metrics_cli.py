@@ -200,7 +200,7 @@ def test_evaluate_spreads_the_bound_over_two_processes_with_the_same_result(tmp_
     finally:
         torch.set_num_threads(threads)
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
-    terms = 6 * (bpd_timesteps or 20)
+    terms = 6 * (bpd_timesteps + 1 if bpd_timesteps else 20)  # sampled: L_0 and K draws per image
     assert (one.pop("num_processes"), two.pop("num_processes")) == (1, 2)
     assert one["bpd"].pop("terms_per_process") == [terms]
     shares = two["bpd"].pop("terms_per_process")
