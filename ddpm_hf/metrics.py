@@ -17,6 +17,7 @@ Images are uint8 before any metric (samples are quantised like the original eval
 import hashlib
 import importlib.util
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -235,7 +236,9 @@ def cached_features(key: str, compute, cache_dir: Optional[str] = None) -> torch
         return torch.load(path)
     features = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a temporary file of its own: two evaluations filling the cache at once must not write into one file
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".tmp")
+    os.close(handle)
     torch.save(features, tmp)
     os.replace(tmp, path)
     return features

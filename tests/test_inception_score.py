@@ -58,3 +58,4 @@ def test_refuses_what_is_not_class_probabilities():
         inception_score(torch.randn(20, 10), splits=2)  # logits, not probabilities
     with pytest.raises(ValueError, match="splits"):
         inception_score(one_hot(np.arange(5)), splits=10)
+
