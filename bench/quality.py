@@ -71,6 +71,8 @@ def main():
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--preset", default="small-32")
     parser.add_argument("--global_batch", type=int, default=64)
+    parser.add_argument("--lr_warmup_steps", type=int, default=500,
+                        help="for every ddpm_hf run; keep it well below the steps the minutes allow")
     parser.add_argument("--recipes", default="paper", help=f"comma-separated, from {sorted(RECIPES)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each recipe runs each")
     parser.add_argument("--baseline", choices=["diffusers", "none"], default="diffusers",
@@ -102,7 +104,7 @@ def main():
             run(launch(args.processes) + [
                 "training/train.py", "--preset", args.preset, "--dataset_name", str(data), "--seed", str(seed),
                 "--max_train_steps", "1000000", "--max_train_minutes", str(args.minutes), "--train_batch_size",
-                str(per_process), "--random_flip", "--ema_warmup", "--lr_warmup_steps", "500",
+                str(per_process), "--random_flip", "--ema_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
                 "--checkpointing_steps", "2000", "--save_images_steps", "0", "--num_sample_images", "64",
                 "--ddpm_num_inference_steps", "100", "--output_dir", str(folder)] + RECIPES[recipe], env)
     if args.baseline == "diffusers":
