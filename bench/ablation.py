@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quality import full_fashion_mnist  # bench/ is on the path of a bench script
+from quality import add_evaluation_arguments, evaluate_arguments, full_fashion_mnist  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,14 +103,6 @@ def stability(returncode: int, losses, skipped: int) -> str:
     return "stable"
 
 
-def evaluate_command(args, data: Path, folder: Path):
-    return [sys.executable, "-m", "ddpm_hf.cli", "evaluate", str(folder), "--data", str(data),
-            "--metrics", "bpd,fid,kid,is", "--num_samples", str(args.num_samples),
-            "--num_reference", str(args.num_reference), "--num_bpd_images", str(args.num_bpd_images),
-            "--bpd_timesteps", str(args.bpd_timesteps), "--num_inference_steps", str(args.num_inference_steps),
-            "--batch_size", "128", "--seed", str(args.seed), "--out", str(folder / "eval")]
-
-
 def run_in_pairs(commands, env, logs):
     """Run the commands two at a time (one per core); returns their exit codes."""
     codes = {}
@@ -159,11 +151,8 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--preset", default="small-28")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_samples", type=int, default=200, help="samples for FID, KID and IS")
-    parser.add_argument("--num_reference", type=int, default=5000)
-    parser.add_argument("--num_bpd_images", type=int, default=100)
-    parser.add_argument("--bpd_timesteps", type=int, default=25)
-    parser.add_argument("--num_inference_steps", type=int, default=100)
+    add_evaluation_arguments(parser, num_samples=200, num_reference=5000, num_bpd_images=100, bpd_timesteps=25,
+                             num_inference_steps=100)
     parser.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="a subset of the rows, by name")
     parser.add_argument("--out", default="runs/ablation")
     args = parser.parse_args()
@@ -184,7 +173,8 @@ def main():
 
     to_train = {r[0]: train_command(args, r, data, out / r[0]) for r in rows if not trained(out / r[0], args.steps)}
     codes = run_in_pairs(to_train, env, logs)
-    evaluations = {r[0]: evaluate_command(args, data, out / r[0]) for r in rows
+    evaluations = {r[0]: [sys.executable] + evaluate_arguments(args, out / r[0], data, "bpd,fid,kid,is") +
+                   ["--batch_size", "128", "--seed", str(args.seed)] for r in rows
                    if (out / r[0] / "model_index.json").is_file() and not (out / r[0] / "eval" / "results.json").is_file()}
     run_in_pairs(evaluations, env, logs)
 

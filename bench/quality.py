@@ -48,6 +48,24 @@ def full_fashion_mnist(out: Path, env) -> Path:
     return Path(EMBEDDED_DIR)
 
 
+def add_evaluation_arguments(parser, **defaults) -> None:
+    """The ddpm-hf evaluate settings a benchmark passes on, with the benchmark's defaults."""
+    parser.add_argument("--num_samples", type=int, default=defaults["num_samples"], help="samples for the sample "
+                        "quality metrics")
+    parser.add_argument("--num_reference", type=int, default=defaults["num_reference"])
+    parser.add_argument("--num_bpd_images", type=int, default=defaults["num_bpd_images"])
+    parser.add_argument("--bpd_timesteps", type=int, default=defaults["bpd_timesteps"])
+    parser.add_argument("--num_inference_steps", type=int, default=defaults["num_inference_steps"])
+
+
+def evaluate_arguments(args, folder: Path, data: Path, metrics: str):
+    """``-m ddpm_hf.cli evaluate`` of the pipeline in ``folder``, results in folder/eval, with the flags above."""
+    return ["-m", "ddpm_hf.cli", "evaluate", str(folder), "--data", str(data), "--metrics", metrics,
+            "--num_samples", str(args.num_samples), "--num_reference", str(args.num_reference),
+            "--num_bpd_images", str(args.num_bpd_images), "--bpd_timesteps", str(args.bpd_timesteps),
+            "--num_inference_steps", str(args.num_inference_steps), "--out", str(folder / "eval")]
+
+
 def launch(processes):
     if processes == 1:
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2"]
@@ -77,11 +95,8 @@ def main():
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each recipe runs each")
     parser.add_argument("--baseline", choices=["diffusers", "none"], default="diffusers",
                         help="also train the diffusers example loop (seed 0) for the same minutes")
-    parser.add_argument("--num_samples", type=int, default=1000)
-    parser.add_argument("--num_reference", type=int, default=10000)
-    parser.add_argument("--num_bpd_images", type=int, default=1000)
-    parser.add_argument("--bpd_timesteps", type=int, default=50)
-    parser.add_argument("--num_inference_steps", type=int, default=1000)
+    add_evaluation_arguments(parser, num_samples=1000, num_reference=10000, num_bpd_images=1000, bpd_timesteps=50,
+                             num_inference_steps=1000)
     parser.add_argument("--out", default="runs/quality")
     args = parser.parse_args()
     recipes, seeds = args.recipes.split(","), [int(seed) for seed in args.seeds.split(",")]
@@ -120,11 +135,7 @@ def main():
                "recipes": {r: RECIPES[r] for r in recipes}, "runs": {}}
     for name, (folder, recipe) in runs.items():
         if not (folder / "eval" / "results.json").is_file():
-            run(launch(args.processes) + [
-                "-m", "ddpm_hf.cli", "evaluate", str(folder), "--data", str(data), "--metrics", "bpd,fid,kid",
-                "--num_samples", str(args.num_samples), "--num_reference", str(args.num_reference),
-                "--num_bpd_images", str(args.num_bpd_images), "--bpd_timesteps", str(args.bpd_timesteps),
-                "--num_inference_steps", str(args.num_inference_steps), "--out", str(folder / "eval")], env)
+            run(launch(args.processes) + evaluate_arguments(args, folder, data, "bpd,fid,kid"), env)
         result = json.loads((folder / "eval" / "results.json").read_text())
         steps = (json.loads((out / "diffusers_example.json").read_text())["steps"] if recipe == "diffusers example"
                  else json.loads((folder / "training_config.json").read_text())["max_train_steps"])

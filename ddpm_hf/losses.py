@@ -25,8 +25,7 @@ def min_snr_weights(scheduler: DDPMScheduler, snr_gamma: float) -> torch.Tensor:
     exactly for ε."""
     kind = scheduler.config.prediction_type
     check_snr_gamma(snr_gamma, kind)
-    alpha_bar = torch.cumprod(1 - scheduler.betas.double(), dim=0)  # float64: 1 − ᾱ_t loses digits in float32
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = scheduler.signal_to_noise_ratio(torch.arange(scheduler.config.num_train_timesteps))
     if kind == "epsilon":
         return torch.clamp(snr_gamma / snr, max=1.0)  # = min(SNR, γ) / SNR, and exactly 1 where SNR ≤ γ or γ = ∞
     clamped = torch.clamp(snr, max=snr_gamma)

@@ -337,6 +337,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return values
         return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
+    def signal_to_noise_ratio(self, t: Timesteps) -> torch.Tensor:
+        """SNR(t) = ᾱ_t / (1 − ᾱ_t) of q(x_t | x_0) (eq. 4), in float64 (1 − ᾱ_t loses digits in float32)."""
+        alpha_bar = self._alpha_bars(t, dtype=torch.float64)[0]
+        return alpha_bar / (1 - alpha_bar)
+
     def q_mean_variance(self, x_start: torch.Tensor, t: Timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean √ᾱ_t x_0 and variance 1 − ᾱ_t of q(x_t | x_0) (eq. 4)."""
         alpha_bar = self._expand(self._alpha_bars(t, dtype=x_start.dtype)[0], x_start)
