@@ -66,9 +66,9 @@ def evaluate_arguments(args, folder: Path, data: Path, metrics: str):
             "--num_inference_steps", str(args.num_inference_steps), "--out", str(folder / "eval")]
 
 
-def launch(processes):
+def launch(processes, threads=2):
     if processes == 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "2"]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(threads)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
 
 
@@ -87,6 +87,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60, help="training wall time of every run")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of a 1-process run: 1 to run two such "
+                        "invocations side by side, one core each (a fair pair: both get the same machine)")
     parser.add_argument("--preset", default="small-32")
     parser.add_argument("--global_batch", type=int, default=64)
     parser.add_argument("--lr_warmup_steps", type=int, default=500,
@@ -116,7 +118,7 @@ def main():
             runs[folder.name] = (folder, recipe)
             if (folder / "model_index.json").is_file():
                 continue  # trained by an earlier invocation
-            run(launch(args.processes) + [
+            run(launch(args.processes, args.threads) + [
                 "training/train.py", "--preset", args.preset, "--dataset_name", str(data), "--seed", str(seed),
                 "--max_train_steps", "1000000", "--max_train_minutes", str(args.minutes), "--train_batch_size",
                 str(per_process), "--random_flip", "--ema_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
@@ -126,7 +128,7 @@ def main():
         theirs = out / "diffusers_example"
         runs[theirs.name] = (theirs, "diffusers example")
         if not (out / "diffusers_example.json").is_file():
-            run(launch(args.processes) + [
+            run(launch(args.processes, args.threads) + [
                 "bench/diffusers_loop.py", "--preset", args.preset, "--data_dir", str(data), "--minutes",
                 str(args.minutes), "--train_batch_size", str(per_process), "--report",
                 str(out / "diffusers_example.json"), "--output_dir", str(theirs)], env)
@@ -135,7 +137,7 @@ def main():
                "recipes": {r: RECIPES[r] for r in recipes}, "runs": {}}
     for name, (folder, recipe) in runs.items():
         if not (folder / "eval" / "results.json").is_file():
-            run(launch(args.processes) + evaluate_arguments(args, folder, data, "bpd,fid,kid"), env)
+            run(launch(args.processes, args.threads) + evaluate_arguments(args, folder, data, "bpd,fid,kid"), env)
         result = json.loads((folder / "eval" / "results.json").read_text())
         steps = (json.loads((out / "diffusers_example.json").read_text())["steps"] if recipe == "diffusers example"
                  else json.loads((folder / "training_config.json").read_text())["max_train_steps"])
