@@ -22,7 +22,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q -e ".[test]"
 
-TRAIN_ARGS=(--preset small-28 --dataset_name embedded:fashion_mnist --max_train_steps "$STEPS"
+# --recipe short: the settings measured best for runs this short (docs/benchmarks.md, "Recipes for short runs")
+TRAIN_ARGS=(--preset small-28 --recipe short --dataset_name embedded:fashion_mnist --max_train_steps "$STEPS"
   --train_batch_size $((64 / PROCESSES)) --data_streams "$PROCESSES" --lr_warmup_steps 100 --ema_warmup
   --checkpointing_steps 500 --save_images_steps 500 --ddpm_num_inference_steps 100 --output_dir "$OUT")
 echo "== training ($PROCESSES process(es), $STEPS steps, global batch 64) =="

@@ -28,7 +28,7 @@ setup(
         "transformers",
         "accelerate>=0.30",
         "datasets>=2.19",
-        "huggingface_hub>=0.23",
+        "huggingface_hub>=1.0",  # set_client_factory (the upload timeout) arrived with 1.0's httpx client
         "safetensors",
         "tqdm",
         "Pillow",

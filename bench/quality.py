@@ -6,6 +6,9 @@ data, processes and minutes for every run. Not run in CI.
     python bench/quality.py --minutes 15 --num_samples 500   # shorter
     python bench/quality.py --recipes paper,short --seeds 0,1 --baseline none --minutes 8   # recipes side by side
 
+Two invocations with ``--processes 1 --threads 1`` and the same --out run side by side, one core each, as a fair
+pair (every run gets the same machine); the last one to finish summarises everything trained so far in --out.
+
 A recipe is a set of train.py flags on top of the preset (RECIPES below): ``paper`` is the preset's own (the paper's
 Adam 2e-4, EMA 0.9999 with warm-up for a short run); the others are candidates for short runs. Every run gets the
 same wall time (--max_train_minutes), so a recipe that costs more per step takes fewer steps.
@@ -72,12 +75,11 @@ def launch(processes, threads=2):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
 
 
-# train.py flags on top of the preset's (the paper's recipe); "paper" adds nothing.
+# train.py flags on top of the preset's (the paper's recipe): the named recipes of ddpm_hf.presets.RECIPES, and
+# candidates that take one setting of "short" each, to show what each setting brings
 RECIPES = {
     "paper": [],
-    # a 0.7 M-parameter network takes a larger step than the paper's 35.7 M one; Min-SNR-γ (γ = 5, Hang et al.
-    # 2023) stops the low-noise timesteps from dominating the gradient
-    "short": ["--learning_rate", "1e-3", "--snr_gamma", "5"],
+    "short": ["--recipe", "short"],
     "short-lr": ["--learning_rate", "1e-3"],
     "short-snr": ["--snr_gamma", "5"],
 }
@@ -93,7 +95,8 @@ def main():
     parser.add_argument("--global_batch", type=int, default=64)
     parser.add_argument("--lr_warmup_steps", type=int, default=500,
                         help="for every ddpm_hf run; keep it well below the steps the minutes allow")
-    parser.add_argument("--recipes", default="paper", help=f"comma-separated, from {sorted(RECIPES)}")
+    parser.add_argument("--recipes", default="paper", help=f"comma-separated, from {sorted(RECIPES)}; '' "
+                        "for none (with --baseline diffusers: the baseline alone, e.g. beside another invocation)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, each recipe runs each")
     parser.add_argument("--baseline", choices=["diffusers", "none"], default="diffusers",
                         help="also train the diffusers example loop (seed 0) for the same minutes")
@@ -101,7 +104,7 @@ def main():
                              num_inference_steps=1000)
     parser.add_argument("--out", default="runs/quality")
     args = parser.parse_args()
-    recipes, seeds = args.recipes.split(","), [int(seed) for seed in args.seeds.split(",")]
+    recipes, seeds = [r for r in args.recipes.split(",") if r], [int(seed) for seed in args.seeds.split(",")]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         parser.error(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
@@ -133,11 +136,19 @@ def main():
                 str(args.minutes), "--train_batch_size", str(per_process), "--report",
                 str(out / "diffusers_example.json"), "--output_dir", str(theirs)], env)
 
-    summary = {"minutes": args.minutes, "processes": args.processes, "preset": args.preset, "data": str(data),
-               "recipes": {r: RECIPES[r] for r in recipes}, "runs": {}}
     for name, (folder, recipe) in runs.items():
         if not (folder / "eval" / "results.json").is_file():
             run(launch(args.processes, args.threads) + evaluate_arguments(args, folder, data, "bpd,fid,kid"), env)
+    # and the runs in --out that other invocations (a side-by-side pair, an earlier call) have finished
+    for folder in sorted(out.glob("ddpm_hf-*-seed*")):
+        if folder.name not in runs and (folder / "eval" / "results.json").is_file():
+            runs[folder.name] = (folder, folder.name[len("ddpm_hf-"):folder.name.rindex("-seed")])
+    if "diffusers_example" not in runs and (out / "diffusers_example" / "eval" / "results.json").is_file():
+        runs["diffusers_example"] = (out / "diffusers_example", "diffusers example")
+    summary = {"minutes": args.minutes, "processes": args.processes, "preset": args.preset, "data": str(data),
+               "recipes": {r: RECIPES[r] for r in dict.fromkeys(recipe for _, recipe in runs.values())
+                           if r in RECIPES}, "runs": {}}
+    for name, (folder, recipe) in runs.items():
         result = json.loads((folder / "eval" / "results.json").read_text())
         steps = (json.loads((out / "diffusers_example.json").read_text())["steps"] if recipe == "diffusers example"
                  else json.loads((folder / "training_config.json").read_text())["max_train_steps"])

@@ -13,7 +13,7 @@ from accelerate.utils import LoggerType
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
-from .presets import PRESETS, training_defaults
+from .presets import PRESETS, RECIPES, training_defaults
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from .unet import DDPMUNet
 
@@ -48,6 +48,10 @@ def parse_args(argv=None):
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small-28", choices=sorted(PRESETS))
     model.add_argument("--model_config", default=None, help="a UNet2DModel-style config.json, overrides --preset")
+    model.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                       help="training settings laid over the preset's before any flag: 'paper' (the paper's) or "
+                            "'short' (measured for runs of minutes to hours: " +
+                            ", ".join(f"--{k} {v:g}" for k, v in RECIPES["short"].items()) + ")")
     model.add_argument("--dropout", type=float, default=None)
     model.add_argument("--original_init", action="store_true", help="the original code's initialisation")
     model.add_argument("--ddpm_num_steps", type=int, default=1000)
@@ -120,7 +124,7 @@ def parse_args(argv=None):
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Fill what the flags leave open from the preset, then check every flag's range and combination before anything
     is loaded: ``p.error`` names the flag and exits with status 2."""
-    for key, value in training_defaults(args.preset).items():
+    for key, value in training_defaults(args.preset, args.recipe).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.ddpm_num_inference_steps is None:
@@ -164,7 +168,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         check_loss_supports_variance(args.loss, args.variance_type)
         check_snr_gamma(args.snr_gamma, args.prediction_type, args.loss)
     except ValueError as err:
-        p.error(str(err))
+        from_recipe = (f" (--recipe {args.recipe} sets --snr_gamma {args.snr_gamma:g}: use --recipe paper)"
+                       if "snr_gamma" in RECIPES[args.recipe] and "snr_gamma" in str(err) else "")
+        p.error(f"{err}{from_recipe}")
     missing_tracker = tracker_not_installed(args.logger)
     if missing_tracker:
         p.error(missing_tracker)
