@@ -75,13 +75,13 @@ def launch(processes, threads=2):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
 
 
-# train.py flags on top of the preset's (the paper's recipe): the named recipes of ddpm_hf.presets.RECIPES, and
-# candidates that take one setting of "short" each, to show what each setting brings
+# train.py flags on top of the preset's (the paper's recipe): the named recipes of ddpm_hf.presets.RECIPES, and the
+# Min-SNR-γ variants measured against them (docs/benchmarks.md, "Recipes for short runs")
 RECIPES = {
     "paper": [],
     "short": ["--recipe", "short"],
-    "short-lr": ["--learning_rate", "1e-3"],
-    "short-snr": ["--snr_gamma", "5"],
+    "short-minsnr": ["--recipe", "short", "--snr_gamma", "5"],
+    "paper-minsnr": ["--snr_gamma", "5"],
 }
 
 

@@ -168,9 +168,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         check_loss_supports_variance(args.loss, args.variance_type)
         check_snr_gamma(args.snr_gamma, args.prediction_type, args.loss)
     except ValueError as err:
-        from_recipe = (f" (--recipe {args.recipe} sets --snr_gamma {args.snr_gamma:g}: use --recipe paper)"
-                       if "snr_gamma" in RECIPES[args.recipe] and "snr_gamma" in str(err) else "")
-        p.error(f"{err}{from_recipe}")
+        p.error(str(err))
     missing_tracker = tracker_not_installed(args.logger)
     if missing_tracker:
         p.error(missing_tracker)
