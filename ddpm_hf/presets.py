@@ -69,6 +69,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": {},
     "short": {"learning_rate": 1e-3},
 }
+# The presets a recipe was measured on; the paper's networks keep the paper's recipe.
+RECIPE_PRESETS = {"paper": tuple(PRESETS), "short": ("small-28", "small-32", "tiny-16")}
 
 
 def unet_config(name: str, **overrides: Any) -> Dict[str, Any]:
@@ -85,4 +87,8 @@ def training_defaults(name: str, recipe: str = "paper") -> Dict[str, Any]:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}.")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}.")
+    if name not in RECIPE_PRESETS[recipe]:
+        raise ValueError(f"--recipe {recipe} was measured on the presets {', '.join(RECIPE_PRESETS[recipe])}, not on "
+                         f"{name}: train {name} with --recipe paper (its own settings), or set --learning_rate and "
+                         "the other flags yourself")
     return dict(PRESETS[name]["training"], **RECIPES[recipe])

@@ -124,7 +124,11 @@ def parse_args(argv=None):
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Fill what the flags leave open from the preset, then check every flag's range and combination before anything
     is loaded: ``p.error`` names the flag and exits with status 2."""
-    for key, value in training_defaults(args.preset, args.recipe).items():
+    try:
+        defaults = training_defaults(args.preset, args.recipe)
+    except ValueError as err:
+        p.error(str(err))
+    for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.ddpm_num_inference_steps is None:

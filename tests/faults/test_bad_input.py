@@ -70,6 +70,10 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "200"], "cannot exceed --ddpm_num_steps"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--loss", "l1"], "invalid choice: 'l1'"),
+    (["--recipe", "fast"], "invalid choice: 'fast'"),
+    (["--preset", "ddpm-cifar10", "--recipe", "short"], "--recipe short was measured on the presets small-28, "
+                                                         "small-32, tiny-16, not on ddpm-cifar10: train ddpm-cifar10 "
+                                                         "with --recipe paper"),
     (["--variance_type", "learned"], "gets no gradient from --loss simple"),
     (["--snr_gamma", "0"], "--snr_gamma must be positive, got 0.0"),
     (["--snr_gamma=-5"], "--snr_gamma must be positive, got -5.0"),
