@@ -3,6 +3,7 @@ diffusers or datasets: they read HF_ENDPOINT and HF_HOME once, when first import
 block."""
 
 import os
+import signal
 import tempfile
 
 from fakehub import FakeHub
@@ -23,6 +24,11 @@ os.environ.update({
 })
 for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.pop(variable, None)
+# A suite started in the background by a shell without job control (`cmd &`, nohup) inherits SIGINT ignored, and so
+# would every training process it starts: Ctrl-C tests would then wait for a run that cannot be interrupted. Children
+# get the default disposition back (a Python handler is reset to the default at exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

@@ -112,7 +112,11 @@ def test_workers_exit_with_the_run(images, tmp_path, how):
     if how != "exception":
         time.sleep(1.0)  # into the training loop
         proc.send_signal(getattr(signal, how))
-    code = proc.wait(timeout=120)
+    try:
+        code = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a run that outlives the test would slow every test after it
+        raise
     assert code != 0
     assert _gone(workers), f"data workers {workers} outlived the training process ({how})"
 
