@@ -7,7 +7,9 @@ Lines printed (prefix "GPU"):
                    upsampling formulations of ours on this device;
   train.py         ~300 steps at ddpm-cifar10, batch 128, bf16, on synthetic 32² PNG parquet: images/s, data_wait,
                    model FLOP utilisation (FLOPs counted from the network by torch's FLOP counter, against the
-                   measured bf16 matmul peak and the data-sheet peak), eager and --compile; fp16 for a few steps;
+                   measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
+                   activations) and --compile; fp16 for a few steps;
+  data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
   sampling         1000 ancestral steps of 256 images (images/s; 50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
 """
@@ -15,6 +17,7 @@ Lines printed (prefix "GPU"):
 import argparse
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -109,22 +112,53 @@ def unet_step_ratios(batch: int):
         Upsample.phases_on = {"cpu", "cuda"}
         results["ours_phases"] = time_steps(lambda: step(ours, opts[ours]), 20)
         Upsample.phases_on = {"cpu"}
+        DDPMUNet.channels_last_on = {"cpu", "cuda"}
+        results["ours_channels_last"] = time_steps(lambda: step(ours, opts[ours]), 20)
+        DDPMUNet.channels_last_on = {"cpu"}
         say(f"unet train step ddpm-cifar10 b{batch} {precision}: ours {1000 * results['ours']:.1f} ms, diffusers "
             f"{1000 * results['diffusers']:.1f} ms, ratio ours/diffusers {results['ours'] / results['diffusers']:.3f}; "
             f"ours with phase upsampling {1000 * results['ours_phases']:.1f} ms "
-            f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f})")
+            f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f}); ours channels-last "
+            f"{1000 * results['ours_channels_last']:.1f} ms (ratio channels-last/plain "
+            f"{results['ours_channels_last'] / results['ours']:.3f})")
 
 
-def train_run(data: Path, out: Path, steps: int, extra, timeout):
-    cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10", "--dataset_name", str(data),
-           "--train_batch_size", "128", "--max_train_steps", str(steps), "--checkpointing_steps", "0",
-           "--num_sample_images", "1", "--ddpm_num_inference_steps", "2", "--logger", "none", "--logging_steps", "50",
-           "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    text = result.stdout + result.stderr
+# train.py run by this wrapper: its threads' stacks go to its log on SIGUSR1 (sent before a timeout's kill, so a run
+# that overstays says where it was), and bench-only speed choices (the U-Net's activation layout) set before it starts.
+TRAIN_WRAPPER = """
+import faulthandler, runpy, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+if sys.argv[1] == "channels-last":
+    from ddpm_hf import DDPMUNet
+    DDPMUNet.channels_last_on = {"cpu", "cuda"}
+script = sys.argv[2]
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layout: str = "default"):
+    """One train.py run at ddpm-cifar10, batch 128; its whole output goes to ``log`` as it is written (a run killed
+    at the time limit keeps what it printed, and its stacks)."""
+    cmd = [sys.executable, "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10",
+           "--dataset_name", str(data), "--train_batch_size", "128", "--max_train_steps", str(steps),
+           "--checkpointing_steps", "0", "--num_sample_images", "1", "--ddpm_num_inference_steps", "2",
+           "--logger", "none", "--logging_steps", "50", "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
+    with open(log, "w") as sink:
+        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"train.py overstayed {timeout:.0f} s; its stacks at the kill are at the end of {log}:\n"
+                               + log.read_text()[-3000:])
+    text = log.read_text()
     found = re.search(r"([\d.]+) images/s, data_wait ([\d.]+) % over ([\d.]+) s", text)
-    if result.returncode or not found:
-        raise RuntimeError(f"train.py exited {result.returncode}:\n{text[-3000:]}")
+    if returncode or not found:
+        raise RuntimeError(f"train.py exited {returncode}:\n{text[-3000:]}")
     overflow = re.search(r"(\d+) fp16 overflow steps", text)
     return float(found.group(1)), float(found.group(2)), float(found.group(3)), overflow and int(overflow.group(1))
 
@@ -134,6 +168,8 @@ def main():
     parser.add_argument("--deadline_s", type=float, default=450, help="skip parts that would start after this")
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--only", nargs="*", default=None, help="run only the parts whose names start with these")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="folder for each train.py run's whole output (default: a temporary folder)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
     say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}, "
@@ -157,26 +193,46 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "cifar_like"
 
-    def training(extra, label, steps):
+    logs = args.logs or tmp
+    logs.mkdir(parents=True, exist_ok=True)
+
+    rates = {}  # images/s of the eager bf16 runs per activation layout: the compiled run uses the faster
+
+    def training(extra, label, steps, layout="default"):
         # a run may overstay the deadline by a minute at most: the figures of the parts before it must get out
         img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra,
-                                                   timeout=max(60, left(args.deadline_s + 60)))
+                                                   timeout=max(60, left(args.deadline_s + 60)),
+                                                   log=logs / f"train-{label}.log", layout=layout)
         mfu = img_s * flops / 1e12
         say(f"train.py {label} ddpm-cifar10 b128 {steps} steps: {img_s:.0f} images/s, data_wait {wait:.2f} %, "
             f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak ({100 * mfu / H100_BF16_DENSE_TFLOPS:.1f} "
             f"% of data sheet); 800k steps × 128 would take {800_000 * 128 / img_s / 3600:.1f} h"
             + (f"; fp16 overflow steps {overflow}" if overflow is not None and "fp16" in label else ""))
+        return img_s
 
+    bf16 = ["--mixed_precision", "bf16", "--allow_tf32"]
     part("unet", lambda: unet_step_ratios(128), 30)
     part("data", lambda: write_dataset(data, "png32", 20_000), 30)
-    part("train bf16", lambda: training(["--mixed_precision", "bf16", "--allow_tf32"], "bf16", args.train_steps), 60)
+    for layout in ("default", "channels-last"):
+        label = "bf16" if layout == "default" else "bf16-channels-last"
+        part(f"train {label}", lambda: rates.update({layout: training(bf16, label, args.train_steps, layout)}), 60)
+    fastest = max(rates, key=rates.get, default="default")
+    part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,
+                                                fastest), 90)
+    part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
+    part("decode", decode_rates, 40)
     part("sampling", sampling, 60)
     part("bits/dim", lambda: bits(compiled=False), 45)
-    part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
-    part("train bf16 compile", lambda: training(["--mixed_precision", "bf16", "--allow_tf32", "--compile"],
-                                                "bf16-compile", args.train_steps), 90)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
     say(f"done in {time.time() - START:.0f} s")
+
+
+def decode_rates():
+    """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0", "4",
+                             "8", "--seconds", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    for line in (result.stdout + result.stderr).strip().splitlines()[-12:]:
+        say("data.py:", line)
 
 
 def sampling():

@@ -3,6 +3,7 @@
 # datasets:
 #     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure, ≤ 8 minutes on one H100
 #     bash bench/gpu.sh --only data train --deadline_s 240    # some parts only
+#     ... --logs DIR    # keep each train.py run's whole output (the stacks of one killed at its limit included)
 # Send the output to a file, not through a pipe: a run stopped by a time limit keeps what it printed.
 # It installs diffusers, datasets and their pure-Python dependencies from wheels in .gpu_wheels/ (git-ignored), made
 # on a machine with network by:
@@ -22,5 +23,6 @@ export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
 if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests
-    python -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "fp16 or upsampling or ema" 2>&1 | tail -3
+    timeout 180 python -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "fp16 or upsampling or layouts or ema" 2>&1 \
+        | tail -3
 fi

@@ -312,6 +312,10 @@ class DDPMUNet(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Device types whose activations run channels-last (a speed choice only, like ``Upsample.phases_on``): oneDNN's
+    # convolutions are faster so on CPU (bench/unet.py); elsewhere diffusers' contiguous layout runs until a
+    # measurement there (bench/gpu.sh) says otherwise.
+    channels_last_on = {"cpu"}
 
     @register_to_config
     def __init__(
@@ -507,9 +511,7 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         temb_act = self.time_act(emb)  # every ResNet block projects act(emb); compute it once
 
         h = self.conv_in(sample)
-        if h.device.type == "cpu":
-            # oneDNN's convolutions run faster on channels-last activations (bench/unet.py); every later op keeps
-            # the layout, and the output is returned contiguous.
+        if h.device.type in self.channels_last_on:  # every later op keeps the layout; the output is contiguous
             h = h.contiguous(memory_format=torch.channels_last)
         skips: Tuple[torch.Tensor, ...] = (h,)
         for block in self.down_blocks:
