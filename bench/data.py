@@ -92,7 +92,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     cases = [("png32", 32, 128, "ddpm-cifar10", 128 if device.type == "cuda" else 4, 4096),
-             ("jpeg256", 256, 64, "ddpm-256", 64 if device.type == "cuda" else 1, 1024)]
+             ("jpeg256", 256, 64, "ddpm-256", 16 if device.type == "cuda" else 1, 1024)]  # 64 at 256²: over 80 GB
     with tempfile.TemporaryDirectory() as tmp:
         for kind, resolution, batch, preset, model_batch, count in cases:
             folder = write_dataset(Path(tmp) / kind, kind, count)

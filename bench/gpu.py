@@ -126,12 +126,14 @@ def unet_step_ratios(batch: int):
 # train.py run by this wrapper: its threads' stacks go to its log on SIGUSR1 (sent before a timeout's kill, so a run
 # that overstays says where it was), and bench-only speed choices (the U-Net's activation layout) set before it starts.
 TRAIN_WRAPPER = """
-import faulthandler, runpy, signal, sys
+import faulthandler, os, runpy, signal, sys
+script = sys.argv[2]
+sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python train.py` has it, not the cwd (whose ddpm_hf is
+                                                        # the source tree's, without ddpm_hf.pipelines)
 faulthandler.register(signal.SIGUSR1, all_threads=True)
 if sys.argv[1] == "channels-last":
     from ddpm_hf import DDPMUNet
     DDPMUNet.channels_last_on = {"cpu", "cuda"}
-script = sys.argv[2]
 sys.argv = sys.argv[2:]
 runpy.run_path(script, run_name="__main__")
 """
@@ -189,6 +191,7 @@ def main():
             fn()
         except Exception as err:  # one failing part must not hide the others' figures
             say(f"{name}: FAILED {type(err).__name__}: {str(err)[-1500:]}")
+        torch.cuda.empty_cache()  # the next part, in this process or another, gets the whole GPU
 
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "cifar_like"

@@ -22,7 +22,7 @@ mkdir "$PKG/ddpm_hf" && ln -s "$PWD"/ddpm_hf/* "$PKG/ddpm_hf/" && ln -s "$PWD/pi
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
-if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests
-    timeout 180 python -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "fp16 or upsampling or layouts or ema" 2>&1 \
-        | tail -3
+if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests; -P: the cwd's ddpm_hf (no pipelines) not first
+    timeout 180 python -P -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
+        -k "fp16 or upsampling or layouts or ema" 2>&1 | tail -3
 fi
