@@ -234,7 +234,9 @@ def decode_rates():
     """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0", "4",
                              "8", "--seconds", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    for line in (result.stdout + result.stderr).strip().splitlines()[-12:]:
+    if result.returncode:
+        raise RuntimeError(f"bench/data.py exited {result.returncode}:\n{result.stderr[-2000:]}")
+    for line in result.stdout.strip().splitlines():  # its figures; stderr holds progress bars
         say("data.py:", line)
 
 

@@ -173,7 +173,33 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
             ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
-    return ds
+    return without_exit_pause(ds)
+
+
+def without_exit_pause(dataset):
+    """``dataset`` (a 🤗 IterableDataset) with datasets' 5-second pause after each iteration turned off where pyarrow
+    no longer needs it.
+
+    datasets sleeps ``config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) whenever an iteration over parquet shards ends or
+    is closed, so that pyarrow's scanner threads are gone before the interpreter could exit (apache/arrow#45214, a hang
+    at exit). A training stream ends an iteration at every epoch: on a GPU that was 5 s without a batch at each epoch
+    (bench/gpu.sh, 2026-11-27), and the first-image check at every start paid it too. pyarrow after 24.0 fixed the
+    hang on its side (datasets' own garbage-collection workaround stops at 24.0 as well); with an older pyarrow the
+    pause stays. Set on the dataset's leaf iterables, it carries over to what shuffle, shard and split derive."""
+    import pyarrow
+
+    if int(pyarrow.__version__.split(".")[0]) <= 24:
+        return dataset
+    nodes = [getattr(dataset, "_ex_iterable", None)]
+    while nodes:
+        node = nodes.pop()
+        if node is None:
+            continue
+        if hasattr(node, "_sleep_on_threads_shutdown"):
+            node._sleep_on_threads_shutdown = False
+        nodes.append(getattr(node, "ex_iterable", None))
+        nodes.extend(getattr(node, "ex_iterables", None) or [])
+    return dataset
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
@@ -785,7 +811,8 @@ class TrainStream:
                                                     schema=schema), row_group_size=max(rows, 1))
                         first += rows
             with _streaming_patches_kept():
-                pairs = load_dataset("parquet", data_files={"train": files}, split="train", streaming=True)
+                pairs = without_exit_pause(load_dataset("parquet", data_files={"train": files}, split="train",
+                                                        streaming=True))
             if self.shuffle_buffer_size > 1:
                 pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
             pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)

@@ -149,9 +149,6 @@ def test_a_recipe_lies_between_the_preset_and_the_flags():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir, workers):
-    import datasets
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the 5 s Arrow-thread pause per pass: irrelevant here
     ds = load_image_dataset(str(parquet_dir))
     column = find_image_column(ds.features)
 
@@ -167,6 +164,36 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
     for epoch in (slice(0, 32), slice(32, 64)):  # each epoch: disjoint across streams, covering the data once
         assert set(r0[epoch]).isdisjoint(r1[epoch]) and set(r0[epoch]) | set(r1[epoch]) == _all_ids()
     assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
+
+
+def test_an_epoch_ends_without_datasets_exit_pause(parquet_dir, monkeypatch):
+    """datasets pauses config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) after every pass over parquet shards, against an
+    exit hang that pyarrow after 24.0 fixed. Our datasets turn it off: three epochs of a stream (and the first-image
+    check) take no pause. Oracle: the pauses datasets itself takes, counted; a plain streaming load of the same
+    shards takes one per pass (the control)."""
+    import types
+
+    import datasets
+    import datasets.iterable_dataset
+    import pyarrow
+
+    from ddpm_hf.data import first_image
+
+    if int(pyarrow.__version__.split(".")[0]) <= 24:
+        pytest.skip("pyarrow <= 24 still needs datasets' pause")
+    pauses = []
+    monkeypatch.setattr(datasets.iterable_dataset, "time", types.SimpleNamespace(sleep=pauses.append))
+    plain = datasets.load_dataset("parquet", data_files=str(parquet_dir / "*.parquet"), split="train", streaming=True)
+    plain = plain.shuffle(seed=0, buffer_size=16)  # as a stream reads: shards interleaved into the buffer
+    assert sum(1 for _ in plain) == 64 and pauses  # the control: datasets pauses after a pass
+    pauses.clear()
+    ds = load_image_dataset(str(parquet_dir))
+    first_image(ds, "image")
+    stream = TrainStream(ds, "image", 16, 1, 8, 1, 0, 1, seed=0, shuffle_buffer_size=16)
+    for _ in range(3 * 64 // 8 + 1):  # three epochs, into the fourth
+        stream.next_batch()
+    stream.close()
+    assert stream.position[0][0] == 3 and pauses == []
 
 
 def test_dataset_without_image_column_lists_its_columns(tmp_path):
