@@ -109,18 +109,35 @@ def unet_step_ratios(batch: int):
         results = {}
         for name, model in (("ours", ours), ("diffusers", theirs)):
             results[name] = time_steps(lambda: step(model, opts[model]), 20)
-        Upsample.phases_on = {"cpu", "cuda"}
-        results["ours_phases"] = time_steps(lambda: step(ours, opts[ours]), 20)
-        Upsample.phases_on = {"cpu"}
-        DDPMUNet.channels_last_on = {"cpu", "cuda"}
-        results["ours_channels_last"] = time_steps(lambda: step(ours, opts[ours]), 20)
-        DDPMUNet.channels_last_on = {"cpu"}
+        results["ours_phases"] = switched(Upsample, "phases_on", {"cpu", "cuda"},
+                                          lambda: time_steps(lambda: step(ours, opts[ours]), 20))
+        results["ours_channels_last"] = switched(DDPMUNet, "channels_last_on", {"cpu", "cuda"},
+                                                 lambda: time_steps(lambda: step(ours, opts[ours]), 20))
+        ours.to(memory_format=torch.channels_last)  # the convolutions' weights too (cuDNN converts them otherwise)
+        try:
+            optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the weights' layout
+            results["ours_channels_last_weights"] = switched(
+                DDPMUNet, "channels_last_on", {"cpu", "cuda"}, lambda: time_steps(lambda: step(ours, optimizer), 20))
+        finally:
+            ours.to(memory_format=torch.contiguous_format)
         say(f"unet train step ddpm-cifar10 b{batch} {precision}: ours {1000 * results['ours']:.1f} ms, diffusers "
             f"{1000 * results['diffusers']:.1f} ms, ratio ours/diffusers {results['ours'] / results['diffusers']:.3f}; "
             f"ours with phase upsampling {1000 * results['ours_phases']:.1f} ms "
             f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f}); ours channels-last "
             f"{1000 * results['ours_channels_last']:.1f} ms (ratio channels-last/plain "
-            f"{results['ours_channels_last'] / results['ours']:.3f})")
+            f"{results['ours_channels_last'] / results['ours']:.3f}), with channels-last weights "
+            f"{1000 * results['ours_channels_last_weights']:.1f} ms (ratio "
+            f"{results['ours_channels_last_weights'] / results['ours']:.3f})")
+
+
+def switched(cls, name: str, value, fn):
+    """fn() with the class attribute ``name`` of ``cls`` set to ``value`` (a speed choice), restored afterwards."""
+    saved = getattr(cls, name)
+    setattr(cls, name, value)
+    try:
+        return fn()
+    finally:
+        setattr(cls, name, saved)
 
 
 # train.py run by this wrapper: its threads' stacks go to its log on SIGUSR1 (sent before a timeout's kill, so a run
@@ -142,7 +159,7 @@ runpy.run_path(script, run_name="__main__")
 def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layout: str = "default"):
     """One train.py run at ddpm-cifar10, batch 128; its whole output goes to ``log`` as it is written (a run killed
     at the time limit keeps what it printed, and its stacks)."""
-    cmd = [sys.executable, "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10",
+    cmd = [sys.executable, "-u", "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10",
            "--dataset_name", str(data), "--train_batch_size", "128", "--max_train_steps", str(steps),
            "--checkpointing_steps", "0", "--num_sample_images", "1", "--ddpm_num_inference_steps", "2",
            "--logger", "none", "--logging_steps", "50", "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
@@ -150,11 +167,14 @@ def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layo
         process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
             returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGUSR1)
-            time.sleep(3)
+        except BaseException as err:  # a timeout, or this script stopped: the run must not outlive it
+            if isinstance(err, subprocess.TimeoutExpired):
+                process.send_signal(signal.SIGUSR1)
+                time.sleep(3)
             process.kill()
             process.wait()
+            if not isinstance(err, subprocess.TimeoutExpired):
+                raise
             raise RuntimeError(f"train.py overstayed {timeout:.0f} s; its stacks at the kill are at the end of {log}:\n"
                                + log.read_text()[-3000:])
     text = log.read_text()
@@ -174,8 +194,11 @@ def main():
                         help="folder for each train.py run's whole output (default: a temporary folder)")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "bench/gpu.py needs a CUDA GPU"
+    import datasets
+    import pyarrow
+
     say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}, "
-        f"{os.cpu_count()} CPUs")
+        f"{os.cpu_count()} CPUs; datasets {datasets.__version__}, pyarrow {pyarrow.__version__}")
     peak = matmul_peak_tflops()
     flops = train_flops_per_image("ddpm-cifar10")
     say(f"bf16 matmul 8192³: {peak:.0f} TFLOP/s measured (data sheet {H100_BF16_DENSE_TFLOPS:.0f}); ddpm-cifar10 "
@@ -216,24 +239,29 @@ def main():
     bf16 = ["--mixed_precision", "bf16", "--allow_tf32"]
     part("unet", lambda: unet_step_ratios(128), 30)
     part("data", lambda: write_dataset(data, "png32", 20_000), 30)
-    for layout in ("default", "channels-last"):
-        label = "bf16" if layout == "default" else "bf16-channels-last"
-        part(f"train {label}", lambda: rates.update({layout: training(bf16, label, args.train_steps, layout)}), 60)
+    for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
+        part(f"train {label}", lambda layout=layout, label=label: rates.update(
+            {layout: training(bf16, label, args.train_steps, layout)}), 60)
     fastest = max(rates, key=rates.get, default="default")
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,
                                                 fastest), 90)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
-    part("decode", decode_rates, 40)
+    part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("sampling", sampling, 60)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
     say(f"done in {time.time() - START:.0f} s")
 
 
-def decode_rates():
+def decode_rates(timeout: float):
     """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0", "4",
-                             "8", "--seconds", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0",
+                                 "4", "8", "--seconds", "3"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as err:  # the figures printed before the limit still count
+        for line in (err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or "").splitlines():
+            say("data.py:", line)
+        raise
     if result.returncode:
         raise RuntimeError(f"bench/data.py exited {result.returncode}:\n{result.stderr[-2000:]}")
     for line in result.stdout.strip().splitlines():  # its figures; stderr holds progress bars

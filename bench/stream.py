@@ -39,8 +39,11 @@ RESOLUTION = {"png32": 32, "jpeg256": 256}
 
 def read_stream(source: str, resolution: int, batch: int, rank: int, world: int, workers: int, seconds: float,
                 result: "multiprocessing.Queue") -> None:
+    import datasets
+
     from ddpm_hf.data import TrainStream, load_image_dataset
 
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     stream = TrainStream(load_image_dataset(source), "image", resolution, 3, batch, world, rank, world, seed=0,
                          shuffle_buffer_size=256, random_flip=True, num_workers=workers)
     try:

@@ -173,23 +173,19 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
             ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
-    return without_exit_pause(ds)
+    return ds
 
 
 def without_exit_pause(dataset):
-    """``dataset`` (a 🤗 IterableDataset) with datasets' 5-second pause after each iteration turned off where pyarrow
-    no longer needs it.
+    """``dataset`` (a 🤗 IterableDataset, changed in place) without datasets' pause at the end of each pass.
 
-    datasets sleeps ``config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) whenever an iteration over parquet shards ends or
-    is closed, so that pyarrow's scanner threads are gone before the interpreter could exit (apache/arrow#45214, a hang
-    at exit). A training stream ends an iteration at every epoch: on a GPU that was 5 s without a batch at each epoch
-    (bench/gpu.sh, 2026-11-27), and the first-image check at every start paid it too. pyarrow after 24.0 fixed the
-    hang on its side (datasets' own garbage-collection workaround stops at 24.0 as well); with an older pyarrow the
-    pause stays. Set on the dataset's leaf iterables, it carries over to what shuffle, shard and split derive."""
-    import pyarrow
-
-    if int(pyarrow.__version__.split(".")[0]) <= 24:
-        return dataset
+    datasets sleeps ``config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) whenever a pass over shuffled (shard-interleaved)
+    parquet shards ends or is closed, so that pyarrow's scanner threads are gone before the interpreter could exit
+    (apache/arrow#45214: a hang or abort at exit after a scan left part-way). A training stream ends a pass at every
+    epoch: on a GPU that was 5 s without a batch per epoch (bench/gpu.sh, 2026-11-27). A pass that ends has read
+    every shard to its end, so no scan is left part-way: the pause is turned off here, and TrainStream pauses itself
+    when it closes a pass part-way (``_wait_for_arrow_threads``). Set on the dataset's leaf iterables, the setting
+    carries over to what shuffle, shard, split and set_epoch derive from them."""
     nodes = [getattr(dataset, "_ex_iterable", None)]
     while nodes:
         node = nodes.pop()
@@ -200,6 +196,13 @@ def without_exit_pause(dataset):
         nodes.append(getattr(node, "ex_iterable", None))
         nodes.extend(getattr(node, "ex_iterables", None) or [])
     return dataset
+
+
+def _wait_for_arrow_threads() -> None:
+    """The pause datasets takes after closing a pass (see without_exit_pause), for passes a stream closes part-way."""
+    from datasets import config
+
+    time.sleep(config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
@@ -576,7 +579,7 @@ class TrainStream:
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
-        dataset = self.base = undecoded_images(dataset, image_column)
+        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # epochs end unpaused
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
@@ -691,6 +694,7 @@ class TrainStream:
         finally:
             for generator in decoded.values():
                 generator.close()
+            _wait_for_arrow_threads()  # the passes just closed were left part-way
 
     def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
         """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the

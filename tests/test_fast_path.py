@@ -248,21 +248,20 @@ def test_both_upsampling_formulations_agree():
     torch.testing.assert_close(plain, up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0)), rtol=0, atol=0)
 
 
-def test_both_activation_layouts_agree():
-    """The per-device layout choice in DDPMUNet (channels-last activations on CPU, contiguous elsewhere) is a choice
-    of speed only: the same output, returned contiguous, either way."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_both_activation_layouts_agree(device, monkeypatch):
+    """The per-device layout choice in DDPMUNet (channels-last activations on CPU, contiguous elsewhere until a GPU
+    measurement says otherwise) is a choice of speed only: the same output, returned contiguous, either way."""
     from ddpm_hf import DDPMUNet
     from ddpm_hf.presets import unet_config
 
     torch.manual_seed(0)
-    unet = DDPMUNet(**unet_config("tiny-16")).eval()
-    x, t = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([3, 700])
-    with torch.no_grad():
-        channels_last = unet(x, t).sample
-        DDPMUNet.channels_last_on = set()
-        try:
-            contiguous = unet(x, t).sample
-        finally:
-            DDPMUNet.channels_last_on = {"cpu"}
-    assert channels_last.is_contiguous() and contiguous.is_contiguous()
-    torch.testing.assert_close(channels_last, contiguous, rtol=1e-4, atol=1e-5)
+    unet = DDPMUNet(**unet_config("tiny-16")).eval().to(device)
+    x, t = torch.randn(2, unet.config.in_channels, 16, 16, device=device), torch.tensor([3, 700], device=device)
+    outputs = []
+    for layout_on in ({device}, set()):
+        monkeypatch.setattr(DDPMUNet, "channels_last_on", layout_on)
+        with torch.no_grad():
+            outputs.append(unet(x, t).sample)
+    assert all(out.is_contiguous() for out in outputs)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)

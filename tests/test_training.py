@@ -149,6 +149,9 @@ def test_a_recipe_lies_between_the_preset_and_the_flags():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir, workers):
+    import datasets
+
+    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the 5 s Arrow-thread pause per pass: irrelevant here
     ds = load_image_dataset(str(parquet_dir))
     column = find_image_column(ds.features)
 
@@ -166,34 +169,31 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
     assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
 
 
-def test_an_epoch_ends_without_datasets_exit_pause(parquet_dir, monkeypatch):
-    """datasets pauses config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) after every pass over parquet shards, against an
-    exit hang that pyarrow after 24.0 fixed. Our datasets turn it off: three epochs of a stream (and the first-image
-    check) take no pause. Oracle: the pauses datasets itself takes, counted; a plain streaming load of the same
-    shards takes one per pass (the control)."""
+def test_epochs_end_without_datasets_exit_pause(parquet_dir, monkeypatch):
+    """datasets pauses config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) after every pass over shuffled parquet shards, for
+    scans left part-way at interpreter exit. A pass that ends left none: three epochs of a stream take no pause, and
+    closing the stream part-way through the fourth takes one, its own. Oracle: datasets' own pauses, counted; a plain
+    shuffled stream of the same shards takes one per pass (the control)."""
     import types
 
     import datasets
     import datasets.iterable_dataset
-    import pyarrow
 
-    from ddpm_hf.data import first_image
+    import ddpm_hf.data
 
-    if int(pyarrow.__version__.split(".")[0]) <= 24:
-        pytest.skip("pyarrow <= 24 still needs datasets' pause")
-    pauses = []
+    pauses, closes = [], []
     monkeypatch.setattr(datasets.iterable_dataset, "time", types.SimpleNamespace(sleep=pauses.append))
+    monkeypatch.setattr(ddpm_hf.data, "_wait_for_arrow_threads", lambda: closes.append(True))
     plain = datasets.load_dataset("parquet", data_files=str(parquet_dir / "*.parquet"), split="train", streaming=True)
-    plain = plain.shuffle(seed=0, buffer_size=16)  # as a stream reads: shards interleaved into the buffer
-    assert sum(1 for _ in plain) == 64 and pauses  # the control: datasets pauses after a pass
+    assert sum(1 for _ in plain.shuffle(seed=0, buffer_size=16)) == 64 and len(pauses) == 1  # the control
     pauses.clear()
-    ds = load_image_dataset(str(parquet_dir))
-    first_image(ds, "image")
-    stream = TrainStream(ds, "image", 16, 1, 8, 1, 0, 1, seed=0, shuffle_buffer_size=16)
+    stream = TrainStream(load_image_dataset(str(parquet_dir)), "image", 16, 1, 8, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=16)
     for _ in range(3 * 64 // 8 + 1):  # three epochs, into the fourth
         stream.next_batch()
-    stream.close()
     assert stream.position[0][0] == 3 and pauses == []
+    stream.close()
+    assert pauses == [] and closes == [True]
 
 
 def test_dataset_without_image_column_lists_its_columns(tmp_path):
