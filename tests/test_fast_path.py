@@ -256,7 +256,8 @@ def test_both_activation_layouts_agree(device, monkeypatch):
     from ddpm_hf.presets import unet_config
 
     torch.manual_seed(0)
-    unet = DDPMUNet(**unet_config("tiny-16")).eval().to(device)
+    # 3 channels: a 1-channel output is contiguous in either layout, which would hide a channels-last return
+    unet = DDPMUNet(**unet_config("tiny-16", in_channels=3, out_channels=3)).eval().to(device)
     x, t = torch.randn(2, unet.config.in_channels, 16, 16, device=device), torch.tensor([3, 700], device=device)
     outputs = []
     for layout_on in ({device}, set()):
