@@ -159,8 +159,8 @@ runpy.run_path(script, run_name="__main__")
 def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layout: str = "default"):
     """One train.py run at ddpm-cifar10, batch 128; its whole output goes to ``log`` as it is written (a run killed
     at the time limit keeps what it printed, and its stacks)."""
-    cmd = [sys.executable, "-u", "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"), "--preset", "ddpm-cifar10",
-           "--dataset_name", str(data), "--train_batch_size", "128", "--max_train_steps", str(steps),
+    cmd = [sys.executable, "-u", "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"),
+           "--preset", "ddpm-cifar10", "--dataset_name", str(data), "--train_batch_size", "128", "--max_train_steps", str(steps),
            "--checkpointing_steps", "0", "--num_sample_images", "1", "--ddpm_num_inference_steps", "2",
            "--logger", "none", "--logging_steps", "50", "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
     with open(log, "w") as sink:
@@ -255,17 +255,19 @@ def main():
 
 def decode_rates(timeout: float):
     """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
+    def figures(stdout):  # its figures; stderr holds progress bars
+        for line in (stdout.decode() if isinstance(stdout, bytes) else stdout or "").strip().splitlines():
+            say("data.py:", line)
+
     try:
         result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0",
                                  "4", "8", "--seconds", "3"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as err:  # the figures printed before the limit still count
-        for line in (err.stdout.decode() if isinstance(err.stdout, bytes) else err.stdout or "").splitlines():
-            say("data.py:", line)
+        figures(err.stdout)
         raise
     if result.returncode:
         raise RuntimeError(f"bench/data.py exited {result.returncode}:\n{result.stderr[-2000:]}")
-    for line in result.stdout.strip().splitlines():  # its figures; stderr holds progress bars
-        say("data.py:", line)
+    figures(result.stdout)
 
 
 def sampling():

@@ -313,8 +313,8 @@ class DDPMUNet(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     # Device types whose activations run channels-last (a speed choice only, like ``Upsample.phases_on``): oneDNN's
-    # convolutions are faster so on CPU (bench/unet.py); elsewhere diffusers' contiguous layout runs until a
-    # measurement there (bench/gpu.sh) says otherwise.
+    # convolutions run faster in that layout on CPU (bench/unet.py); elsewhere diffusers' contiguous layout runs
+    # until a measurement there (bench/gpu.sh) says otherwise.
     channels_last_on = {"cpu"}
 
     @register_to_config
