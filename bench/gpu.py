@@ -10,7 +10,9 @@ Lines printed (prefix "GPU"):
                    measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
                    activations) and --compile; fp16 for a few steps;
   data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
-  sampling         1000 ancestral steps of 256 images (images/s; 50,000-sample projection);
+  step anatomy     train.py's bf16 step, its pieces added one at a time to the bare U-Net step, and its kernels;
+  sampling         --sampling_steps ancestral steps of 256 images, fp32 and bf16 weights, channels-last, compiled,
+                   larger batch, and as `ddpm-hf evaluate` samples (images/s; 50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
 """
 
@@ -44,7 +46,8 @@ def left(deadline_s):
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_steps(fn, repeats):
@@ -130,6 +133,93 @@ def unet_step_ratios(batch: int):
             f"{results['ours_channels_last_weights'] / results['ours']:.3f})")
 
 
+def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 20, device: str = "cuda",
+                 profile_rows: int = 12):
+    """Where train.py's bf16 step spends the time the bare U-Net step does not: the step timed as train.py's pieces
+    are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, its
+    finiteness check, which waits for the device, the EMA, the batch copied from pinned host memory), then the
+    kernels of the whole step by device time (torch.profiler). Uses train.py's own functions."""
+    import importlib.util
+
+    from accelerate import Accelerator
+
+    from ddpm_hf import DDPMScheduler, DDPMUNet
+    from ddpm_hf.ema import EMA
+    from ddpm_hf.images import to_model_range
+    from ddpm_hf.losses import make_loss
+    from ddpm_hf.presets import unet_config
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
+    config = unet_config(preset)
+    size, channels = config["sample_size"], config["in_channels"]
+    torch.manual_seed(0)
+    models = {dropout: accelerator.prepare(DDPMUNet(**dict(config, dropout=dropout)).to(device))
+              for dropout in (0.0, config["dropout"])}
+    models[0.0].load_state_dict(models[config["dropout"]].state_dict())
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device == "cuda") for k, m in models.items()}
+    scheduler = DDPMScheduler()
+    loss_fn = make_loss("simple", scheduler, channels, channels)
+    loop = train.LoopState([0], batch, 0, torch.device(device))
+    ema = EMA(models[config["dropout"]].parameters())
+    host_batch = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
+    host_batch = host_batch.pin_memory() if device == "cuda" else host_batch
+    x0 = to_model_range(host_batch.to(device))
+    t_fixed = torch.randint(0, 1000, (batch,), device=device)
+    noise_fixed = torch.randn_like(x0)
+
+    def step(dropout, draw=False, clip=False, check=False, with_ema=False, copy=False):
+        model, optimizer = models[dropout], optimizers[dropout]
+        x = to_model_range(host_batch.to(device, non_blocking=True)) if copy else x0
+        if draw:
+            t, noise = loop.draw(x, 1000)
+            x_t = scheduler.add_noise(x, noise, t)
+            loss = loss_fn(model(x_t, t).sample, x, x_t, t, noise).mean()
+        else:
+            loss = torch.nn.functional.mse_loss(model(x, t_fixed).sample.float(), noise_fixed)
+        accelerator.backward(loss)
+        if clip:
+            norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            if check:
+                bool(torch.isfinite(norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if with_ema:
+            ema.update(model.parameters())
+
+    d = config["dropout"]
+    stages = [("bare (dropout 0)", dict(dropout=0.0)), (f"+ dropout {d}", dict(dropout=d)),
+              ("+ t, ε drawn, eq. 4, loss", dict(dropout=d, draw=True)),
+              ("+ gradient clipping", dict(dropout=d, draw=True, clip=True)),
+              ("+ its finiteness check (host sync)", dict(dropout=d, draw=True, clip=True, check=True)),
+              ("+ EMA", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True)),
+              ("+ batch from pinned host memory", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True,
+                                                       copy=True))]
+    parts, previous = [], None
+    for label, options in stages:
+        seconds = time_steps(lambda: step(**options), repeats)
+        parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if previous is None else
+                                                          f" ({1000 * (seconds - previous):+.1f})"))
+        previous = seconds
+    say(f"step anatomy {preset} b{batch} bf16 (train.py's pieces added one by one): " + "; ".join(parts))
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(5):
+            step(**stages[-1][1])
+        sync()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    for e in events[:profile_rows]:
+        say(f"step profile {preset} b{batch} bf16: {100 * getattr(e, key) / total:5.1f} % "
+            f"{getattr(e, key) / 5 / 1000:7.2f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
+
+
 def switched(cls, name: str, value, fn):
     """fn() with the class attribute ``name`` of ``cls`` set to ``value`` (a speed choice), restored afterwards."""
     saved = getattr(cls, name)
@@ -189,6 +279,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deadline_s", type=float, default=450, help="skip parts that would start after this")
     parser.add_argument("--train_steps", type=int, default=300)
+    parser.add_argument("--sampling_steps", type=int, default=100,
+                        help="steps of each sampling variant (projected to the 1000-step chain)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the parts whose names start with these")
     parser.add_argument("--logs", type=Path, default=None,
                         help="folder for each train.py run's whole output (default: a temporary folder)")
@@ -238,6 +330,7 @@ def main():
 
     bf16 = ["--mixed_precision", "bf16", "--allow_tf32"]
     part("unet", lambda: unet_step_ratios(128), 30)
+    part("anatomy", step_anatomy, 30)
     part("data", lambda: write_dataset(data, "png32", 20_000), 30)
     for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
         part(f"train {label}", lambda layout=layout, label=label: rates.update(
@@ -247,7 +340,7 @@ def main():
                                                 fastest), 90)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
     part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
-    part("sampling", sampling, 60)
+    part("sampling", lambda: sampling(args.sampling_steps), 60)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
     say(f"done in {time.time() - START:.0f} s")
@@ -270,23 +363,60 @@ def decode_rates(timeout: float):
     figures(result.stdout)
 
 
-def sampling():
+def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
+    """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
+    chain: fp32 (TF32 matmuls), bf16 weights (the chain in bf16, as diffusers' ``torch_dtype``), the same with
+    channels-last activations and weights, compiled, at 4× the batch, and last the best of those as ``ddpm-hf
+    evaluate`` samples for FID (one generator per image, so the set does not depend on the batching)."""
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.evaluation import generate_uint8
     from ddpm_hf.presets import unet_config
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    unet = DDPMUNet(**unet_config("ddpm-cifar10")).cuda().eval()
-    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    for label, autocast in (("fp32/tf32", False), ("bf16 autocast", True)):
-        sync()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            pipe(batch_size=256, num_inference_steps=1000, output_type="np", generator=torch.Generator().manual_seed(0))
-        sync()
-        seconds = time.perf_counter() - start
-        say(f"sampling 1000 steps × 256 images {label}: {seconds:.1f} s, {256 / seconds:.1f} images/s; 50,000 samples "
-            f"projected {50_000 / (256 / seconds) / 60:.1f} min on one GPU")
+    config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
+    rates = {}
+
+    def variant(label, dtype=torch.float32, channels_last=False, compiled=False, size=batch, per_image=False):
+        unet = DDPMUNet(**config).to(device).eval()
+        unet = unet.bfloat16() if dtype == torch.bfloat16 else unet  # (`.to(dtype)` draws a diffusers warning)
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if compiled:
+            unet.compile()
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+
+        def run():
+            if per_image:
+                generate_uint8(pipe, size, size, steps, seed=0)
+            else:
+                pipe(batch_size=size, num_inference_steps=steps, output_type="np",
+                     generator=torch.Generator().manual_seed(0))
+
+        def timed():
+            if compiled:  # compilation (and CUDA's first calls) left out: one short chain first, in the same layout
+                pipe(batch_size=size, num_inference_steps=2, output_type="np")
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            return time.perf_counter() - start
+
+        layouts = {"cpu", "cuda"} if channels_last else DDPMUNet.channels_last_on
+        per_image_step = switched(DDPMUNet, "channels_last_on", layouts, timed) / (size * steps)
+        rates[label] = 1 / per_image_step / 1000  # images/s of the 1000-step chain
+        say(f"sampling {steps} steps × {size} images, {label}: {rates[label]:.1f} images/s of the 1000-step chain; "
+            f"50,000 samples projected {50_000 * 1000 * per_image_step / 60:.1f} min on one GPU")
+
+    variant("fp32/tf32")
+    variant("bf16 weights", torch.bfloat16)
+    variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
+    layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
+    variant(f"bf16 weights{', channels-last' if layout else ''}, compiled", torch.bfloat16, layout, True)
+    variant(f"bf16 weights{', channels-last' if layout else ''}, compiled, batch {4 * batch}", torch.bfloat16, layout,
+            True, 4 * batch)
+    variant(f"as evaluate samples (a generator per image), bf16 weights{', channels-last' if layout else ''}, "
+            f"compiled, batch {4 * batch}", torch.bfloat16, layout, True, 4 * batch, per_image=True)
 
 
 def bits(compiled: bool):

@@ -211,6 +211,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._alpha_bar_tables = {}  # (precision, device) → ᾱ on a device other than the CPU
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
@@ -304,30 +305,57 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def _check_timesteps(self, t: Timesteps) -> torch.Tensor:
+        """``t`` as an integer tensor, checked: integers in [0, T − 1]. Timesteps on an accelerator are checked there
+        (an assertion that fails with the device's next synchronisation), since reading them back would stall the
+        device at every training step; an out-of-range one would otherwise index the tables silently from the end."""
         t = torch.as_tensor(t)
+        if t.device.type != "cpu":
+            return self._assert_timesteps(t)
+        num_train = self.config.num_train_timesteps
         if t.dtype.is_floating_point:
             if not bool((t == t.round()).all()):
                 raise ValueError(f"timesteps must be integers, got {t.tolist()}.")
             t = t.long()
-        num_train = self.config.num_train_timesteps
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_train):
             shown = t.tolist() if t.numel() < 8 else f"{int(t.min())}..{int(t.max())}"
             raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), got {shown}.")
         return t
 
+    def _assert_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The checks of :meth:`_check_timesteps` as assertions computed on t's own device, without a host read."""
+        num_train = self.config.num_train_timesteps
+        if t.dtype.is_floating_point:
+            torch._assert_async((t == t.round()).all(), "timesteps must be integers")
+            t = t.long()
+        torch._assert_async(((t >= 0) & (t < num_train)).all(),
+                            f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train})")
+        return t
+
     def _alpha_bars(
         self, t: Timesteps, prev_t: Optional[Timesteps] = None, dtype: torch.dtype = torch.float64
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_{prev}) on the CPU, shaped like t, with ᾱ_{−1} = 1.
+        """(ᾱ_t, ᾱ_{prev}) on t's device, shaped like t, with ᾱ_{−1} = 1.
 
         The one precision switch: float64 data (the bound) get ᾱ accumulated in float64, since in float32
         1 − ᾱ_t keeps only about four digits at small t; any other dtype gets diffusers' float32 ``alphas_cumprod``,
-        so that step and add_noise reproduce diffusers' numbers."""
-        t = self._check_timesteps(t).cpu()
-        table = torch.cumprod(1 - self.betas.double(), dim=0) if dtype == torch.float64 else self.alphas_cumprod
-        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).cpu()
-        alpha_bar_prev = torch.where(prev_t >= 0, table[prev_t.clamp(min=0)], torch.ones((), dtype=table.dtype))
+        so that step and add_noise reproduce diffusers' numbers. The table is looked up where t lives (a copy kept
+        per device), so that training's per-example t never travels to the host and back."""
+        t = self._check_timesteps(t)
+        table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, t.device)
+        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(t.device)
+        alpha_bar_prev = torch.where(prev_t >= 0, table[prev_t.clamp(min=0)], table.new_ones(()))
         return table[t], alpha_bar_prev
+
+    def _alpha_bar_table(self, precision: torch.dtype, device: torch.device) -> torch.Tensor:
+        """ᾱ_0 … ᾱ_{T−1}: diffusers' float32 ``alphas_cumprod``, or accumulated in float64; read afresh on the CPU,
+        and copied once to any other device (copying it at every step would wait for the device)."""
+        key = (precision, str(device))
+        if key not in self._alpha_bar_tables:
+            table = torch.cumprod(1 - self.betas.double(), dim=0) if precision == torch.float64 else self.alphas_cumprod
+            if device.type == "cpu":
+                return table
+            self._alpha_bar_tables[key] = table.to(device)
+        return self._alpha_bar_tables[key]
 
     @staticmethod
     def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -378,7 +406,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         do this, for the decoder of L_0) and floored at 1e-20 (a chain that skips steps also ends on β̃ = 0)."""
         t = self._check_timesteps(t)
         second = self.posterior_variance(torch.ones_like(t), dtype=dtype)
-        return torch.where(t.cpu() == 0, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
+        return torch.where(t == 0, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
 
     def posterior_log_variance_clipped(self, t: Timesteps, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """log β̃_t (eq. 7) with β̃ at the first step, where it is 0, replaced by β̃ at the second (§3.3's decoder)."""
@@ -460,7 +488,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         beta = 1 - alpha_bar / alpha_bar_prev
         if first_step_decoder:
             small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
-            large = torch.where(t.cpu() == 0, small, beta)
+            large = torch.where(t == 0, small, beta)
         else:
             small = self.posterior_variance(t, prev_t, x_t.dtype).clamp(min=_MIN_VARIANCE)
             large = beta

@@ -266,3 +266,77 @@ def test_both_activation_layouts_agree(device, monkeypatch):
             outputs.append(unet(x, t).sample)
     assert all(out.is_contiguous() for out in outputs)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variance_type, loss, prediction_type, snr_gamma", [
+    ("fixed_small", "simple", "epsilon", None), ("fixed_small", "simple", "epsilon", 5.0),
+    ("fixed_large", "simple", "v_prediction", None), ("fixed_small", "simple", "mean", None),
+    ("learned_range", "hybrid", "epsilon", None), ("fixed_large", "vlb", "epsilon", None)])
+def test_the_training_step_never_reads_the_device_back(variance_type, loss, prediction_type, snr_gamma):
+    """The step up to the optimizer (t, ε and eq. 4, the U-Net forward and backward, every loss) on tensors of the
+    meta device, which hold no values: any read of t or of the batch on the host (a `.cpu()`, `int()`, `bool()`, a
+    table indexed on the CPU) raises there, as it would stall a GPU at every step. The same calls on CPU tensors are
+    the numbers the parity tests check."""
+    from ddpm_hf import DDPMScheduler, DDPMUNet
+    from ddpm_hf.losses import make_loss
+    from ddpm_hf.presets import unet_config
+
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type)
+    config = unet_config("tiny-16")
+    channels = config["in_channels"]
+    config["out_channels"] = 2 * channels if variance_type.startswith("learned") else channels
+    model = DDPMUNet(**config).to("meta")
+    x0 = noise = torch.empty(4, channels, 16, 16, device="meta")
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    x_t = scheduler.add_noise(x0, noise, t)
+    loss_fn = make_loss(loss, scheduler, config["out_channels"], channels, snr_gamma)
+    per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)
+    per_example.mean().backward()
+    assert per_example.shape == (4,) and per_example.device.type == "meta"
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def test_timesteps_off_the_cpu_are_still_checked():
+    """Timesteps on a device other than the CPU are checked there (an assertion the device raises at its next
+    synchronisation) instead of indexing ᾱ from the end. The meta device runs no kernels, so the device-side check
+    is run here on CPU tensors, where the same assertion raises at once; on the CPU the host check names them."""
+    from ddpm_hf import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    for bad in ([-1, 5], [0, 1000], [2.5, 3.0]):
+        with pytest.raises(RuntimeError, match="timesteps must"):
+            scheduler._assert_timesteps(torch.tensor(bad))
+        with pytest.raises(ValueError, match="timesteps must"):
+            scheduler.add_noise(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), torch.tensor(bad))
+    assert torch.equal(scheduler._assert_timesteps(torch.tensor([0.0, 999.0])), torch.tensor([0, 999]))
+
+
+def test_the_ema_pipeline_samples_on_the_training_device():
+    """The grids, the bits/dim estimate and the saved pipeline of a GPU run come from a copy of the model on the GPU.
+    The meta device stands in for it here: a copy built on the host would be a CPU module."""
+    from ddpm_hf import DDPMScheduler, DDPMUNet
+    from ddpm_hf.ema import EMA
+    from runs import load_train_script
+
+    train = load_train_script()
+    model = DDPMUNet(**train.unet_config("tiny-16")).to("meta")
+    pipe = train.ema_pipeline(model, EMA(model.parameters()), DDPMScheduler().config)
+    assert pipe.device.type == "meta" and {p.device.type for p in pipe.unet.parameters()} == {"meta"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the device's table lookup with the host's")
+def test_noising_on_the_gpu_matches_the_cpu():
+    """Eq. 4 and the bound's posterior with t on the GPU (ᾱ looked up in the device's copy of the table) give the
+    CPU's numbers."""
+    from ddpm_hf import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(64, 3, 8, 8, generator=g), torch.randn(64, 3, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    on_gpu = scheduler.add_noise(x0.cuda(), noise.cuda(), t.cuda())
+    torch.testing.assert_close(on_gpu.cpu(), scheduler.add_noise(x0, noise, t), rtol=1e-6, atol=1e-6)
+    mean, variance, _ = scheduler.q_posterior_mean_variance(x0.double().cuda(), noise.double().cuda(), t.cuda())
+    expected_mean, expected_variance, _ = scheduler.q_posterior_mean_variance(x0.double(), noise.double(), t)
+    torch.testing.assert_close(mean.cpu(), expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(variance.cpu(), expected_variance, rtol=1e-12, atol=1e-12)
