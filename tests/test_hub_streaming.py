@@ -154,9 +154,6 @@ def test_a_resume_downloads_only_the_shards_that_still_hold_rows_of_the_epoch(da
     rows, its state taken as a checkpoint does, and resumed: the examples continue exactly, and no shard whose rows
     were all used is downloaded again. Shards of about 80 KB: the footer reads (the last 64 KB) start after the
     rows' first KB, so the server's log tells them apart."""
-    import datasets
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
     root = tmp_path / "many"
     write_images(root / "data", count=96, shards=24, size=144)
     repo = publish(root, "alice/many")
@@ -223,7 +220,6 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(datasets.config, "STREAMING_READ_RETRY_INTERVAL", 0.01)
     monkeypatch.setattr(datasets.config, "STREAMING_READ_SERVER_UNAVAILABLE_RETRY_INTERVAL", 0.01)
     monkeypatch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 2)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
     monkeypatch.setattr(TrainStream, "READ_RETRY_PAUSE_S", 0.01)
 

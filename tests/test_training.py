@@ -149,9 +149,6 @@ def test_a_recipe_lies_between_the_preset_and_the_flags():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir, workers):
-    import datasets
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the 5 s Arrow-thread pause per pass: irrelevant here
     ds = load_image_dataset(str(parquet_dir))
     column = find_image_column(ds.features)
 

@@ -240,9 +240,6 @@ def test_channel_check_names_both_sides():
 
 
 def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path):
-    import datasets
-
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the per-epoch Arrow pause: irrelevant here
     _parquet(tmp_path / "data", [b"\x89PNG\r\n\x1a\n broken"] * 5)
     stream = TrainStream(load_image_dataset(str(tmp_path / "data")), "image", 16, 1, 4, 1, 0, 1, seed=0,
                          shuffle_buffer_size=0)
