@@ -3,14 +3,15 @@ H100). Run through bench/gpu.sh, which installs diffusers and datasets from whee
 network). Each part is timed against a deadline and skipped, saying so, when the time is up.
 
 Lines printed (prefix "GPU"):
-  unet train step  ours vs diffusers at ddpm-cifar10, batch 128, fp32 and bf16 autocast (time ratio), and the two
-                   upsampling formulations of ours on this device;
+  unet train step  ours vs diffusers at ddpm-cifar10, batch 128, fp32 and bf16 autocast (time ratio), the two
+                   upsampling formulations and the two activation layouts of ours on this device, and both networks
+                   with cuDNN's algorithms timed (cudnn.benchmark, which train.py and `ddpm-hf evaluate` set);
   train.py         ~300 steps at ddpm-cifar10, batch 128, bf16, on synthetic 32² PNG parquet: images/s, data_wait,
                    model FLOP utilisation (FLOPs counted from the network by torch's FLOP counter, against the
                    measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
                    activations) and --compile; fp16 for a few steps;
-  data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
   step anatomy     train.py's bf16 step, its pieces added one at a time to the bare U-Net step, and its kernels;
+  data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
   sampling         --sampling_steps ancestral steps of 256 images, fp32 and bf16 weights, channels-last, compiled,
                    larger batch, and as `ddpm-hf evaluate` samples (images/s; 50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
@@ -116,6 +117,12 @@ def unet_step_ratios(batch: int):
                                           lambda: time_steps(lambda: step(ours, opts[ours]), 20))
         results["ours_channels_last"] = switched(DDPMUNet, "channels_last_on", {"cpu", "cuda"},
                                                  lambda: time_steps(lambda: step(ours, opts[ours]), 20))
+        torch.backends.cudnn.benchmark = True  # as train.py and `ddpm-hf evaluate` set it
+        try:
+            results["ours_cudnn_benchmark"] = time_steps(lambda: step(ours, opts[ours]), 20)
+            results["diffusers_cudnn_benchmark"] = time_steps(lambda: step(theirs, opts[theirs]), 20)
+        finally:
+            torch.backends.cudnn.benchmark = False
         ours.to(memory_format=torch.channels_last)  # the convolutions' weights too (cuDNN converts them otherwise)
         try:
             optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the weights' layout
@@ -130,7 +137,9 @@ def unet_step_ratios(batch: int):
             f"{1000 * results['ours_channels_last']:.1f} ms (ratio channels-last/plain "
             f"{results['ours_channels_last'] / results['ours']:.3f}), with channels-last weights "
             f"{1000 * results['ours_channels_last_weights']:.1f} ms (ratio "
-            f"{results['ours_channels_last_weights'] / results['ours']:.3f})")
+            f"{results['ours_channels_last_weights'] / results['ours']:.3f}); with cudnn.benchmark: ours "
+            f"{1000 * results['ours_cudnn_benchmark']:.1f} ms, diffusers {1000 * results['diffusers_cudnn_benchmark']:.1f}"
+            f" ms (ratio benchmark/heuristic, ours {results['ours_cudnn_benchmark'] / results['ours']:.3f})")
 
 
 def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 20, device: str = "cuda",
@@ -153,6 +162,7 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
+    torch.backends.cudnn.benchmark = True  # as train.py sets it
     config = unet_config(preset)
     size, channels = config["sample_size"], config["in_channels"]
     torch.manual_seed(0)
@@ -373,6 +383,7 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
     from ddpm_hf.presets import unet_config
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # as `ddpm-hf evaluate` sets it
     config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
     rates, unets = {}, {}
 
