@@ -143,11 +143,13 @@ def unet_step_ratios(batch: int):
 
 
 def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 20, device: str = "cuda",
-                 profile_rows: int = 12):
+                 profile_rows: int = 12, data: Path = None):
     """Where train.py's bf16 step spends the time the bare U-Net step does not: the step timed as train.py's pieces
     are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, its
-    finiteness check, which waits for the device, the EMA, the batch copied from pinned host memory), then the
-    kernels of the whole step by device time (torch.profiler). Uses train.py's own functions."""
+    finiteness check, which waits for the device, the EMA, the batch copied from pinned host memory, and with
+    ``data`` the batches of a TrainStream over it, whose reader thread shares this process's interpreter with the
+    step's kernel launches), then the kernels of the whole step by device time (torch.profiler). Uses train.py's own
+    functions."""
     import importlib.util
 
     from accelerate import Accelerator
@@ -180,9 +182,19 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     t_fixed = torch.randint(0, 1000, (batch,), device=device)
     noise_fixed = torch.randn_like(x0)
 
-    def step(dropout, draw=False, clip=False, check=False, with_ema=False, copy=False):
+    stream = None
+    if data is not None:
+        from ddpm_hf.data import TrainStream, default_num_workers, load_image_dataset
+
+        stream = TrainStream(load_image_dataset(str(data)), "image", size, channels, batch, 1, 0, 1, seed=0,
+                             num_workers=default_num_workers(1), pin_memory=device == "cuda")
+
+    def step(dropout, draw=False, clip=False, check=False, with_ema=False, copy=False, streamed=False):
         model, optimizer = models[dropout], optimizers[dropout]
-        x = to_model_range(host_batch.to(device, non_blocking=True)) if copy else x0
+        if streamed:
+            x = to_model_range(stream.next_batch().to(device, non_blocking=True))
+        else:
+            x = to_model_range(host_batch.to(device, non_blocking=True)) if copy else x0
         if draw:
             t, noise = loop.draw(x, 1000)
             x_t = scheduler.add_noise(x, noise, t)
@@ -207,12 +219,19 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
               ("+ EMA", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True)),
               ("+ batch from pinned host memory", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True,
                                                        copy=True))]
+    if stream is not None:
+        stages.append((f"batches from a TrainStream ({stream.num_workers} workers) instead",
+                       dict(stages[-1][1], streamed=True)))
     parts, previous = [], None
-    for label, options in stages:
-        seconds = time_steps(lambda: step(**options), repeats)
-        parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if previous is None else
-                                                          f" ({1000 * (seconds - previous):+.1f})"))
-        previous = seconds
+    try:
+        for label, options in stages:
+            seconds = time_steps(lambda: step(**options), repeats)
+            parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if previous is None else
+                                                              f" ({1000 * (seconds - previous):+.1f})"))
+            previous = seconds
+    finally:
+        if stream is not None:
+            stream.close()
     say(f"step anatomy {preset} b{batch} bf16 (train.py's pieces added one by one): " + "; ".join(parts))
 
     from torch.profiler import ProfilerActivity, profile
@@ -220,7 +239,7 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         for _ in range(5):
-            step(**stages[-1][1])
+            step(**dict(stages[-1][1], streamed=False))
         sync()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
@@ -340,8 +359,8 @@ def main():
 
     bf16 = ["--mixed_precision", "bf16", "--allow_tf32"]
     part("unet", lambda: unet_step_ratios(128), 30)
-    part("anatomy", step_anatomy, 30)
     part("data", lambda: write_dataset(data, "png32", 20_000), 30)
+    part("anatomy", lambda: step_anatomy(data=data if data.exists() else None), 30)
     for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
         part(f"train {label}", lambda layout=layout, label=label: rates.update(
             {layout: training(bf16, label, args.train_steps, layout)}), 60)
