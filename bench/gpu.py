@@ -86,25 +86,26 @@ def train_flops_per_image(preset: str) -> float:
     return counter.get_total_flops() / 8
 
 
-def unet_step_ratios(batch: int):
+def unet_step_ratios(batch: int, preset: str = "ddpm-cifar10", device: str = "cuda", repeats: int = 20):
     from diffusers import UNet2DModel
 
     from ddpm_hf import DDPMUNet
     from ddpm_hf.presets import unet_config
-    from ddpm_hf.unet import Upsample
+    from ddpm_hf.unet import GroupNorm, Upsample
 
-    config = unet_config("ddpm-cifar10", dropout=0.0)
+    config = unet_config(preset, dropout=0.0)
     torch.manual_seed(0)
-    theirs = UNet2DModel(**config).cuda()
-    ours = DDPMUNet(**config).cuda()
+    theirs = UNet2DModel(**config).to(device)
+    ours = DDPMUNet(**config).to(device)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(batch, 3, 32, 32, device="cuda")
-    t = torch.randint(0, 1000, (batch,), device="cuda")
+    size, channels = config["sample_size"], config["in_channels"]
+    x = torch.randn(batch, channels, size, size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
     target = torch.randn_like(x)
     for precision in ("fp32", "bf16"):
         def step(model, optimizer):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = torch.nn.functional.mse_loss(model(x, t).sample.float(), target)
             loss.backward()
             optimizer.step()
@@ -112,32 +113,36 @@ def unet_step_ratios(batch: int):
         opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for m in (ours, theirs)}
         results = {}
         for name, model in (("ours", ours), ("diffusers", theirs)):
-            results[name] = time_steps(lambda: step(model, opts[model]), 20)
+            results[name] = time_steps(lambda: step(model, opts[model]), repeats)
         results["ours_phases"] = switched(Upsample, "phases_on", {"cpu", "cuda"},
-                                          lambda: time_steps(lambda: step(ours, opts[ours]), 20))
+                                          lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
         results["ours_channels_last"] = switched(DDPMUNet, "channels_last_on", {"cpu", "cuda"},
-                                                 lambda: time_steps(lambda: step(ours, opts[ours]), 20))
+                                                 lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
+        results["ours_bf16_norms"] = switched(GroupNorm, "autocast_dtype_on", {"cpu", "cuda"},
+                                              lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
         torch.backends.cudnn.benchmark = True  # as train.py and `ddpm-hf evaluate` set it
         try:
-            results["ours_cudnn_benchmark"] = time_steps(lambda: step(ours, opts[ours]), 20)
-            results["diffusers_cudnn_benchmark"] = time_steps(lambda: step(theirs, opts[theirs]), 20)
+            results["ours_cudnn_benchmark"] = time_steps(lambda: step(ours, opts[ours]), repeats)
+            results["diffusers_cudnn_benchmark"] = time_steps(lambda: step(theirs, opts[theirs]), repeats)
         finally:
             torch.backends.cudnn.benchmark = False
         ours.to(memory_format=torch.channels_last)  # the convolutions' weights too (cuDNN converts them otherwise)
         try:
             optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the weights' layout
             results["ours_channels_last_weights"] = switched(
-                DDPMUNet, "channels_last_on", {"cpu", "cuda"}, lambda: time_steps(lambda: step(ours, optimizer), 20))
+                DDPMUNet, "channels_last_on", {"cpu", "cuda"}, lambda: time_steps(lambda: step(ours, optimizer), repeats))
         finally:
             ours.to(memory_format=torch.contiguous_format)
-        say(f"unet train step ddpm-cifar10 b{batch} {precision}: ours {1000 * results['ours']:.1f} ms, diffusers "
+        say(f"unet train step {preset} b{batch} {precision}: ours {1000 * results['ours']:.1f} ms, diffusers "
             f"{1000 * results['diffusers']:.1f} ms, ratio ours/diffusers {results['ours'] / results['diffusers']:.3f}; "
             f"ours with phase upsampling {1000 * results['ours_phases']:.1f} ms "
             f"(ratio phases/plain {results['ours_phases'] / results['ours']:.3f}); ours channels-last "
             f"{1000 * results['ours_channels_last']:.1f} ms (ratio channels-last/plain "
             f"{results['ours_channels_last'] / results['ours']:.3f}), with channels-last weights "
             f"{1000 * results['ours_channels_last_weights']:.1f} ms (ratio "
-            f"{results['ours_channels_last_weights'] / results['ours']:.3f}); with cudnn.benchmark: ours "
+            f"{results['ours_channels_last_weights'] / results['ours']:.3f}); ours with its norms in the autocast "
+            f"dtype {1000 * results['ours_bf16_norms']:.1f} ms (ratio {results['ours_bf16_norms'] / results['ours']:.3f}"
+            f"; fp32 runs no autocast: the same step); with cudnn.benchmark: ours "
             f"{1000 * results['ours_cudnn_benchmark']:.1f} ms, diffusers {1000 * results['diffusers_cudnn_benchmark']:.1f}"
             f" ms (ratio benchmark/heuristic, ours {results['ours_cudnn_benchmark'] / results['ours']:.3f})")
 

@@ -340,3 +340,49 @@ def test_noising_on_the_gpu_matches_the_cpu():
     expected_mean, expected_variance, _ = scheduler.q_posterior_mean_variance(x0.double(), noise.double(), t)
     torch.testing.assert_close(mean.cpu(), expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(variance.cpu(), expected_variance, rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_in_the_autocast_dtype(monkeypatch):
+    """The speed choice of ddpm_hf.unet.GroupNorm: on a device type in ``autocast_dtype_on``, under autocast, the
+    norm runs in the autocast dtype: its output is group norm of the input rounded to bf16, computed in float32 and
+    rounded once more (to within one bf16 rounding of it). Off that list, under autocast or not, it is
+    ``nn.GroupNorm`` exactly. (CPU autocast leaves a float32 input in float32, as CUDA autocast does for every
+    group norm: the case the choice is for.)"""
+    from ddpm_hf.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 16, 8, 8) * 3 + 1
+    exact = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(x), exact)
+    monkeypatch.setattr(GroupNorm, "autocast_dtype_on", {"cpu"})
+    assert torch.equal(norm(x), exact)  # outside autocast: unchanged
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = norm(x)
+    assert fast.dtype == torch.bfloat16
+    rounded = lambda v: v.bfloat16().float()  # noqa: E731
+    expected = rounded(torch.nn.functional.group_norm(rounded(x), 4, rounded(norm.weight), rounded(norm.bias), 1e-6))
+    torch.testing.assert_close(fast.float(), expected, rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast computes group norm in float32")
+def test_group_norm_in_the_autocast_dtype_keeps_the_unet_output(monkeypatch):
+    """The whole U-Net in bf16 autocast on the GPU, with its norms in float32 (autocast's) and in bf16: the same
+    output to bf16 precision (a norm with the wrong groups or without its affine map moves it by O(1))."""
+    from ddpm_hf import DDPMUNet
+    from ddpm_hf.presets import unet_config
+    from ddpm_hf.unet import GroupNorm
+
+    torch.manual_seed(0)
+    config = unet_config("small-32")
+    model = DDPMUNet(**config).cuda().eval()  # no dropout: the two calls see the same network
+    x = torch.randn(8, config["in_channels"], 32, 32, device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = model(x, t).sample.float()
+        monkeypatch.setattr(GroupNorm, "autocast_dtype_on", {"cuda"})
+        fast = model(x, t).sample.float()
+    torch.testing.assert_close(fast, reference, rtol=0.05, atol=0.05)
