@@ -373,8 +373,8 @@ def main():
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,
                                                 fastest), 90)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
-    part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("sampling", lambda: sampling(args.sampling_steps), 60)
+    part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
     say(f"done in {time.time() - START:.0f} s")
