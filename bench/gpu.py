@@ -120,12 +120,13 @@ def unet_step_ratios(batch: int, preset: str = "ddpm-cifar10", device: str = "cu
                                                  lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
         results["ours_bf16_norms"] = switched(GroupNorm, "autocast_dtype_on", {"cpu", "cuda"},
                                               lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
+        heuristic = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True  # as train.py and `ddpm-hf evaluate` set it
         try:
             results["ours_cudnn_benchmark"] = time_steps(lambda: step(ours, opts[ours]), repeats)
             results["diffusers_cudnn_benchmark"] = time_steps(lambda: step(theirs, opts[theirs]), repeats)
         finally:
-            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.benchmark = heuristic
         ours.to(memory_format=torch.channels_last)  # the convolutions' weights too (cuDNN converts them otherwise)
         try:
             optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the weights' layout
@@ -169,6 +170,7 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
+    heuristic = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True  # as train.py sets it
     config = unet_config(preset)
     size, channels = config["sample_size"], config["in_channels"]
@@ -242,10 +244,13 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        for _ in range(5):
-            step(**dict(stages[-1][1], streamed=False))
-        sync()
+    try:
+        with profile(activities=[activity]) as prof:
+            for _ in range(5):
+                step(**dict(stages[-1][1], streamed=False))
+            sync()
+    finally:
+        torch.backends.cudnn.benchmark = heuristic
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
@@ -400,14 +405,15 @@ def decode_rates(timeout: float):
 def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
     chain: fp32 (TF32 matmuls), bf16 weights (the chain in bf16, as diffusers' ``torch_dtype``), the same with
-    channels-last activations and weights, compiled, at 4× the batch, and last the best of those as ``ddpm-hf
-    evaluate`` samples for FID (one generator per image, so the set does not depend on the batching)."""
+    channels-last activations and weights, compiled, at 4× the batch, and last that compiled bf16 network at 4× the
+    batch drawing its noise as ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend
+    on the batching; evaluate itself samples with the fp32 network today). Each variant runs a 2-step chain first
+    (cuDNN's algorithm timing, compilation)."""
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
     from ddpm_hf.evaluation import generate_uint8
     from ddpm_hf.presets import unet_config
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True  # as `ddpm-hf evaluate` sets it
     config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
     rates, unets = {}, {}
 
@@ -431,8 +437,9 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
                      generator=torch.Generator().manual_seed(0))
 
         def timed():
-            if compiled:  # compilation (and CUDA's first calls) left out: one short chain first, in the same layout
-                pipe(batch_size=size, num_inference_steps=2, output_type="np")
+            pipe(batch_size=size, num_inference_steps=2, output_type="np")  # left out, in the same layout
+            if per_image:
+                generate_uint8(pipe, size, size, 2, seed=0)
             sync()
             start = time.perf_counter()
             run()
@@ -445,15 +452,18 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
         say(f"sampling {steps} steps × {size} images, {label}: {rates[label]:.1f} images/s of the 1000-step chain; "
             f"50,000 samples projected {50_000 * 1000 * per_image_step / 60:.1f} min on one GPU")
 
-    variant("fp32/tf32")
-    variant("bf16 weights", torch.bfloat16)
-    variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
-    layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
-    variant(f"bf16 weights{', channels-last' if layout else ''}, compiled", torch.bfloat16, layout, True)
-    variant(f"bf16 weights{', channels-last' if layout else ''}, compiled, batch {4 * batch}", torch.bfloat16, layout,
-            True, 4 * batch)
-    variant(f"as evaluate samples (a generator per image), bf16 weights{', channels-last' if layout else ''}, "
-            f"compiled, batch {4 * batch}", torch.bfloat16, layout, True, 4 * batch, per_image=True)
+    def variants():
+        variant("fp32/tf32")
+        variant("bf16 weights", torch.bfloat16)
+        variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
+        layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
+        named = f"bf16 weights{', channels-last' if layout else ''}, compiled"
+        variant(named, torch.bfloat16, layout, True)
+        variant(f"{named}, batch {4 * batch}", torch.bfloat16, layout, True, 4 * batch)
+        variant(f"{named}, batch {4 * batch}, a generator per image as evaluate draws them", torch.bfloat16, layout,
+                True, 4 * batch, per_image=True)
+
+    switched(torch.backends.cudnn, "benchmark", True, variants)  # as `ddpm-hf evaluate` sets it
 
 
 def bits(compiled: bool):

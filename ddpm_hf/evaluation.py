@@ -77,8 +77,6 @@ def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = Non
     pipe = DDPMPipeline.from_pretrained(pipeline)
     if device:
         pipe.to(device)
-    # a thousand network calls per batch at one shape: cuDNN times its convolutions once and keeps the fastest
-    torch.backends.cudnn.benchmark = True
     return pipe
 
 

@@ -118,6 +118,16 @@ def rescale_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+# Device types where timesteps stay on the device: the ᾱ table is looked up there and t is checked by a device-side
+# assertion (torch._assert_async has kernels for CUDA; meta runs the same code without values, for the tests).
+DEVICE_LOOKUP = ("cuda", "meta")
+
+
+def _lookup(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """table[t] shaped like t; a 0-dim t indexes as a 1-element vector (a 0-dim index is read on the host)."""
+    return table[t.reshape(-1)].reshape(t.shape)
+
+
 def randn_like_batch(
     shape: Sequence[int],
     generator: Optional[Union[torch.Generator, List[torch.Generator]]],
@@ -211,7 +221,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._alpha_bar_tables = {}  # (precision, device) → ᾱ on a device other than the CPU
+        self._alpha_bar_tables = {}  # ᾱ on a CUDA device (see _alpha_bar_table)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
@@ -305,11 +315,13 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def _check_timesteps(self, t: Timesteps) -> torch.Tensor:
-        """``t`` as an integer tensor, checked: integers in [0, T − 1]. Timesteps on an accelerator are checked there
-        (an assertion that fails with the device's next synchronisation), since reading them back would stall the
-        device at every training step; an out-of-range one would otherwise index the tables silently from the end."""
+        """``t`` as an integer tensor, checked: integers in [0, T − 1]. Timesteps on a CUDA device are checked there
+        by a device-side assertion, since reading them back would stall the GPU at every training step; a failure
+        surfaces at the device's next synchronisation and, as any device-side assertion, leaves the process's CUDA
+        context unusable (an out-of-range t would otherwise index ᾱ silently from the end). Elsewhere the host checks
+        them and names them in a ValueError."""
         t = torch.as_tensor(t)
-        if t.device.type != "cpu":
+        if t.device.type in DEVICE_LOOKUP:
             return self._assert_timesteps(t)
         num_train = self.config.num_train_timesteps
         if t.dtype.is_floating_point:
@@ -338,31 +350,40 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
         The one precision switch: float64 data (the bound) get ᾱ accumulated in float64, since in float32
         1 − ᾱ_t keeps only about four digits at small t; any other dtype gets diffusers' float32 ``alphas_cumprod``,
-        so that step and add_noise reproduce diffusers' numbers. The table is looked up where t lives (a copy kept
-        per device), so that training's per-example t never travels to the host and back."""
+        so that step and add_noise reproduce diffusers' numbers. On a CUDA device the table is looked up there (a
+        copy kept per device), so that training's per-example t never travels to the host and back; other devices
+        (MPS has no float64) look it up on the CPU."""
         t = self._check_timesteps(t)
-        table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, t.device)
-        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(t.device)
-        alpha_bar_prev = torch.where(prev_t >= 0, table[prev_t.clamp(min=0)], table.new_ones(()))
-        return table[t], alpha_bar_prev
+        device = t.device if t.device.type in DEVICE_LOOKUP else torch.device("cpu")
+        t = t.to(device)
+        table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, device)
+        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(device)
+        alpha_bar_prev = torch.where(prev_t >= 0, _lookup(table, prev_t.clamp(min=0)), table.new_ones(()))
+        return _lookup(table, t), alpha_bar_prev
 
     def _alpha_bar_table(self, precision: torch.dtype, device: torch.device) -> torch.Tensor:
         """ᾱ_0 … ᾱ_{T−1}: diffusers' float32 ``alphas_cumprod``, or accumulated in float64; read afresh on the CPU,
-        and copied once to any other device (copying it at every step would wait for the device)."""
-        key = (precision, str(device))
-        if key not in self._alpha_bar_tables:
-            table = torch.cumprod(1 - self.betas.double(), dim=0) if precision == torch.float64 else self.alphas_cumprod
-            if device.type == "cpu":
-                return table
-            self._alpha_bar_tables[key] = table.to(device)
-        return self._alpha_bar_tables[key]
+        and copied once to a CUDA device (copying it at every step would wait for the device), again whenever the
+        tensor it is computed from is replaced or changed in place."""
+        source = self.betas if precision == torch.float64 else self.alphas_cumprod
+        table = torch.cumprod(1 - source.double(), dim=0) if precision == torch.float64 else source
+        if device.type == "cpu":
+            return table
+        tables = self.__dict__.setdefault("_alpha_bar_tables", {})  # (a scheduler pickled before it had them)
+        key = (precision, str(device), id(source), source._version)
+        if key not in tables:
+            for stale in [k for k in tables if k[:2] == key[:2]]:
+                del tables[stale]
+            tables[key] = table.to(device)
+        return tables[key]
 
     @staticmethod
     def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-sample values as (B, 1, …, 1) in ``like``'s dtype and device. One value for the whole batch (0-dim)
-        stays a CPU scalar in the schedule's precision: diffusers' step multiplies by float32 scalars, also in fp16."""
+        stays a scalar in the schedule's precision (diffusers' step multiplies by float32 scalars, also in fp16), on
+        the CPU unless t was on ``like``'s device."""
         if values.ndim == 0:
-            return values
+            return values if values.device.type == "cpu" or values.device == like.device else values.cpu()
         return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def signal_to_noise_ratio(self, t: Timesteps) -> torch.Tensor:

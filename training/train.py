@@ -198,8 +198,10 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm):
 
 def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
     """A pipeline holding a copy of the model with the EMA weights (training weights untouched), on the model's
-    device: a GPU run samples its grids there, not for minutes on the host between two steps."""
-    unet = DDPMUNet.from_config(model.config).to(next(model.parameters()).device)
+    device: a GPU run samples its grids there, not for minutes on the host between two steps (MPS, which has no
+    float64 for the bits/dim estimate, keeps the host)."""
+    device = next(model.parameters()).device
+    unet = DDPMUNet.from_config(model.config).to(device if device.type != "mps" else "cpu")
     unet.load_state_dict(model.state_dict())
     if ema is not None:
         ema.copy_to(unet.parameters())
