@@ -402,7 +402,7 @@ def decode_rates(timeout: float):
     figures(result.stdout)
 
 
-def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
+def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled_variants: bool = True):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
     chain: fp32 (TF32 matmuls), bf16 weights (the chain in bf16, as diffusers' ``torch_dtype``), the same with
     channels-last activations and weights, compiled, at 4× the batch, and last that compiled bf16 network at 4× the
@@ -457,6 +457,8 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda"):
         variant("bf16 weights", torch.bfloat16)
         variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
         layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
+        if not compiled_variants:
+            return
         named = f"bf16 weights{', channels-last' if layout else ''}, compiled"
         variant(named, torch.bfloat16, layout, True)
         variant(f"{named}, batch {4 * batch}", torch.bfloat16, layout, True, 4 * batch)

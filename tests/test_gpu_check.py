@@ -1,0 +1,43 @@
+"""bench/gpu.py, the prepared GPU check, run part by part on the CPU with the smallest network: a GPU is lent to few
+sessions, and a part that fails there for a reason the CPU can show (a renamed function, a wrong argument) loses its
+figures for that session. The CPU's timings mean nothing; what is checked is that every part runs, prints its line,
+and leaves the speed switches it flips as it found them."""
+
+import importlib
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    from ddpm_hf import DDPMUNet
+    from ddpm_hf.unet import GroupNorm, Upsample
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    gpu = importlib.import_module("gpu")
+    switches = (set(DDPMUNet.channels_last_on), set(Upsample.phases_on), set(GroupNorm.autocast_dtype_on),
+                torch.backends.cudnn.benchmark)
+    gpu.write_dataset(tmp_path / "shards", "png32", 64, shards=2)
+    gpu.unet_step_ratios(2, "tiny-16", "cpu", repeats=1)
+    try:
+        gpu.step_anatomy("tiny-16", 4, 1, "cpu", profile_rows=3, data=tmp_path / "shards")
+    finally:  # its bf16 Accelerator would refuse any other precision later in this process
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    gpu.sampling(2, 2, "cpu", compiled_variants=False)
+    out = capsys.readouterr().out
+    number = r"[\d.]+"
+    for precision in ("fp32", "bf16"):
+        assert re.search(rf"GPU unet train step tiny-16 b2 {precision}: ours {number} ms, diffusers {number} ms, ratio "
+                         rf"ours/diffusers {number}; .*with cudnn.benchmark: ours {number} ms", out), out
+    anatomy = re.search(r"GPU step anatomy tiny-16 b4 bf16 \(.*\): (.*)", out)
+    assert anatomy and len(anatomy.group(1).split("; ")) == 8, out  # 7 pieces and the TrainStream's batches
+    assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
+    assert len(re.findall(rf"GPU sampling 2 steps × 2 images, .*: {number} images/s of the 1000-step chain; 50,000 "
+                          rf"samples projected {number} min", out)) == 3, out
+    assert switches == (DDPMUNet.channels_last_on, Upsample.phases_on, GroupNorm.autocast_dtype_on,
+                        torch.backends.cudnn.benchmark)
