@@ -346,7 +346,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     def _alpha_bars(
         self, t: Timesteps, prev_t: Optional[Timesteps] = None, dtype: torch.dtype = torch.float64
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_{prev}) on t's device, shaped like t, with ᾱ_{−1} = 1.
+        """(ᾱ_t, ᾱ_{prev}) shaped like t, with ᾱ_{−1} = 1, on t's device if that is CUDA, else on the CPU.
 
         The one precision switch: float64 data (the bound) get ᾱ accumulated in float64, since in float32
         1 − ᾱ_t keeps only about four digits at small t; any other dtype gets diffusers' float32 ``alphas_cumprod``,
@@ -427,7 +427,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         do this, for the decoder of L_0) and floored at 1e-20 (a chain that skips steps also ends on β̃ = 0)."""
         t = self._check_timesteps(t)
         second = self.posterior_variance(torch.ones_like(t), dtype=dtype)
-        return torch.where(t == 0, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
+        first = t.to(second.device) == 0  # (where ᾱ is looked up on the host, t may be on the device)
+        return torch.where(first, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
 
     def posterior_log_variance_clipped(self, t: Timesteps, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """log β̃_t (eq. 7) with β̃ at the first step, where it is 0, replaced by β̃ at the second (§3.3's decoder)."""
@@ -509,7 +510,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         beta = 1 - alpha_bar / alpha_bar_prev
         if first_step_decoder:
             small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
-            large = torch.where(t == 0, small, beta)
+            large = torch.where(t.to(beta.device) == 0, small, beta)
         else:
             small = self.posterior_variance(t, prev_t, x_t.dtype).clamp(min=_MIN_VARIANCE)
             large = beta

@@ -63,7 +63,7 @@ class GroupNorm(nn.GroupNorm):
     in float32, so in bf16/fp16 training each norm writes float32 activations that the next convolution casts back.
     On the device types in ``autocast_dtype_on`` it runs in the autocast dtype instead (the kernel still accumulates
     its statistics in float32; only the output is rounded, as the next convolution's input cast rounds it anyway),
-    halving that memory traffic. Empty by default, so autocast's own float32 norm (diffusers') runs until a
+    without that float32 round trip. Empty by default, so autocast's own float32 norm (diffusers') runs until a
     measurement (bench/gpu.sh) picks; outside autocast nothing changes."""
 
     autocast_dtype_on: set = set()

@@ -125,8 +125,8 @@ def make_accelerator(args) -> Accelerator:
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # Every step convolves the same shapes: cuDNN times its algorithms once per shape and keeps the fastest (its
-    # default heuristic choice can be several times slower for bf16). No effect on the CPU.
+    # Every step convolves the same shapes: cuDNN times its algorithms once per shape and keeps the fastest, where
+    # its default picks by heuristics (bench/gpu.sh times both). No effect on the CPU.
     torch.backends.cudnn.benchmark = True
     return accelerator
 
