@@ -150,6 +150,11 @@ def unet_step_ratios(batch: int, preset: str = "ddpm-cifar10", device: str = "cu
 
 def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 20, device: str = "cuda",
                  profile_rows: int = 12, data: Path = None):
+    switched(torch.backends.cudnn, "benchmark", True,  # as train.py sets it
+             lambda: _step_anatomy(preset, batch, repeats, device, profile_rows, data))
+
+
+def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
     """Where train.py's bf16 step spends the time the bare U-Net step does not: the step timed as train.py's pieces
     are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, its
     finiteness check, which waits for the device, the EMA, the batch copied from pinned host memory, and with
@@ -170,8 +175,6 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
-    heuristic = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # as train.py sets it
     config = unet_config(preset)
     size, channels = config["sample_size"], config["in_channels"]
     torch.manual_seed(0)
@@ -244,13 +247,10 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
-    try:
-        with profile(activities=[activity]) as prof:
-            for _ in range(5):
-                step(**dict(stages[-1][1], streamed=False))
-            sync()
-    finally:
-        torch.backends.cudnn.benchmark = heuristic
+    with profile(activities=[activity]) as prof:
+        for _ in range(5):
+            step(**dict(stages[-1][1], streamed=False))
+        sync()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
@@ -407,13 +407,12 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
     chain: fp32 (TF32 matmuls), bf16 weights (the chain in bf16, as diffusers' ``torch_dtype``), the same with
     channels-last activations and weights, compiled, at 4× the batch, and last that compiled bf16 network at 4× the
     batch drawing its noise as ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend
-    on the batching; evaluate itself samples with the fp32 network today). Each variant runs a 2-step chain first
-    (cuDNN's algorithm timing, compilation)."""
+    on the batching; evaluate itself samples with the fp32 network today; without ``compiled_variants``, the fp32
+    network does). Each variant runs a 2-step chain first (cuDNN's algorithm timing, compilation)."""
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
     from ddpm_hf.evaluation import generate_uint8
     from ddpm_hf.presets import unet_config
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
     rates, unets = {}, {}
 
@@ -458,6 +457,7 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
         variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
         layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
         if not compiled_variants:
+            variant("fp32/tf32, a generator per image as evaluate draws them", per_image=True)
             return
         named = f"bf16 weights{', channels-last' if layout else ''}, compiled"
         variant(named, torch.bfloat16, layout, True)
@@ -465,7 +465,10 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
         variant(f"{named}, batch {4 * batch}, a generator per image as evaluate draws them", torch.bfloat16, layout,
                 True, 4 * batch, per_image=True)
 
-    switched(torch.backends.cudnn, "benchmark", True, variants)  # as `ddpm-hf evaluate` sets it
+    # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)
+    switched(torch.backends.cudnn, "benchmark", True, lambda: switched(
+        torch.backends.cudnn, "allow_tf32", True, lambda: switched(
+            torch.backends.cuda.matmul, "allow_tf32", True, variants)))
 
 
 def bits(compiled: bool):

@@ -366,16 +366,18 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         and copied once to a CUDA device (copying it at every step would wait for the device), again whenever the
         tensor it is computed from is replaced or changed in place."""
         source = self.betas if precision == torch.float64 else self.alphas_cumprod
-        table = torch.cumprod(1 - source.double(), dim=0) if precision == torch.float64 else source
+
+        def table():
+            return torch.cumprod(1 - source.double(), dim=0) if precision == torch.float64 else source
+
         if device.type == "cpu":
-            return table
+            return table()
         tables = self.__dict__.setdefault("_alpha_bar_tables", {})  # (a scheduler pickled before it had them)
-        key = (precision, str(device), id(source), source._version)
-        if key not in tables:
-            for stale in [k for k in tables if k[:2] == key[:2]]:
-                del tables[stale]
-            tables[key] = table.to(device)
-        return tables[key]
+        version = None if source.is_inference() else source._version  # (inference tensors keep no version)
+        cached = tables.get((precision, str(device)))
+        if cached is None or cached[0] is not source or cached[1] != version:
+            cached = tables[(precision, str(device))] = (source, version, table().to(device))
+        return cached[2]
 
     @staticmethod
     def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

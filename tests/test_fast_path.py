@@ -324,6 +324,8 @@ def test_timesteps_on_the_device_go_through_the_device_check(monkeypatch):
         checks.clear()
         assert scheduler.add_noise(x, x, t).shape == x.shape
         assert checks == ["timesteps must lie in [0, 999] (num_train_timesteps=1000)"]
+    variance, _ = scheduler.p_variance(x, torch.tensor(3, device="meta"))  # a 0-dim t indexes the table as it is
+    assert variance.device.type == "meta" and variance.ndim == 0
 
 
 def test_the_ema_pipeline_samples_on_the_training_device():

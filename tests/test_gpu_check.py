@@ -5,6 +5,7 @@ and leaves the speed switches it flips as it found them."""
 
 import importlib
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -16,17 +17,22 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     from ddpm_hf import DDPMUNet
     from ddpm_hf.unet import GroupNorm, Upsample
 
+    from accelerate.state import AcceleratorState
+
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    for name in ("gpu", "data"):  # bench's modules under top-level names: gone again after the test
+        monkeypatch.delitem(sys.modules, name, raising=False)
     gpu = importlib.import_module("gpu")
-    switches = (set(DDPMUNet.channels_last_on), set(Upsample.phases_on), set(GroupNorm.autocast_dtype_on),
-                torch.backends.cudnn.benchmark)
+    switches = lambda: (set(DDPMUNet.channels_last_on), set(Upsample.phases_on),  # noqa: E731
+                        set(GroupNorm.autocast_dtype_on), torch.backends.cudnn.benchmark,
+                        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    before = switches()
     gpu.write_dataset(tmp_path / "shards", "png32", 64, shards=2)
     gpu.unet_step_ratios(2, "tiny-16", "cpu", repeats=1)
+    AcceleratorState._reset_state(reset_partial_state=True)  # the anatomy's Accelerator is bf16, any other's is not
     try:
         gpu.step_anatomy("tiny-16", 4, 1, "cpu", profile_rows=3, data=tmp_path / "shards")
-    finally:  # its bf16 Accelerator would refuse any other precision later in this process
-        from accelerate.state import AcceleratorState
-
+    finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     gpu.sampling(2, 2, "cpu", compiled_variants=False)
     out = capsys.readouterr().out
@@ -38,6 +44,5 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert anatomy and len(anatomy.group(1).split("; ")) == 8, out  # 7 pieces and the TrainStream's batches
     assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
     assert len(re.findall(rf"GPU sampling 2 steps × 2 images, .*: {number} images/s of the 1000-step chain; 50,000 "
-                          rf"samples projected {number} min", out)) == 3, out
-    assert switches == (DDPMUNet.channels_last_on, Upsample.phases_on, GroupNorm.autocast_dtype_on,
-                        torch.backends.cudnn.benchmark)
+                          rf"samples projected {number} min", out)) == 4, out  # 3 networks, and as evaluate
+    assert switches() == before
