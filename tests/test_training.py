@@ -3,6 +3,7 @@ a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error 
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -253,3 +254,44 @@ def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
          env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["num_processes"] == 2 and results["sample_quality"]["num_samples"] == 10
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("processes", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_the_time_budget_ends_every_process_at_the_same_step(parquet_dir, tmp_path, processes):
+    """--max_train_minutes ends a run that could never reach its --max_train_steps: every process stops at the same
+    step (each saw exactly that many batches), with the checkpoint of that step and the final pipeline written.
+    (One process: 20 s more of the suite for what test_one_process_decides_the_time_budget_alone shows in-process.)"""
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "1000000", "--max_train_minutes", "0.05",
+                   "--checkpointing_steps", "100000", "--record_example_ids", "--output_dir", str(out)]
+    launcher = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                          "--main_process_port", str(free_port())]
+    result = _run([sys.executable, *launcher, TRAIN, *args], env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    stops = {int(step) for step in re.findall(r"time budget of 0.05 minutes reached at step (\d+)",
+                                              result.stdout + result.stderr)}
+    assert len(stops) == 1, result.stderr[-3000:]
+    step = stops.pop()
+    assert step > 1 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert (out / "model_index.json").exists()
+    for rank in range(processes):
+        assert len(_ids(out, rank)) == step * 4  # --train_batch_size 4 per process
+
+
+def test_one_process_decides_the_time_budget_alone(monkeypatch):
+    """With one process, whether --max_train_minutes is used up is its own clock's answer: no collective, so no
+    device round trip at every step (the collective is made to fail here)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from runs import load_train_script
+
+    train = load_train_script()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        monkeypatch.setattr(accelerator, "reduce", lambda *a, **k: pytest.fail("one process asked the others"))
+        assert train.out_of_time(accelerator, time.perf_counter() - 61, 1) is True
+        assert train.out_of_time(accelerator, time.perf_counter(), 1) is False
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

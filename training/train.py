@@ -465,8 +465,11 @@ def loss_logs(accelerator, per_example, t, num_train_timesteps: int) -> dict:
 
 
 def out_of_time(accelerator, started: float, minutes: float) -> bool:
-    """Whether any process has used up --max_train_minutes: every process must stop at the same step."""
+    """Whether any process has used up --max_train_minutes: every process must stop at the same step (one process
+    asks nobody, and so waits for no device)."""
     late = float(time.perf_counter() - started > 60 * minutes)
+    if accelerator.num_processes == 1:
+        return bool(late)
     return accelerator.reduce(torch.tensor([late], device=accelerator.device), "sum").item() > 0
 
 
