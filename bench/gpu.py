@@ -120,13 +120,9 @@ def unet_step_ratios(batch: int, preset: str = "ddpm-cifar10", device: str = "cu
                                                  lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
         results["ours_bf16_norms"] = switched(GroupNorm, "autocast_dtype_on", {"cpu", "cuda"},
                                               lambda: time_steps(lambda: step(ours, opts[ours]), repeats))
-        heuristic = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True  # as train.py and `ddpm-hf evaluate` set it
-        try:
-            results["ours_cudnn_benchmark"] = time_steps(lambda: step(ours, opts[ours]), repeats)
-            results["diffusers_cudnn_benchmark"] = time_steps(lambda: step(theirs, opts[theirs]), repeats)
-        finally:
-            torch.backends.cudnn.benchmark = heuristic
+        for name, model in (("ours", ours), ("diffusers", theirs)):  # as train.py and `ddpm-hf evaluate` set it
+            results[f"{name}_cudnn_benchmark"] = switched(torch.backends.cudnn, "benchmark", True, lambda: time_steps(
+                lambda: step(model, opts[model]), repeats))
         ours.to(memory_format=torch.channels_last)  # the convolutions' weights too (cuDNN converts them otherwise)
         try:
             optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)  # its state in the weights' layout
@@ -161,8 +157,6 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
     ``data`` the batches of a TrainStream over it, whose reader thread shares this process's interpreter with the
     step's kernel launches), then the kernels of the whole step by device time (torch.profiler). Uses train.py's own
     functions."""
-    import importlib.util
-
     from accelerate import Accelerator
 
     from ddpm_hf import DDPMScheduler, DDPMUNet
@@ -171,9 +165,10 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
     from ddpm_hf.losses import make_loss
     from ddpm_hf.presets import unet_config
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "training" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    sys.path.insert(0, str(ROOT / "tests"))  # as bench/soak.py: the tests' helpers for training runs
+    from runs import load_train_script
+
+    train = load_train_script()
     accelerator = Accelerator(mixed_precision="bf16", cpu=device == "cpu")
     config = unet_config(preset)
     size, channels = config["sample_size"], config["in_channels"]
@@ -437,8 +432,6 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
 
         def timed():
             pipe(batch_size=size, num_inference_steps=2, output_type="np")  # left out, in the same layout
-            if per_image:
-                generate_uint8(pipe, size, size, 2, seed=0)
             sync()
             start = time.perf_counter()
             run()

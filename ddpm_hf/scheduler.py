@@ -221,7 +221,6 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._alpha_bar_tables = {}  # ᾱ on a CUDA device (see _alpha_bar_table)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
@@ -315,14 +314,15 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def _check_timesteps(self, t: Timesteps) -> torch.Tensor:
-        """``t`` as an integer tensor, checked: integers in [0, T − 1]. Timesteps on a CUDA device are checked there
-        by a device-side assertion, since reading them back would stall the GPU at every training step; a failure
-        surfaces at the device's next synchronisation and, as any device-side assertion, leaves the process's CUDA
-        context unusable (an out-of-range t would otherwise index ᾱ silently from the end). Elsewhere the host checks
-        them and names them in a ValueError."""
+        """``t`` as an integer tensor, checked (integers in [0, T − 1]), where ᾱ is looked up for it: on its CUDA
+        device, else on the CPU (MPS has no float64). On CUDA a device-side assertion checks them, since reading them
+        back would stall the GPU at every training step; a failure surfaces at the device's next synchronisation and,
+        as any device-side assertion, leaves the process's CUDA context unusable (an out-of-range t would otherwise
+        index ᾱ silently from the end). On the host a ValueError names them."""
         t = torch.as_tensor(t)
         if t.device.type in DEVICE_LOOKUP:
             return self._assert_timesteps(t)
+        t = t.cpu()
         num_train = self.config.num_train_timesteps
         if t.dtype.is_floating_point:
             if not bool((t == t.round()).all()):
@@ -352,12 +352,10 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         1 − ᾱ_t keeps only about four digits at small t; any other dtype gets diffusers' float32 ``alphas_cumprod``,
         so that step and add_noise reproduce diffusers' numbers. On a CUDA device the table is looked up there (a
         copy kept per device), so that training's per-example t never travels to the host and back; other devices
-        (MPS has no float64) look it up on the CPU."""
+        look it up on the CPU (see :meth:`_check_timesteps`)."""
         t = self._check_timesteps(t)
-        device = t.device if t.device.type in DEVICE_LOOKUP else torch.device("cpu")
-        t = t.to(device)
-        table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, device)
-        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(device)
+        table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, t.device)
+        prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(t.device)
         alpha_bar_prev = torch.where(prev_t >= 0, _lookup(table, prev_t.clamp(min=0)), table.new_ones(()))
         return _lookup(table, t), alpha_bar_prev
 
@@ -372,7 +370,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
         if device.type == "cpu":
             return table()
-        tables = self.__dict__.setdefault("_alpha_bar_tables", {})  # (a scheduler pickled before it had them)
+        tables = self.__dict__.setdefault("_alpha_bar_tables", {})  # made on first use (also after unpickling)
         version = None if source.is_inference() else source._version  # (inference tensors keep no version)
         cached = tables.get((precision, str(device)))
         if cached is None or cached[0] is not source or cached[1] != version:
@@ -429,8 +427,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         do this, for the decoder of L_0) and floored at 1e-20 (a chain that skips steps also ends on β̃ = 0)."""
         t = self._check_timesteps(t)
         second = self.posterior_variance(torch.ones_like(t), dtype=dtype)
-        first = t.to(second.device) == 0  # (where ᾱ is looked up on the host, t may be on the device)
-        return torch.where(first, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
+        return torch.where(t == 0, second, self.posterior_variance(t, prev_t, dtype).clamp(min=_MIN_VARIANCE))
 
     def posterior_log_variance_clipped(self, t: Timesteps, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """log β̃_t (eq. 7) with β̃ at the first step, where it is 0, replaced by β̃ at the second (§3.3's decoder)."""
@@ -512,7 +509,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         beta = 1 - alpha_bar / alpha_bar_prev
         if first_step_decoder:
             small = self._posterior_variance_clipped(t, prev_t, x_t.dtype)
-            large = torch.where(t.to(beta.device) == 0, small, beta)
+            large = torch.where(t == 0, small, beta)
         else:
             small = self.posterior_variance(t, prev_t, x_t.dtype).clamp(min=_MIN_VARIANCE)
             large = beta
