@@ -399,27 +399,25 @@ def decode_rates(timeout: float):
 
 def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled_variants: bool = True):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
-    chain: fp32 (TF32 matmuls), bf16 weights (the chain in bf16, as diffusers' ``torch_dtype``), the same with
-    channels-last activations and weights, compiled, at 4× the batch, and last that compiled bf16 network at 4× the
-    batch drawing its noise as ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend
-    on the batching; evaluate itself samples with the fp32 network today; without ``compiled_variants``, the fp32
-    network does). Each variant runs a 2-step chain first (cuDNN's algorithm timing, compilation)."""
+    chain, each network prepared as ``ddpm-hf sample/evaluate --dtype/--compile`` prepare it (the reverse chain in
+    float32): fp32 (TF32 matmuls), bf16, bf16 with channels-last activations and weights, compiled, at 4× the batch,
+    and last that compiled bf16 network at 4× the batch drawing its noise as ``ddpm-hf evaluate`` does for FID (a
+    generator per image, so the set does not depend on the batching; without ``compiled_variants``, the fp32 network
+    does). Each variant runs a 2-step chain first (cuDNN's algorithm timing, compilation)."""
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
-    from ddpm_hf.evaluation import generate_uint8
+    from ddpm_hf.evaluation import generate_uint8, prepare_sampling
     from ddpm_hf.presets import unet_config
 
     config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
     rates, unets = {}, {}
 
-    def variant(label, dtype=torch.float32, channels_last=False, compiled=False, size=batch, per_image=False):
+    def variant(label, dtype="fp32", channels_last=False, compiled=False, size=batch, per_image=False):
         key = (dtype, channels_last, compiled)  # the compiled variants share one compiled network
         if key not in unets:
-            unet = DDPMUNet(**config).to(device).eval()
-            unets[key] = unet = unet.bfloat16() if dtype == torch.bfloat16 else unet  # (`.to(dtype)` warns)
+            unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
-                unet.to(memory_format=torch.channels_last)
-            if compiled:
-                unet.compile()
+                unets[key].to(memory_format=torch.channels_last)
+            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size)
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 
@@ -446,17 +444,17 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
 
     def variants():
         variant("fp32/tf32")
-        variant("bf16 weights", torch.bfloat16)
-        variant("bf16 weights, channels-last", torch.bfloat16, channels_last=True)
-        layout = rates["bf16 weights, channels-last"] > rates["bf16 weights"]
+        variant("--dtype bf16", "bf16")
+        variant("--dtype bf16, channels-last", "bf16", channels_last=True)
+        layout = rates["--dtype bf16, channels-last"] > rates["--dtype bf16"]
         if not compiled_variants:
             variant("fp32/tf32, a generator per image as evaluate draws them", per_image=True)
             return
-        named = f"bf16 weights{', channels-last' if layout else ''}, compiled"
-        variant(named, torch.bfloat16, layout, True)
-        variant(f"{named}, batch {4 * batch}", torch.bfloat16, layout, True, 4 * batch)
-        variant(f"{named}, batch {4 * batch}, a generator per image as evaluate draws them", torch.bfloat16, layout,
-                True, 4 * batch, per_image=True)
+        named = f"--dtype bf16 --compile{', channels-last' if layout else ''}"
+        variant(named, "bf16", layout, True)
+        variant(f"{named}, batch {4 * batch}", "bf16", layout, True, 4 * batch)
+        variant(f"{named}, batch {4 * batch}, a generator per image as evaluate draws them", "bf16", layout, True,
+                4 * batch, per_image=True)
 
     # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)
     switched(torch.backends.cudnn, "benchmark", True, lambda: switched(

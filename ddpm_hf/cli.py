@@ -41,6 +41,13 @@ def _metrics(value: str) -> List[str]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _sampling_speed_args(parser: argparse.ArgumentParser, bound: str = "") -> None:
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help=f"the network's precision while sampling; the reverse chain stays float32{bound}")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network for sampling (checked before any sampling)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -57,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
+    _sampling_speed_args(sample)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
     evaluate.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=_non_negative, default=0)
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--device", default=None)
+    _sampling_speed_args(evaluate, "; the bound always uses float32")
 
     data = sub.add_parser("data", help="write a dataset as parquet shards")
     data.add_argument("name", choices=["fashion-mnist"])
@@ -88,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sample(args) -> int:
-    from .evaluation import chain_length, generate_uint8, load_pipeline
+    from .evaluation import chain_length, generate_uint8, load_pipeline, prepare_sampling
     from .images import to_pil, uint8_grid
 
     pipe = load_pipeline(args.pipeline, args.device)
+    steps = chain_length(pipe, args.num_inference_steps)
+    prepare_sampling(pipe, args.dtype, args.compile, min(args.batch_size, args.num_images))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = generate_uint8(pipe, args.num_images, args.batch_size, chain_length(pipe, args.num_inference_steps),
-                            args.seed)
+    images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed)
     for i, image in enumerate(to_pil(images)):
         image.save(out / f"{i:05d}.png")
     uint8_grid(images[:64]).save(out / "grid.png")
@@ -111,7 +121,7 @@ def cmd_evaluate(args) -> int:
         reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
         num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
         features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device)
+        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile)
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))

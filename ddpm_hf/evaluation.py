@@ -3,6 +3,7 @@ rate–distortion curve (§4.3), FID/KID and the Inception Score of samples, pro
 interpolation (Fig. 8), written to a folder as results.json and PNG figures. ``ddpm-hf evaluate`` is argument
 parsing around :func:`evaluate`; training monitors its EMA model with :func:`quick_bits_per_dim`."""
 
+import copy
 import json
 import os
 import time
@@ -15,6 +16,7 @@ import torch
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
+from .unet import compile_checked
 
 METRICS = ("bpd", "fid", "kid", "is", "rd", "progressive", "interpolation")
 
@@ -80,6 +82,39 @@ def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = Non
     return pipe
 
 
+SAMPLING_DTYPES = {"fp32": "float", "bf16": "bfloat16", "fp16": "half"}  # the network's precision → its cast
+
+
+def prepare_sampling(pipe, dtype: str = "fp32", compile: bool = False, batch_size: int = 1) -> None:
+    """Set up ``pipe``'s network for sampling: its weights in ``dtype`` (the reverse chain itself stays float32, see
+    ``DDPMPipeline._chain_dtype``) and, with ``compile``, ``torch.compile``'d in place. Either is checked by one
+    network call at ``batch_size`` here, so that a device without the dtype or a compiler failure stops the command
+    before any sampling (the compiled graph is then ready for that batch size)."""
+    if dtype not in SAMPLING_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}.")
+    unet = pipe.unet
+    getattr(unet, SAMPLING_DTYPES[dtype])()
+    shape = pipe._image_shape(batch_size)
+
+    @torch.no_grad()
+    def probe():
+        unet(torch.zeros(shape, device=unet.device, dtype=unet.dtype),
+             torch.zeros(batch_size, dtype=torch.long, device=unet.device))
+
+    if compile:
+        try:
+            compile_checked(unet, probe)
+        except RuntimeError as err:
+            raise ValueError(f"--compile: {err}; sample without --compile.") from err
+    elif dtype != "fp32":
+        try:
+            probe()
+        except RuntimeError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--dtype {dtype}: the U-Net does not run in {dtype} on {unet.device} ({first_line}); "
+                             "use --dtype fp32.") from err
+
+
 def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
     """Steps of the reverse chain: ``num_inference_steps``, or the model's full chain when None."""
     total = pipe.scheduler.config.num_train_timesteps
@@ -112,7 +147,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
              metrics: Sequence[str] = ("bpd", "fid", "kid"), num_samples: int = 1000, num_reference: int = 5000,
              num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist", is_splits: int = 10,
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
-             device: Optional[str] = None) -> Optional[dict]:
+             device: Optional[str] = None, dtype: str = "fp32", compile: bool = False) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
     results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
 
@@ -120,7 +155,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     (``bpd_timesteps`` 0: all T terms, exact; K: K sampled terms per image), ``rd`` its rate–distortion curve (exact
     bound only), ``fid``/``kid`` on ``num_samples`` samples against ``num_reference`` images of ``reference_split``
     through the ``features`` network ("fmnist" or "inception"), ``is`` the Inception Score of the same samples over
-    ``is_splits`` splits (IS-FMNIST on "fmnist"), ``progressive`` and ``interpolation`` figures.
+    ``is_splits`` splits (IS-FMNIST on "fmnist"), ``progressive`` and ``interpolation`` figures. Sampling runs the
+    network in ``dtype`` ("fp32", "bf16", "fp16"; the reverse chain stays float32) and ``torch.compile``'d with
+    ``compile``, on a copy: the bound always evaluates the float32 network.
     Under ``accelerate launch`` every process computes its share of the bound's terms and samples its share for
     FID/KID/IS (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on
     the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
@@ -131,6 +168,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     from .metrics import check_inception_score
 
     check_metrics(metrics)
+    if dtype not in SAMPLING_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}.")
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
     if "rd" in metrics and bpd_timesteps:
@@ -152,7 +191,13 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
-    results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
+    sampler = pipe  # what samples: a copy in its own dtype or compiled, prepared (and so checked) before any work
+    if {"fid", "kid", "is", "progressive", "interpolation"} & set(metrics) and (dtype != "fp32" or compile):
+        sampler = type(pipe)(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler)
+        share = len(range(state.process_index, num_samples, state.num_processes))
+        prepare_sampling(sampler, dtype, compile, max(1, min(batch_size, share)))
+    results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes,
+               "sampling_dtype": dtype, "sampling_compiled": compile}
     started = time.time()
 
     bound = None
@@ -181,7 +226,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         # Both fail now, before any sampling, if unavailable.
         extractor = feature_extractor(features) if {"fid", "kid"} & set(metrics) else None
         classifier = class_probabilities(features) if "is" in metrics else None
-        mine = generate_uint8(pipe, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
+        mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes)
         samples = torch.cat(gather_object([mine]))
         if state.is_main_process:
@@ -204,12 +249,12 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     if not state.is_main_process:
         return None
     if "progressive" in metrics:
-        pipe.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+        sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                          num_snapshots=10).grid.save(out / "progressive.png")
     if "interpolation" in metrics:
         pair = to_model_range(load_eval_images(data, 2, size, channels, split=split, dataset_config_name=data_config))
         t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
-        pipe.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
+        sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -545,3 +545,15 @@ class DDPMUNet(ModelMixin, ConfigMixin):
             skips = skips[:-n]
         out = self.conv_out(self.conv_act(self.conv_norm_out(h))).contiguous()
         return DDPMUNetOutput(sample=out) if return_dict else (out,)
+
+
+def compile_checked(unet: nn.Module, probe) -> None:
+    """``torch.compile`` ``unet`` in place (its state_dict keys stay plain, no ``_orig_mod.``) and call ``probe()``
+    once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it, and the real calls
+    reuse the compiled graph."""
+    unet.compile()
+    try:
+        probe()
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RuntimeError(f"torch.compile of the U-Net failed ({type(err).__name__}: {first_line})") from err

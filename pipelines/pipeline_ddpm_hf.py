@@ -86,7 +86,8 @@ class DDPMPipeline(DiffusionPipeline):
 
     Components: ``unet`` (``ddpm_hf.DDPMUNet`` or ``diffusers.UNet2DModel``) and ``scheduler`` (``ddpm_hf.DDPMScheduler``
     or any diffusers scheduler with the same interface). Same samples as ``diffusers.DDPMPipeline`` for the same
-    weights, config and generator.
+    float32 weights, config and generator. With the network in bf16/fp16 the chain stays float32 (diffusers' rounds
+    x_t to the network's dtype at every step).
     """
 
     model_cpu_offload_seq = "unet"
@@ -107,10 +108,17 @@ class DDPMPipeline(DiffusionPipeline):
         size = (size, size) if isinstance(size, int) else tuple(size)
         return (batch_size, self.unet.config.in_channels, *size)
 
+    def _chain_dtype(self) -> torch.dtype:
+        """The dtype of x_t along the reverse chain: float32 under a half-precision network, else the network's own.
+        A bf16 x_t keeps 8 bits of mantissa, so the chain's late updates, a few thousandths on values near 1, would
+        round away; diffusers' pipeline runs its chain in the network's dtype and loses them."""
+        dtype = self.unet.dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
     def _initial_noise(self, batch_size: int, generator: GeneratorArg) -> torch.Tensor:
         """x_T ~ N(0, I), drawn on the generator's device (the same numbers on any execution device)."""
         shape = self._image_shape(batch_size)
-        device, dtype = self._execution_device, self.unet.dtype
+        device, dtype = self._execution_device, self._chain_dtype()
         if isinstance(generator, list):
             if len(generator) != batch_size:
                 raise ValueError(f"Got {len(generator)} generators for batch_size={batch_size}; pass one per sample.")
@@ -130,10 +138,11 @@ class DDPMPipeline(DiffusionPipeline):
         on_step: Optional[Callable[[int, torch.Tensor, Any], Optional[torch.Tensor]]] = None,
     ) -> torch.Tensor:
         """Run the scheduler's timesteps from ``sample``: x_{t−1} = step(ε_θ(x_t, t), t, x_t). ``on_step(i, t, out)``
-        sees every step's output and may return a replacement sample."""
+        sees every step's output and may return a replacement sample. The network runs in its own dtype, the chain in
+        :meth:`_chain_dtype`."""
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.unet(model_input, t).sample
+            model_output = self.unet(model_input.to(self.unet.dtype), t).sample.to(sample.dtype)
             out = self.scheduler.step(model_output, t, sample, generator=generator)
             sample = out.prev_sample
             if on_step is not None:
@@ -256,7 +265,7 @@ class DDPMPipeline(DiffusionPipeline):
         expected = self._image_shape(1)[1:]
         if image.ndim != 4 or image.shape[0] != 1 or tuple(image.shape[1:]) != expected:
             raise ValueError(f"{name} must have shape {expected} (or 1×{expected}), got {tuple(image.shape)}.")
-        return image.to(self._execution_device, self.unet.dtype)
+        return image.to(self._execution_device, self._chain_dtype())
 
     @torch.no_grad()
     def interpolate(

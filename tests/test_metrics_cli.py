@@ -142,6 +142,48 @@ def test_cli_sample_and_evaluate(tmp_path):
         assert (out / figure).is_file(), figure
 
 
+def _pngs(folder):
+    from PIL import Image
+
+    return torch.stack([torch.from_numpy(np.array(Image.open(png))).float() for png in sorted(folder.glob("0*.png"))])
+
+
+def test_sampling_in_bf16_keeps_the_bound_in_float32(tmp_path):
+    """--dtype bf16: the samples come from the bf16 network (not the float32 images, yet within two uint8 levels of
+    them) and the bound from the float32 network (the same bits/dim as without the flag)."""
+    tiny_pipeline(num_train_timesteps=20, variance_type="fixed_large").save_pretrained(tmp_path / "pipe")
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        assert cli(["sample", str(tmp_path / "pipe"), "--num_images", "6", "--batch_size", "4", "--dtype", dtype,
+                    "--out", str(tmp_path / f"samples-{dtype}")]) == 0
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd,fid", "--num_bpd_images", "4",
+                    "--num_samples", "8", "--num_reference", "16", "--batch_size", "8", "--dtype", dtype, "--out",
+                    str(tmp_path / f"eval-{dtype}")]) == 0
+        results[dtype] = json.loads((tmp_path / f"eval-{dtype}" / "results.json").read_text())
+    assert results["bf16"]["bpd"] == results["fp32"]["bpd"]
+    assert results["bf16"]["sampling_dtype"] == "bf16" and results["fp32"]["sampling_dtype"] == "fp32"
+    assert results["bf16"]["sample_quality"]["fid"] != results["fp32"]["sample_quality"]["fid"]
+    levels = (_pngs(tmp_path / "samples-bf16") - _pngs(tmp_path / "samples-fp32")).abs()
+    assert levels.shape[0] == 6 and 0 < levels.max() <= 2, levels.max()
+
+
+@pytest.mark.slow  # 1-2 minutes of inductor compilation on 2 cores
+def test_compiled_sampling_gives_the_eager_images_and_a_compiler_failure_stops_before_sampling(tmp_path):
+    """`ddpm-hf sample --compile` writes the eager command's images (to one uint8 level: float rounding); with no
+    working C compiler it stops naming torch.compile and the fix, before writing anything."""
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "pipe")
+    command = [sys.executable, "-m", "ddpm_hf.cli", "sample", str(tmp_path / "pipe"), "--num_images", "4"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        subprocess.run(command + extra + ["--out", str(tmp_path / name)], check=True, env=child_env(
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
+    assert (_pngs(tmp_path / "compiled") - _pngs(tmp_path / "eager")).abs().max() <= 1
+    failed = subprocess.run(command + ["--compile", "--out", str(tmp_path / "failed")], capture_output=True,
+                            text=True, env=child_env(CXX="/bin/false", CC="/bin/false",
+                                                     TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-failed")))
+    assert failed.returncode != 0 and "--compile: torch.compile of the U-Net failed" in failed.stderr
+    assert "sample without --compile" in failed.stderr and not (tmp_path / "failed").exists()
+
+
 def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise(tmp_path):
     """results.json holds exactly what bits_per_dim gives on the test split's images with noise seeded --seed, for
     the exact bound and a sampled one: reading other images, another split, or drawing other t or ε would change
@@ -242,6 +284,8 @@ def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
 
 
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
+    from ddpm_hf.evaluation import evaluate
+
     pipe = tiny_pipeline(num_train_timesteps=20)
     pipe.save_pretrained(tmp_path / "pipe")
     with pytest.raises(SystemExit):
@@ -253,6 +297,11 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
         cli(["sample", str(tmp_path / "pipe"), "--num_inference_steps", "50", "--out", str(tmp_path / "s")])
     with pytest.raises(SystemExit):
         cli(["sample", str(tmp_path / "pipe"), "--num_images", "0", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit):
+        cli(["sample", str(tmp_path / "pipe"), "--dtype", "fp8", "--out", str(tmp_path / "s")])
+    assert "--dtype" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="--dtype 'fp8'"):  # before the (missing) pipeline is opened
+        evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "e", metrics=["fid"], dtype="fp8")
     with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])
     assert "--seed" in capsys.readouterr().err

@@ -207,6 +207,41 @@ def test_interpolation_through_the_latent():
         pipe.interpolate(torch.zeros(3, 16, 16), b, t=10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_network_samples_a_float32_chain(dtype):
+    """The network may run in bf16/fp16; x_t stays float32. Oracle: a network whose output is exactly 0 in any
+    dtype, so the half-precision pipeline must give the float32 pipeline's samples bit for bit, through __call__,
+    progressive and interpolate (a chain kept in bf16 rounds x_t at every step and would not)."""
+    pipe = tiny_pipeline(num_train_timesteps=1000)
+    pipe.unet.conv_out.weight.data.zero_()
+    pipe.unet.conv_out.bias.data.zero_()
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def outputs():
+        return [pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=40,
+                     output_type="pt").images,
+                pipe.progressive(batch_size=1, generator=torch.Generator().manual_seed(2), num_inference_steps=20,
+                                 num_snapshots=3, output_type="pt").snapshots[1],
+                pipe.interpolate(x[0], x[1], lambdas=2, t=30, output_type="pt").images]
+
+    reference = outputs()
+    pipe.unet.to(dtype)
+    for half, full in zip(outputs(), reference):
+        assert half.dtype == torch.float32 and torch.equal(half, full)
+
+
+def test_a_bf16_network_samples_close_to_its_float32_self():
+    """With a real (random) network the bf16 samples stay within a fraction of a uint8 level of the float32 ones
+    on average over 100 steps (measured 0.16 levels; x_t kept in bf16 instead: 1.08, as diffusers' pipeline)."""
+    pipe = tiny_pipeline(num_train_timesteps=1000)
+    run = lambda: pipe(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=100,  # noqa: E731
+                       output_type="pt").images
+    reference = run()
+    pipe.unet.bfloat16()
+    levels = (run() - reference).abs() * 255
+    assert 0 < levels.mean() < 0.5, levels.mean()
+
+
 def test_bad_call_arguments():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="batch_size"):

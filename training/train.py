@@ -41,6 +41,7 @@ from ddpm_hf.losses import make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import unet_config
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
+from ddpm_hf.unet import compile_checked
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
 
 logger = logging.getLogger("ddpm_hf.train")
@@ -160,21 +161,22 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
 
 
 def compile_model(model, loss_fn, batch: int, resolution: int, device) -> None:
-    """``torch.compile`` the U-Net in place (its state_dict keys stay plain: no ``_orig_mod.``), then run one training
-    forward and backward of the prepared model (with its autocast) on a dummy batch: a compiler failure stops the run
-    here, before any training, and the real steps reuse the compiled graph. The random state is left as it was."""
+    """``torch.compile`` the U-Net in place, checked by one training forward and backward of the prepared model (with
+    its autocast) on a dummy batch: a compiler failure stops the run here, before any training. The random state is
+    left as it was."""
     unet = getattr(model, "module", model)  # inside DDP
-    unet.compile()
     c = unet.config
-    try:
+
+    def probe():
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             x0 = torch.zeros(batch, c.in_channels, resolution, resolution, device=device)
             t = torch.zeros(batch, dtype=torch.long, device=device)
             loss_fn(model(x0, t).sample, x0, x0, t, x0).mean().backward()
-    except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SystemExit(f"--compile: torch.compile of the U-Net failed ({type(err).__name__}: {first_line}); "
-                         "train without --compile.") from err
+
+    try:
+        compile_checked(unet, probe)
+    except RuntimeError as err:
+        raise SystemExit(f"--compile: {err}; train without --compile.") from err
     unet.zero_grad(set_to_none=True)
 
 
