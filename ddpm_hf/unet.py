@@ -547,12 +547,12 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         return DDPMUNetOutput(sample=out) if return_dict else (out,)
 
 
-def compile_checked(unet: nn.Module, probe) -> None:
-    """``torch.compile`` ``unet`` in place (its state_dict keys stay plain, no ``_orig_mod.``) and call ``probe()``
-    once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it, and the real calls
-    reuse the compiled graph."""
-    unet.compile()
+def compile_checked(unet: nn.Module, probe, **options) -> None:
+    """``torch.compile(**options)`` ``unet`` in place (its state_dict keys stay plain, no ``_orig_mod.``) and call
+    ``probe()`` once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it, and the
+    real calls reuse the compiled graph."""
     try:
+        unet.compile(**options)  # an unknown mode or backend fails here
         probe()
     except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -177,6 +177,27 @@ def test_compiled_training_matches_and_its_checkpoints_are_plain(images, eager, 
     _resume_and_compare(tmp_path / "compiled" / "checkpoint-3", [], eager, tmp_path / "c2e", args)
 
 
+def test_accelerates_dynamo_settings_compile_the_unet_in_place(images, eager, tmp_path):
+    """`accelerate launch --dynamo_backend B --dynamo_use_fullgraph` (here accelerate's environment for them, with
+    dynamo's eager backend: its tracing without inductor's minutes of compilation) compiles the U-Net in place with
+    exactly those settings, where prepare() would wrap it: the eager run's losses, and plain keys in the checkpoints
+    and the pipeline (which plain diffusers loads; resuming a compiled run's checkpoint is the slow test above)."""
+    out = tmp_path / "dynamo"
+    env = child_env(ACCELERATE_DYNAMO_BACKEND="eager", ACCELERATE_DYNAMO_USE_FULLGRAPH="true")
+    run(_eager_args(images) + ["--output_dir", str(out)], tmp_path / "dynamo.log", env=env)
+    log = (tmp_path / "dynamo.log").read_text()
+    assert "asked by accelerate's dynamo settings (eager): {'backend': 'eager', 'fullgraph': True}" in log, log[-3000:]
+    torch.testing.assert_close(torch.tensor(_scalars(out / "logs", "loss")),
+                               torch.tensor(_scalars(eager / "logs", "loss")), rtol=1e-6, atol=1e-7)
+    for folder in (out / "checkpoint-3", out / "checkpoint-6", out / "unet"):
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), "pt") as f:
+                assert not [k for k in f.keys() if "_orig_mod" in k], file
+    from diffusers import UNet2DModel
+
+    UNet2DModel.from_pretrained(out / "unet")
+
+
 @pytest.mark.slow
 def test_an_eager_checkpoint_resumes_compiled(images, eager, tmp_path):
     _resume_and_compare(eager / "checkpoint-3", ["--compile"], eager, tmp_path / "e2c", _eager_args(images))

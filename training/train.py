@@ -23,10 +23,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -116,7 +117,8 @@ def make_accelerator(args) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dynamo_plugin=TorchDynamoPlugin(backend="no"))  # accelerate's dynamo settings: see compile_options
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,6 +132,18 @@ def make_accelerator(args) -> Accelerator:
     # its default picks by heuristics (bench/gpu.sh times both). No effect on the CPU.
     torch.backends.cudnn.benchmark = True
     return accelerator
+
+
+def compile_options(args) -> Tuple[Optional[dict], str]:
+    """torch.compile's arguments for the U-Net (None: not compiled) and the setting they come from: accelerate's torch
+    dynamo settings (`accelerate config`, `accelerate launch --dynamo_backend ... --dynamo_mode ...`) when set, else
+    torch's defaults under --compile. The U-Net is compiled in place with them: prepare() would wrap it in
+    torch.compile's OptimizedModule, whose weights every checkpoint and pipeline would then name `_orig_mod.*`, so
+    the Accelerator is made without them."""
+    requested = TorchDynamoPlugin()  # reads accelerate's ACCELERATE_DYNAMO_* settings
+    if requested.backend != DynamoBackend.NO:
+        return requested.to_kwargs(), f"accelerate's dynamo settings ({requested.backend.value.lower()})"
+    return ({}, "--compile") if args.compile else (None, "")
 
 
 def open_dataset(args, is_main_process: bool):
@@ -160,10 +174,10 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
         raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
 
-def compile_model(model, loss_fn, batch: int, resolution: int, device) -> None:
-    """``torch.compile`` the U-Net in place, checked by one training forward and backward of the prepared model (with
-    its autocast) on a dummy batch: a compiler failure stops the run here, before any training. The random state is
-    left as it was."""
+def compile_model(model, loss_fn, batch: int, resolution: int, device, options: dict, source: str) -> None:
+    """``torch.compile(**options)`` the U-Net in place, checked by one training forward and backward of the prepared
+    model (with its autocast) on a dummy batch: a compiler failure stops the run here, before any training, naming
+    ``source``, the setting that asked for it. The random state is left as it was."""
     unet = getattr(model, "module", model)  # inside DDP
     c = unet.config
 
@@ -173,10 +187,12 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device) -> None:
             t = torch.zeros(batch, dtype=torch.long, device=device)
             loss_fn(model(x0, t).sample, x0, x0, t, x0).mean().backward()
 
+    logger.info("torch.compile of the U-Net in place, asked by %s: %s", source, options or "torch's defaults")
     try:
-        compile_checked(unet, probe)
+        compile_checked(unet, probe, **options)
     except RuntimeError as err:
-        raise SystemExit(f"--compile: {err}; train without --compile.") from err
+        fix = "train without --compile" if source == "--compile" else "launch with `--dynamo_backend no`"
+        raise SystemExit(f"{source}: {err}; {fix}.") from err
     unet.zero_grad(set_to_none=True)
 
 
@@ -306,8 +322,9 @@ def main(argv=None):
     ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
-    if args.compile:
-        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device)
+    options, source = compile_options(args)
+    if options is not None:
+        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, options, source)
     started = start_run(accelerator, args, model, stream, loop)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
