@@ -9,11 +9,13 @@ Lines printed (prefix "GPU"):
   train.py         ~300 steps at ddpm-cifar10, batch 128, bf16, on synthetic 32² PNG parquet: images/s, data_wait,
                    model FLOP utilisation (FLOPs counted from the network by torch's FLOP counter, against the
                    measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
-                   activations) and --compile; fp16 for a few steps;
+                   activations), --compile, and compiled with CUDA graphs (accelerate's --dynamo_mode
+                   reduce-overhead); fp16 for a few steps;
   step anatomy     train.py's bf16 step, its pieces added one at a time to the bare U-Net step, and its kernels;
   data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
-  sampling         --sampling_steps ancestral steps of 256 images, fp32 and bf16 weights, channels-last, compiled,
-                   larger batch, and as `ddpm-hf evaluate` samples (images/s; 50,000-sample projection);
+  sampling         --sampling_steps ancestral steps of 256 images as `ddpm-hf sample/evaluate` run them: fp32,
+                   --dtype bf16, channels-last, --compile, larger batch, and with evaluate's generator per image
+                   (images/s; 50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
 """
 
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -280,15 +283,17 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layout: str = "default"):
-    """One train.py run at ddpm-cifar10, batch 128; its whole output goes to ``log`` as it is written (a run killed
-    at the time limit keeps what it printed, and its stacks)."""
+def train_run(data: Path, out: Path, steps: int, extra, timeout, log: Path, layout: str = "default",
+              env: Optional[dict] = None):
+    """One train.py run at ddpm-cifar10, batch 128, with ``env`` added to its environment; its whole output goes to
+    ``log`` as it is written (a run killed at the time limit keeps what it printed, and its stacks)."""
     cmd = [sys.executable, "-u", "-c", TRAIN_WRAPPER, layout, str(ROOT / "training" / "train.py"),
            "--preset", "ddpm-cifar10", "--dataset_name", str(data), "--train_batch_size", "128", "--max_train_steps", str(steps),
            "--checkpointing_steps", "0", "--num_sample_images", "1", "--ddpm_num_inference_steps", "2",
            "--logger", "none", "--logging_steps", "50", "--lr_warmup_steps", "10", "--output_dir", str(out), *extra]
     with open(log, "w") as sink:
-        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env=dict(os.environ, **(env or {})))
         try:
             returncode = process.wait(timeout=timeout)
         except BaseException as err:  # a timeout, or this script stopped: the run must not outlive it
@@ -350,11 +355,11 @@ def main():
 
     rates = {}  # images/s of the eager bf16 runs per activation layout: the compiled run uses the faster
 
-    def training(extra, label, steps, layout="default"):
+    def training(extra, label, steps, layout="default", env=None):
         # a run may overstay the deadline by a minute at most: the figures of the parts before it must get out
         img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra,
                                                    timeout=max(60, left(args.deadline_s + 60)),
-                                                   log=logs / f"train-{label}.log", layout=layout)
+                                                   log=logs / f"train-{label}.log", layout=layout, env=env)
         mfu = img_s * flops / 1e12
         say(f"train.py {label} ddpm-cifar10 b128 {steps} steps: {img_s:.0f} images/s, data_wait {wait:.2f} %, "
             f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak ({100 * mfu / H100_BF16_DENSE_TFLOPS:.1f} "
@@ -369,11 +374,15 @@ def main():
     for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
         part(f"train {label}", lambda layout=layout, label=label: rates.update(
             {layout: training(bf16, label, args.train_steps, layout)}), 60)
+    part("sampling", lambda: sampling(args.sampling_steps), 60)
     fastest = max(rates, key=rates.get, default="default")
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,
                                                 fastest), 90)
+    # CUDA graphs: the step's ~1,000 kernel launches replayed as one (accelerate's --dynamo_mode, as a user sets it)
+    part("train bf16 reduce-overhead", lambda: training(
+        bf16, f"bf16-reduce-overhead-{fastest}", args.train_steps, fastest,
+        env={"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"}), 90)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
-    part("sampling", lambda: sampling(args.sampling_steps), 60)
     part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
