@@ -426,7 +426,8 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
-            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size)
+            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype,
+                             {} if compiled else None, size)
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 

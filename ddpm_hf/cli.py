@@ -102,7 +102,7 @@ def cmd_sample(args) -> int:
 
     pipe = load_pipeline(args.pipeline, args.device)
     steps = chain_length(pipe, args.num_inference_steps)
-    prepare_sampling(pipe, args.dtype, args.compile, min(args.batch_size, args.num_images))
+    prepare_sampling(pipe, args.dtype, {} if args.compile else None, min(args.batch_size, args.num_images))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed)

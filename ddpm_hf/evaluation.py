@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import check_channels, find_image_column, load_image_dataset, prepare_image
+from .data import _first_line, check_channels, find_image_column, load_image_dataset, prepare_image
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 from .unet import compile_checked
@@ -85,34 +85,39 @@ def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = Non
 SAMPLING_DTYPES = {"fp32": "float", "bf16": "bfloat16", "fp16": "half"}  # the network's precision → its cast
 
 
-def prepare_sampling(pipe, dtype: str = "fp32", compile: bool = False, batch_size: int = 1) -> None:
-    """Set up ``pipe``'s network for sampling: its weights in ``dtype`` (the reverse chain itself stays float32, see
-    ``DDPMPipeline._chain_dtype``) and, with ``compile``, ``torch.compile``'d in place. Either is checked by one
-    network call at ``batch_size`` here, so that a device without the dtype or a compiler failure stops the command
-    before any sampling (the compiled graph is then ready for that batch size)."""
+def check_sampling_dtype(dtype: str) -> None:
     if dtype not in SAMPLING_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}.")
+
+
+def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] = None, batch_size: int = 1) -> None:
+    """Set up ``pipe``'s network for sampling: its weights in ``dtype`` (the reverse chain itself stays float32, see
+    ``DDPMPipeline._chain_dtype``) and, with ``compile_options`` (``torch.compile``'s arguments, ``{}`` for its
+    defaults), compiled in place. Each is checked by one network call at ``batch_size`` as the pipeline makes it, so
+    that a device without the dtype or a compiler failure stops the command before any sampling, and sampling at
+    that batch size reuses the graph compiled here."""
+    check_sampling_dtype(dtype)
     unet = pipe.unet
     getattr(unet, SAMPLING_DTYPES[dtype])()
     shape = pipe._image_shape(batch_size)
 
     @torch.no_grad()
     def probe():
-        unet(torch.zeros(shape, device=unet.device, dtype=unet.dtype),
-             torch.zeros(batch_size, dtype=torch.long, device=unet.device))
+        # t as the pipeline passes it, an element of scheduler.timesteps: 0-dim, on the host (a t of another shape
+        # or device would be compiled again at the first real call)
+        unet(torch.zeros(shape, device=unet.device, dtype=unet.dtype), torch.zeros((), dtype=torch.long))
 
-    if compile:
-        try:
-            compile_checked(unet, probe)
-        except RuntimeError as err:
-            raise ValueError(f"--compile: {err}; sample without --compile.") from err
-    elif dtype != "fp32":
+    if dtype != "fp32":
         try:
             probe()
         except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--dtype {dtype}: the U-Net does not run in {dtype} on {unet.device} ({first_line}); "
-                             "use --dtype fp32.") from err
+            raise ValueError(f"--dtype {dtype}: the U-Net does not run in {dtype} on {unet.device} "
+                             f"({_first_line(err)}); use --dtype fp32.") from err
+    if compile_options is not None:
+        try:
+            compile_checked(unet, probe, **compile_options)
+        except RuntimeError as err:
+            raise ValueError(f"--compile: {err}; run without --compile.") from err
 
 
 def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
@@ -168,8 +173,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     from .metrics import check_inception_score
 
     check_metrics(metrics)
-    if dtype not in SAMPLING_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}.")
+    check_sampling_dtype(dtype)
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
     if "rd" in metrics and bpd_timesteps:
@@ -191,14 +195,17 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
-    sampler = pipe  # what samples: a copy in its own dtype or compiled, prepared (and so checked) before any work
-    if {"fid", "kid", "is", "progressive", "interpolation"} & set(metrics) and (dtype != "fp32" or compile):
-        sampler = type(pipe)(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler)
-        share = len(range(state.process_index, num_samples, state.num_processes))
-        prepare_sampling(sampler, dtype, compile, max(1, min(batch_size, share)))
-    results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes,
-               "sampling_dtype": dtype, "sampling_compiled": compile}
+    results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
     started = time.time()
+    sample_quality = bool({"fid", "kid", "is"} & set(metrics))  # every process samples its share
+    figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
+    sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
+    if sample_quality or figures:
+        results.update(sampling_dtype=dtype, sampling_compiled=compile)
+        if (dtype != "fp32" or compile) and (sample_quality or state.is_main_process):
+            sampler = type(pipe)(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler)
+            share = len(range(state.process_index, num_samples, state.num_processes)) if sample_quality else 4
+            prepare_sampling(sampler, dtype, {} if compile else None, max(1, min(batch_size, share)))
 
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms

@@ -549,11 +549,12 @@ class DDPMUNet(ModelMixin, ConfigMixin):
 
 def compile_checked(unet: nn.Module, probe, **options) -> None:
     """``torch.compile(**options)`` ``unet`` in place (its state_dict keys stay plain, no ``_orig_mod.``) and call
-    ``probe()`` once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it, and the
-    real calls reuse the compiled graph."""
+    ``probe()`` once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it (the
+    module is left uncompiled), and the real calls reuse the compiled graph."""
     try:
         unet.compile(**options)  # an unknown mode or backend fails here
         probe()
     except Exception as err:
+        unet._compiled_call_impl = None  # what nn.Module.compile set: back to the plain forward
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise RuntimeError(f"torch.compile of the U-Net failed ({type(err).__name__}: {first_line})") from err

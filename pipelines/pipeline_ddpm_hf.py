@@ -140,14 +140,15 @@ class DDPMPipeline(DiffusionPipeline):
         """Run the scheduler's timesteps from ``sample``: x_{t−1} = step(ε_θ(x_t, t), t, x_t). ``on_step(i, t, out)``
         sees every step's output and may return a replacement sample. The network runs in its own dtype, the chain in
         :meth:`_chain_dtype`."""
+        network_dtype = self.unet.dtype
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.unet(model_input.to(self.unet.dtype), t).sample.to(sample.dtype)
+            model_output = self.unet(model_input.to(network_dtype), t).sample.to(sample.dtype)
             out = self.scheduler.step(model_output, t, sample, generator=generator)
             sample = out.prev_sample
             if on_step is not None:
                 replaced = on_step(i, t, out)
-                sample = sample if replaced is None else replaced
+                sample = sample if replaced is None else replaced.to(sample.dtype)
         return sample
 
     def _postprocess(self, images: torch.Tensor, output_type: str):

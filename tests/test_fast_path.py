@@ -183,14 +183,19 @@ def test_accelerates_dynamo_settings_compile_the_unet_in_place(images, eager, tm
     exactly those settings, where prepare() would wrap it: the eager run's losses, and plain keys in the checkpoints
     and the pipeline (which plain diffusers loads; resuming a compiled run's checkpoint is the slow test above)."""
     out = tmp_path / "dynamo"
-    env = child_env(ACCELERATE_DYNAMO_BACKEND="eager", ACCELERATE_DYNAMO_USE_FULLGRAPH="true")
+    env = child_env(ACCELERATE_DYNAMO_BACKEND="EAGER", ACCELERATE_DYNAMO_MODE="default",  # as accelerate launch
+                    ACCELERATE_DYNAMO_USE_FULLGRAPH="True", ACCELERATE_DYNAMO_USE_DYNAMIC="False",  # sets them
+                    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="False")
     run(_eager_args(images) + ["--output_dir", str(out)], tmp_path / "dynamo.log", env=env)
     log = (tmp_path / "dynamo.log").read_text()
-    assert "asked by accelerate's dynamo settings (eager): {'backend': 'eager', 'fullgraph': True}" in log, log[-3000:]
+    asked = "asked by accelerate's dynamo settings (eager): {'backend': 'eager', 'fullgraph': True, 'dynamic': False}"
+    assert asked in log, log[-3000:]
     torch.testing.assert_close(torch.tensor(_scalars(out / "logs", "loss")),
                                torch.tensor(_scalars(eager / "logs", "loss")), rtol=1e-6, atol=1e-7)
     for folder in (out / "checkpoint-3", out / "checkpoint-6", out / "unet"):
-        for file in folder.glob("*.safetensors"):
+        files = list(folder.glob("*.safetensors"))
+        assert files, f"no weights in {folder}"
+        for file in files:
             with safe_open(str(file), "pt") as f:
                 assert not [k for k in f.keys() if "_orig_mod" in k], file
     from diffusers import UNet2DModel

@@ -167,6 +167,21 @@ def test_sampling_in_bf16_keeps_the_bound_in_float32(tmp_path):
     assert levels.shape[0] == 6 and 0 < levels.max() <= 2, levels.max()
 
 
+def test_sampling_reuses_the_graph_compiled_before_it():
+    """prepare_sampling's check call is the pipeline's own call (a timestep of another shape or device would make
+    dynamo compile the network a second time at the first real step, minutes with inductor on a big network)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from ddpm_hf.evaluation import prepare_sampling
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    counter = CompileCounter()  # a torch.compile backend that counts the graphs it is given and runs them eagerly
+    prepare_sampling(pipe, "fp32", {"backend": counter}, batch_size=2)
+    assert counter.frame_count == 1
+    pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.slow  # 1-2 minutes of inductor compilation on 2 cores
 def test_compiled_sampling_gives_the_eager_images_and_a_compiler_failure_stops_before_sampling(tmp_path):
     """`ddpm-hf sample --compile` writes the eager command's images (to one uint8 level: float rounding); with no
@@ -181,7 +196,7 @@ def test_compiled_sampling_gives_the_eager_images_and_a_compiler_failure_stops_b
                             text=True, env=child_env(CXX="/bin/false", CC="/bin/false",
                                                      TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-failed")))
     assert failed.returncode != 0 and "--compile: torch.compile of the U-Net failed" in failed.stderr
-    assert "sample without --compile" in failed.stderr and not (tmp_path / "failed").exists()
+    assert "run without --compile" in failed.stderr and not (tmp_path / "failed").exists()
 
 
 def test_evaluate_reports_bits_per_dim_of_the_test_images_under_the_seeded_noise(tmp_path):

@@ -111,8 +111,9 @@ class LoopState:
             self.generators[v].set_state(g_state)
 
 
-def make_accelerator(args) -> Accelerator:
-    """The Accelerator, with the run's precision, trackers and folders; refuses a launch that would not be DDP."""
+def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
+    """The Accelerator, with the run's precision, trackers and folders, without accelerate's dynamo settings (see
+    :func:`compile_options`; ``dynamo_settings``: they were set); refuses a launch that would not be DDP."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -128,6 +129,8 @@ def make_accelerator(args) -> Accelerator:
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif dynamo_settings and accelerator.mixed_precision == "no":  # what accelerate does with them
+        torch.backends.cuda.matmul.allow_tf32 = True
     # Every step convolves the same shapes: cuDNN times its algorithms once per shape and keeps the fastest, where
     # its default picks by heuristics (bench/gpu.sh times both). No effect on the CPU.
     torch.backends.cudnn.benchmark = True
@@ -140,10 +143,17 @@ def compile_options(args) -> Tuple[Optional[dict], str]:
     torch's defaults under --compile. The U-Net is compiled in place with them: prepare() would wrap it in
     torch.compile's OptimizedModule, whose weights every checkpoint and pipeline would then name `_orig_mod.*`, so
     the Accelerator is made without them."""
-    requested = TorchDynamoPlugin()  # reads accelerate's ACCELERATE_DYNAMO_* settings
-    if requested.backend != DynamoBackend.NO:
-        return requested.to_kwargs(), f"accelerate's dynamo settings ({requested.backend.value.lower()})"
-    return ({}, "--compile") if args.compile else (None, "")
+    try:
+        requested = TorchDynamoPlugin()  # reads accelerate's ACCELERATE_DYNAMO_* settings
+    except ValueError as err:
+        raise SystemExit(f"accelerate's dynamo settings: {err}") from err
+    if requested.backend == DynamoBackend.NO:
+        return ({}, "--compile") if args.compile else (None, "")
+    if requested.use_regional_compilation:
+        raise SystemExit("accelerate's regional compilation (--dynamo_use_regional_compilation) is not supported: "
+                         "train.py compiles the whole U-Net in place, which keeps its weights' names; launch without "
+                         "it.")
+    return requested.to_kwargs(), f"accelerate's dynamo settings ({requested.backend.value.lower()})"
 
 
 def open_dataset(args, is_main_process: bool):
@@ -191,7 +201,8 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
     try:
         compile_checked(unet, probe, **options)
     except RuntimeError as err:
-        fix = "train without --compile" if source == "--compile" else "launch with `--dynamo_backend no`"
+        fix = ("train without --compile" if source == "--compile"
+               else "launch with `--dynamo_backend no` (or unset ACCELERATE_DYNAMO_BACKEND)")
         raise SystemExit(f"{source}: {err}; {fix}.") from err
     unet.zero_grad(set_to_none=True)
 
@@ -296,7 +307,8 @@ class Throughput:
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args)
+    compiling, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
+    accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     dataset = open_dataset(args, accelerator.is_main_process)  # a bad repo, token, split or shard stops here
     set_seed(args.seed)  # the same initial weights on every process
@@ -322,9 +334,9 @@ def main(argv=None):
     ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
-    options, source = compile_options(args)
-    if options is not None:
-        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, options, source)
+    if compiling is not None:
+        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, compiling,
+                      asked_by)
     started = start_run(accelerator, args, model, stream, loop)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------

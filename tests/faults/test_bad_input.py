@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,19 @@ def test_training_flags_are_checked_before_anything_loads(train, tmp_path, capsy
         train.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert exit_info.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"ACCELERATE_DYNAMO_BACKEND": "INDCUTOR"}, "accelerate's dynamo settings: 'INDCUTOR' is not a valid DynamoBackend"),
+    ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "True"},
+     "accelerate's regional compilation (--dynamo_use_regional_compilation) is not supported"),
+])
+def test_accelerates_dynamo_settings_are_checked_before_anything_loads(train, monkeypatch, env, words):
+    """What `accelerate launch --dynamo_backend ...` puts in the environment, read by accelerate's own plugin."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit, match=re.escape(words)):
+        train.compile_options(train.parse_args([]))
 
 
 @pytest.mark.parametrize("flag", ["--logger", "--report_to"])
