@@ -220,24 +220,31 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
             ema.update(model.parameters())
 
     d = config["dropout"]
+    whole = dict(dropout=d, draw=True, clip=True, check=True, with_ema=True, copy=True)  # train.py's step
     stages = [("bare (dropout 0)", dict(dropout=0.0)), (f"+ dropout {d}", dict(dropout=d)),
               ("+ t, ε drawn, eq. 4, loss", dict(dropout=d, draw=True)),
               ("+ gradient clipping", dict(dropout=d, draw=True, clip=True)),
               ("+ its finiteness check (host sync)", dict(dropout=d, draw=True, clip=True, check=True)),
               ("+ EMA", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True)),
-              ("+ batch from pinned host memory", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True,
-                                                       copy=True))]
+              ("+ batch from pinned host memory", whole)]
     if stream is not None:
         stages.append((f"batches from a TrainStream ({stream.num_workers} workers) instead",
-                       dict(stages[-1][1], streamed=True)))
+                       dict(whole, streamed=True)))
+        # The reader thread holds the interpreter lock while it runs Python; the step, back from the finiteness
+        # check's wait, may wait up to the switch interval (5 ms by default) to get it back.
+        stages.append(("the same with a 0.5 ms interpreter switch interval", dict(whole, streamed=True, switch_s=5e-4)))
     parts, previous = [], None
+    default_switch_s = sys.getswitchinterval()
     try:
         for label, options in stages:
+            options = dict(options)
+            sys.setswitchinterval(options.pop("switch_s", default_switch_s))
             seconds = time_steps(lambda: step(**options), repeats)
             parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if previous is None else
                                                               f" ({1000 * (seconds - previous):+.1f})"))
             previous = seconds
     finally:
+        sys.setswitchinterval(default_switch_s)
         if stream is not None:
             stream.close()
     say(f"step anatomy {preset} b{batch} bf16 (train.py's pieces added one by one): " + "; ".join(parts))
@@ -247,7 +254,7 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         for _ in range(5):
-            step(**dict(stages[-1][1], streamed=False))
+            step(**whole)
         sync()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)

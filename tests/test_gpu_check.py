@@ -25,7 +25,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     gpu = importlib.import_module("gpu")
     switches = lambda: (set(DDPMUNet.channels_last_on), set(Upsample.phases_on),  # noqa: E731
                         set(GroupNorm.autocast_dtype_on), torch.backends.cudnn.benchmark,
-                        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+                        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                        sys.getswitchinterval())
     before = switches()
     gpu.write_dataset(tmp_path / "shards", "png32", 64, shards=2)
     gpu.unet_step_ratios(2, "tiny-16", "cpu", repeats=1)
@@ -41,7 +42,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
         assert re.search(rf"GPU unet train step tiny-16 b2 {precision}: ours {number} ms, diffusers {number} ms, ratio "
                          rf"ours/diffusers {number}; .*with cudnn.benchmark: ours {number} ms", out), out
     anatomy = re.search(r"GPU step anatomy tiny-16 b4 bf16 \(.*\): (.*)", out)
-    assert anatomy and len(anatomy.group(1).split("; ")) == 8, out  # 7 pieces and the TrainStream's batches
+    assert anatomy and len(anatomy.group(1).split("; ")) == 9, out  # 7 pieces, the TrainStream's batches, and
+    # those with a shorter switch interval
     assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
     assert len(re.findall(rf"GPU sampling 2 steps × 2 images, .*: {number} images/s of the 1000-step chain; 50,000 "
                           rf"samples projected {number} min", out)) == 4, out  # 3 networks, and as evaluate
