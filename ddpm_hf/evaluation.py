@@ -257,7 +257,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         return None
     if "progressive" in metrics:
         sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                         num_snapshots=10).grid.save(out / "progressive.png")
+                            num_snapshots=10).grid.save(out / "progressive.png")
     if "interpolation" in metrics:
         pair = to_model_range(load_eval_images(data, 2, size, channels, split=split, dataset_config_name=data_config))
         t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000

@@ -42,8 +42,8 @@ from ddpm_hf.losses import make_loss
 from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import unet_config
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
-from ddpm_hf.unet import compile_checked
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
+from ddpm_hf.unet import compile_checked
 
 logger = logging.getLogger("ddpm_hf.train")
 
