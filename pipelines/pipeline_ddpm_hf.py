@@ -437,14 +437,23 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
     if evaluation:
         lines += ["", "## Evaluation", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in sorted(evaluation.items())]
-    loader = ("DiffusionPipeline.from_pretrained(repo_id)" if pipe.diffusers_can_load()
+    plain = pipe.diffusers_can_load()  # else diffusers loads this file's pipeline as remote code
+    loader = ("DiffusionPipeline.from_pretrained(repo_id)" if plain
               else "DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)")
     lines += [
         "", "## Usage", "", "With plain diffusers:", "", "```python",
         "from diffusers import DiffusionPipeline", "", f'repo_id = "{repo_id}"', f"pipe = {loader}",
         "image = pipe(num_inference_steps=1000).images[0]", "```", "",
-        "With ddpm_hf (adds bits/dim, progressive generation and interpolation):", "", "```python",
+    ]
+    if plain:  # diffusers' own DDPMPipeline samples it
+        lines += ["Keep that pipeline in float32: in `torch_dtype=torch.bfloat16` diffusers' pipeline rounds its whole "
+                  "chain to bf16, which loses the late steps. ddpm_hf's pipeline runs the network in bf16 and keeps "
+                  "the chain in float32.", ""]
+    lines += [
+        "With ddpm_hf (adds bits/dim, progressive generation, interpolation and bf16 sampling):", "", "```python",
         "from ddpm_hf import DDPMPipeline", "", f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
+        "images = pipe(batch_size=16).images", "",
+        "pipe.unet.bfloat16()  # the network in bf16, the chain in float32",
         "images = pipe(batch_size=16).images", "```", "",
     ]
     return "\n".join(meta + lines)

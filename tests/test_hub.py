@@ -32,7 +32,8 @@ def test_push_then_load_with_ddpm_hf_and_plain_diffusers(hub, tmp_path):
     card = hub.repos["alice/tiny-ddpm"].files("main")[1]["README.md"].decode()
     for needle in ("library_name: diffusers", "pipeline_tag: unconditional-image-generation", "license: apache-2.0",
                    "- fashion_mnist", "| learning_rate | 0.0002 |", "| bits/dim | 4.2 |", "![samples](samples.png)",
-                   'DDPMPipeline.from_pretrained("alice/tiny-ddpm")', "DiffusionPipeline.from_pretrained(repo_id)"):
+                   'DDPMPipeline.from_pretrained("alice/tiny-ddpm")', "DiffusionPipeline.from_pretrained(repo_id)",
+                   "Keep that pipeline in float32"):
         assert needle in card, needle
 
     expected = sample_np(pipe)
@@ -54,7 +55,7 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
     pipe = tiny_pipeline(variance_type="fixed_large_log")
     _push(pipe, "alice/remote-ddpm")
     card = hub.repos["alice/remote-ddpm"].files("main")[1]["README.md"].decode()
-    assert "trust_remote_code=True" in card
+    assert "trust_remote_code=True" in card and "Keep that pipeline in float32" not in card  # remote code: ours
     expected = sample_np(pipe)
     run_without_ddpm_hf(f"""
         import numpy, torch
