@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import first_line
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded" / "fashion_mnist"
@@ -221,7 +223,7 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
             f"{where} does not exist or this token cannot read it: check --dataset_name, and for a private or gated "
             "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
     except ValueError as err:  # an unknown config: datasets lists the available ones
-        raise ValueError(f"{where}: {_first_line(err)} Pass one of them with --dataset_config_name.") from err
+        raise ValueError(f"{where}: {first_line(err)} Pass one of them with --dataset_config_name.") from err
     data_files = builder.config.data_files or {}
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
@@ -250,9 +252,9 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
         except (pa.ArrowException, OSError) as err:
             name = url.split("@", 1)[-1].split("/", 1)[-1]  # hf://datasets/{repo}@{revision}/{file in the repo}
             if isinstance(err, pa.ArrowInvalid):  # the bytes arrived and are not parquet
-                raise ValueError(f"{where}: {name} is not a readable {builder} file ({_first_line(err)}); it is "
+                raise ValueError(f"{where}: {name} is not a readable {builder} file ({first_line(err)}); it is "
                                  f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
-            raise ConnectionError(f"{where}: {name} could not be read ({type(err).__name__}: {_first_line(err)}) "
+            raise ConnectionError(f"{where}: {name} could not be read ({type(err).__name__}: {first_line(err)}) "
                                   "after huggingface_hub's retries: check the network and the Hub's status, then "
                                   "start again.") from err
 
@@ -275,11 +277,6 @@ def _in_threads(function, items) -> list:
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(function, items))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _looks_like_hub_dataset(name: str) -> bool:
@@ -711,13 +708,13 @@ class TrainStream:
                 if isinstance(err, ValueError) and not isinstance(err, OSError) or failures >= self.READ_RETRIES:
                     where = f"stream {v}, epoch {epoch}, row {consumed}"
                     raise RuntimeError(f"reading the dataset failed at {where} ({type(err).__name__}: "
-                                       f"{_first_line(err)}){' after %d retries' % failures if failures else ''}; "
+                                       f"{first_line(err)}){' after %d retries' % failures if failures else ''}; "
                                        "the last checkpoint is intact: resume with --resume_from_checkpoint latest "
                                        "once the data is readable.") from err
                 pause = self.READ_RETRY_PAUSE_S * 2 ** failures
                 failures += 1
                 logger.warning("reading stream %d failed at epoch %d row %d (%s: %s); retry %d/%d in %.1f s",
-                               v, epoch, consumed, type(err).__name__, _first_line(err), failures, self.READ_RETRIES,
+                               v, epoch, consumed, type(err).__name__, first_line(err), failures, self.READ_RETRIES,
                                pause)
                 if row is not None:
                     expected = row_fingerprint(row[self.image_column])

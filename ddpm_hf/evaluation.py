@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .data import _first_line, check_channels, find_image_column, load_image_dataset, prepare_image
+from .data import check_channels, find_image_column, load_image_dataset, prepare_image
+from .errors import first_line
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 from .unet import compile_checked
@@ -112,7 +113,7 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
             probe()
         except RuntimeError as err:
             raise ValueError(f"--dtype {dtype}: the U-Net does not run in {dtype} on {unet.device} "
-                             f"({_first_line(err)}); use --dtype fp32.") from err
+                             f"({first_line(err)}); use --dtype fp32.") from err
     if compile_options is not None:
         try:
             compile_checked(unet, probe, **compile_options)

@@ -23,6 +23,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .errors import first_line
+
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -556,5 +558,4 @@ def compile_checked(unet: nn.Module, probe, **options) -> None:
         probe()
     except Exception as err:
         unet._compiled_call_impl = None  # what nn.Module.compile set: back to the plain forward
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise RuntimeError(f"torch.compile of the U-Net failed ({type(err).__name__}: {first_line})") from err
+        raise RuntimeError(f"torch.compile of the U-Net failed ({type(err).__name__}: {first_line(err)})") from err
