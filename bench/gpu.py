@@ -416,10 +416,11 @@ def decode_rates(timeout: float):
 def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled_variants: bool = True):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
     chain, each network prepared as ``ddpm-hf sample/evaluate --dtype/--compile`` prepare it (the reverse chain in
-    float32): fp32 (TF32 matmuls), bf16, bf16 with channels-last activations and weights, compiled, at 4× the batch,
-    and last that compiled bf16 network at 4× the batch drawing its noise as ``ddpm-hf evaluate`` does for FID (a
-    generator per image, so the set does not depend on the batching; without ``compiled_variants``, the fp32 network
-    does). Each variant runs a 2-step chain first (cuDNN's algorithm timing, compilation)."""
+    float32): fp32 (TF32 matmuls), bf16, bf16 with channels-last activations and weights, compiled, compiled with
+    CUDA graphs (mode reduce-overhead), the faster compiled one at 4× the batch, and last that one drawing its noise as
+    ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend on the batching; without
+    ``compiled_variants``, the fp32 network does). Each variant runs a 2-step chain first (cuDNN's algorithm timing,
+    compilation, the recording of CUDA graphs)."""
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
     from ddpm_hf.evaluation import generate_uint8, prepare_sampling
     from ddpm_hf.presets import unet_config
@@ -427,14 +428,14 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
     config = unet_config("ddpm-cifar10" if device == "cuda" else "tiny-16")
     rates, unets = {}, {}
 
-    def variant(label, dtype="fp32", channels_last=False, compiled=False, size=batch, per_image=False):
-        key = (dtype, channels_last, compiled)  # the compiled variants share one compiled network
+    def variant(label, dtype="fp32", channels_last=False, compiled=None, size=batch, per_image=False):
+        """``compiled``: torch.compile's options (None: eager)."""
+        key = (dtype, channels_last, str(compiled))  # variants with the same options share one compiled network
         if key not in unets:
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
-            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype,
-                             {} if compiled else None, size)
+            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size)
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 
@@ -468,9 +469,14 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
             variant("fp32/tf32, a generator per image as evaluate draws them", per_image=True)
             return
         named = f"--dtype bf16 --compile{', channels-last' if layout else ''}"
-        variant(named, "bf16", layout, True)
-        variant(f"{named}, batch {4 * batch}", "bf16", layout, True, 4 * batch)
-        variant(f"{named}, batch {4 * batch}, a generator per image as evaluate draws them", "bf16", layout, True,
+        variant(named, "bf16", layout, {})
+        # CUDA graphs: a chain's 1000 calls each replay the network's kernels as one launch (accelerate's
+        # --dynamo_mode reduce-overhead, which ddpm-hf sample/evaluate read as train.py does)
+        graphs = f"{named}, CUDA graphs (--dynamo_mode reduce-overhead)"
+        variant(graphs, "bf16", layout, {"mode": "reduce-overhead"})
+        best, options = (graphs, {"mode": "reduce-overhead"}) if rates[graphs] > rates[named] else (named, {})
+        variant(f"{best}, batch {4 * batch}", "bf16", layout, options, 4 * batch)
+        variant(f"{best}, batch {4 * batch}, a generator per image as evaluate draws them", "bf16", layout, options,
                 4 * batch, per_image=True)
 
     # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)

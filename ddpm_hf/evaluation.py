@@ -104,9 +104,10 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
 
     @torch.no_grad()
     def probe():
-        # t as the pipeline passes it, an element of scheduler.timesteps: 0-dim, on the host (a t of another shape
-        # or device would be compiled again at the first real call)
-        unet(torch.zeros(shape, device=unet.device, dtype=unet.dtype), torch.zeros((), dtype=torch.long))
+        # t as the pipeline passes it, an element of scheduler.timesteps moved to the device: 0-dim (a t of another
+        # shape or device would be compiled again at the first real call)
+        unet(torch.zeros(shape, device=unet.device, dtype=unet.dtype),
+             torch.zeros((), dtype=torch.long, device=unet.device))
 
     if dtype != "fp32":
         try:

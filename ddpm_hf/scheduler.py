@@ -137,18 +137,25 @@ def randn_like_batch(
     """Standard normal noise of ``shape``; a list of generators seeds each batch element on its own.
 
     The noise is drawn on the generator's device and then moved, so that a CPU generator gives the same numbers
-    whatever device the model runs on (the convention of diffusers' pipelines).
+    whatever device the model runs on (the convention of diffusers' pipelines). Host noise for a CUDA device is drawn
+    into pinned memory and copied without blocking: a copy from pageable memory makes the host wait for every kernel
+    queued before it, so at each step of a chain the GPU would idle while the host queues the next network call.
     """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
-        if len(generator) == 1:
-            generator = generator[0]
-        else:
-            draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-            return torch.cat(draws, dim=0).to(device)
-    noise_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device)
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if isinstance(generator, (list, tuple)) and len(generators) != shape[0]:
+        raise ValueError(f"Got {len(generators)} generators for a batch of {shape[0]}; pass one per sample.")
+    device = torch.device(device)
+    draw_devices = {device if g is None else g.device for g in generators}
+    if len(draw_devices) > 1:  # generators on several devices: each sample drawn on its own
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=device if g is None else g.device, dtype=dtype)
+                 for g in generators]
+        return torch.cat([d.to(device) for d in draws])
+    draw_device = draw_devices.pop()
+    pinned = draw_device.type == "cpu" and device.type == "cuda"
+    noise = torch.empty(tuple(shape), dtype=dtype, device=draw_device, pin_memory=pinned)
+    for rows, g in zip(noise.split(1) if len(generators) > 1 else [noise], generators):
+        rows.normal_(generator=g)  # the numbers of torch.randn(rows.shape, generator=g)
+    return noise.to(device, non_blocking=pinned)  # (non-blocking only into the device: a host copy would be unready)
 
 
 class DDPMScheduler(SchedulerMixin, ConfigMixin):

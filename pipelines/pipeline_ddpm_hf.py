@@ -81,6 +81,14 @@ def _to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a) for a in array]
 
 
+def _onto(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to a CUDA device through pinned memory, without making the host wait: a
+    copy from pageable memory waits for every kernel queued before it."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class DDPMPipeline(DiffusionPipeline):
     """Unconditional image generation with a DDPM ε-predictor and the DDPM scheduler.
 
@@ -124,12 +132,12 @@ class DDPMPipeline(DiffusionPipeline):
                 raise ValueError(f"Got {len(generator)} generators for batch_size={batch_size}; pass one per sample.")
             if len(generator) > 1:
                 draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-                return torch.cat(draws).to(device)
+                return _onto(torch.cat(draws), device)
             generator = generator[0]
         noise_device = generator.device if generator is not None else device
         if device.type == "mps":
             noise_device = torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
+        return _onto(torch.randn(shape, generator=generator, device=noise_device, dtype=dtype), device)
 
     def _reverse_chain(
         self,
@@ -141,9 +149,13 @@ class DDPMPipeline(DiffusionPipeline):
         sees every step's output and may return a replacement sample. The network runs in its own dtype, the chain in
         :meth:`_chain_dtype`."""
         network_dtype = self.unet.dtype
+        # The network's t on the sample's device, copied once: a host t would be copied at every call, each copy
+        # waiting for the device (and a compiled network's CUDA graphs are not used with an input on the host).
+        # The scheduler keeps its host t.
+        network_timesteps = _onto(self.scheduler.timesteps, sample.device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.unet(model_input.to(network_dtype), t).sample.to(sample.dtype)
+            model_output = self.unet(model_input.to(network_dtype), network_timesteps[i]).sample.to(sample.dtype)
             out = self.scheduler.step(model_output, t, sample, generator=generator)
             sample = out.prev_sample
             if on_step is not None:

@@ -367,6 +367,59 @@ def test_the_ema_pipeline_samples_on_the_training_device():
     assert pipe.device.type == "meta" and {p.device.type for p in pipe.unet.parameters()} == {"meta"}
 
 
+def test_sampling_hands_the_network_its_timestep_on_the_device():
+    """The reverse chain gives the network t on the sample's device, copied there once per chain: a host t would be
+    copied to a GPU at every call, each copy waiting for every queued kernel, and keeps a compiled network's CUDA
+    graphs out. The meta device stands in for the GPU: the pipeline runs there, and the network sees where t is."""
+    from helpers import tiny_pipeline
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.unet.to("meta")
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append((args[1].device.type, args[1].ndim)))
+    for generator in (None, torch.Generator().manual_seed(0), [torch.Generator().manual_seed(i) for i in range(2)]):
+        seen.clear()
+        images = pipe(batch_size=2, num_inference_steps=5, generator=generator, output_type="pt").images
+        assert images.device.type == "meta" and seen == [("meta", 0)] * 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="checks CUDA synchronisations")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sampling_on_cuda_never_waits_for_the_gpu(dtype):
+    """A chain on a GPU queues its work without waiting for it: torch's synchronisation debug mode turns every wait
+    (a copy from pageable host memory, a read of a device value) into an error, for each way of drawing the noise
+    (none, a host generator, one host generator per image as `ddpm-hf evaluate` draws them, a CUDA generator). With
+    the network's output made exactly 0 the chain is the scheduler's arithmetic on the noise, so the host
+    generators' samples must be the CPU chain's to float rounding: noise read before its copy arrived would not."""
+    from helpers import tiny_pipeline
+
+    from ddpm_hf.evaluation import prepare_sampling
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.unet.conv_out.weight.data.zero_()
+    pipe.unet.conv_out.bias.data.zero_()
+    generators = {"host": lambda: torch.Generator().manual_seed(0),
+                  "per image": lambda: [torch.Generator().manual_seed(i) for i in range(4)],
+                  "none": lambda: None, "cuda": lambda: torch.Generator("cuda").manual_seed(0)}
+
+    def sample(name):
+        return pipe(batch_size=4, num_inference_steps=20, generator=generators[name](), output_type="pt").images
+
+    on_cpu = {name: sample(name) for name in ("host", "per image")}
+    pipe.to("cuda")
+    prepare_sampling(pipe, dtype)
+    for name in generators:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            images = sample(name)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert images.device.type == "cuda" and bool(torch.isfinite(images).all()), name
+        if name in on_cpu:
+            torch.testing.assert_close(images.cpu(), on_cpu[name], rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the device's table lookup with the host's")
 def test_noising_on_the_gpu_matches_the_cpu():
     """Eq. 4 and the bound's posterior with t on the GPU (ᾱ looked up in the device's copy of the table) give the
