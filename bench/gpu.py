@@ -421,6 +421,8 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
     ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend on the batching; without
     ``compiled_variants``, the fp32 network does). Each variant runs a 2-step chain first (cuDNN's algorithm timing,
     compilation, the recording of CUDA graphs)."""
+    from torch._dynamo.utils import counters
+
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
     from ddpm_hf.evaluation import generate_uint8, prepare_sampling
     from ddpm_hf.presets import unet_config
@@ -430,6 +432,7 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
 
     def variant(label, dtype="fp32", channels_last=False, compiled=None, size=batch, per_image=False):
         """``compiled``: torch.compile's options (None: eager)."""
+        skips = counters["inductor"]["cudagraph_skips"]  # graphs compiled for CUDA graphs but run without them
         key = (dtype, channels_last, str(compiled))  # variants with the same options share one compiled network
         if key not in unets:
             unets[key] = DDPMUNet(**config).to(device).eval()
@@ -456,9 +459,11 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
 
         layouts = {"cpu", "cuda"} if channels_last else DDPMUNet.channels_last_on
         per_image_step = switched(DDPMUNet, "channels_last_on", layouts, timed) / (size * steps)
+        skips = counters["inductor"]["cudagraph_skips"] - skips
         rates[label] = 1 / per_image_step / 1000  # images/s of the 1000-step chain
         say(f"sampling {steps} steps × {size} images, {label}: {rates[label]:.1f} images/s of the 1000-step chain; "
-            f"50,000 samples projected {50_000 * 1000 * per_image_step / 60:.1f} min on one GPU")
+            f"50,000 samples projected {50_000 * 1000 * per_image_step / 60:.1f} min on one GPU"
+            + (f"; CUDA graphs skipped {skips} times" if "reduce-overhead" in str(compiled) else ""))
 
     def variants():
         variant("fp32/tf32")

@@ -45,7 +45,9 @@ def _sampling_speed_args(parser: argparse.ArgumentParser, bound: str = "") -> No
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help=f"the network's precision while sampling; the reverse chain stays float32{bound}")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network for sampling (checked before any sampling)")
+                        help="torch.compile the network for sampling, with torch's defaults (checked before any "
+                             "sampling); under `accelerate launch --dynamo_backend ...` accelerate's dynamo settings "
+                             "(e.g. --dynamo_mode reduce-overhead) choose instead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sample(args) -> int:
+    from .compiling import compile_options
     from .evaluation import chain_length, generate_uint8, load_pipeline, prepare_sampling
     from .images import to_pil, uint8_grid
 
     pipe = load_pipeline(args.pipeline, args.device)
     steps = chain_length(pipe, args.num_inference_steps)
-    prepare_sampling(pipe, args.dtype, {} if args.compile else None, min(args.batch_size, args.num_images))
+    options, asked_by = compile_options(args.compile)
+    prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed)
@@ -152,6 +156,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--device {device}: no CUDA device is available here (use cpu)")
         if kind == "mps" and not torch.backends.mps.is_available():
             parser.error(f"--device {device}: MPS is not available here (use cpu)")
+    if args.command in ("sample", "evaluate"):
+        from .compiling import compile_options
+
+        try:
+            compile_options(args.compile)  # accelerate's dynamo settings, checked before anything loads
+        except ValueError as err:
+            parser.error(str(err))
     if args.command == "evaluate" and "is" in args.metrics:
         from .metrics import check_inception_score
 

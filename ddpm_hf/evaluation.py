@@ -17,7 +17,7 @@ from .data import check_channels, find_image_column, load_image_dataset, prepare
 from .errors import first_line
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
-from .unet import compile_checked
+from .compiling import COMPILE_FLAG, compile_checked, compile_options as dynamo_compile_options
 
 METRICS = ("bpd", "fid", "kid", "is", "rd", "progressive", "interpolation")
 
@@ -91,12 +91,14 @@ def check_sampling_dtype(dtype: str) -> None:
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(SAMPLING_DTYPES)}.")
 
 
-def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] = None, batch_size: int = 1) -> None:
+def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] = None, batch_size: int = 1,
+                     compile_source: str = COMPILE_FLAG) -> None:
     """Set up ``pipe``'s network for sampling: its weights in ``dtype`` (the reverse chain itself stays float32, see
     ``DDPMPipeline._chain_dtype``) and, with ``compile_options`` (``torch.compile``'s arguments, ``{}`` for its
-    defaults), compiled in place. Each is checked by one network call at ``batch_size`` as the pipeline makes it, so
-    that a device without the dtype or a compiler failure stops the command before any sampling, and sampling at
-    that batch size reuses the graph compiled here."""
+    defaults, asked by ``compile_source``: see :func:`ddpm_hf.compiling.compile_options`), compiled in place. Each is
+    checked by one network call at ``batch_size`` as the pipeline makes it, so that a device without the dtype or a
+    compiler failure stops the command before any sampling, and sampling at that batch size reuses the graph
+    compiled here."""
     check_sampling_dtype(dtype)
     unet = pipe.unet
     getattr(unet, SAMPLING_DTYPES[dtype])()
@@ -117,9 +119,9 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
                              f"({first_line(err)}); use --dtype fp32.") from err
     if compile_options is not None:
         try:
-            compile_checked(unet, probe, **compile_options)
+            compile_checked(unet, probe, compile_options, compile_source, "run")
         except RuntimeError as err:
-            raise ValueError(f"--compile: {err}; run without --compile.") from err
+            raise ValueError(str(err)) from err
 
 
 def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
@@ -164,7 +166,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     through the ``features`` network ("fmnist" or "inception"), ``is`` the Inception Score of the same samples over
     ``is_splits`` splits (IS-FMNIST on "fmnist"), ``progressive`` and ``interpolation`` figures. Sampling runs the
     network in ``dtype`` ("fp32", "bf16", "fp16"; the reverse chain stays float32) and ``torch.compile``'d with
-    ``compile``, on a copy: the bound always evaluates the float32 network.
+    ``compile`` or accelerate's dynamo settings (e.g. ``accelerate launch --dynamo_backend inductor --dynamo_mode
+    reduce-overhead``), on a copy: the bound always evaluates the float32 network.
     Under ``accelerate launch`` every process computes its share of the bound's terms and samples its share for
     FID/KID/IS (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on
     the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
@@ -176,6 +179,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
 
     check_metrics(metrics)
     check_sampling_dtype(dtype)
+    compile_kwargs, compile_source = dynamo_compile_options(compile)
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
     if "rd" in metrics and bpd_timesteps:
@@ -203,11 +207,13 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
     sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
     if sample_quality or figures:
-        results.update(sampling_dtype=dtype, sampling_compiled=compile)
-        if (dtype != "fp32" or compile) and (sample_quality or state.is_main_process):
+        results.update(sampling_dtype=dtype, sampling_compiled=compile_kwargs is not None)
+        if compile_kwargs is not None:
+            results["sampling_compile_options"] = compile_kwargs  # {} for torch's defaults
+        if (dtype != "fp32" or compile_kwargs is not None) and (sample_quality or state.is_main_process):
             sampler = type(pipe)(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler)
             share = len(range(state.process_index, num_samples, state.num_processes)) if sample_quality else 4
-            prepare_sampling(sampler, dtype, {} if compile else None, max(1, min(batch_size, share)))
+            prepare_sampling(sampler, dtype, compile_kwargs, max(1, min(batch_size, share)), compile_source)
 
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms

@@ -23,7 +23,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .errors import first_line
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -548,14 +547,3 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         out = self.conv_out(self.conv_act(self.conv_norm_out(h))).contiguous()
         return DDPMUNetOutput(sample=out) if return_dict else (out,)
 
-
-def compile_checked(unet: nn.Module, probe, **options) -> None:
-    """``torch.compile(**options)`` ``unet`` in place (its state_dict keys stay plain, no ``_orig_mod.``) and call
-    ``probe()`` once: a compiler failure surfaces here, before the real work, as a RuntimeError that names it (the
-    module is left uncompiled), and the real calls reuse the compiled graph."""
-    try:
-        unet.compile(**options)  # an unknown mode or backend fails here
-        probe()
-    except Exception as err:
-        unet._compiled_call_impl = None  # what nn.Module.compile set: back to the plain forward
-        raise RuntimeError(f"torch.compile of the U-Net failed ({type(err).__name__}: {first_line(err)})") from err

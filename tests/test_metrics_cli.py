@@ -182,6 +182,35 @@ def test_sampling_reuses_the_graph_compiled_before_it():
     assert counter.frame_count == 1
 
 
+def test_accelerates_dynamo_settings_compile_the_sampling_network(tmp_path, monkeypatch, capsys):
+    """Under `accelerate launch --dynamo_backend eager --dynamo_use_fullgraph` (the environment it sets), `ddpm-hf
+    sample` and `evaluate` compile the sampling network with exactly those settings, read by accelerate's own plugin
+    as train.py reads them: dynamo captures the network (its eager backend then gives the uncompiled images bit for
+    bit) and results.json records the settings. A bad backend stops the command before the pipeline is read."""
+    from torch._dynamo.utils import counters
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "pipe")
+    sample = ["sample", str(tmp_path / "pipe"), "--num_images", "4", "--batch_size", "4", "--out"]
+    assert cli(sample + [str(tmp_path / "plain")]) == 0
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_FULLGRAPH", "True")
+    counters.clear()
+    assert cli(sample + [str(tmp_path / "compiled")]) == 0
+    assert counters["stats"]["unique_graphs"] == 1  # the network, once: the chain reused the checked graph
+    assert torch.equal(_pngs(tmp_path / "compiled"), _pngs(tmp_path / "plain"))
+    assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "fid", "--num_samples", "4", "--num_reference", "8",
+                "--batch_size", "4", "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["sampling_compiled"] is True
+    assert results["sampling_compile_options"] == {"backend": "eager", "fullgraph": True}
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDCUTOR")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli(sample[:1] + [str(tmp_path / "missing")] + sample[2:] + [str(tmp_path / "never")])
+    assert exit_info.value.code == 2 and "accelerate's dynamo settings: 'INDCUTOR'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.slow  # 1-2 minutes of inductor compilation on 2 cores
 def test_compiled_sampling_gives_the_eager_images_and_a_compiler_failure_stops_before_sampling(tmp_path):
     """`ddpm-hf sample --compile` writes the eager command's images (to one uint8 level: float rounding); with no

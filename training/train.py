@@ -27,11 +27,11 @@ from typing import Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, DynamoBackend, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline, write_file
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
                           first_image, load_image_dataset)
@@ -43,7 +43,6 @@ from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import unet_config
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
-from ddpm_hf.unet import compile_checked
 
 logger = logging.getLogger("ddpm_hf.train")
 
@@ -138,22 +137,14 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
 
 
 def compile_options(args) -> Tuple[Optional[dict], str]:
-    """torch.compile's arguments for the U-Net (None: not compiled) and the setting they come from: accelerate's torch
-    dynamo settings (`accelerate config`, `accelerate launch --dynamo_backend ... --dynamo_mode ...`) when set, else
-    torch's defaults under --compile. The U-Net is compiled in place with them: prepare() would wrap it in
-    torch.compile's OptimizedModule, whose weights every checkpoint and pipeline would then name `_orig_mod.*`, so
-    the Accelerator is made without them."""
+    """torch.compile's arguments for the U-Net and the setting they come from: accelerate's torch dynamo settings
+    when set, else torch's defaults under --compile (see ddpm_hf.compiling). The U-Net is compiled in place:
+    prepare() would wrap it in torch.compile's OptimizedModule, whose weights every checkpoint and pipeline would
+    then name `_orig_mod.*`, so the Accelerator is made without them."""
     try:
-        requested = TorchDynamoPlugin()  # reads accelerate's ACCELERATE_DYNAMO_* settings
+        return compiling.compile_options(args.compile)
     except ValueError as err:
-        raise SystemExit(f"accelerate's dynamo settings: {err}") from err
-    if requested.backend == DynamoBackend.NO:
-        return ({}, "--compile") if args.compile else (None, "")
-    if requested.use_regional_compilation:
-        raise SystemExit("accelerate's regional compilation (--dynamo_use_regional_compilation) is not supported: "
-                         "train.py compiles the whole U-Net in place, which keeps its weights' names; launch without "
-                         "it.")
-    return requested.to_kwargs(), f"accelerate's dynamo settings ({requested.backend.value.lower()})"
+        raise SystemExit(str(err)) from err
 
 
 def open_dataset(args, is_main_process: bool):
@@ -199,11 +190,9 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
 
     logger.info("torch.compile of the U-Net in place, asked by %s: %s", source, options or "torch's defaults")
     try:
-        compile_checked(unet, probe, **options)
+        compiling.compile_checked(unet, probe, options, source, "train")
     except RuntimeError as err:
-        fix = ("train without --compile" if source == "--compile"
-               else "launch with `--dynamo_backend no` (or unset ACCELERATE_DYNAMO_BACKEND)")
-        raise SystemExit(f"{source}: {err}; {fix}.") from err
+        raise SystemExit(str(err)) from err
     unet.zero_grad(set_to_none=True)
 
 
@@ -307,7 +296,7 @@ class Throughput:
 
 def main(argv=None):
     args = parse_args(argv)
-    compiling, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
+    compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     dataset = open_dataset(args, accelerator.is_main_process)  # a bad repo, token, split or shard stops here
@@ -334,8 +323,8 @@ def main(argv=None):
     ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
-    if compiling is not None:
-        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, compiling,
+    if compile_kwargs is not None:
+        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, compile_kwargs,
                       asked_by)
     started = start_run(accelerator, args, model, stream, loop)
 
