@@ -432,13 +432,14 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
 
     def variant(label, dtype="fp32", channels_last=False, compiled=None, size=batch, per_image=False):
         """``compiled``: torch.compile's options (None: eager)."""
-        skips = counters["inductor"]["cudagraph_skips"]  # graphs compiled for CUDA graphs but run without them
+        skips = counters["inductor"]["cudagraph_skips"]  # graphs compiled without CUDA graphs (one per graph)
         key = (dtype, channels_last, str(compiled))  # variants with the same options share one compiled network
         if key not in unets:
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
-            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size)
+            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size,
+                             "--compile" if not compiled else "accelerate's dynamo settings (inductor)")
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 
@@ -463,7 +464,7 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
         rates[label] = 1 / per_image_step / 1000  # images/s of the 1000-step chain
         say(f"sampling {steps} steps × {size} images, {label}: {rates[label]:.1f} images/s of the 1000-step chain; "
             f"50,000 samples projected {50_000 * 1000 * per_image_step / 60:.1f} min on one GPU"
-            + (f"; CUDA graphs skipped {skips} times" if "reduce-overhead" in str(compiled) else ""))
+            + (f"; graphs compiled without CUDA graphs: {skips}" if "reduce-overhead" in str(compiled) else ""))
 
     def variants():
         variant("fp32/tf32")

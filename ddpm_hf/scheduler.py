@@ -140,6 +140,8 @@ def randn_like_batch(
     whatever device the model runs on (the convention of diffusers' pipelines). Host noise for a CUDA device is drawn
     into pinned memory and copied without blocking: a copy from pageable memory makes the host wait for every kernel
     queued before it, so at each step of a chain the GPU would idle while the host queues the next network call.
+    (A list mixing generators of several devices draws each sample on its own and copies it plainly; a None in the
+    list draws from the global generator.)
     """
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
     if isinstance(generator, (list, tuple)) and len(generators) != shape[0]:

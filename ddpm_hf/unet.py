@@ -546,4 +546,3 @@ class DDPMUNet(ModelMixin, ConfigMixin):
             skips = skips[:-n]
         out = self.conv_out(self.conv_act(self.conv_norm_out(h))).contiguous()
         return DDPMUNetOutput(sample=out) if return_dict else (out,)
-

@@ -155,7 +155,10 @@ class DDPMPipeline(DiffusionPipeline):
         network_timesteps = _onto(self.scheduler.timesteps, sample.device)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(sample, t)
-            model_output = self.unet(model_input.to(network_dtype), network_timesteps[i]).sample.to(sample.dtype)
+            # (a copy: a network compiled with CUDA graphs overwrites its output at the next call, and the step's
+            # outputs, handed to callbacks, may be that output itself)
+            model_output = self.unet(model_input.to(network_dtype), network_timesteps[i]).sample.to(sample.dtype,
+                                                                                                   copy=True)
             out = self.scheduler.step(model_output, t, sample, generator=generator)
             sample = out.prev_sample
             if on_step is not None:

@@ -383,6 +383,26 @@ def test_sampling_hands_the_network_its_timestep_on_the_device():
         assert images.device.type == "meta" and seen == [("meta", 0)] * 5
 
 
+def test_sampling_keeps_no_reference_to_the_networks_output():
+    """A network compiled with CUDA graphs overwrites its output tensor at its next call: what the chain hands on
+    (the sample, and x̂_0 to callbacks) must not be that tensor. With x_0-prediction and no clipping, x̂_0 is the
+    network's output as is, the case where it would be."""
+    from helpers import tiny_pipeline
+
+    pipe = tiny_pipeline(num_train_timesteps=20, prediction_type="sample", clip_sample=False)
+    outputs, handed = [], []  # the tensors themselves: kept alive, their memory is not reused
+    pipe.unet.register_forward_hook(lambda module, args, out: outputs.append(out.sample))
+
+    def callback(pipe, i, t, tensors):
+        handed.extend(tensors.values())
+        return {}
+
+    pipe(batch_size=2, num_inference_steps=5, callback_on_step_end=callback, output_type="pt",
+         callback_on_step_end_tensor_inputs=["sample", "pred_original_sample"])
+    memory = lambda tensors: {x.untyped_storage().data_ptr() for x in tensors}  # noqa: E731
+    assert len(outputs) == 5 and len(handed) == 10 and not memory(outputs) & memory(handed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="checks CUDA synchronisations")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_sampling_on_cuda_never_waits_for_the_gpu(dtype):
