@@ -9,13 +9,14 @@ Lines printed (prefix "GPU"):
   train.py         ~300 steps at ddpm-cifar10, batch 128, bf16, on synthetic 32² PNG parquet: images/s, data_wait,
                    model FLOP utilisation (FLOPs counted from the network by torch's FLOP counter, against the
                    measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
-                   activations), --compile, and compiled with CUDA graphs (accelerate's --dynamo_mode
+                   activations; and with every update's outcome read at once, the host waiting for each step, as
+                   before 2026-11-27 c), --compile, and compiled with CUDA graphs (accelerate's --dynamo_mode
                    reduce-overhead); fp16 for a few steps;
   step anatomy     train.py's bf16 step, its pieces added one at a time to the bare U-Net step, and its kernels;
   data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
   sampling         --sampling_steps ancestral steps of 256 images as `ddpm-hf sample/evaluate` run them: fp32,
-                   --dtype bf16, channels-last, --compile, larger batch, and with evaluate's generator per image
-                   (images/s; 50,000-sample projection);
+                   --dtype bf16, channels-last, --compile, with CUDA graphs, larger batch, and with evaluate's
+                   generator per image (images/s; 50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
 """
 
@@ -286,6 +287,13 @@ if sys.argv[1] == "channels-last":
     from ddpm_hf import DDPMUNet
     DDPMUNet.channels_last_on = {"cpu", "cuda"}
 sys.argv = sys.argv[2:]
+if os.environ.get("BENCH_READ_AT_ONCE"):  # every update's outcome read at once, each step waiting for the GPU
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train", script)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    train.due_after = lambda args, step: True
+    sys.exit(train.main(sys.argv[1:]))
 runpy.run_path(script, run_name="__main__")
 """
 
@@ -381,6 +389,10 @@ def main():
     for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
         part(f"train {label}", lambda layout=layout, label=label: rates.update(
             {layout: training(bf16, label, args.train_steps, layout)}), 60)
+    # The host reading every update's outcome at once, waiting for each step, as train.py did before 2026-11-27 c:
+    # beside the first run, what reading it one step later gains
+    part("train bf16-read-at-once", lambda: training(bf16, "bf16-read-at-once", args.train_steps,
+                                                     env={"BENCH_READ_AT_ONCE": "1"}), 60)
     part("sampling", lambda: sampling(args.sampling_steps), 60)
     fastest = max(rates, key=rates.get, default="default")
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,

@@ -196,22 +196,58 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
     unet.zero_grad(set_to_none=True)
 
 
-def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm):
+class Update:
+    """An optimizer update as the loop counts it: whether it was finite (known at once, or a flag on its way back
+    from the device, see :meth:`finite`), its gradient norm, whether the fp16 loss scaler skipped it, and the step's
+    per-example losses and timesteps for the logs."""
+
+    def __init__(self, finite, grad_norm=None, overflow: bool = False):
+        self.grad_norm, self.overflow, self.per_example, self.t = grad_norm, overflow, None, None
+        self._finite, self._copied = finite, None
+        if torch.is_tensor(finite) and finite.device.type == "cuda":  # copied behind the update's kernels
+            self._finite, self._copied = finite.to("cpu", non_blocking=True), torch.cuda.Event()
+            self._copied.record()
+
+    @property
+    def decided_on_device(self) -> bool:
+        """The device skipped the update or not by itself; the host may learn which later (one step later, the
+        loop queues the next step meanwhile instead of waiting for this one)."""
+        return torch.is_tensor(self._finite)
+
+    def finite(self) -> bool:
+        if self._copied is not None:
+            self._copied.synchronize()  # this update's kernels only, not the work queued since
+        return bool(self._finite) if self.decided_on_device else self._finite
+
+
+def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update:
     """Clip and step; an update whose loss or gradient is NaN/Inf on any process is skipped by every process (the
-    all-reduced gradient norm is non-finite everywhere). Returns (finite, grad_norm, overflow): ``overflow`` is an
-    fp16 step that the loss scaler skipped (it lowers its scale by itself; not a bad step)."""
+    all-reduced gradient norm is non-finite everywhere). A fused optimizer (on CUDA) skips it on the device, as the
+    fp16 loss scaler has it do (its ``found_inf``), so the host need not wait for the gradient norm; otherwise the
+    host reads the norm and steps only a finite update. The fp16 loss scaler skips an overflowing update itself
+    (it lowers its scale; not a bad step)."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if accelerator.sync_gradients else None
-    finite, overflow = grad_norm is None or bool(torch.isfinite(grad_norm)), False
+    inner = optimizer.optimizer  # the torch optimizer in accelerate's wrapper
     if accelerator.scaler is not None:
         optimizer.step()  # the scaler skips an overflowing update itself
+        update = Update(True, grad_norm)
         if accelerator.sync_gradients:
             bad_loss = torch.tensor([float(not torch.isfinite(loss))], device=accelerator.device)
             finite = accelerator.reduce(bad_loss, "sum").item() == 0
-            overflow = finite and accelerator.optimizer_step_was_skipped
-    elif finite:
-        optimizer.step()
+            update = Update(finite, grad_norm, overflow=finite and accelerator.optimizer_step_was_skipped)
+    elif grad_norm is not None and inner.defaults.get("fused"):
+        inner.found_inf = (~torch.isfinite(grad_norm)).float()  # 1: the kernel leaves weights and moments as they are
+        try:
+            optimizer.step()
+        finally:
+            finite = inner.__dict__.pop("found_inf") == 0
+        update = Update(finite, grad_norm)
+    else:
+        update = Update(grad_norm is None or bool(torch.isfinite(grad_norm)), grad_norm)
+        if update.finite():
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite, grad_norm, overflow
+    return update
 
 
 def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
@@ -333,6 +369,26 @@ def main(argv=None):
                disable=not accelerator.is_main_process)
     speed, bad = Throughput(), BadSteps(args.max_nonfinite_steps)
     resumed_at_end = loop.step >= args.max_train_steps
+
+    def count(update: Update) -> None:
+        """A finished update made a step, unless it was skipped: the learning-rate schedule, the EMA, the step
+        count, the logs and what is due after the step (checkpoints, samples, ...)."""
+        if bad.skip(update.finite(), update.overflow, loop.step + 1):
+            return
+        lr_scheduler.step()
+        decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
+        loop.step += 1
+        if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
+            logs = dict(loss_logs(accelerator, update.per_example, update.t, num_train_timesteps), **speed.interval(),
+                        lr=lr_scheduler.get_last_lr()[0], ema_decay=decay, grad_norm=float(update.grad_norm or 0.0),
+                        skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
+            accelerator.log(logs, step=loop.step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
+                            data_wait=f"{100 * logs['data_wait']:.1f}%")
+        bar.update(1)
+        after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started)  # checkpoints, ...
+
+    pending = None  # an update the device decided, counted when the next one has been queued (see Update)
     try:
         while loop.step < args.max_train_steps:
             waiting = time.perf_counter()
@@ -344,22 +400,17 @@ def main(argv=None):
                 per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)  # eq. 14 (or the bound)
                 loss = per_example.mean()
                 accelerator.backward(loss)
-                finite, grad_norm, overflow = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
-            if not accelerator.sync_gradients or bad.skip(finite, overflow, loop.step + 1):
+                if pending is not None and accelerator.sync_gradients:  # before this update: its lr, its EMA decay
+                    count(pending)
+                    pending = None
+                update = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
+            if not accelerator.sync_gradients:
                 continue
-            lr_scheduler.step()
-            decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
-            loop.step += 1
-
-            if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
-                logs = dict(loss_logs(accelerator, per_example, t, num_train_timesteps), **speed.interval(),
-                            lr=lr_scheduler.get_last_lr()[0], ema_decay=decay, grad_norm=float(grad_norm or 0.0),
-                            skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
-                accelerator.log(logs, step=loop.step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
-                                data_wait=f"{100 * logs['data_wait']:.1f}%")
-            bar.update(1)
-            after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started)  # checkpoints, ...
+            update.per_example, update.t = per_example, t
+            if update.decided_on_device and not due_after(args, loop.step + 1):
+                pending = update  # the host goes on queueing the next step instead of waiting for this one
+            else:
+                count(update)
     finally:
         stream.close()
     bar.close()
@@ -373,10 +424,13 @@ def main(argv=None):
     finish(accelerator, args, stream)
 
 
+FUSED_ADAMW_ON = {"cuda"}  # devices where AdamW runs as one kernel (and skips a non-finite update on the device)
+
+
 def make_optimizer(args, model, device):
     """AdamW (fused into one kernel on a GPU) and its learning-rate schedule, stepped by hand once per optimizer step
     (not prepared: accelerate would step it once per process)."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True} if device.type in FUSED_ADAMW_ON else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -434,6 +488,13 @@ class BadSteps:
             raise SystemExit(f"{self.in_a_row} non-finite losses in a row at step {step}: lower --learning_rate, "
                              "check the data or use --mixed_precision no; the last checkpoint is intact.")
         return True
+
+
+def due_after(args, step: int) -> bool:
+    """Whether anything but the update happens after optimizer step ``step``: logs, or what :func:`after_step` does
+    (a checkpoint, samples, a bits/dim estimate, an upload, the end; the time budget's check at every step)."""
+    every = (args.logging_steps, args.checkpointing_steps, args.save_images_steps, args.eval_steps)
+    return bool(step == args.max_train_steps or args.max_train_minutes or any(n and step % n == 0 for n in every))
 
 
 def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float) -> None:

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import random
 import resource
+import shutil
 import sys
 from pathlib import Path
 
@@ -187,6 +188,85 @@ def test_nan_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(images
     code, text = _inject_nan(args, tmp_path / "nan.log", steps=[5, 6, 7], expect_ok=False)
     assert code != 0
     assert "3 non-finite losses in a row at step 5" in text and "lower --learning_rate" in text
+    assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "model_index.json").exists()
+
+
+def _count_on_the_device(train, monkeypatch, nan_at):
+    """train.py with AdamW fused on the CPU too (as on CUDA: a non-finite update is skipped on the device and
+    counted by the host later) and NaN losses at the loss evaluations ``nan_at`` of each run (a set the caller may
+    change between runs); returns the log of events: "l" a loss evaluation, "r" the host reading an outcome."""
+    monkeypatch.setattr(train, "FUSED_ADAMW_ON", {"cpu", "cuda"})
+    events, real_make_loss, real_finite = [], train.make_loss, train.Update.finite
+
+    def make_loss(*args, **kwargs):
+        loss, calls = real_make_loss(*args, **kwargs), [0]
+
+        def poisoned(*inputs):
+            calls[0] += 1
+            events.append("l")
+            value = loss(*inputs)
+            return value * float("nan") if calls[0] in nan_at else value
+
+        return poisoned
+
+    monkeypatch.setattr(train, "make_loss", make_loss)
+    monkeypatch.setattr(train.Update, "finite", lambda update: events.append("r") or real_finite(update))
+    return events
+
+
+def test_updates_skipped_on_the_device_are_counted_as_on_the_host(images, tmp_path, train, train_here, monkeypatch,
+                                                                   caplog):
+    """A fused optimizer (CUDA's) skips a non-finite update on the device; the host reads the outcome after queueing
+    the next step, or at once when something is due after the step (logs, a checkpoint, the end). Oracle: the same
+    run with every outcome read at once (--logging_steps 1): the same warnings, checkpoints and weights bit for bit,
+    with NaN losses at three loss evaluations, two of them in a row; and a resume from the late-read run's
+    checkpoint ends with its weights (a checkpoint written while an outcome was still unread would not). The order
+    of events shows the late readings: a loss, the next loss, then the first one's outcome."""
+    nan_at = {3, 7, 8}
+    events = _count_on_the_device(train, monkeypatch, nan_at)
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "5"]
+    runs = {}
+    for logging_steps in (1, 4):
+        events.clear()
+        caplog.clear()
+        out = tmp_path / f"logging-{logging_steps}"
+        train_here(args + ["--logging_steps", str(logging_steps), "--output_dir", str(out)])
+        warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
+        runs[logging_steps] = (final_weights(out), warnings, "".join(events), check_checkpoints(out))
+    (weights, warnings, order, checkpoints), (late_weights, late_warnings, late_order, late_checkpoints) = runs.values()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "logging-4" / "checkpoint-5", resumed / "checkpoint-5")
+    nan_at.clear()
+    nan_at.update({1, 2})  # the 7th and 8th loss evaluations of the run, counted from the checkpoint at step 5
+    train_here(args + ["--logging_steps", "4", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    resumed_weights = final_weights(resumed)
+    assert all(torch.equal(late_weights[k], resumed_weights[k]) for k in late_weights)
+    assert warnings == late_warnings and len(warnings) == 3
+    assert "non-finite loss or gradient at step 3: update skipped (1 in a row, 1 in all)" in warnings[0]
+    assert "non-finite loss or gradient at step 6: update skipped (2 in a row, 3 in all)" in warnings[2]
+    assert checkpoints == late_checkpoints == ["checkpoint-5", "checkpoint-10"]  # 10 updates in 13 batches
+    assert weights.keys() == late_weights.keys() and all(torch.equal(weights[k], late_weights[k]) for k in weights)
+    assert order == "lr" * 13 and late_reads(late_order) >= 6, late_order
+
+
+def late_reads(order: str) -> int:
+    """How many outcomes were read after a later loss had been computed ("l": a loss, "r": a reading)."""
+    losses = reads = late = 0
+    for event in order:
+        losses, reads = losses + (event == "l"), reads + (event == "r")
+        late += event == "r" and losses > reads
+    return late
+
+
+def test_nan_losses_in_a_row_counted_late_stop_the_run_at_the_same_step(images, tmp_path, train, train_here,
+                                                                        monkeypatch):
+    """The stop after --max_nonfinite_steps non-finite updates in a row comes at the same step when the device
+    decides them and the host counts them late, and the last checkpoint is intact."""
+    _count_on_the_device(train, monkeypatch, nan_at={5, 6, 7})
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row at step 5"):
+        train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "2",
+                           "--max_nonfinite_steps", "3", "--output_dir", str(out)])
     assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "model_index.json").exists()
 
 
