@@ -389,8 +389,8 @@ def main():
     for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
         part(f"train {label}", lambda layout=layout, label=label: rates.update(
             {layout: training(bf16, label, args.train_steps, layout)}), 60)
-    # The host reading every update's outcome at once, waiting for each step, as train.py did before 2026-11-27 c:
-    # beside the first run, what reading it one step later gains
+    # The host reading every update's outcome at once, so waiting for each step (before 2026-11-27 c train.py waited
+    # for the gradient norm, just before the update): beside the first run, what reading it one step later gains
     part("train bf16-read-at-once", lambda: training(bf16, "bf16-read-at-once", args.train_steps,
                                                      env={"BENCH_READ_AT_ONCE": "1"}), 60)
     part("sampling", lambda: sampling(args.sampling_steps), 60)

@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 python bench/gpu.py "$@"
 if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests; -P: the cwd's ddpm_hf (no pipelines) not first
     timeout 180 python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
-        -k "fp16 or upsampling or layouts or ema or gpu_matches or never_reads or group_norm or sampling" 2>&1 | grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed|error" \
+        tests/faults/test_training_faults.py -k "fp16 or upsampling or layouts or ema or gpu_matches or never_reads \
+        or group_norm or sampling or skipped_on_the_device or counted_late" 2>&1 | grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed|error" \
         || echo "CUDA tests: pytest printed no outcome (exit status ${PIPESTATUS[0]})"
 fi

@@ -240,12 +240,17 @@ def test_updates_skipped_on_the_device_are_counted_as_on_the_host(images, tmp_pa
     nan_at.update({1, 2})  # the 7th and 8th loss evaluations of the run, counted from the checkpoint at step 5
     train_here(args + ["--logging_steps", "4", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     resumed_weights = final_weights(resumed)
-    assert all(torch.equal(late_weights[k], resumed_weights[k]) for k in late_weights)
+    # bit for bit on the CPU; on CUDA (bench/gpu.sh runs this test there) to float rounding, cuDNN choosing its
+    # algorithms by timing them
+    close = {"rtol": 0, "atol": 1e-5 if torch.cuda.is_available() else 0}
+    for key in late_weights:
+        torch.testing.assert_close(resumed_weights[key], late_weights[key], **close, msg=key)
+        torch.testing.assert_close(weights[key], late_weights[key], **close, msg=key)
     assert warnings == late_warnings and len(warnings) == 3
     assert "non-finite loss or gradient at step 3: update skipped (1 in a row, 1 in all)" in warnings[0]
     assert "non-finite loss or gradient at step 6: update skipped (2 in a row, 3 in all)" in warnings[2]
     assert checkpoints == late_checkpoints == ["checkpoint-5", "checkpoint-10"]  # 10 updates in 13 batches
-    assert weights.keys() == late_weights.keys() and all(torch.equal(weights[k], late_weights[k]) for k in weights)
+    assert weights.keys() == late_weights.keys() == resumed_weights.keys()
     assert order == "lr" * 13 and late_reads(late_order) >= 6, late_order
 
 
@@ -262,12 +267,13 @@ def test_nan_losses_in_a_row_counted_late_stop_the_run_at_the_same_step(images, 
                                                                         monkeypatch):
     """The stop after --max_nonfinite_steps non-finite updates in a row comes at the same step when the device
     decides them and the host counts them late, and the last checkpoint is intact."""
-    _count_on_the_device(train, monkeypatch, nan_at={5, 6, 7})
+    events = _count_on_the_device(train, monkeypatch, nan_at={5, 6, 7})
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="3 non-finite losses in a row at step 5"):
         train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "10", "--checkpointing_steps", "2",
-                           "--max_nonfinite_steps", "3", "--output_dir", str(out)])
+                           "--logging_steps", "10", "--max_nonfinite_steps", "3", "--output_dir", str(out)])
     assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-4"] and not (out / "model_index.json").exists()
+    assert late_reads("".join(events)) >= 3  # the three skips at step 5 were counted late
 
 
 @pytest.mark.distributed
