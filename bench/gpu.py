@@ -156,11 +156,11 @@ def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 
 
 def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
     """Where train.py's bf16 step spends the time the bare U-Net step does not: the step timed as train.py's pieces
-    are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, its
-    finiteness check, which waits for the device, the EMA, the batch copied from pinned host memory, and with
-    ``data`` the batches of a TrainStream over it, whose reader thread shares this process's interpreter with the
-    step's kernel launches), then the kernels of the whole step by device time (torch.profiler). Uses train.py's own
-    functions."""
+    are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, the
+    EMA, the batch copied from pinned host memory; then the gradient norm's finiteness read at once, which waits for
+    the device, as a logged step does; and with ``data`` the batches of a TrainStream over it instead, whose reader
+    thread shares this process's interpreter with the step's kernel launches), then the kernels of the whole step
+    by device time (torch.profiler). Uses train.py's own functions."""
     from accelerate import Accelerator
 
     from ddpm_hf import DDPMScheduler, DDPMUNet
@@ -221,29 +221,33 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
             ema.update(model.parameters())
 
     d = config["dropout"]
-    whole = dict(dropout=d, draw=True, clip=True, check=True, with_ema=True, copy=True)  # train.py's step
-    stages = [("bare (dropout 0)", dict(dropout=0.0)), (f"+ dropout {d}", dict(dropout=d)),
-              ("+ t, ε drawn, eq. 4, loss", dict(dropout=d, draw=True)),
-              ("+ gradient clipping", dict(dropout=d, draw=True, clip=True)),
-              ("+ its finiteness check (host sync)", dict(dropout=d, draw=True, clip=True, check=True)),
-              ("+ EMA", dict(dropout=d, draw=True, clip=True, check=True, with_ema=True)),
-              ("+ batch from pinned host memory", whole)]
+    whole = dict(dropout=d, draw=True, clip=True, with_ema=True, copy=True)  # train.py's step between logged steps
+    # (label, options, the stage it adds to: the one before when None)
+    stages = [("bare (dropout 0)", dict(dropout=0.0), None), (f"+ dropout {d}", dict(dropout=d), None),
+              ("+ t, ε drawn, eq. 4, loss", dict(dropout=d, draw=True), None),
+              ("+ gradient clipping", dict(dropout=d, draw=True, clip=True), None),
+              ("+ EMA", dict(dropout=d, draw=True, clip=True, with_ema=True), None),
+              ("+ batch from pinned host memory", whole, None),
+              # what train.py did at every step before 2026-11-27 c, and still does at a logged step
+              ("+ the finiteness check read at once (host sync)", dict(whole, check=True), None)]
     if stream is not None:
         stages.append((f"batches from a TrainStream ({stream.num_workers} workers) instead",
-                       dict(whole, streamed=True)))
-        # The reader thread holds the interpreter lock while it runs Python; the step, back from the finiteness
-        # check's wait, may wait up to the switch interval (5 ms by default) to get it back.
-        stages.append(("the same with a 0.5 ms interpreter switch interval", dict(whole, streamed=True, switch_s=5e-4)))
-    parts, previous = [], None
+                       dict(whole, streamed=True), "+ batch from pinned host memory"))
+        # The reader thread holds the interpreter lock while it runs Python; the step, back from a wait for the
+        # device, may wait up to the switch interval (5 ms by default) to get it back.
+        stages.append(("the same with a 0.5 ms interpreter switch interval", dict(whole, streamed=True, switch_s=5e-4),
+                       None))
+    parts, timed = [], {}
     default_switch_s = sys.getswitchinterval()
     try:
-        for label, options in stages:
+        for label, options, base in stages:
             options = dict(options)
             sys.setswitchinterval(options.pop("switch_s", default_switch_s))
             seconds = time_steps(lambda: step(**options), repeats)
-            parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if previous is None else
-                                                              f" ({1000 * (seconds - previous):+.1f})"))
-            previous = seconds
+            reference = timed.get(base, list(timed.values())[-1] if timed else None)
+            parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if reference is None else
+                                                              f" ({1000 * (seconds - reference):+.1f})"))
+            timed[label] = seconds
     finally:
         sys.setswitchinterval(default_switch_s)
         if stream is not None:
