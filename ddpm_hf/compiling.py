@@ -2,8 +2,9 @@
 
 What to compile with comes from accelerate's torch dynamo settings when they are set (the environment `accelerate
 launch --dynamo_backend inductor --dynamo_mode reduce-overhead ...` sets, from its flags or from `accelerate
-config`'s defaults), else from ``--compile`` (torch's defaults). The U-Net is compiled in place, so its weights keep their names (accelerate's own wrapper would name them
-``_orig_mod.*`` in every checkpoint and pipeline), and one call checks the compiled network before any real work.
+config`'s defaults), else from ``--compile`` (torch's defaults). The U-Net is compiled in place, so its weights keep
+their names (accelerate's own wrapper would name them ``_orig_mod.*`` in every checkpoint and pipeline), and one
+call checks the compiled network before any real work.
 """
 
 from typing import Callable, Optional, Tuple

@@ -13,11 +13,11 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import compiling
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
-from .compiling import COMPILE_FLAG, compile_checked, compile_options as dynamo_compile_options
 
 METRICS = ("bpd", "fid", "kid", "is", "rd", "progressive", "interpolation")
 
@@ -92,7 +92,7 @@ def check_sampling_dtype(dtype: str) -> None:
 
 
 def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] = None, batch_size: int = 1,
-                     compile_source: str = COMPILE_FLAG) -> None:
+                     compile_source: str = compiling.COMPILE_FLAG) -> None:
     """Set up ``pipe``'s network for sampling: its weights in ``dtype`` (the reverse chain itself stays float32, see
     ``DDPMPipeline._chain_dtype``) and, with ``compile_options`` (``torch.compile``'s arguments, ``{}`` for its
     defaults, asked by ``compile_source``: see :func:`ddpm_hf.compiling.compile_options`), compiled in place. Each is
@@ -119,7 +119,7 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
                              f"({first_line(err)}); use --dtype fp32.") from err
     if compile_options is not None:
         try:
-            compile_checked(unet, probe, compile_options, compile_source, "run")
+            compiling.compile_checked(unet, probe, compile_options, compile_source, "run")
         except RuntimeError as err:
             raise ValueError(str(err)) from err
 
@@ -179,7 +179,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
 
     check_metrics(metrics)
     check_sampling_dtype(dtype)
-    compile_kwargs, compile_source = dynamo_compile_options(compile)
+    compile_kwargs, compile_source = compiling.compile_options(compile)
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
     if "rd" in metrics and bpd_timesteps:
