@@ -429,14 +429,15 @@ def decode_rates(timeout: float):
     figures(result.stdout)
 
 
-def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled_variants: bool = True):
+def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend: str = "inductor"):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
     chain, each network prepared as ``ddpm-hf sample/evaluate --dtype/--compile`` prepare it (the reverse chain in
     float32): fp32 (TF32 matmuls), bf16, bf16 with channels-last activations and weights, compiled, compiled with
     CUDA graphs (mode reduce-overhead), the faster compiled one at 4× the batch, and last that one drawing its noise as
-    ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend on the batching; without
-    ``compiled_variants``, the fp32 network does). Each variant runs a 2-step chain first (cuDNN's algorithm timing,
-    compilation, the recording of CUDA graphs)."""
+    ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend on the batching). Each
+    variant runs a 2-step chain first (cuDNN's algorithm timing, compilation, the recording of CUDA graphs).
+    ``backend``: torch.compile's; the CPU test of this script runs the compiled variants with dynamo's "eager",
+    without their mode, in seconds."""
     from torch._dynamo.utils import counters
 
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
@@ -454,8 +455,10 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
-            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, compiled, size,
-                             "--compile" if not compiled else "accelerate's dynamo settings (inductor)")
+            options = None if compiled is None else dict(compiled, backend=backend) if backend == "inductor" else {
+                "backend": backend}
+            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, options, size,
+                             "--compile" if not compiled else f"accelerate's dynamo settings ({backend})")
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 
@@ -487,9 +490,6 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", compiled
         variant("--dtype bf16", "bf16")
         variant("--dtype bf16, channels-last", "bf16", channels_last=True)
         layout = rates["--dtype bf16, channels-last"] > rates["--dtype bf16"]
-        if not compiled_variants:
-            variant("fp32/tf32, a generator per image as evaluate draws them", per_image=True)
-            return
         named = f"--dtype bf16 --compile{', channels-last' if layout else ''}"
         variant(named, "bf16", layout, {})
         # CUDA graphs: a chain's 1000 calls each replay the network's kernels as one launch (accelerate's

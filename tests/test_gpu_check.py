@@ -35,7 +35,7 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
         gpu.step_anatomy("tiny-16", 4, 1, "cpu", profile_rows=3, data=tmp_path / "shards")
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    gpu.sampling(2, 2, "cpu", compiled_variants=False)
+    gpu.sampling(2, 2, "cpu", backend="eager")
     out = capsys.readouterr().out
     number = r"[\d.]+"
     for precision in ("fp32", "bf16"):
@@ -45,6 +45,7 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert anatomy and len(anatomy.group(1).split("; ")) == 9, out  # 7 pieces, the TrainStream's batches, and
     # those with a shorter switch interval
     assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
-    assert len(re.findall(rf"GPU sampling 2 steps × 2 images, .*: {number} images/s of the 1000-step chain; 50,000 "
-                          rf"samples projected {number} min", out)) == 4, out  # 3 networks, and as evaluate
+    assert len(re.findall(rf"GPU sampling 2 steps × [28] images, .*: {number} images/s of the 1000-step chain; 50,000 "
+                          rf"samples projected {number} min", out)) == 7, out  # 5 networks, 4× batch, as evaluate
+    assert re.search(r"\(--dynamo_mode reduce-overhead\): .* graphs compiled without CUDA graphs: \d+\n", out), out
     assert switches() == before
