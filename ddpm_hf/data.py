@@ -182,12 +182,12 @@ def without_exit_pause(dataset):
     """``dataset`` (a 🤗 IterableDataset, changed in place) without datasets' pause at the end of each pass.
 
     datasets sleeps ``config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) whenever a pass over shuffled (shard-interleaved)
-    parquet shards ends or is closed, so that pyarrow's scanner threads are gone before the interpreter could exit
-    (apache/arrow#45214: a hang or abort at exit after a scan left part-way). A training stream ends a pass at every
-    epoch: on a GPU that was 5 s without a batch per epoch (bench/gpu.sh, 2026-11-27). A pass that ends has read
-    every shard to its end, so no scan is left part-way: the pause is turned off here, and TrainStream pauses itself
-    when it closes a pass part-way (``_wait_for_arrow_threads``). Set on the dataset's leaf iterables, the setting
-    carries over to what shuffle, shard, split and set_epoch derive from them."""
+    parquet shards ends or is closed, so that pyarrow's scanner threads are gone before the interpreter could exit:
+    pyarrow before 25 aborts the process at exit when a parquet scan was left part-way (apache/arrow#45214; measured
+    here: 24.0.0 aborts every time, 25.0.0 never). setup.py requires pyarrow >= 25, so no pass needs the pause. A
+    training stream ends a pass at every epoch (on a GPU that was 5 s without a batch per epoch, bench/gpu.sh,
+    2026-11-27) and closes one part-way when the run ends (5 s more per run). Set on the dataset's leaf iterables, the
+    setting carries over to what shuffle, shard, split and set_epoch derive from them."""
     nodes = [getattr(dataset, "_ex_iterable", None)]
     while nodes:
         node = nodes.pop()
@@ -198,13 +198,6 @@ def without_exit_pause(dataset):
         nodes.append(getattr(node, "ex_iterable", None))
         nodes.extend(getattr(node, "ex_iterables", None) or [])
     return dataset
-
-
-def _wait_for_arrow_threads() -> None:
-    """The pause datasets takes after closing a pass (see without_exit_pause), for passes a stream closes part-way."""
-    from datasets import config
-
-    time.sleep(config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
@@ -576,7 +569,7 @@ class TrainStream:
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
-        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # epochs end unpaused
+        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # passes end unpaused
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
@@ -691,7 +684,6 @@ class TrainStream:
         finally:
             for generator in decoded.values():
                 generator.close()
-            _wait_for_arrow_threads()  # the passes just closed were left part-way
 
     def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
         """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the

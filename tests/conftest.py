@@ -35,11 +35,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="session")
 def no_arrow_pause_on_close():
-    """datasets sleeps 5 s (config.SLEEP_TIME_ON_THREADS_SHUTDOWN) whenever a pass over shuffled parquet shards is
-    closed part-way, so that no Arrow scan is alive at interpreter exit; ddpm_hf.data takes that pause once when a
-    training stream closes part-way. The in-process streams of the tests skip it, for the whole session (set once,
-    here, rather than by whichever test runs first). Training runs started as processes keep it;
-    test_epochs_end_without_datasets_exit_pause counts the pauses themselves."""
+    """datasets sleeps 5 s (config.SLEEP_TIME_ON_THREADS_SHUTDOWN) whenever a pass over shuffled parquet shards ends
+    or is closed, so that no Arrow scan is alive at interpreter exit (an abort before pyarrow 25). Training streams
+    turn it off (ddpm_hf.data.without_exit_pause); the tests' own plain streams skip it too, for the whole session (set
+    once, here, rather than by whichever test runs first). test_passes_end_and_close_without_datasets_exit_pause
+    counts the pauses themselves."""
     import datasets
 
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
