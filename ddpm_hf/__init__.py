@@ -2,9 +2,19 @@
 
 __version__ = "0.1.0"
 
-from .pipelines import DDPMPipeline
 from .presets import PRESETS, unet_config
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
 from .unet import DDPMUNet, DDPMUNetOutput
+
+
+def __getattr__(name):
+    """``ddpm_hf.DDPMPipeline``, imported at first use: diffusers' pipeline module imports every model family of
+    diffusers (about 5 s here), which a training run needs only when it samples or saves, and a refused command never."""
+    if name == "DDPMPipeline":
+        from .pipelines import DDPMPipeline
+
+        globals()[name] = DDPMPipeline
+        return DDPMPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["DDPMPipeline", "DDPMScheduler", "DDPMSchedulerOutput", "DDPMUNet", "DDPMUNetOutput", "PRESETS", "unet_config", "__version__"]

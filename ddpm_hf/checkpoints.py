@@ -19,12 +19,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
-
 logger = logging.getLogger(__name__)
-# What a final pipeline may hold in --output_dir besides model_index.json (diffusers' train_unconditional.py layout:
-# the pipeline beside checkpoint-N/, logs/ and samples/); a part the new pipeline lacks is removed with the old one.
-PIPELINE_PARTS = ("unet", "scheduler", PIPELINE_FILE, "training_config.json")
 
 
 def checkpoints(output_dir: Path) -> List[Path]:
@@ -212,8 +207,13 @@ def install_pipeline(output_dir: Path) -> None:
     next call finishes the job; without a pipeline on its way it does nothing."""
     ready, moving = output_dir / ".pipeline.ready", output_dir / ".pipeline.moving"
     if ready.is_dir():
+        from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
+
+        # what a final pipeline may hold in --output_dir besides model_index.json (diffusers' train_unconditional.py
+        # layout: the pipeline beside checkpoint-N/, logs/ and samples/); a part the new one lacks goes with the old
+        parts = ("unet", "scheduler", PIPELINE_FILE, "training_config.json")
         (output_dir / "model_index.json").unlink(missing_ok=True)
-        for name in sorted({*PIPELINE_PARTS, *(p.name for p in ready.iterdir())} - {"model_index.json"}):
+        for name in sorted({*parts, *(p.name for p in ready.iterdir())} - {"model_index.json"}):
             remove(output_dir / name)
         os.replace(ready, moving)
     if not moving.is_dir():

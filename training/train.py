@@ -31,7 +31,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoP
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, compiling
+from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline, write_file
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
                           first_image, load_image_dataset)
@@ -39,7 +39,6 @@ from ddpm_hf.ema import EMA
 from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
-from ddpm_hf.pipelines import image_grid
 from ddpm_hf.presets import unet_config
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
@@ -250,10 +249,12 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update
     return update
 
 
-def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
-    """A pipeline holding a copy of the model with the EMA weights (training weights untouched), on the model's
+def ema_pipeline(model, ema, scheduler_config):
+    """A DDPMPipeline holding a copy of the model with the EMA weights (training weights untouched), on the model's
     device: a GPU run samples its grids there, not for minutes on the host between two steps (MPS, which has no
     float64 for the bits/dim estimate, keeps the host)."""
+    from ddpm_hf.pipelines import DDPMPipeline  # here, not above: diffusers' pipeline module takes seconds to import
+
     device = next(model.parameters()).device
     unet = DDPMUNet.from_config(model.config).to(device if device.type != "mps" else "cpu")
     unet.load_state_dict(model.state_dict())
@@ -265,6 +266,8 @@ def ema_pipeline(model, ema, scheduler_config) -> DDPMPipeline:
 
 
 def sample_grid(pipe, args, path: Path):
+    from ddpm_hf.pipelines import image_grid
+
     images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
                   num_inference_steps=args.ddpm_num_inference_steps).images
     return write_file(path, lambda partial: image_grid(images).save(partial, format="PNG"), Path(args.output_dir))
