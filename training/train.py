@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -381,7 +381,7 @@ def main(argv=None):
         lr_scheduler.step()
         decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
         loop.step += 1
-        if loop.step % args.logging_steps == 0 or loop.step == args.max_train_steps:
+        if due_after(args, loop.step).log:
             logs = dict(loss_logs(accelerator, update.per_example, update.t, num_train_timesteps), **speed.interval(),
                         lr=lr_scheduler.get_last_lr()[0], ema_decay=decay, grad_norm=float(update.grad_norm or 0.0),
                         skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
@@ -410,7 +410,8 @@ def main(argv=None):
             if not accelerator.sync_gradients:
                 continue
             update.per_example, update.t = per_example, t
-            if update.decided_on_device and not due_after(args, loop.step + 1):
+            # counted later only when nothing is due after it (the time budget may end the run after any step)
+            if update.decided_on_device and not (args.max_train_minutes or any(due_after(args, loop.step + 1))):
                 pending = update  # the host goes on queueing the next step instead of waiting for this one
             else:
                 count(update)
@@ -493,11 +494,29 @@ class BadSteps:
         return True
 
 
-def due_after(args, step: int) -> bool:
-    """Whether anything but the update happens after optimizer step ``step``: logs, or what :func:`after_step` does
-    (a checkpoint, samples, a bits/dim estimate, an upload, the end; the time budget's check at every step)."""
-    every = (args.logging_steps, args.checkpointing_steps, args.save_images_steps, args.eval_steps)
-    return bool(step == args.max_train_steps or args.max_train_minutes or any(n and step % n == 0 for n in every))
+class Due(NamedTuple):
+    """What happens after an optimizer step besides the update: the same answer on every process."""
+    log: bool
+    checkpoint: bool
+    images: bool
+    eval: bool
+    push: bool
+    final: bool
+
+
+def due_after(args, step: int) -> Due:
+    """What is due after optimizer step ``step`` (logs, a checkpoint, samples, a bits/dim estimate, an upload, the
+    end); --max_train_minutes, checked after every step, can make a step the final one (see :func:`after_step`)."""
+    final = step == args.max_train_steps
+
+    def every(n: Optional[int]) -> bool:
+        return bool(n) and step % n == 0
+
+    return Due(log=every(args.logging_steps) or final,
+               checkpoint=every(args.checkpointing_steps) or (bool(args.checkpointing_steps) and final),
+               images=every(args.save_images_steps), eval=every(args.eval_steps),
+               push=bool(args.push_to_hub) and (final or (args.push_checkpoints and every(args.checkpointing_steps))),
+               final=final)
 
 
 def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float) -> None:
@@ -506,17 +525,13 @@ def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: 
     if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
         args.max_train_steps = step
-    final = step == args.max_train_steps
-    if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or final):
+    due = due_after(args, step)
+    if due.checkpoint:
         save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
-    want_images = args.save_images_steps and step % args.save_images_steps == 0
-    want_eval = args.eval_steps and step % args.eval_steps == 0
-    want_push = args.push_to_hub and (final or (args.push_checkpoints and args.checkpointing_steps
-                                                and step % args.checkpointing_steps == 0))
-    if want_images or want_eval or want_push or final:  # the same answer on every process
+    if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
-            write_outputs(accelerator, model, ema, scheduler, args, resolution, step, want_images, want_eval,
-                          want_push, final)
+            write_outputs(accelerator, model, ema, scheduler, args, resolution, step, due.images, due.eval, due.push,
+                          due.final)
         accelerator.wait_for_everyone()  # only then: a barrier every step would stall a GPU on the host
 
 
