@@ -2,9 +2,14 @@
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from .presets import PRESETS, unet_config
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
 from .unet import DDPMUNet, DDPMUNetOutput
+
+if TYPE_CHECKING:
+    from .pipelines import DDPMPipeline
 
 
 def __getattr__(name):
@@ -16,5 +21,9 @@ def __getattr__(name):
         globals()[name] = DDPMPipeline
         return DDPMPipeline
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), "DDPMPipeline"})
 
 __all__ = ["DDPMPipeline", "DDPMScheduler", "DDPMSchedulerOutput", "DDPMUNet", "DDPMUNetOutput", "PRESETS", "unet_config", "__version__"]

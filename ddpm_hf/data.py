@@ -187,7 +187,12 @@ def without_exit_pause(dataset):
     here: 24.0.0 aborts every time, 25.0.0 never). setup.py requires pyarrow >= 25, so no pass needs the pause. A
     training stream ends a pass at every epoch (on a GPU that was 5 s without a batch per epoch, bench/gpu.sh,
     2026-11-27) and closes one part-way when the run ends (5 s more per run). Set on the dataset's leaf iterables, the
-    setting carries over to what shuffle, shard, split and set_epoch derive from them."""
+    setting carries over to what shuffle, shard, split and set_epoch derive from them. Under an older pyarrow
+    (installed without setup.py's requirements) the dataset keeps its pauses."""
+    from datasets import config
+
+    if config.PYARROW_VERSION.major < 25:
+        return dataset
     nodes = [getattr(dataset, "_ex_iterable", None)]
     while nodes:
         node = nodes.pop()

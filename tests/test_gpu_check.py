@@ -49,3 +49,21 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
                           rf"samples projected {number} min", out)) == 7, out  # 5 networks, 4× batch, as evaluate
     assert re.search(r"\(--dynamo_mode reduce-overhead\): .* graphs compiled without CUDA graphs: \d+\n", out), out
     assert switches() == before
+
+
+def test_the_read_at_once_run_replaces_what_train_py_calls(monkeypatch):
+    """gpu.py's "train bf16-read-at-once" run replaces train.py's ``count_at_once`` (the one decision of the late
+    counting) in the module it runs: a rename or a changed signature in train.py would break that run on a lent GPU
+    only, where the late counting exists (fused AdamW). Oracle: train.py itself, loaded as that run loads it."""
+    import inspect
+
+    from runs import load_train_script
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.delitem(sys.modules, "gpu", raising=False)
+    gpu = importlib.import_module("gpu")
+    train = load_train_script()
+    replaced = re.findall(r"train\.(\w+) = lambda (\w+), (\w+): True", gpu.TRAIN_WRAPPER)
+    assert replaced == [("count_at_once", "args", "step")]
+    assert list(inspect.signature(train.count_at_once).parameters) == ["args", "step"]
+    assert "count_at_once(args, loop.step + 1)" in inspect.getsource(train.main)  # looked up when called

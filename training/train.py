@@ -410,8 +410,7 @@ def main(argv=None):
             if not accelerator.sync_gradients:
                 continue
             update.per_example, update.t = per_example, t
-            # counted later only when nothing is due after it (the time budget may end the run after any step)
-            if update.decided_on_device and not (args.max_train_minutes or any(due_after(args, loop.step + 1))):
+            if update.decided_on_device and not count_at_once(args, loop.step + 1):
                 pending = update  # the host goes on queueing the next step instead of waiting for this one
             else:
                 count(update)
@@ -517,6 +516,13 @@ def due_after(args, step: int) -> Due:
                images=every(args.save_images_steps), eval=every(args.eval_steps),
                push=bool(args.push_to_hub) and (final or (args.push_checkpoints and every(args.checkpointing_steps))),
                final=final)
+
+
+def count_at_once(args, step: int) -> bool:
+    """Whether the update of optimizer step ``step`` is counted before the next step is queued, even where the device
+    decided it: when anything is due after it, and at every step under --max_train_minutes (whose check may end the
+    run after any step)."""
+    return bool(args.max_train_minutes) or any(due_after(args, step))
 
 
 def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float) -> None:
