@@ -184,15 +184,12 @@ def without_exit_pause(dataset):
     datasets sleeps ``config.SLEEP_TIME_ON_THREADS_SHUTDOWN`` (5 s) whenever a pass over shuffled (shard-interleaved)
     parquet shards ends or is closed, so that pyarrow's scanner threads are gone before the interpreter could exit:
     pyarrow before 25 aborts the process at exit when a parquet scan was left part-way (apache/arrow#45214; measured
-    here: 24.0.0 aborts every time, 25.0.0 never). setup.py requires pyarrow >= 25, so no pass needs the pause. A
-    training stream ends a pass at every epoch (on a GPU that was 5 s without a batch per epoch, bench/gpu.sh,
-    2026-11-27) and closes one part-way when the run ends (5 s more per run). Set on the dataset's leaf iterables, the
-    setting carries over to what shuffle, shard, split and set_epoch derive from them. Under an older pyarrow
-    (installed without setup.py's requirements) the dataset keeps its pauses."""
-    from datasets import config
-
-    if config.PYARROW_VERSION.major < 25:
-        return dataset
+    here: 24.0.0 aborts every time, 25.0.0 never). A pass that ends has read every shard to its end and leaves no
+    scan part-way under any pyarrow; with pyarrow >= 25 (setup.py's requirement) neither does one closed part-way.
+    A training stream ends a pass at every epoch (on a GPU that was 5 s without a batch per epoch, bench/gpu.sh,
+    2026-11-27) and closes one part-way when the run ends; under an older pyarrow (installed without setup.py's
+    requirements) it pauses then, once (``pause_for_arrow_scans``). Set on the dataset's leaf iterables, the setting
+    carries over to what shuffle, shard, split and set_epoch derive from them."""
     nodes = [getattr(dataset, "_ex_iterable", None)]
     while nodes:
         node = nodes.pop()
@@ -203,6 +200,14 @@ def without_exit_pause(dataset):
         nodes.append(getattr(node, "ex_iterable", None))
         nodes.extend(getattr(node, "ex_iterables", None) or [])
     return dataset
+
+
+def pause_for_arrow_scans() -> None:
+    """After closing a pass part-way, datasets' pause (see without_exit_pause) where pyarrow still needs it (< 25)."""
+    from datasets import config
+
+    if config.PYARROW_VERSION.major < 25:
+        time.sleep(config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
@@ -689,6 +694,7 @@ class TrainStream:
         finally:
             for generator in decoded.values():
                 generator.close()
+            pause_for_arrow_scans()  # the passes just closed were left part-way
 
     def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
         """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the
