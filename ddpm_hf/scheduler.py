@@ -333,6 +333,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return self._assert_timesteps(t)
         t = t.cpu()
         num_train = self.config.num_train_timesteps
+        if t.ndim == 0 and not t.dtype.is_floating_point:  # the sampling chain's t: one host read, not two
+            if not 0 <= int(t) < num_train:
+                raise ValueError(f"timesteps must lie in [0, {num_train - 1}] (num_train_timesteps={num_train}), "
+                                 f"got {int(t)}.")
+            return t
         if t.dtype.is_floating_point:
             if not bool((t == t.round()).all()):
                 raise ValueError(f"timesteps must be integers, got {t.tolist()}.")
@@ -364,6 +369,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         look it up on the CPU (see :meth:`_check_timesteps`)."""
         t = self._check_timesteps(t)
         table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, t.device)
+        if t.ndim == 0 and t.device.type == "cpu" and getattr(prev_t, "ndim", 0) == 0:  # the sampling chain's t:
+            prev = int(t) - 1 if prev_t is None else int(prev_t)  # indexed on the host, as diffusers does
+            return table[int(t)], table[prev] if prev >= 0 else table.new_ones(())
         prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(t.device)
         alpha_bar_prev = torch.where(prev_t >= 0, _lookup(table, prev_t.clamp(min=0)), table.new_ones(()))
         return _lookup(table, t), alpha_bar_prev
@@ -620,7 +628,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         # 3. Add σ_t z, except at the last step.
         if int(t) > 0:
             noise = randn_like_batch(model_output.shape, generator, model_output.device, model_output.dtype)
-            variance, log_variance = self.p_variance(sample, t, prev_t, predicted_variance)
+            # (t > 0: the sampling chain's σ_t², which differ from the bound's only at t = 0)
+            variance, log_variance = self.p_variance(sample, t, prev_t, predicted_variance, first_step_decoder=False)
             # √σ² where diffusers takes the root, exp(½ log σ²) where it goes through the log: the same samples.
             rooted = self.variance_type in ("fixed_small", "fixed_large")
             std = variance**0.5 if rooted else torch.exp(0.5 * log_variance)
