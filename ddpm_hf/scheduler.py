@@ -23,6 +23,7 @@ Timesteps are 0-based as in diffusers: index t here is the paper's step t + 1.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -155,9 +156,35 @@ def randn_like_batch(
     draw_device = draw_devices.pop()
     pinned = draw_device.type == "cpu" and device.type == "cuda"
     noise = torch.empty(tuple(shape), dtype=dtype, device=draw_device, pin_memory=pinned)
-    for rows, g in zip(noise.split(1) if len(generators) > 1 else [noise], generators):
-        rows.normal_(generator=g)  # the numbers of torch.randn(rows.shape, generator=g)
+    if len(generators) == 1:
+        noise.normal_(generator=generators[0])  # the numbers of torch.randn(shape, generator=g)
+    else:
+        _draw_rows(noise.split(1), generators)
     return noise.to(device, non_blocking=pinned)  # (non-blocking only into the device: a host copy would be unready)
+
+
+_ROWS_PER_THREAD = 32  # below this many rows per thread, a thread costs more than it saves
+_row_threads: dict = {}  # thread count -> pool, made on first use
+
+
+def _draw_rows(rows: Sequence[torch.Tensor], generators: Sequence[Optional[torch.Generator]]) -> None:
+    """Row i filled from generators[i]. Host rows are drawn by up to torch.get_num_threads() threads (normal_ runs
+    without the interpreter lock): ``ddpm-hf evaluate`` draws each image's noise from its own host generator at every
+    step, 9 ms per step for 256 images of 32² on one thread here, host time that must stay below the network's GPU
+    time per step. Each row comes from its own generator, so the numbers do not depend on the thread count."""
+    workers = min(torch.get_num_threads(), 8, len(rows) // _ROWS_PER_THREAD)
+    if workers < 2 or rows[0].device.type != "cpu":
+        for row, g in zip(rows, generators):
+            row.normal_(generator=g)
+        return
+    pool = _row_threads.get(workers) or _row_threads.setdefault(
+        workers, ThreadPoolExecutor(workers, thread_name_prefix="ddpm_hf-noise"))
+
+    def draw(first: int) -> None:
+        for i in range(first, len(rows), workers):
+            rows[i].normal_(generator=generators[i])
+
+    list(pool.map(draw, range(workers)))
 
 
 class DDPMScheduler(SchedulerMixin, ConfigMixin):

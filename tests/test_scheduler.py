@@ -390,3 +390,22 @@ def test_a_step_costs_the_host_about_what_diffusers_step_does(variance_type, num
         counts.append(count.operations)
     assert torch.equal(*outputs)
     assert counts[0] <= 1.25 * counts[1], f"ours {counts[0]} operations per step, diffusers' {counts[1]}"
+
+
+def test_per_sample_host_noise_is_the_same_whatever_the_threads_drawing_it():
+    """Host noise for a list of generators is drawn by several threads when the batch is large (see _draw_rows): row
+    i must still be torch.randn from generator i, as on one thread. Oracle: torch.randn per row."""
+    from ddpm_hf.scheduler import randn_like_batch
+
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                seeds = range(100, 100 + 97)  # not a multiple of the thread count
+                noise = randn_like_batch((97, 3, 4, 4), [torch.Generator().manual_seed(s) for s in seeds], "cpu", dtype)
+                oracle = torch.cat([torch.randn((1, 3, 4, 4), generator=torch.Generator().manual_seed(s), dtype=dtype)
+                                    for s in seeds])
+                assert torch.equal(noise, oracle), (threads, dtype)
+    finally:
+        torch.set_num_threads(previous)
