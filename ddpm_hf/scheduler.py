@@ -23,6 +23,7 @@ Timesteps are 0-based as in diffusers: index t here is the paper's step t + 1.
 """
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -165,15 +166,18 @@ def randn_like_batch(
 
 _ROWS_PER_THREAD = 32  # below this many rows per thread, a thread costs more than it saves
 _row_threads: dict = {}  # thread count -> pool, made on first use
+os.register_at_fork(after_in_child=_row_threads.clear)  # a forked child has none of the pools' threads
 
 
 def _draw_rows(rows: Sequence[torch.Tensor], generators: Sequence[Optional[torch.Generator]]) -> None:
     """Row i filled from generators[i]. Host rows are drawn by up to torch.get_num_threads() threads (normal_ runs
     without the interpreter lock): ``ddpm-hf evaluate`` draws each image's noise from its own host generator at every
     step, 9 ms per step for 256 images of 32² on one thread here, host time that must stay below the network's GPU
-    time per step. Each row comes from its own generator, so the numbers do not depend on the thread count."""
+    time per step. Each row comes from its own generator, so the numbers do not depend on the thread count; a
+    generator listed twice (or None, the global one) is drawn from in row order, on one thread."""
     workers = min(torch.get_num_threads(), 8, len(rows) // _ROWS_PER_THREAD)
-    if workers < 2 or rows[0].device.type != "cpu":
+    distinct = None not in generators and len({id(g) for g in generators}) == len(generators)
+    if workers < 2 or rows[0].device.type != "cpu" or not distinct:
         for row, g in zip(rows, generators):
             row.normal_(generator=g)
         return
@@ -396,7 +400,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         look it up on the CPU (see :meth:`_check_timesteps`)."""
         t = self._check_timesteps(t)
         table = self._alpha_bar_table(torch.float64 if dtype == torch.float64 else torch.float32, t.device)
-        if t.ndim == 0 and t.device.type == "cpu" and getattr(prev_t, "ndim", 0) == 0:  # the sampling chain's t:
+        one_prev = prev_t is None or isinstance(prev_t, (int, np.integer)) or getattr(prev_t, "ndim", None) == 0
+        if t.ndim == 0 and t.device.type == "cpu" and one_prev:  # the sampling chain's t:
             prev = int(t) - 1 if prev_t is None else int(prev_t)  # indexed on the host, as diffusers does
             return table[int(t)], table[prev] if prev >= 0 else table.new_ones(())
         prev_t = t - 1 if prev_t is None else torch.as_tensor(prev_t).to(t.device)
