@@ -166,7 +166,8 @@ def randn_like_batch(
 
 _ROWS_PER_THREAD = 32  # below this many rows per thread, a thread costs more than it saves
 _row_threads: dict = {}  # thread count -> pool, made on first use
-os.register_at_fork(after_in_child=_row_threads.clear)  # a forked child has none of the pools' threads
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_row_threads.clear)  # a forked child has none of the pools' threads
 
 
 def _draw_rows(rows: Sequence[torch.Tensor], generators: Sequence[Optional[torch.Generator]]) -> None:
