@@ -26,8 +26,9 @@ if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests; -P: the c
     # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill)
     CUDA_LOG="${OUT:-$PKG}/cuda_tests.log"
     timeout 180 python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
-        tests/faults/test_training_faults.py -k "fp16 or upsampling or layouts or ema or gpu_matches or never_reads \
-        or group_norm or sampling or skipped_on_the_device or counted_late" > "$CUDA_LOG" 2>&1 \
+        tests/faults/test_training_faults.py tests/faults/test_out_of_memory.py -k "fp16 or upsampling or layouts \
+        or ema or gpu_matches or never_reads or group_norm or sampling or skipped_on_the_device or counted_late \
+        or on_the_gpu" > "$CUDA_LOG" 2>&1 \
         || echo "CUDA tests: pytest exited with status $? (its output: $CUDA_LOG)"
     grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed|error" "$CUDA_LOG" || echo "CUDA tests: no outcome in $CUDA_LOG"
 fi

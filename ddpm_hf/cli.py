@@ -17,6 +17,8 @@ from typing import List, Optional
 
 import torch
 
+from .errors import first_line, is_out_of_memory, memory_in_use
+
 
 def _positive(value: str) -> int:
     number = int(value)
@@ -203,6 +205,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"sample": cmd_sample, "evaluate": cmd_evaluate, "data": cmd_data}[args.command](args)
     except (OSError, ValueError) as err:  # bad pipeline folder, repo, data or values: the message says which
         raise SystemExit(f"ddpm-hf {args.command}: error: {err}") from err
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        device = _device(args)
+        held = memory_in_use(device)
+        raise SystemExit(f"ddpm-hf {args.command}: error: out of memory on {device} with batches of {args.batch_size} "
+                         f"images ({first_line(err)}{'; ' + held if held else ''}): lower --batch_size (every image "
+                         "has its own generator: the samples do not depend on it).") from err
+
+
+def _device(args) -> torch.device:
+    """The device ``sample`` and ``evaluate`` run on: --device, else the host for ``sample`` and accelerate's device
+    for ``evaluate`` (see :func:`ddpm_hf.evaluation.evaluate`)."""
+    if args.device:
+        return torch.device(args.device)
+    if args.command == "evaluate":
+        from accelerate import PartialState
+
+        return PartialState().device
+    return torch.device("cpu")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 
 from torch import nn
 
-from .errors import first_line
+from .errors import first_line, is_out_of_memory
 
 COMPILE_FLAG = "--compile"
 
@@ -38,12 +38,14 @@ def compile_checked(unet: nn.Module, probe: Callable[[], None], options: dict, s
     """``torch.compile(**options)`` ``unet`` in place (its state_dict keys stay plain) and call ``probe()`` once: a
     compiler failure surfaces here, before the real work, as a RuntimeError naming ``source``, the setting that asked
     for it, and how to ``command`` without it (the module is left uncompiled); the real calls reuse the compiled
-    graph."""
+    graph. A probe that runs out of memory raises that error as it is: dropping the compilation would not help."""
     try:
         unet.compile(**options)  # an unknown mode or backend fails here
         probe()
     except Exception as err:
         unet._compiled_call_impl = None  # what nn.Module.compile set: back to the plain forward
+        if is_out_of_memory(err):  # the probe's batch does not fit, compiled or not: not a compiler failure
+            raise
         fix = (f"{command} without {COMPILE_FLAG}" if source == COMPILE_FLAG
                else "launch with `--dynamo_backend no` (or unset ACCELERATE_DYNAMO_BACKEND)")
         raise RuntimeError(f"{source}: torch.compile of the U-Net failed ({type(err).__name__}: {first_line(err)}); "

@@ -15,7 +15,7 @@ import torch
 
 from . import compiling
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
-from .errors import first_line
+from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
 
@@ -115,12 +115,16 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
         try:
             probe()
         except RuntimeError as err:
+            if is_out_of_memory(err):  # the batch does not fit: another dtype is not the fix
+                raise
             raise ValueError(f"--dtype {dtype}: the U-Net does not run in {dtype} on {unet.device} "
                              f"({first_line(err)}); use --dtype fp32.") from err
     if compile_options is not None:
         try:
             compiling.compile_checked(unet, probe, compile_options, compile_source, "run")
         except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise
             raise ValueError(str(err)) from err
 
 

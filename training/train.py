@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -32,10 +33,11 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
-from ddpm_hf.checkpoints import recover_folders, resume, save_checkpoint, save_pipeline, write_file
+from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_checkpoint, save_pipeline, write_file
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
                           first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
+from ddpm_hf.errors import first_line, is_out_of_memory, memory_in_use, release_cached_memory
 from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
@@ -191,6 +193,8 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
     try:
         compiling.compile_checked(unet, probe, options, source, "train")
     except RuntimeError as err:
+        if is_out_of_memory(err):  # the batch does not fit: see out_of_memory
+            raise
         raise SystemExit(str(err)) from err
     unet.zero_grad(set_to_none=True)
 
@@ -288,18 +292,65 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
     pipeline (published atomically in --output_dir), an upload."""
     output_dir = Path(args.output_dir)
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
-    grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png") if (images or final) else None
+    grid = None
+    if images or final:
+        with skipped_if_out_of_memory(pipe.device, f"the sample grid of step {step}",
+                                      f"lower --num_sample_images ({args.num_sample_images})"):
+            grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png")
     if evaluate:
         from ddpm_hf.evaluation import quick_bits_per_dim
 
-        estimate = quick_bits_per_dim(pipe, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                                      train_data_dir=args.train_data_dir, image_column=args.image_column,
-                                      resolution=resolution, token=args.hub_token)
-        accelerator.log({"eval_bpd_estimate": estimate}, step=step)
+        with skipped_if_out_of_memory(pipe.device, f"the bits/dim estimate of step {step}",
+                                      "turn it off with --eval_steps 0 and estimate afterwards with `ddpm-hf evaluate "
+                                      "--metrics bpd --batch_size N`"):
+            estimate = quick_bits_per_dim(pipe, dataset_name=args.dataset_name,
+                                          dataset_config_name=args.dataset_config_name,
+                                          train_data_dir=args.train_data_dir, image_column=args.image_column,
+                                          resolution=resolution, token=args.hub_token)
+            accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
         save_pipeline(pipe, output_dir, public_config(args))
     if push:
         push_with_retries(pipe, args, grid, step)
+
+
+@contextmanager
+def skipped_if_out_of_memory(device: torch.device, what: str, fix: str):
+    """Run the block; if it runs out of memory, warn that ``what`` was skipped and how to ``fix`` it, release the
+    memory it held, and go on: samples and estimates watch a run, they must not end it (the final pipeline is saved
+    after its grid, with or without it)."""
+    failed = False
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        held = memory_in_use(device)
+        logger.warning("out of memory on %s making %s (%s%s): skipped, training goes on; %s.", device, what,
+                       first_line(err), "; " + held if held else "", fix)
+        failed = True
+    if failed:  # only now: the failed work's tensors went with the exception
+        release_cached_memory(device)
+
+
+def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int, shape: Tuple[int, int]) -> SystemExit:
+    """The error that stops a run whose training step does not fit in memory: where, the batch, what holds the
+    memory, the flags that make the step fit, and the checkpoint to resume from (checkpoints are written whole
+    between steps: a step that failed changed none)."""
+    device = accelerator.device
+    held = memory_in_use(device)
+    fixes = ["lower --train_batch_size (raising --gradient_accumulation_steps keeps the batch)"]
+    if not args.gradient_checkpointing:
+        fixes.append("add --gradient_checkpointing (recomputes activations in the backward pass)")
+    if accelerator.mixed_precision == "no" and device.type == "cuda":
+        fixes.append("train in --mixed_precision bf16")
+    latest = checkpoints(Path(args.output_dir))
+    then = (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest" if latest
+            else "no checkpoint was written yet")
+    channels, resolution = shape
+    return SystemExit(f"out of memory on {device} in {doing}, {images} images of {channels}×{resolution}×{resolution} "
+                      f"per process ({first_line(err)}{'; ' + held if held else ''}): {'; or '.join(fixes)}. "
+                      f"{then}.")
 
 
 class Throughput:
@@ -362,9 +413,15 @@ def main(argv=None):
     ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
+    images, shape = args.train_batch_size * len(stream.streams), (stream.settings.channels, resolution)  # per process
     if compile_kwargs is not None:
-        compile_model(model, loss_fn, args.train_batch_size * len(stream.streams), resolution, device, compile_kwargs,
-                      asked_by)
+        try:
+            compile_model(model, loss_fn, images, resolution, device, compile_kwargs, asked_by)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            raise out_of_memory(err, args, accelerator, "the check of the compiled U-Net (one training step)",
+                                images, shape) from err
     started = start_run(accelerator, args, model, stream, loop)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
@@ -414,6 +471,10 @@ def main(argv=None):
                 pending = update  # the host goes on queueing the next step instead of waiting for this one
             else:
                 count(update)
+    except RuntimeError as err:  # samples and estimates that do not fit are skipped (see write_outputs)
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory(err, args, accelerator, f"training step {loop.step + 1}", images, shape) from err
     finally:
         stream.close()
     bar.close()
