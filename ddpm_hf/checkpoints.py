@@ -19,6 +19,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .errors import is_out_of_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -116,6 +118,8 @@ def write_failure_reason(output_dir: Path, err: Exception, latest: List[Path]) -
     with less room than the last checkpoint took counts as full too."""
     import resource
 
+    if is_out_of_memory(err):
+        return "the process ran out of memory writing it"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
         return f"this process may not write files over {limit} bytes (ulimit -f)"
@@ -167,11 +171,17 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
     for path in candidates:
         try:
             accelerator.load_state(str(path))
-            failed, reason = 0.0, ""
+            failed, out_of_memory, reason = 0.0, 0.0, ""
         except Exception as err:  # truncated or corrupt file: the processes must agree before going on
-            failed, reason = 1.0, f"{type(err).__name__}: {err}"
-        if accelerator.reduce(torch.tensor([failed], device=accelerator.device), "sum").item() == 0:
+            failed, out_of_memory, reason = 1.0, float(is_out_of_memory(err)), f"{type(err).__name__}: {err}"
+        failures, out_of_memory = accelerator.reduce(torch.tensor([failed, out_of_memory], device=accelerator.device),
+                                                     "sum").tolist()
+        if failures == 0:
             return path
+        if out_of_memory:  # not the file's fault: an older checkpoint would only lose steps
+            where = reason.splitlines()[0] if reason else "on another process"
+            raise SystemExit(f"out of memory loading {path} ({where}); the checkpoint is not at fault: free the memory "
+                             "other programs hold, then resume again.")
         if requested != "latest":
             raise SystemExit(f"--resume_from_checkpoint {path} is unreadable ({reason or 'on another process'}); "
                              "pass an older checkpoint-N folder or 'latest'.")

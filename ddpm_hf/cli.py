@@ -102,18 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(args) -> int:
     from .compiling import compile_options
-    from .evaluation import chain_length, generate_uint8, load_pipeline, prepare_sampling
-    from .images import to_pil, uint8_grid
+    from .evaluation import (chain_length, generate_uint8, load_pipeline, open_sample_folder, prepare_sampling,
+                             samples_key)
+    from .images import uint8_grid
 
     pipe = load_pipeline(args.pipeline, args.device)
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
-    prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed)
-    for i, image in enumerate(to_pil(images)):
-        image.save(out / f"{i:05d}.png")
+    open_sample_folder(out, samples_key(pipe, steps, args.seed, args.dtype, options))  # a stopped run goes on
+    prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
+    images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out)
     uint8_grid(images[:64]).save(out / "grid.png")
     print(f"{len(images)} images in {out}, grid: {out / 'grid.png'}")
     return 0
@@ -205,14 +204,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return {"sample": cmd_sample, "evaluate": cmd_evaluate, "data": cmd_data}[args.command](args)
     except (OSError, ValueError) as err:  # bad pipeline folder, repo, data or values: the message says which
         raise SystemExit(f"ddpm-hf {args.command}: error: {err}") from err
-    except RuntimeError as err:
-        if not is_out_of_memory(err):
+    except Exception as err:
+        if args.command not in ("sample", "evaluate") or not is_out_of_memory(err):
             raise
         device = _device(args)
         held = memory_in_use(device)
         raise SystemExit(f"ddpm-hf {args.command}: error: out of memory on {device} with batches of {args.batch_size} "
-                         f"images ({first_line(err)}{'; ' + held if held else ''}): lower --batch_size (every image "
-                         "has its own generator: the samples do not depend on it).") from err
+                         f"images ({first_line(err)}{'; ' + held if held else ''}): lower --batch_size, which every "
+                         "network call and feature extraction uses (each image has its own generator: the samples do "
+                         "not depend on it).") from err
 
 
 def _device(args) -> torch.device:

@@ -9,13 +9,24 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# What allocators and libraries say when memory runs out: the CPU allocator, CUDA ("CUDA out of memory", "CUDA error:
+# out of memory"), MPS ("MPS backend out of memory"), and cuBLAS/cuDNN creating their workspaces on a full GPU.
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", " out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is a failed allocation: torch's OutOfMemoryError (CUDA), or the RuntimeError of the CPU's
-    allocator ("can't allocate memory") or of MPS ("MPS backend out of memory")."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "backend out of memory" in text)
+    """Whether ``err`` is a failed allocation, or wraps one (torch.compile reraises a backend's error as its cause,
+    context or ``inner_exception``): torch's OutOfMemoryError, Python's MemoryError (PIL, numpy, pyarrow), or an
+    error whose message is one of :data:`OUT_OF_MEMORY_TEXTS`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+            return True
+        if isinstance(err, RuntimeError) and any(text in str(err) for text in OUT_OF_MEMORY_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__ or getattr(err, "inner_exception", None)
+    return False
 
 
 def memory_in_use(device: torch.device) -> str:
@@ -37,7 +48,7 @@ def memory_in_use(device: torch.device) -> str:
 
 
 def release_cached_memory(device: torch.device) -> None:
-    """Hand the blocks torch's CUDA allocator keeps cached back to the GPU, after an allocation failed and what it
-    was for was dropped: the next allocations start from a defragmented pool."""
+    """Hand the blocks torch's CUDA allocator keeps cached back to the GPU, once the work that ran out of memory and
+    its exception are gone: the next allocations start from a defragmented pool."""
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -4,7 +4,9 @@ interpolation (Fig. 8), written to a folder as results.json and PNG figures. ``d
 parsing around :func:`evaluate`; training monitors its EMA model with :func:`quick_bits_per_dim`."""
 
 import copy
+import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ from .data import check_channels, find_image_column, load_image_dataset, prepare
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("bpd", "fid", "kid", "is", "rd", "progressive", "interpolation")
 
@@ -136,23 +140,97 @@ def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
     return num_inference_steps or total
 
 
+SAMPLES_KEY_FILE = "samples.json"
+
+
+def samples_key(pipe, steps: int, seed: int, dtype: str = "fp32", compile_options: Optional[dict] = None) -> dict:
+    """What a folder of samples is made with: a digest of the network's weights, the scheduler, the chain's length,
+    the seed, the network's precision and compilation. Samples made under the same key are the same images."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(pipe.unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    scheduler = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    key = {"weights_sha256": digest.hexdigest(), "scheduler": scheduler, "num_inference_steps": steps, "seed": seed,
+           "dtype": dtype, "compile": compile_options}
+    return json.loads(json.dumps(key, default=str))  # as read back from the folder
+
+
+def open_sample_folder(folder: Path, key: dict) -> None:
+    """Make ``folder`` hold samples made under ``key``: those an interrupted command left there under the same key
+    stay (they are the images it would make again); those made under another key are removed (the command that
+    made them wrote their key first); numbered PNGs without a key are refused, not taken for samples."""
+    key_file = folder / SAMPLES_KEY_FILE
+    try:
+        previous = json.loads(key_file.read_text())
+    except (OSError, ValueError):
+        previous = None
+    foreign = sorted(folder.glob("[0-9]*.png")) if previous is None else []
+    if foreign:
+        raise ValueError(f"{folder} holds numbered PNG files ({foreign[0].name}, ...) without the {SAMPLES_KEY_FILE} "
+                         "that would say how they were made: write the samples to another folder (--out) or remove "
+                         "those files.")
+    if previous is not None and previous != key:
+        stale = sorted(folder.glob("[0-9]*.png"))
+        logger.info("%s: %d samples of another pipeline or setting removed", folder, len(stale))
+        for path in stale:
+            path.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    if previous != key:
+        partial = key_file.with_name(f".{key_file.name}.tmp")
+        partial.write_text(json.dumps(key, indent=2))
+        os.replace(partial, key_file)
+
+
+def sample_path(folder: Path, index: int, num_images: int) -> Path:
+    """Where image ``index`` of ``num_images`` is written: 00000.png, 00001.png, ..."""
+    return folder / f"{index:0{max(5, len(str(num_images - 1)))}d}.png"
+
+
+def _read_sample(path: Path) -> Optional[torch.Tensor]:
+    """A sample written by :func:`generate_uint8`, as uint8 (C, H, W); None when absent or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+
 def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
-                   process_index: int = 0, num_processes: int = 1) -> torch.Tensor:
+                   process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None) -> torch.Tensor:
     """uint8 (N, C, H, W) samples; image i uses its own generator seeded seed + i, so the set does not depend on
-    the batch size or on how many processes share the work (process p makes images p, p + P, ...)."""
+    the batch size or on how many processes share the work (process p makes images p, p + P, ...). With ``folder``
+    (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is made,
+    and the images already there are read instead of made again: a command that was stopped goes on where it was."""
     from tqdm.auto import tqdm
 
+    from .images import to_pil
+
     mine = list(range(process_index, num_images, num_processes))
+    made = {}
+    if folder is not None:
+        made = {i: image for i in mine if (image := _read_sample(sample_path(folder, i, num_images))) is not None}
+    todo = [i for i in mine if i not in made]
     pipe.set_progress_bar_config(disable=True)
-    chunks = []
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", disable=process_index != 0):
-        ids = mine[start:start + batch_size]
+    bar = f"{desc} ({len(made)} of {len(mine)} images already in {folder})" if made else desc
+    for start in tqdm(range(0, len(todo), batch_size), desc=bar, unit="batch", disable=process_index != 0):
+        ids = todo[start:start + batch_size]
         out = pipe(batch_size=len(ids), generator=[torch.Generator().manual_seed(seed + i) for i in ids],
                    num_inference_steps=steps, output_type="pt").images
         # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
         # are the levels of the pipeline's own PIL output.
-        chunks.append(to_uint8(out * 2 - 1).cpu())
-    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+        images = to_uint8(out * 2 - 1).cpu()
+        for i, image, pil in zip(ids, images, to_pil(images) if folder is not None else [None] * len(ids)):
+            made[i] = image
+            if folder is not None:  # under a hidden name, then renamed: never a truncated sample
+                path = sample_path(folder, i, num_images)
+                partial = path.with_name(f".{path.name}.tmp")
+                pil.save(partial, format="PNG")
+                os.replace(partial, path)
+    return torch.stack([made[i] for i in mine]) if mine else torch.zeros(0, dtype=torch.uint8)
 
 
 def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "embedded:fashion_mnist",
@@ -209,6 +287,11 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     started = time.time()
     sample_quality = bool({"fid", "kid", "is"} & set(metrics))  # every process samples its share
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
+    samples_folder = out / "samples"  # every sample as a PNG, written as it is made: a stopped command goes on
+    if sample_quality:
+        if state.is_main_process:
+            open_sample_folder(samples_folder, samples_key(pipe, steps, seed + 10**6, dtype, compile_kwargs))
+        state.wait_for_everyone()
     sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
     if sample_quality or figures:
         results.update(sampling_dtype=dtype, sampling_compiled=compile_kwargs is not None)
@@ -246,7 +329,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         extractor = feature_extractor(features) if {"fid", "kid"} & set(metrics) else None
         classifier = class_probabilities(features) if "is" in metrics else None
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
-                              state.process_index, state.num_processes)
+                              state.process_index, state.num_processes, samples_folder)
         samples = torch.cat(gather_object([mine]))
         if state.is_main_process:
             fmnist = features == "fmnist"
@@ -254,13 +337,14 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             if extractor is not None:
                 key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
                 real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
-                    data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config)))
-                scores = fid_kid(real, extract_features(extractor, samples))
+                    data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config),
+                    batch_size))
+                scores = fid_kid(real, extract_features(extractor, samples, batch_size))
                 quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
                                 "reference_split": reference_split,
                                 **{k: v for k, v in scores.items() if k[:3] in metrics}})
             if classifier is not None:
-                mean, std = inception_score(extract_features(classifier, samples), is_splits)
+                mean, std = inception_score(extract_features(classifier, samples, batch_size), is_splits)
                 quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                                 "inception_score_std": std, "is_splits": is_splits})
             uint8_grid(samples[:64]).save(out / "samples.png")

@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -294,19 +293,20 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = None
     if images or final:
-        with skipped_if_out_of_memory(pipe.device, f"the sample grid of step {step}",
-                                      f"lower --num_sample_images ({args.num_sample_images})"):
-            grid = sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png")
+        grid = unless_out_of_memory(pipe.device, f"the sample grid of step {step}",
+                                    f"lower --num_sample_images ({args.num_sample_images})",
+                                    lambda: sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png"))
     if evaluate:
         from ddpm_hf.evaluation import quick_bits_per_dim
 
-        with skipped_if_out_of_memory(pipe.device, f"the bits/dim estimate of step {step}",
-                                      "turn it off with --eval_steps 0 and estimate afterwards with `ddpm-hf evaluate "
-                                      "--metrics bpd --batch_size N`"):
-            estimate = quick_bits_per_dim(pipe, dataset_name=args.dataset_name,
-                                          dataset_config_name=args.dataset_config_name,
-                                          train_data_dir=args.train_data_dir, image_column=args.image_column,
-                                          resolution=resolution, token=args.hub_token)
+        estimate = unless_out_of_memory(
+            pipe.device, f"the bits/dim estimate of step {step}", "turn it off with --eval_steps 0 and estimate "
+            "afterwards with `ddpm-hf evaluate --metrics bpd --batch_size N`",
+            lambda: quick_bits_per_dim(pipe, dataset_name=args.dataset_name,
+                                       dataset_config_name=args.dataset_config_name,
+                                       train_data_dir=args.train_data_dir, image_column=args.image_column,
+                                       resolution=resolution, token=args.hub_token))
+        if estimate is not None:
             accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
         save_pipeline(pipe, output_dir, public_config(args))
@@ -314,23 +314,20 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
         push_with_retries(pipe, args, grid, step)
 
 
-@contextmanager
-def skipped_if_out_of_memory(device: torch.device, what: str, fix: str):
-    """Run the block; if it runs out of memory, warn that ``what`` was skipped and how to ``fix`` it, release the
-    memory it held, and go on: samples and estimates watch a run, they must not end it (the final pipeline is saved
+def unless_out_of_memory(device: torch.device, what: str, fix: str, work):
+    """``work()``; if it runs out of memory, a warning that ``what`` was skipped and how to ``fix`` it, the memory it
+    held released, and None: samples and estimates watch a run, they must not end it (the final pipeline is saved
     after its grid, with or without it)."""
-    failed = False
     try:
-        yield
-    except RuntimeError as err:
+        return work()
+    except Exception as err:
         if not is_out_of_memory(err):
             raise
         held = memory_in_use(device)
         logger.warning("out of memory on %s making %s (%s%s): skipped, training goes on; %s.", device, what,
                        first_line(err), "; " + held if held else "", fix)
-        failed = True
-    if failed:  # only now: the failed work's tensors went with the exception
-        release_cached_memory(device)
+    release_cached_memory(device)  # only here: the failed work's tensors went with its exception
+    return None
 
 
 def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int, shape: Tuple[int, int]) -> SystemExit:
@@ -342,7 +339,7 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
     fixes = ["lower --train_batch_size (raising --gradient_accumulation_steps keeps the batch)"]
     if not args.gradient_checkpointing:
         fixes.append("add --gradient_checkpointing (recomputes activations in the backward pass)")
-    if accelerator.mixed_precision == "no" and device.type == "cuda":
+    if accelerator.mixed_precision == "no" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         fixes.append("train in --mixed_precision bf16")
     latest = checkpoints(Path(args.output_dir))
     then = (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest" if latest
@@ -351,6 +348,18 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
     return SystemExit(f"out of memory on {device} in {doing}, {images} images of {channels}×{resolution}×{resolution} "
                       f"per process ({first_line(err)}{'; ' + held if held else ''}): {'; or '.join(fixes)}. "
                       f"{then}.")
+
+
+def outputs_out_of_memory(err: BaseException, args, device: torch.device, step: int) -> SystemExit:
+    """The error that stops a run with no memory left to copy its network for the outputs of a finished step (the
+    EMA pipeline for samples, estimates, the final pipeline and uploads)."""
+    held = memory_in_use(device)
+    latest = checkpoints(Path(args.output_dir))
+    then = (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest (a run resumed at its "
+            "last step writes its pipeline)" if latest else "no checkpoint was written yet")
+    return SystemExit(f"out of memory on {device} making the outputs of step {step}, a copy of the network with the "
+                      f"EMA weights ({first_line(err)}{'; ' + held if held else ''}): training leaves no room for it; "
+                      f"lower --train_batch_size or add --gradient_checkpointing. {then}.")
 
 
 class Throughput:
@@ -417,7 +426,7 @@ def main(argv=None):
     if compile_kwargs is not None:
         try:
             compile_model(model, loss_fn, images, resolution, device, compile_kwargs, asked_by)
-        except RuntimeError as err:
+        except Exception as err:
             if not is_out_of_memory(err):
                 raise
             raise out_of_memory(err, args, accelerator, "the check of the compiled U-Net (one training step)",
@@ -471,10 +480,11 @@ def main(argv=None):
                 pending = update  # the host goes on queueing the next step instead of waiting for this one
             else:
                 count(update)
-    except RuntimeError as err:  # samples and estimates that do not fit are skipped (see write_outputs)
+    except Exception as err:  # samples and estimates that do not fit are skipped (see write_outputs)
         if not is_out_of_memory(err):
             raise
-        raise out_of_memory(err, args, accelerator, f"training step {loop.step + 1}", images, shape) from err
+        failed_step = loop.step + 1 + (pending is not None)  # a pending update's step had finished
+        raise out_of_memory(err, args, accelerator, f"training step {failed_step}", images, shape) from err
     finally:
         stream.close()
     bar.close()
@@ -597,8 +607,13 @@ def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: 
         save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
-            write_outputs(accelerator, model, ema, scheduler, args, resolution, step, due.images, due.eval, due.push,
-                          due.final)
+            try:
+                write_outputs(accelerator, model, ema, scheduler, args, resolution, step, due.images, due.eval,
+                              due.push, due.final)
+            except Exception as err:  # the EMA network's copy or the pipeline's files (grids skip themselves)
+                if not is_out_of_memory(err):
+                    raise
+                raise outputs_out_of_memory(err, args, accelerator.device, step) from err
         accelerator.wait_for_everyone()  # only then: a barrier every step would stall a GPU on the host
 
 
