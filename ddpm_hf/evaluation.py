@@ -196,7 +196,7 @@ def _read_sample(path: Path) -> Optional[torch.Tensor]:
             array = np.asarray(image)
     except (OSError, ValueError):
         return None
-    return torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+    return torch.from_numpy(np.array(array[None] if array.ndim == 2 else array.transpose(2, 0, 1)))  # a copy
 
 
 def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",

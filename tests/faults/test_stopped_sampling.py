@@ -1,0 +1,100 @@
+"""Sampling that is stopped goes on where it was: `ddpm-hf sample` and `ddpm-hf evaluate` write every image as soon as
+its batch is made (under samples.json, the key of the pipeline and settings that made them), and a rerun of the same
+command makes only the missing ones. A real SIGKILL stops the command; the oracle is an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_pipeline
+from runs import child_env
+
+from ddpm_hf.cli import main as cli
+
+SAMPLE = ["--num_images", "24", "--batch_size", "4", "--num_inference_steps", "100"]  # about 0.3 s per batch here
+
+
+@pytest.fixture(scope="module")
+def pipe_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "pipe"
+    tiny_pipeline(num_train_timesteps=1000).save_pretrained(folder)
+    return folder
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))}
+
+
+def _stamps(folder: Path) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("[0-9]*.png")}
+
+
+def test_a_killed_sample_command_goes_on_where_it_was(pipe_folder, tmp_path):
+    assert cli(["sample", str(pipe_folder), *SAMPLE, "--out", str(tmp_path / "whole")]) == 0
+    whole = _files(tmp_path / "whole")
+    assert len(whole) == 24
+
+    out = tmp_path / "stopped"
+    log = open(tmp_path / "stopped.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "sample", str(pipe_folder), *SAMPLE, "--out",
+                             str(out)], stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("[0-9]*.png"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    made = _stamps(out)
+    assert 4 <= len(made) < 24, (len(made), (tmp_path / "stopped.log").read_text()[-2000:])
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and not p.name.startswith(".")]
+
+    assert cli(["sample", str(pipe_folder), *SAMPLE, "--out", str(out)]) == 0
+    assert _files(out) == whole  # bit for bit the uninterrupted run's images
+    assert {name: _stamps(out)[name] for name in made} == made  # those made before the kill were not made again
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_samples_of_another_setting_are_replaced_and_foreign_files_refused(pipe_folder, tmp_path):
+    short = ["--batch_size", "4", "--num_inference_steps", "5"]
+    assert cli(["sample", str(pipe_folder), "--num_images", "12", *short, "--out", str(tmp_path / "a")]) == 0
+    assert cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--seed", "7", "--out",
+                str(tmp_path / "b")]) == 0
+    # into a: another seed and fewer images; none of a's images may stay
+    assert cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--seed", "7", "--out",
+                str(tmp_path / "a")]) == 0
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert json.loads((tmp_path / "a" / "samples.json").read_text())["seed"] == 7
+
+    mine = tmp_path / "mine"  # numbered PNGs that no ddpm-hf command wrote
+    mine.mkdir()
+    (mine / "00003.png").write_bytes((tmp_path / "b" / "00003.png").read_bytes())
+    with pytest.raises(SystemExit) as refused:
+        cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--out", str(mine)])
+    assert "holds numbered PNG files (00003.png, ...) without the samples.json" in str(refused.value.code)
+    assert [p.name for p in mine.iterdir()] == ["00003.png"]
+
+
+def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_path):
+    flags = ["--metrics", "fid,kid", "--num_samples", "16", "--num_reference", "32", "--batch_size", "4",
+             "--num_inference_steps", "5"]
+    out = tmp_path / "eval"
+    assert cli(["evaluate", str(pipe_folder), *flags, "--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())["sample_quality"]
+    # they are the images `ddpm-hf sample` makes with the evaluation's seed
+    assert cli(["sample", str(pipe_folder), "--num_images", "16", "--batch_size", "4", "--num_inference_steps", "5",
+                "--seed", str(10**6), "--out", str(tmp_path / "sampled")]) == 0
+    assert _files(out / "samples") == _files(tmp_path / "sampled")
+
+    for path in sorted((out / "samples").glob("[0-9]*.png"))[::2]:  # as if stopped half-way
+        os.remove(path)
+    kept = _stamps(out / "samples")
+    assert cli(["evaluate", str(pipe_folder), *flags, "--out", str(out)]) == 0
+    again = json.loads((out / "results.json").read_text())["sample_quality"]
+    assert again == first
+    assert {name: _stamps(out / "samples")[name] for name in kept} == kept
+    assert len(_files(out / "samples")) == 16
