@@ -110,7 +110,7 @@ def cmd_sample(args) -> int:
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
-    open_sample_folder(out, samples_key(pipe, steps, args.seed, args.dtype, options))  # a stopped run goes on
+    open_sample_folder(out, samples_key(pipe, steps, args.seed, args.dtype, options), args.num_images)  # resumable
     prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
     images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out)
     uint8_grid(images[:64]).save(out / "grid.png")

@@ -8,9 +8,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -141,50 +142,82 @@ def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
 
 
 SAMPLES_KEY_FILE = "samples.json"
+SAMPLES_FORMAT = "ddpm_hf samples 1"  # marks a key file as ours
+SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")  # 00000.png, 00001.png, ...
 
 
 def samples_key(pipe, steps: int, seed: int, dtype: str = "fp32", compile_options: Optional[dict] = None) -> dict:
-    """What a folder of samples is made with: a digest of the network's weights, the scheduler, the chain's length,
-    the seed, the network's precision and compilation. Samples made under the same key are the same images."""
+    """What a folder of samples is made with: a digest of the network's weights, its config and the scheduler's,
+    the chain's length, the seed, the network's precision and compilation, and what computes it (the device's
+    kind and model, its TF32 settings, torch's version: other kernels give other floats). Samples made under the
+    same key are the same images."""
+    unet = pipe.unet
     digest = hashlib.sha256()
-    for name, tensor in sorted(pipe.unet.state_dict().items()):
+    for name, tensor in sorted(unet.state_dict().items()):
         digest.update(name.encode())
         digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    scheduler = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    key = {"weights_sha256": digest.hexdigest(), "scheduler": scheduler, "num_inference_steps": steps, "seed": seed,
-           "dtype": dtype, "compile": compile_options}
+    device = unet.device
+    computed_by = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        computed_by.update(device_name=torch.cuda.get_device_name(device),
+                           tf32=[torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32])
+    key = {"format": SAMPLES_FORMAT, "weights_sha256": digest.hexdigest(),
+           "unet": {k: v for k, v in unet.config.items() if not k.startswith("_")},
+           "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
+           "num_inference_steps": steps, "seed": seed, "dtype": dtype, "compile": compile_options, **computed_by}
     return json.loads(json.dumps(key, default=str))  # as read back from the folder
 
 
-def open_sample_folder(folder: Path, key: dict) -> None:
-    """Make ``folder`` hold samples made under ``key``: those an interrupted command left there under the same key
-    stay (they are the images it would make again); those made under another key are removed (the command that
-    made them wrote their key first); numbered PNGs without a key are refused, not taken for samples."""
+def sample_files(folder: Path) -> Dict[int, Path]:
+    """The samples in ``folder`` by index."""
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): path for path in folder.iterdir() if (m := SAMPLE_NAME.match(path.name))}
+
+
+def check_sample_folder(folder: Path) -> Optional[dict]:
+    """The key of the samples in ``folder`` (None: there are none); refuses a folder whose numbered PNGs or
+    samples.json no ddpm-hf command wrote. Reads only: every process calls it before any work."""
     key_file = folder / SAMPLES_KEY_FILE
     try:
         previous = json.loads(key_file.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         previous = None
-    foreign = sorted(folder.glob("[0-9]*.png")) if previous is None else []
-    if foreign:
-        raise ValueError(f"{folder} holds numbered PNG files ({foreign[0].name}, ...) without the {SAMPLES_KEY_FILE} "
-                         "that would say how they were made: write the samples to another folder (--out) or remove "
-                         "those files.")
-    if previous is not None and previous != key:
-        stale = sorted(folder.glob("[0-9]*.png"))
-        logger.info("%s: %d samples of another pipeline or setting removed", folder, len(stale))
-        for path in stale:
-            path.unlink()
+    except (OSError, ValueError):
+        previous = "unreadable"
+    ours = isinstance(previous, dict) and previous.get("format") == SAMPLES_FORMAT
+    if previous is not None and not ours:
+        raise ValueError(f"{key_file} is not the samples key ddpm-hf writes: write the samples to another folder "
+                         "(--out) or remove that file.")
+    found = sample_files(folder)
+    if previous is None and found:
+        raise ValueError(f"{folder} holds numbered PNG files ({found[min(found)].name}, ...) without the "
+                         f"{SAMPLES_KEY_FILE} that would say how they were made: write the samples to another folder "
+                         "(--out) or remove those files.")
+    return previous
+
+
+def open_sample_folder(folder: Path, key: dict, num_images: int) -> None:
+    """Make ``folder`` hold samples made under ``key`` (one process does this): those an interrupted command left
+    there under the same key stay (they are the images it would make again); those made under another key, and
+    those past ``num_images``, are removed (the command that made them wrote its key first). See
+    :func:`check_sample_folder` for what is refused."""
+    previous = check_sample_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if previous != key:
-        partial = key_file.with_name(f".{key_file.name}.tmp")
+    stale = [path for i, path in sorted(sample_files(folder).items()) if previous != key or i >= num_images]
+    if stale:
+        logger.info("%s: %d samples of another pipeline, setting or count removed", folder, len(stale))
+    for path in stale:
+        path.unlink()
+    if previous != key:  # after the removal: a kill in between leaves the old key, whose samples go next time
+        partial = folder / f".{SAMPLES_KEY_FILE}.tmp"
         partial.write_text(json.dumps(key, indent=2))
-        os.replace(partial, key_file)
+        os.replace(partial, folder / SAMPLES_KEY_FILE)
 
 
-def sample_path(folder: Path, index: int, num_images: int) -> Path:
-    """Where image ``index`` of ``num_images`` is written: 00000.png, 00001.png, ..."""
-    return folder / f"{index:0{max(5, len(str(num_images - 1)))}d}.png"
+def sample_path(folder: Path, index: int) -> Path:
+    """Where image ``index`` is written: 00000.png, 00001.png, ..."""
+    return folder / f"{index:05d}.png"
 
 
 def _read_sample(path: Path) -> Optional[torch.Tensor]:
@@ -210,27 +243,38 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     from .images import to_pil
 
     mine = list(range(process_index, num_images, num_processes))
-    made = {}
+    images = torch.empty((len(mine), *pipe._image_shape(1)[1:]), dtype=torch.uint8)
+    todo = list(enumerate(mine))  # (row, image index)
     if folder is not None:
-        made = {i: image for i in mine if (image := _read_sample(sample_path(folder, i, num_images))) is not None}
-    todo = [i for i in mine if i not in made]
+        found = sample_files(folder)
+        kept = {row for row, i in todo if i in found and _fill(images, row, _read_sample(found[i]))}
+        todo = [(row, i) for row, i in todo if row not in kept]
     pipe.set_progress_bar_config(disable=True)
-    bar = f"{desc} ({len(made)} of {len(mine)} images already in {folder})" if made else desc
+    made_before = len(mine) - len(todo)
+    bar = f"{desc} ({made_before} of {len(mine)} images already in {folder})" if made_before else desc
     for start in tqdm(range(0, len(todo), batch_size), desc=bar, unit="batch", disable=process_index != 0):
-        ids = todo[start:start + batch_size]
-        out = pipe(batch_size=len(ids), generator=[torch.Generator().manual_seed(seed + i) for i in ids],
+        batch = todo[start:start + batch_size]
+        out = pipe(batch_size=len(batch), generator=[torch.Generator().manual_seed(seed + i) for _, i in batch],
                    num_inference_steps=steps, output_type="pt").images
         # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
         # are the levels of the pipeline's own PIL output.
-        images = to_uint8(out * 2 - 1).cpu()
-        for i, image, pil in zip(ids, images, to_pil(images) if folder is not None else [None] * len(ids)):
-            made[i] = image
+        made = to_uint8(out * 2 - 1).cpu()
+        for (row, i), image, pil in zip(batch, made, to_pil(made) if folder is not None else [None] * len(batch)):
+            images[row] = image
             if folder is not None:  # under a hidden name, then renamed: never a truncated sample
-                path = sample_path(folder, i, num_images)
+                path = sample_path(folder, i)
                 partial = path.with_name(f".{path.name}.tmp")
                 pil.save(partial, format="PNG")
                 os.replace(partial, path)
-    return torch.stack([made[i] for i in mine]) if mine else torch.zeros(0, dtype=torch.uint8)
+    return images
+
+
+def _fill(images: torch.Tensor, row: int, image: Optional[torch.Tensor]) -> bool:
+    """``images[row] = image`` where ``image`` is one of them (read, of their shape)."""
+    if image is None or image.shape != images.shape[1:]:
+        return False
+    images[row] = image
+    return True
 
 
 def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "embedded:fashion_mnist",
@@ -289,8 +333,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
     samples_folder = out / "samples"  # every sample as a PNG, written as it is made: a stopped command goes on
     if sample_quality:
+        check_sample_folder(samples_folder)  # on every process: a refusal stops all of them, none waits below
         if state.is_main_process:
-            open_sample_folder(samples_folder, samples_key(pipe, steps, seed + 10**6, dtype, compile_kwargs))
+            open_sample_folder(samples_folder, samples_key(pipe, steps, seed + 10**6, dtype, compile_kwargs),
+                               num_samples)
         state.wait_for_everyone()
     sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
     if sample_quality or figures:
@@ -330,7 +376,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         classifier = class_probabilities(features) if "is" in metrics else None
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes, samples_folder)
-        samples = torch.cat(gather_object([mine]))
+        parts = gather_object([mine])  # process p made images p, p + P, ...: back in their order
+        samples = torch.empty((num_samples, *mine.shape[1:]), dtype=torch.uint8)
+        for p, part in enumerate(parts):
+            samples[p::len(parts)] = part
         if state.is_main_process:
             fmnist = features == "fmnist"
             quality = results["sample_quality"] = {"features": features, "num_samples": len(samples)}

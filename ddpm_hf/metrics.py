@@ -225,7 +225,7 @@ def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset
     kid.update(real_features.double(), real=True)
     kid.update(fake_features.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets drawn the same way every time: the same sets, the same KID
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # the host's only: torch.manual_seed would reseed the GPUs too
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 

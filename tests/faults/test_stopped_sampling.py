@@ -4,6 +4,7 @@ command makes only the missing ones. A real SIGKILL stops the command; the oracl
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,12 +28,16 @@ def pipe_folder(tmp_path_factory):
     return folder
 
 
+def _samples(folder: Path) -> list:
+    return sorted(p for p in folder.iterdir() if re.fullmatch(r"\d{5}\.png", p.name))
+
+
 def _files(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))}
+    return {p.name: p.read_bytes() for p in _samples(folder)}
 
 
 def _stamps(folder: Path) -> dict:
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("[0-9]*.png")}
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _samples(folder)}
 
 
 def test_a_killed_sample_command_goes_on_where_it_was(pipe_folder, tmp_path):
@@ -45,15 +50,17 @@ def test_a_killed_sample_command_goes_on_where_it_was(pipe_folder, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "sample", str(pipe_folder), *SAMPLE, "--out",
                              str(out)], stdout=log, stderr=subprocess.STDOUT, env=child_env())
     deadline = time.monotonic() + 300
-    while len(list(out.glob("[0-9]*.png"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
+    while (not out.is_dir() or len(_samples(out)) < 4) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     made = _stamps(out)
     assert 4 <= len(made) < 24, (len(made), (tmp_path / "stopped.log").read_text()[-2000:])
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") and not p.name.startswith(".")]
 
-    assert cli(["sample", str(pipe_folder), *SAMPLE, "--out", str(out)]) == 0
+    # a hole, and batches of 3 now: every image must still come from its own generator, not from its batch's
+    os.remove(out / "00001.png")
+    del made["00001.png"]
+    assert cli(["sample", str(pipe_folder), *SAMPLE, "--batch_size", "3", "--out", str(out)]) == 0
     assert _files(out) == whole  # bit for bit the uninterrupted run's images
     assert {name: _stamps(out)[name] for name in made} == made  # those made before the kill were not made again
     assert not list(out.glob(".*.tmp"))
@@ -70,13 +77,25 @@ def test_samples_of_another_setting_are_replaced_and_foreign_files_refused(pipe_
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert json.loads((tmp_path / "a" / "samples.json").read_text())["seed"] == 7
 
+    # fewer images, same setting: the first ones stay as they are, the others go; other files are left alone
+    (tmp_path / "a" / "2023_trip.png").write_bytes(b"not ours")
+    before = _stamps(tmp_path / "a")
+    assert cli(["sample", str(pipe_folder), "--num_images", "5", *short, "--seed", "7", "--out",
+                str(tmp_path / "a")]) == 0
+    assert _stamps(tmp_path / "a") == {name: before[name] for name in sorted(before)[:5]}
+    assert (tmp_path / "a" / "2023_trip.png").read_bytes() == b"not ours"
+
     mine = tmp_path / "mine"  # numbered PNGs that no ddpm-hf command wrote
     mine.mkdir()
     (mine / "00003.png").write_bytes((tmp_path / "b" / "00003.png").read_bytes())
     with pytest.raises(SystemExit) as refused:
         cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--out", str(mine)])
     assert "holds numbered PNG files (00003.png, ...) without the samples.json" in str(refused.value.code)
-    assert [p.name for p in mine.iterdir()] == ["00003.png"]
+    (mine / "samples.json").write_text('{"photos": 2}')  # nor a samples.json of someone else's
+    with pytest.raises(SystemExit) as refused:
+        cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--out", str(mine)])
+    assert "samples.json is not the samples key ddpm-hf writes" in str(refused.value.code)
+    assert sorted(p.name for p in mine.iterdir()) == ["00003.png", "samples.json"]
 
 
 def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_path):
@@ -90,7 +109,7 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
                 "--seed", str(10**6), "--out", str(tmp_path / "sampled")]) == 0
     assert _files(out / "samples") == _files(tmp_path / "sampled")
 
-    for path in sorted((out / "samples").glob("[0-9]*.png"))[::2]:  # as if stopped half-way
+    for path in _samples(out / "samples")[::2]:  # as if stopped half-way
         os.remove(path)
     kept = _stamps(out / "samples")
     assert cli(["evaluate", str(pipe_folder), *flags, "--out", str(out)]) == 0
