@@ -26,7 +26,8 @@ if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests; -P: the c
     # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill)
     CUDA_LOG="${OUT:-$PKG}/cuda_tests.log"
     timeout 180 python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
-        tests/faults/test_training_faults.py tests/faults/test_out_of_memory.py -k "fp16 or upsampling or layouts \
+        tests/faults/test_training_faults.py tests/faults/test_out_of_memory.py tests/faults/test_stopped_samples.py \
+        -k "fp16 or upsampling or layouts \
         or ema or gpu_matches or never_reads or group_norm or sampling or skipped_on_the_device or counted_late \
         or on_the_gpu" > "$CUDA_LOG" 2>&1 \
         || echo "CUDA tests: pytest exited with status $? (its output: $CUDA_LOG)"

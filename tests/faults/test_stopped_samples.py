@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import tiny_pipeline
 from runs import child_env
@@ -117,3 +118,14 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
     assert again == first
     assert {name: _stamps(out / "samples")[name] for name in kept} == kept
     assert len(_files(out / "samples")) == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
+def test_samples_do_not_depend_on_the_batch_size_on_the_gpu(pipe_folder):
+    """What a resumed command's batches rely on, there: on the CPU the kill test above shows it."""
+    from ddpm_hf.evaluation import generate_uint8, load_pipeline
+
+    pipe = load_pipeline(str(pipe_folder), "cuda")
+    whole, pieces = (generate_uint8(pipe, 12, batch, 20, seed=0) for batch in (12, 5))
+    levels = (whole.int() - pieces.int()).abs()
+    assert levels.max() == 0, f"{(levels > 0).float().mean():.2e} of the levels differ, by up to {levels.max()}"
