@@ -341,25 +341,27 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
         fixes.append("add --gradient_checkpointing (recomputes activations in the backward pass)")
     if accelerator.mixed_precision == "no" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         fixes.append("train in --mixed_precision bf16")
-    latest = checkpoints(Path(args.output_dir))
-    then = (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest" if latest
-            else "no checkpoint was written yet")
     channels, resolution = shape
     return SystemExit(f"out of memory on {device} in {doing}, {images} images of {channels}×{resolution}×{resolution} "
                       f"per process ({first_line(err)}{'; ' + held if held else ''}): {'; or '.join(fixes)}. "
-                      f"{then}.")
+                      f"{where_to_resume(args)}.")
 
 
 def outputs_out_of_memory(err: BaseException, args, device: torch.device, step: int) -> SystemExit:
     """The error that stops a run with no memory left to copy its network for the outputs of a finished step (the
     EMA pipeline for samples, estimates, the final pipeline and uploads)."""
     held = memory_in_use(device)
-    latest = checkpoints(Path(args.output_dir))
-    then = (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest (a run resumed at its "
-            "last step writes its pipeline)" if latest else "no checkpoint was written yet")
     return SystemExit(f"out of memory on {device} making the outputs of step {step}, a copy of the network with the "
                       f"EMA weights ({first_line(err)}{'; ' + held if held else ''}): training leaves no room for it; "
-                      f"lower --train_batch_size or add --gradient_checkpointing. {then}.")
+                      f"lower --train_batch_size or add --gradient_checkpointing. {where_to_resume(args)} (a run "
+                      "resumed at its last step writes its pipeline).")
+
+
+def where_to_resume(args) -> str:
+    """The checkpoint a stopped run resumes from, said for its error message."""
+    latest = checkpoints(Path(args.output_dir))
+    return (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest" if latest
+            else "no checkpoint was written yet")
 
 
 class Throughput:
