@@ -119,8 +119,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from accelerate import PartialState
-
     from .evaluation import evaluate
 
     results = evaluate(
@@ -133,13 +131,11 @@ def cmd_evaluate(args) -> int:
         out = Path(args.out)
         print(json.dumps(results, indent=2))
         print(f"results: {out / 'results.json'}; figures: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
-    # Under `accelerate launch`: every process done, then its process group destroyed before the interpreter exits;
-    # one left to the exit may abort it ("terminate called without an active exception", pytorch/pytorch#190489;
-    # seen here in 2 of about 65 two-process runs). Only after success: a process that failed leaves the others to
-    # the launcher, not to a barrier.
-    state = PartialState()
-    state.wait_for_everyone()
-    state.destroy_process_group()
+    # Under `accelerate launch`, each process destroys its process group once done (after the processes' last
+    # meeting, in evaluate): one left to the interpreter's exit may abort it ("terminate called without an active
+    # exception", pytorch/pytorch#190489; seen here in 2 of about 65 two-process runs). Only after success.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

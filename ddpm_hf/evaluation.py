@@ -367,7 +367,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
 
-    if {"fid", "kid", "is"} & set(metrics):  # one set of samples for all three
+    samples = None
+    if sample_quality:  # one set of samples for FID, KID and IS
         from .metrics import (cached_features, class_probabilities, extract_features, feature_extractor, fid_kid,
                               inception_score)
 
@@ -380,26 +381,29 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         samples = torch.empty((num_samples, *mine.shape[1:]), dtype=torch.uint8)
         for p, part in enumerate(parts):
             samples[p::len(parts)] = part
-        if state.is_main_process:
-            fmnist = features == "fmnist"
-            quality = results["sample_quality"] = {"features": features, "num_samples": len(samples)}
-            if extractor is not None:
-                key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
-                real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
-                    data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config),
-                    batch_size))
-                scores = fid_kid(real, extract_features(extractor, samples, batch_size))
-                quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
-                                "reference_split": reference_split,
-                                **{k: v for k, v in scores.items() if k[:3] in metrics}})
-            if classifier is not None:
-                mean, std = inception_score(extract_features(classifier, samples, batch_size), is_splits)
-                quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
-                                "inception_score_std": std, "is_splits": is_splits})
-            uint8_grid(samples[:64]).save(out / "samples.png")
 
+    # The processes' last meeting: from here the main process works alone and the others are done (waiting for it
+    # at a barrier, they could time out during a long extraction of reference features).
+    state.wait_for_everyone()
     if not state.is_main_process:
         return None
+    if samples is not None:
+        fmnist = features == "fmnist"
+        quality = results["sample_quality"] = {"features": features, "num_samples": len(samples)}
+        if extractor is not None:
+            key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
+            real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
+                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config),
+                batch_size))
+            scores = fid_kid(real, extract_features(extractor, samples, batch_size))
+            quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
+                            "reference_split": reference_split,
+                            **{k: v for k, v in scores.items() if k[:3] in metrics}})
+        if classifier is not None:
+            mean, std = inception_score(extract_features(classifier, samples, batch_size), is_splits)
+            quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
+                            "inception_score_std": std, "is_splits": is_splits})
+        uint8_grid(samples[:64]).save(out / "samples.png")
     if "progressive" in metrics:
         sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                             num_snapshots=10).grid.save(out / "progressive.png")

@@ -339,12 +339,20 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
     fixes = ["lower --train_batch_size (raising --gradient_accumulation_steps keeps the batch)"]
     if not args.gradient_checkpointing:
         fixes.append("add --gradient_checkpointing (recomputes activations in the backward pass)")
-    if accelerator.mixed_precision == "no" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if accelerator.mixed_precision == "no" and device.type == "cuda" and bf16_in_hardware():
         fixes.append("train in --mixed_precision bf16")
     channels, resolution = shape
     return SystemExit(f"out of memory on {device} in {doing}, {images} images of {channels}×{resolution}×{resolution} "
                       f"per process ({first_line(err)}{'; ' + held if held else ''}): {'; or '.join(fixes)}. "
                       f"{where_to_resume(args)}.")
+
+
+def bf16_in_hardware() -> bool:
+    """Whether this GPU computes bf16 itself (Ampere and later), not by emulation (V100, T4)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no emulation counted
+        return torch.cuda.is_bf16_supported()
 
 
 def outputs_out_of_memory(err: BaseException, args, device: torch.device, step: int) -> SystemExit:

@@ -4,6 +4,7 @@ step that does not fit stops the run with the flags that make it fit and the che
 grid that does not fit is skipped and training goes on; sampling names --batch_size; and a probe that runs out of
 memory is not reported as a compiler or dtype failure."""
 
+import gc
 import hashlib
 import resource
 import sys
@@ -141,11 +142,12 @@ def test_a_compiled_step_that_does_not_fit_names_the_fix_not_the_compiler(tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's own out-of-memory error (bench/gpu.sh runs it)")
 def test_a_step_that_does_not_fit_on_the_gpu_names_the_fix(tmp_path, train_here):
     data = write_images(tmp_path / "data", count=16, shards=4)
-    with pytest.raises(SystemExit) as stopped:  # 16 × 32 channels × 4096² in float32: 34 GB per activation
+    with pytest.raises(SystemExit) as stopped:  # 16 images × 16 channels × 4096² in float32: 16 GiB per activation
         train_here(FAST + ["--dataset_name", str(data), "--max_train_steps", "2", "--resolution", "4096",
                            "--train_batch_size", "16", "--output_dir", str(tmp_path / "run")])
     message = str(stopped.value.code)
     del stopped
+    gc.collect()
     torch.cuda.empty_cache()
     assert message.startswith("out of memory on cuda") and "in training step 1, 16 images of 1×4096×4096" in message
     assert "CUDA out of memory" in message and "of the GPU's" in message, message

@@ -122,9 +122,11 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
 def test_samples_do_not_depend_on_the_batch_size_on_the_gpu(pipe_folder):
-    """What a resumed command's batches rely on, there: on the CPU the kill test above shows it."""
+    """What a resumed command's batches rely on there, within one process and with cuDNN timing its kernels as the
+    commands have it (a new process may time them otherwise); on the CPU the kill test above shows it."""
     from ddpm_hf.evaluation import generate_uint8, load_pipeline
 
+    torch.backends.cudnn.benchmark = True
     pipe = load_pipeline(str(pipe_folder), "cuda")
     whole, pieces = (generate_uint8(pipe, 12, batch, 20, seed=0) for batch in (12, 5))
     levels = (whole.int() - pieces.int()).abs()
