@@ -269,6 +269,15 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     return images
 
 
+def _in_image_order(parts: List[torch.Tensor], total: int) -> torch.Tensor:
+    """The rows of each process p's part, images p, p + P, ..., put back in image order (``total`` rows)."""
+    ordered = torch.empty((total, *parts[0].shape[1:]), dtype=parts[0].dtype)
+    for p, part in enumerate(parts):
+        if len(part):  # a process with no image of its own
+            ordered[p::len(parts)] = part
+    return ordered
+
+
 def _fill(images: torch.Tensor, row: int, image: Optional[torch.Tensor]) -> bool:
     """``images[row] = image`` where ``image`` is one of them (read, of their shape)."""
     if image is None or image.shape != images.shape[1:]:
@@ -367,43 +376,48 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
 
-    samples = None
+    sampled = None
     if sample_quality:  # one set of samples for FID, KID and IS
         from .metrics import (cached_features, class_probabilities, extract_features, feature_extractor, fid_kid,
                               inception_score)
 
-        # Both fail now, before any sampling, if unavailable.
-        extractor = feature_extractor(features) if {"fid", "kid"} & set(metrics) else None
-        classifier = class_probabilities(features) if "is" in metrics else None
+        # Both fail now, before any sampling, if unavailable. They run where the sampling ran on a GPU, else on the
+        # host (MPS has no float64 for the probabilities).
+        device = unet.device if unet.device.type == "cuda" else torch.device("cpu")
+        extractor = feature_extractor(features).to(device) if {"fid", "kid"} & set(metrics) else None
+        classifier = class_probabilities(features).to(device) if "is" in metrics else None
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes, samples_folder)
-        parts = gather_object([mine])  # process p made images p, p + P, ...: back in their order
-        samples = torch.empty((num_samples, *mine.shape[1:]), dtype=torch.uint8)
-        for p, part in enumerate(parts):
-            samples[p::len(parts)] = part
+        # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
+        shown = len(range(state.process_index, min(64, num_samples), state.num_processes))
+        parts = gather_object([(mine[:shown], *(extract_features(network, mine, batch_size) if network is not None
+                                                else None for network in (extractor, classifier)))])
+        sampled = [_in_image_order([part[k] for part in parts], total) if parts[0][k] is not None else None
+                   for k, total in enumerate((min(64, num_samples), num_samples, num_samples))]
 
     # The processes' last meeting: from here the main process works alone and the others are done (waiting for it
     # at a barrier, they could time out during a long extraction of reference features).
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    if samples is not None:
+    if sampled is not None:
+        shown, sample_features, probabilities = sampled
         fmnist = features == "fmnist"
-        quality = results["sample_quality"] = {"features": features, "num_samples": len(samples)}
-        if extractor is not None:
+        quality = results["sample_quality"] = {"features": features, "num_samples": num_samples}
+        if sample_features is not None:
             key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
             real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
                 data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config),
                 batch_size))
-            scores = fid_kid(real, extract_features(extractor, samples, batch_size))
+            scores = fid_kid(real, sample_features)
             quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
                             "reference_split": reference_split,
                             **{k: v for k, v in scores.items() if k[:3] in metrics}})
-        if classifier is not None:
-            mean, std = inception_score(extract_features(classifier, samples, batch_size), is_splits)
+        if probabilities is not None:
+            mean, std = inception_score(probabilities, is_splits)
             quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                             "inception_score_std": std, "is_splits": is_splits})
-        uint8_grid(samples[:64]).save(out / "samples.png")
+        uint8_grid(shown).save(out / "samples.png")
     if "progressive" in metrics:
         sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                             num_snapshots=10).grid.save(out / "progressive.png")

@@ -189,9 +189,12 @@ def inception_score(probabilities: torch.Tensor, splits: int = 10) -> Tuple[floa
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """float64 features of uint8 (N, C, H, W) ``images`` on the host, computed in batches on the extractor's device."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}.")
-    return torch.cat([extractor(images[i:i + batch_size]).double() for i in range(0, len(images), batch_size)])
+    device = next(extractor.parameters()).device
+    return torch.cat([extractor(images[i:i + batch_size].to(device)).cpu().double()
+                      for i in range(0, len(images), batch_size)] or [torch.zeros(0, dtype=torch.float64)])
 
 
 class _Precomputed(nn.Module):
