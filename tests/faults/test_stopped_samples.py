@@ -131,3 +131,17 @@ def test_samples_do_not_depend_on_the_batch_size_on_the_gpu(pipe_folder):
     whole, pieces = (generate_uint8(pipe, 12, batch, 20, seed=0) for batch in (12, 5))
     levels = (whole.int() - pieces.int()).abs()
     assert levels.max() == 0, f"{(levels > 0).float().mean():.2e} of the levels differ, by up to {levels.max()}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sampling and features on the GPU (bench/gpu.sh runs it)")
+def test_evaluate_on_the_gpu_agrees_with_the_host(pipe_folder, tmp_path):
+    """`ddpm-hf evaluate` samples and extracts its features on the GPU: the scores agree with the host's (the images
+    may differ by a level here and there: other kernels, other floats)."""
+    flags = ["--metrics", "fid,kid,is", "--num_samples", "20", "--is_splits", "2", "--num_reference", "40",
+             "--batch_size", "10", "--num_inference_steps", "5"]
+    quality = {}
+    for device in ("cpu", "cuda"):
+        assert cli(["evaluate", str(pipe_folder), *flags, "--device", device, "--out", str(tmp_path / device)]) == 0
+        quality[device] = json.loads((tmp_path / device / "results.json").read_text())["sample_quality"]
+    for score in ("fid", "inception_score"):
+        assert quality["cuda"][score] == pytest.approx(quality["cpu"][score], rel=0.02), (score, quality)
