@@ -389,9 +389,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes, samples_folder)
         # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
-        shown = len(range(state.process_index, min(64, num_samples), state.num_processes))
-        parts = gather_object([(mine[:shown], *(extract_features(network, mine, batch_size) if network is not None
-                                                else None for network in (extractor, classifier)))])
+        grid_rows = len(range(state.process_index, min(64, num_samples), state.num_processes))
+        parts = gather_object([(mine[:grid_rows], *(extract_features(network, mine, batch_size) if network is not None
+                                                    else None for network in (extractor, classifier)))])
         sampled = [_in_image_order([part[k] for part in parts], total) if parts[0][k] is not None else None
                    for k, total in enumerate((min(64, num_samples), num_samples, num_samples))]
 
@@ -401,7 +401,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     if not state.is_main_process:
         return None
     if sampled is not None:
-        shown, sample_features, probabilities = sampled
+        grid, sample_features, probabilities = sampled
         fmnist = features == "fmnist"
         quality = results["sample_quality"] = {"features": features, "num_samples": num_samples}
         if sample_features is not None:
@@ -417,7 +417,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             mean, std = inception_score(probabilities, is_splits)
             quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                             "inception_score_std": std, "is_splits": is_splits})
-        uint8_grid(shown).save(out / "samples.png")
+        uint8_grid(grid).save(out / "samples.png")
     if "progressive" in metrics:
         sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
                             num_snapshots=10).grid.save(out / "progressive.png")
