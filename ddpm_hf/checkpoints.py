@@ -145,17 +145,26 @@ def size_text(size: int) -> str:
         size /= 1024
 
 
-def write_file(path: Path, write: Callable[[Path], None], output_dir: Path) -> Path:
-    """``write(hidden_path)``, then the rename to ``path``: never a truncated file under the final name. A failed
-    write removes the partial file and stops the run (see write_failed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp")
-    try:
-        write(partial)
-    except OSError as err:
-        raise write_failed(output_dir, str(path), err, partial) from err
-    os.replace(partial, path)
+def publish_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(hidden_path)``, then the rename to ``path``: never a truncated file under the final name."""
+    write(partial_path(path))
+    os.replace(partial_path(path), path)
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where :func:`publish_file` writes ``path`` before its rename."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_file(path: Path, write: Callable[[Path], None], output_dir: Path) -> Path:
+    """A file of a training run, published whole (:func:`publish_file`); a failed write removes the partial file
+    and stops the run (see write_failed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return publish_file(path, write)
+    except OSError as err:
+        raise write_failed(output_dir, str(path), err, partial_path(path)) from err
 
 
 def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from .errors import first_line, is_out_of_memory, memory_in_use
+from .errors import is_out_of_memory, out_of_memory_detail
 
 
 def _positive(value: str) -> int:
@@ -213,9 +213,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command not in ("sample", "evaluate") or not is_out_of_memory(err):
             raise
         device = _device(args)
-        held = memory_in_use(device)
         raise SystemExit(f"ddpm-hf {args.command}: error: out of memory on {device} with batches of {args.batch_size} "
-                         f"images ({first_line(err)}{'; ' + held if held else ''}): lower --batch_size, which every "
+                         f"images ({out_of_memory_detail(err, device)}): lower --batch_size, which every "
                          "network call and feature extraction uses (each image has its own generator: the samples do "
                          "not depend on it).") from err
 

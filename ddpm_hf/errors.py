@@ -29,7 +29,13 @@ def is_out_of_memory(err: BaseException) -> bool:
     return False
 
 
-def memory_in_use(device: torch.device) -> str:
+def out_of_memory_detail(err: BaseException, device: torch.device) -> str:
+    """The parenthesis of an out-of-memory message: ``err``'s first line, and what holds the memory of ``device``."""
+    held = _memory_in_use(device)
+    return f"{first_line(err)}; {held}" if held else first_line(err)
+
+
+def _memory_in_use(device: torch.device) -> str:
     """What holds the memory of ``device``, for an out-of-memory message: on CUDA what torch holds of the GPU's total,
     on the host a limit on the process's address space (ulimit -v) when one is set."""
     if device.type == "cuda":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import compiling
+from .checkpoints import publish_file
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
@@ -210,9 +211,7 @@ def open_sample_folder(folder: Path, key: dict, num_images: int) -> None:
     for path in stale:
         path.unlink()
     if previous != key:  # after the removal: a kill in between leaves the old key, whose samples go next time
-        partial = folder / f".{SAMPLES_KEY_FILE}.tmp"
-        partial.write_text(json.dumps(key, indent=2))
-        os.replace(partial, folder / SAMPLES_KEY_FILE)
+        publish_file(folder / SAMPLES_KEY_FILE, lambda partial: partial.write_text(json.dumps(key, indent=2)))
 
 
 def sample_path(folder: Path, index: int) -> Path:
@@ -244,11 +243,14 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
 
     mine = list(range(process_index, num_images, num_processes))
     images = torch.empty((len(mine), *pipe._image_shape(1)[1:]), dtype=torch.uint8)
-    todo = list(enumerate(mine))  # (row, image index)
-    if folder is not None:
-        found = sample_files(folder)
-        kept = {row for row, i in todo if i in found and _fill(images, row, _read_sample(found[i]))}
-        todo = [(row, i) for row, i in todo if row not in kept]
+    found = sample_files(folder) if folder is not None else {}
+    todo = []  # (row, image index) of the images to make
+    for row, i in enumerate(mine):
+        image = _read_sample(found[i]) if i in found else None
+        if image is not None and image.shape == images.shape[1:]:
+            images[row] = image
+        else:
+            todo.append((row, i))
     pipe.set_progress_bar_config(disable=True)
     made_before = len(mine) - len(todo)
     bar = f"{desc} ({made_before} of {len(mine)} images already in {folder})" if made_before else desc
@@ -259,13 +261,9 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
         # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
         # are the levels of the pipeline's own PIL output.
         made = to_uint8(out * 2 - 1).cpu()
-        for (row, i), image, pil in zip(batch, made, to_pil(made) if folder is not None else [None] * len(batch)):
-            images[row] = image
-            if folder is not None:  # under a hidden name, then renamed: never a truncated sample
-                path = sample_path(folder, i)
-                partial = path.with_name(f".{path.name}.tmp")
-                pil.save(partial, format="PNG")
-                os.replace(partial, path)
+        images[[row for row, _ in batch]] = made
+        for (_, i), pil in zip(batch, to_pil(made) if folder is not None else []):
+            publish_file(sample_path(folder, i), lambda partial: pil.save(partial, format="PNG"))
     return images
 
 
@@ -276,14 +274,6 @@ def _in_image_order(parts: List[torch.Tensor], total: int) -> torch.Tensor:
         if len(part):  # a process with no image of its own
             ordered[p::len(parts)] = part
     return ordered
-
-
-def _fill(images: torch.Tensor, row: int, image: Optional[torch.Tensor]) -> bool:
-    """``images[row] = image`` where ``image`` is one of them (read, of their shape)."""
-    if image is None or image.shape != images.shape[1:]:
-        return False
-    images[row] = image
-    return True
 
 
 def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "embedded:fashion_mnist",
@@ -390,10 +380,12 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                               state.process_index, state.num_processes, samples_folder)
         # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
         grid_rows = len(range(state.process_index, min(64, num_samples), state.num_processes))
-        parts = gather_object([(mine[:grid_rows], *(extract_features(network, mine, batch_size) if network is not None
-                                                    else None for network in (extractor, classifier)))])
-        sampled = [_in_image_order([part[k] for part in parts], total) if parts[0][k] is not None else None
-                   for k, total in enumerate((min(64, num_samples), num_samples, num_samples))]
+        grids, feature_parts, probability_parts = zip(*gather_object([(
+            mine[:grid_rows], extract_features(extractor, mine, batch_size) if extractor is not None else None,
+            extract_features(classifier, mine, batch_size) if classifier is not None else None)]))
+        sampled = (_in_image_order(grids, min(64, num_samples)),
+                   _in_image_order(feature_parts, num_samples) if extractor is not None else None,
+                   _in_image_order(probability_parts, num_samples) if classifier is not None else None)
 
     # The processes' last meeting: from here the main process works alone and the others are done (waiting for it
     # at a barrier, they could time out during a long extraction of reference features).

@@ -36,7 +36,7 @@ from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_check
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
                           first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
-from ddpm_hf.errors import first_line, is_out_of_memory, memory_in_use, release_cached_memory
+from ddpm_hf.errors import is_out_of_memory, out_of_memory_detail, release_cached_memory
 from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
@@ -323,9 +323,8 @@ def unless_out_of_memory(device: torch.device, what: str, fix: str, work):
     except Exception as err:
         if not is_out_of_memory(err):
             raise
-        held = memory_in_use(device)
-        logger.warning("out of memory on %s making %s (%s%s): skipped, training goes on; %s.", device, what,
-                       first_line(err), "; " + held if held else "", fix)
+        logger.warning("out of memory on %s making %s (%s): skipped, training goes on; %s.", device, what,
+                       out_of_memory_detail(err, device), fix)
     release_cached_memory(device)  # only here: the failed work's tensors went with its exception
     return None
 
@@ -335,7 +334,6 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
     memory, the flags that make the step fit, and the checkpoint to resume from (checkpoints are written whole
     between steps: a step that failed changed none)."""
     device = accelerator.device
-    held = memory_in_use(device)
     fixes = ["lower --train_batch_size (raising --gradient_accumulation_steps keeps the batch)"]
     if not args.gradient_checkpointing:
         fixes.append("add --gradient_checkpointing (recomputes activations in the backward pass)")
@@ -343,7 +341,7 @@ def out_of_memory(err: BaseException, args, accelerator, doing: str, images: int
         fixes.append("train in --mixed_precision bf16")
     channels, resolution = shape
     return SystemExit(f"out of memory on {device} in {doing}, {images} images of {channels}×{resolution}×{resolution} "
-                      f"per process ({first_line(err)}{'; ' + held if held else ''}): {'; or '.join(fixes)}. "
+                      f"per process ({out_of_memory_detail(err, device)}): {'; or '.join(fixes)}. "
                       f"{where_to_resume(args)}.")
 
 
@@ -358,9 +356,8 @@ def bf16_in_hardware() -> bool:
 def outputs_out_of_memory(err: BaseException, args, device: torch.device, step: int) -> SystemExit:
     """The error that stops a run with no memory left to copy its network for the outputs of a finished step (the
     EMA pipeline for samples, estimates, the final pipeline and uploads)."""
-    held = memory_in_use(device)
     return SystemExit(f"out of memory on {device} making the outputs of step {step}, a copy of the network with the "
-                      f"EMA weights ({first_line(err)}{'; ' + held if held else ''}): training leaves no room for it; "
+                      f"EMA weights ({out_of_memory_detail(err, device)}): training leaves no room for it; "
                       f"lower --train_batch_size or add --gradient_checkpointing. {where_to_resume(args)} (a run "
                       "resumed at its last step writes its pipeline).")
 
