@@ -5,9 +5,11 @@
 
 Two synthetic datasets in 16 parquet shards: 32×32 PNG (CIFAR-10-like, for ddpm-cifar10) and 256×256 JPEG (LSUN-like,
 for ddpm-256, decoded and resized from 320×256). For each, ddpm_hf.data.TrainStream is read for --seconds per worker
-count (after one warm-up batch) and prints images/s and images/s per worker; then one training step of the preset's
-U-Net (forward, backward, AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio decode/consume is
-printed: above 1, the stream keeps the model fed.
+count (after one warm-up batch) and prints images/s, images/s per worker, and the CPU time the training process itself
+spends per batch (its threads, not the workers or the reader process): the time it holds, or competes for, the
+interpreter lock the step's kernel launches need. Then one training step of the preset's U-Net (forward, backward,
+AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio decode/consume is printed: above 1, the
+stream keeps the model fed.
 """
 
 import argparse
@@ -41,17 +43,19 @@ def write_dataset(folder: Path, kind: str, count: int, shards: int = 16) -> Path
     return folder
 
 
-def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds: float) -> float:
+def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds: float) -> tuple:
+    """Images/s and the training process's own CPU milliseconds per batch."""
     from ddpm_hf.data import TrainStream, load_image_dataset
 
     stream = TrainStream(load_image_dataset(str(folder)), "image", resolution, 3, batch, 1, 0, 1, seed=0,
                          shuffle_buffer_size=0, random_flip=True, num_workers=workers)
     try:
         stream.next_batch()
-        start, images = time.perf_counter(), 0
+        start, cpu, images, batches = time.perf_counter(), time.process_time(), 0, 0
         while time.perf_counter() - start < seconds:
             images += len(stream.next_batch())
-        return images / (time.perf_counter() - start)
+            batches += 1
+        return images / (time.perf_counter() - start), (time.process_time() - cpu) / batches * 1e3
     finally:
         stream.close()
 
@@ -99,9 +103,10 @@ def main():
             consumed = consume_rate(preset, model_batch, device)
             print(f"{kind}: {preset} consumes {consumed:.1f} images/s on {device} (training step, batch {model_batch})")
             for workers in args.workers:
-                rate = decode_rate(folder, resolution, batch, workers, args.seconds)
+                rate, cpu_ms = decode_rate(folder, resolution, batch, workers, args.seconds)
                 print(f"{kind} decode with {workers} workers: {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per "
-                      f"worker); ratio decode/consume {rate / consumed:.2f}")
+                      f"worker); ratio decode/consume {rate / consumed:.2f}; training process CPU {cpu_ms:.2f} ms "
+                      f"per batch of {batch}")
 
 
 if __name__ == "__main__":

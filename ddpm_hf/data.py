@@ -460,20 +460,14 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
 
 
 def _init_data_worker() -> None:
-    """Data workers die with the training process (even on SIGKILL) and leave Ctrl-C to it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the pool's own shutdown still ends them on a normal exit
-        pass
+    """Data workers die with their parent (even on SIGKILL) and leave Ctrl-C to the training process."""
+    _die_with_parent()
     torch.set_num_threads(1)
 
 
 @dataclass
 class _Batch:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: Optional[torch.Tensor]  # uint8 (N, C, H, W); None while it travels from the reader process
     position: Dict[int, Tuple[int, int]]  # every stream's position after this batch
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
@@ -548,10 +542,13 @@ class TrainStream:
 
     Each of the ``num_streams`` streams is ``split_dataset_by_node(dataset.shuffle(seed, buffer), v, num_streams)``,
     reshuffled every epoch (``set_epoch``); it yields examples forever, epoch after epoch, so no example is dropped or
-    repeated within an epoch and every process does the same number of steps. A background thread reads the rows in
-    order and assembles ``prefetch`` batches ahead; ``num_workers`` processes decode and augment them (0: the thread
-    decodes). Undecodable rows are skipped and counted. ``state_dict()`` is the position of every stream after the
-    last batch handed out (not the prefetched ones); resuming skips the consumed rows without decoding them.
+    repeated within an epoch and every process does the same number of steps. The rows are read in order and
+    assembled into batches ``prefetch`` ahead. With ``num_workers`` decoding processes, the reading runs in a process
+    of its own (``_ReaderProcess``): its Python work, about 6 ms of interpreter time per batch of 128 small images,
+    would otherwise share the training process's interpreter lock with the step's kernel launches. With none (as
+    DataLoader's 0), a thread of the training process reads and decodes. Undecodable rows are skipped and counted.
+    ``state_dict()`` is the position of every stream after the last batch handed out (not the prefetched ones);
+    resuming skips the consumed rows without decoding them.
     """
 
     MAX_UNDECODABLE_IN_A_ROW = 1000
@@ -593,8 +590,9 @@ class TrainStream:
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
         self.seen_ids: List[str] = []
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
-        self._pool: Optional[ProcessPoolExecutor] = None
-        self._thread: Optional[threading.Thread] = None
+        self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
+        self._reader: Optional[_ReaderProcess] = None  # with workers
+        self._thread: Optional[threading.Thread] = None  # without
         self._queue: "queue.Queue" = queue.Queue()
         self._stop = threading.Event()
 
@@ -624,12 +622,15 @@ class TrainStream:
     def next_batch(self) -> torch.Tensor:
         """uint8 images (per_stream_batch × this process's streams, C, H, W), stream after stream; on CUDA machines
         in pinned memory, ready for a non-blocking copy."""
-        if self._thread is None:
+        if self._reader is None and self._thread is None:
             self._start_producer()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._thread = None
-            raise item
+        if self._reader is not None:
+            item = self._reader.receive()
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._thread = None
+                raise item
         self.position = item.position
         self.last_row.update(item.last_rows)
         for v, n in item.skipped.items():
@@ -638,28 +639,37 @@ class TrainStream:
         return item.images
 
     def close(self) -> None:
-        """Stop the reader thread and the decoding workers (idempotent)."""
+        """Stop the reader (process or thread) and its decoding workers (idempotent)."""
         self._stop_producer()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
 
     def _start_producer(self) -> None:
-        if self.num_workers and self._pool is None:
-            import multiprocessing
+        if self.num_workers:
+            shape = (len(self.streams) * self.per_stream_batch, self.settings.channels, self.settings.resolution,
+                     self.settings.resolution)
+            self._reader = _ReaderProcess(self, shape)
+            return
+        stop, out, pin = threading.Event(), queue.Queue(self.prefetch), self.pin_memory
 
-            # fork from the main thread, before the reader thread exists; all workers start now (not lazily later
-            # from the thread), each dying with this process.
-            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_init_data_worker)
-            list(self._pool.map(int, range(self.num_workers)))
-        self._stop = threading.Event()
-        self._queue = queue.Queue(self.prefetch)
-        self._thread = threading.Thread(target=self._produce, args=(dict(self.position), self._stop, self._queue),
+        def deliver(arrays: Optional[list], item) -> None:  # into the queue, waiting while it is full
+            if arrays is not None:
+                images = torch.from_numpy(np.stack(arrays))
+                item.images = images.pin_memory() if pin else images
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    pass
+
+        self._stop, self._queue = stop, out
+        self._thread = threading.Thread(target=self._produce, args=(dict(self.position), stop, deliver),
                                         name="ddpm_hf-data", daemon=True)
         self._thread.start()
 
     def _stop_producer(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
         if self._thread is None:
             return
         self._stop.set()
@@ -670,10 +680,11 @@ class TrainStream:
                 pass
         self._thread = None
 
-    # --- the producer thread ---------------------------------------------------------------------------------------
-    def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, out: "queue.Queue") -> None:
+    # --- the producer (the reader process, or a thread) -----------------------------------------------------------
+    def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, deliver) -> None:
+        """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, _Batch without its
+        images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
         decoded = {v: self._decoded(v, *position[v]) for v in self.streams}
-        pin = self.pin_memory
         try:
             while not stop.is_set():
                 arrays, ids, skipped, last_rows = [], [], {}, {}
@@ -681,16 +692,9 @@ class TrainStream:
                     taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
-                images = torch.from_numpy(np.stack(arrays))
-                batch = _Batch(images.pin_memory() if pin else images, dict(position), skipped, ids, last_rows)
-                while not stop.is_set():
-                    try:
-                        out.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                deliver(arrays, _Batch(None, dict(position), skipped, ids, last_rows))
         except BaseException as err:  # handed to the training loop, which raises it
-            out.put(err)
+            deliver(None, err)
         finally:
             for generator in decoded.values():
                 generator.close()
@@ -880,6 +884,109 @@ class TrainStream:
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
         return taken, ids, skipped, position, row_fingerprint(cell)
+
+
+def _die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (even by SIGKILL) and leaves Ctrl-C to it (Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the parent's own shutdown still ends it on a normal exit
+        pass
+
+
+class _ReaderProcess:
+    """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
+
+    The batches come back through ``prefetch`` slots of shared memory (anonymous, so /dev/shm's size in a container
+    does not bound them): the reader writes a batch into a free slot and sends what goes with it (positions, skip
+    counts, ids) on a pipe; the training process copies the images out, into pinned memory where asked, and sends
+    the slot back. Its work per batch is then one copy, without the interpreter lock, and two small messages. An
+    error that ends the stream comes back on the pipe and is raised by ``receive``; a reader that dies (killed for
+    memory, a crash in a native library) is named as such. The reader dies with the training process (even by
+    SIGKILL), and its workers with it."""
+
+    def __init__(self, stream: "TrainStream", shape: Tuple[int, ...]):
+        import mmap
+        import multiprocessing.util
+
+        self.pin_memory = stream.pin_memory
+        slots = stream.prefetch
+        self.ring = np.frombuffer(mmap.mmap(-1, slots * int(np.prod(shape))), dtype=np.uint8).reshape(slots, *shape)
+        self.conn, child_end = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(
+            target=self._run, args=(stream, dict(stream.position), child_end, os.getpid()), name="ddpm_hf-reader")
+        self.process.start()
+        child_end.close()
+        # not a daemon (a daemon may not have children, its workers): killed at exit before multiprocessing joins it
+        self._kill_at_exit = multiprocessing.util.Finalize(self, self.process.kill, exitpriority=100)
+
+    def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
+        """The reader process: its workers started first (forked while it has one thread), then the stream's rows
+        read and decoded into the ring, slot after free slot."""
+        import multiprocessing
+        import pickle
+
+        _die_with_parent()
+        if os.getppid() != parent:  # the training process died before the line above
+            os._exit(1)
+        torch.set_num_threads(1)
+        stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
+                                           initializer=_init_data_worker)
+        list(stream._pool.map(int, range(stream.num_workers)))  # all started now
+        free = list(range(len(self.ring)))
+
+        def deliver(arrays: Optional[list], item) -> None:
+            if arrays is None:  # the error that ends the stream, sent as it is if it survives pickling
+                try:
+                    pickle.loads(pickle.dumps(item))
+                except Exception:  # noqa: BLE001
+                    item = RuntimeError(f"{type(item).__name__}: {item}")
+                conn.send(("error", item))
+                return
+            while not free:
+                free.append(conn.recv())  # a slot the training process has copied out
+            slot = free.pop(0)
+            np.stack(arrays, out=self.ring[slot])
+            conn.send(("batch", slot, item))
+
+        try:
+            stream._produce(position, threading.Event(), deliver)  # returns after delivering an error
+        finally:  # at once: the training process raises the error and the workers die with this process
+            logging.shutdown()
+            os._exit(0)
+
+    def receive(self) -> "_Batch":
+        """The next batch, its images copied out of the ring; the reader's error raised here."""
+        from multiprocessing.connection import wait
+
+        wait([self.conn, self.process.sentinel])
+        try:
+            message = self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):  # the reader died while sending
+            message = None
+        if message is None:
+            self.process.join(5)
+            code = self.process.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with {code}"
+            raise RuntimeError(f"the data reader process {how} (killed for memory, or a native library crashed in "
+                               "it reading or decoding the dataset); the last checkpoint is intact: resume with "
+                               "--resume_from_checkpoint latest.")
+        if message[0] == "error":
+            raise message[1]
+        _, slot, batch = message
+        batch.images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=self.pin_memory)
+        batch.images.copy_(torch.from_numpy(self.ring[slot]))
+        self.conn.send(slot)
+        return batch
+
+    def stop(self) -> None:
+        """Kill the reader (its workers follow it) and wait for it: nothing of it is worth keeping."""
+        self._kill_at_exit()  # kills, once
+        self.process.join()
+        self.conn.close()
 
 
 def all_processes(state: dict) -> dict:

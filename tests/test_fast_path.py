@@ -92,6 +92,54 @@ def test_a_dead_worker_stops_the_stream_naming_the_rows(images, monkeypatch):
     assert first <= 9 <= last  # the fatal row is named among those in flight
 
 
+def test_with_workers_the_rows_are_read_outside_the_training_process(images, tmp_path, monkeypatch):
+    """With decoding workers, the reading (datasets' row iteration and shuffle buffer, the hand-off to the workers,
+    the batches' assembly: about 6 ms of interpreter time per batch of 128 small images) runs in a reader process,
+    so that it does not hold the training process's interpreter lock between the step's kernel launches; with none,
+    a thread of the training process reads (as DataLoader's 0 workers). Oracle: the process that iterates the rows,
+    recorded by a wrapper of TrainStream._rows, and the process tree."""
+    record, real_rows = tmp_path / "readers.txt", TrainStream._rows
+
+    def rows(self, v, epoch, consumed):
+        with open(record, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        yield from real_rows(self, v, epoch, consumed)
+
+    monkeypatch.setattr(TrainStream, "_rows", rows)
+    for workers in (0, 2):
+        record.write_text("")
+        stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 2, 0, 1, seed=0, num_workers=workers)
+        try:
+            assert stream.next_batch().shape == (8, 1, 16, 16)
+            readers = set(map(int, record.read_text().split()))
+            if workers:
+                assert readers == set(_children(os.getpid())) and len(_children(readers.pop())) == workers
+            else:
+                assert readers == {os.getpid()}
+        finally:
+            stream.close()
+
+
+def test_a_dead_reader_stops_the_stream_saying_so(images):
+    """The reader process killed (for memory, or a native library crashed in it): the batches it had finished
+    are handed out, then the stream stops with the reason and the way to resume, not a hang. SIGALRM bounds the
+    test if the death goes unnoticed."""
+    stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=1)
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the stream waits for a dead reader"))
+    signal.alarm(60)
+    try:
+        stream.next_batch()
+        os.kill(stream._reader.process.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"the data reader process was killed by SIGKILL \(killed for memory, "
+                                               r"or .*resume with --resume_from_checkpoint latest"):
+            for _ in range(stream.prefetch + 1):  # the batches it had finished first
+                stream.next_batch()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        stream.close()
+
+
 # The exception case (about 20 s) stays in the slow set: it shares its exit path with SIGINT (the launcher's finally).
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", pytest.param("exception", marks=pytest.mark.slow)])
 def test_workers_exit_with_the_run(images, tmp_path, how):
@@ -105,10 +153,12 @@ def test_workers_exit_with_the_run(images, tmp_path, how):
     else:
         proc = launch(args, tmp_path / "log.txt")
     deadline = time.time() + 120
-    while len(_children(proc.pid)) < 2:  # the two decoding workers (and nothing has finished)
+    # the reader process, a child of the training process, and its two decoding workers (nothing has finished yet)
+    while len(_children(proc.pid)) != 1 or len(_children(_children(proc.pid)[0])) < 2:
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
         time.sleep(0.05)
-    workers = _children(proc.pid)
+    reader = _children(proc.pid)
+    workers = reader + _children(reader[0])
     if how != "exception":
         time.sleep(1.0)  # into the training loop
         proc.send_signal(getattr(signal, how))
@@ -118,7 +168,7 @@ def test_workers_exit_with_the_run(images, tmp_path, how):
         proc.kill()  # a run that outlives the test would slow every test after it
         raise
     assert code != 0
-    assert _gone(workers), f"data workers {workers} outlived the training process ({how})"
+    assert _gone(workers), f"the data reader and workers {workers} outlived the training process ({how})"
 
 
 def _eager_args(images):

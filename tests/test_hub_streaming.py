@@ -199,10 +199,10 @@ def four_shards(tmp_path):
     return root
 
 
-def _read_ids(dataset, batches: int, streams: int = 1, per_stream_batch: int = 4) -> list:
+def _read_ids(dataset, batches: int, streams: int = 1, per_stream_batch: int = 4, workers: int = 0) -> list:
     """The example ids of ``batches`` batches of a stream over ``dataset``, all ``streams`` served here."""
     stream = TrainStream(dataset, "image", 16, 1, per_stream_batch, streams, 0, 1, seed=5, shuffle_buffer_size=8,
-                         record_ids=True)
+                         record_ids=True, num_workers=workers)
     try:
         for _ in range(batches):
             stream.next_batch()
@@ -259,7 +259,8 @@ def test_a_shard_missing_for_a_moment_mid_epoch_is_retried_by_the_stream_at_the_
     assert injected.hits, "the fault never fired"
 
 
-def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries):
+@pytest.mark.parametrize("workers", [0, 1])  # read by a thread of this process, or by a reader process
+def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries, workers):
     repo = publish(four_shards, "alice/four")
     dataset = load_image_dataset(repo)
     third = sorted(p.name for p in (four_shards / "data").glob("*.parquet"))[2]
@@ -267,7 +268,7 @@ def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub
     # retries alone (a persistent 5xx takes huggingface_hub's own 5 retries, 23 s, per attempt)
     dataset_hub.inject("GET", third, "status", times=-1, status=404)
     with pytest.raises(RuntimeError) as failure:
-        _read_ids(dataset, 8)
+        _read_ids(dataset, 8, workers=workers)
     message = str(failure.value)
     assert "reading the dataset failed at stream 0, epoch 0, row" in message and "after 5 retries" in message
     assert "resume with --resume_from_checkpoint latest" in message

@@ -253,12 +253,16 @@ def test_channel_check_names_both_sides():
         check_channels(Image.new("RGB", (4, 4)), 4)
 
 
-def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])  # the error raised in this process's reader thread, or sent by the
+def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path, workers):  # reader process
     _parquet(tmp_path / "data", [b"\x89PNG\r\n\x1a\n broken"] * 5)
     stream = TrainStream(load_image_dataset(str(tmp_path / "data")), "image", 16, 1, 4, 1, 0, 1, seed=0,
-                         shuffle_buffer_size=0)
-    with pytest.raises(ValueError, match="no decodable image in a whole epoch of stream 0"):
-        stream.next_batch()
+                         shuffle_buffer_size=0, num_workers=workers)
+    try:
+        with pytest.raises(ValueError, match="no decodable image in a whole epoch of stream 0"):
+            stream.next_batch()
+    finally:
+        stream.close()
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
