@@ -978,7 +978,9 @@ class _ReaderProcess:
             raise message[1]
         _, slot, batch = message
         batch.images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=self.pin_memory)
-        batch.images.copy_(torch.from_numpy(self.ring[slot]))
+        # numpy's copy, in this thread: torch's would wake its intra-op threads, whose spinning after the copy costs
+        # the training process more CPU than the copy (9 ms against 0.4 ms per batch of 128 32² images, 2 threads)
+        np.copyto(batch.images.numpy(), self.ring[slot])
         self.conn.send(slot)
         return batch
 
