@@ -459,9 +459,10 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
     return results
 
 
-def _init_data_worker() -> None:
-    """Data workers die with their parent (even on SIGKILL) and leave Ctrl-C to the training process."""
-    _die_with_parent()
+def _init_data_worker(parent: int) -> None:
+    """Data workers die with their parent, pid ``parent`` (even on SIGKILL), and leave Ctrl-C to the training
+    process."""
+    _die_with_parent(parent)
     torch.set_num_threads(1)
 
 
@@ -625,7 +626,11 @@ class TrainStream:
         if self._reader is None and self._thread is None:
             self._start_producer()
         if self._reader is not None:
-            item = self._reader.receive()
+            try:
+                item = self._reader.receive()
+            except BaseException:  # a later call starts again from the position of the last batch handed out
+                self._stop_producer()
+                raise
         else:
             item = self._queue.get()
             if isinstance(item, BaseException):
@@ -886,8 +891,9 @@ class TrainStream:
         return taken, ids, skipped, position, row_fingerprint(cell)
 
 
-def _die_with_parent() -> None:
-    """This process gets SIGKILL when its parent dies (even by SIGKILL) and leaves Ctrl-C to it (Linux)."""
+def _die_with_parent(parent: int) -> None:
+    """This process gets SIGKILL when its parent, pid ``parent``, dies (even by SIGKILL; Linux) and leaves Ctrl-C to
+    the training process. A parent that died before the request is found by the pid check after it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
@@ -895,6 +901,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: the parent's own shutdown still ends it on a normal exit
         pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _kill_if_started(process) -> None:
+    if process.pid is not None:
+        process.kill()
 
 
 class _ReaderProcess:
@@ -904,9 +917,10 @@ class _ReaderProcess:
     does not bound them): the reader writes a batch into a free slot and sends what goes with it (positions, skip
     counts, ids) on a pipe; the training process copies the images out, into pinned memory where asked, and sends
     the slot back. Its work per batch is then one copy, without the interpreter lock, and two small messages. An
-    error that ends the stream comes back on the pipe and is raised by ``receive``; a reader that dies (killed for
-    memory, a crash in a native library) is named as such. The reader dies with the training process (even by
-    SIGKILL), and its workers with it."""
+    error that ends the stream comes back on the pipe, after the batches made before it, and is raised by
+    ``receive``; a reader that dies (killed for memory, a crash in a native library) is named as such. The reader
+    dies with the thread that started it (Linux's parent-death signal follows the forking thread: train.py's main
+    thread), and its workers with it."""
 
     def __init__(self, stream: "TrainStream", shape: Tuple[int, ...]):
         import mmap
@@ -918,31 +932,31 @@ class _ReaderProcess:
         self.conn, child_end = multiprocessing.Pipe()
         self.process = multiprocessing.get_context("fork").Process(
             target=self._run, args=(stream, dict(stream.position), child_end, os.getpid()), name="ddpm_hf-reader")
+        # not a daemon (a daemon may not have children, its workers): killed at exit before multiprocessing joins it
+        self._kill_at_exit = multiprocessing.util.Finalize(self, _kill_if_started, args=(self.process,),
+                                                           exitpriority=100)
         self.process.start()
         child_end.close()
-        # not a daemon (a daemon may not have children, its workers): killed at exit before multiprocessing joins it
-        self._kill_at_exit = multiprocessing.util.Finalize(self, self.process.kill, exitpriority=100)
 
     def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
         """The reader process: its workers started first (forked while it has one thread), then the stream's rows
-        read and decoded into the ring, slot after free slot."""
+        read and decoded into the ring, slot after free slot. Whatever ends it is sent to the training process."""
         import multiprocessing
         import pickle
+        import sys
+        import traceback
 
-        _die_with_parent()
-        if os.getppid() != parent:  # the training process died before the line above
-            os._exit(1)
-        torch.set_num_threads(1)
-        stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
-                                           initializer=_init_data_worker)
-        list(stream._pool.map(int, range(stream.num_workers)))  # all started now
+        self.conn.close()  # the training process's end: this process sees the pipe's end when that process is gone
+        _die_with_parent(parent)
         free = list(range(len(self.ring)))
 
         def deliver(arrays: Optional[list], item) -> None:
-            if arrays is None:  # the error that ends the stream, sent as it is if it survives pickling
+            if arrays is None:  # the error that ends the stream, with where it was raised, as it is if it pickles
+                if hasattr(item, "add_note"):  # Python 3.11+
+                    item.add_note("".join(["in the data reader process:\n"] + traceback.format_exception(item)))
                 try:
                     pickle.loads(pickle.dumps(item))
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 (some exceptions do not pickle back)
                     item = RuntimeError(f"{type(item).__name__}: {item}")
                 conn.send(("error", item))
                 return
@@ -953,16 +967,25 @@ class _ReaderProcess:
             conn.send(("batch", slot, item))
 
         try:
+            torch.set_num_threads(1)
+            stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
+                                               initializer=_init_data_worker, initargs=(os.getpid(),))
+            list(stream._pool.map(int, range(stream.num_workers)))  # all started now
             stream._produce(position, threading.Event(), deliver)  # returns after delivering an error
-        finally:  # at once: the training process raises the error and the workers die with this process
-            logging.shutdown()
+        except BaseException as err:  # starting the workers failed
+            deliver(None, err)
+        finally:  # at once: no interpreter shutdown, the workers die with this process
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(0)
 
     def receive(self) -> "_Batch":
         """The next batch, its images copied out of the ring; the reader's error raised here."""
         from multiprocessing.connection import wait
 
-        wait([self.conn, self.process.sentinel])
+        # the pipe, or the reader's end; is_alive as well, in case a process it forked holds the pipe's other end
+        while not wait([self.conn, self.process.sentinel], timeout=1.0) and self.process.is_alive():
+            pass
         try:
             message = self.conn.recv() if self.conn.poll() else None
         except (EOFError, OSError):  # the reader died while sending
@@ -977,19 +1000,23 @@ class _ReaderProcess:
         if message[0] == "error":
             raise message[1]
         _, slot, batch = message
-        batch.images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=self.pin_memory)
-        # numpy's copy, in this thread: torch's would wake its intra-op threads, whose spinning after the copy costs
-        # the training process more CPU than the copy (9 ms against 0.4 ms per batch of 128 32² images, 2 threads)
-        np.copyto(batch.images.numpy(), self.ring[slot])
-        self.conn.send(slot)
+        try:
+            batch.images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=self.pin_memory)
+            # numpy's copy, in this thread: torch's would wake its intra-op threads, whose spinning after the copy
+            # costs the training process more CPU than the copy (9 ms against 0.4 ms per batch of 128 32² images)
+            np.copyto(batch.images.numpy(), self.ring[slot])
+        finally:
+            try:
+                self.conn.send(slot)
+            except OSError:  # the reader has ended: the batches it sent before, then its error, are still readable
+                pass
         return batch
 
     def stop(self) -> None:
         """Kill the reader (its workers follow it) and wait for it: nothing of it is worth keeping."""
         self._kill_at_exit()  # kills, once
-        self.process.join()
+        self.process.join(30)
         self.conn.close()
-
 
 def all_processes(state: dict) -> dict:
     """``state``'s per-stream dicts merged with those of every other process (identity in one process)."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,31 +114,82 @@ def test_with_workers_the_rows_are_read_outside_the_training_process(images, tmp
             assert stream.next_batch().shape == (8, 1, 16, 16)
             readers = set(map(int, record.read_text().split()))
             if workers:
-                assert readers == set(_children(os.getpid())) and len(_children(readers.pop())) == workers
+                reader = stream._reader.process.pid
+                assert readers == {reader} and reader in _children(os.getpid()) and len(_children(reader)) == workers
             else:
                 assert readers == {os.getpid()}
         finally:
             stream.close()
 
 
-def test_a_dead_reader_stops_the_stream_saying_so(images):
-    """The reader process killed (for memory, or a native library crashed in it): the batches it had finished
-    are handed out, then the stream stops with the reason and the way to resume, not a hang. SIGALRM bounds the
-    test if the death goes unnoticed."""
-    stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=1)
-    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the stream waits for a dead reader"))
-    signal.alarm(60)
+@contextmanager
+def _bounded(seconds: int, what: str):
+    """Fail the test, not hang it, if the block takes more than ``seconds``."""
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail(what))
+    signal.alarm(seconds)
     try:
-        stream.next_batch()
-        os.kill(stream._reader.process.pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match=r"the data reader process was killed by SIGKILL \(killed for memory, "
-                                               r"or .*resume with --resume_from_checkpoint latest"):
-            for _ in range(stream.prefetch + 1):  # the batches it had finished first
-                stream.next_batch()
+        yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def _until_ended(process, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while process.is_alive():
+        assert time.time() < deadline, "the reader process did not end"
+        time.sleep(0.05)
+
+
+def test_a_dead_reader_stops_the_stream_saying_so(images):
+    """The reader process killed (for memory, or a native library crashed in it), and gone with its workers, before
+    the training process asks for its next batch: the batches it had finished are handed out, then the stream stops with the
+    reason and the way to resume, not a hang."""
+    stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=1)
+    try:
+        with _bounded(60, "the stream waits for a dead reader"):
+            stream.next_batch()
+            workers = _children(stream._reader.process.pid)
+            os.kill(stream._reader.process.pid, signal.SIGKILL)
+            _until_ended(stream._reader.process)
+            assert _gone(workers), "the decoding workers outlived their reader"
+            with pytest.raises(RuntimeError, match=r"the data reader process was killed by SIGKILL \(killed for "
+                                                   r"memory, or .*resume with --resume_from_checkpoint latest"):
+                for _ in range(stream.prefetch + 1):  # the batches it had finished first
+                    stream.next_batch()
+    finally:
         stream.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_error_after_good_batches_comes_after_them(tmp_path, monkeypatch, workers):
+    """Eight images, then corrupt ones: two batches, then the stream stops naming the corrupt rows, whether a thread
+    of this process reads (the oracle) or a reader process that has sent both batches and its error and is gone
+    before the second batch is asked for."""
+    from datasets import Dataset, Features, Image as ImageFeature
+    from runs import png_bytes
+
+    cells = [{"bytes": png_bytes(i), "path": None} for i in range(8)] + [{"bytes": b"\x89PNG broken", "path": None}] * 6
+    Dataset.from_dict({"image": cells}, features=Features({"image": ImageFeature()})).to_parquet(
+        str(tmp_path / "train-0.parquet"))
+    monkeypatch.setattr(TrainStream, "MAX_UNDECODABLE_IN_A_ROW", 3)
+    stream = TrainStream(load_image_dataset(str(tmp_path)), "image", 16, 1, 4, 1, 0, 1, seed=0, shuffle_buffer_size=0,
+                         record_ids=True, num_workers=workers)
+    try:
+        with _bounded(60, "the stream waits for a reader that has ended"):
+            stream.next_batch()
+            if workers:
+                _until_ended(stream._reader.process)
+            assert stream.next_batch().shape == (4, 1, 16, 16)
+            with pytest.raises(ValueError, match="no decodable image in 3 rows in a row of stream 0") as failure:
+                stream.next_batch()
+            with pytest.raises(ValueError, match="no decodable image in 3 rows in a row"):  # asked again: read again
+                stream.next_batch()
+    finally:
+        stream.close()
+    assert len(stream.seen_ids) == 8 and stream.position == {0: (0, 8)}
+    if workers and sys.version_info >= (3, 11):  # where it was raised: the reader's traceback, as a note
+        assert "in the data reader process" in "".join(failure.value.__notes__)
 
 
 # The exception case (about 20 s) stays in the slow set: it shares its exit path with SIGINT (the launcher's finally).
