@@ -53,10 +53,13 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
         # DDP's warning when a gradient's layout differs from its bucket's (a copy at every step)
         assert "Grad strides do not match bucket view strides" not in result.stdout + result.stderr
 
-    two_processes("--output_dir", str(two))
+    # each rank reads in a reader process with a decoding worker (as on a GPU machine); the resume below reads in a
+    # thread of each rank (0 workers: the default of two processes on 2 cores)
+    two_processes("--output_dir", str(two), "--dataloader_num_workers", "1")
     info = json.loads((two / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
     assert info["backend"] == "gloo" and info["model_wrapper"] == "DistributedDataParallel"
+    assert info["dataloader_num_workers"] == 1
     rank0, rank1 = _ids(two, 0), _ids(two, 1)
     assert len(rank0) == len(rank1) == 32
     assert not set(rank0) & set(rank1)  # disjoint
@@ -81,7 +84,8 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(two / "checkpoint-1", resumed / "checkpoint-1")
-    two_processes("--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    two_processes("--output_dir", str(resumed), "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "0")
+    assert json.loads((resumed / "run_info.json").read_text())["dataloader_num_workers"] == 0
     assert _ids(resumed, 0) == rank0[16:] and _ids(resumed, 1) == rank1[16:]
     c = final_weights(resumed)
     for key in a:
