@@ -459,9 +459,11 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
     return results
 
 
-def _init_data_worker(parent: int) -> None:
+def _init_data_worker(parent: int, reader_end) -> None:
     """Data workers die with their parent, pid ``parent`` (even on SIGKILL), and leave Ctrl-C to the training
-    process."""
+    process. They close the reader's end of its pipe, inherited at the fork: the training process must see that end
+    close when the reader dies."""
+    reader_end.close()
     _die_with_parent(parent)
     torch.set_num_threads(1)
 
@@ -649,6 +651,9 @@ class TrainStream:
 
     def _start_producer(self) -> None:
         if self.num_workers:
+            if threading.current_thread() is not threading.main_thread():
+                logger.warning("the data reader process is started from thread %s: it dies when that thread ends "
+                               "(read the stream from the main thread)", threading.current_thread().name)
             shape = (len(self.streams) * self.per_stream_batch, self.settings.channels, self.settings.resolution,
                      self.settings.resolution)
             self._reader = _ReaderProcess(self, shape)
@@ -673,8 +678,8 @@ class TrainStream:
 
     def _stop_producer(self) -> None:
         if self._reader is not None:
-            self._reader.stop()
-            self._reader = None
+            reader, self._reader = self._reader, None  # gone even if an interrupt stops what follows
+            reader.stop()
         if self._thread is None:
             return
         self._stop.set()
@@ -898,8 +903,8 @@ def _die_with_parent(parent: int) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the parent's own shutdown still ends it on a normal exit
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (glibc or musl)
+    except (OSError, AttributeError):  # not Linux: the parent's own shutdown still ends it on a normal exit
         pass
     if os.getppid() != parent:
         os._exit(1)
@@ -948,17 +953,17 @@ class _ReaderProcess:
 
         self.conn.close()  # the training process's end: this process sees the pipe's end when that process is gone
         _die_with_parent(parent)
-        free = list(range(len(self.ring)))
+        free, error_sent = list(range(len(self.ring))), []
 
         def deliver(arrays: Optional[list], item) -> None:
-            if arrays is None:  # the error that ends the stream, with where it was raised, as it is if it pickles
-                if hasattr(item, "add_note"):  # Python 3.11+
-                    item.add_note("".join(["in the data reader process:\n"] + traceback.format_exception(item)))
-                try:
-                    pickle.loads(pickle.dumps(item))
-                except Exception:  # noqa: BLE001 (some exceptions do not pickle back)
-                    item = RuntimeError(f"{type(item).__name__}: {item}")
-                conn.send(("error", item))
+            if arrays is None:  # the error that ends the stream: pickled here (None where it cannot be), its
+                try:            # summary and traceback as text, for the training process to raise (see receive)
+                    pickled = pickle.dumps(item)
+                except Exception:  # noqa: BLE001
+                    pickled = None
+                conn.send(("error", pickled, f"{type(item).__name__}: {item}", "".join(traceback.format_exception(
+                    type(item), item, item.__traceback__))))
+                error_sent.append(True)
                 return
             while not free:
                 free.append(conn.recv())  # a slot the training process has copied out
@@ -969,15 +974,19 @@ class _ReaderProcess:
         try:
             torch.set_num_threads(1)
             stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
-                                               initializer=_init_data_worker, initargs=(os.getpid(),))
+                                               initializer=_init_data_worker, initargs=(os.getpid(), conn))
             list(stream._pool.map(int, range(stream.num_workers)))  # all started now
             stream._produce(position, threading.Event(), deliver)  # returns after delivering an error
-        except BaseException as err:  # starting the workers failed
-            deliver(None, err)
+        except BaseException as err:  # starting the workers failed, or sending the error did
+            if not error_sent:
+                traceback.print_exc()
+                deliver(None, err)
         finally:  # at once: no interpreter shutdown, the workers die with this process
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(0 if error_sent else 1)
 
     def receive(self) -> "_Batch":
         """The next batch, its images copied out of the ring; the reader's error raised here."""
@@ -993,12 +1002,13 @@ class _ReaderProcess:
         if message is None:
             self.process.join(5)
             code = self.process.exitcode
-            how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with {code}"
-            raise RuntimeError(f"the data reader process {how} (killed for memory, or a native library crashed in "
-                               "it reading or decoding the dataset); the last checkpoint is intact: resume with "
+            how = (f"was killed by {signal.Signals(-code).name} (killed for memory, or a native library crashed in "
+                   "it reading or decoding the dataset)" if code and code < 0 else
+                   f"ended (exit code {code}) without sending its error (its traceback, if any, is above)")
+            raise RuntimeError(f"the data reader process {how}; the last checkpoint is intact: resume with "
                                "--resume_from_checkpoint latest.")
         if message[0] == "error":
-            raise message[1]
+            raise self._reader_error(*message[1:])
         _, slot, batch = message
         try:
             batch.images = torch.empty(self.ring.shape[1:], dtype=torch.uint8, pin_memory=self.pin_memory)
@@ -1012,11 +1022,27 @@ class _ReaderProcess:
                 pass
         return batch
 
+    @staticmethod
+    def _reader_error(pickled: Optional[bytes], summary: str, where: str) -> BaseException:
+        """The reader's error as it was raised there where it unpickles here (it may hold what only the reader
+        could rebuild), else a RuntimeError with its summary; with the reader's traceback as a note (3.11+)."""
+        import pickle
+
+        try:
+            error = pickle.loads(pickled) if pickled is not None else RuntimeError(summary)
+        except Exception:  # noqa: BLE001
+            error = RuntimeError(summary)
+        if hasattr(error, "add_note"):
+            error.add_note("in the data reader process:\n" + where)
+        return error
+
     def stop(self) -> None:
         """Kill the reader (its workers follow it) and wait for it: nothing of it is worth keeping."""
-        self._kill_at_exit()  # kills, once
-        self.process.join(30)
-        self.conn.close()
+        try:
+            self._kill_at_exit()  # kills, once
+            self.process.join(30)
+        finally:
+            self.conn.close()
 
 def all_processes(state: dict) -> dict:
     """``state``'s per-stream dicts merged with those of every other process (identity in one process)."""

@@ -192,6 +192,55 @@ def test_an_error_after_good_batches_comes_after_them(tmp_path, monkeypatch, wor
         assert "in the data reader process" in "".join(failure.value.__notes__)
 
 
+class _Unreadable(Exception):
+    """An error that pickles but cannot be rebuilt (its __init__ takes two arguments)."""
+
+    def __init__(self, what, where):
+        super().__init__(f"{what} at {where}")
+
+
+@pytest.mark.parametrize("kind", ["plain", "holding a tensor", "unpicklable", "not rebuildable"])
+def test_the_readers_error_reaches_the_training_process_whatever_it_holds(images, monkeypatch, kind):
+    """An error raised in the reader process after its first batch: raised in the training process as it was where
+    it pickles and unpickles (a tensor travels by value, not as a handle into the exited reader), else as a
+    RuntimeError with its type and message; never as a broken pipe or a "died" message; with the reader's traceback
+    as a note."""
+    class Local(Exception):  # a class pickle cannot find by name
+        pass
+
+    error = {"plain": lambda: ValueError("row 5 is bad"), "holding a tensor": lambda: ValueError("bad", torch.ones(3)),
+             "unpicklable": lambda: Local("row 5 is bad"), "not rebuildable": lambda: _Unreadable("row 5", "shard 2")}
+    real_take, calls = TrainStream._take, []
+
+    def take(self, v, decoded):
+        calls.append(v)
+        if len(calls) > 1:
+            raise error[kind]()
+        return real_take(self, v, decoded)
+
+    monkeypatch.setattr(TrainStream, "_take", take)
+    stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=1)
+    try:
+        with _bounded(60, "the stream waits for a reader that has ended"):
+            stream.next_batch()
+            _until_ended(stream._reader.process)
+            with pytest.raises(Exception) as failure:
+                stream.next_batch()
+    finally:
+        stream.close()
+    got = failure.value
+    if kind == "plain":
+        assert type(got) is ValueError and str(got) == "row 5 is bad"
+    elif kind == "holding a tensor":
+        assert type(got) is ValueError and got.args[0] == "bad" and torch.equal(got.args[1], torch.ones(3))
+    else:
+        expected = "Local: row 5 is bad" if kind == "unpicklable" else "_Unreadable: row 5 at shard 2"
+        assert type(got) is RuntimeError and str(got) == expected
+    if sys.version_info >= (3, 11):
+        note = "".join(got.__notes__)
+        assert note.startswith("in the data reader process:") and "in take" in note
+
+
 # The exception case (about 20 s) stays in the slow set: it shares its exit path with SIGINT (the launcher's finally).
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT", pytest.param("exception", marks=pytest.mark.slow)])
 def test_workers_exit_with_the_run(images, tmp_path, how):
