@@ -557,6 +557,7 @@ class TrainStream:
     MAX_UNDECODABLE_IN_A_ROW = 1000
     READ_RETRIES = 5  # failed reads in a row before the run stops (datasets retries each read before that)
     READ_RETRY_PAUSE_S = 2.0  # doubled at each retry: 2 + 4 + 8 + 16 + 32 s at most
+    QUIET_WAIT_WARNING_S = 300.0  # a batch awaited this long is reported, and again after each as long
 
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
@@ -629,12 +630,19 @@ class TrainStream:
             self._start_producer()
         if self._reader is not None:
             try:
-                item = self._reader.receive()
+                item = self._reader.receive(self._waiting)
             except BaseException:  # a later call starts again from the position of the last batch handed out
                 self._stop_producer()
                 raise
         else:
-            item = self._queue.get()
+            waited = 0.0
+            while True:
+                try:
+                    item = self._queue.get(timeout=self.QUIET_WAIT_WARNING_S)
+                    break
+                except queue.Empty:
+                    waited += self.QUIET_WAIT_WARNING_S
+                    self._waiting("thread", waited)
             if isinstance(item, BaseException):
                 self._thread = None
                 raise item
@@ -644,6 +652,12 @@ class TrainStream:
             self.skipped[v] += n
         self.seen_ids.extend(item.ids)
         return item.images
+
+    def _waiting(self, reader: str, seconds: float) -> None:
+        """Said every QUIET_WAIT_WARNING_S that a batch has not come: a source that hangs, or a stuck reader, shows
+        in the log instead of a silent stop."""
+        logger.warning("still waiting for a batch from the data reader %s (%.0f s without one; positions after the "
+                       "last batch: %s)", reader, seconds, self.position)
 
     def close(self) -> None:
         """Stop the reader (process or thread) and its decoding workers (idempotent)."""
@@ -956,8 +970,10 @@ class _ReaderProcess:
         free, error_sent = list(range(len(self.ring))), []
 
         def deliver(arrays: Optional[list], item) -> None:
-            if arrays is None:  # the error that ends the stream: pickled here (None where it cannot be), its
-                try:            # summary and traceback as text, for the training process to raise (see receive)
+            if arrays is None:
+                # the error that ends the stream: pickled here (None where it cannot be), with its summary and
+                # traceback as text, for the training process to rebuild and raise (see _reader_error)
+                try:
                     pickled = pickle.dumps(item)
                 except Exception:  # noqa: BLE001
                     pickled = None
@@ -988,13 +1004,17 @@ class _ReaderProcess:
             finally:
                 os._exit(0 if error_sent else 1)
 
-    def receive(self) -> "_Batch":
-        """The next batch, its images copied out of the ring; the reader's error raised here."""
+    def receive(self, waiting) -> "_Batch":
+        """The next batch, its images copied out of the ring; the reader's error raised here. ``waiting(what)`` is
+        called every TrainStream.QUIET_WAIT_WARNING_S without a batch, with the time waited."""
         from multiprocessing.connection import wait
 
         # the pipe, or the reader's end; is_alive as well, in case a process it forked holds the pipe's other end
+        start = said = time.monotonic()
         while not wait([self.conn, self.process.sentinel], timeout=1.0) and self.process.is_alive():
-            pass
+            if time.monotonic() - said >= TrainStream.QUIET_WAIT_WARNING_S:
+                waiting(f"process (pid {self.process.pid})", time.monotonic() - start)
+                said = time.monotonic()
         try:
             message = self.conn.recv() if self.conn.poll() else None
         except (EOFError, OSError):  # the reader died while sending
@@ -1043,6 +1063,7 @@ class _ReaderProcess:
             self.process.join(30)
         finally:
             self.conn.close()
+
 
 def all_processes(state: dict) -> dict:
     """``state``'s per-stream dicts merged with those of every other process (identity in one process)."""

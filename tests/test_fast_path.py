@@ -192,6 +192,64 @@ def test_an_error_after_good_batches_comes_after_them(tmp_path, monkeypatch, wor
         assert "in the data reader process" in "".join(failure.value.__notes__)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_that_does_not_come_is_reported_while_waiting(images, monkeypatch, workers):
+    """A reader that stops (the reader process SIGSTOPped; with 0 workers, the reading thread blocked): the wait for
+    the next batch is reported every QUIET_WAIT_WARNING_S (here 0.5 s), naming the reader and the positions, instead
+    of a silent stop; once the reader goes on (when the warning is seen), so does the stream, with the batches of
+    an undisturbed stream (the oracle)."""
+    import logging
+    import threading
+
+    def read(stream, batches=6):
+        try:
+            for _ in range(batches):
+                stream.next_batch()
+        finally:
+            stream.close()
+        return stream.seen_ids
+
+    def stream():
+        return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, record_ids=True,
+                           num_workers=workers)
+
+    undisturbed = read(stream())
+    monkeypatch.setattr(TrainStream, "QUIET_WAIT_WARNING_S", 0.5)
+    warnings, go_on, calls, stalled = [], threading.Event(), [], stream()
+    if not workers:  # the third batch's reading blocks until the wait has been reported
+        real_take = TrainStream._take
+
+        def take(self, v, decoded):
+            calls.append(v)
+            if len(calls) == 3:
+                go_on.wait(60)
+            return real_take(self, v, decoded)
+
+        monkeypatch.setattr(TrainStream, "_take", take)
+
+    class GoOn(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("still waiting for a batch from the data reader"):
+                warnings.append(record.getMessage())
+                go_on.set()
+                if workers:
+                    os.kill(stalled._reader.process.pid, signal.SIGCONT)
+
+    handler, data_logger = GoOn(), logging.getLogger("ddpm_hf.data")
+    data_logger.addHandler(handler)
+    try:
+        with _bounded(60, "the stream did not go on"):
+            stalled.next_batch()
+            if workers:
+                os.kill(stalled._reader.process.pid, signal.SIGSTOP)
+            read(stalled, 5)
+    finally:
+        data_logger.removeHandler(handler)
+    assert warnings and "positions after the last batch: {0: (0, " in warnings[0]
+    assert f"data reader {'process (pid ' if workers else 'thread ('}" in warnings[0]
+    assert stalled.seen_ids == undisturbed
+
+
 class _Unreadable(Exception):
     """An error that pickles but cannot be rebuilt (its __init__ takes two arguments)."""
 
