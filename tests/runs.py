@@ -57,6 +57,17 @@ def write_images(folder: Path, count: int = 256, shards: int = 8, size: int = 20
     return folder
 
 
+def read_batches(stream, batches: int) -> List[str]:
+    """The example ids a TrainStream (made with record_ids) has handed out after ``batches`` more batches; the stream
+    is closed after them, or after the error that stopped it."""
+    try:
+        for _ in range(batches):
+            stream.next_batch()
+    finally:
+        stream.close()
+    return stream.seen_ids
+
+
 def child_env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env.pop("WORLD_SIZE", None)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import ddpm_hf.data as data
 from ddpm_hf.data import TrainStream, load_image_dataset
-from runs import FAST, child_env, final_weights, launch, run, write_images
+from runs import FAST, child_env, final_weights, launch, read_batches, run, write_images
 
 
 REAL_DECODE_ROWS = data.decode_rows
@@ -201,19 +201,11 @@ def test_a_batch_that_does_not_come_is_reported_while_waiting(images, monkeypatc
     import logging
     import threading
 
-    def read(stream, batches=6):
-        try:
-            for _ in range(batches):
-                stream.next_batch()
-        finally:
-            stream.close()
-        return stream.seen_ids
-
     def stream():
         return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, record_ids=True,
                            num_workers=workers)
 
-    undisturbed = read(stream())
+    undisturbed = read_batches(stream(), 6)
     monkeypatch.setattr(TrainStream, "QUIET_WAIT_WARNING_S", 0.5)
     warnings, go_on, calls, stalled = [], threading.Event(), [], stream()
     if not workers:  # the third batch's reading blocks until the wait has been reported
@@ -242,7 +234,7 @@ def test_a_batch_that_does_not_come_is_reported_while_waiting(images, monkeypatc
             stalled.next_batch()
             if workers:
                 os.kill(stalled._reader.process.pid, signal.SIGSTOP)
-            read(stalled, 5)
+            read_batches(stalled, 5)
     finally:
         data_logger.removeHandler(handler)
     assert warnings and "positions after the last batch: {0: (0, " in warnings[0]

@@ -21,7 +21,8 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from huggingface_hub import HfApi
 from PIL import Image
 
-from runs import FAST, TRAIN, child_env, final_weights, free_port, load_train_script, png_bytes, write_images
+from runs import (FAST, TRAIN, child_env, final_weights, free_port, load_train_script, png_bytes, read_batches,
+                  write_images)
 
 from ddpm_hf.data import TrainStream, load_image_dataset
 
@@ -201,14 +202,8 @@ def four_shards(tmp_path):
 
 def _read_ids(dataset, batches: int, streams: int = 1, per_stream_batch: int = 4, workers: int = 0) -> list:
     """The example ids of ``batches`` batches of a stream over ``dataset``, all ``streams`` served here."""
-    stream = TrainStream(dataset, "image", 16, 1, per_stream_batch, streams, 0, 1, seed=5, shuffle_buffer_size=8,
-                         record_ids=True, num_workers=workers)
-    try:
-        for _ in range(batches):
-            stream.next_batch()
-    finally:
-        stream.close()
-    return stream.seen_ids
+    return read_batches(TrainStream(dataset, "image", 16, 1, per_stream_batch, streams, 0, 1, seed=5,
+                                    shuffle_buffer_size=8, record_ids=True, num_workers=workers), batches)
 
 
 @pytest.fixture
