@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import ddpm_hf.data as data
 from ddpm_hf.data import TrainStream, load_image_dataset
-from runs import FAST, child_env, final_weights, launch, read_batches, run, write_images
+from runs import FAST, child_env, final_weights, launch, png_bytes, read_batches, run, write_images
 
 
 REAL_DECODE_ROWS = data.decode_rows
@@ -143,8 +143,8 @@ def _until_ended(process, timeout: float = 60.0) -> None:
 
 def test_a_dead_reader_stops_the_stream_saying_so(images):
     """The reader process killed (for memory, or a native library crashed in it), and gone with its workers, before
-    the training process asks for its next batch: the batches it had finished are handed out, then the stream stops with the
-    reason and the way to resume, not a hang."""
+    the training process asks for its next batch: the batches it had finished are handed out, then the stream stops
+    with the reason and the way to resume, not a hang."""
     stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=1)
     try:
         with _bounded(60, "the stream waits for a dead reader"):
@@ -167,7 +167,6 @@ def test_an_error_after_good_batches_comes_after_them(tmp_path, monkeypatch, wor
     of this process reads (the oracle) or a reader process that has sent both batches and its error and is gone
     before the second batch is asked for."""
     from datasets import Dataset, Features, Image as ImageFeature
-    from runs import png_bytes
 
     cells = [{"bytes": png_bytes(i), "path": None} for i in range(8)] + [{"bytes": b"\x89PNG broken", "path": None}] * 6
     Dataset.from_dict({"image": cells}, features=Features({"image": ImageFeature()})).to_parquet(
