@@ -613,7 +613,7 @@ class TrainStream:
                               "last_row": dict(self.last_row)})
 
     def load_state_dict(self, state: dict) -> None:
-        self._stop_producer()
+        self.close()
         self.position = {v: tuple(state["position"][v]) for v in self.streams}
         skipped = state["skipped_rows"]
         if isinstance(skipped, int):  # written by 0.1 (one process): one count for all
@@ -632,7 +632,7 @@ class TrainStream:
             try:
                 item = self._reader.receive(self._waiting)
             except BaseException:  # a later call starts again from the position of the last batch handed out
-                self._stop_producer()
+                self.close()
                 raise
         else:
             waited = 0.0
@@ -659,18 +659,12 @@ class TrainStream:
         logger.warning("still waiting for a batch from the data reader %s (%.0f s without one; positions after the "
                        "last batch: %s)", reader, seconds, self.position)
 
-    def close(self) -> None:
-        """Stop the reader (process or thread) and its decoding workers (idempotent)."""
-        self._stop_producer()
-
     def _start_producer(self) -> None:
         if self.num_workers:
             if threading.current_thread() is not threading.main_thread():
                 logger.warning("the data reader process is started from thread %s: it dies when that thread ends "
                                "(read the stream from the main thread)", threading.current_thread().name)
-            shape = (len(self.streams) * self.per_stream_batch, self.settings.channels, self.settings.resolution,
-                     self.settings.resolution)
-            self._reader = _ReaderProcess(self, shape)
+            self._reader = _ReaderProcess(self)
             return
         stop, out, pin = threading.Event(), queue.Queue(self.prefetch), self.pin_memory
 
@@ -690,7 +684,9 @@ class TrainStream:
                                         name="ddpm_hf-data", daemon=True)
         self._thread.start()
 
-    def _stop_producer(self) -> None:
+    def close(self) -> None:
+        """Stop the reader (process or thread) and its decoding workers (idempotent); a later next_batch starts them
+        again from the position."""
         if self._reader is not None:
             reader, self._reader = self._reader, None  # gone even if an interrupt stops what follows
             reader.stop()
@@ -941,11 +937,14 @@ class _ReaderProcess:
     dies with the thread that started it (Linux's parent-death signal follows the forking thread: train.py's main
     thread), and its workers with it."""
 
-    def __init__(self, stream: "TrainStream", shape: Tuple[int, ...]):
+    def __init__(self, stream: "TrainStream"):
         import mmap
         import multiprocessing.util
 
         self.pin_memory = stream.pin_memory
+        settings = stream.settings
+        shape = (len(stream.streams) * stream.per_stream_batch, settings.channels, settings.resolution,
+                 settings.resolution)
         slots = stream.prefetch
         self.ring = np.frombuffer(mmap.mmap(-1, slots * int(np.prod(shape))), dtype=np.uint8).reshape(slots, *shape)
         self.conn, child_end = multiprocessing.Pipe()
