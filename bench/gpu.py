@@ -372,8 +372,6 @@ def main():
     logs = args.logs or tmp
     logs.mkdir(parents=True, exist_ok=True)
 
-    rates = {}  # images/s of the eager bf16 runs per activation layout: the compiled run uses the faster
-
     def training(extra, label, steps, layout="default", env=None):
         # a run may overstay the deadline by a minute at most: the figures of the parts before it must get out
         img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra,
@@ -390,21 +388,20 @@ def main():
     part("unet", lambda: unet_step_ratios(128), 30)
     part("data", lambda: write_dataset(data, "png32", 20_000), 30)
     part("anatomy", lambda: step_anatomy(data=data if data.exists() else None), 30)
-    for layout, label in (("default", "bf16"), ("channels-last", "bf16-channels-last")):
-        part(f"train {label}", lambda layout=layout, label=label: rates.update(
-            {layout: training(bf16, label, args.train_steps, layout)}), 60)
+    # In the order of what the goals need most, so that a deadline skips the least needed: the eager and compiled
+    # steps first (model FLOP utilisation), sampling (the 50,000-sample projection), then the A/B runs of choices.
+    part("train bf16", lambda: training(bf16, "bf16", args.train_steps), 60)
+    part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
+    # CUDA graphs: the step's ~1,000 kernel launches replayed as one (accelerate's --dynamo_mode, as a user sets it)
+    part("train bf16 reduce-overhead", lambda: training(
+        bf16, "bf16-reduce-overhead", args.train_steps,
+        env={"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"}), 90)
+    part("sampling", lambda: sampling(args.sampling_steps), 60)
+    part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"), 60)
     # The host reading every update's outcome at once, so waiting for each step (before 2026-11-27 c train.py waited
     # for the gradient norm, just before the update): beside the first run, what reading it one step later gains
     part("train bf16-read-at-once", lambda: training(bf16, "bf16-read-at-once", args.train_steps,
                                                      env={"BENCH_READ_AT_ONCE": "1"}), 60)
-    part("sampling", lambda: sampling(args.sampling_steps), 60)
-    fastest = max(rates, key=rates.get, default="default")
-    part("train bf16 compile", lambda: training(bf16 + ["--compile"], f"bf16-compile-{fastest}", args.train_steps,
-                                                fastest), 90)
-    # CUDA graphs: the step's ~1,000 kernel launches replayed as one (accelerate's --dynamo_mode, as a user sets it)
-    part("train bf16 reduce-overhead", lambda: training(
-        bf16, f"bf16-reduce-overhead-{fastest}", args.train_steps, fastest,
-        env={"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"}), 90)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
     part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("bits/dim", lambda: bits(compiled=False), 45)

@@ -22,10 +22,10 @@ mkdir "$PKG/ddpm_hf" && ln -s "$PWD"/ddpm_hf/* "$PKG/ddpm_hf/" && ln -s "$PWD/pi
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
-if python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests; -P: the cwd's ddpm_hf (no pipelines) not first
+if [ "${CUDA_TESTS_S:-180}" != 0 ] && python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests (CUDA_TESTS_S=0: none); -P: the cwd's ddpm_hf (no pipelines) not first
     # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill)
     CUDA_LOG="${OUT:-$PKG}/cuda_tests.log"
-    timeout 180 python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
+    timeout "${CUDA_TESTS_S:-180}" python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
         tests/faults/test_training_faults.py tests/faults/test_out_of_memory.py tests/faults/test_stopped_samples.py \
         -k "fp16 or upsampling or layouts \
         or ema or gpu_matches or never_reads or group_norm or sampling or skipped_on_the_device or counted_late \
