@@ -45,8 +45,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert anatomy and len(anatomy.group(1).split("; ")) == 9, out  # 7 pieces, the TrainStream's batches, and
     # those with a shorter switch interval
     assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
-    assert len(re.findall(rf"GPU sampling 2 steps × [28] images, .*: {number} images/s of the 1000-step chain; 50,000 "
-                          rf"samples projected {number} min", out)) == 7, out  # 5 networks, 4× batch, as evaluate
+    assert len(re.findall(rf"GPU sampling 2 steps × [24] images, .*: {number} images/s of the 1000-step chain; 50,000 "
+                          rf"samples projected {number} min", out)) == 7, out  # 5 networks, 2× batch, as evaluate
     assert re.search(r"\(--dynamo_mode reduce-overhead\): .* graphs compiled without CUDA graphs: \d+\n", out), out
     assert switches() == before
 

@@ -121,16 +121,20 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
-def test_samples_do_not_depend_on_the_batch_size_on_the_gpu(pipe_folder):
+def test_samples_depend_on_the_batch_size_on_the_gpu_by_a_level_at_most(pipe_folder, monkeypatch):
     """What a resumed command's batches rely on there, within one process and with cuDNN timing its kernels as the
-    commands have it (a new process may time them otherwise); on the CPU the kill test above shows it."""
+    commands have it (a new process may time them otherwise); on the CPU the kill test above shows them equal.
+    cuDNN's kernels differ by batch size, so a few levels are one off: 0.8 % of them on an H100 (2026-11-27, with
+    torch's default TF32 convolutions). An image drawn from other noise, or put in another image's place, differs
+    in most of its levels, by many."""
     from ddpm_hf.evaluation import generate_uint8, load_pipeline
 
-    torch.backends.cudnn.benchmark = True
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     pipe = load_pipeline(str(pipe_folder), "cuda")
     whole, pieces = (generate_uint8(pipe, 12, batch, 20, seed=0) for batch in (12, 5))
     levels = (whole.int() - pieces.int()).abs()
-    assert levels.max() == 0, f"{(levels > 0).float().mean():.2e} of the levels differ, by up to {levels.max()}"
+    differ = (levels > 0).float().mean()
+    assert levels.max() <= 1 and differ < 0.05, f"{differ:.2e} of the levels differ, by up to {levels.max()}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="sampling and features on the GPU (bench/gpu.sh runs it)")
