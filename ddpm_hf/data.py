@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
 import threading
 import time
@@ -955,6 +956,11 @@ class _ReaderProcess:
                                                            exitpriority=100)
         self.process.start()
         child_end.close()
+        # what receive waits on, registered once: the pipe, and the reader's end (multiprocessing's wait() builds
+        # a selector at every call, a third of the training process's time per batch)
+        self._ready = select.poll()
+        for fd in (self.conn.fileno(), self.process.sentinel):
+            self._ready.register(fd, select.POLLIN)
 
     def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
         """The reader process: its workers started first (forked while it has one thread), then the stream's rows
@@ -1006,16 +1012,14 @@ class _ReaderProcess:
     def receive(self, waiting) -> "_Batch":
         """The next batch, its images copied out of the ring; the reader's error raised here. ``waiting(what)`` is
         called every TrainStream.QUIET_WAIT_WARNING_S without a batch, with the time waited."""
-        from multiprocessing.connection import wait
-
         # the pipe, or the reader's end; is_alive as well, in case a process it forked holds the pipe's other end
         start = said = time.monotonic()
-        while not wait([self.conn, self.process.sentinel], timeout=1.0) and self.process.is_alive():
+        while not (ready := self._ready.poll(1000)) and self.process.is_alive():
             if time.monotonic() - said >= TrainStream.QUIET_WAIT_WARNING_S:
                 waiting(f"process (pid {self.process.pid})", time.monotonic() - start)
                 said = time.monotonic()
         try:
-            message = self.conn.recv() if self.conn.poll() else None
+            message = self.conn.recv() if self.conn.fileno() in dict(ready) else None
         except (EOFError, OSError):  # the reader died while sending
             message = None
         if message is None:
