@@ -149,18 +149,22 @@ def unet_step_ratios(batch: int, preset: str = "ddpm-cifar10", device: str = "cu
 
 
 def step_anatomy(preset: str = "ddpm-cifar10", batch: int = 128, repeats: int = 20, device: str = "cuda",
-                 profile_rows: int = 12, data: Path = None):
+                 profile_rows: int = 12, data: Path = None, compile_options: Optional[dict] = None):
+    """``compile_options``: torch.compile's, for the last stage (None: CUDA graphs, as `--dynamo_mode
+    reduce-overhead`)."""
+    compile_options = {"mode": "reduce-overhead"} if compile_options is None else compile_options
     switched(torch.backends.cudnn, "benchmark", True,  # as train.py sets it
-             lambda: _step_anatomy(preset, batch, repeats, device, profile_rows, data))
+             lambda: _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_options))
 
 
-def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
+def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_options):
     """Where train.py's bf16 step spends the time the bare U-Net step does not: the step timed as train.py's pieces
     are added one at a time (the preset's dropout, t and ε drawn and eq. 4, the loss, the gradient clipping, the
     EMA, the batch copied from pinned host memory; then the gradient norm's finiteness read at once, which waits for
     the device, as a logged step does; and with ``data`` the batches of a TrainStream over it instead, whose reader
     thread shares this process's interpreter with the step's kernel launches), then the kernels of the whole step
-    by device time (torch.profiler). Uses train.py's own functions."""
+    by device time (torch.profiler); last the whole step with the U-Net compiled in place as train.py compiles it
+    (``compile_options``), its time and kernels. Uses train.py's own functions."""
     from accelerate import Accelerator
 
     from ddpm_hf import DDPMScheduler, DDPMUNet
@@ -256,17 +260,29 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data):
 
     from torch.profiler import ProfilerActivity, profile
 
-    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        for _ in range(5):
-            step(**whole)
-        sync()
-    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1
-    for e in events[:profile_rows]:
-        say(f"step profile {preset} b{batch} bf16: {100 * getattr(e, key) / total:5.1f} % "
-            f"{getattr(e, key) / 5 / 1000:7.2f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
+    def kernels(label):
+        activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            for _ in range(5):
+                step(**whole)
+            sync()
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1
+        say(f"step profile {preset} b{batch} bf16 {label}: {total / 5 / 1000:.2f} ms of kernels per step")
+        for e in events[:profile_rows]:
+            say(f"step profile {preset} b{batch} bf16 {label}: {100 * getattr(e, key) / total:5.1f} % "
+                f"{getattr(e, key) / 5 / 1000:7.2f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
+
+    kernels("eager")
+    # The U-Net compiled in place, as train.py does when accelerate's dynamo settings ask (CUDA graphs by default
+    # here: 4,665 images/s in train.py on 2026-11-27 g, 2.3× plain --compile): how far the step is from the GPU's
+    # own time for it, and which kernels that time is (the next lever towards 30 % model FLOP utilisation)
+    models[d].compile(**compile_options)
+    seconds = time_steps(lambda: step(**whole), repeats)  # its first calls compile, then record the graphs
+    say(f"step anatomy {preset} b{batch} bf16, the U-Net compiled ({compile_options}): {1000 * seconds:.1f} ms per "
+        f"step, {batch / seconds:.0f} images/s (eager {1000 * timed['+ batch from pinned host memory']:.1f} ms)")
+    kernels("compiled")
 
 
 def switched(cls, name: str, value, fn):
@@ -369,12 +385,17 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "cifar_like"
 
+    def shards():  # the synthetic CIFAR-like shards, written by the first part that needs them (--only may skip "data")
+        if not data.exists():
+            write_dataset(data, "png32", 20_000)
+        return data
+
     logs = args.logs or tmp
     logs.mkdir(parents=True, exist_ok=True)
 
     def training(extra, label, steps, layout="default", env=None):
         # a run may overstay the deadline by a minute at most: the figures of the parts before it must get out
-        img_s, wait, seconds, overflow = train_run(data, tmp / label, steps, extra,
+        img_s, wait, seconds, overflow = train_run(shards(), tmp / label, steps, extra,
                                                    timeout=max(60, left(args.deadline_s + 60)),
                                                    log=logs / f"train-{label}.log", layout=layout, env=env)
         mfu = img_s * flops / 1e12
@@ -386,8 +407,8 @@ def main():
 
     bf16 = ["--mixed_precision", "bf16", "--allow_tf32"]
     part("unet", lambda: unet_step_ratios(128), 30)
-    part("data", lambda: write_dataset(data, "png32", 20_000), 30)
-    part("anatomy", lambda: step_anatomy(data=data if data.exists() else None), 30)
+    part("data", shards, 30)
+    part("anatomy", lambda: step_anatomy(data=shards()), 30)
     # In the order of what the goals need most, so that a deadline skips the least needed: the eager and compiled
     # steps first (model FLOP utilisation), sampling (the 50,000-sample projection), then the A/B runs of choices.
     part("train bf16", lambda: training(bf16, "bf16", args.train_steps), 60)

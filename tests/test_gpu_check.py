@@ -32,7 +32,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     gpu.unet_step_ratios(2, "tiny-16", "cpu", repeats=1)
     AcceleratorState._reset_state(reset_partial_state=True)  # the anatomy's Accelerator is bf16, any other's is not
     try:
-        gpu.step_anatomy("tiny-16", 4, 1, "cpu", profile_rows=3, data=tmp_path / "shards")
+        gpu.step_anatomy("tiny-16", 4, 1, "cpu", profile_rows=3, data=tmp_path / "shards",
+                         compile_options={"backend": "eager"})  # (inductor's compile time is not what this checks)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     gpu.sampling(2, 2, "cpu", backend=None)
@@ -44,7 +45,10 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     anatomy = re.search(r"GPU step anatomy tiny-16 b4 bf16 \(.*\): (.*)", out)
     assert anatomy and len(anatomy.group(1).split("; ")) == 9, out  # 7 pieces, the TrainStream's batches, and
     # those with a shorter switch interval
-    assert len(re.findall(r"GPU step profile tiny-16 b4 bf16: ", out)) == 3, out
+    for label in ("eager", "compiled"):
+        assert len(re.findall(rf"GPU step profile tiny-16 b4 bf16 {label}: ", out)) == 4, out  # the total, 3 kernels
+    assert re.search(rf"GPU step anatomy tiny-16 b4 bf16, the U-Net compiled \(.*\): {number} ms per step, "
+                     rf"{number} images/s \(eager {number} ms\)", out), out
     assert len(re.findall(rf"GPU sampling 2 steps × [24] images, .*: {number} images/s of the 1000-step chain; 50,000 "
                           rf"samples projected {number} min", out)) == 7, out  # 5 networks, 2× batch, as evaluate
     assert re.search(r"\(--dynamo_mode reduce-overhead\): .* graphs compiled without CUDA graphs: \d+\n", out), out
