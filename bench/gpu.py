@@ -420,7 +420,7 @@ def main():
                                                         env=reduce_overhead), 90)
     part("train bf16 reduce-overhead-channels-last", lambda: training(
         bf16, "bf16-reduce-overhead-channels-last", args.train_steps, "channels-last", env=reduce_overhead), 90)
-    part("sampling", lambda: sampling(args.sampling_steps), 60)
+    part("sampling", lambda: sampling(args.sampling_steps), 200)  # its 7 variants, 3 compiled: about 200 s
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
     part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"), 60)
     # The host reading every update's outcome at once, so waiting for each step (before 2026-11-27 c train.py waited
