@@ -23,6 +23,7 @@ Lines printed (prefix "GPU"):
 import argparse
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -386,8 +387,9 @@ def main():
     data = tmp / "cifar_like"
 
     def shards():  # the synthetic CIFAR-like shards, written by the first part that needs them (--only may skip "data")
-        if not data.exists():
-            write_dataset(data, "png32", 20_000)
+        if not data.exists():  # (written aside and renamed: a part that failed writing them leaves none half made)
+            shutil.rmtree(tmp / "cifar_like.partial", ignore_errors=True)
+            os.replace(write_dataset(tmp / "cifar_like.partial", "png32", 20_000), data)
         return data
 
     logs = args.logs or tmp

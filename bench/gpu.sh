@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 13, one command on a GPU machine with torch but without network, diffusers or
 # datasets:
-#     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure, ≤ 8 minutes on one H100
+#     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure; all parts take over 10 minutes on one H100
+#                                        # (see docs/benchmarks.md for the split into calls), --deadline_s skips the tail
 #     bash bench/gpu.sh --only data train --deadline_s 240    # some parts only
 #     ... --logs DIR    # keep each train.py run's whole output (the stacks of one killed at its limit included)
 # Send the output to a file, not through a pipe: a run stopped by a time limit keeps what it printed.

@@ -1018,6 +1018,8 @@ class _ReaderProcess:
             if time.monotonic() - said >= TrainStream.QUIET_WAIT_WARNING_S:
                 waiting(f"process (pid {self.process.pid})", time.monotonic() - start)
                 said = time.monotonic()
+        if not ready:  # the reader ended after the last wait timed out: what it sent before is there now
+            ready = self._ready.poll(0)
         try:
             message = self.conn.recv() if self.conn.fileno() in dict(ready) else None
         except (EOFError, OSError):  # the reader died while sending

@@ -141,6 +141,44 @@ def _until_ended(process, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
+    """The training process waits on the reader's pipe a second at a time and, after a wait that timed out, asks
+    whether the reader lives. A reader that sends its error and ends between the two (the training process
+    descheduled there, which the wait here forces) must still have its error raised, not "ended without sending its
+    error". A real pipe and a real forked reader; only the timing of the first wait is imposed."""
+    import multiprocessing
+    import pickle
+    import select
+
+    conn, reader_end = multiprocessing.Pipe()
+
+    def reader_that_fails():
+        error = ValueError("row 7 of shard 3 cannot be decoded")
+        reader_end.send(("error", pickle.dumps(error), f"ValueError: {error}", "Traceback: ...\n"))
+
+    process = multiprocessing.get_context("fork").Process(target=reader_that_fails)
+    process.start()
+    reader_end.close()
+    ready = select.poll()
+    for fd in (conn.fileno(), process.sentinel):
+        ready.register(fd, select.POLLIN)
+
+    class Descheduled:  # the first wait times out as the reader sends its error and ends
+        waits = 0
+
+        def poll(self, timeout_ms):
+            self.waits += 1
+            if self.waits == 1:
+                process.join(30)
+                return []
+            return ready.poll(timeout_ms)
+
+    reader = object.__new__(data._ReaderProcess)  # receive() with this pipe and process, nothing else
+    reader.conn, reader.process, reader._ready = conn, process, Descheduled()
+    with pytest.raises(ValueError, match="row 7 of shard 3"):
+        reader.receive(lambda *args: None)
+
+
 def test_a_dead_reader_stops_the_stream_saying_so(images):
     """The reader process killed (for memory, or a native library crashed in it), and gone with its workers, before
     the training process asks for its next batch: the batches it had finished are handed out, then the stream stops
