@@ -261,6 +261,13 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_op
 
     from torch.profiler import ProfilerActivity, profile
 
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the step's FLOPs by operator, for the convolutions' rate
+        step(**whole)
+    counted = counter.get_flop_counts()["Global"]
+    convolution_flops = sum(n for op, n in counted.items() if "convolution" in str(op))
+
     def kernels(label):
         activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
         with profile(activities=[activity]) as prof:
@@ -274,6 +281,14 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_op
         for e in events[:profile_rows]:
             say(f"step profile {preset} b{batch} bf16 {label}: {100 * getattr(e, key) / total:5.1f} % "
                 f"{getattr(e, key) / 5 / 1000:7.2f} ms/step  {e.count // 5:4d}×  {e.key[:90]}")
+        families = dict.fromkeys([name for name, _ in KERNEL_FAMILIES] + ["other"], 0.0)
+        for e in events:
+            families[next((name for name, pattern in KERNEL_FAMILIES if re.search(pattern, e.key)), "other")] += \
+                getattr(e, key) / 5 / 1e6  # seconds per step
+        rate = convolution_flops / families["convolutions"] / 1e12 if families["convolutions"] else float("nan")
+        say(f"step kernels {preset} b{batch} bf16 {label}: " + "; ".join(
+            f"{name} {100 * seconds * 5e6 / total:.1f} % ({1000 * seconds:.2f} ms)" for name, seconds in families.items())
+            + f"; the convolutions' counted FLOPs at {rate:.0f} TFLOP/s in their kernels")
 
     kernels("eager")
     # The U-Net compiled in place, as train.py does when accelerate's dynamo settings ask (CUDA graphs by default
@@ -284,6 +299,17 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_op
     say(f"step anatomy {preset} b{batch} bf16, the U-Net compiled ({compile_options}): {1000 * seconds:.1f} ms per "
         f"step, {batch / seconds:.0f} images/s (eager {1000 * timed['+ batch from pinned host memory']:.1f} ms)")
     kernels("compiled")
+
+
+# Kernel families, by the names that cuDNN, cuBLAS, inductor's Triton and ATen give their kernels (the first match
+# counts; the CPU's profile names ATen's operators): where a step's GPU time goes
+KERNEL_FAMILIES = [("layout transposes", r"nchwToNhwc|nhwcToNchw"),
+                   ("convolutions", r"(?i)conv|fprop|dgrad|wgrad|implicit_gemm"),
+                   ("matmuls and attention", r"(?i)gemm|flash|fmha|sdpa|attention|cublas|cutlass|aten::(mm|bmm|addmm)"),
+                   ("inductor's fused kernels", r"^triton_"),
+                   ("group norms", r"(?i)group_norm|RowwiseMoments|ComputeInternalGradients|GammaBeta"),
+                   ("copies and casts", r"(?i)copy|memcpy|memset|to_copy"),
+                   ("other elementwise and reductions", r"(?i)elementwise|reduce|vectorized|aten::")]
 
 
 def switched(cls, name: str, value, fn):

@@ -47,6 +47,10 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     # those with a shorter switch interval
     for label in ("eager", "compiled"):
         assert len(re.findall(rf"GPU step profile tiny-16 b4 bf16 {label}: ", out)) == 4, out  # the total, 3 kernels
+        families = re.search(rf"GPU step kernels tiny-16 b4 bf16 {label}: (.*); the convolutions' counted FLOPs at "
+                             rf"{number} TFLOP/s in their kernels", out)
+        shares = [float(share) for share in re.findall(rf"({number}) % \({number} ms\)", families.group(1))]
+        assert len(shares) == 8 and shares[1] > 0 and abs(sum(shares) - 100) < 0.5, out  # every kernel in one family
     assert re.search(rf"GPU step anatomy tiny-16 b4 bf16, the U-Net compiled \(.*\): {number} ms per step, "
                      rf"{number} images/s \(eager {number} ms\)", out), out
     assert len(re.findall(rf"GPU sampling 2 steps × [24] images, .*: {number} images/s of the 1000-step chain; 50,000 "
