@@ -286,8 +286,9 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_op
             families[next((name for name, pattern in KERNEL_FAMILIES if re.search(pattern, e.key)), "other")] += \
                 getattr(e, key) / 5 / 1e6  # seconds per step
         rate = convolution_flops / families["convolutions"] / 1e12 if families["convolutions"] else float("nan")
-        say(f"step kernels {preset} b{batch} bf16 {label}: " + "; ".join(
-            f"{name} {100 * seconds * 5e6 / total:.1f} % ({1000 * seconds:.2f} ms)" for name, seconds in families.items())
+        shares = [f"{name} {100 * seconds * 5e6 / total:.1f} % ({1000 * seconds:.2f} ms)"
+                  for name, seconds in families.items()]
+        say(f"step kernels {preset} b{batch} bf16 {label}: " + "; ".join(shares)
             + f"; the convolutions' counted FLOPs at {rate:.0f} TFLOP/s in their kernels")
 
     kernels("eager")
@@ -450,7 +451,8 @@ def main():
         bf16, "bf16-reduce-overhead-channels-last", args.train_steps, "channels-last", env=reduce_overhead), 90)
     part("sampling", lambda: sampling(args.sampling_steps), 200)  # its 7 variants, 3 compiled: about 200 s
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
-    part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"), 60)
+    part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"),
+         60)
     # The host reading every update's outcome at once, so waiting for each step (before 2026-11-27 c train.py waited
     # for the gradient norm, just before the update): beside the first run, what reading it one step later gains
     part("train bf16-read-at-once", lambda: training(bf16, "bf16-read-at-once", args.train_steps,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 13, one command on a GPU machine with torch but without network, diffusers or
 # datasets:
-#     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure; all parts take over 10 minutes on one H100
-#                                        # (see docs/benchmarks.md for the split into calls), --deadline_s skips the tail
+#     bash bench/gpu.sh > gpu.log 2>&1   # one "GPU ..." line per figure; all parts take over 10 minutes on one
+#                                        # H100 (docs/benchmarks.md splits them into calls); --deadline_s skips the tail
 #     bash bench/gpu.sh --only data train --deadline_s 240    # some parts only
 #     ... --logs DIR    # keep each train.py run's whole output (the stacks of one killed at its limit included)
 # Send the output to a file, not through a pipe: a run stopped by a time limit keeps what it printed.
@@ -23,7 +23,8 @@ mkdir "$PKG/ddpm_hf" && ln -s "$PWD"/ddpm_hf/* "$PKG/ddpm_hf/" && ln -s "$PWD/pi
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
-if [ "${CUDA_TESTS_S:-180}" != 0 ] && python -c "import pytest" 2>/dev/null; then  # the CUDA-only tests (CUDA_TESTS_S=0: none); -P: the cwd's ddpm_hf (no pipelines) not first
+# the CUDA-only tests, within CUDA_TESTS_S seconds (0: none); -P: the cwd's ddpm_hf (no pipelines) not first
+if [ "${CUDA_TESTS_S:-180}" != 0 ] && python -c "import pytest" 2>/dev/null; then
     # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill)
     CUDA_LOG="${OUT:-$PKG}/cuda_tests.log"
     timeout "${CUDA_TESTS_S:-180}" python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
