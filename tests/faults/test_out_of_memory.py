@@ -1,11 +1,12 @@
 """Running out of memory, for real: this process's address space is limited (RLIMIT_AS, as `ulimit -v` does) to what
 it holds plus a little, and allocations beyond it fail in torch's CPU allocator as a GPU's would in CUDA's. A training
 step that does not fit stops the run with the flags that make it fit and the checkpoint to resume from; a sample
-grid that does not fit is skipped and training goes on; sampling names --batch_size; and a probe that runs out of
-memory is not reported as a compiler or dtype failure."""
+grid that does not fit is skipped and training goes on; no room for the EMA copy stops the run after its checkpoint;
+sampling names --batch_size; and a probe that runs out of memory is not reported as a compiler or dtype failure."""
 
 import gc
 import hashlib
+import json
 import resource
 import sys
 from contextlib import contextmanager
@@ -89,6 +90,54 @@ def test_a_grid_that_does_not_fit_is_skipped_and_a_step_that_does_not_fit_names_
     # and with room again, the run goes on from there
     train_here(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
     assert check_checkpoints(out)[-1] == "checkpoint-4"
+
+
+def test_no_room_for_the_ema_copy_stops_the_run_after_its_checkpoint(tmp_path, train, train_here, monkeypatch,
+                                                                      on_the_host):
+    """After a step, the main process copies the network with the EMA weights for the step's outputs (a grid, the
+    final pipeline). On a GPU that training fills, the copy may not fit: the run stops saying so, with the fix, and
+    the checkpoint of that step, written before the copy, intact to resume from. Here the copy's allocations really
+    fail: the address space is closed while it is made. Its weights (the paper's CIFAR-10 network) are mapped anew,
+    not taken from heap memory the process freed before (earlier tests in it leave hundreds of MB): glibc maps every
+    allocation above 64 kB for the length of the test."""
+    import ctypes
+
+    from ddpm_hf.presets import unet_config
+
+    libc, mmap_threshold = ctypes.CDLL(None), -3  # glibc's M_MMAP_THRESHOLD
+    if not hasattr(libc, "mallopt") or not libc.mallopt(mmap_threshold, 2**16):
+        pytest.skip("needs glibc's mallopt to map large allocations anew")
+
+    data, out = write_images(tmp_path / "data", count=64, shards=4), tmp_path / "run"
+    config = tmp_path / "unet.json"  # for the grey 16² test images
+    config.write_text(json.dumps(unet_config("ddpm-cifar10", in_channels=1, out_channels=1, sample_size=16)))
+    args = FAST + ["--model_config", str(config), "--train_batch_size", "2", "--dataset_name", str(data),
+                   "--checkpointing_steps", "2", "--save_images_steps", "2", "--output_dir", str(out)]
+    made = train.ema_pipeline
+
+    def with_no_room(*args, **kwargs):
+        with address_space(room=0):
+            return made(*args, **kwargs)
+
+    monkeypatch.setattr(train, "ema_pipeline", with_no_room)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train_here(args + ["--max_train_steps", "3"])
+    finally:
+        libc.mallopt(mmap_threshold, 128 * 2**10)  # glibc's default (fixed now, no longer adjusted as it goes)
+
+    message = str(stopped.value.code)
+    assert message.startswith("out of memory on cpu making the outputs of step 2, a copy of the network with the EMA "
+                              "weights ("), message
+    assert "lower --train_batch_size or add --gradient_checkpointing" in message
+    assert "checkpoint-2 is intact: resume from it with --resume_from_checkpoint latest" in message
+    assert check_checkpoints(out) == ["checkpoint-2"] and not (out / "model_index.json").exists()
+    before = _digest(out / "checkpoint-2")
+
+    monkeypatch.setattr(train, "ema_pipeline", made)  # with room again, the run goes on from that checkpoint
+    train_here(args + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert check_checkpoints(out) == ["checkpoint-2", "checkpoint-3"] and (out / "model_index.json").exists()
+    assert _digest(out / "checkpoint-2") == before
 
 
 @pytest.mark.parametrize("check", ["dtype", "compile"])
