@@ -956,11 +956,16 @@ class _ReaderProcess:
                                                            exitpriority=100)
         self.process.start()
         child_end.close()
-        # what receive waits on, registered once: the pipe, and the reader's end (multiprocessing's wait() builds
-        # a selector at every call, a third of the training process's time per batch)
-        self._ready = select.poll()
-        for fd in (self.conn.fileno(), self.process.sentinel):
-            self._ready.register(fd, select.POLLIN)
+        self._ready = self.waited_on(self.conn, self.process)
+
+    @staticmethod
+    def waited_on(conn, process) -> "select.poll":
+        """What receive waits on, registered once: the pipe, and the reader's end (multiprocessing's wait() builds a
+        selector at every call, a third of the training process's time per batch)."""
+        ready = select.poll()
+        for fd in (conn.fileno(), process.sentinel):
+            ready.register(fd, select.POLLIN)
+        return ready
 
     def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
         """The reader process: its workers started first (forked while it has one thread), then the stream's rows

@@ -148,7 +148,6 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
     error". A real pipe and a real forked reader; only the timing of the first wait is imposed."""
     import multiprocessing
     import pickle
-    import select
 
     conn, reader_end = multiprocessing.Pipe()
 
@@ -159,9 +158,7 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
     process = multiprocessing.get_context("fork").Process(target=reader_that_fails)
     process.start()
     reader_end.close()
-    ready = select.poll()
-    for fd in (conn.fileno(), process.sentinel):
-        ready.register(fd, select.POLLIN)
+    ready = data._ReaderProcess.waited_on(conn, process)
 
     class Descheduled:  # the first wait times out as the reader sends its error and ends
         waits = 0
