@@ -7,7 +7,9 @@ Two synthetic datasets in 16 parquet shards: 32×32 PNG (CIFAR-10-like, for ddpm
 for ddpm-256, decoded and resized from 320×256). For each, ddpm_hf.data.TrainStream is read for --seconds per worker
 count (after one warm-up batch) and prints images/s, images/s per worker, and the CPU time the training process itself
 spends per batch (its threads, not the workers or the reader process): the time it holds, or competes for, the
-interpreter lock the step's kernel launches need. Then one training step of the preset's U-Net (forward, backward,
+interpreter lock the step's kernel launches need. Then the hand-off: the median time next_batch takes in the training
+loop's thread when its batch is ready (a step of --step_s between calls, long enough for the reader to refill; pinned
+memory on CUDA): what train.py's data_wait counts for each step when the stream keeps up. Then one training step of the preset's U-Net (forward, backward,
 AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio decode/consume is printed: above 1, the
 stream keeps the model fed.
 """
@@ -60,6 +62,25 @@ def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds
         stream.close()
 
 
+def handoff_ms(folder: Path, resolution: int, batch: int, workers: int, step_s: float, calls: int, pin: bool) -> float:
+    """The median milliseconds next_batch takes when a batch is ready, ``step_s`` after the previous call."""
+    from ddpm_hf.data import TrainStream, load_image_dataset
+
+    stream = TrainStream(load_image_dataset(str(folder)), "image", resolution, 3, batch, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0, random_flip=True, num_workers=workers, pin_memory=pin)
+    try:
+        stream.next_batch()
+        times = []
+        for _ in range(calls):
+            time.sleep(step_s)
+            start = time.perf_counter()
+            stream.next_batch()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)) * 1e3
+    finally:
+        stream.close()
+
+
 def consume_rate(preset: str, batch: int, device: torch.device) -> float:
     from ddpm_hf import DDPMUNet
     from ddpm_hf.presets import unet_config
@@ -93,6 +114,8 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--step_s", type=float, default=0.3, help="the step simulated between two hand-offs")
+    parser.add_argument("--handoffs", type=int, default=20, help="hand-offs timed per worker count (0: none)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cases = [("png32", 32, 128, "ddpm-cifar10", 128 if device.type == "cuda" else 4, 4096),
@@ -107,6 +130,11 @@ def main():
                 print(f"{kind} decode with {workers} workers: {rate:8.1f} images/s ({rate / max(workers, 1):.1f} per "
                       f"worker); ratio decode/consume {rate / consumed:.2f}; training process CPU {cpu_ms:.2f} ms "
                       f"per batch of {batch}")
+            for workers in args.workers if args.handoffs else ():
+                waited = handoff_ms(folder, resolution, batch, workers, args.step_s, args.handoffs,
+                                    pin=device.type == "cuda")
+                print(f"{kind} hand-off with {workers} workers: next_batch takes {waited:.3f} ms (median of "
+                      f"{args.handoffs}) when its batch is ready")
 
 
 if __name__ == "__main__":

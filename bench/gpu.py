@@ -11,9 +11,11 @@ Lines printed (prefix "GPU"):
                    measured bf16 matmul peak and the data-sheet peak), eager (contiguous and channels-last
                    activations; and with every update's outcome read at once, the host waiting for each step, as
                    before 2026-11-27 c), --compile, and compiled with CUDA graphs (accelerate's --dynamo_mode
-                   reduce-overhead) in both layouts; fp16 for a few steps;
+                   reduce-overhead) in both layouts; fp16 for a few steps; last, when asked for or when time is
+                   left, with inductor's autotuning of convolutions and matmuls (--dynamo_mode max-autotune);
   step anatomy     train.py's bf16 step, its pieces added one at a time to the bare U-Net step, and its kernels;
-  data.py          decode throughput with 0, 4 and 8 workers against what the presets consume;
+  data.py          decode throughput with 0, 4 and 8 workers against what the presets consume, and the time
+                   next_batch takes the training loop when its batch is ready;
   sampling         --sampling_steps ancestral steps of 256 images as `ddpm-hf sample/evaluate` run them: fp32,
                    --dtype bf16, --compile, with CUDA graphs in both layouts, a larger batch, and with evaluate's
                    generator per image (images/s; 50,000-sample projection);
@@ -461,6 +463,12 @@ def main():
     part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
+    # inductor's autotuning of the convolutions and matmuls (its Triton templates against cuDNN's and cuBLAS's
+    # kernels), with CUDA graphs: the next lever on model FLOP utilisation once the launches are gone; minutes of
+    # compilation, so last, run when asked for (--only "train bf16 max-autotune") or when time is left
+    max_autotune = {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "max-autotune"}
+    part("train bf16 max-autotune", lambda: training(bf16, "bf16-max-autotune", args.train_steps, env=max_autotune),
+         240)
     say(f"done in {time.time() - START:.0f} s")
 
 
@@ -472,7 +480,8 @@ def decode_rates(timeout: float):
 
     try:
         result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0",
-                                 "4", "8", "--seconds", "3"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                                 "4", "8", "--seconds", "3",
+                                 "--step_s", "0.1", "--handoffs", "10"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as err:  # the figures printed before the limit still count
         figures(err.stdout)
         raise
