@@ -112,7 +112,8 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     open_sample_folder(out, samples_key(pipe, steps, args.seed, args.dtype, options), args.num_images)  # resumable
     prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
-    images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out)
+    images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
+                            fixed_batch_size=options is not None)
     uint8_grid(images[:64]).save(out / "grid.png")
     print(f"{len(images)} images in {out}, grid: {out / 'grid.png'}")
     return 0

@@ -232,11 +232,16 @@ def _read_sample(path: Path) -> Optional[torch.Tensor]:
 
 
 def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
-                   process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None) -> torch.Tensor:
+                   process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None,
+                   fixed_batch_size: bool = False) -> torch.Tensor:
     """uint8 (N, C, H, W) samples; image i uses its own generator seeded seed + i, so the set does not depend on
     the batch size or on how many processes share the work (process p makes images p, p + P, ...). With ``folder``
     (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is made,
-    and the images already there are read instead of made again: a command that was stopped goes on where it was."""
+    and the images already there are read instead of made again: a command that was stopped goes on where it was.
+    With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at ``min(batch_size, this process's
+    share)``), every batch has that size: a short last one is filled up with copies of its last image, dropped
+    after, because a compiled network would be compiled again for the new shape (with CUDA graphs, also recorded
+    again: tens of seconds)."""
     from tqdm.auto import tqdm
 
     from .images import to_pil
@@ -254,10 +259,14 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     pipe.set_progress_bar_config(disable=True)
     made_before = len(mine) - len(todo)
     bar = f"{desc} ({made_before} of {len(mine)} images already in {folder})" if made_before else desc
+    compiled_for = min(batch_size, len(mine))
     for start in tqdm(range(0, len(todo), batch_size), desc=bar, unit="batch", disable=process_index != 0):
         batch = todo[start:start + batch_size]
-        out = pipe(batch_size=len(batch), generator=[torch.Generator().manual_seed(seed + i) for _, i in batch],
-                   num_inference_steps=steps, output_type="pt").images
+        seeds = [seed + i for _, i in batch]
+        if fixed_batch_size:
+            seeds += seeds[-1:] * (compiled_for - len(batch))  # each its own generator: the rows stay independent
+        out = pipe(batch_size=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                   num_inference_steps=steps, output_type="pt").images[:len(batch)]
         # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
         # are the levels of the pipeline's own PIL output.
         made = to_uint8(out * 2 - 1).cpu()
@@ -377,7 +386,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         extractor = feature_extractor(features).to(device) if {"fid", "kid"} & set(metrics) else None
         classifier = class_probabilities(features).to(device) if "is" in metrics else None
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
-                              state.process_index, state.num_processes, samples_folder)
+                              state.process_index, state.num_processes, samples_folder,
+                              fixed_batch_size=compile_kwargs is not None)
         # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
         grid_rows = len(range(state.process_index, min(64, num_samples), state.num_processes))
         grids, feature_parts, probability_parts = zip(*gather_object([(
