@@ -9,9 +9,9 @@ count (after one warm-up batch) and prints images/s, images/s per worker, and th
 spends per batch (its threads, not the workers or the reader process): the time it holds, or competes for, the
 interpreter lock the step's kernel launches need. Then the hand-off: the median time next_batch takes in the training
 loop's thread when its batch is ready (a step of --step_s between calls, long enough for the reader to refill; pinned
-memory on CUDA): what train.py's data_wait counts for each step when the stream keeps up. Then one training step of the preset's U-Net (forward, backward,
-AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio decode/consume is printed: above 1, the
-stream keeps the model fed.
+memory on CUDA): what train.py's data_wait counts for each step when the stream keeps up. Then one training step of
+the preset's U-Net (forward, backward, AdamW; bf16 autocast on CUDA) is timed on the same machine, and the ratio
+decode/consume is printed: above 1, the stream keeps the model fed.
 """
 
 import argparse

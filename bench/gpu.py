@@ -480,8 +480,8 @@ def decode_rates(timeout: float):
 
     try:
         result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0",
-                                 "4", "8", "--seconds", "3",
-                                 "--step_s", "0.1", "--handoffs", "10"], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                                 "4", "8", "--seconds", "3", "--step_s", "0.1", "--handoffs", "10"],
+                                capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as err:  # the figures printed before the limit still count
         figures(err.stdout)
         raise

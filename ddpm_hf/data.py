@@ -662,7 +662,7 @@ class TrainStream:
             if threading.current_thread() is not threading.main_thread():
                 logger.warning("the data reader process is started from thread %s: it dies when that thread ends "
                                "(read the stream from the main thread)", threading.current_thread().name)
-            # one batch copied out ahead: the reader's ring holds the rest of the prefetch
+            # one batch copied out and queued, one more in the receiving thread's hands, the rest in the reader's ring
             self._queue = queue.Queue(1)
             self._reader = _ReaderProcess(self, self._queue, stop)
             return
@@ -932,8 +932,9 @@ def _kill_if_started(process) -> None:
 class _ReaderProcess:
     """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
 
-    The batches come back through ``prefetch`` slots of shared memory (anonymous, so /dev/shm's size in a container
-    does not bound them): the reader writes a batch into a free slot and sends what goes with it (positions, skip
+    The batches come back through ``prefetch − 2`` slots of shared memory (at least one; anonymous, so /dev/shm's
+    size in a container does not bound them; with the batch queued and the one waiting to be, ``prefetch`` ahead in
+    all): the reader writes a batch into a free slot and sends what goes with it (positions, skip
     counts, ids) on a pipe; a thread of the training process (``_forward``) copies the images out as they come, into
     pinned memory where asked, sends the slot back and puts the batch in the stream's queue. The training loop's
     thread then only takes a batch from a queue: receiving one (two messages, a fresh buffer's page faults and the
@@ -951,7 +952,7 @@ class _ReaderProcess:
         settings = stream.settings
         shape = (len(stream.streams) * stream.per_stream_batch, settings.channels, settings.resolution,
                  settings.resolution)
-        slots = stream.prefetch
+        slots = max(1, stream.prefetch - 2)  # + the queued batch + the one the receiving thread holds
         self.ring = np.frombuffer(mmap.mmap(-1, slots * int(np.prod(shape))), dtype=np.uint8).reshape(slots, *shape)
         self.conn, child_end = multiprocessing.Pipe()
         self.process = multiprocessing.get_context("fork").Process(
@@ -961,8 +962,7 @@ class _ReaderProcess:
                                                            exitpriority=100)
         self.process.start()
         child_end.close()
-        self._ready = self.waited_on(self.conn, self.process)
-        self._stop = stop
+        self._ready, self._stop = self.waited_on(self.conn, self.process), stop
         # started after the fork: the reader has no copy of it
         self.receiver = threading.Thread(target=self._forward, args=(out, stop), name="ddpm_hf-receiver", daemon=True)
         self.receiver.start()
@@ -1035,9 +1035,10 @@ class _ReaderProcess:
             _put_unless_stopped(out, item, stop)
 
     def receive(self) -> "_Batch":
-        """The next batch, its images copied out of the ring; the reader's error, or its death, raised here."""
+        """The next batch, its images copied out of the ring; the reader's error, or its death, raised here (after
+        a stop, the death: nobody reads it)."""
         # the pipe, or the reader's end; is_alive as well, in case a process it forked holds the pipe's other end
-        while not (ready := self._ready.poll(1000)) and self.process.is_alive():
+        while not (ready := self._ready.poll(1000)) and self.process.is_alive() and not self._stop.is_set():
             pass
         if not ready:  # the reader ended after the last wait timed out: what it sent before is there now
             ready = self._ready.poll(0)
@@ -1047,7 +1048,10 @@ class _ReaderProcess:
             message = None
         if message is None:
             self.process.join(5)
-            code = self.process.exitcode
+            code, waited = self.process.exitcode, time.monotonic() + 5
+            while code is None and time.monotonic() < waited:  # the main thread reaping it at this very moment
+                time.sleep(0.01)
+                code = self.process.exitcode
             how = (f"was killed by {signal.Signals(-code).name} (killed for memory, or a native library crashed in "
                    "it reading or decoding the dataset)" if code and code < 0 else
                    f"ended (exit code {code}) without sending its error (its traceback, if any, is above)")
@@ -1088,10 +1092,11 @@ class _ReaderProcess:
         self._stop.set()
         try:
             self._kill_at_exit()  # kills, once
-            self.process.join(30)
         finally:
-            # the thread sees the reader's end (or its stop) and ends; the pipe is closed after it, never under it
+            # the thread sees the reader's end (or the stop) and ends, then this one reaps the reader (one thread at
+            # a time: the other would find no exit code); the pipe is closed after the thread, never under it
             self.receiver.join(30)
+            self.process.join(30)
             if not self.receiver.is_alive():
                 self.conn.close()
 

@@ -46,12 +46,13 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
                    "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--record_example_ids"]
     two = tmp_path / "two"
 
-    def two_processes(*extra):
+    def two_processes(*extra, launch_options=()):
         result = _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--main_process_port", str(free_port()), TRAIN, *args, *extra],
+                       "--main_process_port", str(free_port()), *launch_options, TRAIN, *args, *extra],
                       env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
         # DDP's warning when a gradient's layout differs from its bucket's (a copy at every step)
         assert "Grad strides do not match bucket view strides" not in result.stdout + result.stderr
+        return result.stdout + result.stderr
 
     # each rank reads in a reader process with a decoding worker (as on a GPU machine); the resume below reads in a
     # thread of each rank (0 workers: the default of two processes on 2 cores)
@@ -90,6 +91,18 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
     c = final_weights(resumed)
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+    # The U-Net compiled in place inside DDP, as `accelerate launch --multi_gpu --dynamo_backend inductor` has it,
+    # with AOT autograd's separate forward and backward graphs (dynamo's aot_eager backend: inductor's path without
+    # its code generation): the gradients are still averaged across the ranks. Ranks that stepped on their own half
+    # batch would differ by up to twice the learning rate per weight after the first Adam step.
+    compiled = tmp_path / "compiled"
+    log = two_processes("--output_dir", str(compiled), "--dataloader_num_workers", "0",
+                        launch_options=("--dynamo_backend", "aot_eager"))
+    assert "asked by accelerate's dynamo settings (aot_eager)" in log, log[-3000:]
+    d = final_weights(compiled)
+    for key in a:
+        torch.testing.assert_close(d[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.distributed
