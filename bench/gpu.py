@@ -18,7 +18,8 @@ Lines printed (prefix "GPU"):
                    next_batch takes the training loop when its batch is ready;
   sampling         --sampling_steps ancestral steps of 256 images as `ddpm-hf sample/evaluate` run them: fp32,
                    --dtype bf16, --compile, with CUDA graphs in both layouts, a larger batch, and with evaluate's
-                   generator per image (images/s; 50,000-sample projection);
+                   generator per image, on the host's threads and on one as under accelerate launch (images/s;
+                   50,000-sample projection);
   bits/dim         256 images over all 1000 terms (seconds), eager and compiled.
 """
 
@@ -325,6 +326,16 @@ def switched(cls, name: str, value, fn):
         setattr(cls, name, saved)
 
 
+def switched_threads(threads: int, fn):
+    """fn() with torch's intra-op threads set to ``threads``, restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
 # train.py run by this wrapper: its threads' stacks go to its log on SIGUSR1 (sent before a timeout's kill, so a run
 # that overstays says where it was), and bench-only speed choices (the U-Net's activation layout) set before it starts.
 TRAIN_WRAPPER = """
@@ -451,7 +462,7 @@ def main():
                                                         env=reduce_overhead), 90)
     part("train bf16 reduce-overhead-channels-last", lambda: training(
         bf16, "bf16-reduce-overhead-channels-last", args.train_steps, "channels-last", env=reduce_overhead), 90)
-    part("sampling", lambda: sampling(args.sampling_steps), 200)  # its 7 variants, 3 compiled: about 200 s
+    part("sampling", lambda: sampling(args.sampling_steps), 210)  # its 8 variants, 3 compiled: about 210 s
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
     part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"),
          60)
@@ -563,6 +574,11 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
         variant(f"{best}, batch {2 * batch}", "bf16", layout, reduce_overhead, 2 * batch)
         variant(f"{best}, a generator per image as evaluate draws them", "bf16", layout, reduce_overhead,
                 per_image=True)
+        # `accelerate launch` sets OMP_NUM_THREADS=1 in every process it starts, GPU ones included: evaluate's
+        # per-image noise is then drawn on one host thread (see ddpm_hf.scheduler._draw_rows)
+        switched_threads(1, lambda: variant(
+            f"{best}, a generator per image on one host thread, as under accelerate launch", "bf16", layout,
+            reduce_overhead, per_image=True))
     # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)
     switched(torch.backends.cudnn, "benchmark", True, lambda: switched(
         torch.backends.cudnn, "allow_tf32", True, lambda: switched(

@@ -54,8 +54,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert re.search(rf"GPU step anatomy tiny-16 b4 bf16, the U-Net compiled \(.*\): {number} ms per step, "
                      rf"{number} images/s \(eager {number} ms\)", out), out
     assert len(re.findall(rf"GPU sampling 2 steps × [24] images, .*: {number} images/s of the 1000-step chain; 50,000 "
-                          rf"samples projected {number} min", out)) == 7, out  # 6 networks (one for the 2× batch), and
-    # the per-image generators of evaluate
+                          rf"samples projected {number} min", out)) == 8, out  # 6 networks (one for the 2× batch), and
+    # the per-image generators of evaluate, on the host's threads and on one (as under accelerate launch)
     assert re.search(r"\(--dynamo_mode reduce-overhead\): .* graphs compiled without CUDA graphs: \d+\n", out), out
     assert switches() == before
 
