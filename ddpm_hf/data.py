@@ -21,6 +21,7 @@ import select
 import signal
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
@@ -932,17 +933,17 @@ def _kill_if_started(process) -> None:
 class _ReaderProcess:
     """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
 
-    The batches come back through ``prefetch − 2`` slots of shared memory (at least one; anonymous, so /dev/shm's
-    size in a container does not bound them; with the batch queued and the one waiting to be, ``prefetch`` ahead in
-    all): the reader writes a batch into a free slot and sends what goes with it (positions, skip
-    counts, ids) on a pipe; a thread of the training process (``_forward``) copies the images out as they come, into
-    pinned memory where asked, sends the slot back and puts the batch in the stream's queue. The training loop's
-    thread then only takes a batch from a queue: receiving one (two messages, a fresh buffer's page faults and the
-    copy) took it 0.3 to 0.5 ms, 2 % of a CUDA-graph step of 27 ms. An error that ends the stream comes back on the
-    pipe, after the batches made before it, and is put in the queue after them (``receive`` raises it); so is a
-    reader's death (killed for memory, a crash in a native library), named as such. The reader dies with the thread
-    that started it (Linux's parent-death signal follows the forking thread: train.py's main thread), and its workers
-    with it."""
+    The batches come back through ``prefetch − 2`` slots of shared memory (at least one; anonymous, so /dev/shm's size
+    in a container does not bound them; with the batch queued and the one waiting to be, ``max(prefetch, 3)`` ahead in
+    all): the reader writes a batch into a free slot and sends what goes with it (positions, skip counts, ids) on a
+    pipe; a thread of the training process (``_forward``) copies the images out as they come, into pinned memory where
+    asked, sends the slot back and puts the batch in the stream's queue. The training loop's thread then only takes a
+    batch from a queue: receiving one itself (two messages, a fresh buffer's page faults, the copy) took it 0.4 ms per
+    batch of 128 32² images here and 2.6 ms at 256² (bench/data.py), where a CUDA-graph step of the CIFAR-10 model takes
+    27 ms on an H100. An error that ends the stream comes back on the pipe, after the batches made before it, and is put
+    in the queue after them (``receive`` raises it); so is a reader's death (killed for memory, a crash in a native
+    library), named as such. The reader dies with the thread that started it (Linux's parent-death signal follows the
+    forking thread: train.py's main thread), and its workers with it."""
 
     def __init__(self, stream: "TrainStream", out: "queue.Queue", stop: threading.Event):
         import mmap
@@ -963,8 +964,12 @@ class _ReaderProcess:
         self.process.start()
         child_end.close()
         self._ready, self._stop = self.waited_on(self.conn, self.process), stop
-        # started after the fork: the reader has no copy of it
-        self.receiver = threading.Thread(target=self._forward, args=(out, stop), name="ddpm_hf-receiver", daemon=True)
+        # Started after the fork: the reader has no copy of it. It holds this object only while receiving, so that a
+        # stream dropped without close() still has its reader killed when collected (the Finalize above); it stops
+        # then.
+        this = weakref.ref(self, lambda _: stop.set())
+        self.receiver = threading.Thread(target=self._forward, args=(this, out, stop), name="ddpm_hf-receiver",
+                                         daemon=True)
         self.receiver.start()
 
     @staticmethod
@@ -1023,15 +1028,18 @@ class _ReaderProcess:
             finally:
                 os._exit(0 if error_sent else 1)
 
-    def _forward(self, out: "queue.Queue", stop: threading.Event) -> None:
+    @staticmethod
+    def _forward(reader: "weakref.ref[_ReaderProcess]", out: "queue.Queue", stop: threading.Event) -> None:
         """The receiving thread: every batch the reader sends, then the error that ends the stream, put in ``out``
         until ``stop`` is set."""
-        while not stop.is_set():
+        while not stop.is_set() and (receiving := reader()) is not None:
             try:
-                item = self.receive()
+                item = receiving.receive()
             except BaseException as err:  # raised by next_batch, after the batches before it
                 _put_unless_stopped(out, err, stop)
                 return
+            finally:
+                receiving = None
             _put_unless_stopped(out, item, stop)
 
     def receive(self) -> "_Batch":
@@ -1048,8 +1056,8 @@ class _ReaderProcess:
             message = None
         if message is None:
             self.process.join(5)
-            code, waited = self.process.exitcode, time.monotonic() + 5
-            while code is None and time.monotonic() < waited:  # the main thread reaping it at this very moment
+            code, deadline = self.process.exitcode, time.monotonic() + 5
+            while code is None and time.monotonic() < deadline:  # another thread reaping it at this very moment
                 time.sleep(0.01)
                 code = self.process.exitcode
             how = (f"was killed by {signal.Signals(-code).name} (killed for memory, or a native library crashed in "

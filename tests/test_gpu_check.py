@@ -26,7 +26,7 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     switches = lambda: (set(DDPMUNet.channels_last_on), set(Upsample.phases_on),  # noqa: E731
                         set(GroupNorm.autocast_dtype_on), torch.backends.cudnn.benchmark,
                         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-                        sys.getswitchinterval())
+                        sys.getswitchinterval(), torch.get_num_threads())
     before = switches()
     gpu.write_dataset(tmp_path / "shards", "png32", 64, shards=2)
     gpu.unet_step_ratios(2, "tiny-16", "cpu", repeats=1)
