@@ -7,7 +7,8 @@ their names (accelerate's own wrapper would name them ``_orig_mod.*`` in every c
 call checks the compiled network before any real work.
 """
 
-from typing import Callable, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Tuple
 
 from torch import nn
 
@@ -50,3 +51,14 @@ def compile_checked(unet: nn.Module, probe: Callable[[], None], options: dict, s
                else "launch with `--dynamo_backend no` (or unset ACCELERATE_DYNAMO_BACKEND)")
         raise RuntimeError(f"{source}: torch.compile of the U-Net failed ({type(err).__name__}: {first_line(err)}); "
                            f"{fix}.") from err
+
+
+@contextmanager
+def uncompiled(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` run as written inside the block, its in-place compilation set aside and restored after: for a few
+    calls at shapes it was not compiled for, which would compile it again (and, with CUDA graphs, record them)."""
+    compiled, module._compiled_call_impl = module._compiled_call_impl, None
+    try:
+        yield module
+    finally:
+        module._compiled_call_impl = compiled

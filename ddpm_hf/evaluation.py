@@ -348,13 +348,16 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         state.wait_for_everyone()
     sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
     if sample_quality or figures:
-        results.update(sampling_dtype=dtype, sampling_compiled=compile_kwargs is not None)
-        if compile_kwargs is not None:
-            results["sampling_compile_options"] = compile_kwargs  # {} for torch's defaults
-        if (dtype != "fp32" or compile_kwargs is not None) and (sample_quality or state.is_main_process):
+        # Only the samples are compiled: the figures (4 and 8 images) would compile the network again for their
+        # shapes, which costs more than it saves; they are drawn uncompiled, in the same dtype.
+        compiled = compile_kwargs if sample_quality else None
+        results.update(sampling_dtype=dtype, sampling_compiled=compiled is not None)
+        if compiled is not None:
+            results["sampling_compile_options"] = compiled  # {} for torch's defaults
+        if (dtype != "fp32" or compiled is not None) and (sample_quality or state.is_main_process):
             sampler = type(pipe)(unet=copy.deepcopy(pipe.unet), scheduler=pipe.scheduler)
             share = len(range(state.process_index, num_samples, state.num_processes)) if sample_quality else 4
-            prepare_sampling(sampler, dtype, compile_kwargs, max(1, min(batch_size, share)), compile_source)
+            prepare_sampling(sampler, dtype, compiled, max(1, min(batch_size, share)), compile_source)
 
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
@@ -420,13 +423,15 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                             "inception_score_std": std, "is_splits": is_splits})
         uint8_grid(grid).save(out / "samples.png")
-    if "progressive" in metrics:
-        sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                            num_snapshots=10).grid.save(out / "progressive.png")
-    if "interpolation" in metrics:
-        pair = to_model_range(load_eval_images(data, 2, size, channels, split=split, dataset_config_name=data_config))
-        t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
-        sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
+    with compiling.uncompiled(sampler.unet):  # (see above)
+        if "progressive" in metrics:
+            sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed),
+                                num_inference_steps=steps, num_snapshots=10).grid.save(out / "progressive.png")
+        if "interpolation" in metrics:
+            pair = to_model_range(load_eval_images(data, 2, size, channels, split=split,
+                                                   dataset_config_name=data_config))
+            t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
+            sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
