@@ -225,6 +225,26 @@ def test_a_stream_dropped_without_close_has_its_reader_killed(images):
     assert not receiving.is_alive(), "the receiving thread of a dropped stream lives on"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_come_in_pinned_memory_on_the_gpu(images, workers):
+    """On a CUDA machine train.py asks for pinned memory: every batch comes pinned, ready for a non-blocking copy
+    (allocated by the receiving thread with workers, by the reading thread without), and equal to the batches of a
+    stream without it."""
+    def stream(pin):
+        return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, num_workers=workers,
+                           pin_memory=pin)
+
+    pinned, plain = stream(True), stream(False)
+    try:
+        for _ in range(6):
+            batch = pinned.next_batch()
+            assert batch.is_pinned() and torch.equal(batch, plain.next_batch())
+    finally:
+        pinned.close()
+        plain.close()
+
+
 def test_a_dead_reader_stops_the_stream_saying_so(images):
     """The reader process killed (for memory, or a native library crashed in it), and gone with its workers, before
     the training process asks for its next batch: the batches it had finished are handed out, then the stream stops
