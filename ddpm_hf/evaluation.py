@@ -390,7 +390,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         classifier = class_probabilities(features).to(device) if "is" in metrics else None
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes, samples_folder,
-                              fixed_batch_size=compile_kwargs is not None)
+                              fixed_batch_size=compiled is not None)
         # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
         grid_rows = len(range(state.process_index, min(64, num_samples), state.num_processes))
         grids, feature_parts, probability_parts = zip(*gather_object([(
