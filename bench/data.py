@@ -18,6 +18,7 @@ import argparse
 import io
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,33 +46,35 @@ def write_dataset(folder: Path, kind: str, count: int, shards: int = 16) -> Path
     return folder
 
 
-def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds: float) -> tuple:
-    """Images/s and the training process's own CPU milliseconds per batch."""
-    from ddpm_hf.data import TrainStream, load_image_dataset
-
-    stream = TrainStream(load_image_dataset(str(folder)), "image", resolution, 3, batch, 1, 0, 1, seed=0,
-                         shuffle_buffer_size=0, random_flip=True, num_workers=workers)
-    try:
-        stream.next_batch()
-        start, cpu, images, batches = time.perf_counter(), time.process_time(), 0, 0
-        while time.perf_counter() - start < seconds:
-            images += len(stream.next_batch())
-            batches += 1
-        return images / (time.perf_counter() - start), (time.process_time() - cpu) / batches * 1e3
-    finally:
-        stream.close()
-
-
-def handoff_ms(folder: Path, resolution: int, batch: int, workers: int, step_s: float, calls: int,
-               pin: bool) -> tuple:
-    """The median milliseconds next_batch takes ``step_s`` after the previous call, and how many of the calls found
-    their batch ready (the others waited for it, and the median may include that wait)."""
+@contextmanager
+def started_stream(folder: Path, resolution: int, batch: int, workers: int, pin: bool = False):
+    """A TrainStream over ``folder`` after its first (warm-up) batch, closed after the block."""
     from ddpm_hf.data import TrainStream, load_image_dataset
 
     stream = TrainStream(load_image_dataset(str(folder)), "image", resolution, 3, batch, 1, 0, 1, seed=0,
                          shuffle_buffer_size=0, random_flip=True, num_workers=workers, pin_memory=pin)
     try:
         stream.next_batch()
+        yield stream
+    finally:
+        stream.close()
+
+
+def decode_rate(folder: Path, resolution: int, batch: int, workers: int, seconds: float) -> tuple:
+    """Images/s and the training process's own CPU milliseconds per batch."""
+    with started_stream(folder, resolution, batch, workers) as stream:
+        start, cpu, images, batches = time.perf_counter(), time.process_time(), 0, 0
+        while time.perf_counter() - start < seconds:
+            images += len(stream.next_batch())
+            batches += 1
+        return images / (time.perf_counter() - start), (time.process_time() - cpu) / batches * 1e3
+
+
+def handoff_ms(folder: Path, resolution: int, batch: int, workers: int, step_s: float, calls: int,
+               pin: bool) -> tuple:
+    """The median milliseconds next_batch takes ``step_s`` after the previous call, and how many of the calls found
+    their batch ready (the others waited for it, and the median may include that wait)."""
+    with started_stream(folder, resolution, batch, workers, pin) as stream:
         times, ready = [], 0
         for _ in range(calls):
             time.sleep(step_s)
@@ -80,8 +83,6 @@ def handoff_ms(folder: Path, resolution: int, batch: int, workers: int, step_s: 
             stream.next_batch()
             times.append(time.perf_counter() - start)
         return float(np.median(times)) * 1e3, ready
-    finally:
-        stream.close()
 
 
 def consume_rate(preset: str, batch: int, device: torch.device) -> float:

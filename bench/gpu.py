@@ -457,7 +457,10 @@ def main():
     # CUDA graphs: the step's ~1,000 kernel launches replayed as one (accelerate's --dynamo_mode, as a user sets it);
     # 2.3× plain --compile on 2026-11-27 g. Compiled, channels-last lets inductor fuse the norms without cuDNN's
     # layout transposes (11 % of the eager step's kernel time), which made the eager step slower.
-    reduce_overhead = {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"}
+    def inductor(mode):  # accelerate's dynamo settings, as `accelerate launch --dynamo_backend inductor` sets them
+        return {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": mode}
+
+    reduce_overhead = inductor("reduce-overhead")
     part("train bf16 reduce-overhead", lambda: training(bf16, "bf16-reduce-overhead", args.train_steps,
                                                         env=reduce_overhead), 90)
     part("train bf16 reduce-overhead-channels-last", lambda: training(
@@ -477,9 +480,8 @@ def main():
     # inductor's autotuning of the convolutions and matmuls (its Triton templates against cuDNN's and cuBLAS's
     # kernels), with CUDA graphs: the next lever on model FLOP utilisation once the launches are gone; minutes of
     # compilation, so last, run when asked for (--only "train bf16 max-autotune") or when time is left
-    max_autotune = {"ACCELERATE_DYNAMO_BACKEND": "inductor", "ACCELERATE_DYNAMO_MODE": "max-autotune"}
-    part("train bf16 max-autotune", lambda: training(bf16, "bf16-max-autotune", args.train_steps, env=max_autotune),
-         240)
+    part("train bf16 max-autotune", lambda: training(bf16, "bf16-max-autotune", args.train_steps,
+                                                     env=inductor("max-autotune")), 240)
     say(f"done in {time.time() - START:.0f} s")
 
 
@@ -579,6 +581,7 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
         switched_threads(1, lambda: variant(
             f"{best}, a generator per image on one host thread, as under accelerate launch", "bf16", layout,
             reduce_overhead, per_image=True))
+
     # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)
     switched(torch.backends.cudnn, "benchmark", True, lambda: switched(
         torch.backends.cudnn, "allow_tf32", True, lambda: switched(

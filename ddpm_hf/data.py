@@ -667,13 +667,14 @@ class TrainStream:
             self._queue = queue.Queue(1)
             self._reader = _ReaderProcess(self, self._queue, stop)
             return
-        self._queue, pin = queue.Queue(self.prefetch), self.pin_memory
+        out = self._queue = queue.Queue(self.prefetch)
+        pin = self.pin_memory
 
         def deliver(arrays: Optional[list], item) -> None:
             if arrays is not None:
                 images = torch.from_numpy(np.stack(arrays))
                 item.images = images.pin_memory() if pin else images
-            _put_unless_stopped(self._queue, item, stop)
+            _put_unless_stopped(out, item, stop)
 
         self._thread = threading.Thread(target=self._produce, args=(dict(self.position), stop, deliver),
                                         name="ddpm_hf-data", daemon=True)
@@ -688,11 +689,7 @@ class TrainStream:
             reader.stop()
         if self._thread is None:
             return
-        while self._thread.is_alive():
-            try:  # unblock a producer waiting on a full queue
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        self._thread.join()  # a producer waiting on a full queue sees the stop within 0.1 s (_put_unless_stopped)
         self._thread = None
 
     # --- the producer (the reader process, or a thread) -----------------------------------------------------------
