@@ -543,6 +543,94 @@ def test_fp16_on_cuda_trains_and_counts_overflow_steps(images, tmp_path):
     assert "fp16 overflow steps" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_fp16_overflow_is_counted_whatever_the_optimizer(fused):
+    """A fused AdamW (train.py's on CUDA) takes the loss scaler's found_inf and skips an overflowing update in its
+    own kernel, so accelerate, which watches whether the scaler called step(), never sees the skip; train.py reads
+    the scaler's decision on the device. Real accelerate, GradScaler and AdamW: accelerate makes no scaler on a CPU,
+    so the test gives it the CPU's GradScaler, as accelerate makes the CUDA one."""
+    from accelerate import Accelerator
+
+    from runs import load_train_script
+
+    train = load_train_script()
+    accelerator = Accelerator(cpu=True, mixed_precision="fp16")
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    model, optimizer = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused))
+    x = torch.ones(2, 4)
+
+    def step(loss_scale: float):
+        before = [p.detach().clone() for p in net.parameters()]
+        loss = model(x).square().mean() * loss_scale
+        accelerator.backward(loss)
+        update = train.optimizer_step(accelerator, model, optimizer, loss, 1.0)
+        changed = any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+        return update.finite(), update.overflow(), changed
+
+    assert step(1.0) == (True, False, True)
+    # A finite loss whose scaled value (× 2^16) overflows float32: the scaler skips the update and halves its scale.
+    assert step(1e36) == (True, True, False)
+    assert float(accelerator.scaler.get_scale()) == 2.0**15
+    assert step(1.0) == (True, False, True)
+    assert step(float("nan")) == (False, False, False)  # a non-finite loss: a bad step, not an overflow
+
+
+def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(images, tmp_path, monkeypatch):
+    """With --gradient_accumulation_steps 2, every micro-step's backward adds into the same gradient buffers, made
+    before the first step and zeroed in place after each update. A first micro-step's gradients must not become the
+    buffers: a U-Net compiled with CUDA graphs hands them out in the graphs' memory, which the next micro-step's
+    replay overwrites (test_gradient_accumulation_with_cuda_graphs runs that on a GPU). train.py in this process, on
+    one thread."""
+    from runs import load_train_script
+
+    train = load_train_script()
+    buffers, zeroed, seen = [], [], []
+    real_start_run, real_optimizer_step = train.start_run, train.optimizer_step
+
+    def start_run(accelerator, args, model, *rest):
+        buffers.extend(p.grad for p in model.parameters())
+        zeroed.append(all(g is not None and not g.any() for g in buffers))
+        return real_start_run(accelerator, args, model, *rest)
+
+    def optimizer_step(accelerator, model, *rest):
+        seen.append((accelerator.sync_gradients, [p.grad for p in model.parameters()]))
+        return real_optimizer_step(accelerator, model, *rest)
+
+    monkeypatch.setattr(train, "start_run", start_run)
+    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps", "0",
+                           "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "0",
+                           "--output_dir", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+    assert buffers and zeroed == [True]
+    assert [sync for sync, _ in seen] == [False, True] * 3  # 3 updates of 2 micro-steps
+    for _, grads in seen:
+        assert all(g is b for g, b in zip(grads, buffers))
+    weights = final_weights(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_gradient_accumulation_with_cuda_graphs(images, tmp_path):
+    """`accelerate launch --dynamo_mode reduce-overhead` with --gradient_accumulation_steps 2: the second
+    micro-step's replay would overwrite the first one's gradients if they were the accumulation's buffers (see
+    test_accumulated_gradients_add_into_buffers_made_before_the_first_step); the run must finish, finite."""
+    out = tmp_path / "graphs"
+    env = child_env(ACCELERATE_DYNAMO_BACKEND="INDUCTOR", ACCELERATE_DYNAMO_MODE="reduce-overhead",
+                    ACCELERATE_DYNAMO_USE_FULLGRAPH="False", ACCELERATE_DYNAMO_USE_DYNAMIC="False",
+                    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="False")
+    run(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "0",
+                "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--output_dir", str(out)],
+        tmp_path / "log.txt", env=env)
+    assert all(torch.isfinite(w).all() for w in final_weights(out).values())
+
+
 def test_ema_update_is_the_update_rule():
     """EMA with foreach ops against θ_ema ← d θ_ema + (1 − d) θ written out, decay warm-up (1 + n) / (10 + n)."""
     from ddpm_hf.ema import EMA

@@ -199,27 +199,37 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
 
 
 class Update:
-    """An optimizer update as the loop counts it: whether it was finite (known at once, or a flag on its way back
-    from the device, see :meth:`finite`), its gradient norm, whether the fp16 loss scaler skipped it, and the step's
-    per-example losses and timesteps for the logs."""
+    """An optimizer update as the loop counts it: whether it was finite and whether the fp16 loss scaler skipped it
+    (known at once, or flags on their way back from the device, see :meth:`finite`), its gradient norm, and the
+    step's per-example losses and timesteps for the logs."""
 
-    def __init__(self, finite, grad_norm=None, overflow: bool = False):
-        self.grad_norm, self.overflow, self.per_example, self.t = grad_norm, overflow, None, None
-        self._finite, self._copied = finite, None
-        if torch.is_tensor(finite) and finite.device.type == "cuda":  # copied behind the update's kernels
-            self._finite, self._copied = finite.to("cpu", non_blocking=True), torch.cuda.Event()
-            self._copied.record()
+    def __init__(self, finite, grad_norm=None, overflow=False):
+        self.grad_norm, self.per_example, self.t = grad_norm, None, None
+        self._flags, self._copied = (finite, overflow), None
+        if torch.is_tensor(finite):
+            overflow = overflow if torch.is_tensor(overflow) else torch.full_like(finite, overflow)  # no host copy
+            self._flags = torch.stack([finite.reshape(()), overflow.reshape(())])
+            if finite.device.type == "cuda":  # copied behind the update's kernels
+                self._flags, self._copied = self._flags.to("cpu", non_blocking=True), torch.cuda.Event()
+                self._copied.record()
 
     @property
     def decided_on_device(self) -> bool:
         """The device skipped the update or not by itself; the host may learn which later (one step later, the
         loop queues the next step meanwhile instead of waiting for this one)."""
-        return torch.is_tensor(self._finite)
+        return torch.is_tensor(self._flags)
 
-    def finite(self) -> bool:
+    def _read(self) -> Tuple[bool, bool]:
         if self._copied is not None:
             self._copied.synchronize()  # this update's kernels only, not the work queued since
-        return bool(self._finite) if self.decided_on_device else self._finite
+        return bool(self._flags[0]), bool(self._flags[1])
+
+    def finite(self) -> bool:
+        return self._read()[0]
+
+    def overflow(self) -> bool:
+        """The fp16 loss scaler skipped this (finite) update and lowered its scale."""
+        return self._read()[1]
 
 
 def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update:
@@ -231,12 +241,15 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if accelerator.sync_gradients else None
     inner = optimizer.optimizer  # the torch optimizer in accelerate's wrapper
     if accelerator.scaler is not None:
-        optimizer.step()  # the scaler skips an overflowing update itself
+        # The scaler skips an overflowing update itself and halves its scale; read on the device, not as accelerate's
+        # optimizer_step_was_skipped, which a fused AdamW (given the scaler's found_inf) never sets.
+        scale = accelerator.scaler._scale.clone() if accelerator.sync_gradients else None
+        optimizer.step()
         update = Update(True, grad_norm)
         if accelerator.sync_gradients:
-            bad_loss = torch.tensor([float(not torch.isfinite(loss))], device=accelerator.device)
-            finite = accelerator.reduce(bad_loss, "sum").item() == 0
-            update = Update(finite, grad_norm, overflow=finite and accelerator.optimizer_step_was_skipped)
+            bad_losses = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
+            finite = bad_losses[0] == 0  # on every process: the same answer, no host read
+            update = Update(finite, grad_norm, overflow=finite & (accelerator.scaler._scale.reshape(()) < scale))
     elif grad_norm is not None and inner.defaults.get("fused"):
         inner.found_inf = (~torch.isfinite(grad_norm)).float()  # 1: the kernel leaves weights and moments as they are
         try:
@@ -248,8 +261,19 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update
         update = Update(grad_norm is None or bool(torch.isfinite(grad_norm)), grad_norm)
         if update.finite():
             optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=accelerator.gradient_accumulation_steps == 1)  # see keep_gradient_buffers
     return update
+
+
+def keep_gradient_buffers(model) -> None:
+    """With --gradient_accumulation_steps above 1, the gradients accumulate in buffers of their own, zeroed in place
+    after each update (see optimizer_step). Otherwise the first micro-step's gradients would become the buffers,
+    and a U-Net compiled with CUDA graphs hands them out in the graphs' memory, which the next micro-step's replay
+    overwrites before they are added to (torch stops: "accessing gradient tensor output of CUDAGraphs that has been
+    overwritten")."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def ema_pipeline(model, ema, scheduler_config):
@@ -438,6 +462,8 @@ def main(argv=None):
                 raise
             raise out_of_memory(err, args, accelerator, "the check of the compiled U-Net (one training step)",
                                 images, shape) from err
+    if args.gradient_accumulation_steps > 1:
+        keep_gradient_buffers(model)
     started = start_run(accelerator, args, model, stream, loop)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
@@ -449,7 +475,7 @@ def main(argv=None):
     def count(update: Update) -> None:
         """A finished update made a step, unless it was skipped: the learning-rate schedule, the EMA, the step
         count, the logs and what is due after the step (checkpoints, samples, ...)."""
-        if bad.skip(update.finite(), update.overflow, loop.step + 1):
+        if bad.skip(update.finite(), update.overflow(), loop.step + 1):
             return
         lr_scheduler.step()
         decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
