@@ -179,6 +179,17 @@ class _ImageNoise:
 
 
 @torch.no_grad()
+def default_timesteps_per_call(images: int, size, device: torch.device) -> int:
+    """Timesteps per network call for ``images`` images of ``size`` (H, W): as many as fill a network batch of 64
+    images on a CPU (larger batches run no faster there: bench/bpd.py), or on a GPU 512 images of 32² or as many
+    pixels of larger ones (a 256² network's activations for 512 images would not fit), and at least one. A batch of
+    ``images`` too large for the device is then lowered by the caller's batch size."""
+    if device.type != "cuda":
+        return max(1, 64 // images)
+    height, width = size
+    return max(1, 512 * 32 * 32 // (images * height * width))
+
+
 def bits_per_dim(
     model: Callable,
     scheduler,
@@ -197,8 +208,8 @@ def bits_per_dim(
     the other T − 1 timesteps per image uniformly with replacement, and returns the unbiased estimate
     L_T + L_0 + (T − 1) · mean_k L_{t_k} with its standard error. L_0 alone is about 40 % of a model's bits/dim in
     one of T terms: drawn at random like the others, it would make almost all of the estimate's variance. Each network
-    call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default as many as
-    fill a network batch of 64 images on a CPU (larger batches run no faster there: bench/bpd.py) or 512 on a GPU.
+    call evaluates ``timesteps_per_batch`` timesteps of up to ``batch_size`` images at once; by default
+    :func:`default_timesteps_per_call`.
     Image i's timesteps and ε come from its own generator seeded from (``seed``, i), on the model's device, drawn
     network call by network call: they depend on the seed, i, the batching and the device, not on the processes.
 
@@ -223,7 +234,7 @@ def bits_per_dim(
     calls = []  # (first image, first draw, images, draws) of every network call, in order
     for start in range(0, len(x_all), batch_size):
         n = min(batch_size, len(x_all) - start)
-        per_call = timesteps_per_batch or max(1, (512 if device.type == "cuda" else 64) // n)
+        per_call = timesteps_per_batch or default_timesteps_per_call(n, x_all.shape[-2:], device)
         calls += [(start, k, n, min(per_call, draws - k)) for k in range(0, draws, per_call)]
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     mine = range(rank * len(calls) // world, (rank + 1) * len(calls) // world)  # a contiguous block of calls

@@ -119,3 +119,16 @@ def test_float_input_must_lie_on_the_pixel_grid():
         bits_per_dim(model, scheduler, torch.rand(2, 1, 2, 2) * 2 - 1, progress=False)
     with pytest.raises(ValueError, match="num_timesteps"):
         bits_per_dim(model, scheduler, torch.zeros(2, 1, 2, 2, dtype=torch.uint8), num_timesteps=1, progress=False)
+
+
+def test_a_gpus_network_call_holds_the_pixels_of_512_images_of_32_squared():
+    """On a GPU the bound's network calls hold 512 images of 32² (timesteps × images), or as many pixels of larger
+    images: 512 images of 256² would not fit in an 80 GB GPU, and --batch_size, which the out-of-memory error
+    tells the user to lower, would not lower them. On the CPU, 64 images of any size, as bench/bpd.py measured."""
+    from ddpm_hf.likelihood import default_timesteps_per_call
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
+    assert [default_timesteps_per_call(n, (32, 32), cuda) for n in (1, 64, 512, 1024)] == [512, 8, 1, 1]
+    assert [default_timesteps_per_call(n, (256, 256), cuda) for n in (1, 8, 16, 64)] == [8, 1, 1, 1]
+    assert default_timesteps_per_call(2, (64, 64), cuda) * 2 * 64 * 64 == 512 * 32 * 32
+    assert [default_timesteps_per_call(n, size, cpu) for n, size in ((1, (256, 256)), (8, (28, 28)))] == [64, 8]
