@@ -356,13 +356,40 @@ def find_image_column(features, image_column: Optional[str] = None) -> str:
     return candidates[0]
 
 
-def open_image_cell(cell: dict) -> Tuple[bytes, Image.Image]:
-    """The encoded bytes and the fully decoded image of an undecoded ``Image`` cell (``{"bytes", "path"}``); raises
-    whatever PIL or the file system raises for a corrupt, truncated or missing image."""
-    data = cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]).read_bytes()
+def is_remote(path: str) -> bool:
+    """A path that datasets reads over the network: a file of a Hub repo (hf://, as a Hub image folder's cells point
+    at theirs) or a URL."""
+    return "://" in path
+
+
+def image_cell_bytes(cell: dict, token: Optional[str] = None) -> bytes:
+    """The encoded image of an undecoded ``Image`` cell (``{"bytes", "path"}``): its bytes, or its file's, read from
+    the Hub or a URL with ``token`` (None: HF_TOKEN or the stored login) through datasets, which retries the read."""
+    if cell.get("bytes") is not None:
+        return cell["bytes"]
+    path = cell["path"]
+    if not is_remote(path):
+        return Path(path).read_bytes()
+    from datasets import DownloadConfig
+    from datasets.utils.file_utils import xopen
+
+    with xopen(path, "rb", download_config=DownloadConfig(token=token)) as remote:
+        return remote.read()
+
+
+def open_image_cell(cell: dict, token: Optional[str] = None) -> Tuple[bytes, Image.Image]:
+    """The encoded bytes and the fully decoded image of an undecoded ``Image`` cell (see :func:`image_cell_bytes`);
+    raises whatever PIL, the file system or the network raises for a corrupt, truncated, missing or unreachable
+    image."""
+    data = image_cell_bytes(cell, token)
+    return data, decoded_image(data)
+
+
+def decoded_image(data: bytes) -> Image.Image:
+    """The image encoded in ``data``, fully decoded (a truncated file fails here, not later)."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return data, image
+    return image
 
 
 def image_channels(image: Image.Image) -> int:
@@ -371,13 +398,16 @@ def image_channels(image: Image.Image) -> int:
 
 
 def undecoded_images(dataset, image_column: str):
-    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt image can be skipped."""
+    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt image can be skipped. (datasets
+    streams a Hub image folder through decoding threads of its own, which a cast to undecoded images leaves in
+    place; ``decode(False)`` removes them.)"""
     from datasets import Image as ImageFeature
 
+    dataset = dataset.decode(False) if hasattr(dataset, "decode") else dataset
     return dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
 
 
-def first_image(dataset, image_column: str, max_rows: int = 100) -> Image.Image:
+def first_image(dataset, image_column: str, max_rows: int = 100, token: Optional[str] = None) -> Image.Image:
     """The first decodable image of ``dataset`` (a few rows are read, nothing else): the data's channel count and a
     clear error on an empty or undecodable dataset, before the model is trained."""
     rows = undecoded_images(dataset, image_column).take(max_rows)
@@ -385,7 +415,7 @@ def first_image(dataset, image_column: str, max_rows: int = 100) -> Image.Image:
     last_error = None
     for seen, row in enumerate(rows, 1):
         try:
-            return open_image_cell(row[image_column])[1]
+            return open_image_cell(row[image_column], token)[1]
         except Exception as err:
             last_error = err
     if seen == 0:
@@ -441,6 +471,7 @@ class DecodeSettings:
     random_flip: bool
     seed: int
     record_ids: bool
+    token: Optional[str] = None  # for images that are files of a Hub repo
 
 
 def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: DecodeSettings) -> list:
@@ -450,7 +481,15 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
     results = []
     for cell, (v, epoch, index) in zip(cells, keys):
         try:
-            data, image = open_image_cell(cell)
+            data = image_cell_bytes(cell, settings.token)
+        except Exception as err:
+            if is_remote((cell or {}).get("path") or ""):  # unreachable after datasets' retries: a skip would change the data
+                raise OSError(f"stream {v}, epoch {epoch}, row {index}: cannot read {cell['path']}: "
+                              f"{type(err).__name__}: {err}") from err
+            results.append((None, f"{type(err).__name__}: {err}"))  # a local file missing or unreadable
+            continue
+        try:
+            image = decoded_image(data)
         except Exception as err:  # a corrupt or truncated file must not stop a long run
             results.append((None, f"{type(err).__name__}: {err}"))
             continue
@@ -483,6 +522,8 @@ def row_fingerprint(cell: dict) -> str:
     """A cheap identity of an image cell (its size and CRC-32), kept with a stream's position."""
     import zlib
 
+    if cell is None:  # a null cell
+        return "none"
     data = cell.get("bytes")
     return f"{len(data)}:{zlib.crc32(data):08x}" if data is not None else f"path:{cell.get('path')}"
 
@@ -590,7 +631,7 @@ class TrainStream:
         self.num_streams, self.num_shards = num_streams, shards
         self.datasets = {v: split_dataset_by_node(dataset, rank=v, world_size=num_streams) for v in self.streams}
         self.image_column, self.per_stream_batch = image_column, per_stream_batch
-        self.settings = DecodeSettings(resolution, channels, center_crop, random_flip, seed, record_ids)
+        self.settings = DecodeSettings(resolution, channels, center_crop, random_flip, seed, record_ids, token)
         self.num_workers, self.prefetch, self.pin_memory = num_workers, max(1, prefetch), pin_memory
         self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
         self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream

@@ -324,6 +324,35 @@ def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, t
     assert rows[2]["image"].tobytes() == Image.open(io.BytesIO(png_bytes(2))).tobytes()
 
 
+def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_path):
+    """A Hub repo of image files (an "imagefolder": datasets decodes its images on threads of its own, and its cells
+    point at hf:// paths, not local files) streams the same examples as the same folder on disk, decoded by us:
+    with 0 and 1 decoding workers, and its first image read before training."""
+    from ddpm_hf.data import first_image
+
+    folder = tmp_path / "folder"
+    (folder / "train").mkdir(parents=True)
+    for s in range(8):
+        (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
+    repo = publish(folder, "alice/images", private=True)
+    assert first_image(load_image_dataset(repo, token="hf_test_alice"), "image", token="hf_test_alice").tobytes() == \
+        Image.open(io.BytesIO(png_bytes(0))).tobytes()
+    for workers in (0, 1):
+        stream = TrainStream(load_image_dataset(repo, token="hf_test_alice"), "image", 16, 1, 4, 1, 0, 1, seed=5,
+                             shuffle_buffer_size=8, record_ids=True, num_workers=workers, token="hf_test_alice")
+        try:
+            batches = [stream.next_batch() for _ in range(2)]
+        finally:
+            stream.close()
+        reference = TrainStream(load_image_dataset(train_data_dir=str(folder)), "image", 16, 1, 4, 1, 0, 1, seed=5,
+                                shuffle_buffer_size=8, record_ids=True, num_workers=0)
+        try:
+            expected = [reference.next_batch() for _ in range(2)]
+        finally:
+            reference.close()
+        assert len(batches) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+
 @pytest.fixture(scope="module")
 def train():
     return load_train_script()

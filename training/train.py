@@ -164,7 +164,7 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
     try:
         image_column = find_image_column(dataset.features, args.image_column)
         if is_main_process:  # one process suffices (the others would download the first shard's rows too)
-            check_channels(first_image(dataset, image_column), model.config.in_channels)
+            check_channels(first_image(dataset, image_column, token=args.hub_token), model.config.in_channels)
         workers = args.dataloader_num_workers
         return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
