@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .errors import is_out_of_memory
+from .errors import ResumeMismatch, is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -180,13 +180,18 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
     for path in candidates:
         try:
             accelerator.load_state(str(path))
-            failed, out_of_memory, reason = 0.0, 0.0, ""
+            failed, out_of_memory, mismatch, reason = 0.0, 0.0, 0.0, ""
+        except ResumeMismatch as err:  # readable, but written for other settings
+            failed, out_of_memory, mismatch, reason = 1.0, 0.0, 1.0, str(err)
         except Exception as err:  # truncated or corrupt file: the processes must agree before going on
-            failed, out_of_memory, reason = 1.0, float(is_out_of_memory(err)), f"{type(err).__name__}: {err}"
-        failures, out_of_memory = accelerator.reduce(torch.tensor([failed, out_of_memory], device=accelerator.device),
-                                                     "sum").tolist()
+            failed, out_of_memory, mismatch = 1.0, float(is_out_of_memory(err)), 0.0
+            reason = f"{type(err).__name__}: {err}"
+        failures, out_of_memory, mismatch = accelerator.reduce(
+            torch.tensor([failed, out_of_memory, mismatch], device=accelerator.device), "sum").tolist()
         if failures == 0:
             return path
+        if mismatch:  # an older checkpoint of the same run would be refused alike
+            raise SystemExit(f"cannot resume from {path}: {reason or 'its settings differ on another process'}")
         if out_of_memory:  # not the file's fault: an older checkpoint would only lose steps
             where = reason.splitlines()[0] if reason else "on another process"
             raise SystemExit(f"out of memory loading {path} ({where}); the checkpoint is not at fault: free the memory "

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import first_line
+from .errors import ResumeMismatch, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,10 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 
 def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: Optional[str] = None,
                        train_data_dir: Optional[str] = None, split: str = "train", streaming: bool = True,
-                       cache_dir: Optional[str] = None, token: Optional[str] = None, check_shards: bool = True):
-    """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one), a local folder
+                       cache_dir: Optional[str] = None, token: Optional[str] = None, check_shards: bool = True,
+                       revision: Optional[str] = None):
+    """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
+    or commit, default main; see :func:`dataset_revision`), a local folder
     (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
     image files as an imagefolder), or ``embedded:fashion_mnist``. ``check_shards``: read the footer of every remote
     parquet shard first (in a multi-process run the main process alone does it)."""
@@ -174,7 +176,8 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
-            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards)
+            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards,
+                                   revision)
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds
@@ -213,7 +216,7 @@ def pause_for_arrow_scans() -> None:
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
-                      cache_dir: Optional[str], token: Optional[str], check_shards: bool):
+                      cache_dir: Optional[str], token: Optional[str], check_shards: bool, revision: Optional[str] = None):
     """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
     repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
     truncated or not parquet (its footer is read, a few KB per shard, before any training)."""
@@ -222,11 +225,12 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
 
     where = f"Hub dataset {repo_id}"
     try:
-        builder = load_dataset_builder(repo_id, config_name, cache_dir=cache_dir, token=token)
+        builder = load_dataset_builder(repo_id, config_name, cache_dir=cache_dir, token=token, revision=revision)
     except DatasetNotFoundError as err:
+        at = f" at revision {revision}" if revision else ""
         raise FileNotFoundError(
-            f"{where} does not exist or this token cannot read it: check --dataset_name, and for a private or gated "
-            "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
+            f"{where}{at} does not exist or this token cannot read it: check --dataset_name{' and --dataset_revision' if at else ''}, "
+            "and for a private or gated dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
     except ValueError as err:  # an unknown config: datasets lists the available ones
         raise ValueError(f"{where}: {first_line(err)} Pass one of them with --dataset_config_name.") from err
     data_files = builder.config.data_files or {}
@@ -528,6 +532,24 @@ def row_fingerprint(cell: dict) -> str:
     return f"{len(data)}:{zlib.crc32(data):08x}" if data is not None else f"path:{cell.get('path')}"
 
 
+HUB_COMMIT = re.compile(r"^hf://datasets/.+?@([0-9a-f]{40})/")
+
+
+def dataset_revision(dataset) -> Optional[str]:
+    """The commit of a streamed Hub dataset's files (datasets resolves the revision once, when the dataset is opened,
+    and reads every file at that commit); None for any other source."""
+    pending, found = [getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None)], set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, str) and (match := HUB_COMMIT.match(item)):
+            found.add(match.group(1))
+    return found.pop() if len(found) == 1 else None
+
+
 def parquet_shard_files(dataset) -> Optional[List[str]]:
     """The parquet file behind each shard of a streamed parquet dataset (local or ``hf://``), in shard order; None
     for any other source. Read from datasets' examples iterable: checked, with None where it is not as expected."""
@@ -622,6 +644,7 @@ class TrainStream:
                 "of an even split. Write the data as a multiple of %d files.",
                 shards, num_streams, shards, num_streams, num_streams, num_streams)
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
+        self.revision = dataset_revision(dataset)  # a Hub dataset's commit, kept in the checkpoints
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
         dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # passes end unpaused
@@ -653,10 +676,22 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
-        return all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                              "last_row": dict(self.last_row)})
+        return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
+                                   "last_row": dict(self.last_row)}), dataset_revision=self.revision)
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's positions; refused (:class:`ResumeMismatch`) when it read another number of streams or
+        another commit of the dataset: its positions would name other rows."""
+        saved_streams = len(state["position"])  # every stream's, the other processes' included
+        if saved_streams != self.num_streams:
+            raise ResumeMismatch(f"the checkpoint read the data as {saved_streams} data streams, this run as "
+                                 f"{self.num_streams}: resume with --data_streams {saved_streams} (any number of "
+                                 f"processes that divides it), or start a new run.")
+        saved_revision = state.get("dataset_revision")
+        if saved_revision and self.revision and saved_revision != self.revision:
+            raise ResumeMismatch(f"the checkpoint read the Hub dataset at commit {saved_revision}, this run opened "
+                                 f"{self.revision}: resume with --dataset_revision {saved_revision}, or start a new "
+                                 "run on the new data.")
         self.close()
         self.position = {v: tuple(state["position"][v]) for v in self.streams}
         skipped = state["skipped_rows"]

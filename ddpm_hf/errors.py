@@ -58,3 +58,8 @@ def release_cached_memory(device: torch.device) -> None:
     its exception are gone: the next allocations start from a defragmented pool."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class ResumeMismatch(ValueError):
+    """A readable checkpoint written under other settings than this run's (its data streams, its dataset's commit):
+    resuming from it, or from an older one, would not continue that run. Stops the resume with the fix."""

@@ -193,6 +193,59 @@ def test_a_resume_downloads_only_the_shards_that_still_hold_rows_of_the_epoch(da
     assert len(finished) >= 8 and downloaded_again and not finished & downloaded_again, (finished, downloaded_again)
 
 
+def test_a_resume_after_the_dataset_changed_on_the_hub_is_refused_then_exact_at_the_old_commit(dataset_hub, tmp_path):
+    """A stream keeps the commit it read in its checkpoint state. After the owner pushes other data, a resume that
+    opens the repo's main branch is refused, naming --dataset_revision and the old commit; opened at that commit it
+    continues with exactly the examples the uninterrupted stream gave."""
+    from ddpm_hf.errors import ResumeMismatch
+
+    root = tmp_path / "v1"
+    write_images(root / "data", count=32, shards=4)
+    repo = publish(root, "alice/changing")
+    commit = HfApi(token=TOKEN).dataset_info(repo).sha
+
+    def stream(revision=None):
+        return TrainStream(load_image_dataset(repo, check_shards=False, revision=revision), "image", 16, 1, 4, 1, 0, 1,
+                           seed=5, shuffle_buffer_size=8, record_ids=True)
+
+    reference, first = stream(), stream()
+    assert reference.revision == first.revision == commit
+    reference_ids, first_ids = read_batches(reference, 6), read_batches(first, 3)
+    state = first.state_dict()
+    assert state["dataset_revision"] == commit
+
+    changed = tmp_path / "v2"
+    write_images(changed / "data", count=40, shards=5, size=24)
+    HfApi(token=TOKEN).upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(changed),
+                                     delete_patterns=["data/*"])
+    moved_on = stream()
+    assert moved_on.revision not in (None, commit)
+    with pytest.raises(ResumeMismatch, match=f"resume with --dataset_revision {commit}"):
+        moved_on.load_state_dict(state)
+    second = stream(revision=commit)
+    second.load_state_dict(state)
+    assert first_ids + read_batches(second, 3) == reference_ids
+
+
+def test_a_checkpoint_of_other_data_streams_is_refused_naming_the_flag(tmp_path):
+    """A stream's state read as 2 data streams does not resume a stream of 1 or of 4: its positions name other
+    rows. The refusal names --data_streams with the checkpoint's count."""
+    from ddpm_hf.errors import ResumeMismatch
+
+    images = write_images(tmp_path / "data", count=16, shards=4)
+
+    def stream(streams):
+        return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 2, streams, 0, 1, seed=5,
+                           shuffle_buffer_size=4)
+
+    two = stream(2)
+    read_batches(two, 1)
+    for streams in (1, 4):
+        with pytest.raises(ResumeMismatch, match="as 2 data streams, this run as .*--data_streams 2"):
+            stream(streams).load_state_dict(two.state_dict())
+    stream(2).load_state_dict(two.state_dict())
+
+
 @pytest.fixture
 def four_shards(tmp_path):
     root = tmp_path / "four"

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_checkpoint, save_pipeline, write_file
-from ddpm_hf.data import (TrainStream, all_processes, check_channels, default_num_workers, find_image_column,
-                          first_image, load_image_dataset)
+from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
+                          find_image_column, first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import is_out_of_memory, out_of_memory_detail, release_cached_memory
 from ddpm_hf.hub import push_pipeline_with_retries
@@ -147,14 +147,26 @@ def compile_options(args) -> Tuple[Optional[dict], str]:
         raise SystemExit(str(err)) from err
 
 
-def open_dataset(args, is_main_process: bool):
+def open_dataset(args, accelerator):
     """The dataset opened, its repo, token, config, split and (by the main process) shards checked: a bad dataset stops
-    here, named, before anything is built."""
-    try:
-        return load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
-                                  args.streaming, args.cache_dir, token=args.hub_token, check_shards=is_main_process)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
+    here, named, before anything is built. Every process reads a Hub dataset at the main process's commit (a push
+    while the processes opened it would give them different files)."""
+    from accelerate.utils import gather_object
+
+    def load(revision):
+        try:
+            return load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
+                                      args.streaming, args.cache_dir, token=args.hub_token, revision=revision,
+                                      check_shards=accelerator.is_main_process)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
+
+    dataset = load(args.dataset_revision)
+    if accelerator.num_processes > 1:
+        main_commit = gather_object([dataset_revision(dataset)])[0]
+        if main_commit is not None and dataset_revision(dataset) != main_commit:
+            dataset = load(main_commit)
+    return dataset
 
 
 def open_train_stream(args, dataset, model, resolution: int, streams: int, rank: int, world: int,
@@ -429,7 +441,7 @@ def main(argv=None):
     compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
-    dataset = open_dataset(args, accelerator.is_main_process)  # a bad repo, token, split or shard stops here
+    dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
     set_seed(args.seed)  # the same initial weights on every process
 
     # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
@@ -563,7 +575,7 @@ def start_run(accelerator, args, model, stream, loop) -> float:
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
-                "data_streams": streams, "dataset_shards": stream.num_shards,
+                "data_streams": streams, "dataset_shards": stream.num_shards, "dataset_revision": stream.revision,
                 "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}

@@ -479,3 +479,15 @@ def test_a_full_disk_at_a_checkpoint_a_sample_grid_and_the_final_pipeline_then_a
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(resumed[k], v) for k, v in expected.items()), "the resumed weights differ"
     assert not [p for p in out.rglob(".*")]
+
+
+def test_a_resume_with_other_data_streams_stops_naming_the_flag(images, tmp_path, train_here):
+    """A checkpoint written with --data_streams 2 is readable but resumes no run of 1 stream: the resume stops with
+    the flag to pass, instead of calling the checkpoints unreadable one after the other."""
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "1", "--output_dir", str(out)]
+    train_here(args + ["--max_train_steps", "2", "--data_streams", "2"])
+    with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-2: the checkpoint read the data as 2 data "
+                                         r"streams, this run as 1: resume with --data_streams 2"):
+        train_here(args + ["--max_train_steps", "3", "--data_streams", "1", "--resume_from_checkpoint", "latest"])
+    assert check_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
