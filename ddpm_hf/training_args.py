@@ -106,6 +106,9 @@ def parse_args(argv=None):
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
                      "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
+    out.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds the processes wait for each other "
+                     "(the others wait while the main one samples, estimates bits/dim, saves and uploads); torch's "
+                     "default for NCCL is 600 (transformers' flag name)")
     out.add_argument("--record_example_ids", action="store_true",
                      help="write the sha1 of every training image per process (audits of the data split)")
     hub = p.add_argument_group("hub")
@@ -150,7 +153,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--mixed_precision fp16 needs a CUDA GPU (its loss scaler is CUDA-only); on CPU use bf16 or no")
     if args.data_streams is not None and args.data_streams < 1:
         p.error(f"--data_streams must be at least 1, got {args.data_streams}")
-    for name in ("max_grad_norm", "adam_epsilon", "hub_timeout") + (("max_train_minutes",) if args.max_train_minutes
+    for name in ("max_grad_norm", "adam_epsilon", "hub_timeout", "ddp_timeout") + (("max_train_minutes",) if args.max_train_minutes
                                                                     is not None else ()):
         if not getattr(args, name) > 0:  # also refuses NaN
             p.error(f"--{name} must be positive, got {getattr(args, name)}")

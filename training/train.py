@@ -22,12 +22,14 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import (DistributedType, InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin,
+                               set_seed)
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -118,7 +120,8 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dynamo_plugin=TorchDynamoPlugin(backend="no"))  # accelerate's dynamo settings: see compile_options
+        dynamo_plugin=TorchDynamoPlugin(backend="no"),  # accelerate's dynamo settings: see compile_options
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
     launched = int(os.environ.get("WORLD_SIZE", "1"))

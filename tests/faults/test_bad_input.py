@@ -61,6 +61,7 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
     (["--dataloader_num_workers", "two"], "invalid int value: 'two'"),
     (["--logging_steps", "0"], "--logging_steps must be at least 1"),
+    (["--ddp_timeout", "0"], "--ddp_timeout must be positive"),
     pytest.param(["--mixed_precision", "fp16"], "--mixed_precision fp16 needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed with CUDA")),
     (["--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be >= 0"),

@@ -2,6 +2,7 @@
 upload) with a resume after each, a kill at every step of the final save, a real full disk (tmpfs) during a
 checkpoint, a sample grid and the final pipeline, a file-size limit, and NaN losses."""
 
+import datetime
 import gc
 import hashlib
 import random
@@ -491,3 +492,12 @@ def test_a_resume_with_other_data_streams_stops_naming_the_flag(images, tmp_path
                                          r"streams, this run as 1: resume with --data_streams 2"):
         train_here(args + ["--max_train_steps", "3", "--data_streams", "1", "--resume_from_checkpoint", "latest"])
     assert check_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_the_processes_wait_for_each_other_as_long_as_ddp_timeout_says(train, tmp_path):
+    """The other processes wait for the main one at a barrier while it samples, estimates bits/dim, saves and uploads;
+    torch gives NCCL 10 minutes before it stops them, less than an upload with retries may take. The process group is
+    made with --ddp_timeout (30 minutes by default), the handler accelerate passes to init_process_group."""
+    for argv, seconds in (([], 1800), (["--ddp_timeout", "7200"], 7200)):
+        accelerator = train.make_accelerator(train.parse_args(argv + ["--output_dir", str(tmp_path)]))
+        assert accelerator.init_handler.to_kwargs() == {"timeout": datetime.timedelta(seconds=seconds)}
