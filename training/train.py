@@ -38,7 +38,7 @@ from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_check
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, load_image_dataset)
 from ddpm_hf.ema import EMA
-from ddpm_hf.errors import is_out_of_memory, out_of_memory_detail, release_cached_memory
+from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
 from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
@@ -103,11 +103,15 @@ class LoopState:
             self.load_noise_state(state["noise"])
 
     def load_noise_state(self, noise_state):
+        cpu_state_size = len(torch.Generator("cpu").get_state())
         for v in self.generators:
             g_state = noise_state[v]
             if len(g_state) != len(self.generators[v].get_state()):
-                # written on another kind of device (a CPU run resumed on a GPU): continue that generator on the
-                # CPU, so that the run goes on with exactly the noise it would have drawn
+                if len(g_state) != cpu_state_size:  # a GPU's generator (its seed and offset), resumed without one
+                    raise ResumeMismatch("the checkpoint's diffusion noise came from a GPU's generator, which this "
+                                         "machine has not: resume it on a GPU, or start a new run.")
+                # written on the CPU, resumed on a GPU: continue that generator on the CPU, so that the run goes on
+                # with exactly the noise it would have drawn
                 self.generators[v] = torch.Generator("cpu")
             self.generators[v].set_state(g_state)
 

@@ -501,3 +501,20 @@ def test_the_processes_wait_for_each_other_as_long_as_ddp_timeout_says(train, tm
     for argv, seconds in (([], 1800), (["--ddp_timeout", "7200"], 7200)):
         accelerator = train.make_accelerator(train.parse_args(argv + ["--output_dir", str(tmp_path)]))
         assert accelerator.init_handler.to_kwargs() == {"timeout": datetime.timedelta(seconds=seconds)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_a_gpu_checkpoints_noise_state_resumed_without_a_gpu_is_refused_naming_why(train):
+    """A GPU run's diffusion noise comes from CUDA generators, whose state (seed and offset, 16 bytes) no CPU
+    generator can take: the resume stops saying so (before, set_state failed and the checkpoint was called
+    unreadable). A CPU generator's state still resumes, exactly."""
+    from ddpm_hf.errors import ResumeMismatch
+
+    loop = train.LoopState([0, 1], 4, 0, torch.device("cpu"))
+    saved = {"step": 7, "noise": {0: torch.zeros(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)}}
+    with pytest.raises(ResumeMismatch, match="came from a GPU's generator.*resume it on a GPU"):
+        loop.load_state_dict(saved)
+    other = train.LoopState([0, 1], 4, 3, torch.device("cpu"))
+    other.generators[0].manual_seed(11)
+    loop.load_state_dict(other.state_dict())
+    assert torch.equal(loop.generators[0].get_state(), other.generators[0].get_state()) and loop.step == 0
