@@ -178,7 +178,6 @@ class _ImageNoise:
                           for g in self.generators])
 
 
-@torch.no_grad()
 def default_timesteps_per_call(images: int, size, device: torch.device) -> int:
     """Timesteps per network call for ``images`` images of ``size`` (H, W): as many as fill a network batch of 64
     images on a CPU (larger batches run no faster there: bench/bpd.py), or on a GPU 512 images of 32² or as many
@@ -190,6 +189,7 @@ def default_timesteps_per_call(images: int, size, device: torch.device) -> int:
     return max(1, 512 * 32 * 32 // (images * height * width))
 
 
+@torch.no_grad()
 def bits_per_dim(
     model: Callable,
     scheduler,

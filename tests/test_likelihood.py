@@ -132,3 +132,21 @@ def test_a_gpus_network_call_holds_the_pixels_of_512_images_of_32_squared():
     assert [default_timesteps_per_call(n, (256, 256), cuda) for n in (1, 8, 16, 64)] == [8, 1, 1, 1]
     assert default_timesteps_per_call(2, (64, 64), cuda) * 2 * 64 * 64 == 512 * 32 * 32
     assert [default_timesteps_per_call(n, size, cpu) for n, size in ((1, (256, 256)), (8, (28, 28)))] == [64, 8]
+
+
+def test_the_bound_builds_no_autograd_graph():
+    """A network with trainable weights (as evaluate and training load it) is called without autograd: a graph kept
+    for each of the bound's calls until the end would fill a GPU's memory."""
+    scheduler = DDPMScheduler()
+    images, _ = _gaussian_images(n=8)
+    optimum = GaussianDataOptimum(scheduler, False)
+    weight = torch.nn.Parameter(torch.ones(()))
+    grad_enabled = []
+
+    def model(x, t):
+        grad_enabled.append(torch.is_grad_enabled())
+        return SimpleNamespace(sample=optimum(x, t).sample * weight)
+
+    result = bits_per_dim(model, scheduler, images, num_timesteps=4, progress=False)
+    assert grad_enabled and not any(grad_enabled)
+    assert not result.per_image.requires_grad
