@@ -485,13 +485,12 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
     results = []
     for cell, (v, epoch, index) in zip(cells, keys):
         try:
-            data = image_cell_bytes(cell, settings.token)
-        except Exception as err:
-            if is_remote((cell or {}).get("path") or ""):  # unreachable after datasets' retries: a skip would change the data
-                raise OSError(f"stream {v}, epoch {epoch}, row {index}: cannot read {cell['path']}: "
-                              f"{type(err).__name__}: {err}") from err
-            results.append((None, f"{type(err).__name__}: {err}"))  # a local file missing or unreadable
+            data = _read_image_cell(cell, settings.token)
+        except _Unreadable as err:  # a local file missing or unreadable, a remote one gone for good (404)
+            results.append((None, str(err)))
             continue
+        except OSError as err:
+            raise OSError(f"stream {v}, epoch {epoch}, row {index}: {err}") from err
         try:
             image = decoded_image(data)
         except Exception as err:  # a corrupt or truncated file must not stop a long run
@@ -502,6 +501,43 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
                               settings.random_flip, rng)
         results.append((array, hashlib.sha1(data).hexdigest() if settings.record_ids else None))
     return results
+
+
+REMOTE_READ_ATTEMPTS = 4  # tries of an image file on the Hub or at a URL (pauses of 1, 2, 4 s between)
+REMOTE_READ_PAUSE_S = 1.0
+
+
+class _Unreadable(Exception):
+    """An image file that is not there (locally, or gone from its URL for good): skipped and counted, the same in
+    every run over the data."""
+
+
+def _not_found(err: BaseException) -> bool:
+    """A missing file: FileNotFoundError, or an HTTP 404 anywhere in the error's chain (a range read's)."""
+    while err is not None:
+        response = getattr(err, "response", None)
+        if isinstance(err, FileNotFoundError) or getattr(response, "status_code", None) == 404:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _read_image_cell(cell: dict, token: Optional[str]) -> bytes:
+    """:func:`image_cell_bytes`, a remote file's read tried again after a pause (a 404 too: a Hub's may pass). A file
+    that is not there (locally, or still not at its URL) raises :class:`_Unreadable`; a remote file unreadable for
+    another reason raises OSError (skipping it would change the data)."""
+    remote = cell is not None and cell.get("bytes") is None and is_remote(cell.get("path") or "")
+    attempt = 1
+    while True:
+        try:
+            return image_cell_bytes(cell, token)
+        except Exception as err:
+            if not remote or (attempt == REMOTE_READ_ATTEMPTS and _not_found(err)):
+                raise _Unreadable(f"{type(err).__name__}: {err}") from err
+            if attempt == REMOTE_READ_ATTEMPTS:
+                raise OSError(f"cannot read {cell['path']} after {attempt} tries: {type(err).__name__}: {err}") from err
+        time.sleep(REMOTE_READ_PAUSE_S * 2 ** (attempt - 1))
+        attempt += 1
 
 
 def _init_data_worker(parent: int, reader_end) -> None:
@@ -538,13 +574,19 @@ HUB_COMMIT = re.compile(r"^hf://datasets/.+?@([0-9a-f]{40})/")
 def dataset_revision(dataset) -> Optional[str]:
     """The commit of a streamed Hub dataset's files (datasets resolves the revision once, when the dataset is opened,
     and reads every file at that commit); None for any other source."""
-    pending, found = [getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None)], set()
-    while pending:
-        item = pending.pop()
+    nodes, values, found = [getattr(dataset, "_ex_iterable", None)], [], set()
+    while nodes:  # the examples iterables, down to the leaves that name the files (as without_exit_pause walks them)
+        node = nodes.pop()
+        if node is not None:
+            values.append(getattr(node, "kwargs", None))
+            nodes.append(getattr(node, "ex_iterable", None))
+            nodes.extend(getattr(node, "ex_iterables", None) or [])
+    while values:
+        item = values.pop()
         if isinstance(item, dict):
-            pending.extend(item.values())
+            values.extend(item.values())
         elif isinstance(item, (list, tuple)):
-            pending.extend(item)
+            values.extend(item)
         elif isinstance(item, str) and (match := HUB_COMMIT.match(item)):
             found.add(match.group(1))
     return found.pop() if len(found) == 1 else None

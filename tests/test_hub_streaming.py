@@ -393,6 +393,7 @@ def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_p
     for workers in (0, 1):
         stream = TrainStream(load_image_dataset(repo, token="hf_test_alice"), "image", 16, 1, 4, 1, 0, 1, seed=5,
                              shuffle_buffer_size=8, record_ids=True, num_workers=workers, token="hf_test_alice")
+        assert stream.revision == HfApi(token=TOKEN).dataset_info(repo).sha  # kept in the checkpoints
         try:
             batches = [stream.next_batch() for _ in range(2)]
         finally:
@@ -404,6 +405,40 @@ def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_p
         finally:
             reference.close()
         assert len(batches) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_hub_image_file_missing_for_a_moment_is_read_again_and_one_gone_is_skipped(dataset_hub, tmp_path,
+                                                                                     monkeypatch, workers):
+    """An image file of a Hub image folder that answers 404 twice is read again (no library retries a 404): the
+    same batches as a read without faults. One that is gone for good is skipped and counted, as an undecodable image
+    is: the same rows are skipped in every run over the data."""
+    import ddpm_hf.data as data
+
+    monkeypatch.setattr(data, "REMOTE_READ_PAUSE_S", 0.01)
+    folder = tmp_path / "folder"
+    (folder / "train").mkdir(parents=True)
+    for s in range(8):
+        (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
+    repo = publish(folder, "alice/flaky")
+
+    def batches():
+        stream = TrainStream(load_image_dataset(repo), "image", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8,
+                             num_workers=workers)
+        try:
+            return [stream.next_batch() for _ in range(2)], stream.skipped_rows
+        finally:
+            stream.close()
+
+    reference, skipped = batches()
+    assert skipped == 0
+    flaky = dataset_hub.inject("GET", "train/5.png", "status", times=2, status=404)
+    again, skipped = batches()
+    assert len(flaky.hits) == 2 and skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(again, reference))
+    dataset_hub.inject("GET", "train/5.png", "status", times=-1, status=404)
+    _, skipped = batches()
+    assert skipped == 1
 
 
 @pytest.fixture(scope="module")
