@@ -574,8 +574,11 @@ def start_run(accelerator, args, model, stream, loop) -> float:
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
-        if stream.legacy_noise_state is not None:
-            loop.load_noise_state(stream.legacy_noise_state)
+        if stream.legacy_noise_state is not None:  # (every process: the same state, the same answer)
+            try:
+                loop.load_noise_state(stream.legacy_noise_state)
+            except ResumeMismatch as err:
+                raise SystemExit(f"cannot resume from {path}: {err}") from err
         if path is not None:
             logger.info("resumed from %s at step %d", path, loop.step)
     streams = args.data_streams or accelerator.num_processes
