@@ -490,6 +490,26 @@ def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path
     assert "hf_test" not in message
 
 
+@pytest.mark.distributed
+def test_a_dataset_the_main_process_refuses_stops_every_process_at_once(dataset_hub, tmp_path):
+    """The main process alone reads the shards' footers; when it refuses the dataset, the other process, which opened
+    it without complaint, stops with the same message instead of waiting for the main one (up to --ddp_timeout)."""
+    root = tmp_path / "repo"
+    write_images(root / "data", count=8, shards=2)
+    shard = root / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    publish(root, "alice/truncated")
+    log = tmp_path / "log.txt"
+    proc = _two_processes(FAST + ["--dataset_name", "alice/truncated", "--max_train_steps", "2", "--ddp_timeout", "600",
+                                  "--output_dir", str(tmp_path / "out")], log)
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        _kill_everything(proc)
+    text = log.read_text()
+    assert code != 0 and text.count("data/train-00001-of-00002.parquet is not a readable parquet file") == 2, text[-3000:]
+
+
 def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(dataset_hub, tmp_path, monkeypatch):
     """`ddpm-hf evaluate --data org/name` with HF_TOKEN: the same bits/dim as on the same files read locally."""
     from helpers import tiny_pipeline

@@ -168,11 +168,19 @@ def open_dataset(args, accelerator):
         except (OSError, ValueError) as err:
             raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
-    dataset = load(args.dataset_revision)
-    if accelerator.num_processes > 1:
-        main_commit = gather_object([dataset_revision(dataset)])[0]
-        if main_commit is not None and dataset_revision(dataset) != main_commit:
-            dataset = load(main_commit)
+    if accelerator.num_processes == 1:
+        return load(args.dataset_revision)
+    try:
+        dataset, failure = load(args.dataset_revision), None
+    except SystemExit as err:  # the main process alone checks the shards: the others must not wait for it
+        dataset, failure = None, str(err.code)
+    outcomes = gather_object([(failure, dataset_revision(dataset) if dataset is not None else None)])
+    failures = [f for f, _ in outcomes if f is not None]
+    if failures:
+        raise SystemExit(failure or failures[0])
+    main_commit = outcomes[0][1]
+    if main_commit is not None and dataset_revision(dataset) != main_commit:
+        dataset = load(main_commit)
     return dataset
 
 
