@@ -550,10 +550,12 @@ def test_an_fp16_overflow_is_counted_whatever_the_optimizer(fused):
     the scaler's decision on the device. Real accelerate, GradScaler and AdamW: accelerate makes no scaler on a CPU,
     so the test gives it the CPU's GradScaler, as accelerate makes the CUDA one."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from runs import load_train_script
 
     train = load_train_script()
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process's earlier Accelerators were not fp16
     accelerator = Accelerator(cpu=True, mixed_precision="fp16")
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     torch.manual_seed(0)
@@ -569,12 +571,15 @@ def test_an_fp16_overflow_is_counted_whatever_the_optimizer(fused):
         changed = any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
         return update.finite(), update.overflow(), changed
 
-    assert step(1.0) == (True, False, True)
-    # A finite loss whose scaled value (× 2^16) overflows float32: the scaler skips the update and halves its scale.
-    assert step(1e36) == (True, True, False)
-    assert float(accelerator.scaler.get_scale()) == 2.0**15
-    assert step(1.0) == (True, False, True)
-    assert step(float("nan")) == (False, False, False)  # a non-finite loss: a bad step, not an overflow
+    try:
+        assert step(1.0) == (True, False, True)
+        # A finite loss whose scaled value (× 2^16) overflows float32: the scaler skips the update, halves its scale.
+        assert step(1e36) == (True, True, False)
+        assert float(accelerator.scaler.get_scale()) == 2.0**15
+        assert step(1.0) == (True, False, True)
+        assert step(float("nan")) == (False, False, False)  # a non-finite loss: a bad step, not an overflow
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next test's Accelerator is not fp16
 
 
 def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(images, tmp_path, monkeypatch):
