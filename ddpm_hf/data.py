@@ -938,7 +938,8 @@ class TrainStream:
         from datasets.distributed import split_dataset_by_node
 
         schema = pa.schema([("shard", pa.int64()), ("row", pa.int64())])
-        with tempfile.TemporaryDirectory(prefix="ddpm_hf_replay_") as folder:
+        remove_replay_leftovers()
+        with tempfile.TemporaryDirectory(prefix=f"{REPLAY_PREFIX}{os.getpid()}_") as folder:
             files = []
             for shard, groups in enumerate(row_groups):
                 files.append(os.path.join(folder, f"{shard:07d}.parquet"))
@@ -1014,6 +1015,27 @@ class TrainStream:
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
         return taken, ids, skipped, position, row_fingerprint(cell)
+
+
+REPLAY_PREFIX = "ddpm_hf_replay_"  # + the pid of the process replaying: its stand-in files (see _replay_order)
+
+
+def remove_replay_leftovers() -> None:
+    """The stand-in files of replays whose process is gone: a SIGKILL skips their clean-up, and they hold 16 bytes per
+    row of the dataset."""
+    import shutil
+    import tempfile
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{REPLAY_PREFIX}*_*"):
+        pid = folder.name[len(REPLAY_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None:

@@ -531,3 +531,22 @@ def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(d
         results[name] = json.loads((out / "results.json").read_text())["bpd"]
     assert results["hub"]["bits_per_dim"] == results["local"]["bits_per_dim"]
     assert results["hub"]["num_images"] == 4
+
+
+def test_the_stand_ins_of_a_killed_replay_are_removed_by_the_next(tmp_path, monkeypatch):
+    """A resume replays its epoch's order over stand-in files in a temporary folder named with its pid; a SIGKILL
+    leaves the folder behind (16 bytes per row of the dataset). The next replay removes those of dead processes, and
+    only those."""
+    import tempfile
+
+    import ddpm_hf.data as data
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = tmp_path / f"ddpm_hf_replay_{int(gone.stdout)}_x1", tmp_path / f"ddpm_hf_replay_{os.getpid()}_x2"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "0000000.parquet").write_bytes(b"stand-in")
+    (tmp_path / "ddpm_hf_replay_notapid").mkdir()
+    data.remove_replay_leftovers()
+    assert not dead.exists() and alive.exists() and (tmp_path / "ddpm_hf_replay_notapid").exists()
