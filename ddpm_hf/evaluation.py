@@ -68,14 +68,9 @@ def load_eval_images(dataset_name, num_images: int, resolution: int, channels: i
     return torch.from_numpy(np.stack(images))  # a new, writable array: prepare_image may return a PIL buffer view
 
 
-def quick_bits_per_dim(pipe, *, dataset_name: Optional[str], dataset_config_name: Optional[str] = None,
-                       train_data_dir: Optional[str] = None, image_column: Optional[str] = None, resolution: int,
-                       num_images: int = 64, num_timesteps: int = 20, token: Optional[str] = None) -> float:
-    """A sampled bits/dim estimate (``num_timesteps`` terms per image) on the first ``num_images`` test images, for
-    monitoring during training."""
-    images = load_eval_images(dataset_name, num_images, resolution, pipe.unet.config.in_channels,
-                              dataset_config_name=dataset_config_name, train_data_dir=train_data_dir,
-                              image_column=image_column, token=token)
+def quick_bits_per_dim(pipe, images: torch.Tensor, num_timesteps: int = 20) -> float:
+    """A sampled bits/dim estimate (``num_timesteps`` terms per image) of uint8 ``images``, for monitoring during
+    training."""
     return bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=num_timesteps, progress=False).mean
 
 

@@ -101,6 +101,7 @@ def parse_args(argv=None):
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
     out.add_argument("--num_sample_images", type=int, default=16)
     out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
+    out.add_argument("--eval_split", default="test", help="the split whose first 64 images --eval_steps evaluates")
     out.add_argument("--logger", "--report_to", dest="logger", default="tensorboard", choices=TRACKERS,
                      help="the accelerate tracker(s) to log to (--report_to: diffusers' name for this flag)")
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "

@@ -336,10 +336,25 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
                                       backoff_s=backoff_s)
 
 
+def bits_per_dim_images(args, resolution: int, channels: int) -> torch.Tensor:
+    """The first 64 images of --eval_split, which the bits/dim estimate of --eval_steps evaluates: read once, before
+    training, so that a dataset without that split stops the run now (not at step --eval_steps, and again at each
+    resume), and no estimate depends on the network."""
+    from ddpm_hf.evaluation import load_eval_images
+
+    try:
+        return load_eval_images(args.dataset_name, 64, resolution, channels, split=args.eval_split,
+                                dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
+                                image_column=args.image_column, token=args.hub_token)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--eval_steps {args.eval_steps} estimates bits/dim on the {args.eval_split!r} split: {err} "
+                         "Pass --eval_split with a split of the dataset, or --eval_steps 0.") from err
+
+
 def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, step: int, images: bool,
-                  evaluate: bool, push: bool, final: bool) -> None:
-    """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate, the final
-    pipeline (published atomically in --output_dir), an upload."""
+                  evaluate: bool, push: bool, final: bool, bpd_images: Optional[torch.Tensor] = None) -> None:
+    """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate (of
+    ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload."""
     output_dir = Path(args.output_dir)
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = None
@@ -347,16 +362,13 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
         grid = unless_out_of_memory(pipe.device, f"the sample grid of step {step}",
                                     f"lower --num_sample_images ({args.num_sample_images})",
                                     lambda: sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png"))
-    if evaluate:
+    if evaluate and bpd_images is not None:
         from ddpm_hf.evaluation import quick_bits_per_dim
 
         estimate = unless_out_of_memory(
             pipe.device, f"the bits/dim estimate of step {step}", "turn it off with --eval_steps 0 and estimate "
             "afterwards with `ddpm-hf evaluate --metrics bpd --batch_size N`",
-            lambda: quick_bits_per_dim(pipe, dataset_name=args.dataset_name,
-                                       dataset_config_name=args.dataset_config_name,
-                                       train_data_dir=args.train_data_dir, image_column=args.image_column,
-                                       resolution=resolution, token=args.hub_token))
+            lambda: quick_bits_per_dim(pipe, bpd_images))
         if estimate is not None:
             accelerator.log({"eval_bpd_estimate": estimate}, step=step)
     if final:
@@ -471,6 +483,8 @@ def main(argv=None):
                                accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
+    bpd_images = (bits_per_dim_images(args, resolution, model.config.in_channels)  # (only the main one estimates)
+                  if args.eval_steps and accelerator.is_main_process else None)
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
@@ -515,7 +529,8 @@ def main(argv=None):
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
                             data_wait=f"{100 * logs['data_wait']:.1f}%")
         bar.update(1)
-        after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started)  # checkpoints, ...
+        after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started,  # checkpoints, ...
+                   bpd_images)
 
     pending = None  # an update the device decided, counted when the next one has been queued (see Update)
     try:
@@ -659,7 +674,8 @@ def count_at_once(args, step: int) -> bool:
     return bool(args.max_train_minutes) or any(due_after(args, step))
 
 
-def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float) -> None:
+def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float,
+               bpd_images: Optional[torch.Tensor]) -> None:
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
     bits/dim estimate, the final pipeline, an upload (the main process)."""
     if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
@@ -672,7 +688,7 @@ def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: 
         if accelerator.is_main_process:
             try:
                 write_outputs(accelerator, model, ema, scheduler, args, resolution, step, due.images, due.eval,
-                              due.push, due.final)
+                              due.push, due.final, bpd_images)
             except Exception as err:  # the EMA network's copy or the pipeline's files (grids skip themselves)
                 if not is_out_of_memory(err):
                     raise

@@ -518,3 +518,28 @@ def test_a_gpu_checkpoints_noise_state_resumed_without_a_gpu_is_refused_naming_w
     other.generators[0].manual_seed(11)
     loop.load_state_dict(other.state_dict())
     assert torch.equal(loop.generators[0].get_state(), other.generators[0].get_state()) and loop.step == 0
+
+
+def test_the_bits_per_dim_estimate_reads_its_split_before_training(tmp_path, train_here):
+    """--eval_steps estimates bits/dim on the first 64 images of --eval_split (test by default), read once before
+    training: a dataset without that split stops the run before its first step, naming the flag (it ended the run at
+    step --eval_steps, and at each one after a resume). With a split it has, the estimate is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_images(tmp_path / "dataset" / "data", count=96)  # data/train-*.parquet: a train split only
+    out = tmp_path / "no-test-split"
+    args = FAST + ["--dataset_name", str(tmp_path / "dataset"), "--max_train_steps", "2", "--checkpointing_steps", "1",
+                   "--eval_steps", "2"]
+    with pytest.raises(SystemExit, match=r"--eval_steps 2 estimates bits/dim on the 'test' split: .* Pass "
+                                         r"--eval_split with a split of the dataset, or --eval_steps 0"):
+        train_here(args + ["--output_dir", str(out)])
+    assert not list(out.glob("checkpoint-*"))
+    out = tmp_path / "train-split"
+    train_here(args + ["--eval_split", "train", "--logger", "tensorboard", "--output_dir", str(out)])
+    logged = {}
+    for file in (out / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(file))
+        accumulator.Reload()
+        if "eval_bpd_estimate" in accumulator.Tags()["scalars"]:
+            logged.update({e.step: e.value for e in accumulator.Scalars("eval_bpd_estimate")})
+    assert list(logged) == [2] and 0 < logged[2] < 100, logged
