@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -167,6 +168,11 @@ def write_file(path: Path, write: Callable[[Path], None], output_dir: Path) -> P
         raise write_failed(output_dir, str(path), err, partial_path(path)) from err
 
 
+# What torch and accelerate say when a readable checkpoint holds another network's weights or another count of states
+OTHER_SETTINGS = re.compile(r"size mismatch for|Missing key\(s\) in state_dict|Unexpected key\(s\) in state_dict|"
+                            r"Number of custom checkpoints")
+
+
 def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
     """Load the requested checkpoint, or with 'latest' the newest one that every process can read (an unreadable one
     is reported and skipped). Returns the folder loaded, None when there is none."""
@@ -183,9 +189,13 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
             failed, out_of_memory, mismatch, reason = 0.0, 0.0, 0.0, ""
         except ResumeMismatch as err:  # readable, but written for other settings
             failed, out_of_memory, mismatch, reason = 1.0, 0.0, 1.0, str(err)
-        except Exception as err:  # truncated or corrupt file: the processes must agree before going on
-            failed, out_of_memory, mismatch = 1.0, float(is_out_of_memory(err)), 0.0
-            reason = f"{type(err).__name__}: {err}"
+        except Exception as err:  # truncated or corrupt file, or another network's: the processes must agree first
+            said = [line.strip() for line in str(err).splitlines() if OTHER_SETTINGS.search(line)]
+            other_settings = isinstance(err, RuntimeError) and bool(said)
+            failed, out_of_memory, mismatch = 1.0, float(is_out_of_memory(err)), float(other_settings)
+            reason = (f"it was written by a run with other settings ({said[0][:200] if said else ''}): resume with "
+                      "the flags that run had (--preset or --model_config, --variance_type, --use_ema, ...), or start "
+                      "a new run in another --output_dir" if other_settings else f"{type(err).__name__}: {err}")
         failures, out_of_memory, mismatch = accelerator.reduce(
             torch.tensor([failed, out_of_memory, mismatch], device=accelerator.device), "sum").tolist()
         if failures == 0:
@@ -200,8 +210,9 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
             raise SystemExit(f"--resume_from_checkpoint {path} is unreadable ({reason or 'on another process'}); "
                              "pass an older checkpoint-N folder or 'latest'.")
         logger.warning("checkpoint %s is unreadable (%s): trying the previous one", path, reason or "on another process")
-    raise SystemExit(f"no readable checkpoint in {output_dir}; remove the broken ones or start without "
-                     "--resume_from_checkpoint.")
+    raise SystemExit(f"no checkpoint in {output_dir} could be loaded (see the warnings above). Files that are cut short "
+                     "or corrupt may be removed; if the run's flags changed since they were written, resume with the "
+                     "original ones instead. Or start without --resume_from_checkpoint.")
 
 
 

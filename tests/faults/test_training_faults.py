@@ -6,6 +6,7 @@ import datetime
 import gc
 import hashlib
 import random
+import re
 import resource
 import shutil
 import sys
@@ -543,3 +544,19 @@ def test_the_bits_per_dim_estimate_reads_its_split_before_training(tmp_path, tra
         if "eval_bpd_estimate" in accumulator.Tags()["scalars"]:
             logged.update({e.step: e.value for e in accumulator.Scalars("eval_bpd_estimate")})
     assert list(logged) == [2] and 0 < logged[2] < 100, logged
+
+
+def test_a_resume_with_another_network_stops_naming_the_flags_not_calling_the_checkpoints_broken(images, tmp_path,
+                                                                                                 train_here):
+    """Resuming with flags that build another network (here the preset small-28 for tiny-16) loads no checkpoint of
+    the run; the resume stops at the newest naming the flags, and does not advise removing
+    checkpoints that are intact."""
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "1", "--output_dir", str(out)]
+    train_here(args + ["--max_train_steps", "2"])
+    with pytest.raises(SystemExit) as stop:
+        train_here(args + ["--max_train_steps", "3", "--preset", "small-28", "--resume_from_checkpoint", "latest"])
+    message = str(stop.value.code)
+    assert re.search(r"cannot resume from .*checkpoint-2: it was written by a run with other settings \((size mismatch "
+                     r"for|Missing key|Unexpected key).*\): resume with the flags that run had", message), message
+    assert "remove" not in message and check_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
