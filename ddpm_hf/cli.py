@@ -110,8 +110,9 @@ def cmd_sample(args) -> int:
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
-    open_sample_folder(out, samples_key(pipe, steps, args.seed, args.dtype, options), args.num_images)  # resumable
+    key = samples_key(pipe, steps, args.seed, args.dtype, options)  # of the weights as saved
     prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
+    open_sample_folder(out, key, args.num_images)  # resumable; only now: a failure before leaves earlier samples
     images = generate_uint8(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
                             fixed_batch_size=options is not None)
     uint8_grid(images[:64]).save(out / "grid.png")

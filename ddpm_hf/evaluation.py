@@ -202,7 +202,7 @@ def open_sample_folder(folder: Path, key: dict, num_images: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stale = [path for i, path in sorted(sample_files(folder).items()) if previous != key or i >= num_images]
     if stale:
-        logger.info("%s: %d samples of another pipeline, setting or count removed", folder, len(stale))
+        logger.warning("%s: %d samples of another pipeline, setting or count removed", folder, len(stale))
     for path in stale:
         path.unlink()
     if previous != key:  # after the removal: a kill in between leaves the old key, whose samples go next time
@@ -337,10 +337,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     samples_folder = out / "samples"  # every sample as a PNG, written as it is made: a stopped command goes on
     if sample_quality:
         check_sample_folder(samples_folder)  # on every process: a refusal stops all of them, none waits below
-        if state.is_main_process:
-            open_sample_folder(samples_folder, samples_key(pipe, steps, seed + 10**6, dtype, compile_kwargs),
-                               num_samples)
-        state.wait_for_everyone()
+        key = samples_key(pipe, steps, seed + 10**6, dtype, compile_kwargs)  # opened below, once all else is checked
     sampler = pipe  # what samples: a copy in its dtype or compiled, prepared (and so checked) before any work
     if sample_quality or figures:
         # Only the samples are compiled: the figures (4 and 8 images) would compile the network again for their
@@ -383,6 +380,11 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         device = unet.device if unet.device.type == "cuda" else torch.device("cpu")
         extractor = feature_extractor(features).to(device) if {"fid", "kid"} & set(metrics) else None
         classifier = class_probabilities(features).to(device) if "is" in metrics else None
+        # Only now, with the sampler, the bound and the feature networks ready: a failure before leaves an earlier
+        # command's samples where they are.
+        if state.is_main_process:
+            open_sample_folder(samples_folder, key, num_samples)
+        state.wait_for_everyone()
         mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
                               state.process_index, state.num_processes, samples_folder,
                               fixed_batch_size=compiled is not None)

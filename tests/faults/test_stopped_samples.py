@@ -149,3 +149,27 @@ def test_evaluate_on_the_gpu_agrees_with_the_host(pipe_folder, tmp_path):
         quality[device] = json.loads((tmp_path / device / "results.json").read_text())["sample_quality"]
     for score in ("fid", "inception_score"):
         assert quality["cuda"][score] == pytest.approx(quality["cpu"][score], rel=0.02), (score, quality)
+
+
+def test_a_rerun_that_fails_before_sampling_leaves_the_earlier_samples(pipe_folder, tmp_path, monkeypatch):
+    """A rerun under another setting replaces the folder's samples, but only once it can sample: one that fails
+    first (here accelerate's dynamo settings name a backend this machine cannot compile with) leaves the earlier
+    command's images and key as they were."""
+    out, short = tmp_path / "a", ["--num_images", "4", "--batch_size", "4", "--num_inference_steps", "5"]
+    assert cli(["sample", str(pipe_folder), *short, "--out", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "TVM")
+    with pytest.raises((SystemExit, RuntimeError)):
+        cli(["sample", str(pipe_folder), *short, "--out", str(out)])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before and len(before) == 6
+    # evaluate alike: its sampler is compiled (and its bound computed) before its samples folder is touched
+    flags = ["--metrics", "fid", "--num_samples", "4", "--num_reference", "8", "--batch_size", "4",
+             "--num_inference_steps", "5", "--out", str(tmp_path / "eval")]
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    assert cli(["evaluate", str(pipe_folder), *flags]) == 0
+    before = {path.name: path.read_bytes() for path in (tmp_path / "eval" / "samples").iterdir()}
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "TVM")
+    with pytest.raises((SystemExit, RuntimeError)):
+        cli(["evaluate", str(pipe_folder), *flags])
+    assert {path.name: path.read_bytes() for path in (tmp_path / "eval" / "samples").iterdir()} == before
+    assert len(before) == 5
