@@ -133,6 +133,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         defaults = training_defaults(args.preset, args.recipe)
     except ValueError as err:
         p.error(str(err))
+    args.batch_from_preset = args.train_batch_size is None  # per data stream: see train.py's start_run
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

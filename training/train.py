@@ -613,6 +613,12 @@ def start_run(accelerator, args, model, stream, loop) -> float:
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ddpm_hf", config=tracker_config)
+        if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
+            logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
+                           "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "
+                           "--train_batch_size %d.", args.preset, args.train_batch_size, streams,
+                           args.train_batch_size * streams, streams, args.train_batch_size,
+                           max(1, args.train_batch_size // streams))
     logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per step in all",
                 accelerator.process_index, accelerator.num_processes, accelerator.distributed_type, stream.streams,
                 stream.num_workers, args.train_batch_size * streams)

@@ -560,3 +560,19 @@ def test_a_resume_with_another_network_stops_naming_the_flags_not_calling_the_ch
     assert re.search(r"cannot resume from .*checkpoint-2: it was written by a run with other settings \((size mismatch "
                      r"for|Missing key|Unexpected key).*\): resume with the flags that run had", message), message
     assert "remove" not in message and check_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_presets_batch_multiplied_by_the_streams_is_warned_about(images, tmp_path, train_here, caplog):
+    """A preset's batch is its recipe's global batch (the paper's 128 on one accelerator), but --train_batch_size is
+    per data stream, as in diffusers' scripts: a run of several streams without the flag trains at a multiple of it,
+    and says so, naming the flag's value for the recipe's batch."""
+    at = FAST.index("--train_batch_size")
+    args = FAST[:at] + FAST[at + 2:]  # tiny-16's batch: 16
+    train_here(args + ["--dataset_name", str(images), "--max_train_steps", "1", "--checkpointing_steps", "0",
+                       "--data_streams", "2", "--output_dir", str(tmp_path / "preset")])
+    assert "--preset tiny-16's batch, 16, is per data stream: 2 streams make 32 examples per step" in caplog.text
+    assert "pass --train_batch_size 8" in caplog.text
+    caplog.clear()
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "1", "--checkpointing_steps", "0",
+                       "--data_streams", "2", "--output_dir", str(tmp_path / "explicit")])
+    assert "is per data stream" not in caplog.text
