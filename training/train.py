@@ -612,7 +612,9 @@ def start_run(accelerator, args, model, stream, loop) -> float:
                 "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("ddpm_hf", config=tracker_config)
+        # resumed: TensorBoard drops what the stopped launch logged after its checkpoint, logged again from here
+        purge = {"tensorboard": {"purge_step": loop.step + 1}} if loop.step else None
+        accelerator.init_trackers("ddpm_hf", config=tracker_config, init_kwargs=purge)
         if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
             logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
                            "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "

@@ -576,3 +576,21 @@ def test_a_presets_batch_multiplied_by_the_streams_is_warned_about(images, tmp_p
     train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "1", "--checkpointing_steps", "0",
                        "--data_streams", "2", "--output_dir", str(tmp_path / "explicit")])
     assert "is per data stream" not in caplog.text
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(images, tmp_path, train_here):
+    """A launch stopped after its checkpoint at step 2 had logged steps 3 and 4; the resumed launch logs them again.
+    TensorBoard shows each step once: the resumed writer purges what came after its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "2", "--logger", "tensorboard",
+                   "--output_dir", str(out)]
+    train_here(args + ["--max_train_steps", "4"])
+    shutil.rmtree(out / "checkpoint-4")  # as if stopped between step 4's log and its checkpoint
+    train_here(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    run = out / "logs" / "ddpm_hf"  # both launches' scalars, a file each, in one run: TensorBoard reads them as one
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("loss")] == [1, 2, 3, 4]
