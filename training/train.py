@@ -358,7 +358,7 @@ def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, ste
     output_dir = Path(args.output_dir)
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = None
-    if images or final:
+    if images or final or push:  # (an upload's grid made once, here, not at each of its attempts)
         grid = unless_out_of_memory(pipe.device, f"the sample grid of step {step}",
                                     f"lower --num_sample_images ({args.num_sample_images})",
                                     lambda: sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png"))

@@ -594,3 +594,21 @@ def test_tensorboard_shows_each_step_once_after_a_resume(images, tmp_path, train
     accumulator = EventAccumulator(str(run))
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_upload_samples_its_grid_once_whatever_its_attempts(images, tmp_path, train_here, hub,
+                                                                          monkeypatch):
+    """--push_checkpoints uploads the EMA pipeline with a sample grid at each checkpoint. The grid is sampled once,
+    kept in samples/, and every attempt of a failing upload (bob may not write to alice's repo) sends that one: it was
+    sampled again at each attempt (the full chain, while the other processes wait)."""
+    from ddpm_hf.pipelines import DDPMPipeline
+
+    calls = []
+    real_call = DDPMPipeline.__call__
+    monkeypatch.setattr(DDPMPipeline, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    out = tmp_path / "run"
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
+                       "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/pushed", "--hub_token",
+                       "hf_test_bob", "--hub_push_attempts", "2", "--output_dir", str(out)])
+    assert len(calls) == 2  # steps 2 and 4, two attempts each
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
