@@ -171,11 +171,14 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             compile_options(args.compile)  # accelerate's dynamo settings, checked before anything loads
         except ValueError as err:
             parser.error(str(err))
-    if args.command == "evaluate" and "is" in args.metrics:
-        from .metrics import check_inception_score
+    if args.command == "evaluate" and {"fid", "kid", "is"} & set(args.metrics):
+        from .metrics import check_features, check_inception_score
 
         try:
-            check_inception_score(args.features, args.num_samples, args.is_splits)
+            if "is" in args.metrics:
+                check_inception_score(args.features, args.num_samples, args.is_splits)
+            if {"fid", "kid"} & set(args.metrics):
+                check_features(args.features)  # not installed: said now, not after the bound and the sampling
         except ValueError as err:
             parser.error(str(err))
     if args.command == "evaluate" and {"bpd", "rd", "fid", "kid", "interpolation"} & set(args.metrics):

