@@ -11,6 +11,7 @@ and PNG files.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch_size", type=_positive, default=64)
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default=None)
+    sample.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
     _sampling_speed_args(sample)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
@@ -106,7 +107,7 @@ def cmd_sample(args) -> int:
                              samples_key)
     from .images import uint8_grid
 
-    pipe = load_pipeline(args.pipeline, args.device)
+    pipe = load_pipeline(args.pipeline, args.device or ("cuda" if torch.cuda.is_available() else None))
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
@@ -164,6 +165,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--device {device}: no CUDA device is available here (use cpu)")
         if kind == "mps" and not torch.backends.mps.is_available():
             parser.error(f"--device {device}: MPS is not available here (use cpu)")
+    if args.command == "sample" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("ddpm-hf sample runs in one process (under accelerate launch every process would make every "
+                     "image, into the same folder): run it without accelerate launch, one per GPU with --device and "
+                     "its own --out, or use `ddpm-hf evaluate`, which shares its samples among the processes")
     if args.command in ("sample", "evaluate"):
         from .compiling import compile_options
 

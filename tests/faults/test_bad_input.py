@@ -290,15 +290,19 @@ def pipeline_folder(tmp_path_factory):
     (["evaluate", "{pipe}", "--data", "{tmp}/nowhere/.."], "neither a folder nor a Hub dataset id"),
     (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet/arrow files"),
     (["evaluate", "{pipe}", "--split", "validation", "--metrics", "bpd"], "split 'validation'"),
+    (["sample", "{pipe}", "--world_size=2"], "ddpm-hf sample runs in one process (under accelerate launch"),
     (["data", "fashion-mnist", "--num_shards", "0"], "must be a positive integer"),
     (["data", "mnist"], "invalid choice: 'mnist'"),
 ])
-def test_cli_arguments_are_checked_before_any_work(pipeline_folder, tmp_path, capsys, argv, words):
+def test_cli_arguments_are_checked_before_any_work(pipeline_folder, tmp_path, capsys, monkeypatch, argv, words):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty").mkdir()
     argv = [a.replace("{pipe}", str(pipeline_folder)).replace("{tmp}", str(tmp_path)) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
+    if "--world_size=2" in argv:  # as under `accelerate launch --num_processes 2`
+        argv.remove("--world_size=2")
+        monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exit_info:
         cli(argv)
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
