@@ -210,9 +210,9 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
             raise SystemExit(f"--resume_from_checkpoint {path} is unreadable ({reason or 'on another process'}); "
                              "pass an older checkpoint-N folder or 'latest'.")
         logger.warning("checkpoint %s is unreadable (%s): trying the previous one", path, reason or "on another process")
-    raise SystemExit(f"no checkpoint in {output_dir} could be loaded (see the warnings above). Files that are cut short "
-                     "or corrupt may be removed; if the run's flags changed since they were written, resume with the "
-                     "original ones instead. Or start without --resume_from_checkpoint.")
+    raise SystemExit(f"no checkpoint in {output_dir} could be loaded (see the warnings above). Files that are cut "
+                     "short or corrupt may be removed; if the run's flags changed since they were written, resume "
+                     "with the original ones instead. Or start without --resume_from_checkpoint.")
 
 
 

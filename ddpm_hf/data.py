@@ -216,7 +216,8 @@ def pause_for_arrow_scans() -> None:
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,
-                      cache_dir: Optional[str], token: Optional[str], check_shards: bool, revision: Optional[str] = None):
+                      cache_dir: Optional[str], token: Optional[str], check_shards: bool,
+                      revision: Optional[str] = None):
     """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
     repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
     truncated or not parquet (its footer is read, a few KB per shard, before any training)."""
@@ -227,10 +228,11 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     try:
         builder = load_dataset_builder(repo_id, config_name, cache_dir=cache_dir, token=token, revision=revision)
     except DatasetNotFoundError as err:
-        at = f" at revision {revision}" if revision else ""
+        at, flags = (f" at revision {revision}", "--dataset_name and --dataset_revision") if revision else ("",
+                                                                                                      "--dataset_name")
         raise FileNotFoundError(
-            f"{where}{at} does not exist or this token cannot read it: check --dataset_name{' and --dataset_revision' if at else ''}, "
-            "and for a private or gated dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
+            f"{where}{at} does not exist or this token cannot read it: check {flags}, and for a private or gated "
+            "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
     except ValueError as err:  # an unknown config: datasets lists the available ones
         raise ValueError(f"{where}: {first_line(err)} Pass one of them with --dataset_config_name.") from err
     data_files = builder.config.data_files or {}

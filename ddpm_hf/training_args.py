@@ -229,4 +229,4 @@ def read_model_config(path: str) -> dict:
 
 def public_config(args) -> dict:
     """The run's flags without the token: what goes to the trackers, training_config.json and the model card."""
-    return {k: v for k, v in vars(args).items() if k != "hub_token"}
+    return {k: v for k, v in vars(args).items() if k not in ("hub_token", "batch_from_preset")}
