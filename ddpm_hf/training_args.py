@@ -31,7 +31,8 @@ def parse_args(argv=None):
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--train_data_dir", default=None, help="a folder of image files (imagefolder)")
     data.add_argument("--split", default="train")
-    data.add_argument("--dataset_revision", default=None, help="a Hub dataset's branch, tag or commit (default: main, resolved to its commit at the start and kept in the checkpoints)")
+    data.add_argument("--dataset_revision", default=None, help="a Hub dataset's branch, tag or commit (default: "
+                      "main, resolved to its commit at the start and kept in the checkpoints)")
     data.add_argument("--image_column", default=None, help="default: the first Image column")
     data.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
