@@ -195,16 +195,22 @@ def without_exit_pause(dataset):
     2026-11-27) and closes one part-way when the run ends; under an older pyarrow (installed without setup.py's
     requirements) it pauses then, once (``pause_for_arrow_scans``). Set on the dataset's leaf iterables, the setting
     carries over to what shuffle, shard, split and set_epoch derive from them."""
+    for node in examples_iterables(dataset):
+        if hasattr(node, "_sleep_on_threads_shutdown"):
+            node._sleep_on_threads_shutdown = False
+    return dataset
+
+
+def examples_iterables(dataset) -> Iterator:
+    """Every examples iterable of a 🤗 IterableDataset, from the outermost (its shuffles, splits, decoding) down to
+    the leaves that read the files."""
     nodes = [getattr(dataset, "_ex_iterable", None)]
     while nodes:
         node = nodes.pop()
-        if node is None:
-            continue
-        if hasattr(node, "_sleep_on_threads_shutdown"):
-            node._sleep_on_threads_shutdown = False
-        nodes.append(getattr(node, "ex_iterable", None))
-        nodes.extend(getattr(node, "ex_iterables", None) or [])
-    return dataset
+        if node is not None:
+            yield node
+            nodes.append(getattr(node, "ex_iterable", None))
+            nodes.extend(getattr(node, "ex_iterables", None) or [])
 
 
 def pause_for_arrow_scans() -> None:
@@ -383,14 +389,6 @@ def image_cell_bytes(cell: dict, token: Optional[str] = None) -> bytes:
         return remote.read()
 
 
-def open_image_cell(cell: dict, token: Optional[str] = None) -> Tuple[bytes, Image.Image]:
-    """The encoded bytes and the fully decoded image of an undecoded ``Image`` cell (see :func:`image_cell_bytes`);
-    raises whatever PIL, the file system or the network raises for a corrupt, truncated, missing or unreachable
-    image."""
-    data = image_cell_bytes(cell, token)
-    return data, decoded_image(data)
-
-
 def decoded_image(data: bytes) -> Image.Image:
     """The image encoded in ``data``, fully decoded (a truncated file fails here, not later)."""
     image = Image.open(io.BytesIO(data))
@@ -421,7 +419,7 @@ def first_image(dataset, image_column: str, max_rows: int = 100, token: Optional
     last_error = None
     for seen, row in enumerate(rows, 1):
         try:
-            return open_image_cell(row[image_column], token)[1]
+            return decoded_image(image_cell_bytes(row[image_column], token))
         except Exception as err:
             last_error = err
     if seen == 0:
@@ -576,13 +574,8 @@ HUB_COMMIT = re.compile(r"^hf://datasets/.+?@([0-9a-f]{40})/")
 def dataset_revision(dataset) -> Optional[str]:
     """The commit of a streamed Hub dataset's files (datasets resolves the revision once, when the dataset is opened,
     and reads every file at that commit); None for any other source."""
-    nodes, values, found = [getattr(dataset, "_ex_iterable", None)], [], set()
-    while nodes:  # the examples iterables, down to the leaves that name the files (as without_exit_pause walks them)
-        node = nodes.pop()
-        if node is not None:
-            values.append(getattr(node, "kwargs", None))
-            nodes.append(getattr(node, "ex_iterable", None))
-            nodes.extend(getattr(node, "ex_iterables", None) or [])
+    values = [getattr(node, "kwargs", None) for node in examples_iterables(dataset)]  # the leaves name the files
+    found = set()
     while values:
         item = values.pop()
         if isinstance(item, dict):

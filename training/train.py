@@ -174,12 +174,13 @@ def open_dataset(args, accelerator):
         dataset, failure = load(args.dataset_revision), None
     except SystemExit as err:  # the main process alone checks the shards: the others must not wait for it
         dataset, failure = None, str(err.code)
-    outcomes = gather_object([(failure, dataset_revision(dataset) if dataset is not None else None)])
+    commit = dataset_revision(dataset) if dataset is not None else None
+    outcomes = gather_object([(failure, commit)])
     failures = [f for f, _ in outcomes if f is not None]
     if failures:
         raise SystemExit(failure or failures[0])
     main_commit = outcomes[0][1]
-    if main_commit is not None and dataset_revision(dataset) != main_commit:
+    if main_commit is not None and commit != main_commit:
         dataset = load(main_commit)
     return dataset
 
