@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True)
     sample.add_argument("--batch_size", type=_positive, default=64)
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_non_negative, default=0)
     sample.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
     _sampling_speed_args(sample)
 

@@ -714,11 +714,13 @@ class TrainStream:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
         return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                                   "last_row": dict(self.last_row)}), dataset_revision=self.revision)
+                                   "last_row": dict(self.last_row)}), dataset_revision=self.revision,
+                    seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size)
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's positions; refused (:class:`ResumeMismatch`) when it read another number of streams or
-        another commit of the dataset: its positions would name other rows."""
+        """A checkpoint's positions; refused (:class:`ResumeMismatch`) when it read another number of streams,
+        another commit of the dataset, or shuffled with another seed or buffer: its positions would name other rows
+        (within the epoch, examples seen twice and others never)."""
         saved_streams = len(state["position"])  # every stream's, the other processes' included
         if saved_streams != self.num_streams:
             raise ResumeMismatch(f"the checkpoint read the data as {saved_streams} data streams, this run as "
@@ -729,6 +731,10 @@ class TrainStream:
             raise ResumeMismatch(f"the checkpoint read the Hub dataset at commit {saved_revision}, this run opened "
                                  f"{self.revision}: resume with --dataset_revision {saved_revision}, or start a new "
                                  "run on the new data.")
+        for flag, value in (("seed", self.seed), ("shuffle_buffer_size", self.shuffle_buffer_size)):
+            if state.get(flag, value) != value:  # (checkpoints before this check: not known)
+                raise ResumeMismatch(f"the checkpoint's run shuffled the data with --{flag} {state[flag]}, this run "
+                                     f"with {value}: resume with --{flag} {state[flag]}, or start a new run.")
         self.close()
         self.position = {v: tuple(state["position"][v]) for v in self.streams}
         skipped = state["skipped_rows"]

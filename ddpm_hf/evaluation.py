@@ -21,6 +21,7 @@ from .checkpoints import publish_file
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
+from .seeds import image_seed
 from .likelihood import bits_per_dim, plot_rate_distortion
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
 
 
 SAMPLES_KEY_FILE = "samples.json"
-SAMPLES_FORMAT = "ddpm_hf samples 1"  # marks a key file as ours
+SAMPLES_FORMAT = "ddpm_hf samples 2"  # marks a key file as ours (2: each image's seed hashed, see image_seed)
 SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")  # 00000.png, 00001.png, ...
 
 
@@ -229,10 +230,11 @@ def _read_sample(path: Path) -> Optional[torch.Tensor]:
 def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
                    process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None,
                    fixed_batch_size: bool = False) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples; image i uses its own generator seeded seed + i, so the set does not depend on
-    the batch size or on how many processes share the work (process p makes images p, p + P, ...). With ``folder``
-    (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is made,
-    and the images already there are read instead of made again: a command that was stopped goes on where it was.
+    """uint8 (N, C, H, W) samples; image i uses its own generator, seeded ``image_seed(seed, i)``: the set does not
+    depend on the batch size or on how many processes share the work (process p makes images p, p + P, ...). With
+    ``folder`` (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is
+    made, and the images already there are read instead of made again: a command that was stopped goes on where it
+    was.
     With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at ``min(batch_size, this process's
     share)``), every batch has that size: a short last one is filled up with copies of its last image, dropped
     after, because a compiled network would be compiled again for the new shape (with CUDA graphs, also recorded
@@ -257,7 +259,7 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     compiled_for = min(batch_size, len(mine))
     for start in tqdm(range(0, len(todo), batch_size), desc=bar, unit="batch", disable=process_index != 0):
         batch = todo[start:start + batch_size]
-        seeds = [seed + i for _, i in batch]
+        seeds = [image_seed(seed, i) for _, i in batch]
         if fixed_batch_size:
             seeds += seeds[-1:] * (compiled_for - len(batch))  # each its own generator: the rows stay independent
         out = pipe(batch_size=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],

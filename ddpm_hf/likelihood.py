@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .images import to_model_range
 from .scheduler import DDPMScheduler
+from .seeds import image_seed
 
 LN2 = math.log(2.0)
 
@@ -159,9 +159,8 @@ class _ImageNoise:
     def __init__(self, seed: int, first_image: int, images: torch.Tensor, num_train: int,
                  num_timesteps: Optional[int], device: torch.device, earlier_calls: List[int]):
         self.shape = tuple(images.shape[1:])
-        seeds = (np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]  # distinct streams for all (seed, i)
-                 for i in range(first_image, first_image + len(images)))
-        self.generators = [torch.Generator(device).manual_seed(int(image_seed)) for image_seed in seeds]
+        self.generators = [torch.Generator(device).manual_seed(image_seed(seed, i))
+                           for i in range(first_image, first_image + len(images))]
         if num_timesteps is None:  # exact: every image runs through t = T−1 … 0
             self.schedule = torch.arange(num_train - 1, -1, -1, device=device).repeat(len(images), 1)
         else:  # the decoder term L_0 (t = 0) first, then K draws of t from 1 … T−1

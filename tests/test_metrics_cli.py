@@ -200,6 +200,22 @@ def test_a_short_last_batch_reuses_the_compiled_graph():
     assert torch.equal(compiled, plain)
 
 
+def test_the_sample_sets_of_two_seeds_share_no_image():
+    """Seeds 0 and 1, four images each: no image of one set is in the other (seeded ``seed + i``, seed 1's images
+    0..2 were seed 0's images 1..3: FID error bars over seeds measured one set). Oracle: each image is the pipeline's
+    own call with a generator of the seed ``image_seed`` says, and within a set all four differ."""
+    from ddpm_hf.evaluation import generate_uint8
+    from ddpm_hf.seeds import image_seed
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    first, second = (generate_uint8(pipe, 4, 4, 5, seed=seed) for seed in (0, 1))
+    images = torch.cat([first, second]).flatten(1)
+    assert len(torch.unique(images, dim=0)) == 8
+    alone = pipe(batch_size=1, generator=[torch.Generator().manual_seed(image_seed(1, 2))], num_inference_steps=5,
+                 output_type="np").images
+    assert np.array_equal(np.round(alone[0] * 255).astype(np.uint8).transpose(2, 0, 1), second[2].numpy())
+
+
 def test_accelerates_dynamo_settings_compile_the_sampling_network(tmp_path, monkeypatch, capsys):
     """Under `accelerate launch --dynamo_backend eager --dynamo_use_fullgraph` (the environment it sets), `ddpm-hf
     sample` and `evaluate` compile the sampling network with exactly those settings, read by accelerate's own plugin
@@ -371,5 +387,8 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])
     assert "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the same for the samples (seeds.image_seed)
+        cli(["sample", str(tmp_path / "pipe"), "--seed", "-1", "--out", str(tmp_path / "s")])
+    assert "--seed" in capsys.readouterr().err and not (tmp_path / "s").exists()
     result = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "ddpm-hf" in result.stdout

@@ -119,8 +119,10 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
-    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "30",
-                     "--checkpointing_steps", "5", "--checkpoints_total_limit", "2", "--record_example_ids"]
+    # with dropout, and a sample grid at each checkpoint, drawn after it from the generator of the dropout masks
+    args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "30", "--dropout", "0.1",
+                   "--save_images_steps", "5", "--checkpointing_steps", "5", "--checkpoints_total_limit", "2",
+                   "--record_example_ids"]
     straight = tmp_path / "straight"
     _run([sys.executable, TRAIN, *args, "--output_dir", str(straight)], env=child_env(), cwd=tmp_path)
 

@@ -109,6 +109,46 @@ def test_the_draw_of_t_and_noise_is_algorithm_1():
     alone = train.LoopState([1], 10_000, seed=0, device=torch.device("cpu"))  # stream 1 served by another process
     t1, noise1 = alone.draw(x0[:10_000], 10)
     assert torch.equal(t1, t[10_000:]) and torch.equal(noise1, noise[10_000:])
+    # no other (seed, stream) draws these: seeded seed · 1009 + stream, seed 1's stream 0 drew seed 0's stream 1009,
+    # and seed 0's stream 0 the very numbers of torch.manual_seed(0), which initialised the weights
+    first = lambda seed, stream: train.LoopState([stream], 4, seed, torch.device("cpu")).draw(x0[:4], 10)[1]  # noqa
+    assert not torch.equal(first(1, 0), first(0, 1009))
+    weights_generator = torch.Generator().manual_seed(0)
+    torch.rand(4, generator=weights_generator, dtype=torch.float64)  # where draw() takes its t from
+    assert not torch.equal(first(0, 0), torch.randn(x0[:4].shape, generator=weights_generator))
+
+
+def test_dropout_masks_differ_between_processes_and_come_back_after_a_resume():
+    """Every process seeds torch's generator alike (the same initial weights): the masks of its batches must still be
+    its own, and a resume must draw the same masks as the uninterrupted run, though a sample grid drew from that
+    generator at the checkpoint (accelerate restores the generator as it was before). Oracle: nn.Dropout's masks."""
+    dropout, x0, ones = torch.nn.Dropout(0.5), torch.zeros(2, 1, 2, 2), torch.ones(4096)
+
+    def masks(loop, batches, grid_after=None, state_after=None):
+        drawn, state = [], None
+        for batch in range(batches):
+            loop.draw(x0, 10)
+            drawn.append(dropout(ones) > 0)
+            if batch == grid_after:
+                torch.rand(10_000)  # what sampling a grid draws
+            if batch == state_after:
+                state = loop.state_dict()
+        return drawn, state
+
+    per_process = []
+    for process in (0, 1):
+        torch.manual_seed(0)  # accelerate's set_seed, on every process
+        per_process.append(masks(train.LoopState([process], 1, 0, torch.device("cpu"), process=process), 3)[0])
+    assert all(0.45 < m.float().mean() < 0.55 for m in per_process[0])
+    assert all(not torch.equal(a, b) for a, b in zip(*per_process))
+    assert not torch.equal(per_process[0][0], per_process[0][1])  # and other for each batch
+
+    torch.manual_seed(0)
+    straight, state = masks(train.LoopState([0], 1, 0, torch.device("cpu")), 3, grid_after=0, state_after=0)
+    resumed = train.LoopState([0], 1, 0, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    torch.manual_seed(0)  # the generator as a resume finds it: not as the straight run left it
+    assert all(torch.equal(a, b) for a, b in zip(masks(resumed, 2)[0], straight[1:]))
 
 
 def test_a_run_reaches_its_min_snr_weights_and_records_gamma(tmp_path, capsys):

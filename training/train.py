@@ -43,6 +43,7 @@ from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
+from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
 
@@ -73,32 +74,46 @@ def build_model(args):
 
 
 class LoopState:
-    """What the training loop owns, checkpointed with the rest: the optimizer step count, and the generators of the
-    diffusion noise (t and ε of Algorithm 1), one per data stream, so that a stream's examples get the same t and ε
-    whichever process serves it. On a GPU the generators live there (drawing ε on the host would cost more than the
-    step)."""
+    """What the training loop owns, checkpointed with the rest: the optimizer step count, and the randomness of each
+    batch. The diffusion noise (t and ε of Algorithm 1) comes from one generator per data stream, so that a stream's
+    examples get the same t and ε whichever process serves it; on a GPU they live there (drawing ε on the host would
+    cost more than the step). The dropout masks come from torch's own generator, seeded before each batch from the
+    process and the batch's number: other on every process (one seed everywhere gave every process the same masks),
+    and the same after a resume, whatever drew from that generator in between (a sample grid, a bound estimate)."""
 
-    def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device):
+    def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0):
         self.step = 0
-        self.per_stream_batch = per_stream_batch
-        self.generators = {v: torch.Generator(device).manual_seed(seed * 1009 + v) for v in streams}
+        self.batches: Optional[int] = 0  # the micro-batches drawn, skipped updates' included: each has its own masks
+        self.per_stream_batch, self.seed, self.process, self.device = per_stream_batch, seed, process, device
+        self.generators = {v: torch.Generator(device).manual_seed(noise_seed(seed, v)) for v in streams}
 
     def draw(self, x0: torch.Tensor, num_train_timesteps: int):
-        """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream."""
+        """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream; and the
+        seed of the dropout masks the model then draws for it."""
         t, noise = [], []
         for v, chunk in zip(self.generators, x0.split(self.per_stream_batch)):
             g = self.generators[v]
             uniform = torch.rand(len(chunk), generator=g, dtype=torch.float64, device=g.device)
             t.append((uniform * num_train_timesteps).long().clamp(max=num_train_timesteps - 1))
             noise.append(torch.randn(chunk.shape, generator=g, device=g.device))
+        if self.batches is not None:
+            masks_seed = dropout_seed(self.seed, self.process, self.batches)
+            torch.default_generator.manual_seed(masks_seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(masks_seed)  # this process's GPU
+            self.batches += 1
         return torch.cat(t).to(x0.device), torch.cat(noise).to(x0.device, x0.dtype)
 
     def state_dict(self):
         """The step and every stream's generator, the other processes' included (see TrainStream.state_dict)."""
-        return all_processes({"step": self.step, "noise": {v: g.get_state() for v, g in self.generators.items()}})
+        return all_processes({"step": self.step, "batches": self.batches,
+                              "noise": {v: g.get_state() for v, g in self.generators.items()}})
 
     def load_state_dict(self, state):
         self.step = state["step"]
+        # None: a run begun before the masks were seeded per batch goes on drawing them as it did, from the generator
+        # accelerate restores (so that it still ends where it would have)
+        self.batches = state.get("batches")
         if "noise" in state:  # checkpoints before 0.2 kept it in the data stream (see start_run)
             self.load_noise_state(state["noise"])
 
@@ -489,7 +504,7 @@ def main(argv=None):
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
-    loop = LoopState(stream.streams, args.train_batch_size, args.seed, device)
+    loop = LoopState(stream.streams, args.train_batch_size, args.seed, device, accelerator.process_index)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: the average lives on the device of the weights it follows
     ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None

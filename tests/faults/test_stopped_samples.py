@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import tiny_pipeline
 from runs import child_env
@@ -35,6 +37,10 @@ def _samples(folder: Path) -> list:
 
 def _files(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in _samples(folder)}
+
+
+def _read(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path)))
 
 
 def _stamps(folder: Path) -> dict:
@@ -62,7 +68,11 @@ def test_a_killed_sample_command_goes_on_where_it_was(pipe_folder, tmp_path):
     os.remove(out / "00001.png")
     del made["00001.png"]
     assert cli(["sample", str(pipe_folder), *SAMPLE, "--batch_size", "3", "--out", str(out)]) == 0
-    assert _files(out) == whole  # bit for bit the uninterrupted run's images
+    assert sorted(_files(out)) == sorted(whole)
+    # the uninterrupted run's images: to a level, where the CPU's convolutions round otherwise in a batch of 3 than
+    # of 4 (1 level of 6144, 2026-11-28). An image drawn from other noise differs in most of its levels, by many.
+    levels = torch.stack([(_read(out / name).int() - _read(tmp_path / "whole" / name).int()).abs() for name in whole])
+    assert levels.max() <= 1 and (levels > 0).float().mean() < 0.01, f"{levels.max()}, {(levels > 0).sum()} levels"
     assert {name: _stamps(out)[name] for name in made} == made  # those made before the kill were not made again
     assert not list(out.glob(".*.tmp"))
 
@@ -123,7 +133,7 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
 def test_samples_depend_on_the_batch_size_on_the_gpu_by_a_level_at_most(pipe_folder, monkeypatch):
     """What a resumed command's batches rely on there, within one process and with cuDNN timing its kernels as the
-    commands have it (a new process may time them otherwise); on the CPU the kill test above shows them equal.
+    commands have it (a new process may time them otherwise); on the CPU the kill test above allows as little.
     cuDNN's kernels differ by batch size, so a few levels are one off: 0.8 % of them on an H100 (2026-11-27, with
     torch's default TF32 convolutions). An image drawn from other noise, or put in another image's place, differs
     in most of its levels, by many."""

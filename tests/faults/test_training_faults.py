@@ -483,15 +483,22 @@ def test_a_full_disk_at_a_checkpoint_a_sample_grid_and_the_final_pipeline_then_a
     assert not [p for p in out.rglob(".*")]
 
 
-def test_a_resume_with_other_data_streams_stops_naming_the_flag(images, tmp_path, train_here):
-    """A checkpoint written with --data_streams 2 is readable but resumes no run of 1 stream: the resume stops with
-    the flag to pass, instead of calling the checkpoints unreadable one after the other."""
+def test_a_resume_with_other_data_streams_or_shuffle_stops_naming_the_flag(images, tmp_path, train_here):
+    """A checkpoint written with --data_streams 2 is readable but resumes no run of 1 stream, nor one of another
+    --seed or --shuffle_buffer_size: the resume stops with the flag to pass, instead of calling the checkpoints
+    unreadable one after the other, or going on with other rows."""
     out = tmp_path / "run"
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "1", "--output_dir", str(out)]
     train_here(args + ["--max_train_steps", "2", "--data_streams", "2"])
     with pytest.raises(SystemExit, match=r"cannot resume from .*checkpoint-2: the checkpoint read the data as 2 data "
                                          r"streams, this run as 1: resume with --data_streams 2"):
         train_here(args + ["--max_train_steps", "3", "--data_streams", "1", "--resume_from_checkpoint", "latest"])
+    # another shuffle: the checkpoint's positions would name other rows (examples seen twice, others never)
+    for flag, value in (("--seed", "1"), ("--shuffle_buffer_size", "8")):
+        with pytest.raises(SystemExit, match=rf"cannot resume from .*checkpoint-2: the checkpoint's run shuffled the "
+                                             rf"data with {flag} \d+, this run with {value}: resume with {flag} \d+"):
+            train_here(args + ["--max_train_steps", "3", "--data_streams", "2", flag, value,
+                               "--resume_from_checkpoint", "latest"])
     assert check_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
 
 

@@ -1,0 +1,31 @@
+"""Every seed the library derives from a user's ``--seed``, in one place.
+
+Each is ``seed`` and the indices of what it seeds, hashed together by numpy's SeedSequence (64 bits), with a different
+third word per use: no two uses, indices or user seeds give the same stream. Sums such as ``seed + index`` would:
+seed 1's image 0 was seed 0's image 1. (SeedSequence pads its words with zeros, so a tag must not be 0 or trail.)
+"""
+
+import numpy as np
+
+_NOISE, _DROPOUT = 1, 2  # third words; the images' seeds have none (they kept the form of earlier releases)
+
+
+def _hashed(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0])
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Image ``index`` of the set drawn with ``seed`` (both ≥ 0): a sample of ``ddpm-hf sample``/``evaluate``, or
+    the noise of the bound for test image ``index``."""
+    return _hashed(seed, index)
+
+
+def noise_seed(seed: int, stream: int) -> int:
+    """The diffusion noise (t and ε of Algorithm 1) of data stream ``stream`` in training."""
+    return _hashed(seed, stream, _NOISE)
+
+
+def dropout_seed(seed: int, process: int, batch: int) -> int:
+    """The dropout masks of process ``process``'s batch number ``batch`` (micro-batches counted from the run's
+    start): other on every process, and what a resumed run draws again without any saved generator state."""
+    return _hashed(seed, batch, _DROPOUT, process)
