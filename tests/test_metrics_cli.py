@@ -97,6 +97,59 @@ def test_evaluate_inception_score_of_the_images_the_sample_command_writes(tmp_pa
     assert quality["label"] == "FID-FMNIST" and quality["fid"] > 0 and "kid" in quality
 
 
+def test_the_inception_input_is_resized_as_tensorflow_1_did():
+    """The FID Inception graph resized its input with TF1's ResizeBilinear (align_corners=False): output pixel i
+    reads input position i · in / out, no half-pixel offset. Closed forms (torch's F.interpolate gives
+    [0, 0.25, 0.75, 1] and [1, 4]), then a pixel-by-pixel transcription of TF1's kernel, up and down."""
+    from ddpm_hf.metrics import resize_like_tf1
+
+    two = torch.tensor([0.0, 1.0]).repeat(1, 1, 2, 1)  # one row of [0, 1], twice
+    assert resize_like_tf1(two, 4)[0, 0].tolist() == [[0.0, 0.5, 1.0, 1.0]] * 4
+    three = torch.tensor([0.0, 3.0, 6.0]).repeat(1, 1, 3, 1)
+    assert resize_like_tf1(three, 2)[0, 0].tolist() == [[0.0, 4.5]] * 2  # positions 0 and 1.5
+
+    def tf1(image, size):  # tensorflow/core/kernels/resize_bilinear_op.cc, for one channel
+        (height, width), out = image.shape, np.zeros((size, size))
+        for i in range(size):
+            y = i * np.float32(height / size)
+            y0, y1, dy = int(np.floor(y)), min(int(np.floor(y)) + 1, height - 1), y - np.floor(y)
+            for j in range(size):
+                x = j * np.float32(width / size)
+                x0, x1, dx = int(np.floor(x)), min(int(np.floor(x)) + 1, width - 1), x - np.floor(x)
+                top = image[y0, x0] + (image[y0, x1] - image[y0, x0]) * dx
+                bottom = image[y1, x0] + (image[y1, x1] - image[y1, x0]) * dx
+                out[i, j] = top + (bottom - top) * dy
+        return out
+
+    rng = np.random.default_rng(0)
+    for height, width, size in ((5, 7, 13), (28, 28, 41), (9, 6, 4)):
+        image = rng.uniform(0, 255, (height, width))
+        ours = resize_like_tf1(torch.from_numpy(image).float()[None, None], size)[0, 0].double().numpy()
+        np.testing.assert_allclose(ours, tf1(image, size), rtol=0, atol=1e-3)  # float32 rounding of 0–255 levels
+
+
+def test_cached_reference_features_follow_the_reference_images(tmp_path, monkeypatch):
+    """The reference features are cached under a digest of the reference images: after the dataset's images
+    changed (same folder, same settings), FID is the one a fresh cache gives, not the stale one. KID is computed as
+    published: 100 subsets of min(1000, sizes of both sets), written to results.json."""
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "pipe")
+    data = tmp_path / "data"
+
+    def fid(cache):
+        monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / cache))
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--reference_split", "test", "--metrics",
+                    "fid,kid", "--num_samples", "8", "--num_inference_steps", "5", "--num_reference", "12",
+                    "--out", str(tmp_path / "eval")]) == 0  # the same samples each time (kept in eval/samples)
+        return json.loads((tmp_path / "eval" / "results.json").read_text())["sample_quality"]
+
+    write_test_split(data, [png_bytes(seed, size=16) for seed in range(12)])
+    first = fid("cache")
+    assert (first["kid_subsets"], first["kid_subset_size"]) == (100, 8)
+    write_test_split(data, [png_bytes(seed, size=16) for seed in range(100, 112)])
+    again, fresh = fid("cache"), fid("fresh-cache")
+    assert again["fid"] == fresh["fid"] != first["fid"]
+
+
 def test_inception_score_refuses_too_few_samples_and_splits_before_any_work(tmp_path, capsys):
     """Exit 2 naming the flag and the fix, checked before the pipeline is even opened (it does not exist here)."""
     from ddpm_hf.evaluation import evaluate
