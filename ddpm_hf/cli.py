@@ -28,6 +28,13 @@ def _positive(value: str) -> int:
     return number
 
 
+def _seed(value: str) -> int:
+    number = int(value)
+    if not 0 <= number < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return number
+
+
 def _non_negative(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True)
     sample.add_argument("--batch_size", type=_positive, default=64)
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
-    sample.add_argument("--seed", type=_non_negative, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
     _sampling_speed_args(sample)
 
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--is_splits", type=_positive, default=10, help="splits of the samples for the IS's spread")
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     evaluate.add_argument("--batch_size", type=_positive, default=64)
-    evaluate.add_argument("--seed", type=_non_negative, default=0)
+    evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--device", default=None)
     _sampling_speed_args(evaluate, "; the bound always uses float32")

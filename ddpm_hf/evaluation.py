@@ -140,6 +140,7 @@ def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
 
 SAMPLES_KEY_FILE = "samples.json"
 SAMPLES_FORMAT = "ddpm_hf samples 2"  # marks a key file as ours (2: each image's seed hashed, see image_seed)
+SAMPLES_FORMATS = re.compile(r"^ddpm_hf samples \d+$")  # ours, of any version: another version's key is another key
 SAMPLE_NAME = re.compile(r"^(\d{5,})\.png$")  # 00000.png, 00001.png, ...
 
 
@@ -182,7 +183,7 @@ def check_sample_folder(folder: Path) -> Optional[dict]:
         previous = None
     except (OSError, ValueError):
         previous = "unreadable"
-    ours = isinstance(previous, dict) and previous.get("format") == SAMPLES_FORMAT
+    ours = isinstance(previous, dict) and bool(SAMPLES_FORMATS.match(str(previous.get("format"))))
     if previous is not None and not ours:
         raise ValueError(f"{key_file} is not the samples key ddpm-hf writes: write the samples to another folder "
                          "(--out) or remove that file.")

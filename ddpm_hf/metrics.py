@@ -242,8 +242,9 @@ class _Precomputed(nn.Module):
 
 def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subsets: int = 100,
             kid_subset_size: Optional[int] = None) -> Dict[str, float]:
-    """FID and KID (mean ± std over subsets) between two feature sets, computed by torchmetrics. KID as it is
-    published (Bińkowski et al. 2018, torch-fidelity): 100 subsets of 1000 of each set, or of the smaller set's size."""
+    """FID and KID (mean ± std over subsets) between two feature sets, computed by torchmetrics. KID over 100
+    subsets of 1000 images of each set, as published (Bińkowski et al. 2018; torch-fidelity) for sets of 2000 and
+    more; of half the smaller set below that, so that the spread over subsets still comes from both sets."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -252,7 +253,7 @@ def fid_kid(real_features: torch.Tensor, fake_features: torch.Tensor, kid_subset
     fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False, sync_on_compute=False)
     fid.update(real_features.double(), real=True)
     fid.update(fake_features.double(), real=False)
-    size = kid_subset_size or min(1000, len(real_features), len(fake_features))
+    size = kid_subset_size or min(1000, len(real_features) // 2, len(fake_features) // 2)
     with warnings.catch_warnings():  # "will save all extracted features": intended, they are small
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=size,

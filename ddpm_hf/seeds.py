@@ -1,8 +1,10 @@
 """Every seed the library derives from a user's ``--seed``, in one place.
 
 Each is ``seed`` and the indices of what it seeds, hashed together by numpy's SeedSequence (64 bits), with a different
-third word per use: no two uses, indices or user seeds give the same stream. Sums such as ``seed + index`` would:
-seed 1's image 0 was seed 0's image 1. (SeedSequence pads its words with zeros, so a tag must not be 0 or trail.)
+third word per use: for seeds below 2**32 (the flags refuse others; SeedSequence cuts larger numbers into 32-bit
+words), no two uses, indices or user seeds give the same stream. Sums such as ``seed + index`` would: seed 1's image 0
+was seed 0's image 1. (SeedSequence pads its words with zeros: a use's words end with its tag, or with a word that
+follows its tag.)
 """
 
 import numpy as np

@@ -71,7 +71,8 @@ def parse_args(argv=None):
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--max_train_steps", type=int, default=None)
     opt.add_argument("--max_train_minutes", type=float, default=None,
-                     help="also stop after this much training time (all processes stop at the same step)")
+                     help="also stop after this much training time, checked at each logged step (--logging_steps); all "
+                          "processes stop at the same step")
     opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
     opt.add_argument("--learning_rate", type=float, default=None)
@@ -150,6 +151,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                  "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds (accelerate's set_seed seeds numpy too)
+        p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         p.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():

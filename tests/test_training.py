@@ -314,11 +314,13 @@ def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
 @pytest.mark.parametrize("processes", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_the_time_budget_ends_every_process_at_the_same_step(parquet_dir, tmp_path, processes):
     """--max_train_minutes ends a run that could never reach its --max_train_steps: every process stops at the same
-    step (each saw exactly that many batches), with the checkpoint of that step and the final pipeline written.
-    (One process: 20 s more of the suite for what test_one_process_decides_the_time_budget_alone shows in-process.)"""
+    step (each saw exactly that many batches), a logged one, with the checkpoint of that step and the final pipeline
+    written. (One process: 20 s more of the suite for what test_one_process_decides_the_time_budget_alone shows
+    in-process.)"""
     out = tmp_path / "run"
     args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "1000000", "--max_train_minutes", "0.05",
-                   "--checkpointing_steps", "100000", "--record_example_ids", "--output_dir", str(out)]
+                   "--checkpointing_steps", "100000", "--logging_steps", "3", "--record_example_ids",
+                   "--output_dir", str(out)]
     launcher = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                                           "--main_process_port", str(free_port())]
     result = _run([sys.executable, *launcher, TRAIN, *args], env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
@@ -326,10 +328,21 @@ def test_the_time_budget_ends_every_process_at_the_same_step(parquet_dir, tmp_pa
                                               result.stdout + result.stderr)}
     assert len(stops) == 1, result.stderr[-3000:]
     step = stops.pop()
-    assert step > 1 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert step > 1 and step % 3 == 0 and [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
     assert (out / "model_index.json").exists()
     for rank in range(processes):
         assert len(_ids(out, rank)) == step * 4  # --train_batch_size 4 per process
+
+
+def test_the_time_budget_leaves_the_steps_between_logs_to_the_device():
+    """Where nothing is due after a step, the host queues the next one before it learns how the step went (see
+    train.Update): --max_train_minutes, checked only at the logged steps, keeps it so. It made every step wait."""
+    from runs import load_train_script
+
+    train = load_train_script()
+    args = train.parse_args(FAST + ["--max_train_steps", "100", "--max_train_minutes", "5", "--logging_steps", "10",
+                                    "--checkpointing_steps", "50", "--output_dir", "unused"])
+    assert [step for step in range(1, 101) if train.count_at_once(args, step)] == list(range(10, 101, 10))
 
 
 def test_one_process_decides_the_time_budget_alone(monkeypatch):

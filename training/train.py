@@ -97,10 +97,7 @@ class LoopState:
             t.append((uniform * num_train_timesteps).long().clamp(max=num_train_timesteps - 1))
             noise.append(torch.randn(chunk.shape, generator=g, device=g.device))
         if self.batches is not None:
-            masks_seed = dropout_seed(self.seed, self.process, self.batches)
-            torch.default_generator.manual_seed(masks_seed)
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(masks_seed)  # this process's GPU
+            torch.manual_seed(dropout_seed(self.seed, self.process, self.batches))  # the host's and the GPUs'
             self.batches += 1
         return torch.cat(t).to(x0.device), torch.cat(noise).to(x0.device, x0.dtype)
 
@@ -678,7 +675,7 @@ class Due(NamedTuple):
 
 def due_after(args, step: int) -> Due:
     """What is due after optimizer step ``step`` (logs, a checkpoint, samples, a bits/dim estimate, an upload, the
-    end); --max_train_minutes, checked after every step, can make a step the final one (see :func:`after_step`)."""
+    end); --max_train_minutes, checked after every logged step, can make it the final one (see :func:`after_step`)."""
     final = step == args.max_train_steps
 
     def every(n: Optional[int]) -> bool:
@@ -693,19 +690,20 @@ def due_after(args, step: int) -> Due:
 
 def count_at_once(args, step: int) -> bool:
     """Whether the update of optimizer step ``step`` is counted before the next step is queued, even where the device
-    decided it: when anything is due after it, and at every step under --max_train_minutes (whose check may end the
-    run after any step)."""
-    return bool(args.max_train_minutes) or any(due_after(args, step))
+    decided it: when anything is due after it (the logged steps among them, where --max_train_minutes is checked)."""
+    return any(due_after(args, step))
 
 
 def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float,
                bpd_images: Optional[torch.Tensor]) -> None:
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
-    bits/dim estimate, the final pipeline, an upload (the main process)."""
-    if args.max_train_minutes and out_of_time(accelerator, started, args.max_train_minutes):
+    bits/dim estimate, the final pipeline, an upload (the main process). The budget is checked at the logged steps,
+    where the host waits for the step anyway (at the others it queues the next step meanwhile: see Update)."""
+    due = due_after(args, step)
+    if args.max_train_minutes and due.log and out_of_time(accelerator, started, args.max_train_minutes):
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
         args.max_train_steps = step
-    due = due_after(args, step)
+        due = due_after(args, step)
     if due.checkpoint:
         save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
     if due.images or due.eval or due.push or due.final:

@@ -59,6 +59,8 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--hub_timeout", "0"], "--hub_timeout must be positive"),
     (["--data_streams", "0"], "--data_streams must be at least 1"),
     (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32), got 4294967296"),
     (["--dataloader_num_workers", "two"], "invalid int value: 'two'"),
     (["--logging_steps", "0"], "--logging_steps must be at least 1"),
     (["--ddp_timeout", "0"], "--ddp_timeout must be positive"),

@@ -96,6 +96,15 @@ def test_samples_of_another_setting_are_replaced_and_foreign_files_refused(pipe_
     assert _stamps(tmp_path / "a") == {name: before[name] for name in sorted(before)[:5]}
     assert (tmp_path / "a" / "2023_trip.png").read_bytes() == b"not ours"
 
+    # samples an earlier version made (its key's format, "ddpm_hf samples 1": image i seeded seed + i) are ours,
+    # made under another key: replaced, not refused
+    key = json.loads((tmp_path / "a" / "samples.json").read_text())
+    (tmp_path / "a" / "samples.json").write_text(json.dumps(dict(key, format="ddpm_hf samples 1")))
+    assert cli(["sample", str(pipe_folder), "--num_images", "8", *short, "--seed", "7", "--out",
+                str(tmp_path / "a")]) == 0
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _stamps(tmp_path / "a")["00000.png"] != before["00000.png"]  # made again
+
     mine = tmp_path / "mine"  # numbered PNGs that no ddpm-hf command wrote
     mine.mkdir()
     (mine / "00003.png").write_bytes((tmp_path / "b" / "00003.png").read_bytes())
