@@ -636,6 +636,28 @@ def test_gradient_accumulation_with_cuda_graphs(images, tmp_path):
     assert all(torch.isfinite(w).all() for w in final_weights(out).values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_dropout_masks_follow_their_seed_under_cuda_graphs():
+    """train.LoopState seeds the dropout masks with torch.manual_seed before each batch. Under reduce-overhead the
+    network's kernels are replayed as CUDA graphs, whose random numbers come from the generator's seed and offset at
+    each replay: the same seed must give the same masks at every replay, another seed other masks (were the seed
+    ignored by the replays, the masks would move on with the offset instead)."""
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5)).cuda().train()
+    compiled = torch.compile(net, mode="reduce-overhead")
+    x = torch.ones(8, 64, device="cuda")
+
+    def masks(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return (compiled(x) != 0).clone()
+
+    for _ in range(3):  # cudagraph trees: warm-up, recording, then replays
+        masks(0)
+    first, again, other = masks(1), masks(1), masks(2)
+    assert 0.4 < first.float().mean() < 0.6
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
 def test_ema_update_is_the_update_rule():
     """EMA with foreach ops against θ_ema ← d θ_ema + (1 − d) θ written out, decay warm-up (1 + n) / (10 + n)."""
     from ddpm_hf.ema import EMA
