@@ -578,6 +578,27 @@ def test_an_fp16_overflow_is_counted_whatever_the_optimizer(fused):
         assert float(accelerator.scaler.get_scale()) == 2.0**15
         assert step(1.0) == (True, False, True)
         assert step(float("nan")) == (False, False, False)  # a non-finite loss: a bad step, not an overflow
+
+        # Two micro-steps per update: a NaN loss in the first makes NaN gradients, which the scaler takes for an
+        # overflow; the update is still a bad step (it was counted as an overflow: a diverged run never stopped).
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=True, mixed_precision="fp16", gradient_accumulation_steps=2)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        net = torch.nn.Linear(4, 4)
+        model, optimizer = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused))
+
+        def update(*loss_scales):
+            for loss_scale in loss_scales:
+                with accelerator.accumulate(model):
+                    loss = model(x).square().mean() * loss_scale
+                    accelerator.backward(loss)
+                    result = train.optimizer_step(accelerator, model, optimizer, loss, 1.0)
+            return result.finite(), result.overflow()
+
+        assert update(1.0, 1.0) == (True, False)
+        assert update(float("nan"), 1.0) == (False, False)
+        assert update(1.0, 1e36) == (True, True)  # an overflow in the last micro-step is one
+        assert update(1.0, 1.0) == (True, False)  # each update's micro-steps alone
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's Accelerator is not fp16
 

@@ -282,13 +282,18 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm) -> Update
     inner = optimizer.optimizer  # the torch optimizer in accelerate's wrapper
     if accelerator.scaler is not None:
         # The scaler skips an overflowing update itself and halves its scale; read on the device, not as accelerate's
-        # optimizer_step_was_skipped, which a fused AdamW (given the scaler's found_inf) never sets.
+        # optimizer_step_was_skipped, which a fused AdamW (given the scaler's found_inf) never sets. A non-finite
+        # loss in any micro-step of the update (kept on the optimizer between them) makes it a bad step, not an
+        # overflow, though the scaler takes its gradients for one.
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        bad = optimizer.__dict__.pop("nonfinite_losses", 0) + bad
         scale = accelerator.scaler._scale.clone() if accelerator.sync_gradients else None
         optimizer.step()
         update = Update(True, grad_norm)
-        if accelerator.sync_gradients:
-            bad_losses = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum")
-            finite = bad_losses[0] == 0  # on every process: the same answer, no host read
+        if not accelerator.sync_gradients:
+            optimizer.nonfinite_losses = bad
+        else:
+            finite = accelerator.reduce(bad, "sum")[0] == 0  # on every process: the same answer, no host read
             update = Update(finite, grad_norm, overflow=finite & (accelerator.scaler._scale.reshape(()) < scale))
     elif grad_norm is not None and inner.defaults.get("fused"):
         inner.found_inf = (~torch.isfinite(grad_norm)).float()  # 1: the kernel leaves weights and moments as they are
