@@ -21,8 +21,8 @@ from .checkpoints import publish_file
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
-from .seeds import image_seed
 from .likelihood import bits_per_dim, plot_rate_distortion
+from .seeds import image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +235,7 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     depend on the batch size or on how many processes share the work (process p makes images p, p + P, ...). With
     ``folder`` (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is
     made, and the images already there are read instead of made again: a command that was stopped goes on where it
-    was.
-    With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at ``min(batch_size, this process's
+    was. With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at ``min(batch_size, this process's
     share)``), every batch has that size: a short last one is filled up with copies of its last image, dropped
     after, because a compiled network would be compiled again for the new shape (with CUDA graphs, also recorded
     again: tens of seconds)."""

@@ -43,8 +43,8 @@ from ddpm_hf.hub import push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
-from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
+from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.training_args import parse_args, public_config, read_model_config
 
 logger = logging.getLogger("ddpm_hf.train")
@@ -84,12 +84,12 @@ class LoopState:
     def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0):
         self.step = 0
         self.batches: Optional[int] = 0  # the micro-batches drawn, skipped updates' included: each has its own masks
-        self.per_stream_batch, self.seed, self.process, self.device = per_stream_batch, seed, process, device
+        self.per_stream_batch, self.seed, self.process = per_stream_batch, seed, process
         self.generators = {v: torch.Generator(device).manual_seed(noise_seed(seed, v)) for v in streams}
 
     def draw(self, x0: torch.Tensor, num_train_timesteps: int):
-        """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream; and the
-        seed of the dropout masks the model then draws for it."""
+        """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream; seeds
+        the dropout masks the model then draws for it."""
         t, noise = [], []
         for v, chunk in zip(self.generators, x0.split(self.per_stream_batch)):
             g = self.generators[v]
@@ -102,7 +102,8 @@ class LoopState:
         return torch.cat(t).to(x0.device), torch.cat(noise).to(x0.device, x0.dtype)
 
     def state_dict(self):
-        """The step and every stream's generator, the other processes' included (see TrainStream.state_dict)."""
+        """The step, the batches drawn and every stream's generator, the other processes' included (see
+        TrainStream.state_dict)."""
         return all_processes({"step": self.step, "batches": self.batches,
                               "noise": {v: g.get_state() for v, g in self.generators.items()}})
 
