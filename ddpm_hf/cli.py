@@ -114,7 +114,7 @@ def cmd_sample(args) -> int:
                              samples_key)
     from .images import uint8_grid
 
-    pipe = load_pipeline(args.pipeline, args.device or ("cuda" if torch.cuda.is_available() else None))
+    pipe = load_pipeline(args.pipeline, str(_device(args)))
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
@@ -237,15 +237,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _device(args) -> torch.device:
-    """The device ``sample`` and ``evaluate`` run on: --device, else the host for ``sample`` and accelerate's device
-    for ``evaluate`` (see :func:`ddpm_hf.evaluation.evaluate`)."""
+    """The device ``sample`` and ``evaluate`` run on: --device, else the GPU where there is one for ``sample`` and
+    accelerate's device for ``evaluate`` (see :func:`ddpm_hf.evaluation.evaluate`)."""
     if args.device:
         return torch.device(args.device)
     if args.command == "evaluate":
         from accelerate import PartialState
 
         return PartialState().device
-    return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

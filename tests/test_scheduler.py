@@ -9,7 +9,7 @@ import torch
 
 from ddpm_hf import DDPMScheduler
 
-BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"]
 VARIANCE_TYPES = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"]
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
