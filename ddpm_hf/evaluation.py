@@ -11,7 +11,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,28 +45,41 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
     return list(dict.fromkeys(splits))
 
 
-def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
-                     dataset_config_name=None, train_data_dir=None, image_column=None, token=None) -> torch.Tensor:
-    """The first ``num_images`` images of ``split`` as uint8 (N, C, H, W), centre-cropped to ``resolution``, for a
-    model with ``channels`` input channels: data of the other kind (grey for colour or the reverse) is refused, as
-    in training."""
+def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
+                      dataset_config_name=None, train_data_dir=None, image_column=None, token=None,
+                      chunk_size: int = 256) -> Iterator[torch.Tensor]:
+    """The first ``num_images`` images of ``split`` as uint8 (n, C, H, W) chunks of ``chunk_size``, centre-cropped
+    to ``resolution``, for a model with ``channels`` input channels: data of the other kind (grey for colour or the
+    reverse) is refused, as in training. In chunks, so that 50,000 reference images of 256² (9.8 GB) need not be
+    held at once."""
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
                                  token=token)
     column = find_image_column(dataset.features, image_column)
     rng = np.random.default_rng(0)
-    images = []
+    images, made = [], 0
     for row in dataset:
-        if not images:
+        if not made and not images:
             try:
                 check_channels(row[column], channels)
             except ValueError as err:
                 raise ValueError(f"{dataset_name or train_data_dir} ({split} split): {err}") from None
         images.append(prepare_image(row[column], resolution, channels, center_crop=True, flip=False, rng=rng))
-        if len(images) == num_images:
-            break
-    if not images:
+        if len(images) == chunk_size or made + len(images) == num_images:
+            made += len(images)
+            yield torch.from_numpy(np.stack(images))  # a new, writable array: prepare_image may return a PIL view
+            images = []
+            if made == num_images:
+                return
+    if images:
+        yield torch.from_numpy(np.stack(images))
+    elif not made:
         raise ValueError(f"the {split} split has no images.")
-    return torch.from_numpy(np.stack(images))  # a new, writable array: prepare_image may return a PIL buffer view
+
+
+def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
+                     **kwargs) -> torch.Tensor:
+    """The images of :func:`eval_image_chunks` as one uint8 (N, C, H, W) tensor."""
+    return torch.cat(list(eval_image_chunks(dataset_name, num_images, resolution, channels, split, **kwargs)))
 
 
 def quick_bits_per_dim(pipe, images: torch.Tensor, num_timesteps: int = 20) -> float:
@@ -411,9 +424,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         fmnist = features == "fmnist"
         quality = results["sample_quality"] = {"features": features, "num_samples": num_samples}
         if sample_features is not None:
-            reference = load_eval_images(data, num_reference, size, channels, split=reference_split,
-                                         dataset_config_name=data_config)
-            real = cached_features(features, extractor, reference, batch_size)
+            real = cached_features(features, extractor, lambda: eval_image_chunks(
+                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config,
+                chunk_size=batch_size))
             scores = fid_kid(real, sample_features)
             quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
                             "reference_split": reference_split,

