@@ -296,6 +296,14 @@ def _in_threads(function, items) -> list:
         return list(pool.map(function, items))
 
 
+def hub_dataset_id(dataset_name: Optional[str]) -> Optional[str]:
+    """``dataset_name`` when it names a Hub dataset (not a local folder, not the embedded data): what a model card's
+    ``datasets`` metadata links to."""
+    if dataset_name is None or dataset_name == EMBEDDED_NAME or os.path.exists(dataset_name):
+        return None
+    return dataset_name if _looks_like_hub_dataset(dataset_name) else None
+
+
 def _looks_like_hub_dataset(name: str) -> bool:
     parts = name.split("/")
     return 1 <= len(parts) <= 2 and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", part) and ".." not in part

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -186,8 +186,9 @@ def hub_timeout(seconds: float):
 
 def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional[str], private: bool, attempts: int,
                       timeout_s: float, grid_path: Optional[Path], training_config: dict, local_dir: str,
-                      backoff_s: float = 2.0) -> bool:
-    """Upload a training run's EMA pipeline. huggingface_hub retries 5xx answers, dropped connections and timeouts
+                      datasets: Optional[List[str]] = None, backoff_s: float = 2.0) -> bool:
+    """Upload a training run's EMA pipeline, its model card naming ``datasets`` (the Hub datasets it was trained on)
+    in its metadata. huggingface_hub retries 5xx answers, dropped connections and timeouts
     (``timeout_s``) itself, with backoff; on top of that the whole upload is tried ``attempts`` times with exponential
     backoff (backoff_s, 2·backoff_s, ...). A final failure is reported and training goes on. Local files are never
     modified and no token reaches the log."""
@@ -201,7 +202,7 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
                 pipe.push_to_hub(repo_id, private=private or None, token=token,
                                  commit_message=f"ddpm_hf: EMA weights at step {step}",
                                  sample_grid=Image.open(grid_path) if grid_path else None,
-                                 training_config=training_config)
+                                 training_config=training_config, datasets=datasets)
             logger.info("pushed the EMA pipeline of step %d to %s", step, repo_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on

@@ -446,6 +446,24 @@ def train():
     return load_train_script()
 
 
+def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_its_card(dataset_hub, train,
+                                                                                          tmp_path):
+    """The model card's metadata names the Hub dataset the run trained on (`datasets:`), so that the Hub links the
+    two; a local folder is named nowhere."""
+    root = tmp_path / "repo"
+    write_images(root / "data", count=16, shards=2)
+    publish(root, "alice/cards-data")
+    base = FAST + ["--max_train_steps", "2", "--checkpointing_steps", "0", "--dataloader_num_workers", "0",
+                   "--hub_token", TOKEN, "--push_to_hub"]
+    train.main(base + ["--dataset_name", "alice/cards-data", "--hub_model_id", "alice/cards-model",
+                       "--output_dir", str(tmp_path / "hub-run")])
+    card = dataset_hub.repos["alice/cards-model"].files("main")[1]["README.md"].decode()
+    assert "\ndatasets:\n- alice/cards-data\n" in card.split("---")[1]  # the YAML metadata
+    train.main(base + ["--dataset_name", str(root), "--hub_model_id", "alice/local-model",
+                       "--output_dir", str(tmp_path / "local-run")])
+    assert "datasets:" not in dataset_hub.repos["alice/local-model"].files("main")[1]["README.md"].decode()
+
+
 @pytest.mark.parametrize("case, words", [
     ("missing", "Hub dataset alice/nothing does not exist or this token cannot read it"),
     ("no_token", "Hub dataset alice/private does not exist or this token cannot read it"),

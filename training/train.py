@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_checkpoint, save_pipeline, write_file
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
-                          find_image_column, first_image, load_image_dataset)
+                          find_image_column, first_image, hub_dataset_id, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
 from ddpm_hf.hub import push_pipeline_with_retries
@@ -352,6 +352,7 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
                                       private=args.hub_private_repo, attempts=args.hub_push_attempts,
                                       timeout_s=args.hub_timeout, grid_path=grid_path,
                                       training_config=public_config(args), local_dir=args.output_dir,
+                                      datasets=[d for d in [hub_dataset_id(args.dataset_name)] if d],
                                       backoff_s=backoff_s)
 
 
