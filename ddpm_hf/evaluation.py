@@ -52,6 +52,8 @@ def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: 
     to ``resolution``, for a model with ``channels`` input channels: data of the other kind (grey for colour or the
     reverse) is refused, as in training. In chunks, so that 50,000 reference images of 256² (9.8 GB) need not be
     held at once."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
                                  token=token)
     column = find_image_column(dataset.features, image_column)

@@ -232,5 +232,18 @@ def read_model_config(path: str) -> dict:
 
 
 def public_config(args) -> dict:
-    """The run's flags without the token: what goes to the trackers, training_config.json and the model card."""
+    """The run's flags without the token: what goes to the trackers and training_config.json."""
     return {k: v for k, v in vars(args).items() if k not in ("hub_token", "batch_from_preset")}
+
+
+LOCAL_PATH_FLAGS = ("output_dir", "train_data_dir", "cache_dir", "logging_dir", "resume_from_checkpoint",
+                    "model_config")
+
+
+def card_config(args) -> dict:
+    """:func:`public_config` without this machine's paths, for a published model card: the folders and files are
+    left out, and a local --dataset_name is named by its folder's name only."""
+    config = {k: v for k, v in public_config(args).items() if k not in LOCAL_PATH_FLAGS}
+    if config.get("dataset_name") and os.path.exists(config["dataset_name"]):
+        config["dataset_name"] = f"local folder {os.path.basename(os.path.normpath(config['dataset_name']))}"
+    return config

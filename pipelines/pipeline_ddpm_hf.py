@@ -430,7 +430,7 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
     meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", f"license: {license}",
             "tags:", "- ddpm", "- ddpm_hf", "- diffusers", "- unconditional-image-generation"]
     if datasets:
-        meta += ["datasets:"] + [f"- {d}" for d in datasets]
+        meta += ["datasets:"] + [f"- {json.dumps(d)}" for d in datasets]  # quoted: a repo named "null" stays a name
     meta.append("---")
     unet, sched = pipe.unet.config, pipe.scheduler.config
     params = sum(p.numel() for p in pipe.unet.parameters())

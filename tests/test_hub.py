@@ -31,7 +31,7 @@ def test_push_then_load_with_ddpm_hf_and_plain_diffusers(hub, tmp_path):
                      "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
     card = hub.repos["alice/tiny-ddpm"].files("main")[1]["README.md"].decode()
     for needle in ("library_name: diffusers", "pipeline_tag: unconditional-image-generation", "license: apache-2.0",
-                   "- fashion_mnist", "| learning_rate | 0.0002 |", "| bits/dim | 4.2 |", "![samples](samples.png)",
+                   "- \"fashion_mnist\"", "| learning_rate | 0.0002 |", "| bits/dim | 4.2 |", "![samples](samples.png)",
                    'DDPMPipeline.from_pretrained("alice/tiny-ddpm")', "DiffusionPipeline.from_pretrained(repo_id)",
                    "Keep that pipeline in float32"):
         assert needle in card, needle

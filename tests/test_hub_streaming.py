@@ -449,7 +449,8 @@ def train():
 def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_its_card(dataset_hub, train,
                                                                                           tmp_path):
     """The model card's metadata names the Hub dataset the run trained on (`datasets:`), so that the Hub links the
-    two; a local folder is named nowhere."""
+    two; a local folder is not in the metadata, and the card's training configuration shows no path of this machine
+    (the data's folder by its name only)."""
     root = tmp_path / "repo"
     write_images(root / "data", count=16, shards=2)
     publish(root, "alice/cards-data")
@@ -458,10 +459,11 @@ def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_it
     train.main(base + ["--dataset_name", "alice/cards-data", "--hub_model_id", "alice/cards-model",
                        "--output_dir", str(tmp_path / "hub-run")])
     card = dataset_hub.repos["alice/cards-model"].files("main")[1]["README.md"].decode()
-    assert "\ndatasets:\n- alice/cards-data\n" in card.split("---")[1]  # the YAML metadata
+    assert '\ndatasets:\n- "alice/cards-data"\n' in card.split("---")[1]  # the YAML metadata
     train.main(base + ["--dataset_name", str(root), "--hub_model_id", "alice/local-model",
                        "--output_dir", str(tmp_path / "local-run")])
-    assert "datasets:" not in dataset_hub.repos["alice/local-model"].files("main")[1]["README.md"].decode()
+    card = dataset_hub.repos["alice/local-model"].files("main")[1]["README.md"].decode()
+    assert "datasets:" not in card and str(tmp_path) not in card and "| dataset_name | local folder repo |" in card
 
 
 @pytest.mark.parametrize("case, words", [

@@ -173,6 +173,8 @@ def test_reference_images_come_in_chunks_and_a_change_between_readings_is_refuse
     chunks = list(eval_image_chunks(str(data), 12, 16, 1, split="test", chunk_size=5))
     assert [len(c) for c in chunks] == [5, 5, 2]
     assert [len(c) for c in eval_image_chunks(str(data), 20, 16, 1, split="test", chunk_size=5)] == [5, 5, 2]  # all
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):  # one chunk of everything, else
+        next(eval_image_chunks(str(data), 12, 16, 1, split="test", chunk_size=0))
     stored = np.stack([np.array(Image.open(io.BytesIO(png)))[None] for png in pngs])
     assert np.array_equal(torch.cat(chunks).numpy(), stored)
 

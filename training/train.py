@@ -45,7 +45,7 @@ from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.seeds import dropout_seed, noise_seed
-from ddpm_hf.training_args import parse_args, public_config, read_model_config
+from ddpm_hf.training_args import card_config, parse_args, public_config, read_model_config
 
 logger = logging.getLogger("ddpm_hf.train")
 
@@ -351,7 +351,7 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
     return push_pipeline_with_retries(pipe, args.hub_model_id, step=step, token=args.hub_token,
                                       private=args.hub_private_repo, attempts=args.hub_push_attempts,
                                       timeout_s=args.hub_timeout, grid_path=grid_path,
-                                      training_config=public_config(args), local_dir=args.output_dir,
+                                      training_config=card_config(args), local_dir=args.output_dir,
                                       datasets=[d for d in [hub_dataset_id(args.dataset_name)] if d],
                                       backoff_s=backoff_s)
 
