@@ -193,7 +193,7 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
             said = [line.strip() for line in str(err).splitlines() if OTHER_SETTINGS.search(line)]
             other_settings = isinstance(err, RuntimeError) and bool(said)
             failed, out_of_memory, mismatch = 1.0, float(is_out_of_memory(err)), float(other_settings)
-            reason = (f"it was written by a run with other settings ({said[0][:200] if said else ''}): resume with "
+            reason = (f"it was written by a run with other settings ({said[0][:200]}): resume with "
                       "the flags that run had (--preset or --model_config, --variance_type, --use_ema, ...), or start "
                       "a new run in another --output_dir" if other_settings else f"{type(err).__name__}: {err}")
         failures, out_of_memory, mismatch = accelerator.reduce(

@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 
 from .errors import is_out_of_memory, out_of_memory_detail
+from .seeds import SEED_RANGE
 
 
 def _positive(value: str) -> int:
@@ -30,7 +31,7 @@ def _positive(value: str) -> int:
 
 def _seed(value: str) -> int:
     number = int(value)
-    if not 0 <= number < 2**32:
+    if number not in SEED_RANGE:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return number
 

@@ -166,11 +166,8 @@ class FMNISTProbabilities(nn.Module):
 
 
 def feature_extractor(name: str) -> nn.Module:
-    if name == "fmnist":
-        return FMNISTFeatures(load_fmnist_classifier()).eval()
-    if name == "inception":
-        return InceptionFeatures()
-    raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+    check_features(name)
+    return FMNISTFeatures(load_fmnist_classifier()).eval() if name == "fmnist" else InceptionFeatures()
 
 
 def class_probabilities(name: str) -> nn.Module:

@@ -9,6 +9,7 @@ follows its tag.)
 
 import numpy as np
 
+SEED_RANGE = range(2**32)  # what --seed takes (numpy's seeds; SeedSequence would cut larger numbers into words)
 _NOISE, _DROPOUT = 1, 2  # third words; the images' seeds have none (they kept the form of earlier releases)
 
 

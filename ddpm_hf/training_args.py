@@ -15,6 +15,7 @@ from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
 from .presets import PRESETS, RECIPES, training_defaults
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
+from .seeds import SEED_RANGE
 from .unet import DDPMUNet
 
 TRACKERS = [t.value for t in LoggerType] + ["none"]  # what accelerate can log to, or nothing
@@ -151,7 +152,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                  "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**32:  # numpy's seeds (accelerate's set_seed seeds numpy too)
+    if args.seed not in SEED_RANGE:
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         p.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")

@@ -247,9 +247,9 @@ class Update:
     def __init__(self, finite, grad_norm=None, overflow=False):
         self.grad_norm, self.per_example, self.t = grad_norm, None, None
         self._flags, self._copied = (finite, overflow), None
-        if torch.is_tensor(finite):
-            overflow = overflow if torch.is_tensor(overflow) else torch.full_like(finite, overflow)  # no host copy
-            self._flags = torch.stack([finite.reshape(()), overflow.reshape(())])
+        if torch.is_tensor(finite):  # one copy to the host; the fp16 scaler's overflow flag (a tensor) goes with it
+            self._flags = (torch.stack([finite.reshape(()), overflow.reshape(())]) if torch.is_tensor(overflow)
+                           else finite.reshape(1))
             if finite.device.type == "cuda":  # copied behind the update's kernels
                 self._flags, self._copied = self._flags.to("cpu", non_blocking=True), torch.cuda.Event()
                 self._copied.record()
@@ -263,7 +263,8 @@ class Update:
     def _read(self) -> Tuple[bool, bool]:
         if self._copied is not None:
             self._copied.synchronize()  # this update's kernels only, not the work queued since
-        return bool(self._flags[0]), bool(self._flags[1])
+        flags = [bool(flag) for flag in self._flags]
+        return flags[0], len(flags) > 1 and flags[1]  # (a device's finite flag alone: no loss scaler)
 
     def finite(self) -> bool:
         return self._read()[0]
@@ -371,8 +372,8 @@ def bits_per_dim_images(args, resolution: int, channels: int) -> torch.Tensor:
                          "Pass --eval_split with a split of the dataset, or --eval_steps 0.") from err
 
 
-def write_outputs(accelerator, model, ema, scheduler, args, resolution: int, step: int, images: bool,
-                  evaluate: bool, push: bool, final: bool, bpd_images: Optional[torch.Tensor] = None) -> None:
+def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: bool, evaluate: bool, push: bool,
+                  final: bool, bpd_images: Optional[torch.Tensor] = None) -> None:
     """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate (of
     ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload."""
     output_dir = Path(args.output_dir)
@@ -549,7 +550,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
                             data_wait=f"{100 * logs['data_wait']:.1f}%")
         bar.update(1)
-        after_step(accelerator, args, model, ema, scheduler, resolution, loop.step, started,  # checkpoints, ...
+        after_step(accelerator, args, model, ema, scheduler, loop.step, started,  # checkpoints, ...
                    bpd_images)
 
     pending = None  # an update the device decided, counted when the next one has been queued (see Update)
@@ -588,7 +589,7 @@ def main(argv=None):
     if resumed_at_end and accelerator.is_main_process:
         # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them
         # (the pipeline/ folder of a run from ddpm_hf < 0.2 gives way to the pipeline in --output_dir).
-        write_outputs(accelerator, model, ema, scheduler, args, resolution, loop.step, False, False,
+        write_outputs(accelerator, model, ema, scheduler, args, loop.step, False, False,
                       args.push_to_hub, True)
     finish(accelerator, args, stream)
 
@@ -701,7 +702,7 @@ def count_at_once(args, step: int) -> bool:
     return any(due_after(args, step))
 
 
-def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: int, started: float,
+def after_step(accelerator, args, model, ema, scheduler, step: int, started: float,
                bpd_images: Optional[torch.Tensor]) -> None:
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
     bits/dim estimate, the final pipeline, an upload (the main process). The budget is checked at the logged steps,
@@ -716,7 +717,7 @@ def after_step(accelerator, args, model, ema, scheduler, resolution: int, step: 
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
             try:
-                write_outputs(accelerator, model, ema, scheduler, args, resolution, step, due.images, due.eval,
+                write_outputs(accelerator, model, ema, scheduler, args, step, due.images, due.eval,
                               due.push, due.final, bpd_images)
             except Exception as err:  # the EMA network's copy or the pipeline's files (grids skip themselves)
                 if not is_out_of_memory(err):
