@@ -410,6 +410,16 @@ def small_disk(tmp_path):
             subprocess.run(["umount", "--lazy", str(disk)], check=True, timeout=60)
 
 
+def _link(fd: Path) -> str:
+    """Where an entry of /proc/self/fd points, or '' when it closed in the meantime."""
+    import os
+
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return ""
+
+
 def _leave_room(disk: Path, room: int) -> None:
     """Fill ``disk`` with a ballast file until the kernel refuses (ENOSPC), then give ``room`` bytes back."""
     import errno
@@ -462,6 +472,14 @@ def test_a_full_disk_at_a_checkpoint_a_sample_grid_and_the_final_pipeline_then_a
         assert f"The checkpoint {intact} is intact: make room, then resume" in message, message
         assert not [p for p in out.rglob(".*")], "a partial file or folder was left behind"
         assert not (out / "model_index.json").exists()
+        # torch.save leaves its file open when the disk fills (its zip writer's exit fails before the close): the
+        # caught error's traceback holds it, deleted but still charged to the disk, in a cycle through this frame's
+        # `stop`. A stopped run's process exits and frees it; here, in-process, free it now, or a garbage collection
+        # at a random moment of the next run gives that run the room of half a checkpoint (CI saw it).
+        del stop
+        gc.collect()
+        held = [target for target in map(_link, Path("/proc/self/fd").iterdir()) if str(small_disk) in target]
+        assert not held, f"files on the small disk still open: {held}"
 
     # 1. checkpoint-8 finds room for half of itself (after run_info.json, checkpoint-4 and the grid of step 6)
     stops(block + checkpoint + grid + checkpoint // 2, str(out / "checkpoint-8"), "checkpoint-4")
