@@ -1,5 +1,6 @@
-"""Training data through 🤗 datasets: any Hub dataset, local parquet / arrow / imagefolder, or the Fashion-MNIST subset
-embedded in this package, streamed or not, split across ranks by shards, shuffled per epoch, resumable exactly.
+"""Training data through 🤗 datasets: any Hub dataset, local parquet / arrow / WebDataset tar / imagefolder, or the
+Fashion-MNIST subset embedded in this package, streamed or not, split across ranks by shards, shuffled per epoch,
+resumable exactly.
 
 Global batches do not depend on the number of processes: the stream is split into ``num_streams`` disjoint streams
 (by default one per process); each process serves the streams ``v`` with ``v % world_size == rank``, and each stream
@@ -156,9 +157,9 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                        revision: Optional[str] = None):
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
     or commit, default main; see :func:`dataset_revision`), a local folder
-    (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
-    image files as an imagefolder), or ``embedded:fashion_mnist``. ``check_shards``: read the footer of every remote
-    parquet shard first (in a multi-process run the main process alone does it)."""
+    (``dataset_name`` or ``train_data_dir``: parquet / arrow / WebDataset tar files laid out flat or as
+    ``data/{split}-*.parquet``, or image files as an imagefolder), or ``embedded:fashion_mnist``. ``check_shards``:
+    read the footer of every remote parquet shard first (in a multi-process run the main process alone does it)."""
     from datasets import load_dataset
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -173,7 +174,7 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
             ds = _load_local_folder(path, split, streaming, cache_dir)
         elif os.path.exists(path) or not _looks_like_hub_dataset(dataset_name):
             raise FileNotFoundError(f"--dataset_name {dataset_name}: neither a folder nor a Hub dataset id "
-                                    "('name' or 'namespace/name'); pass a folder of parquet/arrow files, a Hub "
+                                    "('name' or 'namespace/name'); pass a folder of parquet/arrow/tar files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
             ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards,
@@ -311,8 +312,10 @@ def _looks_like_hub_dataset(name: str) -> bool:
 
 
 def _check_readable(files: List[str], builder: str) -> None:
-    """Read each file's footer/schema (cheap) so that a truncated or foreign file is named before training starts,
-    not discovered as an Arrow error deep inside a data worker."""
+    """Read each file's footer/schema (a tar: its member headers) so that a truncated or foreign file is named before
+    training starts, not discovered as an error deep inside a data worker."""
+    import tarfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -320,6 +323,17 @@ def _check_readable(files: List[str], builder: str) -> None:
         try:
             if builder == "parquet":
                 pq.read_metadata(path)
+            elif builder == "webdataset":
+                size = os.path.getsize(path)
+                with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
+                    last = None
+                    for last in tar:
+                        if last.offset_data + last.size > size:
+                            raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} of "
+                                          f"a file of {size}")
+                    if size < tar.offset + 2 * tarfile.BLOCKSIZE:  # a tar ends with two zero blocks
+                        raise OSError(f"it stops after {'member ' + last.name if last else 'its start'} without "
+                                      "the end of archive")
             else:
                 with pa.memory_map(path) as source:
                     try:
@@ -327,7 +341,7 @@ def _check_readable(files: List[str], builder: str) -> None:
                     except pa.ArrowInvalid:
                         source.seek(0)
                         pa.ipc.open_file(source).schema
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, tarfile.TarError, OSError) as err:
             raise ValueError(f"{path} is not a readable {builder} file ({err}); it is truncated or corrupt: "
                              "rewrite or remove it.") from err
 
@@ -336,11 +350,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
-    """A local folder, whichever flag named it: its ``split`` parquet / arrow files if it has any, else its image files
-    (imagefolder, with its metadata if present); a folder with neither is refused with what it does hold."""
+    """A local folder, whichever flag named it: its ``split`` parquet / arrow / WebDataset tar files if it has any,
+    else its image files (imagefolder, with its metadata if present); a folder with neither is refused with what it does hold."""
     from datasets import load_dataset
 
-    for builder, ext in (("parquet", "parquet"), ("arrow", "arrow")):
+    for builder, ext in (("parquet", "parquet"), ("arrow", "arrow"), ("webdataset", "tar")):
         for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
             files = sorted(glob.glob(os.path.join(folder, pattern)))
             if files:
@@ -351,14 +365,14 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in found):
         return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
-    data_files = [path for path in found if path.suffix in (".parquet", ".arrow")]
+    data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
     hint = (f"; its data files are not named for split {split!r} (looked for data/{split}-*.parquet, "
-            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow): pass --split"
+            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow and .tar): pass --split"
             if data_files else "")
-    raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow files and no image files "
+    raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow/tar files and no image files "
                             f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. A dataset folder holds parquet/arrow "
-                            "files or image files.")
+                            "files, WebDataset tar shards or image files.")
 
 
 def find_image_column(features, image_column: Optional[str] = None) -> str:
@@ -385,6 +399,8 @@ def is_remote(path: str) -> bool:
 def image_cell_bytes(cell: dict, token: Optional[str] = None) -> bytes:
     """The encoded image of an undecoded ``Image`` cell (``{"bytes", "path"}``): its bytes, or its file's, read from
     the Hub or a URL with ``token`` (None: HF_TOKEN or the stored login) through datasets, which retries the read."""
+    if cell is None or (cell.get("bytes") is None and cell.get("path") is None):  # a null cell, a sample without it
+        raise ValueError("the row has no image (its image column is empty)")
     if cell.get("bytes") is not None:
         return cell["bytes"]
     path = cell["path"]

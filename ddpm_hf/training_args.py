@@ -27,7 +27,7 @@ A preset supplies the network and the paper's hyper-parameters; any flag overrid
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow files, or "
+    data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow/tar files, or "
                       f"{EMBEDDED_NAME} (default when --train_data_dir is not given)")
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--train_data_dir", default=None, help="a folder of image files (imagefolder)")

