@@ -30,7 +30,8 @@ def parse_args(argv=None):
     data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow/tar files, or "
                       f"{EMBEDDED_NAME} (default when --train_data_dir is not given)")
     data.add_argument("--dataset_config_name", default=None)
-    data.add_argument("--train_data_dir", default=None, help="a folder of image files (imagefolder)")
+    data.add_argument("--train_data_dir", default=None, help="a local folder: its parquet/arrow/tar files, else its "
+                      "image files (imagefolder)")
     data.add_argument("--split", default="train")
     data.add_argument("--dataset_revision", default=None, help="a Hub dataset's branch, tag or commit (default: "
                       "main, resolved to its commit at the start and kept in the checkpoints)")
