@@ -97,6 +97,7 @@ class Read:
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops a burst of connections (2 processes opening their shards)
 
     def handle_error(self, request, client_address):  # clients that gave up or were killed mid-request
         pass

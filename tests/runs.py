@@ -143,8 +143,18 @@ def final_weights(output_dir: Path) -> dict:
 
 
 def free_port() -> int:
+    """A free port for a launcher's rendezvous, taken below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0) can go to any outgoing connection, the local Hub's clients included, before the launcher binds it."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first_ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for _ in range(1000):
+        port = random.SystemRandom().randrange(max(1024, first_ephemeral - 10000), first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {first_ephemeral}")

@@ -285,11 +285,12 @@ def test_a_fault_in_a_range_read_is_retried_from_the_start_of_that_range(hub, tm
     paths, clean, clean_sent = _faulty_repo(hub, tmp_path)
     size = paths[1].stat().st_size
     middle = (size - FOOTER_READ) // 2  # inside the rows' range, outside the footer read: the cut hits the former
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)  # read timeout of the client
+    # the client's read timeout, a third of the stalls: an unfaulted read answered late on a busy machine is no timeout
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 2)
     fault = {"status": lambda: hub.inject("GET", SHARD1, "status", times=2, status=503),
              "cut": lambda: hub.inject("GET", SHARD1, "cut", cut_at=middle),
-             "stall": lambda: hub.inject("GET", SHARD1, "stall", seconds=3),
-             "stall mid-body": lambda: hub.inject("GET", SHARD1, "cut", cut_at=middle, seconds=3)}[kind]()
+             "stall": lambda: hub.inject("GET", SHARD1, "stall", seconds=6),
+             "stall mid-body": lambda: hub.inject("GET", SHARD1, "cut", cut_at=middle, seconds=6)}[kind]()
 
     streamed = _rows(datasets.load_dataset("alice/flaky-data", split="train", streaming=True))
     assert streamed == clean  # no row lost or repeated

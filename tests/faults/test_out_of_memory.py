@@ -43,15 +43,20 @@ def on_the_host(monkeypatch):
 
 @contextmanager
 def address_space(room: int = ROOM):
-    """This process may map at most ``room`` bytes more than it has mapped now, until the block ends."""
+    """This process may map at most ``room`` bytes more than it has mapped now, until the block ends. Garbage is
+    collected first and not during the block: a collection inside it would free memory an earlier test's traceback
+    held, room the block did not mean to give."""
+    gc.collect()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _virtual_size() + room
     if hard != resource.RLIM_INFINITY and hard < limit:
         pytest.skip(f"the address space is limited to {hard} bytes here already")
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    gc.disable()
     try:
         yield
     finally:
+        gc.enable()
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
