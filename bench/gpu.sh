@@ -7,7 +7,7 @@
 #     ... --logs DIR    # keep each train.py run's whole output (the stacks of one killed at its limit included)
 # Send the output to a file, not through a pipe: a run stopped by a time limit keeps what it printed.
 # It installs diffusers, datasets and their pure-Python dependencies from wheels in .gpu_wheels/ (git-ignored), made
-# on a machine with network by:
+# on a machine with network by (diffusers and datasets at their versions in constraints.txt):
 #     pip download --no-deps -d .gpu_wheels diffusers==0.42.1 datasets==5.2.0 dill multiprocess xxhash regex \
 #         importlib_metadata zipp      # plus --python-version 3.X --only-binary=:all: for the GPU machine's Python
 set -euo pipefail

@@ -125,9 +125,36 @@ def parse_args(argv=None):
     hub.add_argument("--hub_push_attempts", type=int, default=3, help="tries per upload (backoff 2 s, 4 s, ...)")
     hub.add_argument("--hub_timeout", type=float, default=120.0, help="seconds without progress before an upload "
                      "request is abandoned (and retried)")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    for token in unknown:
+        flag = token.split("=", 1)[0]
+        if flag in DIFFUSERS_ONLY_FLAGS:
+            p.error(f"{flag} is a flag of diffusers' train_unconditional.py, not of this script: "
+                    f"{DIFFUSERS_ONLY_FLAGS[flag]}")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     check_args(p, args)
     return args
+
+
+# The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py that this script does not
+# take, with what does the same here: a command brought from there stops naming the replacement, not just the flag.
+DIFFUSERS_ONLY_FLAGS = {
+    "--num_epochs": "training here is step-based (a streamed dataset has no length to count epochs by): pass "
+                    "--max_train_steps, or --max_train_minutes",
+    "--save_images_epochs": "pass --save_images_steps",
+    "--save_model_epochs": "the pipeline is written at the end and a resumable checkpoint every --checkpointing_steps",
+    "--eval_batch_size": "the sample grid's size is --num_sample_images",
+    "--ema_inv_gamma": "the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
+                       "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no inverse-gamma ramp",
+    "--ema_power": "the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
+                   "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no power ramp",
+    "--overwrite_output_dir": "drop it: a run writes into --output_dir, and --resume_from_checkpoint latest continues "
+                              "the run found there",
+    "--model_config_name_or_path": "pass --model_config with a UNet2DModel config.json, or a --preset",
+    "--enable_xformers_memory_efficient_attention": "drop it: the attention runs PyTorch's scaled_dot_product_attention, "
+                                                    "which picks a memory-efficient kernel itself",
+}
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:

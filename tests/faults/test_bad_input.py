@@ -141,6 +141,33 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     assert exit_info.value.code == 2
 
 
+# A command brought from diffusers' train_unconditional.py: each of its flags this script lacks stops the parse naming
+# what does the same here, and each flag so named exists here (the oracle: this script's own parser takes it).
+@pytest.mark.parametrize("argv, replacement", [
+    (["--num_epochs", "100"], ["--max_train_steps", "3"]),
+    (["--save_images_epochs=10"], ["--save_images_steps", "3"]),
+    (["--save_model_epochs", "10"], ["--checkpointing_steps", "3"]),
+    (["--eval_batch_size", "16"], ["--num_sample_images", "4"]),
+    (["--ema_inv_gamma", "1.0"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
+    (["--ema_power", "0.75"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
+    (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"]),
+    (["--model_config_name_or_path", "google/ddpm-cifar10-32"], ["--preset", "ddpm-cifar10"]),
+    (["--enable_xformers_memory_efficient_attention"], []),
+])
+def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, capsys, argv, replacement):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--max_train_steps", "5"] + argv)
+    assert exit_info.value.code == 2
+    flag = argv[0].split("=")[0]
+    err = capsys.readouterr().err.split("error: ", 1)[1]  # the message, without the usage that lists every flag
+    assert err.startswith(f"{flag} is a flag of diffusers' train_unconditional.py, not of this script: "), err
+    assert all(name in err for name in replacement if name.startswith("--")), err
+    train.parse_args(replacement)  # what the message names is accepted
+    with pytest.raises(SystemExit) as exit_info:  # any other unknown flag: argparse's own message
+        train.parse_args(["--num_epoch", "100"])
+    assert exit_info.value.code == 2 and "error: unrecognized arguments: --num_epoch 100" in capsys.readouterr().err
+
+
 # --- training: model and data problems found before training starts --------------------------------------------------
 
 
