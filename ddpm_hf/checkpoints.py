@@ -6,7 +6,8 @@ Hidden leftovers: ".X.tmp" (half written), ".X.trash" (half deleted), ".checkpoi
 moved aside for the instant of a swap), ".pipeline.ready" and ".pipeline.moving" (a complete final pipeline on its
 way into place), ".pipeline.old" (the pipeline/ folder of ddpm_hf < 0.2, moved aside for a swap);
 ``recover_folders`` finishes what a crash interrupted. A write that fails (full disk, file-size limit) removes what it
-had written and stops the run with the path, the free space and the checkpoint to resume from.
+had written and stops the run with the path, the free space and the checkpoint to resume from. ".shared-<token>" is
+the instant's file by which every process shows it sees the main process's --output_dir (``check_output_dir_shared``).
 """
 
 import errno
@@ -14,7 +15,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -79,6 +83,45 @@ def recover_folders(output_dir: Path) -> None:
             os.replace(hidden, output_dir / name)
         elif kind in ("tmp", "trash", "old"):
             shutil.rmtree(hidden, ignore_errors=True)
+
+
+def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) -> None:
+    """Stop the run unless every process sees the main process's ``output_dir`` (creating it): every process writes
+    into a checkpoint that the main one publishes, and a resume loads it on every process. Machines that each have
+    their own folder under that name would resume some processes and start the others afresh, which then wait
+    for each other in mismatched collectives instead of stopping. The main process writes a file of a random
+    name; each process looks for it (for up to ``wait_s``: a network filesystem may show a new file late)."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if accelerator.num_processes == 1:
+        return
+    message = [None, None]  # the marker's name, or why the main process could not write it
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            name = f".shared-{secrets.token_hex(8)}"
+            (output_dir / name).write_text(socket.gethostname())
+            message[0] = name
+        except OSError as err:
+            message[1] = f"cannot write in --output_dir {output_dir}: {err}"
+    broadcast_object_list(message)  # from the main process, once it has written the file
+    if message[1] is not None:
+        raise SystemExit(message[1])
+    marker = output_dir / message[0]
+    deadline = time.monotonic() + wait_s
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    seen = gather_object([(accelerator.process_index, socket.gethostname(), marker.is_file())])
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [(index, host) for index, host, found in seen if not found]
+    if blind:
+        hosts = sorted({host for _, host in blind})
+        raise SystemExit(
+            f"--output_dir {output_dir} is not one folder for every process: process(es) "
+            f"{', '.join(str(i) for i, _ in blind)} (on {', '.join(hosts)}) do not see the file the main process (on "
+            f"{seen[0][1]}) wrote there. Checkpoints are written by every process and resumed on every process: on "
+            "several machines pass an --output_dir on a filesystem they all mount (NFS, a cluster filesystem).")
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
@@ -176,10 +219,12 @@ OTHER_SETTINGS = re.compile(r"size mismatch for|Missing key\(s\) in state_dict|U
 def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
     """Load the requested checkpoint, or with 'latest' the newest one that every process can read (an unreadable one
     is reported and skipped). Returns the folder loaded, None when there is none."""
+    from accelerate.utils import broadcast_object_list
+
     if requested != "latest":
         candidates = [Path(requested)]
-    else:
-        candidates = list(reversed(checkpoints(output_dir)))
+    else:  # the main process's list, on every process: each tries the same folders, and meets the others' reduce
+        candidates = broadcast_object_list([list(reversed(checkpoints(output_dir)))])[0]
         if not candidates:
             logger.info("no checkpoint in %s: starting from scratch", output_dir)
             return None

@@ -118,6 +118,37 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 
+@pytest.mark.distributed
+def test_two_machines_without_a_shared_output_dir_stop_before_training(parquet_dir, tmp_path):
+    """Two machines, one process each (two launchers with --num_machines 2 on this host), where the second sees
+    another folder under the same --output_dir: a mount namespace of its own with a tmpfs over it, as a machine with
+    its own disk would. Both stop at once, naming the process that cannot see the main one's folder and the fix;
+    without the check they would resume differently later and wait on each other in mismatched collectives."""
+    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m was refused (another machine's view of a folder needs a mount namespace: root)")
+    out, port = tmp_path / "run", free_port()
+    out.mkdir()
+
+    def machine(rank: int, own_disk: bool) -> subprocess.Popen:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                  "--num_processes", "2", TRAIN, *FAST, "--dataset_name", str(parquet_dir), "--max_train_steps", "2",
+                  "--output_dir", str(out)]
+        if own_disk:
+            launch = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                      f'mount -t tmpfs -o size=1m tmpfs "{out}" && exec "$0" "$@"', *launch]
+        return subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                                env=child_env(ACCELERATE_USE_CPU="1"))
+
+    machines = [machine(0, own_disk=False), machine(1, own_disk=True)]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    for m, output in zip(machines, outputs):
+        assert m.returncode != 0, output[-3000:]
+        assert (f"--output_dir {out} is not one folder for every process: process(es) 1 (on " in output and
+                "pass an --output_dir on a filesystem they all mount" in output), output[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [], "the check's file was left behind, or training began"
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     # with dropout, and a sample grid at each checkpoint, drawn after it from the generator of the dropout masks
     args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "30", "--dropout", "0.1",

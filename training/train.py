@@ -34,7 +34,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
-from ddpm_hf.checkpoints import checkpoints, recover_folders, resume, save_checkpoint, save_pipeline, write_file
+from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, recover_folders, resume, save_checkpoint,
+                                 save_pipeline, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, load_image_dataset)
 from ddpm_hf.ema import EMA
@@ -489,6 +490,7 @@ def main(argv=None):
     compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
+    check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
     dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
     set_seed(args.seed)  # the same initial weights on every process
 
