@@ -157,9 +157,10 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                        revision: Optional[str] = None):
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
     or commit, default main; see :func:`dataset_revision`), a local folder
-    (``dataset_name`` or ``train_data_dir``: parquet / arrow / WebDataset tar files laid out flat or as
-    ``data/{split}-*.parquet``, or image files as an imagefolder), or ``embedded:fashion_mnist``. ``check_shards``:
-    read the footer of every remote parquet shard first (in a multi-process run the main process alone does it)."""
+    (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
+    image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
+    footer of every parquet shard (a local tar: its headers) first (in a multi-process run the main process alone
+    does it)."""
     from datasets import load_dataset
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -167,11 +168,11 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
-        ds = _load_local_folder(train_data_dir, split, streaming, cache_dir)
+        ds = _load_local_folder(train_data_dir, split, streaming, cache_dir, check_shards)
     else:
         path = str(EMBEDDED_DIR) if dataset_name == EMBEDDED_NAME else dataset_name
         if os.path.isdir(path):
-            ds = _load_local_folder(path, split, streaming, cache_dir)
+            ds = _load_local_folder(path, split, streaming, cache_dir, check_shards)
         elif os.path.exists(path) or not _looks_like_hub_dataset(dataset_name):
             raise FileNotFoundError(f"--dataset_name {dataset_name}: neither a folder nor a Hub dataset id "
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow/tar files, a Hub "
@@ -311,14 +312,17 @@ def _looks_like_hub_dataset(name: str) -> bool:
                                         for part in parts)
 
 
-def _check_readable(files: List[str], builder: str) -> None:
+def _check_readable(files: List[str], builder: str) -> Dict[str, int]:
     """Read each file's footer/schema (a tar: its member headers) so that a truncated or foreign file is named before
-    training starts, not discovered as an error deep inside a data worker."""
+    training starts, not discovered as an error deep inside a data worker. Returns, for tars, how many samples hold
+    an image under each field name (``png``, ``seg.jpg``: a member's name after its sample's key)."""
     import tarfile
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
 
+    image_fields: Dict[str, int] = {}
     for path in files:
         try:
             if builder == "parquet":
@@ -331,9 +335,15 @@ def _check_readable(files: List[str], builder: str) -> None:
                         if last.offset_data + last.size > size:
                             raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} of "
                                           f"a file of {size}")
-                    if size < tar.offset + 2 * tarfile.BLOCKSIZE:  # a tar ends with two zero blocks
-                        raise OSError(f"it stops after {'member ' + last.name if last else 'its start'} without "
-                                      "the end of archive")
+                        field = base_plus_ext(last.name)[1] if last.isfile() else None
+                        if field and field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS:
+                            image_fields[field] = image_fields.get(field, 0) + 1
+                    with open(path, "rb") as raw:  # tarfile stops quietly at a corrupt header: the end must be zeros
+                        raw.seek(tar.offset)
+                        end = raw.read(2 * tarfile.BLOCKSIZE)
+                    if end != bytes(2 * tarfile.BLOCKSIZE):
+                        raise OSError(f"the member after {'member ' + last.name if last else 'its start'} (byte "
+                                      f"{tar.offset}) has a corrupt header, or the end of archive is missing")
             else:
                 with pa.memory_map(path) as source:
                     try:
@@ -344,26 +354,51 @@ def _check_readable(files: List[str], builder: str) -> None:
         except (pa.ArrowException, tarfile.TarError, OSError) as err:
             raise ValueError(f"{path} is not a readable {builder} file ({err}); it is truncated or corrupt: "
                              "rewrite or remove it.") from err
+    return image_fields
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str]):
-    """A local folder, whichever flag named it: its ``split`` parquet / arrow / WebDataset tar files if it has any,
-    else its image files (imagefolder, with its metadata if present); a folder with neither is refused with what it does hold."""
-    from datasets import load_dataset
+def _split_files(folder: str, split: str, ext: str) -> List[str]:
+    """The ``split``'s files of extension ``ext``, by the first of the usual layouts that has any."""
+    for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
+        files = sorted(glob.glob(os.path.join(folder, pattern)))
+        if files:
+            return files
+    return []
 
-    for builder, ext in (("parquet", "parquet"), ("arrow", "arrow"), ("webdataset", "tar")):
-        for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
-            files = sorted(glob.glob(os.path.join(folder, pattern)))
-            if files:
+
+def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True):
+    """A local folder, whichever flag named it: its ``split`` parquet / arrow files if it has any, else its image files
+    (imagefolder, with its metadata if present), else its WebDataset tar shards; a folder with none of these is refused
+    with what it does hold. ``check``: read the files' footers or headers first (see _check_readable)."""
+    from datasets import Image as ImageFeature, load_dataset
+
+    for builder in ("parquet", "arrow"):
+        files = _split_files(folder, split, builder)
+        if files:
+            if check:
                 _check_readable(files, builder)
-                return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
-                                    cache_dir=cache_dir)
+            return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
+                                cache_dir=cache_dir)
     found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
-    if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in found):
+    if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in found):  # before tars: a backup.tar beside them is no data
         return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
+    files = _split_files(folder, split, "tar")
+    if files:
+        image_fields = _check_readable(files, "webdataset") if check else {}
+        dataset = load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming,
+                               cache_dir=cache_dir)
+        columns = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)]
+        lost = {field: n for field, n in image_fields.items() if field not in columns}
+        if lost:  # datasets takes a WebDataset's columns from its first 5 samples: these images would be skipped
+            raise ValueError(
+                f"{folder}: " + ", ".join(f"{n} samples hold their image as .{field}" for field, n in lost.items()) +
+                ", but datasets takes a WebDataset's columns from its first samples, which give "
+                f"{', '.join('.' + c for c in columns) or 'no image'}: those images would be skipped. Write every "
+                "sample's image under one extension.")
+        return dataset
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")

@@ -152,6 +152,7 @@ DIFFUSERS_ONLY_FLAGS = {
     "--overwrite_output_dir": "drop it: a run writes into --output_dir, and --resume_from_checkpoint latest continues "
                               "the run found there",
     "--model_config_name_or_path": "pass --model_config with a UNet2DModel config.json, or a --preset",
+    "--local_rank": "drop it: accelerate launch gives each process its rank in the environment (LOCAL_RANK)",
     "--enable_xformers_memory_efficient_attention": "drop it: the attention runs PyTorch's scaled_dot_product_attention, "
                                                     "which picks a memory-efficient kernel itself",
 }

@@ -479,6 +479,48 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
         load_image_dataset(train_data_dir=str(truncated))
 
 
+def test_local_tars_that_would_lose_images_are_refused_and_a_stray_tar_is_no_dataset(tmp_path):
+    """Read before training, a local tar whose member header is corrupt midway (tarfile would just stop there) is
+    named; samples whose image has another extension than the first samples' (datasets takes the columns from those,
+    and would skip these images) are refused, counted; a folder of images with a backup.tar beside them stays an
+    image folder."""
+    import tarfile
+
+    def tar_of(path: Path, names):
+        with tarfile.open(path, "w") as tar:
+            for s, name in enumerate(names):
+                data = png_bytes(s)
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    tar_of(mixed / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.jpg", "000007.jpg"])
+    with pytest.raises(ValueError, match=r"mixed: 2 samples hold their image as \.jpg, but datasets takes a "
+                                         r"WebDataset's columns from its first samples, which give \.png"):
+        load_image_dataset(train_data_dir=str(mixed))
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    tar_of(corrupt / "train-00000.tar", [f"{s:06d}.png" for s in range(4)])
+    data = bytearray((corrupt / "train-00000.tar").read_bytes())
+    third = 2 * (512 + 512)  # each member: a header block and one block of a 20×20 PNG
+    assert data[third:third + 10] == b"000002.png"
+    data[third:third + 10] = b"X" * 10
+    (corrupt / "train-00000.tar").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-00000.tar is not a readable webdataset file \(the member after "
+                                         r"member 000001.png \(byte 2048\) has a corrupt header"):
+        load_image_dataset(train_data_dir=str(corrupt))
+
+    folder = tmp_path / "images"
+    (folder / "train").mkdir(parents=True)
+    for s in range(3):
+        (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
+    tar_of(folder / "backup.tar", ["notes.png"])
+    assert len(list(load_image_dataset(train_data_dir=str(folder)))) == 3
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_hub_image_file_missing_for_a_moment_is_read_again_and_one_gone_is_skipped(dataset_hub, tmp_path,
                                                                                      monkeypatch, workers):

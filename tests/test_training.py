@@ -163,11 +163,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
         proc = subprocess.Popen([sys.executable, TRAIN, *args, "--output_dir", str(crashed)], env=child_env(),
                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
-        while not (crashed / "checkpoint-5").is_dir():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        while not any(crashed.glob("checkpoint-*")) and proc.poll() is None:
+            assert time.time() < deadline, "no checkpoint in 300 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() in (0, -signal.SIGKILL), "the run failed before its kill"
         if not (crashed / "model_index.json").exists():
             break
     assert not (crashed / "model_index.json").exists(), "three runs finished before their kill"

@@ -153,6 +153,7 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"]),
     (["--model_config_name_or_path", "google/ddpm-cifar10-32"], ["--preset", "ddpm-cifar10"]),
     (["--enable_xformers_memory_efficient_attention"], []),
+    (["--local_rank=0"], []),
 ])
 def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, capsys, argv, replacement):
     with pytest.raises(SystemExit) as exit_info:

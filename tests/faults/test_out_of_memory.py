@@ -52,11 +52,13 @@ def address_space(room: int = ROOM):
     if hard != resource.RLIM_INFINITY and hard < limit:
         pytest.skip(f"the address space is limited to {hard} bytes here already")
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    collecting = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if collecting:
+            gc.enable()
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
