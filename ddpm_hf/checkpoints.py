@@ -86,28 +86,29 @@ def recover_folders(output_dir: Path) -> None:
 
 
 def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) -> None:
-    """Stop the run unless every process sees the main process's ``output_dir`` (creating it): every process writes
-    into a checkpoint that the main one publishes, and a resume loads it on every process. Machines that each have
-    their own folder under that name would resume some processes and start the others afresh, which then wait
-    for each other in mismatched collectives instead of stopping. The main process writes a file of a random
-    name; each process looks for it (for up to ``wait_s``: a network filesystem may show a new file late)."""
+    """Stop the run unless every process sees the main process's ``output_dir``: every process writes into a
+    checkpoint that the main one publishes, and a resume loads it on every process. Machines that each have their
+    own folder under that name would resume some processes and start the others afresh, which then wait for each
+    other in mismatched collectives instead of stopping. The main process writes a file of a random name into the
+    folder (or, before the run creates it, into its nearest existing parent); each process looks for it (for up to
+    ``wait_s``: a network filesystem may show a new file late)."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     if accelerator.num_processes == 1:
         return
-    message = [None, None]  # the marker's name, or why the main process could not write it
+    message = [None, None]  # the marker's path, or why the main process could not write it
     if accelerator.is_main_process:
+        folder = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.is_dir())
+        marker = folder / f".shared-{secrets.token_hex(8)}"
         try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            name = f".shared-{secrets.token_hex(8)}"
-            (output_dir / name).write_text(socket.gethostname())
-            message[0] = name
+            marker.write_text(socket.gethostname())
+            message[0] = str(marker)
         except OSError as err:
-            message[1] = f"cannot write in --output_dir {output_dir}: {err}"
+            message[1] = f"cannot write in {folder} (--output_dir {output_dir}): {err}"
     broadcast_object_list(message)  # from the main process, once it has written the file
     if message[1] is not None:
         raise SystemExit(message[1])
-    marker = output_dir / message[0]
+    marker = Path(message[0])
     deadline = time.monotonic() + wait_s
     while not marker.is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
