@@ -7,7 +7,8 @@ moved aside for the instant of a swap), ".pipeline.ready" and ".pipeline.moving"
 way into place), ".pipeline.old" (the pipeline/ folder of ddpm_hf < 0.2, moved aside for a swap);
 ``recover_folders`` finishes what a crash interrupted. A write that fails (full disk, file-size limit) removes what it
 had written and stops the run with the path, the free space and the checkpoint to resume from. ".shared-<token>" is
-the instant's file by which every process shows it sees the main process's --output_dir (``check_output_dir_shared``).
+the instant's file by which every process shows it sees the main process's --output_dir (``check_output_dir_shared``;
+one that a kill left in the folder above a not yet created --output_dir stays there).
 """
 
 import errno
@@ -77,6 +78,8 @@ def recover_folders(output_dir: Path) -> None:
     """Finish what a crash interrupted: drop half-written and half-deleted folders, restore a swapped-out one, finish
     moving a complete final pipeline into place."""
     install_pipeline(output_dir)
+    for marker in output_dir.glob(".shared-*"):  # check_output_dir_shared's, of a run killed in the instant
+        remove(marker)
     for hidden in [*output_dir.glob(".checkpoint-*.*"), *output_dir.glob(".pipeline.*")]:
         name, _, kind = hidden.name[1:].rpartition(".")
         if kind == "old" and not (output_dir / name).exists():
@@ -90,39 +93,51 @@ def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) 
     checkpoint that the main one publishes, and a resume loads it on every process. Machines that each have their
     own folder under that name would resume some processes and start the others afresh, which then wait for each
     other in mismatched collectives instead of stopping. The main process writes a file of a random name into the
-    folder (or, before the run creates it, into its nearest existing parent); each process looks for it (for up to
-    ``wait_s``: a network filesystem may show a new file late)."""
+    folder (or, before the run creates it, into its nearest existing parent); each process looks for it where its
+    own ``output_dir`` resolves (for up to ``wait_s``: a network filesystem may show a new file late). Every process
+    reaches both collectives whatever fails, and all stop together."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     if accelerator.num_processes == 1:
         return
-    message = [None, None]  # the marker's path, or why the main process could not write it
+    chain = (output_dir.absolute(), *output_dir.absolute().parents)
+    message = [None, None, None]  # the marker's name, its folder's place in chain, or why it could not be written
     if accelerator.is_main_process:
-        folder = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.is_dir())
-        marker = folder / f".shared-{secrets.token_hex(8)}"
         try:
-            marker.write_text(socket.gethostname())
-            message[0] = str(marker)
+            levels = next(k for k, folder in enumerate(chain) if folder.is_dir())
+            name = f".shared-{secrets.token_hex(8)}"
+            (chain[levels] / name).write_text(socket.gethostname())
+            message[:2] = name, levels
         except OSError as err:
-            message[1] = f"cannot write in {folder} (--output_dir {output_dir}): {err}"
+            message[2] = f"cannot write in --output_dir {output_dir} or the folder above it: {err}"
     broadcast_object_list(message)  # from the main process, once it has written the file
-    if message[1] is not None:
-        raise SystemExit(message[1])
-    marker = Path(message[0])
+    if message[2] is not None:
+        raise SystemExit(message[2])
+    marker = chain[message[1]] / message[0]
+
+    def seen() -> object:  # True, False, or why the folder cannot be looked into
+        try:
+            return marker.is_file()
+        except OSError as err:
+            return f"{type(err).__name__}: {err}"
+
     deadline = time.monotonic() + wait_s
-    while not marker.is_file() and time.monotonic() < deadline:
+    while seen() is False and time.monotonic() < deadline:
         time.sleep(0.1)
-    seen = gather_object([(accelerator.process_index, socket.gethostname(), marker.is_file())])
+    found = gather_object([(accelerator.process_index, socket.gethostname(), seen())])
     if accelerator.is_main_process:
-        marker.unlink(missing_ok=True)
-    blind = [(index, host) for index, host, found in seen if not found]
+        try:
+            marker.unlink(missing_ok=True)
+        except OSError:  # (the next start's recover_folders removes it)
+            pass
+    blind = [(index, host, what) for index, host, what in found if what is not True]
     if blind:
-        hosts = sorted({host for _, host in blind})
         raise SystemExit(
             f"--output_dir {output_dir} is not one folder for every process: process(es) "
-            f"{', '.join(str(i) for i, _ in blind)} (on {', '.join(hosts)}) do not see the file the main process (on "
-            f"{seen[0][1]}) wrote there. Checkpoints are written by every process and resumed on every process: on "
-            "several machines pass an --output_dir on a filesystem they all mount (NFS, a cluster filesystem).")
+            + ", ".join(f"{i} (on {host}{': ' + what if isinstance(what, str) else ''})" for i, host, what in blind)
+            + f" do not see the file the main process (on {found[0][1]}) wrote in {chain[message[1]]}. Checkpoints are "
+            "written by every process and resumed on every process: on several machines pass an --output_dir on a "
+            "filesystem they all mount (NFS, a cluster filesystem).")
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):

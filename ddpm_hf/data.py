@@ -159,10 +159,8 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
     or commit, default main; see :func:`dataset_revision`), a local folder
     (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
     image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
-    footer of every parquet shard (a local tar: its headers) first (in a multi-process run the main process alone
-    does it)."""
-    from datasets import load_dataset
-
+    footer of every parquet shard (a local tar: its headers) first (training checks on one process per machine: a
+    local folder may be a copy of its own on each)."""
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("pass exactly one of --dataset_name or --train_data_dir.")
     if train_data_dir is not None:
@@ -312,17 +310,19 @@ def _looks_like_hub_dataset(name: str) -> bool:
                                         for part in parts)
 
 
-def _check_readable(files: List[str], builder: str) -> Dict[str, int]:
+def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     """Read each file's footer/schema (a tar: its member headers) so that a truncated or foreign file is named before
     training starts, not discovered as an error deep inside a data worker. Returns, for tars, how many samples hold
-    an image under each field name (``png``, ``seg.jpg``: a member's name after its sample's key)."""
+    each set of image fields (``png``, ``seg.jpg``: a member's name after its sample's key), the members grouped
+    into samples as datasets' WebDataset reader groups them (consecutive members sharing a key, hidden ones
+    skipped)."""
     import tarfile
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
 
-    image_fields: Dict[str, int] = {}
+    samples: Dict[frozenset, int] = {}
     for path in files:
         try:
             if builder == "parquet":
@@ -330,14 +330,24 @@ def _check_readable(files: List[str], builder: str) -> Dict[str, int]:
             elif builder == "webdataset":
                 size = os.path.getsize(path)
                 with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
-                    last = None
+                    last, key, fields = None, None, set()
                     for last in tar:
                         if last.offset_data + last.size > size:
                             raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} of "
                                           f"a file of {size}")
-                        field = base_plus_ext(last.name)[1] if last.isfile() else None
-                        if field and field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS:
-                            image_fields[field] = image_fields.get(field, 0) + 1
+                        if not last.isreg() or os.path.basename(last.name).startswith((".", "__")):
+                            continue
+                        member_key, field = base_plus_ext(last.name)
+                        if member_key is None:
+                            continue
+                        if member_key != key:
+                            if key is not None:
+                                samples[frozenset(fields)] = samples.get(frozenset(fields), 0) + 1
+                            key, fields = member_key, set()
+                        if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS:
+                            fields.add(field)
+                    if key is not None:
+                        samples[frozenset(fields)] = samples.get(frozenset(fields), 0) + 1
                     with open(path, "rb") as raw:  # tarfile stops quietly at a corrupt header: the end must be zeros
                         raw.seek(tar.offset)
                         end = raw.read(2 * tarfile.BLOCKSIZE)
@@ -354,7 +364,7 @@ def _check_readable(files: List[str], builder: str) -> Dict[str, int]:
         except (pa.ArrowException, tarfile.TarError, OSError) as err:
             raise ValueError(f"{path} is not a readable {builder} file ({err}); it is truncated or corrupt: "
                              "rewrite or remove it.") from err
-    return image_fields
+    return samples
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -383,21 +393,28 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
             return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
     found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
-    if any(path.suffix.lower() in IMAGE_EXTENSIONS for path in found):  # before tars: a backup.tar beside them is no data
-        return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
+    images = [path for path in found if path.suffix.lower() in IMAGE_EXTENSIONS]
     files = _split_files(folder, split, "tar")
+    if images and files:  # an image folder with a backup.tar, or tar shards with a preview.png: no guessing
+        raise ValueError(f"{folder} holds both image files ({len(images)}, e.g. {images[0]}) and tar shards "
+                         f"({len(files)}, e.g. {files[0]}): an image folder or WebDataset shards? Pass a folder that "
+                         "holds only the one to train on.")
+    if images:
+        return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
     if files:
-        image_fields = _check_readable(files, "webdataset") if check else {}
+        samples = _check_readable(files, "webdataset") if check else {}
         dataset = load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming,
                                cache_dir=cache_dir)
-        columns = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)]
-        lost = {field: n for field, n in image_fields.items() if field not in columns}
+        columns = {name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)}
+        lost = {fields: n for fields, n in samples.items() if fields and not fields & columns}
         if lost:  # datasets takes a WebDataset's columns from its first 5 samples: these images would be skipped
+            held = (f"{n} samples hold their image only as {' and '.join(sorted('.' + f for f in fields))}"
+                    for fields, n in lost.items())
             raise ValueError(
-                f"{folder}: " + ", ".join(f"{n} samples hold their image as .{field}" for field, n in lost.items()) +
+                f"{folder}: " + ", ".join(held) +
                 ", but datasets takes a WebDataset's columns from its first samples, which give "
-                f"{', '.join('.' + c for c in columns) or 'no image'}: those images would be skipped. Write every "
-                "sample's image under one extension.")
+                f"{', '.join(sorted('.' + c for c in columns)) or 'no image'}: those images would be skipped. Write "
+                "every sample's image under one extension.")
         return dataset
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]

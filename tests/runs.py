@@ -142,6 +142,38 @@ def final_weights(output_dir: Path) -> dict:
     return load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, as a crashed machine would (torchrun starts the training
+    processes in sessions of their own: a kill of the launcher's group alone leaves them running)."""
+    tree, frontier = [proc.pid], [proc.pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                children = [int(pid) for pid in task.read_text().split()]
+            except OSError:
+                continue
+            tree += children
+            frontier += children
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in tree[1:]:  # reaped by init: wait until they are gone
+        deadline = time.time() + 30
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) and time.time() < deadline:
+            time.sleep(0.01)
+
+
 def free_port() -> int:
     """A free port for a launcher's rendezvous, taken below the kernel's ephemeral range: a port the kernel hands out
     (bind to 0) can go to any outgoing connection, the local Hub's clients included, before the launcher binds it."""

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from huggingface_hub import HfApi
 from PIL import Image
 
-from runs import (FAST, TRAIN, child_env, final_weights, free_port, load_train_script, png_bytes, read_batches,
-                  write_images)
+from runs import (FAST, TRAIN, child_env, final_weights, free_port, kill_everything, load_train_script, png_bytes,
+                  read_batches, write_images)
 
 from ddpm_hf.data import TrainStream, load_image_dataset
 
@@ -60,38 +59,6 @@ def _two_processes(args, log: Path, env_extra=None) -> subprocess.Popen:
                                 env=child_env(ACCELERATE_USE_CPU="1", **(env_extra or {})))
 
 
-def _kill_everything(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it, as a crashed machine would (torchrun starts the training
-    processes in sessions of their own: a kill of the launcher's group alone leaves them running)."""
-    tree, frontier = [proc.pid], [proc.pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*/children"):
-            try:
-                children = [int(pid) for pid in task.read_text().split()]
-            except OSError:
-                continue
-            tree += children
-            frontier += children
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    for pid in tree[1:]:  # reaped by init: wait until they are gone
-        deadline = time.time() + 30
-        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) and time.time() < deadline:
-            time.sleep(0.01)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 @pytest.mark.distributed
 def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_exactly(dataset_hub, sixteen_shards, tmp_path):
     repo = publish(sixteen_shards, "alice/sixteen", private=True)
@@ -112,7 +79,7 @@ def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_ex
     while not (out / "checkpoint-4").is_dir():
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
         time.sleep(0.02)
-    _kill_everything(proc)
+    kill_everything(proc)
     assert not (out / "model_index.json").exists(), "killed too late: the run had finished"
     killed_at = time.monotonic()
     resumed_from = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
@@ -479,11 +446,11 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
         load_image_dataset(train_data_dir=str(truncated))
 
 
-def test_local_tars_that_would_lose_images_are_refused_and_a_stray_tar_is_no_dataset(tmp_path):
+def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_are_not_guessed(tmp_path):
     """Read before training, a local tar whose member header is corrupt midway (tarfile would just stop there) is
-    named; samples whose image has another extension than the first samples' (datasets takes the columns from those,
-    and would skip these images) are refused, counted; a folder of images with a backup.tar beside them stays an
-    image folder."""
+    named; samples whose only image has another extension than the first samples' (datasets takes the columns from
+    those, and would skip these images) are refused, counted, while an optional second image (a mask) is no loss; a
+    folder with both image files and tars is refused naming both, not read as one of them."""
     import tarfile
 
     def tar_of(path: Path, names):
@@ -497,9 +464,13 @@ def test_local_tars_that_would_lose_images_are_refused_and_a_stray_tar_is_no_dat
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     tar_of(mixed / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.jpg", "000007.jpg"])
-    with pytest.raises(ValueError, match=r"mixed: 2 samples hold their image as \.jpg, but datasets takes a "
+    with pytest.raises(ValueError, match=r"mixed: 2 samples hold their image only as \.jpg, but datasets takes a "
                                          r"WebDataset's columns from its first samples, which give \.png"):
         load_image_dataset(train_data_dir=str(mixed))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    tar_of(masks / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", "000006.mask.png"])
+    assert [row["png"] is not None for row in load_image_dataset(train_data_dir=str(masks))] == [True] * 7
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -518,7 +489,9 @@ def test_local_tars_that_would_lose_images_are_refused_and_a_stray_tar_is_no_dat
     for s in range(3):
         (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
     tar_of(folder / "backup.tar", ["notes.png"])
-    assert len(list(load_image_dataset(train_data_dir=str(folder)))) == 3
+    with pytest.raises(ValueError, match=r"images holds both image files \(3, e\.g\. .*\.png\) and tar shards \(1, "
+                                         r"e\.g\. .*backup\.tar\): an image folder or WebDataset shards\?"):
+        load_image_dataset(train_data_dir=str(folder))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -639,7 +612,7 @@ def test_a_dataset_the_main_process_refuses_stops_every_process_at_once(dataset_
     try:
         code = proc.wait(timeout=300)
     finally:
-        _kill_everything(proc)
+        kill_everything(proc)
     text = log.read_text()
     assert code != 0 and text.count("data/train-00001-of-00002.parquet is not a readable parquet file") == 2, text[-3000:]
 

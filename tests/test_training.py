@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, Features, Image as ImageFeature
 
 from ddpm_hf.data import TrainStream, find_image_column, load_image_dataset
-from runs import FAST, TRAIN, child_env, final_weights, free_port, png_bytes, write_images
+from runs import FAST, TRAIN, child_env, final_weights, free_port, kill_everything, png_bytes, write_images
 
 
 @pytest.fixture(scope="module")
@@ -119,34 +119,51 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_machines_without_a_shared_output_dir_stop_before_training(parquet_dir, tmp_path):
-    """Two machines, one process each (two launchers with --num_machines 2 on this host), where the second sees
-    another folder under the same --output_dir: a mount namespace of its own with a tmpfs over it, as a machine with
-    its own disk would. Both stop at once, naming the process that cannot see the main one's folder and the fix;
-    without the check they would resume differently later and wait on each other in mismatched collectives."""
-    if subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare -m was refused (another machine's view of a folder needs a mount namespace: root)")
-    out, port = tmp_path / "run", free_port()
-    out.mkdir()
+@pytest.mark.parametrize("apart", ["own disk", "other working folder"])
+def test_two_machines_without_a_shared_output_dir_stop_before_training(parquet_dir, tmp_path, apart):
+    """Two machines, one process each (two launchers with --num_machines 2 on this host), whose --output_dir is not
+    one folder: the second one's own disk there (a mount namespace of its own with a tmpfs over it), or a relative
+    --output_dir launched from another working folder on each. Both stop at once, naming the process that cannot see
+    the main one's folder and the fix, and leave nothing behind; without the check they would resume differently
+    later and wait on each other in mismatched collectives."""
+    port = free_port()
+    if apart == "own disk":
+        out = tmp_path / "run"
+        out.mkdir()
+        probe = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
+                                "tmpfs", str(out)], capture_output=True, text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"a mount in a namespace of its own was refused (root needed): {probe.stderr.strip()}")
+        folders, output_dir = [tmp_path, tmp_path], str(out)
+    else:  # not created yet: the check looks in the folder above, the working folder, which differs
+        folders, output_dir = [tmp_path / "m0", tmp_path / "m1"], "run"
+        for folder in folders:
+            folder.mkdir()
 
-    def machine(rank: int, own_disk: bool) -> subprocess.Popen:
+    def machine(rank: int) -> subprocess.Popen:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                   "--num_processes", "2", TRAIN, *FAST, "--dataset_name", str(parquet_dir), "--max_train_steps", "2",
-                  "--output_dir", str(out)]
-        if own_disk:
+                  "--output_dir", output_dir]
+        if rank == 1 and apart == "own disk":
             launch = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                       f'mount -t tmpfs -o size=1m tmpfs "{out}" && exec "$0" "$@"', *launch]
-        return subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                                env=child_env(ACCELERATE_USE_CPU="1"))
+        return subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=folders[rank], env=child_env(ACCELERATE_USE_CPU="1"), start_new_session=True)
 
-    machines = [machine(0, own_disk=False), machine(1, own_disk=True)]
-    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    machines = [machine(0), machine(1)]
+    try:
+        outputs = [m.communicate(timeout=300)[0] for m in machines]
+    finally:
+        for m in machines:
+            kill_everything(m)
     for m, output in zip(machines, outputs):
         assert m.returncode != 0, output[-3000:]
-        assert (f"--output_dir {out} is not one folder for every process: process(es) 1 (on " in output and
+        assert (f"--output_dir {output_dir} is not one folder for every process: process(es) 1 (on " in output and
                 "pass an --output_dir on a filesystem they all mount" in output), output[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == [], "the check's file was left behind, or training began"
+    main_folder = Path(folders[0], output_dir)
+    left = sorted(p.name for p in (main_folder if main_folder.exists() else folders[0]).iterdir())
+    assert left == [], f"the check's file was left behind, or training began: {left}"
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):

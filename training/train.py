@@ -178,7 +178,7 @@ def open_dataset(args, accelerator):
         try:
             return load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
                                       args.streaming, args.cache_dir, token=args.hub_token, revision=revision,
-                                      check_shards=accelerator.is_main_process)
+                                      check_shards=accelerator.is_local_main_process)  # one per machine
         except (OSError, ValueError) as err:
             raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
@@ -186,7 +186,7 @@ def open_dataset(args, accelerator):
         return load(args.dataset_revision)
     try:
         dataset, failure = load(args.dataset_revision), None
-    except SystemExit as err:  # the main process alone checks the shards: the others must not wait for it
+    except SystemExit as err:  # one process per machine checks the shards: the others must not wait for it
         dataset, failure = None, str(err.code)
     commit = dataset_revision(dataset) if dataset is not None else None
     outcomes = gather_object([(failure, commit)])
