@@ -226,7 +226,8 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
                       revision: Optional[str] = None):
     """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
     repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
-    truncated or not parquet (its footer is read, a few KB per shard, before any training)."""
+    truncated or not parquet (its footer is read, a few KB per shard, before any training), a tar that is not one or is
+    cut short (its first header and its end are read)."""
     from datasets import load_dataset_builder
     from datasets.exceptions import DatasetNotFoundError
 
@@ -245,7 +246,7 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
                          f"{sorted(data_files)}. Pass one of them with --split.")
-    if check_shards and builder.name in ("parquet", "arrow"):
+    if check_shards and builder.name in ("parquet", "arrow", "webdataset"):
         _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
     if streaming:
         return builder.as_streaming_dataset(split=split)
@@ -254,9 +255,12 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
 
 
 def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optional[str]) -> None:
-    """Read the footer of each ``hf://`` parquet shard (arrow: its schema), a few threads at a time."""
+    """Read the footer of each ``hf://`` parquet shard (arrow: its schema; a tar: its first header and its last two
+    blocks, which end every whole tar with zeros), a few threads at a time."""
 
     def check(url: str) -> None:
+        import tarfile
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -264,11 +268,17 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
             with _open_footer(url, token) as remote:
                 if builder == "parquet":
                     pq.read_metadata(remote)
+                elif builder == "webdataset":
+                    tarfile.TarInfo.frombuf(remote.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")  # or raises
+                    size = remote.seek(0, os.SEEK_END)
+                    remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
+                    if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
+                        raise tarfile.ReadError("it does not end with a tar's end of archive (two zero blocks)")
                 else:
                     pa.ipc.open_stream(remote).schema
-        except (pa.ArrowException, OSError) as err:
+        except (pa.ArrowException, tarfile.TarError, OSError) as err:
             name = url.split("@", 1)[-1].split("/", 1)[-1]  # hf://datasets/{repo}@{revision}/{file in the repo}
-            if isinstance(err, pa.ArrowInvalid):  # the bytes arrived and are not parquet
+            if isinstance(err, (pa.ArrowInvalid, tarfile.TarError)):  # the bytes arrived and are not parquet (tar)
                 raise ValueError(f"{where}: {name} is not a readable {builder} file ({first_line(err)}); it is "
                                  f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
             raise ConnectionError(f"{where}: {name} could not be read ({type(err).__name__}: {first_line(err)}) "

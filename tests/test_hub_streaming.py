@@ -444,6 +444,17 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     with pytest.raises(ValueError, match=r"train-00000.tar is not a readable webdataset file \(its member 0000\d\d\.\w+ "
                                          r"ends at byte \d+ of a file of \d+\); it is truncated or corrupt"):
         load_image_dataset(train_data_dir=str(truncated))
+    # on the Hub, before any training: a tar cut short (its end is not the end of archive), a file that is no tar
+    (truncated / "train-00001.tar").write_bytes(whole)
+    publish(truncated, "alice/cut-tars")
+    with pytest.raises(ValueError, match=r"Hub dataset alice/cut-tars: train-00000.tar is not a readable webdataset "
+                                         r"file \(it does not end with a tar's end of archive"):
+        load_image_dataset("alice/cut-tars", token=TOKEN)
+    (truncated / "train-00000.tar").write_bytes(b"<html>not found</html>" * 100)
+    publish(truncated, "alice/no-tars")
+    with pytest.raises(ValueError, match=r"Hub dataset alice/no-tars: train-00000.tar is not a readable webdataset "
+                                         r"file \(.*\); it is truncated or not webdataset"):
+        load_image_dataset("alice/no-tars", token=TOKEN)
 
 
 def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_are_not_guessed(tmp_path):
