@@ -25,8 +25,8 @@ if python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   PINS=(-c constraints.txt)
   export PIP_BUILD_CONSTRAINT="$PWD/constraints.txt"
 fi
-python -c "import torch" 2>/dev/null || pip install -q "${PINS[@]}" torch==2.13.0
-python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q "${PINS[@]}" -e ".[test]"
+python -c "import torch" 2>/dev/null || pip install -q ${PINS[@]+"${PINS[@]}"} torch==2.13.0
+python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q ${PINS[@]+"${PINS[@]}"} -e ".[test]"
 
 # --recipe short: the settings measured best for runs this short (docs/benchmarks.md, "Recipes for short runs")
 TRAIN_ARGS=(--preset small-28 --recipe short --dataset_name embedded:fashion_mnist --max_train_steps "$STEPS"

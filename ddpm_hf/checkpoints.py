@@ -79,13 +79,17 @@ def recover_folders(output_dir: Path) -> None:
     moving a complete final pipeline into place."""
     install_pipeline(output_dir)
     for marker in output_dir.glob(".shared-*"):  # check_output_dir_shared's, of a run killed in the instant
-        remove(marker)
+        if SHARED_MARKER.fullmatch(marker.name) and marker.is_file():  # (not a folder or file of the user's)
+            marker.unlink()
     for hidden in [*output_dir.glob(".checkpoint-*.*"), *output_dir.glob(".pipeline.*")]:
         name, _, kind = hidden.name[1:].rpartition(".")
         if kind == "old" and not (output_dir / name).exists():
             os.replace(hidden, output_dir / name)
         elif kind in ("tmp", "trash", "old"):
             shutil.rmtree(hidden, ignore_errors=True)
+
+
+SHARED_MARKER = re.compile(r"\.shared-[0-9a-f]{16}")
 
 
 def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) -> None:

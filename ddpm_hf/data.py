@@ -269,7 +269,9 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                 if builder == "parquet":
                     pq.read_metadata(remote)
                 elif builder == "webdataset":
-                    tarfile.TarInfo.frombuf(remote.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")  # or raises
+                    first = remote.read(tarfile.BLOCKSIZE)
+                    if first != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
+                        tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")  # raises unless a tar header
                     size = remote.seek(0, os.SEEK_END)
                     remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
                     if remote.read() != bytes(2 * tarfile.BLOCKSIZE):

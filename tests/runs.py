@@ -151,7 +151,10 @@ def _state(pid: int) -> str:
 
 def kill_everything(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process under it, as a crashed machine would (torchrun starts the training
-    processes in sessions of their own: a kill of the launcher's group alone leaves them running)."""
+    processes in sessions of their own: a kill of the launcher's group alone leaves them running). A launcher that has
+    ended is left alone: its pid may belong to another process by now."""
+    if proc.poll() is not None:
+        return
     tree, frontier = [proc.pid], [proc.pid]
     while frontier:
         parent = frontier.pop()

@@ -450,11 +450,16 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     with pytest.raises(ValueError, match=r"Hub dataset alice/cut-tars: train-00000.tar is not a readable webdataset "
                                          r"file \(it does not end with a tar's end of archive"):
         load_image_dataset("alice/cut-tars", token=TOKEN)
-    (truncated / "train-00000.tar").write_bytes(b"<html>not found</html>" * 100)
+    (truncated / "train-00000.tar").write_bytes(b"<html>not found</html>" * 100 + bytes(1024))  # a tar's end, no tar
     publish(truncated, "alice/no-tars")
     with pytest.raises(ValueError, match=r"Hub dataset alice/no-tars: train-00000.tar is not a readable webdataset "
-                                         r"file \(.*\); it is truncated or not webdataset"):
+                                         r"file \((bad checksum|invalid header|.*header.*)\); it is truncated or not "
+                                         r"webdataset"):
         load_image_dataset("alice/no-tars", token=TOKEN)
+    (truncated / "train-00000.tar").write_bytes(whole)  # an empty tar (a shard of an export left empty) is one
+    (truncated / "train-00001.tar").write_bytes(bytes(10240))
+    publish(truncated, "alice/empty-tar")
+    assert len(list(load_image_dataset("alice/empty-tar", token=TOKEN))) == 8
 
 
 def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_are_not_guessed(tmp_path):

@@ -169,16 +169,20 @@ def compile_options(args) -> Tuple[Optional[dict], str]:
 
 
 def open_dataset(args, accelerator):
-    """The dataset opened, its repo, token, config, split and (by the main process) shards checked: a bad dataset stops
+    """The dataset opened, its repo, token, config, split and shards checked (a Hub dataset's by the main process, a
+    local folder's by one process per machine): a bad dataset stops
     here, named, before anything is built. Every process reads a Hub dataset at the main process's commit (a push
     while the processes opened it would give them different files)."""
     from accelerate.utils import gather_object
+
+    # a Hub dataset is the same files for all: its main process checks them; a local folder may be each machine's copy
+    checker = accelerator.is_main_process if hub_dataset_id(args.dataset_name) else accelerator.is_local_main_process
 
     def load(revision):
         try:
             return load_image_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split,
                                       args.streaming, args.cache_dir, token=args.hub_token, revision=revision,
-                                      check_shards=accelerator.is_local_main_process)  # one per machine
+                                      check_shards=checker)
         except (OSError, ValueError) as err:
             raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
@@ -186,7 +190,7 @@ def open_dataset(args, accelerator):
         return load(args.dataset_revision)
     try:
         dataset, failure = load(args.dataset_revision), None
-    except SystemExit as err:  # one process per machine checks the shards: the others must not wait for it
+    except SystemExit as err:  # only the checking processes read the shards: the others must not wait for them
         dataset, failure = None, str(err.code)
     commit = dataset_revision(dataset) if dataset is not None else None
     outcomes = gather_object([(failure, commit)])

@@ -300,8 +300,12 @@ def test_leftovers_of_a_crash_are_cleaned_and_a_swapped_out_folder_restored(trai
     (tmp_path / ".pipeline.old" / "model_index.json").write_text("{}")
     (tmp_path / ".checkpoint-8.old").mkdir()  # checkpoint-8 exists: the old copy is stale
     (tmp_path / ".cache.tmp").mkdir()  # not ours: left alone
+    (tmp_path / ".shared-0123456789abcdef").write_text("host")  # the shared-folder check's marker of a killed start
+    (tmp_path / ".shared-notes").write_text("mine")  # not ours: left alone
+    (tmp_path / ".shared-fedcba9876543210").mkdir()  # named like a marker, but a folder: not ours
     train.recover_folders(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", "checkpoint-8", "pipeline"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.tmp", ".shared-fedcba9876543210", ".shared-notes",
+                                                          "checkpoint-8", "pipeline"]
     assert (tmp_path / "pipeline" / "model_index.json").read_text() == "{}"
 
 
