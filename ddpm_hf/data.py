@@ -14,6 +14,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import logging
 import os
 import queue
@@ -329,12 +330,13 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     into samples as datasets' WebDataset reader groups them (consecutive members sharing a key, hidden ones
     skipped)."""
     import tarfile
+    from collections import Counter
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
 
-    samples: Dict[frozenset, int] = {}
+    samples: Dict[frozenset, int] = Counter()  # sets of image fields: how many samples hold each
     for path in files:
         try:
             if builder == "parquet":
@@ -342,24 +344,22 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
             elif builder == "webdataset":
                 size = os.path.getsize(path)
                 with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
-                    last, key, fields = None, None, set()
-                    for last in tar:
-                        if last.offset_data + last.size > size:
-                            raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} of "
-                                          f"a file of {size}")
-                        if not last.isreg() or os.path.basename(last.name).startswith((".", "__")):
-                            continue
-                        member_key, field = base_plus_ext(last.name)
-                        if member_key is None:
-                            continue
-                        if member_key != key:
-                            if key is not None:
-                                samples[frozenset(fields)] = samples.get(frozenset(fields), 0) + 1
-                            key, fields = member_key, set()
-                        if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS:
-                            fields.add(field)
-                    if key is not None:
-                        samples[frozenset(fields)] = samples.get(frozenset(fields), 0) + 1
+                    last = None
+
+                    def members():  # (sample key, field) of the members datasets reads, each checked for its size
+                        nonlocal last
+                        for last in tar:
+                            if last.offset_data + last.size > size:
+                                raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} "
+                                              f"of a file of {size}")
+                            if last.isreg() and not os.path.basename(last.name).startswith((".", "__")):
+                                key, field = base_plus_ext(last.name)
+                                if key is not None:
+                                    yield key, field
+
+                    for _, sample in itertools.groupby(members(), key=lambda member: member[0]):
+                        samples[frozenset(field for _, field in sample
+                                          if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS)] += 1
                     with open(path, "rb") as raw:  # tarfile stops quietly at a corrupt header: the end must be zeros
                         raw.seek(tar.offset)
                         end = raw.read(2 * tarfile.BLOCKSIZE)

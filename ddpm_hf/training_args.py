@@ -139,16 +139,16 @@ def parse_args(argv=None):
 
 # The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py that this script does not
 # take, with what does the same here: a command brought from there stops naming the replacement, not just the flag.
+_EMA_HERE = ("the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
+             "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no inverse-gamma/power ramp")
 DIFFUSERS_ONLY_FLAGS = {
     "--num_epochs": "training here is step-based (a streamed dataset has no length to count epochs by): pass "
                     "--max_train_steps, or --max_train_minutes",
     "--save_images_epochs": "pass --save_images_steps",
     "--save_model_epochs": "the pipeline is written at the end and a resumable checkpoint every --checkpointing_steps",
     "--eval_batch_size": "the sample grid's size is --num_sample_images",
-    "--ema_inv_gamma": "the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
-                       "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no inverse-gamma ramp",
-    "--ema_power": "the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
-                   "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no power ramp",
+    "--ema_inv_gamma": _EMA_HERE,
+    "--ema_power": _EMA_HERE,
     "--overwrite_output_dir": "drop it: a run writes into --output_dir, and --resume_from_checkpoint latest continues "
                               "the run found there",
     "--model_config_name_or_path": "pass --model_config with a UNet2DModel config.json, or a --preset",
