@@ -489,14 +489,14 @@ def image_channels(image: Image.Image) -> int:
     return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
 
 
-def undecoded_images(dataset, image_column: str):
-    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt image can be skipped. (datasets
-    streams a Hub image folder through decoding threads of its own, which a cast to undecoded images leaves in
-    place; ``decode(False)`` removes them.)"""
+def undecoded_images(dataset, image_column: str, keep: Tuple[str, ...] = ()):
+    """Only the image column (and the columns in ``keep``), as encoded bytes/paths: decoding is ours, so a corrupt
+    image can be skipped. (datasets streams a Hub image folder through decoding threads of its own, which a cast to
+    undecoded images leaves in place; ``decode(False)`` removes them.)"""
     from datasets import Image as ImageFeature
 
     dataset = dataset.decode(False) if hasattr(dataset, "decode") else dataset
-    return dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
+    return dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column, *keep])
 
 
 def first_image(dataset, image_column: str, max_rows: int = 100, token: Optional[str] = None) -> Image.Image:
@@ -644,6 +644,7 @@ class _Batch:
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
     last_rows: Dict[int, str]  # fingerprint of each stream's last row in this batch
+    tar_rows: Optional[dict] = None  # a WebDataset's TarRowCounts.state(), as the reader knows them
 
 
 def row_fingerprint(cell: dict) -> str:
@@ -686,6 +687,56 @@ def parquet_shard_files(dataset) -> Optional[List[str]]:
             or not all(isinstance(f, str) and f.endswith(".parquet") and "::" not in f for f in files)):
         return None
     return files
+
+
+def tar_shard_files(dataset) -> Optional[List[str]]:
+    """The tar file behind each shard of a streamed WebDataset (local or ``hf://``), in shard order, as its rows name
+    it in ``__url__``; None for any other source (checked like parquet_shard_files)."""
+    source = getattr(dataset, "_ex_iterable", None)
+    files = (getattr(source, "kwargs", None) or {}).get("tar_paths")
+    if (type(source).__name__ != "ExamplesIterable" or not isinstance(files, list) or len(files) != dataset.num_shards
+            or "__url__" not in (dataset.features or {}) or not all(isinstance(f, str) for f in files)):
+        return None
+    return files
+
+
+class TarRowCounts:
+    """The samples in each tar shard of a WebDataset, learned as the streams read them: a resume that skips the
+    finished shards needs them (see TrainStream._replayed), and a tar has no footer that says (a Hub tar's headers
+    are spread over the whole file). Each stream counts the rows of every shard it reads in an epoch, in row order;
+    an epoch read to its end with no row missed gives the count of each shard the stream was dealt (0 for one it saw
+    no row of). Counts are the data's, the same in every epoch and for every stream; a checkpoint keeps them, and
+    the counting of the epoch under way (the reader's: ahead of the checkpoint's position, which is harmless, rows
+    being named by epoch and index)."""
+
+    def __init__(self, known: Optional[Dict[int, int]] = None, counting: Optional[Dict[int, tuple]] = None):
+        self.known = dict(known or {})  # shard -> samples
+        # stream -> (epoch, rows counted so far, or None once a row was missed; {shard: rows})
+        self.counting = {v: (e, n, dict(c)) for v, (e, n, c) in (counting or {}).items()}
+
+    def saw(self, v: int, epoch: int, index: int, shard: Optional[int]) -> None:
+        """Row ``index`` of stream ``v``'s epoch, read from ``shard`` (None: a tar not among the dataset's)."""
+        e, n, counts = self.counting.get(v, (-1, None, {}))
+        if e < epoch:  # a new epoch: counted only from its first row
+            e, n, counts = epoch, 0, {}
+        if e != epoch or n is None or index < n:  # an earlier epoch, a gap, or a row counted before a re-read
+            self.counting[v] = (e, n, counts)
+            return
+        if index > n or shard is None:  # rows skipped unread (a resume of a stream whose counting was lost), or a
+            n = None  # row of an unknown tar: no count this epoch
+        else:
+            counts[shard], n = counts.get(shard, 0) + 1, n + 1
+        self.counting[v] = (e, n, counts)
+
+    def ended(self, v: int, epoch: int, rows: int, dealt) -> None:
+        """Stream ``v``'s epoch read to its end, ``rows`` rows from the shards ``dealt`` (a callable: computed only
+        when the counting is complete)."""
+        e, n, counts = self.counting.get(v, (-1, None, {}))
+        if e == epoch and n == rows:
+            self.known.update({shard: counts.get(shard, 0) for shard in dealt()})
+
+    def state(self) -> dict:
+        return {"known": dict(self.known), "counting": {v: (e, n, dict(c)) for v, (e, n, c) in self.counting.items()}}
 
 
 def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[List[int]]]:
@@ -742,7 +793,8 @@ class TrainStream:
     DataLoader's 0), a thread of the training process reads and decodes. Either way ``next_batch`` takes a finished
     batch from a queue. Undecodable rows are skipped and counted.
     ``state_dict()`` is the position of every stream after the last batch handed out (not the prefetched ones);
-    resuming skips the consumed rows without decoding them.
+    resuming skips the consumed rows without decoding them, and the finished shards (parquet, or tars once counted)
+    without reading them.
     """
 
     MAX_UNDECODABLE_IN_A_ROW = 1000
@@ -769,10 +821,15 @@ class TrainStream:
                 "of an even split. Write the data as a multiple of %d files.",
                 shards, num_streams, shards, num_streams, num_streams, num_streams)
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
+        # the same for a WebDataset's tars split by shards, once their samples are counted (see TarRowCounts)
+        tars = tar_shard_files(dataset) if shards % num_streams == 0 else None
+        self.tar_index = {path: shard for shard, path in enumerate(tars)} if tars else None
+        self.tar_rows = TarRowCounts().state() if tars else None  # as the reader last reported them
         self.revision = dataset_revision(dataset)  # a Hub dataset's commit, kept in the checkpoints
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
-        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # passes end unpaused
+        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column,  # passes end unpaused
+                                               ("__url__",) if tars else ())
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
@@ -801,8 +858,10 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
+        tar_rows = self.tar_rows or {"known": {}, "counting": {}}
         return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                                   "last_row": dict(self.last_row)}), dataset_revision=self.revision,
+                                   "last_row": dict(self.last_row), "tar_rows_known": tar_rows["known"],
+                                   "tar_rows_counting": tar_rows["counting"]}), dataset_revision=self.revision,
                     seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size)
 
     def load_state_dict(self, state: dict) -> None:
@@ -830,6 +889,10 @@ class TrainStream:
             skipped = {self.streams[0]: skipped}
         self.skipped = {v: skipped.get(v, 0) for v in self.streams}
         self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
+        if self.tar_rows is not None:  # every process's counts, and the counting of this process's streams
+            counting = state.get("tar_rows_counting", {})
+            self.tar_rows = {"known": dict(state.get("tar_rows_known", {})),
+                             "counting": {v: counting[v] for v in self.streams if v in counting}}
         self.legacy_noise_state = state.get("noise")
 
     # --- the consumer side -----------------------------------------------------------------------------------------
@@ -853,6 +916,8 @@ class TrainStream:
             raise
         self.position = item.position
         self.last_row.update(item.last_rows)
+        if item.tar_rows is not None:
+            self.tar_rows = item.tar_rows
         for v, n in item.skipped.items():
             self.skipped[v] += n
         self.seen_ids.extend(item.ids)
@@ -903,7 +968,8 @@ class TrainStream:
     def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, deliver) -> None:
         """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, _Batch without its
         images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
-        decoded = {v: self._decoded(v, *position[v]) for v in self.streams}
+        counts = TarRowCounts(**self.tar_rows) if self.tar_rows is not None else None  # this reader's own
+        decoded = {v: self._decoded(v, *position[v], counts) for v in self.streams}
         try:
             while not stop.is_set():
                 arrays, ids, skipped, last_rows = [], [], {}, {}
@@ -911,7 +977,8 @@ class TrainStream:
                     taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
-                deliver(arrays, _Batch(None, dict(position), skipped, ids, last_rows))
+                deliver(arrays, _Batch(None, dict(position), skipped, ids, last_rows,
+                                       counts.state() if counts is not None else None))
         except BaseException as err:  # handed to the training loop, which raises it
             deliver(None, err)
         finally:
@@ -919,15 +986,19 @@ class TrainStream:
                 generator.close()
             pause_for_arrow_scans()  # the passes just closed were left part-way
 
-    def _rows(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, dict]]:
-        """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch. A read that fails (the
-        network, a 5xx that datasets' own retries gave up on) re-opens the epoch and continues at the same row, up to
-        READ_RETRIES times in a row with a doubling pause; then the run stops, its checkpoints intact."""
+    def _rows(self, v: int, epoch: int, consumed: int,
+              counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, dict]]:
+        """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch, a WebDataset's rows
+        counted per tar in ``counts``. A read that fails (the network, a 5xx that datasets' own retries gave up on)
+        re-opens the epoch and continues at the same row, up to READ_RETRIES times in a row with a doubling pause;
+        then the run stops, its checkpoints intact."""
         failures, expected = 0, self.last_row.get(v)
         while True:
             row = None
             try:
-                for index, row in self._epoch_rows(v, epoch, consumed, expected):
+                for index, row in self._epoch_rows(v, epoch, consumed, expected, counts):
+                    if counts is not None:
+                        counts.saw(v, epoch, index, self.tar_index.get(row.get("__url__")))
                     yield epoch, index, row
                     consumed, failures = index + 1, 0
             except Exception as err:  # noqa: BLE001 (whatever the fsspec/HTTP stack raises; parse errors are final)
@@ -949,14 +1020,17 @@ class TrainStream:
             if consumed == 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
                                  f"{self.num_streams} streams.")
+            if counts is not None:
+                counts.ended(v, epoch, consumed, lambda: self._dealt_shards(v, epoch))
             epoch, consumed, expected = epoch + 1, 0, None
 
-    def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str]) -> Iterator[Tuple[int, dict]]:
+    def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str],
+                    counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, dict]]:
         """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
         finished where that is possible (see _replayed), else read from the epoch's start, the first ``start`` rows
         skipped undecoded."""
         if start:
-            replayed = self._replayed(v, epoch, start, expected)
+            replayed = self._replayed(v, epoch, start, expected, counts)
             if replayed is not None:
                 return replayed
         ds = self.datasets[v]
@@ -964,18 +1038,24 @@ class TrainStream:
         return ((index, row) for index, row in enumerate(ds) if index >= start)
 
     # --- resuming without reading the finished shards again --------------------------------------------------------
-    def _replayed(self, v: int, epoch: int, start: int, expected: Optional[str]):
+    def _replayed(self, v: int, epoch: int, start: int, expected: Optional[str], counts: Optional[TarRowCounts]):
         """Stream ``v``'s epoch from row ``start`` on, reading only the shards that still hold rows of it; None where
-        that cannot be done exactly (not parquet, or the check below fails), and the caller reads the epoch again.
+        that cannot be done exactly (neither parquet nor tars whose samples ``counts`` knows, or the check below
+        fails), and the caller reads the epoch again.
 
         datasets' shard shuffle, split and shuffle buffer depend on the shards' row counts, not on the rows: the same
         operations on a dataset of (shard, row) pairs with the same row counts yield the order in which the stream
         yields its rows. The row before ``start`` is read and compared with the fingerprint kept with the position,
         so a datasets version that shuffles differently, or data that changed, falls back to the exact slow path."""
-        row_groups = self.shard_row_groups()
-        if row_groups is None or expected is None:
+        if expected is None:
             return None
-        order = self._replay_order(v, epoch, row_groups)
+        if self.shard_files is not None:
+            row_groups = self.shard_row_groups()
+            order = self._replay_order(v, epoch, row_groups) if row_groups is not None else None
+        else:
+            order = self._tar_replay_order(v, epoch, counts.known) if counts is not None else None
+        if order is None:
+            return None
         if len(order) < start:
             return _fallback(v, f"the replayed epoch has {len(order)} rows, the position is at row {start}")
         check, remaining = order[start - 1], order[start:]
@@ -1047,16 +1127,46 @@ class TrainStream:
             pairs.set_epoch(epoch)
             return [(item["shard"], item["row"]) for item in pairs]
 
+    def _tar_replay_order(self, v: int, epoch: int, known: Dict[int, int]) -> Optional[List[Tuple[int, int]]]:
+        """(shard, row in shard) of each row of stream ``v``'s epoch of tars, in yield order; None (with a warning)
+        while the samples of a tar dealt to it are not counted yet (see TarRowCounts: in the first epoch)."""
+        dealt = self._dealt_shards(v, epoch)
+        unknown = sorted(set(dealt) - set(known))
+        if unknown:
+            return _fallback(v, f"the samples of {len(unknown)} of the {len(dealt)} tar shards it reads this epoch "
+                                "are not counted yet (a tar's are counted when an epoch has read it)")
+        return [(item["shard"], item["row"]) for item in self._tar_stand_in(v, epoch, {s: known[s] for s in dealt})]
+
+    def _dealt_shards(self, v: int, epoch: int) -> List[int]:
+        """The tar shards stream ``v`` reads in ``epoch``, in the order it reads them."""
+        return [item["shard"] for item in self._tar_stand_in(v, epoch, {s: 1 for s in range(self.num_shards)})]
+
+    def _tar_stand_in(self, v: int, epoch: int, rows: Dict[int, int]):
+        """Stream ``v``'s ``epoch`` of a stand-in WebDataset whose shard s holds ``rows.get(s, 0)`` rows, each its
+        (shard, row in shard) pair, generated shard by shard as datasets reads tars: the same shard shuffle, split
+        and shuffle buffer give the order of the real stream's rows (tests/test_hub_streaming.py compares them)."""
+        from datasets import IterableDataset
+        from datasets.distributed import split_dataset_by_node
+
+        pairs = IterableDataset.from_generator(_stand_in_rows, gen_kwargs={"shards": list(range(self.num_shards)),
+                                                                           "rows": rows})
+        if self.shuffle_buffer_size > 1:
+            pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
+        pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)
+        pairs.set_epoch(epoch)
+        return pairs
+
     def _read_shards(self, shards: List[int]) -> Iterator[Tuple[int, int, dict]]:
         """(shard, row, cells) of the given shards, in that order, each shard read from its start."""
         for shard in shards:
             for row, cells in enumerate(self.base.shard(num_shards=self.num_shards, index=shard, contiguous=True)):
                 yield shard, row, cells
 
-    def _decoded(self, v: int, epoch: int, consumed: int) -> Iterator[Tuple[int, int, tuple]]:
+    def _decoded(self, v: int, epoch: int, consumed: int,
+                 counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, tuple]]:
         """(epoch, row, decode result) of stream ``v`` in row order; with workers, ``prefetch`` batches of rows are
         in flight at once, in chunks spread over the workers."""
-        rows = self._rows(v, epoch, consumed)
+        rows = self._rows(v, epoch, consumed, counts)
         if not self.num_workers:
             for epoch, index, row in rows:
                 cell = row[self.image_column]
@@ -1104,6 +1214,13 @@ class TrainStream:
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
         return taken, ids, skipped, position, row_fingerprint(cell)
+
+
+def _stand_in_rows(shards: List[int], rows: Dict[int, int]) -> Iterator[dict]:
+    """The rows of a stand-in WebDataset (see TrainStream._tar_stand_in)."""
+    for shard in shards:
+        for row in range(rows.get(shard, 0)):
+            yield {"shard": shard, "row": row}
 
 
 REPLAY_PREFIX = "ddpm_hf_replay_"  # + the pid of the process replaying: its stand-in files (see _replay_order)

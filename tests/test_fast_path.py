@@ -102,10 +102,10 @@ def test_with_workers_the_rows_are_read_outside_the_training_process(images, tmp
     recorded by a wrapper of TrainStream._rows, and the process tree."""
     record, real_rows = tmp_path / "readers.txt", TrainStream._rows
 
-    def rows(self, v, epoch, consumed):
+    def rows(self, v, epoch, consumed, counts):
         with open(record, "a") as f:
             f.write(f"{os.getpid()}\n")
-        yield from real_rows(self, v, epoch, consumed)
+        yield from real_rows(self, v, epoch, consumed, counts)
 
     monkeypatch.setattr(TrainStream, "_rows", rows)
     for workers in (0, 2):

@@ -399,7 +399,8 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     """A repo of WebDataset tar shards (big image datasets often come so) streams, shard by shard, the same batches
     as the same tars in a local folder, with 0 and 1 decoding workers; an epoch holds every image once, a sample
     without its image is skipped and counted, saying so; a stream
-    resumed from its state (a tar has no footer to replay from: the epoch is read again up to the position) continues
+    resumed from its state (in the first epoch, with the tars' samples not counted yet, the epoch is read again up to
+    the position) continues
     with the uninterrupted stream's batches, across the end of the epoch; a truncated local tar is named at once."""
     import hashlib
 
@@ -460,6 +461,65 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     (truncated / "train-00001.tar").write_bytes(bytes(10240))
     publish(truncated, "alice/empty-tar")
     assert len(list(load_image_dataset("alice/empty-tar", token=TOKEN))) == 8
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_webdataset_resumed_after_its_first_epoch_downloads_only_the_tars_that_still_hold_rows(
+        dataset_hub, tmp_path, caplog, workers):
+    """A tar has no footer that counts its samples: the stream counts them as an epoch reads them, keeps the counts
+    in its state, and a resume in a later epoch then replays the epoch's order without the tars whose samples were all
+    used (as for parquet), the batches equal to an uninterrupted stream's; with 0 and 1 decoding workers (then the
+    counts come back from the reader process). Tars of unequal sizes: an order computed from wrong counts differs."""
+    import hashlib
+    import tarfile
+
+    # 103 samples in 24 tars (datasets reads 10 at a time, interleaved)
+    sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
+    folder, shard_of = tmp_path / "tars", {}
+    folder.mkdir()
+    for k, size in enumerate(sizes):
+        with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
+            for s in range(sum(sizes[:k]), sum(sizes[:k + 1])):
+                data = png_bytes(s)
+                shard_of[hashlib.sha1(data).hexdigest()] = f"train-{k:05d}.tar"
+                member = tarfile.TarInfo(f"{s:06d}.png")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    repo = publish(folder, f"alice/counted-tars-{workers}")
+    dataset = load_image_dataset(repo, check_shards=False)
+
+    def read(batches, state=None):
+        stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True,
+                             num_workers=workers)
+        if state is not None:
+            stream.load_state_dict(state)
+        try:
+            return [stream.next_batch() for _ in range(batches)], stream
+        finally:
+            stream.close()
+
+    expected, reference = read(43)  # 172 rows: the second epoch to row 69 (+ the prefetch: still within it)
+    first, stopped = read(40)  # the second epoch at row 57
+    state = stopped.state_dict()
+    assert state["position"] == {0: (1, 57)} and state["tar_rows_known"] == dict(enumerate(sizes)), state
+    caplog.set_level(logging.INFO, logger="ddpm_hf.data")
+    resumed_at = time.monotonic()
+    second, resumed = read(3, state)
+    assert stopped.seen_ids + resumed.seen_ids == reference.seen_ids
+    assert all(torch.equal(a, b) for a, b in zip(first + second, expected))
+
+    used = {}
+    for example in stopped.seen_ids[103:]:  # the second epoch's
+        used[shard_of[example]] = used.get(shard_of[example], 0) + 1
+    finished = {shard for shard, n in used.items() if n == sizes[int(shard[6:11])]}
+    checked = shard_of[stopped.seen_ids[-1]]  # the row before the position is read and compared: its tar too
+    downloaded_again = {read.path for read in dataset_hub.reads
+                        if read.time > resumed_at and read.repo_id == repo and read.sent}
+    print(f"resumed at epoch 1 row 57 of 103: {sorted(finished)} finished, {sorted(downloaded_again)} downloaded again")
+    assert len(finished - {checked}) >= 5 and downloaded_again, (finished, downloaded_again)
+    assert not (finished - {checked}) & downloaded_again, (finished, checked, downloaded_again)
+    if not workers:  # (the reader process logs in its own process)
+        assert f"({len(finished - {checked})} finished ones skipped)" in caplog.text
 
 
 def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_are_not_guessed(tmp_path):
