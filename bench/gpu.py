@@ -43,7 +43,14 @@ from data import write_dataset  # bench/data.py: the same synthetic CIFAR-like p
 
 ROOT = Path(__file__).resolve().parents[1]
 START = time.time()
-H100_BF16_DENSE_TFLOPS = 989.0  # SXM data sheet, dense
+# dense bf16 TFLOP/s of NVIDIA's data sheets, by what torch.cuda.get_device_name() says (first match): the NVL and
+# PCIe cards run at lower clocks than the SXM modules (H100 80GB HBM3, H200)
+DATA_SHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
+
+
+def data_sheet_tflops(device_name: str):
+    """(dense bf16 TFLOP/s of the data sheet, the entry used) for ``device_name``; (None, None) if none matches."""
+    return next(((tflops, key) for key, tflops in DATA_SHEET_BF16_TFLOPS if key in device_name), (None, None))
 
 
 def say(*parts):
@@ -408,8 +415,10 @@ def main():
         f"{os.cpu_count()} CPUs; datasets {datasets.__version__}, pyarrow {pyarrow.__version__}")
     peak = matmul_peak_tflops()
     flops = train_flops_per_image("ddpm-cifar10")
-    say(f"bf16 matmul 8192³: {peak:.0f} TFLOP/s measured (data sheet {H100_BF16_DENSE_TFLOPS:.0f}); ddpm-cifar10 "
-        f"training: {flops / 1e9:.2f} GFLOP per image (forward + backward, counted)")
+    sheet, entry = data_sheet_tflops(torch.cuda.get_device_name())
+    say(f"bf16 matmul 8192³: {peak:.0f} TFLOP/s measured (data sheet: "
+        f"{f'{sheet:.0f}, as {entry}' if sheet else 'none known for this device'}); ddpm-cifar10 training: "
+        f"{flops / 1e9:.2f} GFLOP per image (forward + backward, counted)")
 
     def part(name, fn, needs_s):
         if args.only is not None and not any(name.startswith(prefix) for prefix in args.only):
@@ -441,9 +450,10 @@ def main():
                                                    timeout=max(60, left(args.deadline_s + 60)),
                                                    log=logs / f"train-{label}.log", layout=layout, env=env)
         mfu = img_s * flops / 1e12
+        of_sheet = f" ({100 * mfu / sheet:.1f} % of data sheet)" if sheet else ""
         say(f"train.py {label} ddpm-cifar10 b128 {steps} steps: {img_s:.0f} images/s, data_wait {wait:.2f} %, "
-            f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak ({100 * mfu / H100_BF16_DENSE_TFLOPS:.1f} "
-            f"% of data sheet); 800k steps × 128 would take {800_000 * 128 / img_s / 3600:.1f} h"
+            f"{mfu:.0f} TFLOP/s = MFU {100 * mfu / peak:.1f} % of measured peak{of_sheet}; 800k steps × 128 would "
+            f"take {800_000 * 128 / img_s / 3600:.1f} h"
             + (f"; fp16 overflow steps {overflow}" if overflow is not None and "fp16" in label else ""))
         return img_s
 
@@ -463,8 +473,8 @@ def main():
     reduce_overhead = inductor("reduce-overhead")
     part("train bf16 reduce-overhead", lambda: training(bf16, "bf16-reduce-overhead", args.train_steps,
                                                         env=reduce_overhead), 90)
-    part("train bf16 reduce-overhead-channels-last", lambda: training(
-        bf16, "bf16-reduce-overhead-channels-last", args.train_steps, "channels-last", env=reduce_overhead), 90)
+    part("train bf16 channels-last reduce-overhead", lambda: training(
+        bf16, "bf16-channels-last-reduce-overhead", args.train_steps, "channels-last", env=reduce_overhead), 90)
     part("sampling", lambda: sampling(args.sampling_steps), 210)  # its 8 variants, 3 compiled: about 210 s
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
     part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"),
@@ -527,13 +537,16 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
         # variants with the same options and batch share one network (a compiled network called at a second batch
         # size is compiled again for any size, dynamic shapes being slower: 2026-11-27 g's batch 1024 was)
         key = (dtype, channels_last, str(compiled), size)
+        layouts = {"cpu", "cuda"} if channels_last else DDPMUNet.channels_last_on
         if key not in unets:
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
             options = None if compiled is None or backend is None else dict(compiled, backend=backend)
-            prepare_sampling(DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, options, size,
-                             "--compile" if not compiled else f"accelerate's dynamo settings ({backend})")
+            # compiled in the layout it is timed in: another would fail dynamo's guards and compile it again
+            switched(DDPMUNet, "channels_last_on", layouts, lambda: prepare_sampling(
+                DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, options, size,
+                "--compile" if not compiled else f"accelerate's dynamo settings ({backend})"))
         pipe = DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler())
         pipe.set_progress_bar_config(disable=True)
 
@@ -552,7 +565,6 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
             sync()
             return time.perf_counter() - start
 
-        layouts = {"cpu", "cuda"} if channels_last else DDPMUNet.channels_last_on
         per_image_step = switched(DDPMUNet, "channels_last_on", layouts, timed) / (size * steps)
         skips = counters["inductor"]["cudagraph_skips"] - skips
         rates[label] = 1 / per_image_step / 1000  # images/s of the 1000-step chain

@@ -23,15 +23,20 @@ mkdir "$PKG/ddpm_hf" && ln -s "$PWD"/ddpm_hf/* "$PKG/ddpm_hf/" && ln -s "$PWD/pi
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python bench/gpu.py "$@"
-# the CUDA-only tests, within CUDA_TESTS_S seconds (0: none); -P: the cwd's ddpm_hf (no pipelines) not first
-if [ "${CUDA_TESTS_S:-180}" != 0 ] && python -c "import pytest" 2>/dev/null; then
-    # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill)
+# the CUDA-only tests, within CUDA_TESTS_S seconds (0: none; 33 tests, about 250 s on one H100 with their
+# compilations); -P: the cwd's ddpm_hf (no pipelines) not first
+if [ "${CUDA_TESTS_S:-300}" != 0 ] && python -c "import pytest" 2>/dev/null; then
+    # their whole output into a file ($OUT's on the device machine, which comes back even after a time limit's kill);
+    # -v: each outcome as it comes; stopped at the limit by SIGINT, pytest still prints the summary of those run
     CUDA_LOG="${OUT:-$PKG}/cuda_tests.log"
-    timeout "${CUDA_TESTS_S:-180}" python -P -m pytest -p no:cacheprovider -o addopts="" -rA tests/test_fast_path.py \
+    timeout -s INT -k 20 "${CUDA_TESTS_S:-300}" python -P -m pytest -p no:cacheprovider -o addopts="" -v -rA \
+        tests/test_fast_path.py \
         tests/faults/test_training_faults.py tests/faults/test_out_of_memory.py tests/faults/test_stopped_samples.py \
         -k "fp16 or upsampling or layouts \
         or ema or gpu_matches or never_reads or group_norm or sampling or skipped_on_the_device or counted_late \
         or on_the_gpu or accumulat or dropout_masks" > "$CUDA_LOG" 2>&1 \
         || echo "CUDA tests: pytest exited with status $? (its output: $CUDA_LOG)"
-    grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed|error" "$CUDA_LOG" || echo "CUDA tests: no outcome in $CUDA_LOG"
+    # the summary (-rA), else (killed before it) the outcomes as they came
+    grep -E "^(PASSED|FAILED|SKIPPED|ERROR) |^=+ .*(passed|failed|error|skipped)" "$CUDA_LOG" \
+        || grep -E " (PASSED|FAILED|SKIPPED|ERROR)" "$CUDA_LOG" || echo "CUDA tests: no outcome in $CUDA_LOG"
 fi

@@ -24,6 +24,25 @@ FAST = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_s
 KILL_POINTS = ("step", "checkpoint", "upload")
 
 
+def train_in_process(train, argv: List[str]):
+    """train.py's ``main(argv)`` run in this process as a launched run would have it: on one thread (as launches are,
+    OMP_NUM_THREADS=1), with accelerate's state made afresh (a process keeps one: a GPU run of an earlier test and
+    this one's run on the host would clash), and the process-wide settings train.py makes (cuDNN's autotuner, TF32)
+    put back afterwards, so that later tests run as they would alone."""
+    from accelerate.state import AcceleratorState
+
+    settings = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    try:
+        return train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = settings
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def load_train_script():
     """training/train.py as a module (it is a script, not part of the package)."""
     import importlib.util

@@ -609,7 +609,7 @@ def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(image
     buffers: a U-Net compiled with CUDA graphs hands them out in the graphs' memory, which the next micro-step's
     replay overwrites (test_gradient_accumulation_with_cuda_graphs runs that on a GPU). train.py in this process, on
     one thread."""
-    from runs import load_train_script
+    from runs import load_train_script, train_in_process
 
     train = load_train_script()
     buffers, zeroed, seen = [], [], []
@@ -626,14 +626,9 @@ def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(image
 
     monkeypatch.setattr(train, "start_run", start_run)
     monkeypatch.setattr(train, "optimizer_step", optimizer_step)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps", "0",
-                           "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "0",
-                           "--output_dir", str(tmp_path / "run")])
-    finally:
-        torch.set_num_threads(threads)
+    train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps",
+                                    "0", "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "0",
+                                    "--output_dir", str(tmp_path / "run")])
     assert buffers and zeroed == [True]
     assert [sync for sync, _ in seen] == [False, True] * 3  # 3 updates of 2 micro-steps
     for _, grads in seen:

@@ -1,6 +1,6 @@
 import pytest
 
-from runs import load_train_script
+from runs import load_train_script, train_in_process
 
 
 @pytest.fixture(scope="session")
@@ -11,11 +11,6 @@ def train():
 
 @pytest.fixture
 def train_here(train):
-    """train.py's main() run in this process: a launch costs ~25 s of CPU on this machine, mostly imports that this
-    process has done already. On one thread, as launched runs are (OMP_NUM_THREADS=1), decoding in a thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda argv: train.main(argv + ["--dataloader_num_workers", "0"])
-    torch.set_num_threads(threads)
+    """train.py's main() run in this process (see runs.train_in_process), decoding in a thread: a launch costs ~25 s
+    of CPU on this machine, mostly imports that this process has done already."""
+    return lambda argv: train_in_process(train, argv + ["--dataloader_num_workers", "0"])
