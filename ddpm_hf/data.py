@@ -434,6 +434,9 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     hint = (f"; its data files are not named for split {split!r} (looked for data/{split}-*.parquet, "
             f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow and .tar): pass --split"
             if data_files else "")
+    if any(path.name.lower().endswith((".tar.gz", ".tgz")) for path in found):
+        hint += ("; compressed tars (.tar.gz, .tgz) are not read as WebDataset shards (datasets reads plain .tar): "
+                 "decompress them with gunzip, or pass the images as parquet")
     raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow/tar files and no image files "
                             f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. A dataset folder holds parquet/arrow "
                             "files, WebDataset tar shards or image files.")

@@ -235,7 +235,11 @@ def test_train_data_dir_takes_data_files_or_images_and_names_what_else_it_found(
     with pytest.raises(FileNotFoundError) as err:
         load_image_dataset(train_data_dir=str(other))
     assert "holds no train parquet/arrow/tar files and no image files" in str(err.value)
-    assert "found 2 files (.bin, .txt)" in str(err.value)
+    assert "found 2 files (.bin, .txt)" in str(err.value) and "gunzip" not in str(err.value)
+    (other / "train-00000.tar.gz").write_bytes(b"x")  # WebDataset shards as some tools compress them
+    with pytest.raises(FileNotFoundError, match=r"compressed tars \(.tar.gz, .tgz\) are not read .* decompress them "
+                                                r"with gunzip"):
+        load_image_dataset(train_data_dir=str(other))
 
     wrong_split = tmp_path / "wrong_split" / "data"
     _parquet(wrong_split, images)
