@@ -647,7 +647,7 @@ class _Batch:
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
     last_rows: Dict[int, str]  # fingerprint of each stream's last row in this batch
-    tar_rows: Optional[dict] = None  # a WebDataset's TarRowCounts.state(), as the reader knows them
+    tar_events: Optional[list] = None  # a WebDataset's TarRowCounts events since the last batch (see replay)
 
 
 def row_fingerprint(cell: dict) -> str:
@@ -710,15 +710,20 @@ class TarRowCounts:
     an epoch read to its end with no row missed gives the count of each shard the stream was dealt (0 for one it saw
     no row of). Counts are the data's, the same in every epoch and for every stream; a checkpoint keeps them, and
     the counting of the epoch under way (the reader's: ahead of the checkpoint's position, which is harmless, rows
-    being named by epoch and index)."""
+    being named by epoch and index).
+
+    The reader counts; the training process keeps a copy by replaying the reader's ``events`` (a few per row, sent
+    with each batch), not by receiving the whole table with every batch (100,000 tars: 0.75 MB)."""
 
     def __init__(self, known: Optional[Dict[int, int]] = None, counting: Optional[Dict[int, tuple]] = None):
         self.known = dict(known or {})  # shard -> samples
         # stream -> (epoch, rows counted so far, or None once a row was missed; {shard: rows})
         self.counting = {v: (e, n, dict(c)) for v, (e, n, c) in (counting or {}).items()}
+        self.events: list = []  # what changed since the last drain(), for replay()
 
     def saw(self, v: int, epoch: int, index: int, shard: Optional[int]) -> None:
         """Row ``index`` of stream ``v``'s epoch, read from ``shard`` (None: a tar not among the dataset's)."""
+        self.events.append((v, epoch, index, shard))
         e, n, counts = self.counting.get(v, (-1, None, {}))
         if e < epoch:  # a new epoch: counted only from its first row
             e, n, counts = epoch, 0, {}
@@ -736,10 +741,37 @@ class TarRowCounts:
         when the counting is complete)."""
         e, n, counts = self.counting.get(v, (-1, None, {}))
         if e == epoch and n == rows:
-            self.known.update({shard: counts.get(shard, 0) for shard in dealt()})
+            learned = {shard: counts.get(shard, 0) for shard in dealt()}
+            self.known.update(learned)
+            self.events.append(learned)
+
+    def drain(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def replay(self, events: list) -> None:
+        """The reader's events, in order: this copy then counts what the reader's counted."""
+        for event in events:
+            if isinstance(event, dict):
+                self.known.update(event)
+            else:
+                self.saw(*event)
+        self.events.clear()
 
     def state(self) -> dict:
         return {"known": dict(self.known), "counting": {v: (e, n, dict(c)) for v, (e, n, c) in self.counting.items()}}
+
+
+def tar_files_signature(files: List[str]) -> List[tuple]:
+    """What the saved counts of ``files`` hold for: each local tar's name, size and modification time (a Hub tar's
+    URL names its commit, which a resume checks already). A tar rewritten, added or renamed changes it."""
+    def one(path: str) -> tuple:
+        if is_remote(path) or not os.path.exists(path):
+            return (path,)
+        info = os.stat(path)
+        return (os.path.basename(path), info.st_size, info.st_mtime_ns)
+
+    return [one(path) for path in files]
 
 
 def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[List[int]]]:
@@ -827,7 +859,8 @@ class TrainStream:
         # the same for a WebDataset's tars split by shards, once their samples are counted (see TarRowCounts)
         tars = tar_shard_files(dataset) if shards % num_streams == 0 else None
         self.tar_index = {path: shard for shard, path in enumerate(tars)} if tars else None
-        self.tar_rows = TarRowCounts().state() if tars else None  # as the reader last reported them
+        self.tar_signature = tar_files_signature(tars) if tars else None
+        self.tar_counts = TarRowCounts() if tars else None  # as the reader has counted them
         self.revision = dataset_revision(dataset)  # a Hub dataset's commit, kept in the checkpoints
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
@@ -861,11 +894,11 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
-        tar_rows = self.tar_rows or {"known": {}, "counting": {}}
+        tar_rows = self.tar_counts.state() if self.tar_counts is not None else {"known": {}, "counting": {}}
         return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
                                    "last_row": dict(self.last_row), "tar_rows_known": tar_rows["known"],
                                    "tar_rows_counting": tar_rows["counting"]}), dataset_revision=self.revision,
-                    seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size)
+                    seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size, tar_files=self.tar_signature)
 
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's positions; refused (:class:`ResumeMismatch`) when it read another number of streams,
@@ -892,10 +925,16 @@ class TrainStream:
             skipped = {self.streams[0]: skipped}
         self.skipped = {v: skipped.get(v, 0) for v in self.streams}
         self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
-        if self.tar_rows is not None:  # every process's counts, and the counting of this process's streams
+        if self.tar_counts is not None:  # every process's counts, and the counting of this process's streams
             counting = state.get("tar_rows_counting", {})
-            self.tar_rows = {"known": dict(state.get("tar_rows_known", {})),
-                             "counting": {v: counting[v] for v in self.streams if v in counting}}
+            if state.get("tar_files") == self.tar_signature:
+                self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}),
+                                               {v: counting[v] for v in self.streams if v in counting})
+            else:  # other tars, or tars changed since: counted again (meanwhile a resume reads its epoch again)
+                self.tar_counts = TarRowCounts()
+                if state.get("tar_rows_known"):
+                    logger.warning("the tar shards are not those the checkpoint counted the samples of (another "
+                                   "name, size or modification time): their samples are counted again")
         self.legacy_noise_state = state.get("noise")
 
     # --- the consumer side -----------------------------------------------------------------------------------------
@@ -919,8 +958,8 @@ class TrainStream:
             raise
         self.position = item.position
         self.last_row.update(item.last_rows)
-        if item.tar_rows is not None:
-            self.tar_rows = item.tar_rows
+        if item.tar_events:
+            self.tar_counts.replay(item.tar_events)
         for v, n in item.skipped.items():
             self.skipped[v] += n
         self.seen_ids.extend(item.ids)
@@ -971,7 +1010,8 @@ class TrainStream:
     def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, deliver) -> None:
         """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, _Batch without its
         images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
-        counts = TarRowCounts(**self.tar_rows) if self.tar_rows is not None else None  # this reader's own
+        # this reader's own copy (a thread's must not be the training loop's, which replays the events)
+        counts = TarRowCounts(**self.tar_counts.state()) if self.tar_counts is not None else None
         decoded = {v: self._decoded(v, *position[v], counts) for v in self.streams}
         try:
             while not stop.is_set():
@@ -981,7 +1021,7 @@ class TrainStream:
                     arrays += taken
                     ids += stream_ids
                 deliver(arrays, _Batch(None, dict(position), skipped, ids, last_rows,
-                                       counts.state() if counts is not None else None))
+                                       counts.drain() if counts is not None else None))
         except BaseException as err:  # handed to the training loop, which raises it
             deliver(None, err)
         finally:
@@ -1087,7 +1127,11 @@ class TrainStream:
         ``held`` from its reading to its turn (about a shuffle buffer's worth of rows)."""
         for index, (shard, row) in enumerate(remaining, start):
             while (shard, row) not in held:
-                got = next(source)
+                got = next(source, None)
+                if got is None:  # final (a ValueError): reading it again would end the same way
+                    raise ValueError(f"shard {shard} of the dataset ended before its row {row}, which the resumed "
+                                     f"epoch's order holds at row {index}: the data changed since the checkpoint was "
+                                     "written. Resume on the data it was written with, or start a new run.")
                 if got[:2] in needed:
                     held[got[:2]] = got[2]
             yield index, held.pop((shard, row))
@@ -1141,7 +1185,7 @@ class TrainStream:
         return [(item["shard"], item["row"]) for item in self._tar_stand_in(v, epoch, {s: known[s] for s in dealt})]
 
     def _dealt_shards(self, v: int, epoch: int) -> List[int]:
-        """The tar shards stream ``v`` reads in ``epoch``, in the order it reads them."""
+        """The tar shards stream ``v`` reads in ``epoch``."""
         return [item["shard"] for item in self._tar_stand_in(v, epoch, {s: 1 for s in range(self.num_shards)})]
 
     def _tar_stand_in(self, v: int, epoch: int, rows: Dict[int, int]):
