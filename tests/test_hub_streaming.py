@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -482,6 +482,19 @@ def _write_counted_tars(folder: Path, sizes: List[int]) -> Tuple[Path, Dict[str,
     return folder, shard_of
 
 
+def _tar_batches(dataset, batches: int, state: Optional[dict] = None, workers: int = 0):
+    """``batches`` batches of 4 images of one stream over ``dataset`` (a shuffle buffer of 8), from ``state``, and
+    the stream."""
+    stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True,
+                         num_workers=workers)
+    if state is not None:
+        stream.load_state_dict(state)
+    try:
+        return [stream.next_batch() for _ in range(batches)], stream
+    finally:
+        stream.close()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_webdataset_resumed_after_its_first_epoch_downloads_only_the_tars_that_still_hold_rows(
         dataset_hub, tmp_path, caplog, workers):
@@ -496,14 +509,7 @@ def test_a_webdataset_resumed_after_its_first_epoch_downloads_only_the_tars_that
     dataset = load_image_dataset(repo, check_shards=False)
 
     def read(batches, state=None):
-        stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True,
-                             num_workers=workers)
-        if state is not None:
-            stream.load_state_dict(state)
-        try:
-            return [stream.next_batch() for _ in range(batches)], stream
-        finally:
-            stream.close()
+        return _tar_batches(dataset, batches, state, workers)
 
     # The reader runs ahead of the batches handed out (by up to 35 rows with 1 worker, bounded by its queues): the
     # resumed stream must stop reading before the next epoch, which would open finished tars again.
@@ -539,15 +545,8 @@ def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_ar
 
     folder, _ = _write_counted_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3] * 3)
 
-    def read(batches, state=None):
-        stream = TrainStream(load_image_dataset(train_data_dir=str(folder)), "png", 16, 1, 4, 1, 0, 1, seed=5,
-                             shuffle_buffer_size=8, record_ids=True)
-        if state is not None:
-            stream.load_state_dict(state)
-        try:
-            return [stream.next_batch() for _ in range(batches)], stream
-        finally:
-            stream.close()
+    def read(batches, state=None):  # the folder as it is at each call
+        return _tar_batches(load_image_dataset(train_data_dir=str(folder)), batches, state)
 
     _, stopped = read(37)  # the second epoch at row 45: every tar counted
     state = stopped.state_dict()
