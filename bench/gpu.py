@@ -252,22 +252,36 @@ def _step_anatomy(preset, batch, repeats, device, profile_rows, data, compile_op
         # device, may wait up to the switch interval (5 ms by default) to get it back.
         stages.append(("the same with a 0.5 ms interpreter switch interval", dict(whole, streamed=True, switch_s=5e-4),
                        None))
+    # Timed in rounds, one step of each stage per round: a drift of the GPU's clocks over the minute this takes moves
+    # every stage alike. (Timed one stage after the other on 2026-11-27 g, every stage from the batch copy on came out
+    # about 10 ms slower than the one before it, far more than a 393 kB copy costs: unexplained.)
     parts, timed = [], {}
     default_switch_s = sys.getswitchinterval()
+    runs = [(label, {k: v for k, v in options.items() if k != "switch_s"}, options.get("switch_s", default_switch_s))
+            for label, options, _ in stages]
+    samples = {label: [] for label, _, _ in runs}
     try:
-        for label, options, base in stages:
-            options = dict(options)
-            sys.setswitchinterval(options.pop("switch_s", default_switch_s))
-            seconds = time_steps(lambda: step(**options), repeats)
-            reference = timed.get(base, list(timed.values())[-1] if timed else None)
-            parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if reference is None else
-                                                              f" ({1000 * (seconds - reference):+.1f})"))
-            timed[label] = seconds
+        for round_ in range(repeats + 2):  # the first two: warm-up, left out
+            for label, options, switch_s in runs:
+                sys.setswitchinterval(switch_s)
+                sync()
+                start = time.perf_counter()
+                step(**options)
+                sync()
+                if round_ >= 2:
+                    samples[label].append(time.perf_counter() - start)
     finally:
         sys.setswitchinterval(default_switch_s)
         if stream is not None:
             stream.close()
-    say(f"step anatomy {preset} b{batch} bf16 (train.py's pieces added one by one): " + "; ".join(parts))
+    for label, _, base in stages:
+        seconds = statistics.median(samples[label])
+        reference = timed.get(base, list(timed.values())[-1] if timed else None)
+        parts.append(f"{label} {1000 * seconds:.1f} ms" + ("" if reference is None else
+                                                          f" ({1000 * (seconds - reference):+.1f})"))
+        timed[label] = seconds
+    say(f"step anatomy {preset} b{batch} bf16 (train.py's pieces added one by one, timed in {repeats} rounds of one "
+        "step each): " + "; ".join(parts))
 
     from torch.profiler import ProfilerActivity, profile
 
