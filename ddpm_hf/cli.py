@@ -191,7 +191,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
             if "is" in args.metrics:
                 check_inception_score(args.features, args.num_samples, args.is_splits)
             if {"fid", "kid"} & set(args.metrics):
-                check_features(args.features)  # not installed: said now, not after the bound and the sampling
+                # not installed, or too few images: said now, not after the bound and the sampling
+                check_features(args.features, args.num_samples, args.num_reference)
         except ValueError as err:
             parser.error(str(err))
     if args.command == "evaluate" and {"bpd", "rd", "fid", "kid", "interpolation"} & set(args.metrics):

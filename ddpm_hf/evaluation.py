@@ -329,7 +329,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     if "is" in metrics:
         check_inception_score(features, num_samples, is_splits)
     if {"fid", "kid"} & set(metrics):
-        check_features(features)  # not installed: said now, not after the bound and the sampling
+        check_features(features, num_samples, num_reference)  # said now, not after the bound and the sampling
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -441,7 +441,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     with compiling.uncompiled(sampler.unet):  # (see above)
         if "progressive" in metrics:
             sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed),
-                                num_inference_steps=steps, num_snapshots=10).grid.save(out / "progressive.png")
+                                num_inference_steps=steps, num_snapshots=min(10, steps)).grid.save(
+                                    out / "progressive.png")  # Fig. 6's snapshots, fewer for a shorter chain
         if "interpolation" in metrics:
             pair = to_model_range(load_eval_images(data, 2, size, channels, split=split,
                                                    dataset_config_name=data_config))

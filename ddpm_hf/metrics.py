@@ -100,12 +100,20 @@ def inception_weights() -> Path:
     return path
 
 
-def check_features(name: str) -> None:
-    """Refuse, before any work, features that are unknown or not installed."""
+MIN_FID_KID_IMAGES = 4  # KID's unbiased estimate needs subsets of 2 (half the smaller set); FID a covariance of 2+
+
+
+def check_features(name: str, num_samples: Optional[int] = None, num_reference: Optional[int] = None) -> None:
+    """Refuse, before any work, features that are unknown or not installed, and sets too small for FID and KID."""
     if name == "inception":
         inception_weights()
     elif name != "fmnist":
         raise ValueError(f"features {name!r}; choose 'fmnist' or 'inception'.")
+    for flag, count in (("--num_samples", num_samples), ("--num_reference", num_reference)):
+        if count is not None and count < MIN_FID_KID_IMAGES:
+            raise ValueError(f"{flag} {count} is too few for FID and KID: they compare the spread of two sets of "
+                             f"images (KID over subsets of half the smaller set); use {flag} {MIN_FID_KID_IMAGES} or "
+                             "more (published FIDs use 50,000 samples).")
 
 
 def resize_like_tf1(images: torch.Tensor, size: int) -> torch.Tensor:

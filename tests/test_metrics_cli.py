@@ -222,9 +222,10 @@ def test_cli_sample_and_evaluate(tmp_path):
     assert len(list((tmp_path / "samples").glob("0*.png"))) == 5 and (tmp_path / "samples" / "grid.png").is_file()
 
     out = tmp_path / "eval"
+    # a 5-step chain: progressive generation's figure shows 5 snapshots, not the 10 of a long one
     assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd,rd,fid,kid,progressive,interpolation",
                 "--num_bpd_images", "8", "--num_samples", "16", "--num_reference", "64", "--batch_size", "8",
-                "--out", str(out)]) == 0
+                "--num_inference_steps", "5", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["bpd"]["exact"] and results["bpd"]["bits_per_dim"] > 0
     assert abs(results["bpd"]["rate_bpd"] + results["bpd"]["decoder_L0_bpd"] - results["bpd"]["bits_per_dim"]) < 1e-6
@@ -450,7 +451,7 @@ def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
         out = tmp_path / f"eval-{model}"
         with pytest.raises(SystemExit) as failure:
             cli(["evaluate", str(tmp_path / model), "--data", str(data), "--split", "test", "--reference_split", "test",
-                 "--metrics", metrics, "--num_samples", "4", "--num_reference", "2", "--out", str(out)])
+                 "--metrics", metrics, "--num_samples", "4", "--num_reference", "4", "--out", str(out)])
         message = str(failure.value)
         assert str(data) in message and f"in_channels={model_kind}" in message, message
         assert f"use a model with in_channels={data_kind}" in message, message
@@ -476,6 +477,13 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert "--dtype" in capsys.readouterr().err and not (tmp_path / "s").exists()
     with pytest.raises(ValueError, match="--dtype 'fp8'"):  # before the (missing) pipeline is opened
         evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "e", metrics=["fid"], dtype="fp8")
+    for flag, count in (("--num_samples", "3"), ("--num_reference", "1")):  # FID's covariance, KID's subsets
+        with pytest.raises(SystemExit):
+            cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "kid", flag, count, "--out", str(tmp_path / "few")])
+        assert f"{flag} {count} is too few for FID and KID" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--num_samples 2 is too few for FID and KID"):  # the library's own check
+        evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "few", metrics=["fid"], num_samples=2)
+    assert not (tmp_path / "few").exists()
     with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])
     assert "--seed" in capsys.readouterr().err
