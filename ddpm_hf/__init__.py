@@ -1,6 +1,6 @@
 """ddpm_hf: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020) for the Hugging Face ecosystem."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from typing import TYPE_CHECKING
 

@@ -92,10 +92,15 @@ class HybridLoss:
 
 def check_loss_supports_variance(loss: str, variance_type: str) -> None:
     """Raise ValueError when ``loss`` cannot train ``variance_type``: a learned variance (LEARNED_VARIANCE_TYPES) gets
-    its gradient from the bound alone, so it needs the vlb or hybrid loss, not L_simple."""
+    its gradient from the bound alone, so it needs the vlb or hybrid loss, not L_simple; the hybrid loss's bound
+    trains only a learned variance (None: the preset's, checked again once known)."""
     if variance_type in LEARNED_VARIANCE_TYPES and loss == "simple":
         raise ValueError(f"--variance_type {variance_type} gets no gradient from --loss simple: "
                          "use --loss hybrid or --loss vlb")
+    if loss == "hybrid" and variance_type is not None and variance_type not in LEARNED_VARIANCE_TYPES:
+        raise ValueError(f"--loss hybrid adds the bound to L_simple to train a learned variance (the mean is frozen "
+                         f"in the bound's terms): with --variance_type {variance_type} it trains what --loss simple "
+                         "does, at more cost. Use --variance_type learned_range with it, or --loss simple")
 
 
 def check_snr_gamma(snr_gamma: Optional[float], prediction_type: str, loss: Optional[str] = None) -> None:

@@ -79,6 +79,8 @@ def _parquet(folder: Path, images, extra=None) -> Path:
                                                          "small-32, tiny-16, not on ddpm-cifar10: train ddpm-cifar10 "
                                                          "with --recipe paper"),
     (["--variance_type", "learned"], "gets no gradient from --loss simple"),
+    (["--loss", "hybrid", "--variance_type", "fixed_small"], "with --variance_type fixed_small it trains what --loss "
+                                                             "simple does"),
     (["--snr_gamma", "0"], "--snr_gamma must be positive, got 0.0"),
     (["--snr_gamma=-5"], "--snr_gamma must be positive, got -5.0"),
     (["--snr_gamma", "nan"], "--snr_gamma must be positive, got nan"),
