@@ -79,16 +79,18 @@ def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_
         raise ValueError("num_shards must be 1, 2, 4 or a multiple of 8, so that it divides the usual world sizes.")
     files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_limit),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_limit)}
+    missing = [path for names in files.values() for name in names[:2]
+               if not os.path.isfile(path := os.path.join(source, f"{name}.gz"))]
+    if missing:  # all four looked for before anything is written
+        raise FileNotFoundError(f"{missing[0]} not found: install Debian's package (apt-get install "
+                                "dataset-fashion-mnist), or pass the folder holding the four IDX .gz files with "
+                                "--source (Python: source=).")
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     counts = {}
     for split, (images_name, labels_name, limit) in files.items():
         paths = [os.path.join(source, f"{n}.gz") for n in (images_name, labels_name)]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"{missing[0]} not found: install Debian's package (apt-get install "
-                                    "dataset-fashion-mnist) or pass the folder holding the four IDX .gz files.")
         images, labels = _read_idx(paths[0], images_name)[:limit], _read_idx(paths[1], labels_name)[:limit]
         counts[split] = len(images)
 

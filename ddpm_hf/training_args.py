@@ -78,8 +78,11 @@ def parse_args(argv=None):
     opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
     opt.add_argument("--learning_rate", type=float, default=None)
-    opt.add_argument("--lr_scheduler", default="constant_with_warmup",
-                     choices=["constant_with_warmup", "constant", "linear", "cosine"])
+    opt.add_argument("--lr_scheduler", default="constant_with_warmup",  # diffusers' get_scheduler's names
+                     choices=["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts",
+                              "polynomial"],
+                     help="the paper's: constant_with_warmup (diffusers' example defaults to cosine); "
+                          "cosine_with_restarts makes one cycle, polynomial decays linearly to 1e-7 (their defaults)")
     opt.add_argument("--lr_warmup_steps", type=int, default=None)
     opt.add_argument("--adam_beta1", type=float, default=0.9)
     opt.add_argument("--adam_beta2", type=float, default=0.999)

@@ -3,6 +3,7 @@ weights, batch, t and ε), the warm-up learning rate against its formula, each p
 numbers (Ho et al. 2020, §4 and Appendix B)."""
 
 import json
+import math
 import re
 
 import pytest
@@ -68,6 +69,26 @@ def test_the_warmup_learning_rate_follows_its_formula():
     optimizer, lr_scheduler = train.make_optimizer(args, model, torch.device("cpu"))
     for n in range(0, 12):
         assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 * min(1.0, n / 8), rel=1e-12, abs=1e-15), n
+        optimizer.step()
+        lr_scheduler.step()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "cosine_with_restarts", "polynomial"])
+def test_the_decaying_learning_rates_follow_their_formulas(schedule):
+    """diffusers' schedules by their names (as its example's --lr_scheduler takes them): after a linear warm-up of W
+    steps, the fraction f = (n − W) / (N − W) of the decay gives lr · (1 − f) (linear; polynomial of power 1 decays
+    to 1e-7), lr · (1 + cos(π f)) / 2 (cosine; with restarts, one cycle: the same)."""
+    args = _args("--learning_rate", "2e-4", "--lr_warmup_steps", "4", "--max_train_steps", "20",
+                 "--lr_scheduler", schedule)
+    model, _ = train.build_model(args)
+    optimizer, lr_scheduler = train.make_optimizer(args, model, torch.device("cpu"))
+    for n in range(0, 21):
+        f = max(0.0, (n - 4) / 16)
+        decay = {"linear": 1 - f, "cosine": (1 + math.cos(math.pi * f)) / 2,
+                 "cosine_with_restarts": (1 + math.cos(math.pi * (f % 1.0 if f < 1 else 1.0))) / 2,
+                 "polynomial": 1 - f + f * 1e-7 / 2e-4}[schedule]
+        expected = 2e-4 * (n / 4 if n < 4 else decay)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-12), (schedule, n)
         optimizer.step()
         lr_scheduler.step()
 

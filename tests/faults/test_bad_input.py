@@ -348,7 +348,8 @@ def test_cli_arguments_are_checked_before_any_work(pipeline_folder, tmp_path, ca
 @pytest.mark.parametrize("argv, words", [
     (["sample", "{tmp}/missing_pipeline"], "neither an existing folder nor a valid Hub repo id"),
     (["sample", "{tmp}"], "missing {tmp}/model_index.json"),
-    (["data", "fashion-mnist", "--source", "{tmp}"], "install Debian's package"),
+    (["data", "fashion-mnist", "--source", "{tmp}"], "install Debian's package (apt-get install dataset-fashion-mnist),"
+                                                     " or pass the folder holding the four IDX .gz files with --source"),
     (["evaluate", "{pipe}", "--metrics", "bpd", "--bpd_timesteps", "50"], "use 0 for the exact bound"),
 ])
 def test_cli_failures_are_one_line_not_a_traceback(pipeline_folder, tmp_path, argv, words):
@@ -358,6 +359,7 @@ def test_cli_failures_are_one_line_not_a_traceback(pipeline_folder, tmp_path, ar
             else argv + ["--out", str(tmp_path / "out")])
     message = str(exit_info.value.code)
     assert message.startswith(f"ddpm-hf {argv[0]}: error: ") and words.replace("{tmp}", str(tmp_path)) in message
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 # --- pipeline folders ----------------------------------------------------------------------------------------------
