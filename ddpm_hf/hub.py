@@ -70,7 +70,7 @@ def resolve_folder(
         message = redact(f"{type(err).__name__}: {err}", [token])
         raise OSError(f"could not get {name} (revision {revision or 'main'}) from {constants.ENDPOINT}: {message}\n"
                       "Check the repo id, your access to it and the connection; a repo downloaded before loads "
-                      "offline with local_files_only=True.") from err
+                      "offline with HF_HUB_OFFLINE=1 (Python: local_files_only=True).") from err
 
 
 def _read_json(path: Path) -> dict:

@@ -743,8 +743,9 @@ def finish(accelerator, args, stream) -> None:
         logger.warning("process %d skipped %d undecodable images", rank, stream.skipped_rows)
     accelerator.end_training()
     if accelerator.is_main_process:
+        checkpoints = f"{output_dir}/checkpoint-*" if any(output_dir.glob("checkpoint-*")) else "none"
         print(f"pipeline: {output_dir}\nsamples: {output_dir / 'samples'}\n"
-              f"checkpoints: {output_dir}/checkpoint-*\nlogs: {output_dir / args.logging_dir}")
+              f"checkpoints: {checkpoints}\nlogs: {output_dir / args.logging_dir}")
 
 
 def loss_logs(accelerator, per_example, t, num_train_timesteps: int) -> dict:
