@@ -344,12 +344,25 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
     for data_split in data_splits(metrics, split, reference_split):
-        # One image of each split, on every process: images of the wrong kind fail now, everywhere, before any work.
-        load_eval_images(data, 1, size, channels, split=data_split, dataset_config_name=data_config)
+        # One image of each split (the interpolation's two), on every process: images of the wrong kind, or too few
+        # of them, fail now, everywhere, before any work.
+        needed = 2 if data_split == split and "interpolation" in metrics else 1
+        got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config))
+        if got < needed:
+            raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
+                             "there: pass a split with two images or more, or leave interpolation out of --metrics.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
     results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
+
+    def save_results() -> None:
+        """results.json as far as it goes, after each stage (the bound, the sample quality, the figures): a failure
+        or a kill in a later one keeps what the earlier ones computed ("seconds" is written once all are done).
+        Replaced whole, never half written."""
+        partial = out / "results.json.partial"
+        partial.write_text(json.dumps(results, indent=2))
+        os.replace(partial, out / "results.json")
     started = time.time()
     sample_quality = bool({"fid", "kid", "is"} & set(metrics))  # every process samples its share
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
@@ -388,6 +401,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             plot_rate_distortion(bound, out / "rate_distortion.png", title=f"{pipeline} on {data}")
             results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
+        save_results()
 
     sampled = None
     if sample_quality:  # one set of samples for FID, KID and IS
@@ -438,6 +452,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                             "inception_score_std": std, "is_splits": is_splits})
         uint8_grid(grid).save(out / "samples.png")
+        save_results()
     with compiling.uncompiled(sampler.unet):  # (see above)
         if "progressive" in metrics:
             sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed),
@@ -449,5 +464,5 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
             sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    save_results()
     return results

@@ -456,6 +456,13 @@ def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
         assert str(data) in message and f"in_channels={model_kind}" in message, message
         assert f"use a model with in_channels={data_kind}" in message, message
         assert not out.exists()  # nothing sampled, nothing written
+    # the interpolation's two images, looked for before the bound
+    one = write_test_split(tmp_path / "one", [png_bytes(0, size=16)])
+    with pytest.raises(SystemExit) as failure:
+        cli(["evaluate", str(tmp_path / "grey-model"), "--data", str(one), "--split", "test", "--metrics",
+             "bpd,interpolation", "--num_bpd_images", "1", "--out", str(tmp_path / "eval-one")])
+    assert "the interpolation (Fig. 8) mixes two images of --split test" in str(failure.value), failure.value
+    assert not (tmp_path / "eval-one").exists()
 
 
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):

@@ -139,6 +139,26 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
     assert len(_files(out / "samples")) == 16
 
 
+def test_a_killed_evaluate_keeps_the_bound_it_had_computed(pipe_folder, tmp_path):
+    """results.json is written after each stage: an evaluation killed while it samples for FID (after its exact
+    bound, minutes of work at full size) keeps the bound; "seconds" says whether every stage was done."""
+    out = tmp_path / "eval"
+    log = open(tmp_path / "eval.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "evaluate", str(pipe_folder), "--metrics", "bpd,fid",
+                             "--num_bpd_images", "2", "--num_samples", "64", "--num_reference", "16", "--batch_size",
+                             "4", "--num_inference_steps", "100", "--out", str(out)],
+                            stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    deadline = time.monotonic() + 300
+    while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "eval.log").read_text()[-2000:]  # killed, not finished
+    results = json.loads((out / "results.json").read_text())
+    assert results["bpd"]["exact"] and results["bpd"]["num_images"] == 2 and results["bpd"]["bits_per_dim"] > 0
+    assert "sample_quality" not in results and "seconds" not in results
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
 def test_samples_depend_on_the_batch_size_on_the_gpu_by_a_level_at_most(pipe_folder, monkeypatch):
     """What a resumed command's batches rely on there, within one process and with cuDNN timing its kernels as the
