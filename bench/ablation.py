@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quality import add_evaluation_arguments, evaluate_arguments, full_fashion_mnist  # bench/ is on sys.path
+from quality import add_evaluation_arguments, evaluate_arguments, evaluated, full_fashion_mnist  # bench/ on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def main():
     codes = run_in_pairs(to_train, env, logs)
     evaluations = {r[0]: [sys.executable] + evaluate_arguments(args, out / r[0], data, "bpd,fid,kid,is") +
                    ["--batch_size", "128", "--seed", str(args.seed)] for r in rows
-                   if (out / r[0] / "model_index.json").is_file() and not (out / r[0] / "eval" / "results.json").is_file()}
+                   if (out / r[0] / "model_index.json").is_file() and not evaluated(out / r[0])}
     run_in_pairs(evaluations, env, logs)
 
     summary = {"steps": args.steps, "batch": args.batch, "preset": args.preset, "seed": args.seed,
@@ -185,10 +185,9 @@ def main():
         losses, skipped = loss_history(out / name)
         result = {"stability": stability(codes.get(name, 0), losses, skipped),
                   "final_loss": losses[-1] if losses else None}
-        results = out / name / "eval" / "results.json"
-        if results.is_file():
-            evaluated = json.loads(results.read_text())
-            result.update(bpd=evaluated.get("bpd"), sample_quality=evaluated.get("sample_quality"))
+        if evaluated(out / name):
+            done = json.loads((out / name / "eval" / "results.json").read_text())
+            result.update(bpd=done.get("bpd"), sample_quality=done.get("sample_quality"))
         summary["rows"][name] = result
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     if len(rows) == len(ROWS):

@@ -69,6 +69,13 @@ def evaluate_arguments(args, folder: Path, data: Path, metrics: str):
             "--num_inference_steps", str(args.num_inference_steps), "--out", str(folder / "eval")]
 
 
+def evaluated(folder: Path) -> bool:
+    """folder/eval holds a finished evaluation: results.json is written after each of its stages, and "seconds" once
+    all are done (a stopped one is evaluated again)."""
+    results = folder / "eval" / "results.json"
+    return results.is_file() and "seconds" in json.loads(results.read_text())
+
+
 def launch(processes, threads=2):
     if processes == 1:
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(threads)]
@@ -137,13 +144,13 @@ def main():
                 str(out / "diffusers_example.json"), "--output_dir", str(theirs)], env)
 
     for name, (folder, recipe) in runs.items():
-        if not (folder / "eval" / "results.json").is_file():
+        if not evaluated(folder):
             run(launch(args.processes, args.threads) + evaluate_arguments(args, folder, data, "bpd,fid,kid"), env)
     # and the runs in --out that other invocations (a side-by-side pair, an earlier call) have finished
     for folder in sorted(out.glob("ddpm_hf-*-seed*")):
-        if folder.name not in runs and (folder / "eval" / "results.json").is_file():
+        if folder.name not in runs and evaluated(folder):
             runs[folder.name] = (folder, folder.name[len("ddpm_hf-"):folder.name.rindex("-seed")])
-    if "diffusers_example" not in runs and (out / "diffusers_example" / "eval" / "results.json").is_file():
+    if "diffusers_example" not in runs and evaluated(out / "diffusers_example"):
         runs["diffusers_example"] = (out / "diffusers_example", "diffusers example")
     summary = {"minutes": args.minutes, "processes": args.processes, "preset": args.preset, "data": str(data),
                "recipes": {r: RECIPES[r] for r in dict.fromkeys(recipe for _, recipe in runs.values())

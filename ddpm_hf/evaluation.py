@@ -321,7 +321,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
 
-    from .metrics import check_features, check_inception_score
+    from .metrics import MIN_FID_KID_IMAGES, check_features, check_inception_score
 
     check_metrics(metrics)
     check_sampling_dtype(dtype)
@@ -344,13 +344,19 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
     for data_split in data_splits(metrics, split, reference_split):
-        # One image of each split (the interpolation's two), on every process: images of the wrong kind, or too few
-        # of them, fail now, everywhere, before any work.
-        needed = 2 if data_split == split and "interpolation" in metrics else 1
+        # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
+        # wrong kind, or too few of them, fail now, everywhere, before any work.
+        interpolated = data_split == split and "interpolation" in metrics
+        compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
+        needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
         got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config))
-        if got < needed:
+        if interpolated and got < 2:
             raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
                              "there: pass a split with two images or more, or leave interpolation out of --metrics.")
+        if compared and got < MIN_FID_KID_IMAGES:
+            raise ValueError(f"FID and KID compare the spread of two sets of images, and {data} has {got} in "
+                             f"--reference_split {reference_split}: pass a split with {MIN_FID_KID_IMAGES} images or "
+                             "more.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
@@ -363,6 +369,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         partial = out / "results.json.partial"
         partial.write_text(json.dumps(results, indent=2))
         os.replace(partial, out / "results.json")
+
+    if state.is_main_process:  # at once: an earlier evaluation's results.json in --out is not taken for this one's
+        save_results()
     started = time.time()
     sample_quality = bool({"fid", "kid", "is"} & set(metrics))  # every process samples its share
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them

@@ -68,9 +68,11 @@ def resolve_folder(
         from huggingface_hub import constants
 
         message = redact(f"{type(err).__name__}: {err}", [token])
+        offline = ("HF_HUB_OFFLINE is set: only a repo downloaded before loads (unset it to download)"
+                   if constants.HF_HUB_OFFLINE else "a repo downloaded before loads offline with HF_HUB_OFFLINE=1 "
+                   "(Python: local_files_only=True)")
         raise OSError(f"could not get {name} (revision {revision or 'main'}) from {constants.ENDPOINT}: {message}\n"
-                      "Check the repo id, your access to it and the connection; a repo downloaded before loads "
-                      "offline with HF_HUB_OFFLINE=1 (Python: local_files_only=True).") from err
+                      f"Check the repo id, your access to it and the connection; {offline}.") from err
 
 
 def _read_json(path: Path) -> dict:

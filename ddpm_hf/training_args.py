@@ -198,6 +198,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     if not 0 < args.learning_rate < 1:
         p.error(f"--learning_rate must be in (0, 1), got {args.learning_rate}")
+    if args.lr_scheduler == "polynomial":  # diffusers' decays from the rate to 1e-7 over the steps after the warm-up
+        if args.lr_warmup_steps >= args.max_train_steps:
+            p.error(f"--lr_scheduler polynomial decays over the steps after the warm-up: --lr_warmup_steps "
+                    f"{args.lr_warmup_steps} leaves none of --max_train_steps {args.max_train_steps}; warm up for "
+                    "fewer steps, or use another --lr_scheduler")
+        if args.learning_rate <= 1e-7:
+            p.error(f"--lr_scheduler polynomial decays to 1e-7: --learning_rate {args.learning_rate} must be above it")
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "dropout", "adam_weight_decay"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:

@@ -463,6 +463,11 @@ def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
              "bpd,interpolation", "--num_bpd_images", "1", "--out", str(tmp_path / "eval-one")])
     assert "the interpolation (Fig. 8) mixes two images of --split test" in str(failure.value), failure.value
     assert not (tmp_path / "eval-one").exists()
+    with pytest.raises(SystemExit) as failure:  # and FID's few reference images (KID would be NaN)
+        cli(["evaluate", str(tmp_path / "grey-model"), "--data", str(one), "--reference_split", "test", "--metrics",
+             "fid", "--num_samples", "4", "--out", str(tmp_path / "eval-one")])
+    assert "FID and KID compare the spread of two sets of images, and " in str(failure.value), failure.value
+    assert "has 1 in --reference_split test" in str(failure.value) and not (tmp_path / "eval-one").exists()
 
 
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):

@@ -140,16 +140,22 @@ def test_evaluate_keeps_its_samples_and_a_rerun_reuses_them(pipe_folder, tmp_pat
 
 
 def test_a_killed_evaluate_keeps_the_bound_it_had_computed(pipe_folder, tmp_path):
-    """results.json is written after each stage: an evaluation killed while it samples for FID (after its exact
-    bound, minutes of work at full size) keeps the bound; "seconds" says whether every stage was done."""
-    out = tmp_path / "eval"
+    """results.json is written at the start (an earlier evaluation's is not taken for this one's) and after each
+    stage: an evaluation killed while it samples for FID (after its exact bound, minutes of work at full size) keeps
+    the bound; "seconds" says whether every stage was done."""
+    (out := tmp_path / "eval").mkdir()
+    (out / "results.json").write_text(json.dumps({"bpd": {"bits_per_dim": -1.0}, "seconds": 1.0}))  # an earlier one
     log = open(tmp_path / "eval.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "evaluate", str(pipe_folder), "--metrics", "bpd,fid",
                              "--num_bpd_images", "2", "--num_samples", "64", "--num_reference", "16", "--batch_size",
                              "4", "--num_inference_steps", "100", "--out", str(out)],
                             stdout=log, stderr=subprocess.STDOUT, env=child_env())
+
+    def bound_written():  # this run's bound (the earlier file has no "exact"); results.json is replaced whole
+        return "exact" in json.loads((out / "results.json").read_text()).get("bpd", {})
+
     deadline = time.monotonic() + 300
-    while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not bound_written() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -157,6 +163,22 @@ def test_a_killed_evaluate_keeps_the_bound_it_had_computed(pipe_folder, tmp_path
     results = json.loads((out / "results.json").read_text())
     assert results["bpd"]["exact"] and results["bpd"]["num_images"] == 2 and results["bpd"]["bits_per_dim"] > 0
     assert "sample_quality" not in results and "seconds" not in results
+
+    # without a bound: killed while sampling, the earlier evaluation's results are gone all the same
+    (other := tmp_path / "other").mkdir()
+    (other / "results.json").write_text(json.dumps({"sample_quality": {"fid": 1.0}, "seconds": 1.0}))
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_hf.cli", "evaluate", str(pipe_folder), "--metrics", "fid",
+                             "--num_samples", "64", "--num_reference", "16", "--batch_size", "4",
+                             "--num_inference_steps", "100", "--out", str(other)],
+                            stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    while (not (other / "samples").is_dir() or not _samples(other / "samples")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "eval.log").read_text()[-2000:]
+    results = json.loads((other / "results.json").read_text())
+    assert results["data"] == "embedded:fashion_mnist" and "sample_quality" not in results and "seconds" not in results
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's kernel choice per batch size (bench/gpu.sh runs it)")
