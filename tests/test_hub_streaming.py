@@ -22,7 +22,7 @@ from huggingface_hub import HfApi
 from PIL import Image
 
 from runs import (FAST, TRAIN, child_env, final_weights, free_port, kill_everything, load_train_script, png_bytes,
-                  read_batches, write_images)
+                  read_batches, train_in_process, write_images)
 
 from ddpm_hf.data import TrainStream, load_image_dataset
 
@@ -661,12 +661,12 @@ def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_it
     publish(root, "alice/cards-data")
     base = FAST + ["--max_train_steps", "2", "--checkpointing_steps", "0", "--dataloader_num_workers", "0",
                    "--hub_token", TOKEN, "--push_to_hub"]
-    train.main(base + ["--dataset_name", "alice/cards-data", "--hub_model_id", "alice/cards-model",
-                       "--output_dir", str(tmp_path / "hub-run")])
+    train_in_process(train, base + ["--dataset_name", "alice/cards-data", "--hub_model_id", "alice/cards-model",
+                                    "--output_dir", str(tmp_path / "hub-run")])
     card = dataset_hub.repos["alice/cards-model"].files("main")[1]["README.md"].decode()
     assert '\ndatasets:\n- "alice/cards-data"\n' in card.split("---")[1]  # the YAML metadata
-    train.main(base + ["--dataset_name", str(root), "--hub_model_id", "alice/local-model",
-                       "--output_dir", str(tmp_path / "local-run")])
+    train_in_process(train, base + ["--dataset_name", str(root), "--hub_model_id", "alice/local-model",
+                                    "--output_dir", str(tmp_path / "local-run")])
     card = dataset_hub.repos["alice/local-model"].files("main")[1]["README.md"].decode()
     assert "datasets:" not in card and str(tmp_path) not in card and "| dataset_name | local folder repo |" in card
 
@@ -707,7 +707,8 @@ def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path
         argv = {"split": ["--split", "holdout"], "config": ["--dataset_config_name", "nope"]}.get(case, [])
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        train.main(FAST + ["--max_train_steps", "2", "--dataset_name", name, *argv, "--output_dir", str(out)])
+        train_in_process(train, FAST + ["--max_train_steps", "2", "--dataset_name", name, *argv, "--output_dir",
+                                        str(out)])
     message = str(exit_info.value.code)
     assert words in message, message
     assert "\n" not in message.strip() and "Traceback" not in message

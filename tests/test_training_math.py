@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from runs import FAST, load_train_script, write_images
+from runs import FAST, load_train_script, train_in_process, write_images
 
 train = load_train_script()
 
@@ -178,9 +178,9 @@ def test_a_run_reaches_its_min_snr_weights_and_records_gamma(tmp_path, capsys):
     loss, and about 1 when it does not. training_config.json keeps γ."""
     data = write_images(tmp_path / "data", count=16, shards=1)
     out = tmp_path / "out"
-    train.main(FAST + ["--max_train_steps", "2", "--checkpointing_steps", "0", "--dataloader_num_workers", "0",
-                       "--num_sample_images", "1", "--snr_gamma", "1e-6", "--dataset_name", str(data),
-                       "--output_dir", str(out)])
+    train_in_process(train, FAST + ["--max_train_steps", "2", "--checkpointing_steps", "0", "--dataloader_num_workers",
+                                    "0", "--num_sample_images", "1", "--snr_gamma", "1e-6", "--dataset_name", str(data),
+                                    "--output_dir", str(out)])
     assert json.loads((out / "training_config.json").read_text())["snr_gamma"] == 1e-6
     shown = re.findall(r"loss=([0-9.]+)", capsys.readouterr().err)
     assert shown and set(shown) == {"0.0000"}, shown

@@ -15,7 +15,7 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
 from helpers import tiny_pipeline
-from runs import FAST
+from runs import FAST, train_in_process
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
@@ -181,7 +181,7 @@ def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, caps
 def _main_error(train, tmp_path, argv) -> str:
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        train.main(FAST + ["--max_train_steps", "2"] + argv + ["--output_dir", str(out)])
+        train_in_process(train, FAST + ["--max_train_steps", "2"] + argv + ["--output_dir", str(out)])
     assert not out.exists()  # refused before anything was written
     return str(exit_info.value.code)
 
