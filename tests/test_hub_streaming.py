@@ -10,9 +10,10 @@ import logging
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import pytest
@@ -375,24 +376,25 @@ def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_p
         assert len(batches) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(batches, expected))
 
 
-def _write_tars(folder: Path, shards: int, per_shard: int) -> Path:
-    """WebDataset shards as tools write them: ``train-0000k.tar`` files of samples, each sample its files sharing a key
-    (``000012.png``, ``000012.cls``), the image of sample s ``png_bytes(s)``; the last shard ends with a sample
-    without its image (``000999.cls`` alone)."""
-    import tarfile
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    member = tarfile.TarInfo(name)
+    member.size = len(data)
+    tar.addfile(member, io.BytesIO(data))
 
+
+def _write_tars(folder: Path, sizes: List[int], labels: bool = False) -> Path:
+    """WebDataset shards as tools write them: ``train-0000k.tar`` files of ``sizes[k]`` samples, each sample its files
+    sharing a key (``000012.png``, with ``labels`` ``000012.cls`` too), the image of sample s ``png_bytes(s)``; with
+    ``labels`` the last shard ends with a sample without its image (``000999.cls`` alone)."""
     folder.mkdir(parents=True)
-    for k in range(shards):
+    for k, size in enumerate(sizes):
         with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
-            for s in range(k * per_shard, (k + 1) * per_shard):
-                for name, data in ((f"{s:06d}.png", png_bytes(s)), (f"{s:06d}.cls", str(s % 10).encode())):
-                    member = tarfile.TarInfo(name)
-                    member.size = len(data)
-                    tar.addfile(member, io.BytesIO(data))
-            if k == shards - 1:
-                member = tarfile.TarInfo("000999.cls")
-                member.size = 1
-                tar.addfile(member, io.BytesIO(b"0"))
+            for s in range(sum(sizes[:k]), sum(sizes[:k + 1])):
+                _add_member(tar, f"{s:06d}.png", png_bytes(s))
+                if labels:
+                    _add_member(tar, f"{s:06d}.cls", str(s % 10).encode())
+            if labels and k == len(sizes) - 1:
+                _add_member(tar, "000999.cls", b"0")
     return folder
 
 
@@ -403,9 +405,7 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     resumed from its state (in the first epoch, with the tars' samples not counted yet, the epoch is read again up to
     the position) continues
     with the uninterrupted stream's batches, across the end of the epoch; a truncated local tar is named at once."""
-    import hashlib
-
-    folder = _write_tars(tmp_path / "tars", shards=4, per_shard=8)
+    folder = _write_tars(tmp_path / "tars", [8] * 4, labels=True)
     repo = publish(folder, "alice/tars", private=True)
 
     def stream(source, workers=0):
@@ -464,24 +464,6 @@ def test_a_hub_webdataset_trains_like_the_same_tar_files_on_disk_and_resumes_exa
     assert len(list(load_image_dataset("alice/empty-tar", token=TOKEN))) == 8
 
 
-def _write_counted_tars(folder: Path, sizes: List[int]) -> Tuple[Path, Dict[str, str]]:
-    """Tars of ``sizes`` samples, a png each (sample s: ``png_bytes(s)``), and the tar of each image's sha1."""
-    import hashlib
-    import tarfile
-
-    folder.mkdir(parents=True)
-    shard_of = {}
-    for k, size in enumerate(sizes):
-        with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
-            for s in range(sum(sizes[:k]), sum(sizes[:k + 1])):
-                data = png_bytes(s)
-                shard_of[hashlib.sha1(data).hexdigest()] = f"train-{k:05d}.tar"
-                member = tarfile.TarInfo(f"{s:06d}.png")
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
-    return folder, shard_of
-
-
 def _tar_batches(dataset, batches: int, state: Optional[dict] = None, workers: int = 0):
     """``batches`` batches of 4 images of one stream over ``dataset`` (a shuffle buffer of 8), from ``state``, and
     the stream."""
@@ -504,7 +486,9 @@ def test_a_webdataset_resumed_after_its_first_epoch_downloads_only_the_tars_that
     counts come back from the reader process). Tars of unequal sizes: an order computed from wrong counts differs."""
     # 103 samples in 24 tars (datasets reads 10 at a time, interleaved)
     sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
-    folder, shard_of = _write_counted_tars(tmp_path / "tars", sizes)
+    folder = _write_tars(tmp_path / "tars", sizes)
+    shard_of = {hashlib.sha1(png_bytes(s)).hexdigest(): f"train-{k:05d}.tar"  # each image's tar
+                for k in range(len(sizes)) for s in range(sum(sizes[:k]), sum(sizes[:k + 1]))}
     repo = publish(folder, f"alice/counted-tars-{workers}")
     dataset = load_image_dataset(repo, check_shards=False)
 
@@ -541,9 +525,7 @@ def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_ar
     """A local tar rewritten after a checkpoint (two samples added) no longer holds the samples the checkpoint counted:
     a replay from those counts would leave the new ones out. The resume drops the counts, saying so, and reads the
     epoch again up to the position: the same rows as a resume from the checkpoint without counts (an older one)."""
-    import tarfile
-
-    folder, _ = _write_counted_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3] * 3)
+    folder = _write_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3] * 3)
 
     def read(batches, state=None):  # the folder as it is at each call
         return _tar_batches(load_image_dataset(train_data_dir=str(folder)), batches, state)
@@ -553,10 +535,7 @@ def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_ar
     assert len(state["tar_rows_known"]) == 24
     with tarfile.open(folder / "train-00023.tar", "a") as tar:  # two more samples in the last tar
         for s in (500, 501):
-            data = png_bytes(s)
-            member = tarfile.TarInfo(f"{s:06d}.png")
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+            _add_member(tar, f"{s:06d}.png", png_bytes(s))
     resumed, _ = read(10, state)
     assert "not those the checkpoint counted the samples of" in caplog.text
     uncounted = dict(state, tar_rows_known={}, tar_rows_counting={})
@@ -569,15 +548,10 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     named; samples whose only image has another extension than the first samples' (datasets takes the columns from
     those, and would skip these images) are refused, counted, while an optional second image (a mask) is no loss; a
     folder with both image files and tars is refused naming both, not read as one of them."""
-    import tarfile
-
     def tar_of(path: Path, names):
         with tarfile.open(path, "w") as tar:
             for s, name in enumerate(names):
-                data = png_bytes(s)
-                member = tarfile.TarInfo(name)
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
+                _add_member(tar, name, png_bytes(s))
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
