@@ -706,62 +706,62 @@ def tar_shard_files(dataset) -> Optional[List[str]]:
 
 
 class TarRowCounts:
-    """The samples in each tar shard of a WebDataset, learned as the streams read them: a resume that skips the
-    finished shards needs them (see TrainStream._replayed), and a tar has no footer that says (a Hub tar's headers
-    are spread over the whole file). Each stream counts the rows of every shard it reads in an epoch, in row order;
-    an epoch read to its end with no row missed gives the count of each shard the stream was dealt (0 for one it saw
-    no row of). Counts are the data's, the same in every epoch and for every stream; a checkpoint keeps them, and
-    the counting of the epoch under way (the reader's: ahead of the checkpoint's position, which is harmless, rows
-    being named by epoch and index).
+    """The samples in each tar shard of a WebDataset, learned as the tars are read whole: a resume that skips the
+    finished tars needs them (see TrainStream._tar_replayed), and a tar has no footer that says (a Hub tar's headers
+    are spread over the whole file). Counts are the data's, the same in every epoch and for every stream; the reader
+    learns them (``_TarSampleCounter``: as its input reaches each tar's end, ahead of the batches handed out, which
+    is harmless) and a checkpoint keeps them.
 
-    The reader counts; the training process keeps a copy by replaying the reader's ``events`` (a few per row, sent
-    with each batch), not by receiving the whole table with every batch (100,000 tars: 0.75 MB)."""
+    The training process keeps a copy by replaying the reader's ``events`` (the counts learned since the last batch,
+    sent with each batch), not by receiving the whole table with every batch (100,000 tars: 0.75 MB)."""
 
-    def __init__(self, known: Optional[Dict[int, int]] = None, counting: Optional[Dict[int, tuple]] = None):
+    def __init__(self, known: Optional[Dict[int, int]] = None):
         self.known = dict(known or {})  # shard -> samples
-        # stream -> (epoch, rows counted so far, or None once a row was missed; {shard: rows})
-        self.counting = {v: (e, n, dict(c)) for v, (e, n, c) in (counting or {}).items()}
-        self.events: list = []  # what changed since the last drain(), for replay()
+        self.events: List[Tuple[int, int]] = []  # what was learned since the last drain(), for replay()
 
-    def saw(self, v: int, epoch: int, index: int, shard: Optional[int]) -> None:
-        """Row ``index`` of stream ``v``'s epoch, read from ``shard`` (None: a tar not among the dataset's)."""
-        self.events.append((v, epoch, index, shard))
-        e, n, counts = self.counting.get(v, (-1, None, {}))
-        if e < epoch:  # a new epoch: counted only from its first row
-            e, n, counts = epoch, 0, {}
-        if e != epoch or n is None or index < n:  # an earlier epoch, a gap, or a row counted before a re-read
-            self.counting[v] = (e, n, counts)
-            return
-        if index > n or shard is None:  # rows skipped unread (a resume of a stream whose counting was lost), or a
-            n = None  # row of an unknown tar: no count this epoch
-        else:
-            counts[shard], n = counts.get(shard, 0) + 1, n + 1
-        self.counting[v] = (e, n, counts)
-
-    def ended(self, v: int, epoch: int, rows: int, dealt) -> None:
-        """Stream ``v``'s epoch read to its end, ``rows`` rows from the shards ``dealt`` (a callable: computed only
-        when the counting is complete)."""
-        e, n, counts = self.counting.get(v, (-1, None, {}))
-        if e == epoch and n == rows:
-            learned = {shard: counts.get(shard, 0) for shard in dealt()}
-            self.known.update(learned)
-            self.events.append(learned)
+    def learned(self, shard: int, rows: int) -> None:
+        if self.known.get(shard) != rows:
+            self.known[shard] = rows
+            self.events.append((shard, rows))
 
     def drain(self) -> list:
         events, self.events = self.events, []
         return events
 
     def replay(self, events: list) -> None:
-        """The reader's events, in order: this copy then counts what the reader's counted."""
-        for event in events:
-            if isinstance(event, dict):
-                self.known.update(event)
-            else:
-                self.saw(*event)
-        self.events.clear()
+        """The reader's events: this copy then knows what the reader's knows."""
+        self.known.update(events)
 
-    def state(self) -> dict:
-        return {"known": dict(self.known), "counting": {v: (e, n, dict(c)) for v, (e, n, c) in self.counting.items()}}
+
+class _TarSampleCounter:
+    """Stands in for the WebDataset builder's example generator (datasets calls it for a list of tars, one per shard
+    of the stream) and counts each tar's samples on the way, into ``sink``: a tar's count is known once its reading
+    has ended, whether by the stream, a resume's reading of a finished tar, or the first epoch's. A reading stopped
+    part-way (a retry, a resume's look at one row) teaches nothing. One generator layer: 0.2 µs a row, where a
+    ``map`` before the shuffle cost 40."""
+
+    def __init__(self, generate, tar_index: Dict[str, int]):
+        self.generate, self.tar_index = generate, tar_index
+        self.sink: Optional[TarRowCounts] = None  # the reader's counts (set by TrainStream._produce)
+
+    def __call__(self, tar_paths, **kwargs):
+        rows = dict.fromkeys(tar_paths, 0)
+        for key, example in self.generate(tar_paths=tar_paths, **kwargs):
+            rows[example["__url__"]] += 1
+            yield key, example
+        if self.sink is not None:
+            for path, n in rows.items():
+                self.sink.learned(self.tar_index[path], n)
+
+
+def with_tar_counting(dataset, tar_index: Dict[str, int]) -> Tuple[object, _TarSampleCounter]:
+    """``dataset`` (a streamed WebDataset, as ``tar_shard_files`` found it) reading its tars through a
+    ``_TarSampleCounter``, and the counter."""
+    source = copy.copy(dataset._ex_iterable)
+    source.generate_examples_fn = counter = _TarSampleCounter(source.generate_examples_fn, tar_index)
+    counted = copy.copy(dataset)
+    counted._ex_iterable = source
+    return counted, counter
 
 
 def tar_files_signature(files: List[str]) -> List[tuple]:
@@ -830,7 +830,7 @@ class TrainStream:
     DataLoader's 0), a thread of the training process reads and decodes. Either way ``next_batch`` takes a finished
     batch from a queue. Undecodable rows are skipped and counted.
     ``state_dict()`` is the position of every stream after the last batch handed out (not the prefetched ones);
-    resuming skips the consumed rows without decoding them, and the finished shards (parquet, or tars once counted)
+    resuming skips the consumed rows without decoding them, and the finished shards (parquet, or tars once counted: see _tar_replayed)
     without reading them.
     """
 
@@ -860,14 +860,15 @@ class TrainStream:
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
         # the same for a WebDataset's tars split by shards, once their samples are counted (see TarRowCounts)
         tars = tar_shard_files(dataset) if shards % num_streams == 0 else None
-        self.tar_index = {path: shard for shard, path in enumerate(tars)} if tars else None
         self.tar_signature = tar_files_signature(tars) if tars else None
-        self.tar_counts = TarRowCounts() if tars else None  # as the reader has counted them
+        self.tar_counts = TarRowCounts() if tars else None  # as the training process knows them
+        self._tar_counter: Optional[_TarSampleCounter] = None
+        if tars:
+            dataset, self._tar_counter = with_tar_counting(dataset, {path: shard for shard, path in enumerate(tars)})
         self.revision = dataset_revision(dataset)  # a Hub dataset's commit, kept in the checkpoints
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
         self._row_groups: Optional[List[List[int]]] = None
-        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column,  # passes end unpaused
-                                               ("__url__",) if tars else ())
+        dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # passes end unpaused
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         self.streams = list(range(rank, num_streams, world_size))
@@ -896,10 +897,10 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving)."""
-        tar_rows = self.tar_counts.state() if self.tar_counts is not None else {"known": {}, "counting": {}}
+        tar_rows = dict(self.tar_counts.known) if self.tar_counts is not None else {}
         return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                                   "last_row": dict(self.last_row), "tar_rows_known": tar_rows["known"],
-                                   "tar_rows_counting": tar_rows["counting"]}), dataset_revision=self.revision,
+                                   "last_row": dict(self.last_row), "tar_rows_known": tar_rows}),
+                    dataset_revision=self.revision,
                     seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size, tar_files=self.tar_signature)
 
     def load_state_dict(self, state: dict) -> None:
@@ -927,11 +928,9 @@ class TrainStream:
             skipped = {self.streams[0]: skipped}
         self.skipped = {v: skipped.get(v, 0) for v in self.streams}
         self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
-        if self.tar_counts is not None:  # every process's counts, and the counting of this process's streams
-            counting = state.get("tar_rows_counting", {})
+        if self.tar_counts is not None:  # every process's counts
             if state.get("tar_files") == self.tar_signature:
-                self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}),
-                                               {v: counting[v] for v in self.streams if v in counting})
+                self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
             else:  # other tars, or tars changed since: counted again (meanwhile a resume reads its epoch again)
                 self.tar_counts = TarRowCounts()
                 if state.get("tar_rows_known"):
@@ -1013,7 +1012,9 @@ class TrainStream:
         """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, _Batch without its
         images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
         # this reader's own copy (a thread's must not be the training loop's, which replays the events)
-        counts = TarRowCounts(**self.tar_counts.state()) if self.tar_counts is not None else None
+        counts = TarRowCounts(self.tar_counts.known) if self.tar_counts is not None else None
+        if self._tar_counter is not None:
+            self._tar_counter.sink = counts
         decoded = {v: self._decoded(v, *position[v], counts) for v in self.streams}
         try:
             while not stop.is_set():
@@ -1033,8 +1034,8 @@ class TrainStream:
 
     def _rows(self, v: int, epoch: int, consumed: int,
               counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, dict]]:
-        """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch, a WebDataset's rows
-        counted per tar in ``counts``. A read that fails (the network, a 5xx that datasets' own retries gave up on)
+        """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch (``counts``: a
+        WebDataset's, as this reader knows them). A read that fails (the network, a 5xx that datasets' own retries gave up on)
         re-opens the epoch and continues at the same row, up to READ_RETRIES times in a row with a doubling pause;
         then the run stops, its checkpoints intact."""
         failures, expected = 0, self.last_row.get(v)
@@ -1042,8 +1043,6 @@ class TrainStream:
             row = None
             try:
                 for index, row in self._epoch_rows(v, epoch, consumed, expected, counts):
-                    if counts is not None:
-                        counts.saw(v, epoch, index, self.tar_index.get(row.get("__url__")))
                     yield epoch, index, row
                     consumed, failures = index + 1, 0
             except Exception as err:  # noqa: BLE001 (whatever the fsspec/HTTP stack raises; parse errors are final)
@@ -1065,8 +1064,6 @@ class TrainStream:
             if consumed == 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
                                  f"{self.num_streams} streams.")
-            if counts is not None:
-                counts.ended(v, epoch, consumed, lambda: self._dealt_shards(v, epoch))
             epoch, consumed, expected = epoch + 1, 0, None
 
     def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str],
@@ -1086,7 +1083,7 @@ class TrainStream:
     def _replayed(self, v: int, epoch: int, start: int, expected: Optional[str], counts: Optional[TarRowCounts]):
         """Stream ``v``'s epoch from row ``start`` on, reading only the shards that still hold rows of it; None where
         that cannot be done exactly (neither parquet nor tars whose samples ``counts`` knows, or the check below
-        fails), and the caller reads the epoch again.
+        fails), and the caller reads the epoch again. Tars: see _tar_replayed.
 
         datasets' shard shuffle, split and shuffle buffer depend on the shards' row counts, not on the rows: the same
         operations on a dataset of (shard, row) pairs with the same row counts yield the order in which the stream
@@ -1094,13 +1091,12 @@ class TrainStream:
         so a datasets version that shuffles differently, or data that changed, falls back to the exact slow path."""
         if expected is None:
             return None
-        if self.shard_files is not None:
-            row_groups = self.shard_row_groups()
-            order = self._replay_order(v, epoch, row_groups) if row_groups is not None else None
-        else:
-            order = self._tar_replay_order(v, epoch, counts.known) if counts is not None else None
-        if order is None:
+        if counts is not None:
+            return self._tar_replayed(v, epoch, start, expected, counts.known)
+        row_groups = self.shard_row_groups() if self.shard_files is not None else None
+        if row_groups is None:
             return None
+        order = self._replay_order(v, epoch, row_groups)
         if len(order) < start:
             return _fallback(v, f"the replayed epoch has {len(order)} rows, the position is at row {start}")
         check, remaining = order[start - 1], order[start:]
@@ -1176,34 +1172,47 @@ class TrainStream:
             pairs.set_epoch(epoch)
             return [(item["shard"], item["row"]) for item in pairs]
 
-    def _tar_replay_order(self, v: int, epoch: int, known: Dict[int, int]) -> Optional[List[Tuple[int, int]]]:
-        """(shard, row in shard) of each row of stream ``v``'s epoch of tars, in yield order; None (with a warning)
-        while the samples of a tar dealt to it are not counted yet (see TarRowCounts: in the first epoch)."""
-        dealt = self._dealt_shards(v, epoch)
-        unknown = sorted(set(dealt) - set(known))
-        if unknown:
-            return _fallback(v, f"the samples of {len(unknown)} of the {len(dealt)} tar shards it reads this epoch "
-                                "are not counted yet (a tar's are counted when an epoch has read it)")
-        return [(item["shard"], item["row"]) for item in self._tar_stand_in(v, epoch, {s: known[s] for s in dealt})]
+    def _tar_replayed(self, v: int, epoch: int, start: int, expected: str, known: Dict[int, int]):
+        """Stream ``v``'s epoch of tars from row ``start`` on, the tars whose samples are all used not read again.
 
-    def _dealt_shards(self, v: int, epoch: int) -> List[int]:
-        """The tar shards stream ``v`` reads in ``epoch``."""
-        return [item["shard"] for item in self._tar_stand_in(v, epoch, {s: 1 for s in range(self.num_shards)})]
-
-    def _tar_stand_in(self, v: int, epoch: int, rows: Dict[int, int]):
-        """Stream ``v``'s ``epoch`` of a stand-in WebDataset whose shard s holds ``rows.get(s, 0)`` rows, each its
-        (shard, row in shard) pair, generated shard by shard as datasets reads tars: the same shard shuffle, split
-        and shuffle buffer give the order of the real stream's rows (tests/test_hub_streaming.py compares them)."""
-        from datasets import IterableDataset
-        from datasets.distributed import split_dataset_by_node
-
-        pairs = IterableDataset.from_generator(_stand_in_rows, gen_kwargs={"shards": list(range(self.num_shards)),
-                                                                           "rows": rows})
-        if self.shuffle_buffer_size > 1:
-            pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
-        pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)
-        pairs.set_epoch(epoch)
-        return pairs
+        The stream is rebuilt on a generator of the same shards (``_TarReplay``: the same shard shuffle, split and
+        shuffle buffer, hence the same order for the same row counts) that stands in for the rows of each counted tar
+        with a placeholder, while the rows before ``start`` are skipped; a tar not counted yet (the first epoch's
+        current one and those after it) is read. From ``start`` on the generator reads every tar; the placeholders
+        still in the shuffle buffer then (a buffer's worth at most) are read from their tars (``_StandIns``). So a
+        resume in the first epoch reads only the tars it had not finished, and one in a later epoch only those that
+        still hold rows."""
+        if not known:
+            return _fallback(v, "no tar's samples are counted yet (a tar is counted once it has been read whole)")
+        replay = _TarReplay(self, known)
+        rows = replay.stream(v, epoch)
+        handed: Dict[int, set] = {}  # rows of each tar handed out as placeholders, until all were
+        finished = set()  # the tars all of whose rows were
+        passed, row = 0, None
+        for row in itertools.islice(rows, start):
+            passed += 1
+            if row["__stand_in__"]:
+                shard = row["__shard__"]
+                handed.setdefault(shard, set()).add(row["__row__"])
+                if len(handed[shard]) == known[shard]:
+                    finished.add(shard)
+                    del handed[shard]
+        with replay.lock:  # every row from here on is read; the placeholders generated so far are all known
+            replay.replaying = False
+            generated = dict(replay.stood_in)
+        if passed < start:
+            replay.close()
+            return _fallback(v, f"the replayed epoch has {passed} rows, the position is at row {start}")
+        stand_ins = _StandIns(replay.read, {shard: set(range(n)) - handed.get(shard, set())
+                                            for shard, n in generated.items() if shard not in finished})
+        not_read = finished - {row["__shard__"]} if row["__stand_in__"] else finished
+        check = stand_ins.cells(row) if row["__stand_in__"] else row
+        if row_fingerprint(check[self.image_column]) != expected:
+            replay.close()
+            return _fallback(v, "the row before the position is not the one the checkpoint saw")
+        logger.info("stream %d resumes at epoch %d row %d without reading %d finished tars again", v, epoch, start,
+                    len(not_read))
+        return replay.emit(rows, start, stand_ins)
 
     def _read_shards(self, shards: List[int]) -> Iterator[Tuple[int, int, dict]]:
         """(shard, row, cells) of the given shards, in that order, each shard read from its start."""
@@ -1265,11 +1274,112 @@ class TrainStream:
         return taken, ids, skipped, position, row_fingerprint(cell)
 
 
-def _stand_in_rows(shards: List[int], rows: Dict[int, int]) -> Iterator[dict]:
-    """The rows of a stand-in WebDataset (see TrainStream._tar_stand_in)."""
-    for shard in shards:
-        for row in range(rows.get(shard, 0)):
-            yield {"shard": shard, "row": row}
+class _TarReplay:
+    """The generator behind a tar replay (see TrainStream._tar_replayed), found by its key in ``_TAR_REPLAYS`` (the
+    datasets generator is given plain arguments)."""
+
+    def __init__(self, stream: "TrainStream", known: Dict[int, int]):
+        self.base, self.num_shards, self.known = stream.base, stream.num_shards, known
+        self.image_column, self.seed, self.buffer = stream.image_column, stream.seed, stream.shuffle_buffer_size
+        self.num_streams = stream.num_streams
+        self.replaying = True  # placeholders for the counted tars' rows while set
+        self.lock = threading.Lock()  # held to set a placeholder's row in ``stood_in`` and to end the replaying
+        self.stood_in: Dict[int, int] = {}  # rows of each tar generated as placeholders (its first ones)
+        self.key = f"{os.getpid()}-{id(self)}"
+        _TAR_REPLAYS[self.key] = self
+
+    def stream(self, v: int, epoch: int) -> Iterator[dict]:
+        """Stream ``v``'s ``epoch``: its rows with ``__shard__``, ``__row__`` and ``__stand_in__`` (a placeholder,
+        its image None)."""
+        from datasets import Features, IterableDataset, Value
+        from datasets.distributed import split_dataset_by_node
+
+        features = Features({**self.base.features, "__shard__": Value("int64"), "__row__": Value("int64"),
+                             "__stand_in__": Value("bool")})
+        rows = IterableDataset.from_generator(_tar_replay_rows, features=features,
+                                              gen_kwargs={"shards": list(range(self.num_shards)), "key": self.key})
+        if self.buffer > 1:
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.buffer)
+        rows = split_dataset_by_node(rows, rank=v, world_size=self.num_streams)
+        rows.set_epoch(epoch)
+        return iter(rows)
+
+    def read(self, shard: int) -> Iterator[dict]:
+        return iter(self.base.shard(num_shards=self.num_shards, index=shard, contiguous=True))
+
+    def rows(self, shards: List[int]) -> Iterator[dict]:
+        for shard in shards:
+            n, row = self.known.get(shard), 0
+            while n is not None and row < n:
+                with self.lock:  # (datasets reads several shards at once, in threads)
+                    if not self.replaying:
+                        break
+                    self.stood_in[shard] = row + 1
+                yield {self.image_column: None, "__shard__": shard, "__row__": row, "__stand_in__": True}
+                row += 1
+            if n is not None and row == n:
+                continue
+            index = -1
+            for index, cells in enumerate(self.read(shard)):
+                if index >= row:
+                    yield {**cells, "__shard__": shard, "__row__": index, "__stand_in__": False}
+            if index + 1 < row:
+                raise ValueError(f"tar shard {shard} of the dataset holds {index + 1} samples, the checkpoint counted "
+                                 f"{n}: the data changed since the checkpoint was written. Resume on the data it was "
+                                 "written with, or start a new run.")
+
+    def emit(self, rows: Iterator[dict], start: int, stand_ins: "_StandIns") -> Iterator[Tuple[int, dict]]:
+        try:
+            for index, row in enumerate(rows, start):
+                yield index, stand_ins.cells(row) if row["__stand_in__"] else row
+        finally:
+            stand_ins.close()
+            self.close()
+
+    def close(self) -> None:
+        _TAR_REPLAYS.pop(self.key, None)
+
+
+_TAR_REPLAYS: Dict[str, _TarReplay] = {}
+
+
+def _tar_replay_rows(shards: List[int], key: str) -> Iterator[dict]:
+    replay = _TAR_REPLAYS.get(key)
+    if replay is not None:  # (else its stream was closed, and datasets' reading threads are stopping)
+        yield from replay.rows(shards)
+
+
+class _StandIns:
+    """The cells of the placeholders a tar replay hands out after its position, read from their tars: ``due`` holds,
+    for each tar, the rows of it in the shuffle buffer; reading a tar for one of them keeps those met on the way
+    (a tar is read once, about a buffer's worth of rows held at most)."""
+
+    def __init__(self, read, due: Dict[int, set]):
+        self.read, self.due = read, due
+        self.held: Dict[Tuple[int, int], dict] = {}
+        self.open: Dict[int, Iterator[Tuple[int, dict]]] = {}
+
+    def cells(self, row: dict) -> dict:
+        shard, wanted = row["__shard__"], row["__row__"]
+        if (shard, wanted) in self.held:
+            return self.held.pop((shard, wanted))
+        source = self.open.setdefault(shard, enumerate(self.read(shard)))
+        due = self.due.get(shard, set())
+        due.discard(wanted)
+        for index, cells in source:
+            if index == wanted:
+                if not due:  # the tar's reading dropped
+                    del self.open[shard]
+                return cells
+            if index in due:
+                due.discard(index)
+                self.held[(shard, index)] = cells
+        raise ValueError(f"tar shard {shard} of the dataset ended before its row {wanted}, which the checkpoint "
+                         "counted: the data changed since the checkpoint was written. Resume on the data it was "
+                         "written with, or start a new run.")
+
+    def close(self) -> None:
+        self.open.clear()
 
 
 REPLAY_PREFIX = "ddpm_hf_replay_"  # + the pid of the process replaying: its stand-in files (see _replay_order)
