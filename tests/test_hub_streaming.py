@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -531,6 +532,31 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
     assert not (finished - {checked}) & downloaded_again, (finished, checked, downloaded_again)
     if not workers:  # (the reader process logs in its own process)
         assert f"without reading {len(finished - {checked})} finished tars again" in caplog.text
+
+
+def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_ones(dataset_hub, tmp_path, caplog,
+                                                                                   fast_retries):
+    """Tars that answer 404 twice once a third of the first epoch is read: the stream's retry re-opens its epoch at its
+    position as a resume does, standing in for the tars it has read whole: exactly the examples of a fault-free read,
+    and nothing of the replay left behind once the stream is closed."""
+    from ddpm_hf import data
+
+    folder = _write_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4])
+    dataset = load_image_dataset(publish(folder, "alice/flaky-tars"), check_shards=False)
+    reference = _tar_batches(dataset, 16)[1].seen_ids
+    caplog.set_level(logging.INFO, logger="ddpm_hf.data")
+    stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
+    try:
+        for batch in range(16):
+            if batch == 9:
+                injected = dataset_hub.inject("GET", "train-", "status", times=2, status=404)
+            stream.next_batch()
+    finally:
+        stream.close()
+    assert stream.seen_ids == reference
+    assert injected.hits, "the fault never fired"
+    assert re.search(r"stream 0 resumes at epoch 0 row \d+ without reading [1-9]\d* finished tars again", caplog.text)
+    assert not data._TAR_REPLAYS
 
 
 def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_are_now(tmp_path, caplog):
