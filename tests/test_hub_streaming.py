@@ -478,7 +478,7 @@ def _tar_batches(dataset, batches: int, state: Optional[dict] = None, workers: i
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-@pytest.mark.parametrize("stop", [12, 37], ids=["first-epoch", "second-epoch"])
+@pytest.mark.parametrize("stop", [12, 63], ids=["first-epoch", "second-epoch"])
 def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(dataset_hub, tmp_path, caplog, stop,
                                                                            workers):
     """A tar has no footer that counts its samples: the stream counts them as it reads each tar whole, keeps the
@@ -486,8 +486,8 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
     all of whose rows were used are not downloaded again, in the first epoch (only the tars it had not read whole
     are) as in a later one, the batches equal to an uninterrupted stream's; with 0 and 1 decoding workers (then the
     counts come back from the reader process). Tars of unequal sizes: an order computed from wrong counts differs."""
-    # 103 samples in 24 tars (datasets reads 10 at a time, interleaved)
-    sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
+    # 206 samples in 48 tars (datasets reads 10 at a time, interleaved)
+    sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4] * 2
     folder = _write_tars(tmp_path / "tars", sizes)
     shard_of = {hashlib.sha1(png_bytes(s)).hexdigest(): f"train-{k:05d}.tar"  # each image's tar
                 for k in range(len(sizes)) for s in range(sum(sizes[:k]), sum(sizes[:k + 1]))}
@@ -499,8 +499,8 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
 
     # The reader runs ahead of the batches handed out (by up to 35 rows with 1 worker, bounded by its queues): the
     # resumed stream must stop reading before the next epoch, which would open finished tars again.
-    epoch, row = divmod(4 * stop, 103)
-    expected, reference = read(stop + 2)
+    epoch, row = divmod(4 * stop, 206)
+    expected, reference = read(stop + 10)
     first, stopped = read(stop)
     # each stream counts through a copy of the dataset: the caller's is left as it was
     assert type(dataset._ex_iterable.generate_examples_fn).__name__ != "_TarSampleCounter"
@@ -510,12 +510,12 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
     assert len(known) == len(sizes) or epoch == 0, known
     caplog.set_level(logging.INFO, logger="ddpm_hf.data")
     resumed_at = time.monotonic()
-    second, resumed = read(2, state)
+    second, resumed = read(10, state)
     assert stopped.seen_ids + resumed.seen_ids == reference.seen_ids
     assert all(torch.equal(a, b) for a, b in zip(first + second, expected))
 
     used = {}
-    for example in stopped.seen_ids[103 * epoch:]:  # this epoch's
+    for example in stopped.seen_ids[206 * epoch:]:  # this epoch's
         used[shard_of[example]] = used.get(shard_of[example], 0) + 1
     finished = {shard for shard, n in used.items() if n == sizes[int(shard[6:11])]}
     checked = shard_of[stopped.seen_ids[-1]]  # the row before the position is read and compared: its tar too
@@ -526,7 +526,7 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
     downloaded_again = set(sent)
     # a tar is read once, or twice where the stand-ins of its first rows were still in the shuffle buffer
     assert all(n <= 2 * (folder / path).stat().st_size for path, n in sent.items()), sorted(sent.items())
-    print(f"resumed at epoch {epoch} row {row} of 103: {sorted(finished)} finished, {sorted(downloaded_again)} "
+    print(f"resumed at epoch {epoch} row {row} of 206: {sorted(finished)} finished, {sorted(downloaded_again)} "
           "downloaded again")
     assert len(finished - {checked}) >= 4 and downloaded_again, (finished, downloaded_again)
     assert not (finished - {checked}) & downloaded_again, (finished, checked, downloaded_again)
