@@ -16,7 +16,6 @@ server wait that long before every answer, as a network round trip would.
 
 import argparse
 import io
-import os
 import sys
 import tarfile
 import tempfile
@@ -26,14 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
-from fakehub import FakeHub  # noqa: E402  (before huggingface_hub is imported: it reads HF_ENDPOINT once)
+from fakehub import serve_for_benchmark  # noqa: E402
 
-HUB = FakeHub({"hf_bench": "bench"})
-os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="bench_resume_hf_"),
-                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-                  HF_HUB_DISABLE_XET="1")  # the local Hub stores data files by LFS, not Xet
-os.environ.pop("HF_HUB_OFFLINE", None)
-os.environ.pop("HF_DATASETS_OFFLINE", None)
+HUB = serve_for_benchmark({"hf_bench": "bench"}, "bench_resume_hf_")  # before huggingface_hub is imported
 
 BATCH = 64
 

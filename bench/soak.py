@@ -12,7 +12,6 @@ Rounds follow each other until the time is up; each round's final weights are co
 
 import argparse
 import json
-import os
 import random
 import resource
 import sys
@@ -23,11 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from fakehub import FakeHub  # noqa: E402  (the test Hub: stdlib only)
+from fakehub import serve_for_benchmark  # noqa: E402  (the test Hub: stdlib only)
 
-HUB = FakeHub({"hf_soak": "soak"})
-os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="soak_hf_home_"), HF_HUB_DISABLE_TELEMETRY="1",
-                  NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+HUB = serve_for_benchmark({"hf_soak": "soak"}, "soak_hf_home_")  # before huggingface_hub is imported
 
 from runs import FAST, KILL_POINTS, check_checkpoints, final_weights, kill_at, launch, run, write_images  # noqa: E402
 

@@ -17,7 +17,6 @@ what the latency is paid for.
 
 import argparse
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -26,14 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
-from fakehub import FakeHub  # noqa: E402  (before huggingface_hub is imported: it reads HF_ENDPOINT once)
+from fakehub import serve_for_benchmark  # noqa: E402
 
-HUB = FakeHub({"hf_bench": "bench"})
-os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=tempfile.mkdtemp(prefix="bench_stream_hf_"),
-                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
-                  HF_HUB_DISABLE_XET="1")  # the local Hub stores data files by LFS, not Xet
-os.environ.pop("HF_HUB_OFFLINE", None)
-os.environ.pop("HF_DATASETS_OFFLINE", None)
+HUB = serve_for_benchmark({"hf_bench": "bench"}, "bench_stream_hf_")  # before huggingface_hub is imported
 
 from data import write_dataset  # noqa: E402  (bench/data.py)
 

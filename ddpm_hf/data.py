@@ -751,9 +751,13 @@ class _TarSampleCounter:
     look at one row) teaches nothing. One generator layer: no cost measurable over 10,000 rows, where a ``map`` before
     the shuffle cost 40 µs a row."""
 
+    COLLECT_EVERY_TARS = 8  # the ended tars' HTTP streams are freed after this many (see close_abandoned_reads),
+    COLLECT_EVERY_S = 1.0  # and at most this often where the process's objects are not frozen (a reading thread)
+
     def __init__(self, generate, tar_index: Dict[str, int]):
         self.generate, self.tar_index = generate, tar_index
         self.sink: Optional[TarRowCounts] = None  # the reader's counts (set by TrainStream._produce)
+        self.collected, self.ended = time.monotonic(), 0
 
     def __call__(self, tar_paths, **kwargs):
         rows = dict.fromkeys(tar_paths, 0)
@@ -763,6 +767,11 @@ class _TarSampleCounter:
         if self.sink is not None:
             for path, n in rows.items():
                 self.sink.learned(self.tar_index[path], n)
+        self.ended += len(tar_paths)
+        if self.ended >= self.COLLECT_EVERY_TARS and (
+                gc.get_freeze_count() or time.monotonic() - self.collected > self.COLLECT_EVERY_S):
+            self.collected, self.ended = time.monotonic(), 0
+            close_abandoned_reads()
 
 
 def with_tar_counting(dataset, tar_index: Dict[str, int]) -> Tuple[object, _TarSampleCounter]:
@@ -885,12 +894,13 @@ class TrainStream:
                 shards, num_streams, shards, num_streams, num_streams, num_streams)
         self.shard_files = parquet_shard_files(dataset)  # for a resume that skips finished shards (see _replayed)
         # the same for a WebDataset's tars split by shards, once their samples are counted (see TarRowCounts)
-        tars = tar_shard_files(dataset) if shards % num_streams == 0 else None
+        all_tars = tar_shard_files(dataset)  # (counted even unsplit: the counter also closes their HTTP streams)
+        tars = all_tars if shards % num_streams == 0 else None
         self.tar_signature = tar_files_signature(tars) if tars else None
         self.tar_counts = TarRowCounts() if tars else None  # as the training process knows them
         self._tar_counter: Optional[_TarSampleCounter] = None
-        if tars:
-            dataset, self._tar_counter = with_tar_counting(dataset, {path: shard for shard, path in enumerate(tars)})
+        if all_tars:
+            dataset, self._tar_counter = with_tar_counting(dataset, {path: k for k, path in enumerate(all_tars)})
         self._tars = dataset if tars else None  # for one_tar
         self.revision = dataset_revision(dataset)  # a Hub dataset's commit, kept in the checkpoints
         self.token, self.seed, self.shuffle_buffer_size = token, seed, shuffle_buffer_size
@@ -1441,11 +1451,14 @@ def remove_replay_leftovers() -> None:
 
 
 def close_abandoned_reads() -> None:
-    """Close the HTTP streams of the passes over the data a closed stream left part-way, now: datasets' reading
-    generators hold them in reference cycles, freed only when the garbage collector next runs its oldest generation
-    (200 tars on the local Hub: 48 connections of huggingface_hub's pool of 100 still open after a stream's close, 11
-    after a collection). A stream closed to be resumed in the same process (a test, a benchmark) would otherwise
-    start with half the pool taken."""
+    """Close the HTTP streams of the tars read to their end, and of the passes a closed stream left part-way, now:
+    datasets' reading keeps each tar's stream (and a thread) in reference cycles, freed only when the garbage
+    collector next runs its oldest generation, which a process holding torch's objects seldom does. Streaming 200
+    tars from the local Hub, the open connections grew by one every two tars; at the second epoch
+    huggingface_hub's pool of 100 was exhausted and every read waited for its timeout: the stream stalled. So a
+    stream collects after every 8 tars read (_TarSampleCounter: cheap in the reader process, whose inherited objects
+    are frozen out of collections; at most once a second in a reading thread of the training process, where a
+    collection costs 0.2 s), and at its close."""
     gc.collect()
 
 
@@ -1561,6 +1574,8 @@ class _ReaderProcess:
 
         try:
             torch.set_num_threads(1)
+            gc.freeze()  # the objects inherited from the training process: out of this process's collections (their
+            # scan would cost 0.2 s, and touching them would copy their pages)
             stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
                                                initializer=_init_data_worker, initargs=(os.getpid(), conn))
             list(stream._pool.map(int, range(stream.num_workers)))  # all started now
