@@ -747,17 +747,16 @@ class TarRowCounts:
 class _TarSampleCounter:
     """Stands in for the WebDataset builder's example generator (datasets calls it with a list of tars: one, each
     shard of the stream being one tar) and counts each tar's samples on the way, into ``sink``: a tar's count is known
-    once its reading has ended, whether by the stream or by a resume. A reading stopped part-way (a retry, a resume's
-    look at one row) teaches nothing. One generator layer: no cost measurable over 10,000 rows, where a ``map`` before
-    the shuffle cost 40 µs a row."""
-
-    COLLECT_EVERY_TARS = 8  # the ended tars' HTTP streams are freed after this many (see close_abandoned_reads),
-    COLLECT_EVERY_S = 1.0  # and at most this often where the process's objects are not frozen (a reading thread)
+    once its reading has ended, whether by the stream or by a resume. A reading stopped part-way (a retry, the
+    reading of a tar up to the last row a resume needs of it) teaches nothing. One generator layer: no cost
+    measurable over 10,000 rows, where a ``map`` before the shuffle cost 40 µs a row. It also counts the tars ended,
+    for the reader's collections (see close_abandoned_reads): datasets runs it in its reading threads, where a
+    collection could run a finalizer that waits for that very thread."""
 
     def __init__(self, generate, tar_index: Dict[str, int]):
         self.generate, self.tar_index = generate, tar_index
         self.sink: Optional[TarRowCounts] = None  # the reader's counts (set by TrainStream._produce)
-        self.collected, self.ended = time.monotonic(), 0
+        self.ended = 0  # tars read to their end since the reader last collected
 
     def __call__(self, tar_paths, **kwargs):
         rows = dict.fromkeys(tar_paths, 0)
@@ -768,10 +767,6 @@ class _TarSampleCounter:
             for path, n in rows.items():
                 self.sink.learned(self.tar_index[path], n)
         self.ended += len(tar_paths)
-        if self.ended >= self.COLLECT_EVERY_TARS and (
-                gc.get_freeze_count() or time.monotonic() - self.collected > self.COLLECT_EVERY_S):
-            self.collected, self.ended = time.monotonic(), 0
-            close_abandoned_reads()
 
 
 def with_tar_counting(dataset, tar_index: Dict[str, int]) -> Tuple[object, _TarSampleCounter]:
@@ -873,6 +868,8 @@ class TrainStream:
     READ_RETRIES = 5  # failed reads in a row before the run stops (datasets retries each read before that)
     READ_RETRY_PAUSE_S = 2.0  # doubled at each retry: 2 + 4 + 8 + 16 + 32 s at most
     QUIET_WAIT_WARNING_S = 300.0  # a batch awaited this long is reported, and again after each as long
+    COLLECT_EVERY_TARS = 8  # a WebDataset's ended tars' HTTP streams freed after this many (see close_abandoned_reads)
+    COLLECT_EVERY_S = 1.0  # and at most this often in a reading thread of the training process (0.2 s a collection)
 
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
@@ -924,6 +921,7 @@ class TrainStream:
         self._thread: Optional[threading.Thread] = None  # without
         self._queue: "queue.Queue" = queue.Queue()  # finished batches, then the error that ended the stream
         self._stop = threading.Event()  # set: the thread, or the reader's receiving thread, puts nothing more
+        self._in_reader_process = False  # set in the reader process (its inherited objects are out of collections)
 
     # --- checkpointing ---------------------------------------------------------------------------------------------
     @property
@@ -1054,8 +1052,13 @@ class TrainStream:
         if self._tar_counter is not None:
             self._tar_counter.sink = counts
         decoded = {v: self._decoded(v, *position[v], counts) for v in self.streams}
+        collected = time.monotonic()
         try:
             while not stop.is_set():
+                if self._tar_counter is not None and self._tar_counter.ended >= self.COLLECT_EVERY_TARS and (
+                        self._in_reader_process or time.monotonic() - collected > self.COLLECT_EVERY_S):
+                    self._tar_counter.ended, collected = 0, time.monotonic()
+                    close_abandoned_reads()
                 arrays, ids, skipped, last_rows = [], [], {}, {}
                 for v in self.streams:
                     taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
@@ -1074,8 +1077,8 @@ class TrainStream:
               counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, dict]]:
         """(epoch, row, row's cells) of stream ``v`` from ``consumed`` on, epoch after epoch (``counts``: a
         WebDataset's, as this reader knows them). A read that fails (the network, a 5xx that datasets' own retries
-        gave up on) re-opens the epoch and continues at the same row, up to READ_RETRIES times in a row with a doubling pause;
-        then the run stops, its checkpoints intact."""
+        gave up on) re-opens the epoch and continues at the same row, up to READ_RETRIES times in a row with a
+        doubling pause; then the run stops, its checkpoints intact."""
         failures, expected = 0, self.last_row.get(v)
         while True:
             row = None
@@ -1452,13 +1455,14 @@ def remove_replay_leftovers() -> None:
 
 def close_abandoned_reads() -> None:
     """Close the HTTP streams of the tars read to their end, and of the passes a closed stream left part-way, now:
-    datasets' reading keeps each tar's stream (and a thread) in reference cycles, freed only when the garbage
-    collector next runs its oldest generation, which a process holding torch's objects seldom does. Streaming 200
+    huggingface_hub's streamed file (HfFileSystemStreamFile, which datasets opens for each tar) releases its response
+    only when it is deleted, and it sits in a reference cycle, freed only when the garbage collector next runs its
+    oldest generation, which a process holding torch's objects seldom does. Streaming 200
     tars from the local Hub, the open connections grew by one every two tars; at the second epoch
-    huggingface_hub's pool of 100 was exhausted and every read waited for its timeout: the stream stalled. So a
-    stream collects after every 8 tars read (_TarSampleCounter: cheap in the reader process, whose inherited objects
-    are frozen out of collections; at most once a second in a reading thread of the training process, where a
-    collection costs 0.2 s), and at its close."""
+    huggingface_hub's pool of 100 was exhausted and every read waited for its timeout: the stream stalled. So the
+    reader collects between batches once 8 tars have ended (TrainStream._produce: cheap in the reader process, whose
+    inherited objects are frozen out of collections; at most once a second in a reading thread of the training
+    process, where a collection costs 0.2 s), and a stream at its close."""
     gc.collect()
 
 
@@ -1576,6 +1580,7 @@ class _ReaderProcess:
             torch.set_num_threads(1)
             gc.freeze()  # the objects inherited from the training process: out of this process's collections (their
             # scan would cost 0.2 s, and touching them would copy their pages)
+            stream._in_reader_process = True
             stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
                                                initializer=_init_data_worker, initargs=(os.getpid(), conn))
             list(stream._pool.map(int, range(stream.num_workers)))  # all started now

@@ -682,11 +682,11 @@ class FakeHub:
 def serve_for_benchmark(tokens: Dict[str, str], home_prefix: str) -> "FakeHub":
     """A local Hub for a benchmark script, and the script's environment pointed at it: to be called before anything
     imports huggingface_hub, datasets or diffusers (they read HF_ENDPOINT and HF_HOME once, when imported). Xet is
-    off (this server stores data files by LFS), telemetry and progress bars too, offline modes unset."""
+    off (this server stores data files by LFS), telemetry and progress bars too, tokens and offline modes unset."""
     hub = FakeHub(tokens)
     os.environ.update(HF_ENDPOINT=hub.url, HF_HOME=tempfile.mkdtemp(prefix=home_prefix), HF_HUB_DISABLE_TELEMETRY="1",
                       HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost",
                       no_proxy="127.0.0.1,localhost")
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.pop(variable, None)
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.pop(variable, None)  # (a user's token is not sent to it)
     return hub
