@@ -496,9 +496,9 @@ def image_channels(image: Image.Image) -> int:
 
 
 def undecoded_images(dataset, image_column: str):
-    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt
-    image can be skipped. (datasets streams a Hub image folder through decoding threads of its own, which a cast to
-    undecoded images leaves in place; ``decode(False)`` removes them.)"""
+    """Only the image column, as encoded bytes/paths: decoding is ours, so a corrupt image can be skipped. (datasets
+    streams a Hub image folder through decoding threads of its own, which a cast to undecoded images leaves in place;
+    ``decode(False)`` removes them.)"""
     from datasets import Image as ImageFeature
 
     dataset = dataset.decode(False) if hasattr(dataset, "decode") else dataset
