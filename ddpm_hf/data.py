@@ -1455,13 +1455,14 @@ def remove_replay_leftovers() -> None:
 
 def close_abandoned_reads() -> None:
     """Close the HTTP streams of the tars read to their end, and of the passes a closed stream left part-way, now:
-    huggingface_hub's streamed file (HfFileSystemStreamFile, which datasets opens for each tar) releases its response
-    only when it is deleted, and it sits in a reference cycle, freed only when the garbage collector next runs its
-    oldest generation, which a process holding torch's objects seldom does. Streaming 200 tars from the local Hub,
-    the open connections grew by one every two tars; at the second epoch huggingface_hub's pool of 100 was exhausted
-    and every read waited for its timeout: the stream stalled. So the reader collects between batches once 8 tars have ended (TrainStream._produce: cheap in the reader process, whose
-    inherited objects are frozen out of collections; at most once a second in a reading thread of the training
-    process, where a collection costs 0.2 s), and a stream at its close."""
+    huggingface_hub's streamed file (HfFileSystemStreamFile, which datasets opens for each tar) releases its
+    response only when it is deleted, and it sits in a reference cycle, freed only when the garbage collector next
+    runs its oldest generation, which a process holding torch's objects seldom does. Streaming 200 tars from the
+    local Hub, the open connections grew by one every two tars; at the second epoch huggingface_hub's pool of 100
+    was exhausted and every read waited for its timeout: the stream stalled. So the reader collects between batches
+    once 8 tars have ended (TrainStream._produce: cheap in the reader process, whose inherited objects are frozen
+    out of collections; at most once a second in a reading thread of the training process, where a collection costs
+    0.2 s), and a stream at its close."""
     gc.collect()
 
 
