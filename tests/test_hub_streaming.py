@@ -266,15 +266,21 @@ def test_a_shard_missing_for_a_moment_mid_epoch_is_retried_by_the_stream_at_the_
     dataset = load_image_dataset(repo)
     reference = _read_ids(dataset, 12)
     stream = TrainStream(dataset, "image", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
+    assert _read_with_404s(dataset_hub, stream, 12, 4, "data/train-") == reference
+
+
+def _read_with_404s(hub, stream: TrainStream, batches: int, at: int, path_part: str) -> list:
+    """The example ids of ``batches`` batches of ``stream``, the files whose path holds ``path_part`` answering 404
+    twice from batch ``at`` on (checked to have fired)."""
     try:
-        for batch in range(12):
-            if batch == 4:
-                injected = dataset_hub.inject("GET", "data/train-", "status", times=2, status=404)
+        for batch in range(batches):
+            if batch == at:
+                injected = hub.inject("GET", path_part, "status", times=2, status=404)
             stream.next_batch()
     finally:
         stream.close()
-    assert stream.seen_ids == reference
     assert injected.hits, "the fault never fired"
+    return stream.seen_ids
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # read by a thread of this process, or by a reader process
@@ -546,15 +552,7 @@ def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_on
     reference = _tar_batches(dataset, 16)[1].seen_ids
     caplog.set_level(logging.INFO, logger="ddpm_hf.data")
     stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
-    try:
-        for batch in range(16):
-            if batch == 9:
-                injected = dataset_hub.inject("GET", "train-", "status", times=2, status=404)
-            stream.next_batch()
-    finally:
-        stream.close()
-    assert stream.seen_ids == reference
-    assert injected.hits, "the fault never fired"
+    assert _read_with_404s(dataset_hub, stream, 16, 9, "train-") == reference
     assert re.search(r"stream 0 resumes at epoch 0 row \d+ without reading [1-9]\d* finished tars again", caplog.text)
     assert not data._TAR_REPLAYS
 
