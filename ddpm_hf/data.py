@@ -22,6 +22,7 @@ import queue
 import re
 import select
 import signal
+import tarfile
 import threading
 import time
 import weakref
@@ -31,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -230,8 +231,9 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
                       revision: Optional[str] = None):
     """A Hub dataset's ``split``, its repo, config, split and data files checked first (one-line errors naming the
     repo, the file and the fix): a missing or unreadable repo, an unknown config or split, a parquet shard that is
-    truncated or not parquet (its footer is read, a few KB per shard, before any training), a tar that is not one or is
-    cut short (its first header and its end are read)."""
+    truncated or not parquet (its footer is read, a few KB per shard, before any training), a tar that is not one, is
+    cut short, or holds its first sample's image under a field that is not among the columns (the headers of its
+    first sample and its end are read)."""
     from datasets import load_dataset_builder
     from datasets.exceptions import DatasetNotFoundError
 
@@ -250,32 +252,38 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
                          f"{sorted(data_files)}. Pass one of them with --split.")
+    first_samples = {}
     if check_shards and builder.name in ("parquet", "arrow", "webdataset"):
-        _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
+        first_samples = _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
+    streamed = builder.as_streaming_dataset(split=split)  # (datasets chooses a WebDataset's columns here)
+    if first_samples:
+        _refuse_lost_images(streamed, first_samples, where)
     if streaming:
-        return builder.as_streaming_dataset(split=split)
+        return streamed
     builder.download_and_prepare()
     return builder.as_dataset(split=split)
 
 
-def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optional[str]) -> None:
-    """Read the footer of each ``hf://`` parquet shard (arrow: its schema; a tar: its first header and its last two
-    blocks, which end every whole tar with zeros), a few threads at a time."""
+def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optional[str]) -> Dict[frozenset, str]:
+    """Read the footer of each ``hf://`` parquet shard (arrow: its schema; a tar: the headers of its first sample and
+    its last two blocks, which end every whole tar with zeros), a few threads at a time. Returns, for tars, the image
+    fields that the tars' first samples hold, each with the tars that hold it (\"the first samples of 2 tars
+    (train-00002.tar, ...)\")."""
 
-    def check(url: str) -> None:
-        import tarfile
-
+    def check(url: str) -> Optional[frozenset]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        fields = None
         try:
             with _open_footer(url, token) as remote:
                 if builder == "parquet":
                     pq.read_metadata(remote)
                 elif builder == "webdataset":
-                    first = remote.read(tarfile.BLOCKSIZE)
-                    if first != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
-                        tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")  # raises unless a tar header
+                    if remote.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
+                        remote.seek(0)
+                        with tarfile.open(fileobj=remote, mode="r:") as tar:  # its headers up to the second sample
+                            fields = next(image_fields_by_sample(tar), None)
                     size = remote.seek(0, os.SEEK_END)
                     remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
                     if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
@@ -283,15 +291,25 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                 else:
                     pa.ipc.open_stream(remote).schema
         except (pa.ArrowException, tarfile.TarError, OSError) as err:
-            name = url.split("@", 1)[-1].split("/", 1)[-1]  # hf://datasets/{repo}@{revision}/{file in the repo}
             if isinstance(err, (pa.ArrowInvalid, tarfile.TarError)):  # the bytes arrived and are not parquet (tar)
-                raise ValueError(f"{where}: {name} is not a readable {builder} file ({first_line(err)}); it is "
-                                 f"truncated or not {builder}: fix or remove it in the dataset repo.") from err
-            raise ConnectionError(f"{where}: {name} could not be read ({type(err).__name__}: {first_line(err)}) "
-                                  "after huggingface_hub's retries: check the network and the Hub's status, then "
-                                  "start again.") from err
+                raise ValueError(f"{where}: {_repo_path(url)} is not a readable {builder} file ({first_line(err)}); "
+                                 f"it is truncated or not {builder}: fix or remove it in the dataset repo.") from err
+            raise ConnectionError(f"{where}: {_repo_path(url)} could not be read ({type(err).__name__}: "
+                                  f"{first_line(err)}) after huggingface_hub's retries: check the network and the "
+                                  "Hub's status, then start again.") from err
+        return fields
 
-    _in_threads(check, urls)
+    tars: Dict[frozenset, List[str]] = {}
+    for url, fields in zip(urls, _in_threads(check, urls)):
+        if fields is not None:
+            tars.setdefault(fields, []).append(_repo_path(url))
+    return {fields: f"the first samples of {len(names)} tar{'s' * (len(names) > 1)} ({', '.join(names[:3])}"
+                    f"{', ...' if len(names) > 3 else ''})" for fields, names in tars.items()}
+
+
+def _repo_path(url: str) -> str:
+    """A file's path in its repo, from its ``hf://datasets/{repo}@{revision}/{path}`` URL."""
+    return url.split("@", 1)[-1].split("/", 1)[-1]
 
 
 def _open_footer(path: str, token: Optional[str]):
@@ -332,12 +350,10 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     each set of image fields (``png``, ``seg.jpg``: a member's name after its sample's key), the members grouped
     into samples as datasets' WebDataset reader groups them (consecutive members sharing a key, hidden ones
     skipped)."""
-    import tarfile
     from collections import Counter
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
 
     samples: Dict[frozenset, int] = Counter()  # sets of image fields: how many samples hold each
     for path in files:
@@ -349,20 +365,15 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
                 with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
                     last = None
 
-                    def members():  # (sample key, field) of the members datasets reads, each checked for its size
+                    def members():  # each checked for its size
                         nonlocal last
                         for last in tar:
                             if last.offset_data + last.size > size:
                                 raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} "
                                               f"of a file of {size}")
-                            if last.isreg() and not os.path.basename(last.name).startswith((".", "__")):
-                                key, field = base_plus_ext(last.name)
-                                if key is not None:
-                                    yield key, field
+                            yield last
 
-                    for _, sample in itertools.groupby(members(), key=lambda member: member[0]):
-                        samples[frozenset(field for _, field in sample
-                                          if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS)] += 1
+                    samples.update(image_fields_by_sample(members()))
                     with open(path, "rb") as raw:  # tarfile stops quietly at a corrupt header: the end must be zeros
                         raw.seek(tar.offset)
                         end = raw.read(2 * tarfile.BLOCKSIZE)
@@ -382,6 +393,39 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     return samples
 
 
+def image_fields_by_sample(members: Iterable[tarfile.TarInfo]) -> Iterator[frozenset]:
+    """The image fields (``png``, ``seg.jpg``: a member's name after its sample's key) of each sample of a tar whose
+    ``members`` are given in order, grouped into samples as datasets' WebDataset reader groups them: consecutive
+    members sharing a key, hidden ones skipped."""
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
+
+    def keyed():
+        for member in members:
+            if member.isreg() and not os.path.basename(member.name).startswith((".", "__")):
+                key, field = base_plus_ext(member.name)
+                if key is not None:
+                    yield key, field
+
+    for _, sample in itertools.groupby(keyed(), key=lambda member: member[0]):
+        yield frozenset(field for _, field in sample if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS)
+
+
+def _refuse_lost_images(dataset, held: Dict[frozenset, str], where: str) -> None:
+    """datasets takes a WebDataset's columns from its first samples: samples whose only images are under fields that
+    are not among ``dataset``'s image columns would have no image, and be skipped one by one all through training.
+    ``held``: sets of image fields, each with the samples found holding it (\"12 samples\"), refused here if lost."""
+    from datasets import Image as ImageFeature
+
+    columns = {name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)}
+    lost = [f"{what} hold their image only as {' and '.join(sorted('.' + f for f in fields))}"
+            for fields, what in held.items() if fields and not fields & columns]
+    if lost:
+        raise ValueError(
+            f"{where}: " + ", ".join(lost) + ", but datasets takes a WebDataset's columns from its first samples, "
+            f"which give {', '.join(sorted('.' + c for c in columns)) or 'no image'}: those images would be skipped. "
+            "Write every sample's image under one extension.")
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -398,7 +442,7 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     """A local folder, whichever flag named it: its ``split`` parquet / arrow files if it has any, else its image files
     (imagefolder, with its metadata if present), else its WebDataset tar shards; a folder with none of these is refused
     with what it does hold. ``check``: read the files' footers or headers first (see _check_readable)."""
-    from datasets import Image as ImageFeature, load_dataset
+    from datasets import load_dataset
 
     for builder in ("parquet", "arrow"):
         files = _split_files(folder, split, builder)
@@ -420,16 +464,7 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
         samples = _check_readable(files, "webdataset") if check else {}
         dataset = load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming,
                                cache_dir=cache_dir)
-        columns = {name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)}
-        lost = {fields: n for fields, n in samples.items() if fields and not fields & columns}
-        if lost:  # datasets takes a WebDataset's columns from its first 5 samples: these images would be skipped
-            held = (f"{n} samples hold their image only as {' and '.join(sorted('.' + f for f in fields))}"
-                    for fields, n in lost.items())
-            raise ValueError(
-                f"{folder}: " + ", ".join(held) +
-                ", but datasets takes a WebDataset's columns from its first samples, which give "
-                f"{', '.join(sorted('.' + c for c in columns)) or 'no image'}: those images would be skipped. Write "
-                "every sample's image under one extension.")
+        _refuse_lost_images(dataset, {fields: f"{n} samples" for fields, n in samples.items()}, folder)
         return dataset
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]

@@ -651,6 +651,37 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
         load_image_dataset(train_data_dir=str(folder))
 
 
+def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_samples(dataset_hub, tmp_path):
+    """On the Hub too, datasets takes a WebDataset's columns from the first samples: the samples of tars written with
+    another image extension would have no image, and be skipped one by one all through training (half the rows
+    here). Before training, each tar's first sample is read (its headers, not the tar) and such tars are refused,
+    named; a label before the image, or a second image (a mask), is no loss."""
+    def tar_of(folder: Path, k: int, names, size: int = 96):
+        folder.mkdir(exist_ok=True)
+        with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
+            for s, name in enumerate(names):
+                _add_member(tar, name, png_bytes(100 * k + s, size) if not name.endswith(".cls") else b"3")
+
+    fine, mixed = tmp_path / "fine", tmp_path / "mixed"
+    for folder in (fine, mixed):
+        tar_of(folder, 0, [f"{s:06d}.{ext}" for s in range(0, 5) for ext in ("cls", "png")])  # a label first
+        tar_of(folder, 1, [f"{s:06d}.{ext}" for s in range(5, 10) for ext in ("png", "mask.png")])
+    tar_of(mixed, 2, [f"{s:06d}.jpg" for s in range(20, 60)])  # 40 images of 96² (9 kB each)
+    tar_of(mixed, 3, [f"{s:06d}.{ext}" for s in range(60, 100) for ext in ("cls", "jpg")])  # with labels, first
+    repo = publish(mixed, "alice/mixed-tars")
+    with pytest.raises(ValueError, match=r"^Hub dataset alice/mixed-tars: the first samples of 2 tars "
+                                         r"\(train-00002.tar, train-00003.tar\) hold their image only as \.jpg, but "
+                                         r"datasets takes a WebDataset's columns from its first samples, which give "
+                                         r"\.png: those images would be skipped\. Write every sample's image under one "
+                                         r"extension\.$"):
+        load_image_dataset(repo)
+    for k in (2, 3):  # read up to the second sample's header: a block or two of 16 kB, and the end
+        sent = dataset_hub.bytes_read(repo)[f"train-{k:05d}.tar"][1]
+        assert sent <= 3 * 16 * 1024 < (mixed / f"train-{k:05d}.tar").stat().st_size / 5, sent
+    rows = list(load_image_dataset(publish(fine, "alice/fine-tars")))
+    assert len(rows) == 10 and all(row["png"] is not None for row in rows)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_hub_image_file_missing_for_a_moment_is_read_again_and_one_gone_is_skipped(dataset_hub, tmp_path,
                                                                                      monkeypatch, workers):
