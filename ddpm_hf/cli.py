@@ -21,6 +21,8 @@ import torch
 from .errors import is_out_of_memory, out_of_memory_detail
 from .seeds import SEED_RANGE
 
+DDP_TIMEOUT_S = 1800.0  # seconds processes wait for each other (train.py's --ddp_timeout too)
+
 
 def _positive(value: str) -> int:
     number = int(value)
@@ -33,6 +35,13 @@ def _seed(value: str) -> int:
     number = int(value)
     if number not in SEED_RANGE:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
     return number
 
 
@@ -97,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--ddp_timeout", type=_positive_seconds, default=DDP_TIMEOUT_S,
+                          help="under accelerate launch, seconds a process waits for the others (a slower GPU "
+                               "finishing its share of the samples); torch's default for NCCL is 600 (transformers' "
+                               "flag name)")
     _sampling_speed_args(evaluate, "; the bound always uses float32")
 
     data = sub.add_parser("data", help="write a dataset as parquet shards")
@@ -137,7 +150,8 @@ def cmd_evaluate(args) -> int:
         reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
         num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
         features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile)
+        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
+        ddp_timeout=args.ddp_timeout)
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ import torch
 
 from . import compiling
 from .checkpoints import publish_file
+from .cli import DDP_TIMEOUT_S
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
@@ -302,7 +304,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
              metrics: Sequence[str] = ("bpd", "fid", "kid"), num_samples: int = 1000, num_reference: int = 5000,
              num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist", is_splits: int = 10,
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
-             device: Optional[str] = None, dtype: str = "fp32", compile: bool = False) -> Optional[dict]:
+             device: Optional[str] = None, dtype: str = "fp32", compile: bool = False,
+             ddp_timeout: float = DDP_TIMEOUT_S) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
     results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
 
@@ -316,7 +319,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     reduce-overhead``), on a copy: the bound always evaluates the float32 network.
     Under ``accelerate launch`` every process computes its share of the bound's terms and samples its share for
     FID/KID/IS (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on
-    the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared.
+    the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared. A process waits
+    ``ddp_timeout`` seconds for the others at their meetings (torch's default for NCCL is 10 minutes: a GPU slower by
+    a few % over hours of sampling would end the evaluation).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
@@ -332,7 +337,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         check_features(features, num_samples, num_reference)  # said now, not after the bound and the sampling
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=ddp_timeout))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and state.num_processes != launched:
         raise ValueError(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import LoggerType
 
+from .cli import DDP_TIMEOUT_S
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
@@ -114,7 +115,7 @@ def parse_args(argv=None):
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
                      "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
-    out.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds the processes wait for each other "
+    out.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S, help="seconds the processes wait for each other "
                      "(the others wait while the main one samples, estimates bits/dim, saves and uploads); torch's "
                      "default for NCCL is 600 (transformers' flag name)")
     out.add_argument("--record_example_ids", action="store_true",

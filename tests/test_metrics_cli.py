@@ -2,8 +2,10 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,6 +429,30 @@ def test_evaluate_spreads_the_bound_over_two_processes_with_the_same_result(tmp_
     if bpd_timesteps == 0:
         assert (tmp_path / "one" / "rate_distortion.json").read_bytes() == (tmp_path / "two" / "rate_distortion.json"
                                                                             ).read_bytes()
+
+
+@pytest.mark.distributed
+def test_evaluate_processes_wait_for_each_other_as_long_as_ddp_timeout_says(tmp_path):
+    """torch's default wait at the processes' meetings is 10 minutes under NCCL: over hours of sampling, a GPU slower
+    by a few % ends the evaluation. `--ddp_timeout` sets it (30 minutes by default, as train.py's). Process 1 comes
+    8 s late to the bound's meeting here: with a 2 s wait, the evaluation stops (gloo's default, 30 minutes, would
+    have waited)."""
+    from ddpm_hf.cli import build_parser
+
+    data = write_test_split(tmp_path / "data", [png_bytes(seed, size=16) for seed in range(4)])
+    tiny_pipeline(num_train_timesteps=5).save_pretrained(tmp_path / "pipe")
+    args = ["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images", "4",
+            "--ddp_timeout", "2", "--out", str(tmp_path / "out")]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port", str(free_port()), str(Path(__file__).with_name("late_process.py")),
+                             *args], env=child_env(ACCELERATE_USE_CPU="1", DDPM_HF_LATE_S="8"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert re.search(r"[Tt]imed out", result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "out" / "results.json").exists() or "bpd" not in (tmp_path / "out" / "results.json").read_text()
+    assert build_parser().parse_args(["evaluate", "p", "--out", "o"]).ddp_timeout == 1800.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "p", "--out", "o", "--ddp_timeout", "0"])
 
 
 def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
