@@ -283,7 +283,7 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                     if remote.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
                         remote.seek(0)
                         with tarfile.open(fileobj=remote, mode="r:") as tar:  # its headers up to the second sample
-                            fields = next(image_fields_by_sample(tar), None)
+                            fields = next(image_fields_by_sample(tar, f"{where}: {_repo_path(url)}"), None)
                     size = remote.seek(0, os.SEEK_END)
                     remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
                     if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
@@ -365,15 +365,15 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
                 with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
                     last = None
 
-                    def members():  # each checked for its size
+                    def members():  # each checked for its size (a sparse one's is that of its holes filled)
                         nonlocal last
                         for last in tar:
-                            if last.offset_data + last.size > size:
+                            if not last.issparse() and last.offset_data + last.size > size:
                                 raise OSError(f"its member {last.name} ends at byte {last.offset_data + last.size} "
                                               f"of a file of {size}")
                             yield last
 
-                    samples.update(image_fields_by_sample(members()))
+                    samples.update(image_fields_by_sample(members(), path))
                     with open(path, "rb") as raw:  # tarfile stops quietly at a corrupt header: the end must be zeros
                         raw.seek(tar.offset)
                         end = raw.read(2 * tarfile.BLOCKSIZE)
@@ -393,10 +393,11 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     return samples
 
 
-def image_fields_by_sample(members: Iterable[tarfile.TarInfo]) -> Iterator[frozenset]:
-    """The image fields (``png``, ``seg.jpg``: a member's name after its sample's key) of each sample of a tar whose
-    ``members`` are given in order, grouped into samples as datasets' WebDataset reader groups them: consecutive
-    members sharing a key, hidden ones skipped."""
+def image_fields_by_sample(members: Iterable[tarfile.TarInfo], where: str) -> Iterator[frozenset]:
+    """The image fields (``png``, ``seg.jpg``: a member's name after its sample's key) of each sample of the tar
+    ``where`` whose ``members`` are given in order, grouped into samples as datasets' WebDataset reader groups them:
+    consecutive members sharing a key, hidden ones skipped. A sample holding a field twice is refused: datasets
+    stops reading there."""
     from datasets.packaged_modules.webdataset.webdataset import WebDataset, base_plus_ext
 
     def keyed():
@@ -406,8 +407,14 @@ def image_fields_by_sample(members: Iterable[tarfile.TarInfo]) -> Iterator[froze
                 if key is not None:
                     yield key, field
 
-    for _, sample in itertools.groupby(keyed(), key=lambda member: member[0]):
-        yield frozenset(field for _, field in sample if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS)
+    for key, sample in itertools.groupby(keyed(), key=lambda member: member[0]):
+        fields = [field for _, field in sample]
+        twice = next((field for k, field in enumerate(fields) if field in fields[:k]), None)
+        if twice is not None:
+            raise ValueError(f"{where}: its sample {key!r} holds two members {key}.{twice}, and datasets stops reading "
+                             "the tar there (\"Duplicate field\"): write each file of a sample once, or give the "
+                             "samples keys of their own.")
+        yield frozenset(field for field in fields if field.rsplit(".", 1)[-1].lower() in WebDataset.IMAGE_EXTENSIONS)
 
 
 def _refuse_lost_images(dataset, held: Dict[frozenset, str], where: str) -> None:

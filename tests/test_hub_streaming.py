@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -628,6 +629,24 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     masks.mkdir()
     tar_of(masks / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", "000006.mask.png"])
     assert [row["png"] is not None for row in load_image_dataset(train_data_dir=str(masks))] == [True] * 7
+    # a file twice in one sample: datasets would stop at it mid-training ("Duplicate field"), even past a hidden file
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    tar_of(twice / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", ".DS_Store", "000006.png"])
+    with pytest.raises(ValueError, match=r"twice/train-00000.tar: its sample '000006' holds two members 000006\.png, "
+                                         r"and datasets stops reading the tar there"):
+        load_image_dataset(train_data_dir=str(twice))
+    if shutil.which("tar"):  # a sparse member (GNU tar -S) is as long as its holes filled, not as its bytes in the tar
+        sparse = tmp_path / "sparse"
+        (sparse / "files").mkdir(parents=True)
+        for s in range(2):
+            (sparse / "files" / f"{s:06d}.png").write_bytes(png_bytes(s))
+        os.truncate(sparse / "files" / "000001.png", len(png_bytes(1)) + 2**22)  # a hole of 4 MiB after the PNG
+        subprocess.run(["tar", "-S", "--format=gnu", "-cf", str(sparse / "train-00000.tar"), "-C",
+                        str(sparse / "files"), "000000.png", "000001.png"], check=True)
+        shutil.rmtree(sparse / "files")
+        if (sparse / "train-00000.tar").stat().st_size < 2**20:  # sparse (a filesystem without holes has none)
+            assert [row["png"].size for row in load_image_dataset(train_data_dir=str(sparse))] == [(20, 20)] * 2
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
