@@ -541,6 +541,32 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
         assert f"without reading {len(finished - {checked})} finished tars again" in caplog.text
 
 
+def test_a_tar_missing_while_a_resume_skips_to_its_position_is_retried_and_nothing_is_left_behind(dataset_hub, tmp_path,
+                                                                                                  caplog, fast_retries):
+    """A resume in the first epoch reads the tars it had begun while it skips to its position: one of them answering
+    404 there fails that skip, and the stream's retry replays the epoch again, exactly (the examples of a stream that
+    never stopped); the failed replay is not left behind."""
+    from ddpm_hf import data
+
+    sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
+    folder = _write_tars(tmp_path / "tars", sizes)
+    shard_of = {hashlib.sha1(png_bytes(s)).hexdigest(): k
+                for k in range(len(sizes)) for s in range(sum(sizes[:k]), sum(sizes[:k + 1]))}
+    dataset = load_image_dataset(publish(folder, "alice/tars-lost-in-the-skip"), check_shards=False)
+    _, reference = _tar_batches(dataset, 16)
+    _, stopped = _tar_batches(dataset, 8)  # 32 rows of 104: the first epoch
+    state = stopped.state_dict()
+    begun = sorted({shard_of[example] for example in stopped.seen_ids} - set(state["tar_rows_known"]))
+    assert state["tar_rows_known"] and begun, state
+    caplog.set_level(logging.INFO, logger="ddpm_hf.data")
+    lost = dataset_hub.inject("GET", f"train-{begun[0]:05d}.tar", "status", times=1, status=404)
+    _, resumed = _tar_batches(dataset, 8, state)
+    assert lost.hits and "retry 1/5" in caplog.text
+    assert caplog.text.count("without reading") == 1  # the replay that got past its skip
+    assert stopped.seen_ids + resumed.seen_ids == reference.seen_ids
+    assert not data._TAR_REPLAYS
+
+
 def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_ones(dataset_hub, tmp_path, caplog,
                                                                                    fast_retries):
     """Tars that answer 404 twice once a third of the first epoch is read: the stream's retry re-opens its epoch at its
