@@ -280,14 +280,17 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                 if builder == "parquet":
                     pq.read_metadata(remote)
                 elif builder == "webdataset":
-                    if remote.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
+                    first = remote.read(tarfile.BLOCKSIZE)
+                    compressed = _compressed_tar(first)
+                    if first != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
                         remote.seek(0)
-                        with tarfile.open(fileobj=remote, mode="r:") as tar:  # its headers up to the second sample
+                        with tarfile.open(fileobj=remote, mode="r|*" if compressed else "r:") as tar:
                             fields = next(image_fields_by_sample(tar, f"{where}: {_repo_path(url)}"), None)
-                    size = remote.seek(0, os.SEEK_END)
-                    remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
-                    if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
-                        raise tarfile.ReadError("it does not end with a tar's end of archive (two zero blocks)")
+                    if not compressed:  # (a compressed tar's end is not the tar's own)
+                        size = remote.seek(0, os.SEEK_END)
+                        remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
+                        if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
+                            raise tarfile.ReadError("it does not end with a tar's end of archive (two zero blocks)")
                 else:
                     pa.ipc.open_stream(remote).schema
         except (pa.ArrowException, tarfile.TarError, OSError) as err:
@@ -361,6 +364,12 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
             if builder == "parquet":
                 pq.read_metadata(path)
             elif builder == "webdataset":
+                with open(path, "rb") as raw:
+                    compressed = _compressed_tar(raw.read(10))
+                if compressed:  # read whole, as datasets reads it: its headers lie in the compressed stream
+                    with tarfile.open(path, "r|*") as tar:
+                        samples.update(image_fields_by_sample(tar, path))
+                    continue
                 size = os.path.getsize(path)
                 with tarfile.open(path, "r:") as tar:  # one 512-byte header per member, the contents skipped
                     last = None
@@ -391,6 +400,13 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
             raise ValueError(f"{path} is not a readable {builder} file ({err}); it is truncated or corrupt: "
                              "rewrite or remove it.") from err
     return samples
+
+
+def _compressed_tar(head: bytes) -> bool:
+    """Whether a .tar file whose first bytes are ``head`` (10 or more) is compressed (gzip, bzip2, xz), as tarfile's
+    "r|*", with which datasets reads every tar, tells: datasets reads such a file all the same."""
+    return head.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ")) or (
+        head[:3] == b"BZh" and head[4:10] == b"1AY&SY")
 
 
 def image_fields_by_sample(members: Iterable[tarfile.TarInfo], where: str) -> Iterator[frozenset]:

@@ -662,6 +662,21 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     with pytest.raises(ValueError, match=r"twice/train-00000.tar: its sample '000006' holds two members 000006\.png, "
                                          r"and datasets stops reading the tar there"):
         load_image_dataset(train_data_dir=str(twice))
+    # compressed, under the name .tar: datasets reads it (tarfile's "r|*"), and so is it checked, whole
+    import gzip
+    import lzma
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    tar_of(packed / "plain.tar", [f"{s:06d}.png" for s in range(4)])
+    (packed / "train-00000.tar").write_bytes(gzip.compress((packed / "plain.tar").read_bytes()))
+    (packed / "plain.tar").unlink()
+    assert [row["png"].size for row in load_image_dataset(train_data_dir=str(packed))] == [(20, 20)] * 4
+    tar_of(packed / "plain.tar", ["000004.png", "000005.jpg"])
+    (packed / "train-00001.tar").write_bytes(lzma.compress((packed / "plain.tar").read_bytes()))
+    (packed / "plain.tar").unlink()
+    with pytest.raises(ValueError, match=r"packed: 1 samples hold their image only as \.jpg"):
+        load_image_dataset(train_data_dir=str(packed))
     if shutil.which("tar"):  # a sparse member (GNU tar -S) is as long as its holes filled, not as its bytes in the tar
         sparse = tmp_path / "sparse"
         (sparse / "files").mkdir(parents=True)
@@ -700,7 +715,10 @@ def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_sample
     """On the Hub too, datasets takes a WebDataset's columns from the first samples: the samples of tars written with
     another image extension would have no image, and be skipped one by one all through training (half the rows
     here). Before training, each tar's first sample is read (its headers, not the tar) and such tars are refused,
-    named; a label before the image, or a second image (a mask), is no loss."""
+    named; a label before the image, or a second image (a mask), is no loss, and a tar compressed under the name .tar
+    is read as datasets reads it."""
+    import gzip
+
     def tar_of(folder: Path, k: int, names, size: int = 96):
         folder.mkdir(exist_ok=True)
         with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
@@ -713,6 +731,7 @@ def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_sample
         tar_of(folder, 1, [f"{s:06d}.{ext}" for s in range(5, 10) for ext in ("png", "mask.png")])
     tar_of(mixed, 2, [f"{s:06d}.jpg" for s in range(20, 60)])  # 40 images of 96² (9 kB each)
     tar_of(mixed, 3, [f"{s:06d}.{ext}" for s in range(60, 100) for ext in ("cls", "jpg")])  # with labels, first
+    (mixed / "train-00003.tar").write_bytes(gzip.compress((mixed / "train-00003.tar").read_bytes()))  # and gzipped
     repo = publish(mixed, "alice/mixed-tars")
     with pytest.raises(ValueError, match=r"^Hub dataset alice/mixed-tars: the first samples of 2 tars "
                                          r"\(train-00002.tar, train-00003.tar\) hold their image only as \.jpg, but "
@@ -723,8 +742,10 @@ def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_sample
     for k in (2, 3):  # read up to the second sample's header: a block or two of 16 kB, and the end
         sent = dataset_hub.bytes_read(repo)[f"train-{k:05d}.tar"][1]
         assert sent <= 3 * 16 * 1024 < (mixed / f"train-{k:05d}.tar").stat().st_size / 5, sent
+    tar_of(fine, 2, [f"{s:06d}.png" for s in range(10, 13)])
+    (fine / "train-00002.tar").write_bytes(gzip.compress((fine / "train-00002.tar").read_bytes()))  # (datasets reads it)
     rows = list(load_image_dataset(publish(fine, "alice/fine-tars")))
-    assert len(rows) == 10 and all(row["png"] is not None for row in rows)
+    assert len(rows) == 13 and all(row["png"] is not None for row in rows)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
