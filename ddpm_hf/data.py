@@ -255,7 +255,8 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     first_samples = {}
     if check_shards and builder.name in ("parquet", "arrow", "webdataset"):
         first_samples = _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
-    streamed = builder.as_streaming_dataset(split=split)  # (datasets chooses a WebDataset's columns here)
+    # (datasets chooses a WebDataset's columns as it opens the stream: they are checked before any download)
+    streamed = builder.as_streaming_dataset(split=split) if streaming or first_samples else None
     if first_samples:
         _refuse_lost_images(streamed, first_samples, where)
     if streaming:

@@ -115,9 +115,9 @@ def parse_args(argv=None):
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
                      "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
-    out.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S, help="seconds the processes wait for each other "
-                     "(the others wait while the main one samples, estimates bits/dim, saves and uploads); torch's "
-                     "default for NCCL is 600 (transformers' flag name)")
+    out.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S, help="seconds the processes wait for each "
+                     "other (the others wait while the main one samples, estimates bits/dim, saves and uploads); "
+                     "torch's default for NCCL is 600 (transformers' flag name)")
     out.add_argument("--record_example_ids", action="store_true",
                      help="write the sha1 of every training image per process (audits of the data split)")
     hub = p.add_argument_group("hub")
