@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -186,14 +187,73 @@ def hub_timeout(seconds: float):
         huggingface_hub.set_client_factory(previous)
 
 
+def http_status(err: BaseException) -> Optional[int]:
+    """The HTTP status of a huggingface_hub error (None for a network error, a timeout, ...)."""
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
+    """The repo a training run will push to, checked before it trains, as diffusers' example does by creating it
+    then (and not found unwritable at its first upload, hours later): no token, one the Hub refuses or one that only
+    reads, a namespace that the token's account cannot write in, or a public repo that ``private`` would leave public
+    (creating a repo makes it private; an existing one keeps its visibility) raise a ValueError naming the fix; a
+    network failure, a ConnectionError. A ``repo_id`` without namespace is the account's, as on the Hub. The repo is
+    created where it does not exist. Returns ``namespace/name``."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise ValueError("--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN, or log "
+                         "in with `hf auth login`.")
+    api = HfApi(token=token)
+    try:
+        me = api.whoami()
+        namespace, _, name = repo_id.rpartition("/")
+        repo_id = f"{namespace or me['name']}/{name}"
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise ValueError(f"the Hub token ({me['name']}'s) can only read: pass a token with write access to "
+                             f"{repo_id} (--hub_token or HF_TOKEN).")
+        writers = {me["name"]} | {org["name"] for org in me.get("orgs") or [] if org.get("roleInOrg") != "read"}
+        if role != "fineGrained" and repo_id.split("/")[0] not in writers:  # (a fine-grained token's scopes vary)
+            raise ValueError(f"--hub_model_id {repo_id}: the Hub token's account, {me['name']}, cannot write in "
+                             f"{repo_id.split('/')[0]!r} (it writes in {', '.join(sorted(writers))}): push to "
+                             f"{me['name']}/{name}, or pass a token of an account that writes there.")
+        try:
+            existing = api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            existing = None
+        if existing is None:
+            api.create_repo(repo_id, private=private or None, exist_ok=True)
+        elif private and not existing.private:
+            raise ValueError(f"--hub_private_repo: {repo_id} exists and is public, and pushing does not change a "
+                             "repo's visibility: the weights would be public. Make the repo private on the Hub (its "
+                             "settings, or huggingface_hub's update_repo_settings(private=True)) first, or leave out "
+                             "--hub_private_repo.")
+    except HfHubHTTPError as err:
+        message = redact(f"{type(err).__name__}: {err}", [token])
+        if http_status(err) == 401:
+            raise ValueError(f"the Hub refused the token ({message}): pass a valid token with write access "
+                             "(--hub_token or HF_TOKEN).") from err
+        if http_status(err) == 403:
+            raise ValueError(f"--hub_model_id {repo_id}: the token may not create or write this repo ({message}): "
+                             "pass a token with write access there, or another --hub_model_id.") from err
+        raise ConnectionError(f"could not check --hub_model_id {repo_id} on the Hub ({message}): check the "
+                              "connection and the Hub's status, then start again.") from err
+    return repo_id
+
+
 def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional[str], private: bool, attempts: int,
                       timeout_s: float, grid_path: Optional[Path], training_config: dict, local_dir: str,
                       datasets: Optional[List[str]] = None, backoff_s: float = 2.0) -> bool:
     """Upload a training run's EMA pipeline, its model card naming ``datasets`` (the Hub datasets it was trained on)
     in its metadata. huggingface_hub retries 5xx answers, dropped connections and timeouts
     (``timeout_s``) itself, with backoff; on top of that the whole upload is tried ``attempts`` times with exponential
-    backoff (backoff_s, 2·backoff_s, ...). A final failure is reported and training goes on. Local files are never
-    modified and no token reaches the log."""
+    backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is not tried again. A failure is
+    reported and False returned. Local files are never modified and no token reaches the log."""
     import huggingface_hub
     from PIL import Image
 
@@ -209,9 +269,58 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
             message = redact(f"{type(err).__name__}: {err}", secrets)
+            if http_status(err) in (401, 403):  # the token, or its rights, changed since the run's start
+                logger.error("push to %s refused (%s): it would be refused again; pass a token with write access "
+                             "(--hub_token or HF_TOKEN) when the run resumes. The pipeline of step %d stays in %s",
+                             repo_id, message, step, local_dir)
+                return False
             logger.warning("push to %s failed (attempt %d/%d): %s", repo_id, attempt, attempts, message)
             if attempt < attempts:
                 time.sleep(min(backoff_s * 2 ** (attempt - 1), 60))
-    logger.error("gave up pushing step %d to %s after %d attempts; training goes on and the pipeline stays in %s",
-                 step, repo_id, attempts, local_dir)
+    logger.error("gave up pushing step %d to %s after %d attempts; the pipeline stays in %s", step, repo_id, attempts,
+                 local_dir)
     return False
+
+
+class Uploads:
+    """A training run's uploads of its EMA pipeline (by the main process), off the training loop. A checkpoint's
+    upload runs in a thread while training goes on: waiting for it, the other processes would stand at their next
+    meeting (up to --ddp_timeout, then the run would end) and every GPU would idle. One runs at a time: a checkpoint
+    due while one is running is not uploaded (the next, or the final one, carries newer weights). The final upload
+    runs once training is over (``finish``), the other processes gone. ``push(pipeline, grid, step)`` uploads and
+    says whether it did; ``resumable``: the run's last step has a checkpoint to resume from."""
+
+    def __init__(self, push: Callable[[object, Optional[Path], int], bool], output_dir: str, repo_id: str,
+                 resumable: bool):
+        self.upload, self.output_dir, self.repo_id, self.resumable = push, output_dir, repo_id, resumable
+        self.running: Optional[Tuple[threading.Thread, int]] = None  # a checkpoint's upload, and its step
+        self.final: Optional[tuple] = None  # (pipeline, grid, step) of the final upload, until it is made
+
+    def push(self, pipe, grid: Optional[Path], step: int, final: bool) -> None:
+        if final:
+            self.final = (pipe, grid, step)
+            return
+        if self.running is not None and self.running[0].is_alive():
+            logger.warning("the upload of step %d is still running: step %d is not uploaded (a later upload carries "
+                           "newer weights)", self.running[1], step)
+            return
+        thread = threading.Thread(target=self.upload, args=(pipe, grid, step), daemon=True,
+                                  name=f"ddpm_hf-upload-{step}")
+        thread.start()
+        self.running = (thread, step)
+
+    def finish(self) -> None:
+        """Wait for a checkpoint's upload, then make the final one; a final upload that fails ends the run with an
+        error (after everything is saved): the model asked for on the Hub is not there."""
+        if self.running is not None:
+            self.running[0].join()
+        if self.final is None:
+            return
+        pipe, grid, step = self.final
+        if not self.upload(pipe, grid, step):
+            again = ("the same command with --resume_from_checkpoint latest (it trains nothing more), or "
+                     if self.resumable else "")
+            raise SystemExit(f"training is done and its pipeline is in {self.output_dir}, but it could not be pushed "
+                             f"to {self.repo_id} (see the errors above). Push it with {again}"
+                             f"ddpm_hf.DDPMPipeline.from_pretrained({str(self.output_dir)!r}).push_to_hub("
+                             f"{self.repo_id!r}).")

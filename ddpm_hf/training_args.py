@@ -215,9 +215,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.resolution is not None and args.resolution < 1:
         p.error(f"--resolution must be at least 1, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:
-        p.error("--push_to_hub needs --hub_model_id namespace/name")
-    if args.hub_model_id is not None and not (is_repo_id(args.hub_model_id) and args.hub_model_id.count("/") == 1):
-        p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use namespace/name with letters, "
+        p.error("--push_to_hub needs --hub_model_id (name, or namespace/name)")
+    if args.hub_model_id is not None and not is_repo_id(args.hub_model_id):
+        p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use name or namespace/name with letters, "
                 "digits, '.', '_' or '-'")
     try:
         check_loss_supports_variance(args.loss, args.variance_type)

@@ -40,7 +40,7 @@ from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_re
                           find_image_column, first_image, hub_dataset_id, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
-from ddpm_hf.hub import push_pipeline_with_retries
+from ddpm_hf.hub import Uploads, check_push_target, push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
@@ -378,9 +378,9 @@ def bits_per_dim_images(args, resolution: int, channels: int) -> torch.Tensor:
 
 
 def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: bool, evaluate: bool, push: bool,
-                  final: bool, bpd_images: Optional[torch.Tensor] = None) -> None:
+                  final: bool, uploads: Uploads, bpd_images: Optional[torch.Tensor] = None) -> None:
     """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate (of
-    ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload."""
+    ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload (see Uploads)."""
     output_dir = Path(args.output_dir)
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = None
@@ -400,7 +400,7 @@ def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: b
     if final:
         save_pipeline(pipe, output_dir, public_config(args))
     if push:
-        push_with_retries(pipe, args, grid, step)
+        uploads.push(pipe, grid, step, final)
 
 
 def unless_out_of_memory(device: torch.device, what: str, fix: str, work):
@@ -489,6 +489,24 @@ class Throughput:
                 f"over {seconds:.1f} s (the first logging interval left out)")
 
 
+def decided_by_main(accelerator, decide, what: str):
+    """``decide()`` on the main process, its result on every process; its failure (ValueError, OSError) stops every
+    process with its message: the others would wait for the main one at their next meeting instead."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None, None]  # the result, or why it failed
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = decide()
+        except (OSError, ValueError) as err:
+            outcome[1] = f"{what}: {err}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise SystemExit(outcome[1])
+    return outcome[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
     compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
@@ -496,6 +514,9 @@ def main(argv=None):
     device, world = accelerator.device, accelerator.num_processes
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
     dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
+    if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload
+        args.hub_model_id = decided_by_main(accelerator, lambda: check_push_target(
+            args.hub_model_id, args.hub_token, args.hub_private_repo), "--push_to_hub")
     set_seed(args.seed)  # the same initial weights on every process
 
     # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
@@ -539,6 +560,8 @@ def main(argv=None):
                disable=not accelerator.is_main_process)
     speed, bad = Throughput(), BadSteps(args.max_nonfinite_steps)
     resumed_at_end = loop.step >= args.max_train_steps
+    uploads = Uploads(lambda pipe, grid, step: push_with_retries(pipe, args, grid, step), args.output_dir,
+                      args.hub_model_id, resumable=bool(args.checkpointing_steps))  # the main process's
 
     def count(update: Update) -> None:
         """A finished update made a step, unless it was skipped: the learning-rate schedule, the EMA, the step
@@ -557,7 +580,7 @@ def main(argv=None):
                             data_wait=f"{100 * logs['data_wait']:.1f}%")
         bar.update(1)
         after_step(accelerator, args, model, ema, scheduler, loop.step, started,  # checkpoints, ...
-                   bpd_images)
+                   uploads, bpd_images)
 
     pending = None  # an update the device decided, counted when the next one has been queued (see Update)
     try:
@@ -596,8 +619,10 @@ def main(argv=None):
         # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them
         # (the pipeline/ folder of a run from ddpm_hf < 0.2 gives way to the pipeline in --output_dir).
         write_outputs(accelerator, model, ema, scheduler, args, loop.step, False, False,
-                      args.push_to_hub, True)
+                      args.push_to_hub, True, uploads)
     finish(accelerator, args, stream)
+    if accelerator.is_main_process:
+        uploads.finish()  # the others are done: none waits for the Hub
 
 
 FUSED_ADAMW_ON = {"cuda"}  # devices where AdamW runs as one kernel (and skips a non-finite update on the device)
@@ -708,7 +733,7 @@ def count_at_once(args, step: int) -> bool:
     return any(due_after(args, step))
 
 
-def after_step(accelerator, args, model, ema, scheduler, step: int, started: float,
+def after_step(accelerator, args, model, ema, scheduler, step: int, started: float, uploads: Uploads,
                bpd_images: Optional[torch.Tensor]) -> None:
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
     bits/dim estimate, the final pipeline, an upload (the main process). The budget is checked at the logged steps,
@@ -724,7 +749,7 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
         if accelerator.is_main_process:
             try:
                 write_outputs(accelerator, model, ema, scheduler, args, step, due.images, due.eval,
-                              due.push, due.final, bpd_images)
+                              due.push, due.final, uploads, bpd_images)
             except Exception as err:  # the EMA network's copy or the pipeline's files (grids skip themselves)
                 if not is_out_of_memory(err):
                     raise

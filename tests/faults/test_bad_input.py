@@ -92,7 +92,7 @@ def _parquet(folder: Path, images, extra=None) -> Path:
                                             "bound, whose terms already carry their own weights"),
     (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
     (["--push_to_hub", "--hub_model_id", "../etc/passwd"], "is not a Hub repo id"),
-    (["--push_to_hub", "--hub_model_id", "no-namespace"], "is not a Hub repo id"),
+    (["--push_to_hub", "--hub_model_id", "a/b/c"], "is not a Hub repo id"),
     (["--push_to_hub", "--hub_model_id", "alice/a b"], "is not a Hub repo id"),
     (["--push_checkpoints"], "--push_checkpoints needs --push_to_hub"),
     (["--train_data_dir", "{tmp}/missing"], "is not a folder"),

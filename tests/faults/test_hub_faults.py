@@ -1,6 +1,7 @@
 """Hub faults from the test server (tests/fakehub.py): HTTP 5xx, a connection dropped in the middle of an upload, a
-server that stops answering. Uploads from training are retried with backoff and then reported clearly; training
-goes on; local files are untouched; no token appears in any log or error."""
+server that stops answering, a token that cannot write. Uploads from training are retried with backoff and then
+reported clearly; training goes on; local files are untouched; no token appears in any log or error. A token that
+cannot write where the run would push stops it before training."""
 
 import hashlib
 import logging
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from helpers import tiny_pipeline
+from runs import FAST, TRAIN, child_env, free_port, write_images
 
 from ddpm_hf import DDPMPipeline
 
@@ -96,3 +98,94 @@ def test_downloads_from_a_failing_hub_fail_clearly_without_the_token(hub, tmp_pa
     assert "502" in str(raised.value) and "local_files_only=True" in str(raised.value)
     assert ALICE not in str(raised.value)
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing half-downloaded was kept as a file
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.mark.parametrize("token, flags, said", [
+    (None, [], "--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN"),
+    ("hf_wrong", [], "the Hub refused the token (HfHubHTTPError: Invalid user token.): pass a valid token"),
+    (ALICE, ["--hub_private_repo"], "--hub_private_repo: alice/public exists and is public, and pushing does not "
+                                    "change a repo's visibility"),
+], ids=["no-token", "invalid-token", "public-repo-asked-private"])
+def test_a_push_that_would_fail_stops_the_run_before_training(images, tmp_path, train_here, hub, token, flags, said):
+    """What would make every upload fail (or publish weights the user asked to keep private) is found before the
+    first step, as diffusers' example finds it by creating the repo first: not after the last step, the run then
+    ending with success and the model not on the Hub."""
+    tiny_pipeline().push_to_hub("alice/public", token=ALICE, sample_grid=tiny_pipeline()(
+        batch_size=1, num_inference_steps=2).images[0])
+    commits = len(hub.repos["alice/public"].history)
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
+                   "alice/public", "--output_dir", str(out), *flags] + (["--hub_token", token] if token else [])
+    with pytest.raises(SystemExit) as stopped:
+        train_here(args)
+    assert said in str(stopped.value.code) and (token is None or token not in str(stopped.value.code))
+    assert not list(out.glob("checkpoint-*")) and not (out / "model_index.json").exists()
+    assert len(hub.repos["alice/public"].history) == commits and not hub.repos["alice/public"].private
+
+
+def test_a_repo_name_without_namespace_is_the_token_accounts(images, tmp_path, train_here, hub):
+    """--hub_model_id my-model, as the Hub and diffusers' example take it: the token's account's repo."""
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
+                       "my-model", "--hub_token", ALICE, "--output_dir", str(tmp_path / "run")])
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(tmp_path / "run"), tmp_path, repo="alice/my-model")
+
+
+def test_a_final_upload_that_fails_ends_the_run_with_an_error_after_everything_is_saved(images, tmp_path, train_here,
+                                                                                        hub, caplog):
+    """Training done, the pipeline and the last checkpoint saved, the final upload failing (5xx after every retry):
+    the run ends with an error naming the way to push again, not with success; a refused token is not tried again."""
+    hub.inject("POST", "/commit/", "status", times=-1, status=500, retry_after=0)
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                   "--push_to_hub", "--hub_model_id", "alice/down", "--hub_token", ALICE, "--hub_push_attempts", "1",
+                   "--output_dir", str(out)]
+    with pytest.raises(SystemExit) as stopped:
+        train_here(args)
+    message = str(stopped.value.code)
+    assert message.startswith(f"training is done and its pipeline is in {out}, but it could not be pushed to "
+                              "alice/down"), message
+    assert "the same command with --resume_from_checkpoint latest (it trains nothing more)" in message
+    assert (out / "model_index.json").is_file() and (out / "checkpoint-2").is_dir()
+    hub.faults.clear()
+    train_here(args + ["--resume_from_checkpoint", "latest"])  # the Hub back: the resume pushes
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/down")
+
+
+def test_a_token_refused_during_an_upload_is_not_tried_again(train, hub, tmp_path, caplog):
+    """A token revoked during a run: 401 would come back at every attempt."""
+    args = train.parse_args(["--push_to_hub", "--hub_model_id", "alice/revoked", "--hub_token", "hf_revoked",
+                             "--hub_push_attempts", "3", "--output_dir", str(tmp_path / "run")])
+    pipe = tiny_pipeline(num_train_timesteps=10)
+    with caplog.at_level(logging.INFO, logger="ddpm_hf"):
+        ok = train.push_with_retries(pipe, args, None, step=7, backoff_s=0.2)
+    assert not ok and "push to alice/revoked refused" in caplog.text and "401" in caplog.text
+    assert "attempt" not in caplog.text and "hf_revoked" not in caplog.text
+
+
+@pytest.mark.distributed
+def test_a_slow_checkpoint_upload_keeps_no_process_waiting(images, tmp_path, hub):
+    """Two processes, a checkpoint's upload that the Hub answers only after 20 s, the processes' wait for each other
+    8 s (--ddp_timeout): the other process waited for the main one's upload at their next meeting and the run ended
+    with the process group's timeout. Uploads run beside training: the run ends well, the checkpoint due while one
+    was running is not uploaded, and the Hub gets the final pipeline."""
+    import subprocess
+    import sys
+
+    stall = hub.inject("POST", "/commit/", "stall", times=1, seconds=20)
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "2",
+                   "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/slow", "--hub_token", ALICE,
+                   "--hub_timeout", "60", "--ddp_timeout", "8", "--output_dir", str(out)]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port", str(free_port()), TRAIN, *args],
+                            env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and stall.hits, log[-4000:]
+    assert "the upload of step 2 is still running: step 4 is not uploaded" in log
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/slow")

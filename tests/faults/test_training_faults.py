@@ -5,6 +5,7 @@ checkpoint, a sample grid and the final pipeline, a file-size limit, and NaN los
 import datetime
 import gc
 import hashlib
+import logging
 import random
 import re
 import resource
@@ -626,18 +627,22 @@ def test_tensorboard_shows_each_step_once_after_a_resume(images, tmp_path, train
 
 
 def test_a_checkpoint_upload_samples_its_grid_once_whatever_its_attempts(images, tmp_path, train_here, hub,
-                                                                          monkeypatch):
+                                                                          monkeypatch, caplog):
     """--push_checkpoints uploads the EMA pipeline with a sample grid at each checkpoint. The grid is sampled once,
-    kept in samples/, and every attempt of a failing upload (bob may not write to alice's repo) sends that one: it was
-    sampled again at each attempt (the full chain, while the other processes wait)."""
+    kept in samples/, and every attempt of a failing upload (the Hub answers 500 to each upload's first attempt: 6
+    tries of huggingface_hub's) sends that one: it was sampled again at each attempt (the full chain)."""
     from ddpm_hf.pipelines import DDPMPipeline
 
     calls = []
     real_call = DDPMPipeline.__call__
     monkeypatch.setattr(DDPMPipeline, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
     out = tmp_path / "run"
-    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
-                       "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/pushed", "--hub_token",
-                       "hf_test_bob", "--hub_push_attempts", "2", "--output_dir", str(out)])
-    assert len(calls) == 2  # steps 2 and 4, two attempts each
+    hub.inject("POST", "/commit/", "status", times=6, status=500, retry_after=0)
+    with caplog.at_level(logging.INFO, logger="ddpm_hf"):
+        train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
+                           "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/pushed", "--hub_token",
+                           "hf_test_alice", "--hub_push_attempts", "2", "--output_dir", str(out)])
+    assert "push to alice/pushed failed (attempt 1/2)" in caplog.text
+    assert "pushed the EMA pipeline of step 4" in caplog.text
+    assert len(calls) == 2  # steps 2 and 4, one grid each
     assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
