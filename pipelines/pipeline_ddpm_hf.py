@@ -173,8 +173,11 @@ class DDPMPipeline(DiffusionPipeline):
         return images if output_type == "pt" else images.cpu().permute(0, 2, 3, 1).float().numpy()
 
     def _set_timesteps(self, num_inference_steps: Optional[int], timesteps: Optional[List[int]]) -> None:
+        """``timesteps``, else ``num_inference_steps`` evenly spread, else the full chain."""
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=list(timesteps))
+        elif num_inference_steps is None:
+            self.scheduler.set_timesteps(self.scheduler.config.num_train_timesteps)
         else:
             self.scheduler.set_timesteps(num_inference_steps)
 
@@ -190,7 +193,7 @@ class DDPMPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: GeneratorArg = None,
-        num_inference_steps: int = 1000,
+        num_inference_steps: Optional[int] = None,
         timesteps: Optional[List[int]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -202,8 +205,9 @@ class DDPMPipeline(DiffusionPipeline):
         Args:
             batch_size: number of images.
             generator: a ``torch.Generator`` or one per image (each image then depends on its own seed only).
-            num_inference_steps: steps of the reverse chain (1000 = the paper's full chain); fewer steps use the
-                scheduler's ``timestep_spacing``. Ignored when ``timesteps`` is given.
+            num_inference_steps: steps of the reverse chain, by default the full chain (the model's
+                ``num_train_timesteps``: the paper's 1000); fewer steps use the scheduler's ``timestep_spacing``.
+                Ignored when ``timesteps`` is given.
             timesteps: explicit strictly descending timesteps.
             output_type: ``"pil"`` (uint8 images), ``"np"`` (float in [0, 1], NHWC) or ``"pt"`` (float in [0, 1],
                 NCHW).
@@ -235,7 +239,7 @@ class DDPMPipeline(DiffusionPipeline):
         self,
         batch_size: int = 4,
         generator: GeneratorArg = None,
-        num_inference_steps: int = 1000,
+        num_inference_steps: Optional[int] = None,
         num_snapshots: int = 10,
         snapshot_timesteps: Optional[Sequence[int]] = None,
         output_type: str = "pil",
@@ -414,14 +418,20 @@ class DDPMPipeline(DiffusionPipeline):
                               evaluation=evaluation)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            # files of an earlier upload's layout that this one has not (a remote-code layout's module files, a
+            # pickle's weights) go in the same commit: the repo holds the pipeline as saved, nothing else of ours
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
-                                     commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf")
+                                     commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
+                                     delete_patterns=["*.py", "unet/*", "scheduler/*"])
 
 
 def _set_class_name(config_path: Path, class_name: str) -> None:
     config = json.loads(config_path.read_text())
     config["_class_name"] = class_name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+PREDICTS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v", "mean": "μ"}  # what the network predicts
 
 
 def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", datasets: Optional[Sequence[str]] = None,
@@ -441,7 +451,7 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
         "[ddpm_hf](https://github.com/ddpm-hf/ddpm_hf).", "",
         "![samples](samples.png)", "",
         "## Model", "",
-        f"- U-Net ε-predictor, {params:,} parameters, {unet.in_channels} channel(s), {size}×{size} pixels, "
+        f"- U-Net {PREDICTS.get(sched.prediction_type, sched.prediction_type)}-predictor, {params:,} parameters, {unet.in_channels} channel(s), {size}×{size} pixels, "
         f"block_out_channels {list(unet.block_out_channels)}, {unet.layers_per_block} residual blocks per level",
         f"- {sched.num_train_timesteps} diffusion steps, {sched.beta_schedule} β schedule "
         f"({sched.beta_start} → {sched.beta_end}), variance {sched.variance_type}, prediction {sched.prediction_type}",
@@ -458,7 +468,7 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
     lines += [
         "", "## Usage", "", "With plain diffusers:", "", "```python",
         "from diffusers import DiffusionPipeline", "", f'repo_id = "{repo_id}"', f"pipe = {loader}",
-        "image = pipe(num_inference_steps=1000).images[0]", "```", "",
+        f"image = pipe(num_inference_steps={sched.num_train_timesteps}).images[0]  # the full chain", "```", "",
     ]
     if plain:  # diffusers' own DDPMPipeline samples it
         lines += ["Keep that pipeline in float32: in `torch_dtype=torch.bfloat16` diffusers' pipeline rounds its whole "

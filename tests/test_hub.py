@@ -33,8 +33,13 @@ def test_push_then_load_with_ddpm_hf_and_plain_diffusers(hub, tmp_path):
     for needle in ("library_name: diffusers", "pipeline_tag: unconditional-image-generation", "license: apache-2.0",
                    "- \"fashion_mnist\"", "| learning_rate | 0.0002 |", "| bits/dim | 4.2 |", "![samples](samples.png)",
                    'DDPMPipeline.from_pretrained("alice/tiny-ddpm")', "DiffusionPipeline.from_pretrained(repo_id)",
-                   "Keep that pipeline in float32"):
+                   "Keep that pipeline in float32", "U-Net ε-predictor"):
         assert needle in card, needle
+    # the card's usage code runs as written, for a model of 20 diffusion steps: plain diffusers, then ddpm_hf
+    usage = [block.split("```")[0] for block in card.split("```python\n")[1:]]
+    assert len(usage) == 2 and "num_inference_steps=20" in usage[0]
+    run_without_ddpm_hf(usage[0], cwd=tmp_path)
+    exec(usage[1], {})
 
     expected = sample_np(pipe)
     loaded = DDPMPipeline.from_pretrained("alice/tiny-ddpm", cache_dir=tmp_path / "cache1")
@@ -69,6 +74,11 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
     loaded = DDPMPipeline.from_pretrained("alice/remote-ddpm", cache_dir=tmp_path / "ours")
     assert loaded.scheduler.config.variance_type == "fixed_large_log"
+    # a plain pipeline pushed over it: the remote code goes (diffusers would still find it, and the card would lie)
+    _push(tiny_pipeline(), "alice/remote-ddpm")
+    assert set(HfApi().list_repo_files("alice/remote-ddpm")) == {
+        ".gitattributes", "README.md", "samples.png", "model_index.json", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
 
 
 def test_private_repo(hub, tmp_path):

@@ -254,6 +254,20 @@ def test_bad_call_arguments():
         pipe(num_inference_steps=1000)
 
 
+def test_the_default_chain_is_the_models_full_chain():
+    """A model of 20 diffusion steps samples its 20 by default (1000 would be refused), as the model card's usage
+    code calls it; progressive generation too. The predictor the card names follows the prediction type."""
+    from ddpm_hf.pipelines import model_card
+
+    pipe = tiny_pipeline()
+    steps = []
+    pipe(callback_on_step_end=lambda p, i, t, kwargs: steps.append(int(t)) or {})
+    assert steps == list(range(19, -1, -1))
+    assert pipe.progressive(batch_size=1, num_snapshots=3).grid is not None
+    assert "U-Net x₀-predictor" in model_card("a/b", tiny_pipeline(prediction_type="sample"))
+    assert "U-Net v-predictor" in model_card("a/b", tiny_pipeline(prediction_type="v_prediction"))
+
+
 def test_bad_folders_name_the_file(tmp_path):
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "ok")
