@@ -40,8 +40,10 @@ def resolve_folder(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     local_files_only: bool = False,
     allow_pickle: bool = False,
+    force_download: bool = False,
 ) -> Path:
-    """A local pipeline folder, or the snapshot of a Hub repo (only the files a pipeline needs are downloaded)."""
+    """A local pipeline folder, or the snapshot of a Hub repo (only the files a pipeline needs are downloaded; again,
+    with ``force_download``, where they are in the cache)."""
     name = str(name_or_path)
     if not name.strip():
         raise ValueError("the pipeline name is empty: pass a folder or a Hub repo id ('namespace/name').")
@@ -64,7 +66,8 @@ def resolve_folder(
         patterns.append(f"unet/{PICKLE_WEIGHTS}")
     try:
         return Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
-                                      local_files_only=local_files_only, allow_patterns=patterns))
+                                      local_files_only=local_files_only, allow_patterns=patterns,
+                                      force_download=force_download))
     except Exception as err:  # HTTP errors, timeouts, offline mode, missing repo: one message naming the repo
         from huggingface_hub import constants
 
@@ -146,12 +149,18 @@ def load_components(
     torch_dtype: Optional[torch.dtype] = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    force_download: bool = False,
+    **diffusers_kwargs,
 ) -> Dict[str, object]:
     """``{"unet": DDPMUNet, "scheduler": DDPMScheduler}`` from a pipeline folder or Hub repo of any layout ddpm_hf
     writes, or a diffusers DDPM folder. Safetensors weights only unless ``allow_pickle=True`` (and even then
     ``torch.load(weights_only=True)``). Code files in the folder are never imported: ddpm_hf's own classes are used,
-    so ``trust_remote_code`` (accepted for diffusers compatibility) changes nothing."""
-    folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle)
+    so ``trust_remote_code`` (accepted for diffusers compatibility) changes nothing. The other arguments of
+    diffusers' ``from_pretrained`` are taken where they mean something here (``use_safetensors``,
+    ``low_cpu_mem_usage``, ``proxies=None``, ``device_map=None``, ``subfolder=None``, ``variant=None``) and refused,
+    saying why, where they would be ignored."""
+    _check_diffusers_kwargs(diffusers_kwargs, allow_pickle)
+    folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle, force_download)
     index = _read_json(folder / "model_index.json")
     missing = [name for name in ("unet", "scheduler") if name not in index]
     if missing:
@@ -164,6 +173,31 @@ def load_components(
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
     return {"unet": _load_unet(folder, allow_pickle, torch_dtype), "scheduler": scheduler}
+
+
+def _check_diffusers_kwargs(kwargs: dict, allow_pickle: bool) -> None:
+    """diffusers' loading arguments that ddpm_hf's loader takes (doing what they ask, or nothing where nothing is to
+    be done), or a ValueError naming the argument and what to do instead."""
+    why = {
+        "use_safetensors": (lambda v: v is not False or allow_pickle,
+                            "False loads pickle weights, which can run code: add allow_pickle=True if you trust them"),
+        "variant": (lambda v: v is None, "ddpm_hf saves one float32 file, no variants: leave it out and pass "
+                                         "torch_dtype to cast"),
+        "low_cpu_mem_usage": (lambda v: True, ""),  # the weights are read once either way
+        "device_map": (lambda v: v is None, "load it, then move it with pipe.to(device)"),
+        "subfolder": (lambda v: v is None, "a pipeline is a whole folder: pass the folder that holds "
+                                           "model_index.json"),
+        "proxies": (lambda v: v is None, "huggingface_hub takes proxies from HTTPS_PROXY / HTTP_PROXY"),
+    }
+    for name, value in kwargs.items():
+        if name not in why:
+            accepted = sorted(set(inspect.signature(load_components).parameters) - {"name_or_path", "diffusers_kwargs"}
+                              | set(why))
+            raise ValueError(f"from_pretrained() got an argument it does not take: {name}; it takes "
+                             f"{', '.join(accepted)}.")
+        accepts, instead = why[name]
+        if not accepts(value):
+            raise ValueError(f"from_pretrained({name}={value!r}): {instead}.")
 
 
 @contextlib.contextmanager

@@ -367,8 +367,10 @@ class DDPMPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "DDPMPipeline":
         """Load a pipeline folder or Hub repo (ddpm_hf's layouts or a diffusers DDPM folder such as
         google/ddpm-cifar10-32) into ddpm_hf's own classes. Keyword arguments: ``revision``, ``token``,
-        ``cache_dir``, ``local_files_only``, ``torch_dtype``, ``allow_pickle`` (default False: safetensors only).
-        Without ddpm_hf installed, use ``diffusers.DiffusionPipeline.from_pretrained`` instead."""
+        ``cache_dir``, ``local_files_only``, ``force_download``, ``torch_dtype``, ``allow_pickle`` (default False:
+        safetensors only), and diffusers' other loading arguments where they apply (see
+        :func:`ddpm_hf.hub.load_components`). Without ddpm_hf installed, use
+        ``diffusers.DiffusionPipeline.from_pretrained`` instead."""
         try:
             from ddpm_hf.hub import load_components
         except ImportError as err:

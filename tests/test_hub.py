@@ -81,6 +81,34 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
         "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
 
 
+def test_diffusers_loading_arguments_are_taken_or_refused_saying_why(hub, tmp_path):
+    """diffusers users pass use_safetensors=True, low_cpu_mem_usage, force_download, ...: taken where they mean
+    something here (force_download downloads the weights again), refused with the reason where they would be ignored,
+    never a TypeError naming an internal function."""
+    pipe = tiny_pipeline()
+    _push(pipe, "alice/args")
+    cache = tmp_path / "cache"
+
+    def weights_downloads():
+        return sum(1 for method, path, _, _ in hub.log if method == "GET" and path.endswith(".safetensors"))
+
+    loaded = DDPMPipeline.from_pretrained("alice/args", cache_dir=cache, use_safetensors=True, low_cpu_mem_usage=True,
+                                          proxies=None, device_map=None, subfolder=None, variant=None)
+    np.testing.assert_allclose(sample_np(loaded), sample_np(pipe), rtol=0, atol=0)
+    before = weights_downloads()
+    DDPMPipeline.from_pretrained("alice/args", cache_dir=cache)
+    assert weights_downloads() == before  # from the cache
+    DDPMPipeline.from_pretrained("alice/args", cache_dir=cache, force_download=True)
+    assert weights_downloads() == before + 1
+    for kwargs, said in [({"variant": "fp16"}, "variant='fp16'): ddpm_hf saves one float32 file, no variants"),
+                         ({"device_map": "cuda"}, "pipe.to(device)"),
+                         ({"use_safetensors": False}, "add allow_pickle=True if you trust them"),
+                         ({"subfolder": "unet"}, "pass the folder that holds model_index.json"),
+                         ({"revison": "main"}, "got an argument it does not take: revison; it takes ")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            DDPMPipeline.from_pretrained("alice/args", cache_dir=cache, **kwargs)
+
+
 def test_private_repo(hub, tmp_path):
     _push(tiny_pipeline(), "alice/secret", private=True)
     assert hub.repos["alice/secret"].private
