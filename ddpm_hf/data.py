@@ -282,12 +282,13 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                     pq.read_metadata(remote)
                 elif builder == "webdataset":
                     first = remote.read(tarfile.BLOCKSIZE)
-                    compressed = _compressed_tar(first)
-                    if first != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
+                    # A compressed one (datasets reads it) is not checked: its headers lie in the compressed stream,
+                    # its first sample read through in 16 KB requests, and its end is not the tar's own.
+                    if first != bytes(tarfile.BLOCKSIZE) and not _compressed_tar(first):  # (zeros: an empty tar)
                         remote.seek(0)
-                        with tarfile.open(fileobj=remote, mode="r|*" if compressed else "r:") as tar:
+                        with tarfile.open(fileobj=remote, mode="r:") as tar:  # headers, the contents seeked over
                             fields = next(image_fields_by_sample(tar, f"{where}: {_repo_path(url)}"), None)
-                    if not compressed:  # (a compressed tar's end is not the tar's own)
+                    if not _compressed_tar(first):
                         size = remote.seek(0, os.SEEK_END)
                         remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
                         if remote.read() != bytes(2 * tarfile.BLOCKSIZE):

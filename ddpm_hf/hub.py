@@ -203,7 +203,9 @@ def _check_diffusers_kwargs(kwargs: dict, allow_pickle: bool) -> None:
 @contextlib.contextmanager
 def hub_timeout(seconds: float):
     """huggingface_hub's HTTP client waits forever by default: a stalled server would freeze training. Within this
-    block its shared client gives up after ``seconds`` without progress (huggingface_hub then retries, and so do we)."""
+    block its shared client gives up after ``seconds`` without progress (huggingface_hub then retries, and so do we);
+    downloads keep their own limit (HF_HUB_DOWNLOAD_TIMEOUT). Entered once, on the main thread, for a whole run:
+    changing the client closes the shared one, and with it the reads of other threads."""
     import huggingface_hub
     from huggingface_hub.utils import _http
 
@@ -252,7 +254,14 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
             raise ValueError(f"the Hub token ({me['name']}'s) can only read: pass a token with write access to "
                              f"{repo_id} (--hub_token or HF_TOKEN).")
         writers = {me["name"]} | {org["name"] for org in me.get("orgs") or [] if org.get("roleInOrg") != "read"}
-        if role != "fineGrained" and repo_id.split("/")[0] not in writers:  # (a fine-grained token's scopes vary)
+        if role == "fineGrained":  # its grants are scoped: said where none shows writing there (the format may vary)
+            scoped = (((me.get("auth") or {}).get("accessToken") or {}).get("fineGrained") or {}).get("scoped") or []
+            if not any("repo.write" in (grant.get("permissions") or []) and (grant.get("entity") or {}).get("name")
+                       in (repo_id.split("/")[0], repo_id) for grant in scoped):
+                logger.warning("the Hub token is fine-grained and shows no repo.write grant on %s or %s: if the "
+                               "first upload is refused, pass a token with write access there", repo_id.split("/")[0],
+                               repo_id)
+        elif repo_id.split("/")[0] not in writers:
             raise ValueError(f"--hub_model_id {repo_id}: the Hub token's account, {me['name']}, cannot write in "
                              f"{repo_id.split('/')[0]!r} (it writes in {', '.join(sorted(writers))}): push to "
                              f"{me['name']}/{name}, or pass a token of an account that writes there.")
@@ -262,7 +271,7 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
             existing = None
         if existing is None:
             api.create_repo(repo_id, private=private or None, exist_ok=True)
-        elif private and not existing.private:
+        elif private and existing.private is False:
             raise ValueError(f"--hub_private_repo: {repo_id} exists and is public, and pushing does not change a "
                              "repo's visibility: the weights would be public. Make the repo private on the Hub (its "
                              "settings, or huggingface_hub's update_repo_settings(private=True)) first, or leave out "
@@ -277,15 +286,22 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
                              "pass a token with write access there, or another --hub_model_id.") from err
         raise ConnectionError(f"could not check --hub_model_id {repo_id} on the Hub ({message}): check the "
                               "connection and the Hub's status, then start again.") from err
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # the HTTP client's own errors (a refused connection, a timeout) are not OSErrors
+        raise ConnectionError(f"could not check --hub_model_id {repo_id} on the Hub ({type(err).__name__}: "
+                              f"{redact(str(err), [token])}): check the connection and the Hub's status, then start "
+                              "again.") from err
     return repo_id
 
 
 def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional[str], private: bool, attempts: int,
-                      timeout_s: float, grid_path: Optional[Path], training_config: dict, local_dir: str,
-                      datasets: Optional[List[str]] = None, backoff_s: float = 2.0) -> bool:
-    """Upload a training run's EMA pipeline, its model card naming ``datasets`` (the Hub datasets it was trained on)
-    in its metadata. huggingface_hub retries 5xx answers, dropped connections and timeouts
-    (``timeout_s``) itself, with backoff; on top of that the whole upload is tried ``attempts`` times with exponential
+                               grid_path: Optional[Path], training_config: dict, local_dir: str,
+                               datasets: Optional[List[str]] = None, backoff_s: float = 2.0) -> bool:
+    """Upload a training run's EMA pipeline (with the grid at ``grid_path``, if any), its model card naming
+    ``datasets`` (the Hub datasets it was trained on) in its metadata. huggingface_hub retries 5xx answers, dropped
+    connections and timeouts (see hub_timeout) itself, with backoff; on top of that the whole upload is tried
+    ``attempts`` times with exponential
     backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is not tried again. A failure is
     reported and False returned. Local files are never modified and no token reaches the log."""
     import huggingface_hub
@@ -294,11 +310,10 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
     secrets = [token, huggingface_hub.get_token()]
     for attempt in range(1, attempts + 1):
         try:
-            with hub_timeout(timeout_s):
-                pipe.push_to_hub(repo_id, private=private or None, token=token,
-                                 commit_message=f"ddpm_hf: EMA weights at step {step}",
-                                 sample_grid=Image.open(grid_path) if grid_path else None,
-                                 training_config=training_config, datasets=datasets)
+            pipe.push_to_hub(repo_id, private=private or None, token=token,
+                             commit_message=f"ddpm_hf: EMA weights at step {step}",
+                             sample_grid=Image.open(grid_path) if grid_path else False,
+                             training_config=training_config, datasets=datasets)
             logger.info("pushed the EMA pipeline of step %d to %s", step, repo_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
@@ -331,6 +346,9 @@ class Uploads:
         self.final: Optional[tuple] = None  # (pipeline, grid, step) of the final upload, until it is made
 
     def push(self, pipe, grid: Optional[Path], step: int, final: bool) -> None:
+        """Upload ``pipe`` (a copy of the network, moved to the host here: training goes on in the device's memory),
+        with ``grid`` (None: none, e.g. where it did not fit), now or when training is over (``final``)."""
+        pipe.to("cpu")
         if final:
             self.final = (pipe, grid, step)
             return
@@ -342,6 +360,12 @@ class Uploads:
                                   name=f"ddpm_hf-upload-{step}")
         thread.start()
         self.running = (thread, step)
+
+    def abandon(self, why: BaseException) -> None:
+        """Said when the run stops with an upload running: its thread ends with the process."""
+        if self.running is not None and self.running[0].is_alive():
+            logger.warning("the upload of step %d is abandoned: the run stopped (%s)", self.running[1],
+                           type(why).__name__)
 
     def finish(self) -> None:
         """Wait for a checkpoint's upload, then make the final one; a final upload that fails ends the run with an

@@ -394,7 +394,7 @@ class DDPMPipeline(DiffusionPipeline):
         datasets: Optional[Sequence[str]] = None,
         training_config: Optional[Dict[str, Any]] = None,
         evaluation: Optional[Dict[str, Any]] = None,
-        sample_grid: Optional[Image.Image] = None,
+        sample_grid: Union[Image.Image, None, bool] = None,
         grid_seed: int = 0,
         grid_size: int = 4,
         grid_inference_steps: Optional[int] = None,
@@ -402,8 +402,8 @@ class DDPMPipeline(DiffusionPipeline):
         """Upload the pipeline folder (weights, configs, module files when needed) with a generated model card and a
         sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
 
-        ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed``;
-        ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card when given.
+        ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed`` (False: no
+        grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card when given.
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
@@ -415,16 +415,17 @@ class DDPMPipeline(DiffusionPipeline):
         api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            sample_grid.save(Path(tmp) / "samples.png")
+            if sample_grid is not False:
+                sample_grid.save(Path(tmp) / "samples.png")
             card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
-                              evaluation=evaluation)
+                              evaluation=evaluation, grid=sample_grid is not False)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             # files of an earlier upload's layout that this one has not (a remote-code layout's module files, a
-            # pickle's weights) go in the same commit: the repo holds the pipeline as saved, nothing else of ours
+            # pickle's weights) go in the same commit; the user's own files (a handler.py, scripts/) stay
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
-                                     delete_patterns=["*.py", "unet/*", "scheduler/*"])
+                                     delete_patterns=[PIPELINE_FILE, "unet/*", "scheduler/*"])
 
 
 def _set_class_name(config_path: Path, class_name: str) -> None:
@@ -437,8 +438,10 @@ PREDICTS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v", "mean": "μ"
 
 
 def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", datasets: Optional[Sequence[str]] = None,
-               training_config: Optional[Dict[str, Any]] = None, evaluation: Optional[Dict[str, Any]] = None) -> str:
-    """The README.md of a published pipeline: YAML metadata, the sample grid, configuration, numbers, usage."""
+               training_config: Optional[Dict[str, Any]] = None, evaluation: Optional[Dict[str, Any]] = None,
+               grid: bool = True) -> str:
+    """The README.md of a published pipeline: YAML metadata, the sample grid (samples.png, where ``grid``),
+    configuration, numbers, usage."""
     meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", f"license: {license}",
             "tags:", "- ddpm", "- ddpm_hf", "- diffusers", "- unconditional-image-generation"]
     if datasets:
@@ -451,7 +454,7 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
         f"# {repo_id.split('/')[-1]}", "",
         "A denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020, arXiv:2006.11239) trained with "
         "[ddpm_hf](https://github.com/ddpm-hf/ddpm_hf).", "",
-        "![samples](samples.png)", "",
+        *(["![samples](samples.png)", ""] if grid else []),
         "## Model", "",
         f"- U-Net {PREDICTS.get(sched.prediction_type, sched.prediction_type)}-predictor, {params:,} parameters, {unet.in_channels} channel(s), {size}×{size} pixels, "
         f"block_out_channels {list(unet.block_out_channels)}, {unet.layers_per_block} residual blocks per level",

@@ -68,6 +68,11 @@ class Fault:
     retry_after: Optional[int] = None  # the Retry-After header of a "status" answer
     cut_at: Optional[int] = None  # "cut": the file offset where the body stops (None: half-way through the answer)
     hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
+    released: threading.Event = field(default_factory=threading.Event)  # set: a "stall" answers at once
+
+    def release(self) -> None:
+        """A "stall": the requests it holds (and those it would hold) answer now."""
+        self.released.set()
 
     def matches(self, method: str, path: str) -> bool:
         return method == self.method and self.path_part in path and (self.times < 0 or len(self.hits) < self.times)
@@ -228,7 +233,7 @@ class FakeHub:
                     return hub._misbehave(self, fault)
                 if fault is not None:  # a stall
                     generation = hub.generation
-                    time.sleep(fault.seconds)
+                    fault.released.wait(fault.seconds)
                     # The test that stalled this request is over, or its client gave up: answering now would only
                     # put bytes nobody reads into the request log.
                     if hub.generation != generation or _peer_hung_up(self.connection):

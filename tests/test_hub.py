@@ -74,11 +74,14 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
     loaded = DDPMPipeline.from_pretrained("alice/remote-ddpm", cache_dir=tmp_path / "ours")
     assert loaded.scheduler.config.variance_type == "fixed_large_log"
-    # a plain pipeline pushed over it: the remote code goes (diffusers would still find it, and the card would lie)
+    # a plain pipeline pushed over it: the remote code goes (diffusers would still find it, and the card would lie);
+    # the user's own files stay
+    HfApi(token=ALICE).upload_file(path_or_fileobj=b"# an endpoint handler\n", path_in_repo="handler.py",
+                                   repo_id="alice/remote-ddpm")
     _push(tiny_pipeline(), "alice/remote-ddpm")
     assert set(HfApi().list_repo_files("alice/remote-ddpm")) == {
         ".gitattributes", "README.md", "samples.png", "model_index.json", "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"}
+        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "handler.py"}
 
 
 def test_diffusers_loading_arguments_are_taken_or_refused_saying_why(hub, tmp_path):

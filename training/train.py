@@ -17,6 +17,7 @@ and beside it checkpoint-N/ (accelerate state, written atomically), samples/step
 run_info.json.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_re
                           find_image_column, first_image, hub_dataset_id, load_image_dataset)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
-from ddpm_hf.hub import Uploads, check_push_target, push_pipeline_with_retries
+from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
@@ -356,7 +357,7 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
     """The EMA pipeline to --hub_model_id, with the run's --hub_* settings (see push_pipeline_with_retries)."""
     return push_pipeline_with_retries(pipe, args.hub_model_id, step=step, token=args.hub_token,
                                       private=args.hub_private_repo, attempts=args.hub_push_attempts,
-                                      timeout_s=args.hub_timeout, grid_path=grid_path,
+                                      grid_path=grid_path,
                                       training_config=card_config(args), local_dir=args.output_dir,
                                       datasets=[d for d in [hub_dataset_id(args.dataset_name)] if d],
                                       backoff_s=backoff_s)
@@ -494,14 +495,18 @@ def decided_by_main(accelerator, decide, what: str):
     process with its message: the others would wait for the main one at their next meeting instead."""
     from accelerate.utils import broadcast_object_list
 
-    outcome = [None, None]  # the result, or why it failed
+    outcome, error = [None, None], None  # the result, or why it failed
     if accelerator.is_main_process:
         try:
             outcome[0] = decide()
         except (OSError, ValueError) as err:
             outcome[1] = f"{what}: {err}"
+        except Exception as err:  # a bug: raised as it is, once the others know to stop
+            outcome[1], error = f"{what}: {type(err).__name__}: {err} (see the main process's traceback)", err
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
+    if error is not None:
+        raise error
     if outcome[1] is not None:
         raise SystemExit(outcome[1])
     return outcome[0]
@@ -509,14 +514,21 @@ def decided_by_main(accelerator, decide, what: str):
 
 def main(argv=None):
     args = parse_args(argv)
+    # huggingface_hub's client gives up on a stalled Hub after --hub_timeout, for the whole run (see hub_timeout)
+    with hub_timeout(args.hub_timeout) if args.push_to_hub else contextlib.nullcontext():
+        return run(args)
+
+
+def run(args):
+    """The training run of main()'s flags ``args``."""
     compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
-    dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
-    if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload
+    if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload (nor after a download)
         args.hub_model_id = decided_by_main(accelerator, lambda: check_push_target(
             args.hub_model_id, args.hub_token, args.hub_private_repo), "--push_to_hub")
+    dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
     set_seed(args.seed)  # the same initial weights on every process
 
     # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
@@ -612,6 +624,8 @@ def main(argv=None):
         raise out_of_memory(err, args, accelerator, f"training step {failed_step}", images, shape) from err
     finally:
         stream.close()
+        if sys.exc_info()[1] is not None:  # the run stops: a checkpoint's upload still running goes with it
+            uploads.abandon(sys.exc_info()[1])
     bar.close()
     logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps",
                 accelerator.process_index, speed.summary(), bad.skipped, bad.overflows)

@@ -21,13 +21,15 @@ ALICE = "hf_test_alice"
 
 
 def _push(train, tmp_path, caplog, repo="alice/flaky", attempts=3, timeout=30.0):
-    """push_with_retries as training calls it, with a short backoff (0.2 s, 0.4 s, ...)."""
+    """push_with_retries as training calls it (within its run's hub_timeout), with a short backoff (0.2 s, ...)."""
+    from ddpm_hf.hub import hub_timeout
+
     args = train.parse_args(["--push_to_hub", "--hub_model_id", repo, "--hub_token", ALICE, "--hub_push_attempts",
                              str(attempts), "--hub_timeout", str(timeout), "--output_dir", str(tmp_path / "run")])
     pipe = tiny_pipeline(num_train_timesteps=10)
     grid = tmp_path / "grid.png"
     pipe(batch_size=1, num_inference_steps=2).images[0].save(grid)
-    with caplog.at_level(logging.INFO, logger="ddpm_hf"):  # training and ddpm_hf.hub, which pushes
+    with hub_timeout(timeout), caplog.at_level(logging.INFO, logger="ddpm_hf"):  # (ddpm_hf.hub pushes)
         ok = train.push_with_retries(pipe, args, grid, step=7, backoff_s=0.2)
     return ok, pipe
 
@@ -128,6 +130,18 @@ def test_a_push_that_would_fail_stops_the_run_before_training(images, tmp_path, 
     assert len(hub.repos["alice/public"].history) == commits and not hub.repos["alice/public"].private
 
 
+def test_a_hub_unreachable_at_the_check_stops_the_run_with_a_message(images, tmp_path, train_here, hub):
+    """The check before training meets a connection dropped at every try: a ConnectionError's message, not the HTTP
+    client's own exception type escaping (which the other processes would wait for until --ddp_timeout)."""
+    hub.inject("GET", "/api/whoami-v2", "drop", times=-1)
+    with pytest.raises(SystemExit) as stopped:
+        train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
+                           "alice/x", "--hub_token", ALICE, "--output_dir", str(tmp_path / "run")])
+    message = str(stopped.value.code)
+    assert message.startswith("--push_to_hub: could not check --hub_model_id alice/x on the Hub ("), message
+    assert "check the connection and the Hub's status" in message and ALICE not in message
+
+
 def test_a_repo_name_without_namespace_is_the_token_accounts(images, tmp_path, train_here, hub):
     """--hub_model_id my-model, as the Hub and diffusers' example take it: the token's account's repo."""
     train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
@@ -161,31 +175,46 @@ def test_a_token_refused_during_an_upload_is_not_tried_again(train, hub, tmp_pat
     args = train.parse_args(["--push_to_hub", "--hub_model_id", "alice/revoked", "--hub_token", "hf_revoked",
                              "--hub_push_attempts", "3", "--output_dir", str(tmp_path / "run")])
     pipe = tiny_pipeline(num_train_timesteps=10)
+    sampled = []
+    pipe.progress_bar = lambda iterable: sampled.append(1) or iterable  # (the grid the push would sample)
     with caplog.at_level(logging.INFO, logger="ddpm_hf"):
-        ok = train.push_with_retries(pipe, args, None, step=7, backoff_s=0.2)
+        ok = train.push_with_retries(pipe, args, None, step=7, backoff_s=0.2)  # no grid (it did not fit): none made
+    assert not sampled
     assert not ok and "push to alice/revoked refused" in caplog.text and "401" in caplog.text
     assert "attempt" not in caplog.text and "hf_revoked" not in caplog.text
 
 
 @pytest.mark.distributed
 def test_a_slow_checkpoint_upload_keeps_no_process_waiting(images, tmp_path, hub):
-    """Two processes, a checkpoint's upload that the Hub answers only after 20 s, the processes' wait for each other
-    8 s (--ddp_timeout): the other process waited for the main one's upload at their next meeting and the run ended
-    with the process group's timeout. Uploads run beside training: the run ends well, the checkpoint due while one
-    was running is not uploaded, and the Hub gets the final pipeline."""
+    """Two processes, a checkpoint's upload that the Hub holds until training is over: the other process waited for
+    the main one's upload at their next meeting, and the run ended with the process group's timeout (30 s here,
+    --ddp_timeout). Uploads run beside training: training ends, the checkpoint due while one was running is not
+    uploaded, and the Hub gets the final pipeline once it answers."""
     import subprocess
     import sys
+    import time
 
-    stall = hub.inject("POST", "/commit/", "stall", times=1, seconds=20)
-    out = tmp_path / "run"
+    stall = hub.inject("POST", "/commit/", "stall", times=1, seconds=300)
+    out, log = tmp_path / "run", tmp_path / "run.log"
     args = FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "2",
                    "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/slow", "--hub_token", ALICE,
-                   "--hub_timeout", "60", "--ddp_timeout", "8", "--output_dir", str(out)]
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--main_process_port", str(free_port()), TRAIN, *args],
-                            env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0 and stall.hits, log[-4000:]
-    assert "the upload of step 2 is still running: step 4 is not uploaded" in log
+                   "--hub_timeout", "600", "--ddp_timeout", "30", "--output_dir", str(out)]
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                 "2", "--main_process_port", str(free_port()), TRAIN, *args], stdout=sink,
+                                stderr=subprocess.STDOUT, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-6").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # training goes on while the upload of step 2 is held
+        trained = (out / "checkpoint-6").is_dir()
+        stall.release()
+        code = proc.wait(timeout=300)
+    finally:
+        stall.release()
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert trained and code == 0 and stall.hits, text[-4000:]
+    assert "the upload of step 2 is still running: step 4 is not uploaded" in text
     _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/slow")
