@@ -403,7 +403,8 @@ class DDPMPipeline(DiffusionPipeline):
         sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
 
         ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed`` (False: no
-        grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card when given.
+        grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card
+        when given.
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
@@ -456,7 +457,8 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
         "[ddpm_hf](https://github.com/ddpm-hf/ddpm_hf).", "",
         *(["![samples](samples.png)", ""] if grid else []),
         "## Model", "",
-        f"- U-Net {PREDICTS.get(sched.prediction_type, sched.prediction_type)}-predictor, {params:,} parameters, {unet.in_channels} channel(s), {size}×{size} pixels, "
+        f"- U-Net {PREDICTS.get(sched.prediction_type, sched.prediction_type)}-predictor, {params:,} parameters, "
+        f"{unet.in_channels} channel(s), {size}×{size} pixels, "
         f"block_out_channels {list(unet.block_out_channels)}, {unet.layers_per_block} residual blocks per level",
         f"- {sched.num_train_timesteps} diffusion steps, {sched.beta_schedule} β schedule "
         f"({sched.beta_start} → {sched.beta_end}), variance {sched.variance_type}, prediction {sched.prediction_type}",

@@ -742,7 +742,7 @@ def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_sample
         sent = dataset_hub.bytes_read(repo)[f"train-{k:05d}.tar"][1]
         assert sent <= 3 * 16 * 1024 < (mixed / f"train-{k:05d}.tar").stat().st_size / 5, sent
     tar_of(fine, 2, [f"{s:06d}.png" for s in range(10, 13)])
-    (fine / "train-00002.tar").write_bytes(gzip.compress((fine / "train-00002.tar").read_bytes()))  # (datasets reads it)
+    (fine / "train-00002.tar").write_bytes(gzip.compress((fine / "train-00002.tar").read_bytes()))  # datasets reads it
     rows = list(load_image_dataset(publish(fine, "alice/fine-tars")))
     assert len(rows) == 13 and all(row["png"] is not None for row in rows)
 

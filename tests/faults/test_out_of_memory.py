@@ -120,7 +120,8 @@ def test_no_room_for_the_ema_copy_stops_the_run_after_its_checkpoint(tmp_path, t
     args = FAST + ["--model_config", str(config), "--train_batch_size", "2", "--dataset_name", str(data),
                    "--checkpointing_steps", "2", "--save_images_steps", "2", "--output_dir", str(out)]
     stopped = subprocess.run([sys.executable, str(Path(__file__).with_name("no_room_for_ema.py")), *args,
-                              "--dataloader_num_workers", "0", "--max_train_steps", "3"], env=child_env(ACCELERATE_USE_CPU="1"), capture_output=True,
+                              "--dataloader_num_workers", "0", "--max_train_steps", "3"],
+                             env=child_env(ACCELERATE_USE_CPU="1"), capture_output=True,
                              text=True, timeout=600)
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     said = stopped.stderr.rfind("out of memory on cpu making the outputs of step 2, a copy of the network with the "
