@@ -301,9 +301,9 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
     """Upload a training run's EMA pipeline (with the grid at ``grid_path``, if any), its model card naming
     ``datasets`` (the Hub datasets it was trained on) in its metadata. huggingface_hub retries 5xx answers, dropped
     connections and timeouts (see hub_timeout) itself, with backoff; on top of that the whole upload is tried
-    ``attempts`` times with exponential
-    backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is not tried again. A failure is
-    reported and False returned. Local files are never modified and no token reaches the log."""
+    ``attempts`` times with exponential backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is
+    not tried again. A failure is reported and False returned. Local files are never modified and no token reaches
+    the log."""
     import huggingface_hub
     from PIL import Image
 
