@@ -320,13 +320,13 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
             message = redact(f"{type(err).__name__}: {err}", secrets)
             if http_status(err) in (401, 403):  # the token, or its rights, changed since the run's start
                 logger.error("push to %s refused (%s): it would be refused again; pass a token with write access "
-                             "(--hub_token or HF_TOKEN) when the run resumes. The pipeline of step %d stays in %s",
-                             repo_id, message, step, local_dir)
+                             "(--hub_token or HF_TOKEN) when the run resumes. Step %d stays in %s", repo_id, message,
+                             step, local_dir)
                 return False
             logger.warning("push to %s failed (attempt %d/%d): %s", repo_id, attempt, attempts, message)
             if attempt < attempts:
                 time.sleep(min(backoff_s * 2 ** (attempt - 1), 60))
-    logger.error("gave up pushing step %d to %s after %d attempts; the pipeline stays in %s", step, repo_id, attempts,
+    logger.error("gave up pushing step %d to %s after %d attempts; it stays in %s", step, repo_id, attempts,
                  local_dir)
     return False
 
@@ -376,8 +376,8 @@ class Uploads:
             return
         pipe, grid, step = self.final
         if not self.upload(pipe, grid, step):
-            again = ("the same command with --resume_from_checkpoint latest (it trains nothing more), or "
-                     if self.resumable else "")
+            again = (f"the same command with --resume_from_checkpoint latest --max_train_steps {step} (it trains "
+                     "nothing more), or " if self.resumable else "")
             raise SystemExit(f"training is done and its pipeline is in {self.output_dir}, but it could not be pushed "
                              f"to {self.repo_id} (see the errors above). Push it with {again}"
                              f"ddpm_hf.DDPMPipeline.from_pretrained({str(self.output_dir)!r}).push_to_hub("

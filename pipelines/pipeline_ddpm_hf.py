@@ -37,6 +37,10 @@ GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 OUTPUT_TYPES = ("pil", "np", "pt")
 PIPELINE_FILE = "pipeline_ddpm_hf.py"
 SCHEDULER_FILE = "scheduling_ddpm_hf.py"
+# What an upload removes from the repo unless it carries it again: the files ddpm_hf writes that another layout has
+# not (a remote-code layout's modules, other weight files) and an earlier grid (another model's samples). The user's
+# own files (a handler.py, notes beside the weights) stay.
+STALE_AFTER_UPLOAD = [PIPELINE_FILE, f"scheduler/{SCHEDULER_FILE}", "unet/diffusion_pytorch_model*", "samples.png"]
 
 
 @dataclass
@@ -422,11 +426,10 @@ class DDPMPipeline(DiffusionPipeline):
                               evaluation=evaluation, grid=sample_grid is not False)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            # files of an earlier upload's layout that this one has not (a remote-code layout's module files, a
-            # pickle's weights) go in the same commit; the user's own files (a handler.py, scripts/) stay
+            # files of an earlier upload that this one has not go in the same commit (see STALE_AFTER_UPLOAD)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
-                                     delete_patterns=[PIPELINE_FILE, "unet/*", "scheduler/*"])
+                                     delete_patterns=STALE_AFTER_UPLOAD)
 
 
 def _set_class_name(config_path: Path, class_name: str) -> None:

@@ -76,12 +76,16 @@ def test_remote_code_layout_through_the_hub(hub, tmp_path):
     assert loaded.scheduler.config.variance_type == "fixed_large_log"
     # a plain pipeline pushed over it: the remote code goes (diffusers would still find it, and the card would lie);
     # the user's own files stay
-    HfApi(token=ALICE).upload_file(path_or_fileobj=b"# an endpoint handler\n", path_in_repo="handler.py",
-                                   repo_id="alice/remote-ddpm")
+    for path in ("handler.py", "unet/NOTES.md"):
+        HfApi(token=ALICE).upload_file(path_or_fileobj=b"# the user's\n", path_in_repo=path,
+                                       repo_id="alice/remote-ddpm")
     _push(tiny_pipeline(), "alice/remote-ddpm")
-    assert set(HfApi().list_repo_files("alice/remote-ddpm")) == {
-        ".gitattributes", "README.md", "samples.png", "model_index.json", "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "handler.py"}
+    plain = {".gitattributes", "README.md", "model_index.json", "unet/config.json",
+             "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "handler.py",
+             "unet/NOTES.md"}
+    assert set(HfApi().list_repo_files("alice/remote-ddpm")) == plain | {"samples.png"}
+    _push(tiny_pipeline(), "alice/remote-ddpm", sample_grid=False)  # no grid (it did not fit): not the last one's
+    assert set(HfApi().list_repo_files("alice/remote-ddpm")) == plain
 
 
 def test_diffusers_loading_arguments_are_taken_or_refused_saying_why(hub, tmp_path):

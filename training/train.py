@@ -358,7 +358,9 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
     return push_pipeline_with_retries(pipe, args.hub_model_id, step=step, token=args.hub_token,
                                       private=args.hub_private_repo, attempts=args.hub_push_attempts,
                                       grid_path=grid_path,
-                                      training_config=card_config(args), local_dir=args.output_dir,
+                                      training_config=card_config(args),
+                                      local_dir=args.output_dir if step >= args.max_train_steps  # (the final one)
+                                      else str(Path(args.output_dir) / f"checkpoint-{step}"),
                                       datasets=[d for d in [hub_dataset_id(args.dataset_name)] if d],
                                       backoff_s=backoff_s)
 
