@@ -371,6 +371,8 @@ class Uploads:
         """Wait for a checkpoint's upload, then make the final one; a final upload that fails ends the run with an
         error (after everything is saved): the model asked for on the Hub is not there."""
         if self.running is not None:
+            if self.running[0].is_alive():
+                logger.info("waiting for the upload of step %d before the final one", self.running[1])
             self.running[0].join()
         if self.final is None:
             return
