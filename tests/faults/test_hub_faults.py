@@ -150,9 +150,9 @@ def test_a_repo_name_without_namespace_is_the_token_accounts(images, tmp_path, t
 
 
 def test_a_final_upload_that_fails_ends_the_run_with_an_error_after_everything_is_saved(images, tmp_path, train_here,
-                                                                                        hub, caplog):
+                                                                                        hub):
     """Training done, the pipeline and the last checkpoint saved, the final upload failing (5xx after every retry):
-    the run ends with an error naming the way to push again, not with success; a refused token is not tried again."""
+    the run ends with an error naming the way to push again, not with success; done as it says, it pushes."""
     hub.inject("POST", "/commit/", "status", times=-1, status=500, retry_after=0)
     out = tmp_path / "run"
     args = FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--checkpointing_steps", "2",
