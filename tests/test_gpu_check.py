@@ -75,4 +75,4 @@ def test_the_read_at_once_run_replaces_what_train_py_calls(monkeypatch):
     replaced = re.findall(r"train\.(\w+) = lambda (\w+), (\w+): True", gpu.TRAIN_WRAPPER)
     assert replaced == [("count_at_once", "args", "step")]
     assert list(inspect.signature(train.count_at_once).parameters) == ["args", "step"]
-    assert "count_at_once(args, loop.step + 1)" in inspect.getsource(train.main)  # looked up when called
+    assert "count_at_once(args, loop.step + 1)" in inspect.getsource(train.run)  # (main runs it) looked up when called
