@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ResumeMismatch, first_line
+from .errors import ResumeMismatch, first_line, http_status
 
 logger = logging.getLogger(__name__)
 
@@ -284,11 +284,11 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
                     first = remote.read(tarfile.BLOCKSIZE)
                     # A compressed one (datasets reads it) is not checked: its headers lie in the compressed stream,
                     # its first sample read through in 16 KB requests, and its end is not the tar's own.
-                    if first != bytes(tarfile.BLOCKSIZE) and not _compressed_tar(first):  # (zeros: an empty tar)
-                        remote.seek(0)
-                        with tarfile.open(fileobj=remote, mode="r:") as tar:  # headers, the contents seeked over
-                            fields = next(image_fields_by_sample(tar, f"{where}: {_repo_path(url)}"), None)
                     if not _compressed_tar(first):
+                        if first != bytes(tarfile.BLOCKSIZE):  # (zeros: an empty tar)
+                            remote.seek(0)
+                            with tarfile.open(fileobj=remote, mode="r:") as tar:  # headers; contents seeked over
+                                fields = next(image_fields_by_sample(tar, f"{where}: {_repo_path(url)}"), None)
                         size = remote.seek(0, os.SEEK_END)
                         remote.seek(max(size - 2 * tarfile.BLOCKSIZE, 0))
                         if remote.read() != bytes(2 * tarfile.BLOCKSIZE):
@@ -669,8 +669,7 @@ class _Unreadable(Exception):
 def _not_found(err: BaseException) -> bool:
     """A missing file: FileNotFoundError, or an HTTP 404 anywhere in the error's chain (a range read's)."""
     while err is not None:
-        response = getattr(err, "response", None)
-        if isinstance(err, FileNotFoundError) or getattr(response, "status_code", None) == 404:
+        if isinstance(err, FileNotFoundError) or http_status(err) == 404:
             return True
         err = err.__cause__ or err.__context__
     return False

@@ -1,5 +1,7 @@
 """Error messages: one line of an exception, for messages that name the problem and the fix; running out of memory."""
 
+from typing import Optional
+
 import torch
 
 
@@ -7,6 +9,12 @@ def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message, or its type's name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def http_status(err: BaseException) -> Optional[int]:
+    """The HTTP status of an error that carries its response (huggingface_hub's, fsspec's); None for a network
+    error, a timeout, ..."""
+    return getattr(getattr(err, "response", None), "status_code", None)
 
 
 # What allocators and libraries say when memory runs out: the CPU allocator, CUDA ("CUDA out of memory", "CUDA error:

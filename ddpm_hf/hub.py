@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from .errors import http_status
 from .scheduler import DDPMScheduler
 from .unet import DDPMUNet
 
@@ -223,12 +224,6 @@ def hub_timeout(seconds: float):
         huggingface_hub.set_client_factory(previous)
 
 
-def http_status(err: BaseException) -> Optional[int]:
-    """The HTTP status of a huggingface_hub error (None for a network error, a timeout, ...)."""
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
-
-
 def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
     """The repo a training run will push to, checked before it trains, as diffusers' example does by creating it
     then (and not found unwritable at its first upload, hours later): no token, one the Hub refuses or one that only
@@ -248,7 +243,8 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
     try:
         me = api.whoami()
         namespace, _, name = repo_id.rpartition("/")
-        repo_id = f"{namespace or me['name']}/{name}"
+        namespace = namespace or me["name"]
+        repo_id = f"{namespace}/{name}"
         role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
         if role == "read":
             raise ValueError(f"the Hub token ({me['name']}'s) can only read: pass a token with write access to "
@@ -257,13 +253,12 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
         if role == "fineGrained":  # its grants are scoped: said where none shows writing there (the format may vary)
             scoped = (((me.get("auth") or {}).get("accessToken") or {}).get("fineGrained") or {}).get("scoped") or []
             if not any("repo.write" in (grant.get("permissions") or []) and (grant.get("entity") or {}).get("name")
-                       in (repo_id.split("/")[0], repo_id) for grant in scoped):
+                       in (namespace, repo_id) for grant in scoped):
                 logger.warning("the Hub token is fine-grained and shows no repo.write grant on %s or %s: if the "
-                               "first upload is refused, pass a token with write access there", repo_id.split("/")[0],
-                               repo_id)
-        elif repo_id.split("/")[0] not in writers:
+                               "first upload is refused, pass a token with write access there", namespace, repo_id)
+        elif namespace not in writers:
             raise ValueError(f"--hub_model_id {repo_id}: the Hub token's account, {me['name']}, cannot write in "
-                             f"{repo_id.split('/')[0]!r} (it writes in {', '.join(sorted(writers))}): push to "
+                             f"{namespace!r} (it writes in {', '.join(sorted(writers))}): push to "
                              f"{me['name']}/{name}, or pass a token of an account that writes there.")
         try:
             existing = api.repo_info(repo_id)

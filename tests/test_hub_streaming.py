@@ -390,6 +390,16 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
+def _tar_of(path: Path, names: List[str], size: int = 20, first: int = 0) -> Path:
+    """A tar of members ``names`` in that order: a label (``.cls``) holds ``3``, any other member the image
+    ``png_bytes(first + its index, size)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for s, name in enumerate(names):
+            _add_member(tar, name, b"3" if name.endswith(".cls") else png_bytes(first + s, size))
+    return path
+
+
 def _write_tars(folder: Path, sizes: List[int], labels: bool = False) -> Path:
     """WebDataset shards as tools write them: ``train-0000k.tar`` files of ``sizes[k]`` samples, each sample its files
     sharing a key (``000012.png``, with ``labels`` ``000012.cls`` too), the image of sample s ``png_bytes(s)``; with
@@ -640,25 +650,20 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     named; samples whose only image has another extension than the first samples' (datasets takes the columns from
     those, and would skip these images) are refused, counted, while an optional second image (a mask) is no loss; a
     folder with both image files and tars is refused naming both, not read as one of them."""
-    def tar_of(path: Path, names):
-        with tarfile.open(path, "w") as tar:
-            for s, name in enumerate(names):
-                _add_member(tar, name, png_bytes(s))
-
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    tar_of(mixed / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.jpg", "000007.jpg"])
+    _tar_of(mixed / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.jpg", "000007.jpg"])
     with pytest.raises(ValueError, match=r"mixed: 2 samples hold their image only as \.jpg, but datasets takes a "
                                          r"WebDataset's columns from its first samples, which give \.png"):
         load_image_dataset(train_data_dir=str(mixed))
     masks = tmp_path / "masks"
     masks.mkdir()
-    tar_of(masks / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", "000006.mask.png"])
+    _tar_of(masks / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", "000006.mask.png"])
     assert [row["png"] is not None for row in load_image_dataset(train_data_dir=str(masks))] == [True] * 7
     # a file twice in one sample: datasets would stop at it mid-training ("Duplicate field"), even past a hidden file
     twice = tmp_path / "twice"
     twice.mkdir()
-    tar_of(twice / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", ".DS_Store", "000006.png"])
+    _tar_of(twice / "train-00000.tar", [f"{s:06d}.png" for s in range(6)] + ["000006.png", ".DS_Store", "000006.png"])
     with pytest.raises(ValueError, match=r"twice/train-00000.tar: its sample '000006' holds two members 000006\.png, "
                                          r"and datasets stops reading the tar there"):
         load_image_dataset(train_data_dir=str(twice))
@@ -668,11 +673,11 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
 
     packed = tmp_path / "packed"
     packed.mkdir()
-    tar_of(packed / "plain.tar", [f"{s:06d}.png" for s in range(4)])
+    _tar_of(packed / "plain.tar", [f"{s:06d}.png" for s in range(4)])
     (packed / "train-00000.tar").write_bytes(gzip.compress((packed / "plain.tar").read_bytes()))
     (packed / "plain.tar").unlink()
     assert [row["png"].size for row in load_image_dataset(train_data_dir=str(packed))] == [(20, 20)] * 4
-    tar_of(packed / "plain.tar", ["000004.png", "000005.jpg"])
+    _tar_of(packed / "plain.tar", ["000004.png", "000005.jpg"])
     (packed / "train-00001.tar").write_bytes(lzma.compress((packed / "plain.tar").read_bytes()))
     (packed / "plain.tar").unlink()
     with pytest.raises(ValueError, match=r"packed: 1 samples hold their image only as \.jpg"):
@@ -691,7 +696,7 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    tar_of(corrupt / "train-00000.tar", [f"{s:06d}.png" for s in range(4)])
+    _tar_of(corrupt / "train-00000.tar", [f"{s:06d}.png" for s in range(4)])
     data = bytearray((corrupt / "train-00000.tar").read_bytes())
     third = 2 * (512 + 512)  # each member: a header block and one block of a 20×20 PNG
     assert data[third:third + 10] == b"000002.png"
@@ -705,7 +710,7 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     (folder / "train").mkdir(parents=True)
     for s in range(3):
         (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
-    tar_of(folder / "backup.tar", ["notes.png"])
+    _tar_of(folder / "backup.tar", ["notes.png"])
     with pytest.raises(ValueError, match=r"images holds both image files \(3, e\.g\. .*\.png\) and tar shards \(1, "
                                          r"e\.g\. .*backup\.tar\): an image folder or WebDataset shards\?"):
         load_image_dataset(train_data_dir=str(folder))
@@ -716,14 +721,11 @@ def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_sample
     another image extension would have no image, and be skipped one by one all through training (half the rows
     here). Before training, each tar's first sample is read (its headers, not the tar) and such tars are refused,
     named; a label before the image, or a second image (a mask), is no loss, and a tar compressed under the name .tar
-    is read as datasets reads it."""
+    (which datasets reads, and the check leaves alone) is read."""
     import gzip
 
-    def tar_of(folder: Path, k: int, names, size: int = 96):
-        folder.mkdir(exist_ok=True)
-        with tarfile.open(folder / f"train-{k:05d}.tar", "w") as tar:
-            for s, name in enumerate(names):
-                _add_member(tar, name, png_bytes(100 * k + s, size) if not name.endswith(".cls") else b"3")
+    def tar_of(folder: Path, k: int, names):  # 96² images (9 kB each)
+        _tar_of(folder / f"train-{k:05d}.tar", names, size=96, first=100 * k)
 
     fine, mixed = tmp_path / "fine", tmp_path / "mixed"
     for folder in (fine, mixed):
