@@ -143,24 +143,23 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .errors import leave_process_group
     from .evaluation import evaluate
 
-    results = evaluate(
-        args.pipeline, args.out, data=args.data, data_config=args.data_config, split=args.split,
-        reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
-        num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
-        features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
-        ddp_timeout=args.ddp_timeout)
+    try:  # under `accelerate launch`, each process leaves its process group however it ends (see leave_process_group)
+        results = evaluate(
+            args.pipeline, args.out, data=args.data, data_config=args.data_config, split=args.split,
+            reference_split=args.reference_split, metrics=args.metrics, num_samples=args.num_samples,
+            num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
+            features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
+            ddp_timeout=args.ddp_timeout)
+    finally:
+        leave_process_group()
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))
         print(f"results: {out / 'results.json'}; figures: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
-    # Under `accelerate launch`, each process destroys its process group once done (after the processes' last
-    # meeting, in evaluate): one left to the interpreter's exit may abort it ("terminate called without an active
-    # exception", pytorch/pytorch#190489; seen here in 2 of about 65 two-process runs). Only after success.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 

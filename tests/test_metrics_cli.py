@@ -444,7 +444,8 @@ def test_evaluate_processes_wait_for_each_other_as_long_as_ddp_timeout_says(tmp_
     args = ["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images", "4",
             "--ddp_timeout", "2", "--out", str(tmp_path / "out")]
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--main_process_port", str(free_port()), str(Path(__file__).with_name("late_process.py")),
+                             "--main_process_port", str(free_port()), str(Path(__file__).with_name("exit_probe.py")),
+                             str(Path(__file__).with_name("late_process.py")),
                              *args], env=child_env(ACCELERATE_USE_CPU="1", DDPM_HF_LATE_S="8"), cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0, result.stdout + result.stderr
@@ -453,6 +454,9 @@ def test_evaluate_processes_wait_for_each_other_as_long_as_ddp_timeout_says(tmp_
         result.stderr[-3000:]
     results = tmp_path / "out" / "results.json"
     assert not results.exists() or "bpd" not in results.read_text()
+    # process 0, stopped by the timeout, left its process group before exiting (see leave_process_group); process 1
+    # may be ended by the launcher's SIGTERM first
+    assert "EXIT_PROBE rank 0 holds a process group: False" in result.stdout, result.stdout[-2000:]
     assert build_parser().parse_args(["evaluate", "p", "--out", "o"]).ddp_timeout == 1800.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "p", "--out", "o", "--ddp_timeout", "0"])

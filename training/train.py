@@ -40,7 +40,8 @@ from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, recover_f
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, load_image_dataset)
 from ddpm_hf.ema import EMA
-from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
+from ddpm_hf.errors import (ResumeMismatch, is_out_of_memory, leave_process_group, out_of_memory_detail,
+                            release_cached_memory)
 from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
@@ -517,8 +518,11 @@ def decided_by_main(accelerator, decide, what: str):
 def main(argv=None):
     args = parse_args(argv)
     # huggingface_hub's client gives up on a stalled Hub after --hub_timeout, for the whole run (see hub_timeout)
-    with hub_timeout(args.hub_timeout) if args.push_to_hub else contextlib.nullcontext():
-        return run(args)
+    try:
+        with hub_timeout(args.hub_timeout) if args.push_to_hub else contextlib.nullcontext():
+            return run(args)
+    finally:  # every process, whatever stopped it (the processes often stop together: see leave_process_group)
+        leave_process_group()
 
 
 def run(args):
