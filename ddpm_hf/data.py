@@ -924,6 +924,7 @@ class TrainStream:
     """
 
     MAX_UNDECODABLE_IN_A_ROW = 1000
+    UNDECODABLE_SAID = 10  # a stream's undecodable images said one by one; after them, their count at powers of ten
     READ_RETRIES = 5  # failed reads in a row before the run stops (datasets retries each read before that)
     READ_RETRY_PAUSE_S = 2.0  # doubled at each retry: 2 + 4 + 8 + 16 + 32 s at most
     QUIET_WAIT_WARNING_S = 300.0  # a batch awaited this long is reported, and again after each as long
@@ -972,6 +973,7 @@ class TrainStream:
         self.num_workers, self.prefetch, self.pin_memory = num_workers, max(1, prefetch), pin_memory
         self.position = {v: (0, 0) for v in self.streams}  # (epoch, examples consumed in the epoch)
         self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream
+        self._undecodable_met = {v: 0 for v in self.streams}  # by this launch's reading (for its warnings)
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
         self.seen_ids: List[str] = []
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
@@ -1375,7 +1377,7 @@ class TrainStream:
                 first_failure, failures = None, 0
                 continue
             skipped += 1
-            logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s", v, epoch, index, detail)
+            self._say_undecodable(v, epoch, index, detail)
             first_failure, failures = first_failure or (epoch, index), failures + 1
             whole_epoch = epoch > first_failure[0] and index >= first_failure[1]
             if whole_epoch or failures >= self.MAX_UNDECODABLE_IN_A_ROW:
@@ -1383,6 +1385,18 @@ class TrainStream:
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
         return taken, ids, skipped, position, row_fingerprint(cell)
+
+    def _say_undecodable(self, v: int, epoch: int, index: int, detail: str) -> None:
+        """A stream's first UNDECODABLE_SAID undecodable images are said with their row and error, the later ones
+        only counted, the count said at each power of ten (and per process at the end of training): a web-scale
+        dataset with 1 % of broken images would otherwise log a million lines an epoch."""
+        met = self._undecodable_met[v] = self._undecodable_met[v] + 1
+        if met <= self.UNDECODABLE_SAID:
+            last = met == self.UNDECODABLE_SAID
+            logger.warning("skipping an undecodable image (stream %d, epoch %d, row %d): %s%s", v, epoch, index, detail,
+                           " (the next ones of this stream are counted, not said one by one)" if last else "")
+        elif str(met).rstrip("0") == "1":
+            logger.warning("stream %d has skipped %d undecodable images (epoch %d, row %d)", v, met, epoch, index)
 
 
 class _TarReplay:

@@ -347,14 +347,21 @@ class Uploads:
         if final:
             self.final = (pipe, grid, step)
             return
-        if self.running is not None and self.running[0].is_alive():
-            logger.warning("the upload of step %d is still running: step %d is not uploaded (a later upload carries "
-                           "newer weights)", self.running[1], step)
+        if self.busy(step):
             return
         thread = threading.Thread(target=self.upload, args=(pipe, grid, step), daemon=True,
                                   name=f"ddpm_hf-upload-{step}")
         thread.start()
         self.running = (thread, step)
+
+    def busy(self, step: int) -> bool:
+        """Whether a checkpoint's upload is still running, so that step ``step``'s is not made (said): asked before
+        its grid is sampled, which would cost a sampling of the whole chain for nothing."""
+        if self.running is not None and self.running[0].is_alive():
+            logger.warning("the upload of step %d is still running: step %d is not uploaded (a later upload carries "
+                           "newer weights)", self.running[1], step)
+            return True
+        return False
 
     def abandon(self, why: BaseException) -> None:
         """Said when the run stops with an upload running: its thread ends with the process."""

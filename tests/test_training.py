@@ -3,6 +3,7 @@ a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error 
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import signal
@@ -314,6 +315,27 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
     good = [i for i in range(12) if i not in (2, 7, 8)]
     assert stream.seen_ids == [hashlib.sha1(png_bytes(i)).hexdigest() for i in good[:9]]
     assert stream.state_dict()["position"] == {0: (0, 12)}  # row 11 was the last one used
+
+
+def test_many_undecodable_rows_are_said_one_by_one_then_counted(tmp_path, caplog):
+    """A web-scale dataset with 1 % of broken images has a million of them an epoch: a stream says its first ten
+    with their rows, then only its count at each power of ten; every one is skipped and counted."""
+    good, bad = png_bytes(0), b"\x89PNG\r\n\x1a\n truncated"
+    images = [{"bytes": good if i % 2 else bad, "path": None} for i in range(240)]  # 120 undecodable
+    Dataset.from_dict({"image": images}, features=Features({"image": ImageFeature()})).to_parquet(
+        str(tmp_path / "train-0.parquet"))
+    stream = TrainStream(load_image_dataset(str(tmp_path)), "image", 16, 1, 40, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.data"):
+        for _ in range(3):
+            stream.next_batch()
+        stream.close()
+    said = [r.getMessage() for r in caplog.records if "undecodable" in r.getMessage()]
+    assert stream.skipped_rows == 120
+    assert [m.split(":")[0] for m in said] == ["skipping an undecodable image (stream 0, epoch 0, row %d)" % row
+                                               for row in range(0, 20, 2)] + [
+        "stream 0 has skipped 100 undecodable images (epoch 0, row 198)"], said
+    assert said[9].endswith("(the next ones of this stream are counted, not said one by one)")
 
 
 @pytest.mark.hub

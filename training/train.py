@@ -386,6 +386,9 @@ def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: b
     """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate (of
     ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload (see Uploads)."""
     output_dir = Path(args.output_dir)
+    push = push and (final or not uploads.busy(step))  # a checkpoint's upload skipped needs no grid, nor a copy
+    if not (images or evaluate or final or push):
+        return
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
     grid = None
     if images or final or push:  # (an upload's grid made once, here, not at each of its attempts)

@@ -218,4 +218,6 @@ def test_a_slow_checkpoint_upload_keeps_no_process_waiting(images, tmp_path, hub
     text = log.read_text()
     assert trained and code == 0 and stall.hits, text[-4000:]
     assert "the upload of step 2 is still running: step 4 is not uploaded" in text
+    # a grid for each upload made (steps 2 and 6), none sampled for the one skipped (a whole chain on the main GPU)
+    assert sorted(p.name for p in (out / "samples").glob("step-*.png")) == ["step-0000002.png", "step-0000006.png"]
     _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/slow")
