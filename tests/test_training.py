@@ -424,6 +424,25 @@ def test_the_time_budget_leaves_the_steps_between_logs_to_the_device():
     assert [step for step in range(1, 101) if train.count_at_once(args, step)] == list(range(10, 101, 10))
 
 
+def test_the_logged_losses_are_the_means_over_each_quarter_of_the_timesteps():
+    """loss_logs (read back from the device at once) against numpy's means: the step's mean loss, and per quarter
+    of t ∈ [0, T) the mean of its examples' losses, a quarter without examples left out."""
+    import numpy as np
+    from accelerate import Accelerator
+    from runs import load_train_script
+
+    train, T = load_train_script(), 1000
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.integers(0, 500, 40), [749, 250, 499, 0]])  # no example in the last quarter
+    losses = rng.exponential(size=len(t)) * 10.0 ** -rng.integers(0, 3, len(t))
+    logs = train.loss_logs(Accelerator(cpu=True), torch.tensor(losses, dtype=torch.float32), torch.tensor(t), T)
+    expected = {"loss": losses.mean(), **{f"loss_q{q}": losses[(t * 4) // T == q].mean() for q in range(3)}}
+    assert logs.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logs[key] == pytest.approx(value, rel=1e-5), key
+    assert logs["loss_q2"] == pytest.approx(losses[(t >= 500) & (t < 750)].mean(), rel=1e-5)  # t = 749 only
+
+
 def test_one_process_decides_the_time_budget_alone(monkeypatch):
     """With one process, whether --max_train_minutes is used up is its own clock's answer: no collective, so no
     device round trip at every step (the collective is made to fail here)."""

@@ -798,14 +798,14 @@ def finish(accelerator, args, stream) -> None:
 
 def loss_logs(accelerator, per_example, t, num_train_timesteps: int) -> dict:
     """The step's mean loss over all processes, and per quarter of the timesteps (the loss varies with t by orders
-    of magnitude: the quarters show where training stands)."""
+    of magnitude: the quarters show where training stands); read back from the device at once."""
     losses = accelerator.gather(per_example.detach()).float()
-    steps = accelerator.gather(t).float()
-    logs = {"loss": losses.mean().item()}
-    for q in range(4):
-        in_quartile = (steps >= q * num_train_timesteps / 4) & (steps < (q + 1) * num_train_timesteps / 4)
-        if in_quartile.any():
-            logs[f"loss_q{q}"] = losses[in_quartile].mean().item()
+    quarter = accelerator.gather(t) * 4 // num_train_timesteps  # t in [q T/4, (q + 1) T/4): quarter q
+    sums = torch.zeros(4, device=losses.device).index_add_(0, quarter, losses)
+    counts = torch.bincount(quarter, minlength=4).to(losses.dtype)
+    mean, *values = torch.cat([losses.mean().view(1), sums, counts]).tolist()
+    logs = {"loss": mean}
+    logs.update({f"loss_q{q}": total / count for q, (total, count) in enumerate(zip(values[:4], values[4:])) if count})
     return logs
 
 
