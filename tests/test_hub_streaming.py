@@ -113,6 +113,13 @@ def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_ex
     after_kill = sum(read.sent for read in dataset_hub.reads if read.time > killed_at and read.repo_id == repo)
     print(f"resume from step {resumed_from}: {after_kill} bytes read after the kill, dataset {sum(size.values())} "
           "bytes")
+    # The resume's replay needs every shard's row groups: process 1 was given those the main process's check read,
+    # and read no shard it does not stream but the first, whose schema datasets reads as it opens the stream (it read
+    # all 16 footers again: 1 request per shard and process)
+    resumed = [read for read in dataset_hub.reads if read.time > killed_at and read.repo_id == repo and read.sent]
+    streamed_by_1 = {read.path for read in resumed if read.rank == "1" and read.start < 1024}
+    assert streamed_by_1 and {read.path for read in resumed if read.rank == "1"} - streamed_by_1 <= {files[0]}
+    assert {read.path for read in resumed if read.rank == "0"} == set(files)  # (the main process's check)
 
     # The token is nowhere: not in the logs, run_info.json, the model card, tensorboard or the checkpoints
     assert TOKEN not in log.read_text()
@@ -162,6 +169,25 @@ def test_a_resume_downloads_only_the_shards_that_still_hold_rows_of_the_epoch(da
                         and read.sent and read.start < 1024}
     print(f"resumed after 64 of 96 rows: {len(finished)} shards finished, {len(downloaded_again)} downloaded again")
     assert len(finished) >= 8 and downloaded_again and not finished & downloaded_again, (finished, downloaded_again)
+
+
+def test_the_row_groups_a_resume_needs_are_those_the_check_read(dataset_hub, tmp_path):
+    """The check before training reads every shard's footer; a resume's replay, which needs every shard's row groups,
+    takes them from it instead of asking the Hub again (a request per shard, in every process, at every resume). They
+    are those of the files themselves."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "groups"
+    write_images(root / "data", count=24, shards=3, size=16)
+    repo = publish(root, "alice/groups")
+    dataset = load_image_dataset(repo)  # checked
+    checked = len(dataset_hub.reads)
+    stream = TrainStream(dataset, "image", 16, 1, 4, 1, 0, 1, seed=0)
+    files = sorted((root / "data").glob("*.parquet"))
+    assert stream.shard_row_groups() == [
+        [pq.read_metadata(f).row_group(i).num_rows for i in range(pq.read_metadata(f).num_row_groups)] for f in files]
+    assert len(dataset_hub.reads) == checked
+    stream.close()
 
 
 def test_a_resume_after_the_dataset_changed_on_the_hub_is_refused_then_exact_at_the_old_commit(dataset_hub, tmp_path):

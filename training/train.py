@@ -38,7 +38,8 @@ from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, recover_folders, resume, save_checkpoint,
                                  save_pipeline, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
-                          find_image_column, first_image, hub_dataset_id, load_image_dataset)
+                          find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
+                          remember_row_groups)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import (ResumeMismatch, is_out_of_memory, leave_process_group, out_of_memory_detail,
                             release_cached_memory)
@@ -195,11 +196,15 @@ def open_dataset(args, accelerator):
     except SystemExit as err:  # only the checking processes read the shards: the others must not wait for them
         dataset, failure = None, str(err.code)
     commit = dataset_revision(dataset) if dataset is not None else None
-    outcomes = gather_object([(failure, commit)])
-    failures = [f for f, _ in outcomes if f is not None]
+    # the row groups of a Hub dataset's parquet shards, whose footers the main process's check read: every process's
+    # resume needs them, which it would otherwise ask the Hub for, one request per shard and process
+    row_groups = known_row_groups() if accelerator.is_main_process and dataset is not None else {}
+    outcomes = gather_object([(failure, commit, row_groups)])
+    failures = [f for f, _, _ in outcomes if f is not None]
     if failures:
         raise SystemExit(failure or failures[0])
     main_commit = outcomes[0][1]
+    remember_row_groups(outcomes[0][2])
     if main_commit is not None and commit != main_commit:
         dataset = load(main_commit)
     return dataset
