@@ -49,15 +49,16 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
 
 def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
                       dataset_config_name=None, train_data_dir=None, image_column=None, token=None,
-                      chunk_size: int = 256) -> Iterator[torch.Tensor]:
+                      chunk_size: int = 256, check_shards: bool = False) -> Iterator[torch.Tensor]:
     """The first ``num_images`` images of ``split`` as uint8 (n, C, H, W) chunks of ``chunk_size``, centre-cropped
     to ``resolution``, for a model with ``channels`` input channels: data of the other kind (grey for colour or the
     reverse) is refused, as in training. In chunks, so that 50,000 reference images of 256² (9.8 GB) need not be
-    held at once."""
+    held at once. ``check_shards``: read every shard's footer first (see load_image_dataset), a request per shard on
+    the Hub: evaluate checks each split once, before any work, not at each of its reads."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
-                                 token=token)
+                                 token=token, check_shards=check_shards)
     column = find_image_column(dataset.features, image_column)
     rng = np.random.default_rng(0)
     images, made = [], 0
@@ -354,7 +355,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         interpolated = data_split == split and "interpolation" in metrics
         compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
         needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
-        got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config))
+        got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config,
+                                   check_shards=True))
         if interpolated and got < 2:
             raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
                              "there: pass a split with two images or more, or leave interpolation out of --metrics.")

@@ -922,6 +922,38 @@ def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(d
     assert results["hub"]["num_images"] == 4
 
 
+def test_evaluate_checks_a_hub_splits_shards_once(dataset_hub, tmp_path):
+    """Evaluate reads its split three times here (the check before any work, the bound's images, the
+    interpolation's two): the shards' footers, a request per shard, are read at the first only. The shards after the
+    first, which hold none of the images read, are asked for once each (three times before)."""
+    from helpers import tiny_pipeline
+
+    from ddpm_hf.cli import main as cli
+
+    root = tmp_path / "repo"
+    write_images(root / "data", count=32, shards=4)
+    for shard in (root / "data").glob("train-*.parquet"):
+        shard.rename(shard.with_name(shard.name.replace("train-", "test-")))
+    repo = publish(root, "alice/checked-once")
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    assert cli(["evaluate", str(tmp_path / "pipe"), "--data", repo, "--metrics", "bpd,interpolation",
+                "--num_bpd_images", "4", "--bpd_timesteps", "3", "--out", str(tmp_path / "out")]) == 0
+
+    def requests_per_shard():
+        asked = {}
+        for read in dataset_hub.reads:
+            if read.repo_id == repo and read.path.endswith(".parquet"):
+                asked[read.path] = asked.get(read.path, 0) + 1
+        return asked
+
+    asked = requests_per_shard()
+    dataset_hub.reads.clear()
+    load_image_dataset(repo, split="test", check_shards=True)  # one check alone: what it asks of each shard
+    one_check = requests_per_shard()
+    first, *later = sorted(asked)
+    assert len(later) == 3 and all(asked[path] == one_check[path] for path in later), (asked, one_check)
+
+
 def test_the_stand_ins_of_a_killed_replay_are_removed_by_the_next(tmp_path, monkeypatch):
     """A resume replays its epoch's order over stand-in files in a temporary folder named with its pid; a SIGKILL
     leaves the folder behind (16 bytes per row of the dataset). The next replay removes those of dead processes, and

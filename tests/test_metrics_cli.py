@@ -537,3 +537,18 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert "--seed" in capsys.readouterr().err and not (tmp_path / "s").exists()
     result = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "ddpm-hf" in result.stdout
+
+
+def test_evaluate_names_a_truncated_shard_before_any_work(tmp_path):
+    """A shard of the evaluation split cut short, after the one the images are read from: named before the bound
+    (or any sampling) starts, by evaluate's one check of every shard's footer."""
+    data = write_test_split(tmp_path / "data", [png_bytes(seed, size=16) for seed in range(4)])
+    first = data / "test-00000-of-00001.parquet"
+    cut = data / "test-00001-of-00001.parquet"  # (sorted after the first: the images come from the first)
+    cut.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    tiny_pipeline(num_train_timesteps=5).save_pretrained(tmp_path / "pipe")
+    with pytest.raises(SystemExit) as stopped:
+        cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images", "2",
+             "--out", str(tmp_path / "out")])
+    assert "test-00001-of-00001.parquet is not a readable parquet file" in str(stopped.value.code), stopped.value.code
+    assert not (tmp_path / "out" / "results.json").exists()
