@@ -257,7 +257,13 @@ def tracker_not_installed(logger_name: str):
 
 def read_model_config(path: str) -> dict:
     """A UNet2DModel-style config.json as a dict, checked for unknown keys (a typo would silently fall back to the
-    default) and missing files or bad JSON, each named."""
+    default) and missing files or bad JSON, each named. A folder is read as diffusers' --model_config_name_or_path
+    reads one: its config.json (a U-Net's folder), else its unet/config.json (a pipeline's)."""
+    if os.path.isdir(path):
+        inside = [os.path.join(path, name) for name in ("config.json", os.path.join("unet", "config.json"))]
+        if not any(os.path.isfile(file) for file in inside):
+            raise ValueError(f"--model_config {path} is a folder without config.json or unet/config.json")
+        path = next(file for file in inside if os.path.isfile(file))
     if not os.path.isfile(path):
         raise ValueError(f"--model_config {path}: no such file")
     try:

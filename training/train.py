@@ -55,8 +55,11 @@ logger = logging.getLogger("ddpm_hf.train")
 
 def build_model(args):
     """The U-Net of --model_config or --preset (with --dropout, --original_init, a doubled output for a learned
-    variance, gradient checkpointing) and the training resolution, checked against the model's levels."""
+    variance, gradient checkpointing, --resolution as its sample_size) and the training resolution, checked against
+    the model's levels."""
     config = read_model_config(args.model_config) if args.model_config else unet_config(args.preset)
+    if args.resolution:  # the saved pipeline samples at the size it trained at (diffusers' example: sample_size=)
+        config["sample_size"] = args.resolution
     if args.dropout is not None:
         config["dropout"] = args.dropout
     if args.variance_type in LEARNED_VARIANCE_TYPES:
@@ -67,7 +70,9 @@ def build_model(args):
         raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: invalid U-Net config: {err}") from err
     if args.original_init:
         model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed))
-    resolution = args.resolution or model.config.sample_size
+    resolution = model.config.sample_size
+    if not isinstance(resolution, int):
+        raise SystemExit(f"{args.model_config}: the U-Net config gives no sample_size (an int): pass --resolution.")
     factor = 2 ** (len(model.config.block_out_channels) - 1)
     if resolution % factor:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {factor}, which the model's "
@@ -539,18 +544,18 @@ def run(args):
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
-    if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload (nor after a download)
-        args.hub_model_id = decided_by_main(accelerator, lambda: check_push_target(
-            args.hub_model_id, args.hub_token, args.hub_private_repo), "--push_to_hub")
-    dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
-    set_seed(args.seed)  # the same initial weights on every process
 
-    # --- the model, the diffusion (scheduler) and the loss ---------------------------------------------------------
+    # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
+    set_seed(args.seed)  # the same initial weights on every process
     model, resolution = build_model(args)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
     loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels, args.snr_gamma)
     num_train_timesteps = scheduler.config.num_train_timesteps
+    if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload (nor after a download)
+        args.hub_model_id = decided_by_main(accelerator, lambda: check_push_target(
+            args.hub_model_id, args.hub_token, args.hub_private_repo), "--push_to_hub")
+    dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
     stream = open_train_stream(args, dataset, model, resolution, args.data_streams or world,

@@ -433,3 +433,29 @@ def test_processes_stopped_together_leave_their_process_group_before_they_exit(t
     assert result.returncode != 0 and "cannot be shared evenly by 2 processes" in log, log[-3000:]
     assert sorted(re.findall(r"EXIT_PROBE rank (\d) holds a process group: (\w+)", log)) == [
         ("0", "False"), ("1", "False")], log[-3000:]
+
+
+def test_the_training_resolution_is_the_saved_models_sample_size(train, tmp_path):
+    """--resolution 24 with a preset made for 16 (as diffusers' example sets sample_size=args.resolution): the saved
+    U-Net says 24, so plain diffusers and ddpm_hf sample 24×24 images, the size it trained at (it said 16 and sampled
+    16×16). A --model_config folder (diffusers' --model_config_name_or_path) is read like its config.json."""
+    from diffusers import UNet2DModel
+
+    data = _parquet(tmp_path / "data", [_png(size=(24, 24), seed=i) for i in range(8)])
+    out = tmp_path / "out"
+    train_in_process(train, FAST + ["--dataset_name", str(data), "--max_train_steps", "1", "--resolution", "24",
+                                    "--output_dir", str(out)])
+    assert UNet2DModel.from_pretrained(out / "unet").config.sample_size == 24
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 24, 24, 1)
+    again = tmp_path / "again"
+    train_in_process(train, FAST + ["--dataset_name", str(data), "--max_train_steps", "1", "--model_config", str(out),
+                                    "--output_dir", str(again)])
+    assert json.loads((again / "unet" / "config.json").read_text()) == json.loads(
+        (out / "unet" / "config.json").read_text())
+
+
+def test_a_resolution_the_model_cannot_take_stops_the_run_before_the_hub_is_asked(train, tmp_path):
+    """Checked with the model, before the Hub dataset (which does not exist here) is opened."""
+    message = _main_error(train, tmp_path, ["--dataset_name", "someone/not-a-dataset", "--resolution", "17"])
+    assert "--resolution 17 is not a multiple of 2" in message, message
