@@ -5,6 +5,7 @@ train_unconditional.py where the meaning is the same."""
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -105,7 +106,11 @@ def parse_args(argv=None):
     out.add_argument("--output_dir", default="ddpm-output")
     out.add_argument("--checkpointing_steps", type=int, default=500)
     out.add_argument("--checkpoints_total_limit", type=int, default=3)
-    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--resume_from_checkpoint", default=None,
+                     help="'latest', a checkpoint folder, or a checkpoint-N folder's name in --output_dir")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="start a new run in an --output_dir that holds an earlier run's checkpoints, removing them "
+                          "(without it such a run is refused: resume it with --resume_from_checkpoint latest)")
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
     out.add_argument("--num_sample_images", type=int, default=16)
     out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
@@ -154,8 +159,6 @@ DIFFUSERS_ONLY_FLAGS = {
     "--eval_batch_size": "the sample grid's size is --num_sample_images",
     "--ema_inv_gamma": _EMA_HERE,
     "--ema_power": _EMA_HERE,
-    "--overwrite_output_dir": "drop it: a run writes into --output_dir, and --resume_from_checkpoint latest continues "
-                              "the run found there",
     "--model_config_name_or_path": "pass --model_config with a UNet2DModel config.json, or a --preset",
     "--local_rank": "drop it: accelerate launch gives each process its rank in the environment (LOCAL_RANK)",
     "--enable_xformers_memory_efficient_attention": "drop it: the attention runs PyTorch's scaled_dot_product_attention, "
@@ -235,7 +238,17 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         p.error(f"--train_data_dir {args.train_data_dir} is not a folder")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder (or use 'latest')")
+        named = os.path.join(args.output_dir, os.path.basename(os.path.normpath(args.resume_from_checkpoint)))
+        if not os.path.isdir(named):  # (diffusers' example takes the name of a checkpoint in --output_dir)
+            p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder, here or in "
+                    f"--output_dir {args.output_dir} (or use 'latest')")
+        args.resume_from_checkpoint = named
+    earlier = sorted(n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
+                     if re.fullmatch(r"checkpoint-\d+", n))
+    if earlier and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        p.error(f"--output_dir {args.output_dir} holds the checkpoints of an earlier run ({', '.join(earlier[:3])}"
+                f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume_from_checkpoint latest, start a new "
+                "run in another --output_dir, or start one there with --overwrite_output_dir (which removes them)")
     if args.model_config:
         try:
             read_model_config(args.model_config)

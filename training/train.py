@@ -35,8 +35,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
-from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, recover_folders, resume, save_checkpoint,
-                                 save_pipeline, write_file)
+from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, delete_folder, recover_folders, resume,
+                                 save_checkpoint, save_pipeline, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
@@ -679,6 +679,9 @@ def start_run(accelerator, args, model, stream, loop) -> float:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_folders(output_dir)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:  # an earlier run's (see check_args)
+            for old in checkpoints(output_dir):
+                delete_folder(old)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
@@ -689,6 +692,10 @@ def start_run(accelerator, args, model, stream, loop) -> float:
                 raise SystemExit(f"cannot resume from {path}: {err}") from err
         if path is not None:
             logger.info("resumed from %s at step %d", path, loop.step)
+        if loop.step > args.max_train_steps:  # its pipeline and card would say --max_train_steps
+            raise SystemExit(f"{path} is at step {loop.step}, past --max_train_steps {args.max_train_steps}: pass "
+                             f"--max_train_steps {loop.step} or more to continue that run (at {loop.step} it trains "
+                             "nothing more and writes its pipeline), or start a new run in another --output_dir.")
     streams = args.data_streams or accelerator.num_processes
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
@@ -700,6 +707,12 @@ def start_run(accelerator, args, model, stream, loop) -> float:
         # resumed: TensorBoard drops what the stopped launch logged after its checkpoint, logged again from here
         purge = {"tensorboard": {"purge_step": loop.step + 1}} if loop.step else None
         accelerator.init_trackers("ddpm_hf", config=tracker_config, init_kwargs=purge)
+        initial = args.ema_max_decay ** (args.max_train_steps - loop.step) if args.use_ema else 0.0
+        if initial > 0.05 and not args.ema_warmup:  # the EMA weights are the ones the pipeline is saved with
+            logger.warning("the EMA decay %s from the first step (the paper's, for 800,000 steps) leaves %.0f %% of "
+                           "the initial weights in the EMA weights after %d more steps, and the saved pipeline has "
+                           "those: pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,
+                           100 * initial, args.max_train_steps - loop.step)
         if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
             logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
                            "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "
