@@ -412,12 +412,15 @@ class DDPMPipeline(DiffusionPipeline):
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
+        api = HfApi(token=token)
+        # first (a token that cannot write fails before the sampling), and as the Hub names it: "name" is the token's
+        # account's "account/name"
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
         if sample_grid is None:
             steps = grid_inference_steps or self.scheduler.config.num_train_timesteps
             images = self(batch_size=grid_size**2, generator=torch.Generator().manual_seed(grid_seed),
                           num_inference_steps=steps).images
             sample_grid = image_grid(images, grid_size, grid_size)
-        api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             if sample_grid is not False:
@@ -425,7 +428,6 @@ class DDPMPipeline(DiffusionPipeline):
             card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
                               evaluation=evaluation, grid=sample_grid is not False)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
-            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             # files of an earlier upload that this one has not go in the same commit (see STALE_AFTER_UPLOAD)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",

@@ -56,6 +56,15 @@ def test_push_then_load_with_ddpm_hf_and_plain_diffusers(hub, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=0, atol=1e-5)
 
 
+def test_a_repo_name_without_namespace_is_pushed_to_the_tokens_account(hub, tmp_path):
+    """push_to_hub("name"), as diffusers' own takes it: alice's "alice/name", its card naming that repo (the upload
+    used the bare name and failed after creating the repo empty)."""
+    _push(tiny_pipeline(), "bare-name")
+    files = hub.repos["alice/bare-name"].files("main")[1]
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert 'DDPMPipeline.from_pretrained("alice/bare-name")' in files["README.md"].decode()
+
+
 def test_remote_code_layout_through_the_hub(hub, tmp_path):
     pipe = tiny_pipeline(variance_type="fixed_large_log")
     _push(pipe, "alice/remote-ddpm")
