@@ -143,8 +143,10 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .errors import leave_process_group
     from .evaluation import evaluate
+    from .processes import die_with_launcher, leave_process_group
+
+    die_with_launcher()  # under `accelerate launch`: a launcher killed by SIGKILL takes this process with it
 
     try:  # under `accelerate launch`, each process leaves its process group however it ends (see leave_process_group)
         results = evaluate(

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from .errors import ResumeMismatch, first_line, http_status
+from .processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -1582,17 +1583,10 @@ def _put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None
 
 
 def _die_with_parent(parent: int) -> None:
-    """This process gets SIGKILL when its parent, pid ``parent``, dies (even by SIGKILL; Linux) and leaves Ctrl-C to
-    the training process. A parent that died before the request is found by the pid check after it."""
+    """This process gets SIGKILL when its parent, pid ``parent``, dies (see die_with_parent) and leaves Ctrl-C to
+    the training process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (glibc or musl)
-    except (OSError, AttributeError):  # not Linux: the parent's own shutdown still ends it on a normal exit
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
+    die_with_parent(parent, signal.SIGKILL)
 
 
 def _kill_if_started(process) -> None:

@@ -1,5 +1,4 @@
-"""Error messages: one line of an exception, for messages that name the problem and the fix; running out of memory;
-leaving the process group, whatever ends a process."""
+"""Error messages: one line of an exception, for messages that name the problem and the fix; running out of memory."""
 
 from typing import Optional
 
@@ -67,16 +66,6 @@ def release_cached_memory(device: torch.device) -> None:
     its exception are gone: the next allocations start from a defragmented pool."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def leave_process_group() -> None:
-    """Destroy this process's torch.distributed process group, if it has one, as a command ends (success or error).
-    One left to the interpreter's exit may abort the process as it exits ("terminate called without an active
-    exception", pytorch/pytorch#190489): measured here, two CPU processes stopped together by a SystemExit after one
-    collective aborted in 14 of 30 launches, 0 of 30 once they left their group first. Destroying waits for no other
-    process (torch's NCCL shutdown aborts the communicators), so a process that fails alone leaves at once too."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 class ResumeMismatch(ValueError):

@@ -1,6 +1,6 @@
 """Run a command unchanged (a script's path, or ``-m module``, with its arguments) and say, as the interpreter exits,
 whether this process still holds a torch.distributed process group: one left to the exit may abort the process
-(see ddpm_hf.errors.leave_process_group). Each process prints ``EXIT_PROBE rank R holds a process group: BOOL``."""
+(see ddpm_hf.processes.leave_process_group). Each process prints ``EXIT_PROBE rank R holds a process group: BOOL``."""
 
 import atexit
 import os

@@ -123,6 +123,7 @@ def test_two_processes_stream_a_private_repo_shard_by_shard_and_resume_a_kill_ex
 
     # The token is nowhere: not in the logs, run_info.json, the model card, tensorboard or the checkpoints
     assert TOKEN not in log.read_text()
+    assert "HTTP Request:" not in log.read_text()  # (the HTTP client's line per request, on every process)
     for path in out.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path

@@ -4,6 +4,7 @@ a SIGKILL and an exact resume, and the data pipeline's split, shuffle and error 
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # (accelerate requires it)
 import pytest
 import torch
 from datasets import Dataset, Features, Image as ImageFeature
@@ -460,3 +462,35 @@ def test_one_process_decides_the_time_budget_alone(monkeypatch):
         assert train.out_of_time(accelerator, time.perf_counter(), 1) is False
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.distributed
+def test_training_processes_end_with_a_launcher_killed_by_sigkill(parquet_dir, tmp_path):
+    """torchrun starts the training processes in sessions of their own: a launcher killed by SIGKILL (with its
+    process group, as a job scheduler or `kill -9 -- -PGID` does) left them training, checkpointing and pushing to
+    the end, beside whatever was started next in the same --output_dir. They now end with it."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "wb") as sink:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--main_process_port", str(free_port()), TRAIN, *FAST, "--dataset_name", str(parquet_dir),
+             "--max_train_steps", "100000", "--checkpointing_steps", "2", "--output_dir", str(out)],
+            stdout=sink, stderr=subprocess.STDOUT, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path,
+            start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2").is_dir():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if TRAIN in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"training processes left running: {alive}\n{log.read_text()[-3000:]}"
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()

@@ -41,12 +41,12 @@ from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_re
                           find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
 from ddpm_hf.ema import EMA
-from ddpm_hf.errors import (ResumeMismatch, is_out_of_memory, leave_process_group, out_of_memory_detail,
-                            release_cached_memory)
+from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
 from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_with_retries
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
+from ddpm_hf.processes import die_with_launcher, leave_process_group
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.training_args import card_config, parse_args, public_config, read_model_config
@@ -150,6 +150,8 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages drown the log
+    for client in ("httpx", "httpx2"):  # huggingface_hub's HTTP client: a line per request, per file of a dataset
+        logging.getLogger(client).setLevel(logging.WARNING)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
         raise SystemExit(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
@@ -529,6 +531,7 @@ def decided_by_main(accelerator, decide, what: str):
 
 
 def main(argv=None):
+    die_with_launcher()  # under `accelerate launch`: a launcher killed by SIGKILL takes this process with it
     args = parse_args(argv)
     # huggingface_hub's client gives up on a stalled Hub after --hub_timeout, for the whole run (see hub_timeout)
     try:
