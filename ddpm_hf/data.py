@@ -247,8 +247,10 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
         raise FileNotFoundError(
             f"{where}{at} does not exist or this token cannot read it: check {flags}, and for a private or gated "
             "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
-    except ValueError as err:  # an unknown config: datasets lists the available ones
-        raise ValueError(f"{where}: {first_line(err)} Pass one of them with --dataset_config_name.") from err
+    except ValueError as err:  # an unknown or missing config: datasets lists the available ones (on a later line)
+        said, configs = first_line(err), re.search(r"\[[^\]]*\]", str(err))
+        listed = f" Its configs: {configs.group(0)}." if configs and configs.group(0) not in said else ""
+        raise ValueError(f"{where}: {said}{listed} Pass one of them with --dataset_config_name.") from err
     data_files = builder.config.data_files or {}
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "

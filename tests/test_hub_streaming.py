@@ -367,6 +367,12 @@ def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, t
     assert grey == ["0", "1", "2", "3"] and [row["label"] for row in colour] == ["10", "11", "12"]
     assert colour[0]["image"].mode == "RGB"
     assert colour[0]["image"].tobytes() == Image.open(io.BytesIO(_png_rgb(10))).tobytes()
+    # without a default config, datasets asks for one: the message names them (it said "pass one of them")
+    readme = (root / "README.md").read_text()
+    (root / "README.md").write_text(readme.replace("  default: true\n", ""))
+    with pytest.raises(ValueError, match=re.escape("Its configs: ['grey', 'colour']. Pass one of them with "
+                                                   "--dataset_config_name.")):
+        load_image_dataset(publish(root, "alice/no-default"))
 
     # an image folder with its metadata
     folder = tmp_path / "folder"
