@@ -254,7 +254,7 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     data_files = builder.config.data_files or {}
     if data_files and split not in data_files:
         raise ValueError(f"{where} (config {builder.config.name!r}) has no split {split!r}; its splits: "
-                         f"{sorted(data_files)}. Pass one of them with --split.")
+                         f"{sorted(str(name) for name in data_files)}. Pass one of them with --split.")
     first_samples = {}
     if check_shards and builder.name in ("parquet", "arrow", "webdataset"):
         first_samples = _check_remote_shards(list(data_files.get(split, [])), builder.name, where, token)
@@ -978,7 +978,11 @@ class TrainStream:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         shards = dataset.num_shards
-        if shards % num_streams:
+        if shards % num_streams and getattr(dataset.info, "builder_name", None) in ("imagefolder", "audiofolder"):
+            logger.info("the image folder is read as %d shard(s): each of the %d streams goes through its list of "
+                        "files and keeps one example in %d, reading only those images.", shards, num_streams,
+                        num_streams)
+        elif shards % num_streams:
             logger.warning(
                 "the dataset has %d shards, not a multiple of %d streams: falling back to splitting by examples: every "
                 "stream reads (for a Hub dataset: downloads) all %d shards and keeps one example in %d, %d× the reading "

@@ -347,7 +347,7 @@ def _png_rgb(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, tmp_path):
+def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, tmp_path, caplog):
     # two configs, the second with a non-default split, laid out and declared as the Hub does (README configs:)
     root = tmp_path / "multi"
     for config, split, seeds in (("grey", "train", range(0, 4)), ("colour", "holdout", range(10, 13))):
@@ -385,6 +385,14 @@ def test_configs_splits_and_image_folders_stream_like_local_files(dataset_hub, t
     rows = sorted(load_image_dataset(repo), key=lambda row: row["label"])
     assert [row["label"] for row in rows] == ["0", "1", "2"]
     assert rows[2]["image"].tobytes() == Image.open(io.BytesIO(png_bytes(2))).tobytes()
+    # its splits named as names (not NamedSplit('train')), and two streams over its one shard not warned about as
+    # if each downloaded everything: each reads only its own images
+    with pytest.raises(ValueError, match=re.escape("has no split 'holdout'; its splits: ['train']. Pass one")):
+        load_image_dataset(repo, split="holdout")
+    with caplog.at_level(logging.INFO, logger="ddpm_hf.data"):
+        TrainStream(load_image_dataset(repo), "image", 16, 1, 1, 2, 0, 1, seed=0).close()
+    said = [record for record in caplog.records if "shard" in record.getMessage()]
+    assert [record.levelname for record in said] == ["INFO"] and "reading only those images" in said[0].getMessage()
 
 
 def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_path):
