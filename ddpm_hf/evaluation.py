@@ -349,6 +349,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
+    if features == "fmnist" and {"fid", "kid", "is"} & set(metrics) and (channels, size) != (1, 28):
+        logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (28×28 "
+                       "grey images), which say little of this model's %d×%d %s images: pass --features inception "
+                       "for the standard scores (see the README).", size, size, "grey" if channels == 1 else "colour")
     for data_split in data_splits(metrics, split, reference_split):
         # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
         # wrong kind, or too few of them, fail now, everywhere, before any work.
@@ -459,6 +463,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             real = cached_features(features, extractor, lambda: eval_image_chunks(
                 data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config,
                 chunk_size=batch_size))
+            if len(real) < num_reference:
+                logger.warning("--reference_split %s holds %d images, fewer than --num_reference %d: the scores "
+                               "compare the samples with those %d.", reference_split, len(real), num_reference,
+                               len(real))
             scores = fid_kid(real, sample_features)
             quality.update({"label": "FID-FMNIST" if fmnist else "FID", "num_reference": len(real),
                             "reference_split": reference_split,

@@ -552,3 +552,31 @@ def test_evaluate_names_a_truncated_shard_before_any_work(tmp_path):
              "--out", str(tmp_path / "out")])
     assert "test-00001-of-00001.parquet is not a readable parquet file" in str(stopped.value.code), stopped.value.code
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_fmnist_scores_of_colour_images_and_a_short_reference_are_warned_about(tmp_path, caplog):
+    """FID-FMNIST of a colour model is computed (the features are a Fashion-MNIST classifier's) but said to mean
+    little, naming --features inception; a reference split with fewer images than --num_reference is said, not only
+    written in results.json."""
+    import io
+    import logging
+
+    from PIL import Image
+
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, unet_config
+
+    pngs = []
+    for seed in range(6):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").save(
+            buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    data = write_test_split(tmp_path / "colour", pngs)
+    DDPMPipeline(unet=DDPMUNet(**unet_config("tiny-16", in_channels=3, out_channels=3)),
+                 scheduler=DDPMScheduler(num_train_timesteps=5)).save_pretrained(tmp_path / "model")
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.evaluation"):
+        assert cli(["evaluate", str(tmp_path / "model"), "--data", str(data), "--metrics", "fid", "--num_samples", "4",
+                    "--num_reference", "50", "--reference_split", "test", "--out", str(tmp_path / "out")]) == 0
+    said = [record.getMessage() for record in caplog.records]
+    assert any("which say little of this model's 16×16 colour images: pass --features inception" in m for m in said)
+    assert any("--reference_split test holds 6 images, fewer than --num_reference 50" in m for m in said), said
