@@ -41,7 +41,9 @@ def parse_args(argv=None):
     data.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
     data.add_argument("--resolution", type=int, default=None, help="default: the model's sample_size")
-    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                      help="crop the centre of each image to --resolution (default: on; diffusers' example crops at "
+                           "random unless --center_crop)")
     data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
     data.add_argument("--cache_dir", default=None)
     data.add_argument("--dataloader_num_workers", type=int, default=None,
@@ -93,8 +95,10 @@ def parse_args(argv=None):
     opt.add_argument("--max_grad_norm", type=float, default=None)
     opt.add_argument("--max_nonfinite_steps", type=int, default=5,
                      help="skip updates with a NaN/Inf loss or gradient; stop after this many in a row")
-    opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    opt.add_argument("--ema_max_decay", type=float, default=None)
+    opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                     help="average the weights (default: on, the paper's; diffusers' example: off): the pipeline is "
+                          "saved with the average")
+    opt.add_argument("--ema_max_decay", type=float, default=None, help="default: the preset's (the paper's 0.9999)")
     opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
     opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     opt.add_argument("--gradient_checkpointing", action="store_true")
@@ -104,8 +108,9 @@ def parse_args(argv=None):
 
     out = p.add_argument_group("outputs")
     out.add_argument("--output_dir", default="ddpm-output")
-    out.add_argument("--checkpointing_steps", type=int, default=500)
-    out.add_argument("--checkpoints_total_limit", type=int, default=3)
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="(default: %(default)s)")
+    out.add_argument("--checkpoints_total_limit", type=int, default=3,
+                     help="the newest checkpoints kept, 0: all (default: %(default)s; diffusers' example keeps all)")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest', a checkpoint folder, or a checkpoint-N folder's name in --output_dir")
     out.add_argument("--overwrite_output_dir", action="store_true",
