@@ -849,6 +849,30 @@ def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_it
     assert "datasets:" not in card and str(tmp_path) not in card and "| dataset_name | local folder repo |" in card
 
 
+def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub, train, tmp_path):
+    """A run checkpointed, then the dataset's card edited on the Hub (a commit that changes no data, as a bot's or a
+    typo fix's): the resume used to be refused, naming --dataset_revision. It reads the checkpoints' commit now and
+    ends on the uninterrupted run's weights; a new run reads the new commit."""
+    root = tmp_path / "repo"
+    write_images(root / "data", count=16, shards=2)
+    repo = publish(root, "alice/edited")
+    commit = HfApi(token=TOKEN).dataset_info(repo).sha
+    base = FAST + ["--dataset_name", repo, "--hub_token", TOKEN, "--checkpointing_steps", "2",
+                   "--dataloader_num_workers", "0"]
+    train_in_process(train, base + ["--max_train_steps", "4", "--output_dir", str(tmp_path / "whole")])
+    train_in_process(train, base + ["--max_train_steps", "2", "--output_dir", str(tmp_path / "run")])
+    HfApi(token=TOKEN).upload_file(path_or_fileobj=b"# edited\n", path_in_repo="README.md", repo_id=repo,
+                                   repo_type="dataset")
+    assert HfApi(token=TOKEN).dataset_info(repo).sha != commit
+    train_in_process(train, base + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--output_dir",
+                                    str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["dataset_revision"] == commit
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    train_in_process(train, base + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "new")])
+    assert json.loads((tmp_path / "new" / "run_info.json").read_text())["dataset_revision"] != commit
+
+
 @pytest.mark.parametrize("case, words", [
     ("missing", "Hub dataset alice/nothing does not exist or this token cannot read it"),
     ("no_token", "Hub dataset alice/private does not exist or this token cannot read it"),

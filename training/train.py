@@ -178,11 +178,30 @@ def compile_options(args) -> Tuple[Optional[dict], str]:
         raise SystemExit(str(err)) from err
 
 
+def dataset_revision_to_read(args) -> Optional[str]:
+    """The Hub dataset's commit to read: --dataset_revision, else, resuming, the one the checkpoints' run read (its
+    run_info.json): a push since, even of the dataset's card alone, would otherwise end the resume, whose examples
+    must be the ones the run would have read. None: the main branch as it is now (or a local dataset)."""
+    if args.dataset_revision or not args.resume_from_checkpoint or not hub_dataset_id(args.dataset_name):
+        return args.dataset_revision
+    run = Path(args.output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint).parent
+    if not checkpoints(run):  # 'latest' with none: a new run
+        return None
+    try:
+        revision = json.loads((run / "run_info.json").read_text()).get("dataset_revision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if revision:
+        logger.info("resuming: the Hub dataset %s is read at commit %s, as its checkpoints were (whatever its main "
+                    "branch holds now; --dataset_revision chooses another)", args.dataset_name, revision)
+    return revision
+
+
 def open_dataset(args, accelerator):
     """The dataset opened, its repo, token, config, split and shards checked (a Hub dataset's by the main process, a
     local folder's by one process per machine): a bad dataset stops
     here, named, before anything is built. Every process reads a Hub dataset at the main process's commit (a push
-    while the processes opened it would give them different files)."""
+    while the processes opened it would give them different files), a resume at its checkpoints' commit."""
     from accelerate.utils import gather_object
 
     # a Hub dataset is the same files for all: its main process checks them; a local folder may be each machine's copy
@@ -196,10 +215,11 @@ def open_dataset(args, accelerator):
         except (OSError, ValueError) as err:
             raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
+    revision = dataset_revision_to_read(args)
     if accelerator.num_processes == 1:
-        return load(args.dataset_revision)
+        return load(revision)
     try:
-        dataset, failure = load(args.dataset_revision), None
+        dataset, failure = load(revision), None
     except SystemExit as err:  # only the checking processes read the shards: the others must not wait for them
         dataset, failure = None, str(err.code)
     commit = dataset_revision(dataset) if dataset is not None else None
