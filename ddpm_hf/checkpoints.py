@@ -144,16 +144,21 @@ def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) 
             "filesystem they all mount (NFS, a cluster filesystem).")
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int):
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int, pipeline=None):
     """accelerate.save_state into a hidden folder, published when every process has written and the files are on
     disk: a kill or a full disk while saving leaves the previous checkpoint intact. A failed write stops the run with
-    the reason; the half-written folder is removed."""
+    the reason; the half-written folder is removed. ``pipeline()`` (the main process's, when given; None: none) is saved
+    in it as ``pipeline/``: a folder that diffusers and ``ddpm-hf sample``/``evaluate`` load, as diffusers' example
+    saves its checkpoints' U-Nets."""
     tmp, final = output_dir / f".checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        made = pipeline() if accelerator.is_main_process and pipeline is not None else None
+        if made is not None:  # (None: it could not be made, as a warning said)
+            made.save_pretrained(tmp / "pipeline")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             fsync_tree(tmp)

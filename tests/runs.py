@@ -153,6 +153,9 @@ def check_checkpoints(output_dir: Path) -> List[str]:
         for name in files:
             if name.endswith((".bin", ".pkl")):
                 torch.load(folder / name, weights_only=False)  # our own files: trusted
+        if "pipeline" in files:  # its EMA pipeline (written unless there was no memory for the copy)
+            assert (folder / "pipeline" / "model_index.json").is_file(), f"{folder}: incomplete pipeline"
+            final_weights(folder / "pipeline")
         names.append(folder.name)
     return names
 

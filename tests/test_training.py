@@ -494,3 +494,25 @@ def test_training_processes_end_with_a_launcher_killed_by_sigkill(parquet_dir, t
         for worker in workers:
             if worker.is_running():
                 worker.kill()
+
+
+def test_each_checkpoint_holds_its_ema_pipeline_which_plain_diffusers_loads(parquet_dir, tmp_path):
+    """checkpoint-N/pipeline/ is the EMA pipeline of step N (as diffusers' example keeps its checkpoints' U-Nets):
+    `ddpm-hf sample`/`evaluate` and diffusers load it, e.g. for FID along training; at the last step it is the final
+    pipeline, weight for weight."""
+    from helpers import run_without_ddpm_hf
+    from runs import load_train_script, train_in_process
+
+    out = tmp_path / "run"
+    train_in_process(load_train_script(), FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "4",
+                                                  "--checkpointing_steps", "2", "--dataloader_num_workers", "0",
+                                                  "--output_dir", str(out)])
+    final, last = final_weights(out), final_weights(out / "checkpoint-4" / "pipeline")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], final_weights(out / "checkpoint-2" / "pipeline")[k]) for k in final)
+    run_without_ddpm_hf(f"""
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(out / 'checkpoint-2' / 'pipeline')!r})
+        assert type(pipe).__name__ == "DDPMPipeline", type(pipe)
+        pipe(batch_size=1, num_inference_steps=2)
+    """, cwd=tmp_path)

@@ -362,13 +362,13 @@ def keep_gradient_buffers(model) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def ema_pipeline(model, ema, scheduler_config):
-    """A DDPMPipeline holding a copy of the model with the EMA weights (training weights untouched), on the model's
-    device: a GPU run samples its grids there, not for minutes on the host between two steps (MPS, which has no
-    float64 for the bits/dim estimate, keeps the host)."""
+def ema_pipeline(model, ema, scheduler_config, device: Optional[torch.device] = None):
+    """A DDPMPipeline holding a copy of the model with the EMA weights (training weights untouched), on ``device``,
+    by default the model's: a GPU run samples its grids there, not for minutes on the host between two steps (MPS,
+    which has no float64 for the bits/dim estimate, keeps the host)."""
     from ddpm_hf.pipelines import DDPMPipeline  # here, not above: diffusers' pipeline module takes seconds to import
 
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     unet = DDPMUNet.from_config(model.config).to(device if device.type != "mps" else "cpu")
     unet.load_state_dict(model.state_dict())
     if ema is not None:
@@ -812,8 +812,11 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
         args.max_train_steps = step
         due = due_after(args, step)
-    if due.checkpoint:
-        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit)
+    if due.checkpoint:  # with its EMA pipeline, copied on the host (no room is taken from training on the GPU)
+        host = torch.device("cpu")
+        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit, lambda: (
+            unless_out_of_memory(host, f"checkpoint-{step}/pipeline", "the checkpoint itself is written", lambda: (
+                ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config, host)))))
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
             try:

@@ -155,7 +155,6 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     (["--eval_batch_size", "16"], ["--num_sample_images", "4"]),
     (["--ema_inv_gamma", "1.0"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
     (["--ema_power", "0.75"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
-    (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"]),
     (["--model_config_name_or_path", "google/ddpm-cifar10-32"], ["--preset", "ddpm-cifar10"]),
     (["--enable_xformers_memory_efficient_attention"], []),
     (["--local_rank=0"], []),
@@ -431,7 +430,7 @@ def test_processes_stopped_together_leave_their_process_group_before_they_exit(t
         capture_output=True, text=True, timeout=600, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode != 0 and "cannot be shared evenly by 2 processes" in log, log[-3000:]
-    assert sorted(re.findall(r"EXIT_PROBE rank (\d) holds a process group: (\w+)", log)) == [
+    assert sorted(re.findall(r"EXIT_PROBE rank (\d) holds a process group: (True|False)", log)) == [
         ("0", "False"), ("1", "False")], log[-3000:]
 
 
