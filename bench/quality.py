@@ -133,7 +133,8 @@ def main():
                 "--max_train_steps", "1000000", "--max_train_minutes", str(args.minutes), "--train_batch_size",
                 str(per_process), "--random_flip", "--ema_warmup", "--lr_warmup_steps", str(args.lr_warmup_steps),
                 "--checkpointing_steps", "2000", "--save_images_steps", "0", "--num_sample_images", "64",
-                "--ddpm_num_inference_steps", "100", "--output_dir", str(folder)] + RECIPES[recipe], env)
+                "--ddpm_num_inference_steps", "100", "--output_dir", str(folder),
+                "--overwrite_output_dir"] + RECIPES[recipe], env)  # (an unfinished earlier one's: a time budget anew)
     if args.baseline == "diffusers":
         theirs = out / "diffusers_example"
         runs[theirs.name] = (theirs, "diffusers example")
