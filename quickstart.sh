@@ -31,8 +31,13 @@ python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q ${PINS[@]+"${PI
 # --recipe short: the settings measured best for runs this short (docs/benchmarks.md, "Recipes for short runs")
 TRAIN_ARGS=(--preset small-28 --recipe short --dataset_name embedded:fashion_mnist --max_train_steps "$STEPS"
   --train_batch_size $((64 / PROCESSES)) --data_streams "$PROCESSES" --lr_warmup_steps 100 --ema_warmup
-  --checkpointing_steps 500 --save_images_steps 500 --ddpm_num_inference_steps 100 --output_dir "$OUT"
-  --resume_from_checkpoint latest)  # a second run continues a stopped one (another STEPS needs another OUT)
+  --checkpointing_steps 500 --save_images_steps 500 --ddpm_num_inference_steps 100 --output_dir "$OUT")
+# a quickstart stopped part-way continues from its last checkpoint; a finished one is trained again from the start
+if [ -f "$OUT/model_index.json" ]; then
+  TRAIN_ARGS+=(--overwrite_output_dir)
+else
+  TRAIN_ARGS+=(--resume_from_checkpoint latest)
+fi
 echo "== training ($PROCESSES process(es), $STEPS steps, global batch 64) =="
 if [ "$PROCESSES" -gt 1 ]; then
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes "$PROCESSES" training/train.py "${TRAIN_ARGS[@]}"

@@ -171,6 +171,33 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int, pipeli
     accelerator.wait_for_everyone()
 
 
+def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
+    """A new run does not go beside an earlier run's checkpoints: the next 'latest' would resume the earlier run, and
+    the checkpoint limit would prune the new run's first. Raises a ValueError naming the choices, unless
+    ``overwrite`` (then :func:`clear_earlier_run` removes that run)."""
+    found = [p.name for p in checkpoints(output_dir)]
+    if found and not overwrite:
+        raise ValueError(f"--output_dir {output_dir} holds the checkpoints of an earlier run ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): continue it with --resume_from_checkpoint latest, "
+                         "start a new run in another --output_dir, or start one there with --overwrite_output_dir "
+                         "(which removes that run's checkpoints, pipeline, samples and logs)")
+
+
+def clear_earlier_run(output_dir: Path, logging_dir: Path) -> None:
+    """Remove what an earlier run wrote in ``output_dir`` (--overwrite_output_dir): its checkpoints, its final
+    pipeline, samples/, its logs (``logging_dir``, when inside ``output_dir``: TensorBoard would show two runs' steps
+    as one) and run_info.json. Other files stay."""
+    from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
+
+    for old in checkpoints(output_dir):
+        delete_folder(old)
+    (output_dir / "model_index.json").unlink(missing_ok=True)  # first: nothing loads a half-removed pipeline
+    for name in ("unet", "scheduler", PIPELINE_FILE, "training_config.json", "samples", "run_info.json"):
+        remove(output_dir / name)
+    if logging_dir.resolve().is_relative_to(output_dir.resolve()) and logging_dir.resolve() != output_dir.resolve():
+        remove(logging_dir)
+
+
 def write_failed(output_dir: Path, what: str, err: Exception, partial: Path) -> SystemExit:
     """The error that stops a run whose write of ``what`` (a path) failed, once the ``partial`` copy is removed: the
     path, the likely reason with the space left, and the checkpoint to resume from."""
@@ -193,7 +220,7 @@ def write_failure_reason(output_dir: Path, err: Exception, latest: List[Path]) -
     if limit != resource.RLIM_INFINITY:
         return f"this process may not write files over {limit} bytes (ulimit -f)"
     free = shutil.disk_usage(output_dir).free
-    needed = sum(f.stat().st_size for f in latest[-1].iterdir()) if latest else 0
+    needed = sum(f.stat().st_size for f in latest[-1].rglob("*") if f.is_file()) if latest else 0
     full = free < needed or _no_space_left(err)
     return (f"{'the disk is full' if full else 'the disk may be full or failing'} ({size_text(free)} free in "
             f"{output_dir}" + (f"; a checkpoint takes {size_text(needed)})" if needed else ")"))

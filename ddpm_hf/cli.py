@@ -157,7 +157,7 @@ def cmd_evaluate(args) -> int:
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
             ddp_timeout=args.ddp_timeout)
     finally:
-        leave_process_group()
+        leave_process_group(failed=sys.exc_info()[1] is not None)
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))

@@ -349,10 +349,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
-    if features == "fmnist" and {"fid", "kid", "is"} & set(metrics) and (channels, size) != (1, 28):
-        logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (28×28 "
-                       "grey images), which say little of this model's %d×%d %s images: pass --features inception "
-                       "for the standard scores (see the README).", size, size, "grey" if channels == 1 else "colour")
+    if features == "fmnist" and {"fid", "kid", "is"} & set(metrics) and channels != 1:  # (any size: resized to 28)
+        logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (grey "
+                       "images), which say little of this model's colour images: pass --features inception for the "
+                       "standard scores (see the README).")
     for data_split in data_splits(metrics, split, reference_split):
         # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
         # wrong kind, or too few of them, fail now, everywhere, before any work.

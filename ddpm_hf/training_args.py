@@ -5,7 +5,6 @@ train_unconditional.py where the meaning is the same."""
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ def parse_args(argv=None):
                       "image files (imagefolder)")
     data.add_argument("--split", default="train")
     data.add_argument("--dataset_revision", default=None, help="a Hub dataset's branch, tag or commit (default: "
-                      "main, resolved to its commit at the start and kept in the checkpoints)")
+                      "main, resolved to its commit at the start and kept in the checkpoints; a resume: the commit its "
+                      "checkpoints read)")
     data.add_argument("--image_column", default=None, help="default: the first Image column")
     data.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
@@ -114,8 +114,9 @@ def parse_args(argv=None):
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest', a checkpoint folder, or a checkpoint-N folder's name in --output_dir")
     out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="start a new run in an --output_dir that holds an earlier run's checkpoints, removing them "
-                          "(without it such a run is refused: resume it with --resume_from_checkpoint latest)")
+                     help="start a new run in an --output_dir that holds an earlier run's checkpoints, removing that "
+                          "run's checkpoints, pipeline, samples and logs (without it such a run is refused: resume it "
+                          "with --resume_from_checkpoint latest)")
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
     out.add_argument("--num_sample_images", type=int, default=16)
     out.add_argument("--eval_steps", type=int, default=0, help="bits/dim estimate every N steps (0: never)")
@@ -248,12 +249,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder, here or in "
                     f"--output_dir {args.output_dir} (or use 'latest')")
         args.resume_from_checkpoint = named
-    earlier = sorted(n for n in (os.listdir(args.output_dir) if os.path.isdir(args.output_dir) else [])
-                     if re.fullmatch(r"checkpoint-\d+", n))
-    if earlier and not args.resume_from_checkpoint and not args.overwrite_output_dir:
-        p.error(f"--output_dir {args.output_dir} holds the checkpoints of an earlier run ({', '.join(earlier[:3])}"
-                f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume_from_checkpoint latest, start a new "
-                "run in another --output_dir, or start one there with --overwrite_output_dir (which removes them)")
+
     if args.model_config:
         try:
             read_model_config(args.model_config)

@@ -578,5 +578,5 @@ def test_fmnist_scores_of_colour_images_and_a_short_reference_are_warned_about(t
         assert cli(["evaluate", str(tmp_path / "model"), "--data", str(data), "--metrics", "fid", "--num_samples", "4",
                     "--num_reference", "50", "--reference_split", "test", "--out", str(tmp_path / "out")]) == 0
     said = [record.getMessage() for record in caplog.records]
-    assert any("which say little of this model's 16×16 colour images: pass --features inception" in m for m in said)
+    assert any("which say little of this model's colour images: pass --features inception" in m for m in said)
     assert any("--reference_split test holds 6 images, fewer than --num_reference 50" in m for m in said), said

@@ -474,7 +474,8 @@ def test_training_processes_end_with_a_launcher_killed_by_sigkill(parquet_dir, t
         launcher = subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--main_process_port", str(free_port()), TRAIN, *FAST, "--dataset_name", str(parquet_dir),
-             "--max_train_steps", "100000", "--checkpointing_steps", "2", "--output_dir", str(out)],
+             "--max_train_steps", "100000", "--checkpointing_steps", "2", "--dataloader_num_workers", "0",
+             "--output_dir", str(out)],
             stdout=sink, stderr=subprocess.STDOUT, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path,
             start_new_session=True)
     workers = []
@@ -483,8 +484,7 @@ def test_training_processes_end_with_a_launcher_killed_by_sigkill(parquet_dir, t
         while not (out / "checkpoint-2").is_dir():
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                   if TRAIN in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(launcher.pid).children() if TRAIN in " ".join(p.cmdline())]
         assert len(workers) == 2, workers
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=30)

@@ -35,8 +35,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
-from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, delete_folder, recover_folders, resume,
-                                 save_checkpoint, save_pipeline, write_file)
+from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, clear_earlier_run, recover_folders,
+                                 refuse_an_earlier_run, resume, save_checkpoint, save_pipeline, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
@@ -558,7 +558,7 @@ def main(argv=None):
         with hub_timeout(args.hub_timeout) if args.push_to_hub else contextlib.nullcontext():
             return run(args)
     finally:  # every process, whatever stopped it (the processes often stop together: see leave_process_group)
-        leave_process_group()
+        leave_process_group(failed=sys.exc_info()[1] is not None)
 
 
 def run(args):
@@ -567,6 +567,9 @@ def run(args):
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
+    if not args.resume_from_checkpoint:  # not beside an earlier run's checkpoints (decided once: one listing for all)
+        decided_by_main(accelerator, lambda: refuse_an_earlier_run(Path(args.output_dir), args.overwrite_output_dir),
+                        "a new run")
 
     # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
     set_seed(args.seed)  # the same initial weights on every process
@@ -702,9 +705,8 @@ def start_run(accelerator, args, model, stream, loop) -> float:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_folders(output_dir)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:  # an earlier run's (see check_args)
-            for old in checkpoints(output_dir):
-                delete_folder(old)
+        if args.overwrite_output_dir and not args.resume_from_checkpoint:  # (see refuse_an_earlier_run)
+            clear_earlier_run(output_dir, output_dir / args.logging_dir)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
@@ -730,12 +732,13 @@ def start_run(accelerator, args, model, stream, loop) -> float:
         # resumed: TensorBoard drops what the stopped launch logged after its checkpoint, logged again from here
         purge = {"tensorboard": {"purge_step": loop.step + 1}} if loop.step else None
         accelerator.init_trackers("ddpm_hf", config=tracker_config, init_kwargs=purge)
-        initial = args.ema_max_decay ** (args.max_train_steps - loop.step) if args.use_ema else 0.0
+        # (a run that starts: a resumed one keeps its checkpoint's EMA settings, whatever the flags say now)
+        initial = args.ema_max_decay ** args.max_train_steps if args.use_ema and not loop.step else 0.0
         if initial > 0.05 and not args.ema_warmup:  # the EMA weights are the ones the pipeline is saved with
             logger.warning("the EMA decay %s from the first step (the paper's, for 800,000 steps) leaves %.0f %% of "
-                           "the initial weights in the EMA weights after %d more steps, and the saved pipeline has "
-                           "those: pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,
-                           100 * initial, args.max_train_steps - loop.step)
+                           "the initial weights in the EMA weights after %d steps, and the saved pipeline has those: "
+                           "pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,
+                           100 * initial, args.max_train_steps)
         if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
             logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
                            "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "

@@ -460,11 +460,11 @@ def test_a_resolution_the_model_cannot_take_stops_the_run_before_the_hub_is_aske
     assert "--resolution 17 is not a multiple of 2" in message, message
 
 
-def test_an_output_dir_holding_an_earlier_run_is_resumed_or_overwritten_not_mixed(train, tmp_path, capsys):
+def test_an_output_dir_holding_an_earlier_run_is_resumed_or_overwritten_not_mixed(train, tmp_path):
     """A new run into an --output_dir with an earlier run's checkpoints kept them beside its own: the newest (the
     earlier run's) was resumed by the next --resume_from_checkpoint latest, and --checkpoints_total_limit pruned the
-    new run's first. It is refused now (exit 2), naming the choices; --overwrite_output_dir starts over, removing
-    them. A checkpoint is also found by its name in --output_dir (diffusers' --resume_from_checkpoint
+    new run's first. It is refused now, naming the choices, before anything is built; --overwrite_output_dir starts
+    over, removing that run. A checkpoint is also found by its name in --output_dir (diffusers' --resume_from_checkpoint
     checkpoint-N), and one past --max_train_steps is refused (its pipeline would be labelled with the smaller
     count)."""
     data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
@@ -474,19 +474,29 @@ def test_an_output_dir_holding_an_earlier_run_is_resumed_or_overwritten_not_mixe
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     with pytest.raises(SystemExit) as refused:
-        train.parse_args(base + ["--max_train_steps", "2"])
-    assert refused.value.code == 2
-    assert (f"--output_dir {out} holds the checkpoints of an earlier run (checkpoint-2, checkpoint-4): continue it "
-            "with --resume_from_checkpoint latest") in capsys.readouterr().err
+        train_in_process(train, base + ["--max_train_steps", "2"])
+    assert str(refused.value.code).startswith(
+        f"a new run: --output_dir {out} holds the checkpoints of an earlier run (checkpoint-2, checkpoint-4): continue "
+        "it with --resume_from_checkpoint latest"), refused.value.code
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     with pytest.raises(SystemExit) as past:
         train_in_process(train, base + ["--max_train_steps", "3", "--resume_from_checkpoint", "checkpoint-4"])
     assert str(past.value.code).startswith(f"{out / 'checkpoint-4'} is at step 4, past --max_train_steps 3: pass "
                                            "--max_train_steps 4 or more"), past.value.code
 
+    # over it: the earlier run's checkpoints, pipeline, samples and logs go (TensorBoard would show two runs' steps as
+    # one); the user's own files stay
+    (out / "logs" / "earlier.txt").parent.mkdir(exist_ok=True)
+    (out / "logs" / "earlier.txt").write_text("the earlier run's")
+    (out / "samples").mkdir(exist_ok=True)
+    (out / "samples" / "step-0000004.png").write_bytes(b"")
+    (out / "notes.txt").write_text("the user's")
     train_in_process(train, base + ["--max_train_steps", "2", "--overwrite_output_dir"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert json.loads((out / "training_config.json").read_text())["max_train_steps"] == 2
+    assert not (out / "logs" / "earlier.txt").exists() and not (out / "samples" / "step-0000004.png").exists()
+    assert (out / "notes.txt").read_text() == "the user's"
 
 
 def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_path, caplog):
@@ -494,12 +504,14 @@ def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_p
     weights in the EMA weights the pipeline is saved with (0.9999²⁰⁰⁰ = 82 %): said before training, with the fix;
     not with --ema_warmup."""
     data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
-    for extra, warned in (([], True), (["--ema_warmup"], False)):
+    resumed = ["--resume_from_checkpoint", "latest", "--max_train_steps", "3"]  # (its checkpoint's EMA settings)
+    for out, extra, warned in (("a", [], True), ("b", ["--ema_warmup"], False), ("a", resumed, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ddpm_hf.train"):
             train_in_process(train, FAST + ["--dataset_name", str(data), "--max_train_steps", "2", "--ema_max_decay",
-                                            "0.99", "--output_dir", str(tmp_path / f"out{len(extra)}"), *extra])
+                                            "0.99", "--checkpointing_steps", "2", "--output_dir", str(tmp_path / out),
+                                            *extra])
         said = [r.getMessage() for r in caplog.records if "of the initial weights" in r.getMessage()]
         assert said == (["the EMA decay 0.99 from the first step (the paper's, for 800,000 steps) leaves 98 % of the "
-                         "initial weights in the EMA weights after 2 more steps, and the saved pipeline has those: "
+                         "initial weights in the EMA weights after 2 steps, and the saved pipeline has those: "
                          "pass --ema_warmup for a run this short (or --no-use_ema)."] if warned else []), said
