@@ -22,6 +22,7 @@ from .errors import is_out_of_memory, out_of_memory_detail
 from .seeds import SEED_RANGE
 
 DDP_TIMEOUT_S = 1800.0  # seconds processes wait for each other (train.py's --ddp_timeout too)
+HUB_TOKEN_HELP = "a Hub token for a private pipeline or dataset (default: HF_TOKEN or the stored login)"
 
 
 def _positive(value: str) -> int:
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
     sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
+    sample.add_argument("--hub_token", default=None, help=HUB_TOKEN_HELP)
     _sampling_speed_args(sample)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--hub_token", default=None, help=HUB_TOKEN_HELP)
     evaluate.add_argument("--ddp_timeout", type=_positive_seconds, default=DDP_TIMEOUT_S,
                           help="under accelerate launch, seconds a process waits for the others (a slower GPU "
                                "finishing its share of the samples); torch's default for NCCL is 600 (transformers' "
@@ -128,7 +131,7 @@ def cmd_sample(args) -> int:
                              samples_key)
     from .images import uint8_grid
 
-    pipe = load_pipeline(args.pipeline, str(_device(args)))
+    pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token)
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
@@ -155,7 +158,7 @@ def cmd_evaluate(args) -> int:
             num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
             features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
-            ddp_timeout=args.ddp_timeout)
+            ddp_timeout=args.ddp_timeout, token=args.hub_token)
     finally:
         leave_process_group(failed=sys.exc_info()[1] is not None)
     if results is not None:  # the main process reports
@@ -222,8 +225,9 @@ def _check_data(parser: argparse.ArgumentParser, args) -> None:
 
     for split in data_splits(args.metrics, args.split, args.reference_split):
         try:
-            dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True, check_shards=False)
-            first_image(dataset, find_image_column(dataset.features))
+            dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True,
+                                         token=args.hub_token, check_shards=False)
+            first_image(dataset, find_image_column(dataset.features), token=args.hub_token)
         except (OSError, ValueError) as err:
             parser.error(f"--data {args.data} (split {split!r}): {err}")
 

@@ -93,11 +93,12 @@ def quick_bits_per_dim(pipe, images: torch.Tensor, num_timesteps: int = 20) -> f
     return bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=num_timesteps, progress=False).mean
 
 
-def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = None):
-    """A DDPMPipeline from a folder or a Hub repo id, moved to ``device`` when given."""
+def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = None, token: Optional[str] = None):
+    """A DDPMPipeline from a folder or a Hub repo id (read with ``token``; None: HF_TOKEN or the stored login), moved
+    to ``device`` when given."""
     from .pipelines import DDPMPipeline
 
-    pipe = DDPMPipeline.from_pretrained(pipeline)
+    pipe = DDPMPipeline.from_pretrained(pipeline, token=token)
     if device:
         pipe.to(device)
     return pipe
@@ -306,7 +307,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
              num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist", is_splits: int = 10,
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
              device: Optional[str] = None, dtype: str = "fp32", compile: bool = False,
-             ddp_timeout: float = DDP_TIMEOUT_S) -> Optional[dict]:
+             ddp_timeout: float = DDP_TIMEOUT_S, token: Optional[str] = None) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
     results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
 
@@ -322,7 +323,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     FID/KID/IS (the bound is then the same as with one process: see :func:`bits_per_dim`); everything else runs on
     the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared. A process waits
     ``ddp_timeout`` seconds for the others at their meetings (torch's default for NCCL is 10 minutes: a GPU slower by
-    a few % over hours of sampling would end the evaluation).
+    a few % over hours of sampling would end the evaluation). ``token`` reads a private pipeline or dataset on the Hub
+    (None: HF_TOKEN or the stored login).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object, parse_flag_from_env
@@ -343,7 +345,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     if launched > 1 and state.num_processes != launched:
         raise ValueError(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
                          "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
-    pipe = load_pipeline(pipeline, device or str(state.device))
+    pipe = load_pipeline(pipeline, device or str(state.device), token)
     if bpd_timesteps >= pipe.scheduler.config.num_train_timesteps:
         raise ValueError(f"--bpd_timesteps {bpd_timesteps} is not fewer than the model's "
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
@@ -360,7 +362,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
         needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
         got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config,
-                                   check_shards=True))
+                                   token=token, check_shards=True))
         if interpolated and got < 2:
             raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
                              "there: pass a split with two images or more, or leave interpolation out of --metrics.")
@@ -405,7 +407,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
 
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
-        images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config)
+        images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config,
+                                  token=token)
         bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=batch_size,
                              seed=seed, progress=state.is_main_process, state=state)
     if bound is not None and state.is_main_process:
@@ -462,7 +465,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         if sample_features is not None:
             real = cached_features(features, extractor, lambda: eval_image_chunks(
                 data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config,
-                chunk_size=batch_size))
+                token=token, chunk_size=batch_size))
             if len(real) < num_reference:
                 logger.warning("--reference_split %s holds %d images, fewer than --num_reference %d: the scores "
                                "compare the samples with those %d.", reference_split, len(real), num_reference,
@@ -484,7 +487,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                                     out / "progressive.png")  # Fig. 6's snapshots, fewer for a shorter chain
         if "interpolation" in metrics:
             pair = to_model_range(load_eval_images(data, 2, size, channels, split=split,
-                                                   dataset_config_name=data_config))
+                                                   dataset_config_name=data_config, token=token))
             t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
             sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)

@@ -938,7 +938,8 @@ def test_a_dataset_the_main_process_refuses_stops_every_process_at_once(dataset_
     assert code != 0 and text.count("data/train-00001-of-00002.parquet is not a readable parquet file") == 2, text[-3000:]
 
 
-def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(dataset_hub, tmp_path, monkeypatch):
+def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(dataset_hub, tmp_path, monkeypatch,
+                                                                                capsys):
     """`ddpm-hf evaluate --data org/name` with HF_TOKEN: the same bits/dim as on the same files read locally."""
     from helpers import tiny_pipeline
 
@@ -959,6 +960,24 @@ def test_evaluate_reads_a_private_hub_split_with_hf_token_like_the_local_files(d
         results[name] = json.loads((out / "results.json").read_text())["bpd"]
     assert results["hub"]["bits_per_dim"] == results["local"]["bits_per_dim"]
     assert results["hub"]["num_images"] == 4
+
+    # --hub_token (as train.py's), for a private dataset and a private pipeline, without HF_TOKEN; said nowhere
+    from ddpm_hf import DDPMPipeline
+
+    monkeypatch.delenv("HF_TOKEN")
+    DDPMPipeline.from_pretrained(tmp_path / "pipe").push_to_hub("alice/private-pipe", private=True, token=TOKEN,
+                                                                sample_grid=False)
+    args = ["evaluate", "alice/private-pipe", "--data", repo, "--metrics", "bpd", "--num_bpd_images", "4",
+            "--bpd_timesteps", "3"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # (no token: a private repo is not found)
+        cli(args + ["--out", str(tmp_path / "no-token")])
+    assert refused.value.code == 2 and "does not exist or this token cannot read it" in capsys.readouterr().err
+    assert cli(args + ["--hub_token", TOKEN, "--out", str(tmp_path / "flag")]) == 0
+    assert json.loads((tmp_path / "flag" / "results.json").read_text())["bpd"]["bits_per_dim"] == \
+        results["local"]["bits_per_dim"]
+    for path in (tmp_path / "flag").rglob("*"):
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
 
 
 def test_evaluate_checks_a_hub_splits_shards_once(dataset_hub, tmp_path):
