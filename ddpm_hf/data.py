@@ -870,9 +870,9 @@ def tar_files_signature(files: List[str]) -> List[tuple]:
 
 # Rows of each row group of the Hub's parquet files (``hf://`` URLs at a commit: they cannot change) whose footers this
 # process has read, or been given (see known_row_groups): a resume's replay needs every shard's, which the check before
-# training has read already. Reading them again in every process at every resume cost a request per shard and
-# process: 16,000 for 1,000 shards on 8 GPUs, three times a free account's 5,000 per 5 minutes. (A local file's footer
-# is read each time: it may have been rewritten.)
+# training has read already. Reading them again in every process at every resume cost one or two requests per shard
+# and process: 8,000 to 16,000 for 1,000 shards on 8 GPUs, against a free account's 5,000 per 5 minutes. (A local
+# file's footer is read each time: it may have been rewritten.)
 _ROW_GROUPS: Dict[str, List[int]] = {}
 _AT_A_COMMIT = re.compile(r"^hf://datasets/[^@]+@[0-9a-f]{40}/")
 
