@@ -342,12 +342,11 @@ class Uploads:
 
     def push(self, pipe, grid: Optional[Path], step: int, final: bool) -> None:
         """Upload ``pipe`` (a copy of the network, moved to the host here: training goes on in the device's memory),
-        with ``grid`` (None: none, e.g. where it did not fit), now or when training is over (``final``)."""
+        with ``grid`` (None: none, e.g. where it did not fit), now or when training is over (``final``). A checkpoint's
+        is pushed only when the caller found no upload running (``busy``), before it made the pipeline and grid."""
         pipe.to("cpu")
         if final:
             self.final = (pipe, grid, step)
-            return
-        if self.busy(step):
             return
         thread = threading.Thread(target=self.upload, args=(pipe, grid, step), daemon=True,
                                   name=f"ddpm_hf-upload-{step}")

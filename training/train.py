@@ -815,11 +815,14 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
         args.max_train_steps = step
         due = due_after(args, step)
-    if due.checkpoint:  # with its EMA pipeline, copied on the host (no room is taken from training on the GPU)
-        host = torch.device("cpu")
-        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit, lambda: (
-            unless_out_of_memory(host, f"checkpoint-{step}/pipeline", "the checkpoint itself is written", lambda: (
-                ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config, host)))))
+    if due.checkpoint:
+        def host_pipeline():  # the checkpoint's EMA pipeline, copied on the host: no room taken from training's GPU
+            host = torch.device("cpu")
+            unet = accelerator.unwrap_model(model)
+            return unless_out_of_memory(host, f"checkpoint-{step}/pipeline", "the checkpoint itself is written",
+                                        lambda: ema_pipeline(unet, ema, scheduler.config, host))
+
+        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit, host_pipeline)
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
             try:
