@@ -937,6 +937,31 @@ def _streaming_patches_kept():
             config.storage_options.update(saved[1])
 
 
+REPLAY_BATCH_ROWS = 1 << 16  # rows of the replayed order read at once (as arrow tables; the order is the same)
+
+
+def _pairs_from(shards: np.ndarray, rows: np.ndarray, start: int) -> Iterator[Tuple[int, int]]:
+    """(shard, row) from position ``start`` on, turned into Python numbers a block at a time (a list of an epoch's
+    pairs would take about 150 bytes a row)."""
+    for at in range(start, len(shards), REPLAY_BATCH_ROWS):
+        yield from zip(shards[at:at + REPLAY_BATCH_ROWS].tolist(), rows[at:at + REPLAY_BATCH_ROWS].tolist())
+
+
+class _RowsDue:
+    """``(shard, row) in due``: whether a row of the dataset is one of a stream's rows still due (a byte a row of
+    the dataset, where a set of the pairs would take about 150)."""
+
+    def __init__(self, row_groups: List[List[int]], shards: np.ndarray, rows: np.ndarray):
+        self.lengths = [sum(groups) for groups in row_groups]
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.due = np.zeros(int(self.offsets[-1]), dtype=bool)
+        self.due[self.offsets[shards] + rows] = True
+
+    def __contains__(self, pair: Tuple[int, int]) -> bool:
+        shard, row = pair
+        return row < self.lengths[shard] and bool(self.due[self.offsets[shard] + row])
+
+
 def _fallback(v: int, why: str) -> None:
     logger.warning("stream %d resumes by reading its epoch again up to its position: %s", v, why)
     return None
@@ -1237,13 +1262,15 @@ class TrainStream:
         row_groups = self.shard_row_groups() if self.shard_files is not None else None
         if row_groups is None:
             return None
-        order = self._replay_order(v, epoch, row_groups)
-        if len(order) < start:
-            return _fallback(v, f"the replayed epoch has {len(order)} rows, the position is at row {start}")
-        check, remaining = order[start - 1], order[start:]
-        needed = set(remaining)
+        shards, rows = self._replay_order(v, epoch, row_groups)
+        if len(shards) < start:
+            return _fallback(v, f"the replayed epoch has {len(shards)} rows, the position is at row {start}")
+        check = (int(shards[start - 1]), int(rows[start - 1]))
         # the shards in the order their rows are due (the row before the position first): each is read once, whole
-        wanted = list(dict.fromkeys([check[0]] + [shard for shard, _ in remaining]))
+        due = shards[start:]
+        _, first_due = np.unique(due, return_index=True)
+        wanted = list(dict.fromkeys([check[0]] + due[np.sort(first_due)].tolist()))
+        needed = _RowsDue(row_groups, shards[start:], rows[start:])
         source = self._read_shards(wanted)
         held = {}
         for shard, row, cells in source:
@@ -1255,13 +1282,13 @@ class TrainStream:
                 break
         else:
             return _fallback(v, "the row before the position was not found")
-        finished = len({shard for shard, _ in order}) - len(wanted)
+        finished = len(np.unique(shards)) - len(wanted)
         logger.info("stream %d resumes at epoch %d row %d reading %d of its shards (%d finished ones skipped)", v,
                     epoch, start, len(wanted), finished)
-        return self._emit(remaining, start, needed, held, source)
+        return self._emit(_pairs_from(shards, rows, start), start, needed, held, source)
 
     @staticmethod
-    def _emit(remaining, start: int, needed: set, held: dict, source) -> Iterator[Tuple[int, dict]]:
+    def _emit(remaining, start: int, needed, held: dict, source) -> Iterator[Tuple[int, dict]]:
         """The remaining rows in the stream's order, read from their shards in the source's order: a row waits in
         ``held`` from its reading to its turn (about a shuffle buffer's worth of rows)."""
         for index, (shard, row) in enumerate(remaining, start):
@@ -1281,10 +1308,15 @@ class TrainStream:
             self._row_groups = parquet_row_groups(self.shard_files, self.token)
         return self._row_groups
 
-    def _replay_order(self, v: int, epoch: int, row_groups: List[List[int]]) -> List[Tuple[int, int]]:
-        """(shard, row in shard) of each row of stream ``v``'s epoch, in yield order, from stand-in parquet files of
+    def _replay_order(self, v: int, epoch: int, row_groups: List[List[int]]) -> Tuple[np.ndarray, np.ndarray]:
+        """(shards, rows in shard) of each row of stream ``v``'s epoch, in yield order, from stand-in parquet files of
         (shard, row) pairs with the shards' row groups (datasets shuffles tables as they come: same row groups, same
-        tables), streamed through the same shuffle and split."""
+        tables), streamed through the same shuffle and split.
+
+        The stand-ins are written and read as whole columns (delta-encoded: a few bytes a row group on disk), and the
+        stream is read as arrow tables: the same shuffle of the same tables as the stream of rows, without its Python
+        work per row. A stream of 10 M rows took 7.5 s and about 0.3 GB here; read row by row, 1 M took 10.6 s (100 M:
+        about 21 minutes and 15 GB). See docs/benchmarks.md (2026-11-28 h)."""
         import tempfile
 
         import pyarrow as pa
@@ -1292,26 +1324,32 @@ class TrainStream:
         from datasets import load_dataset
         from datasets.distributed import split_dataset_by_node
 
-        schema = pa.schema([("shard", pa.int64()), ("row", pa.int64())])
+        schema = pa.schema([("shard", pa.int32()), ("row", pa.int32())])  # 8 bytes a row of the order
         remove_replay_leftovers()
         with tempfile.TemporaryDirectory(prefix=f"{REPLAY_PREFIX}{os.getpid()}_") as folder:
             files = []
             for shard, groups in enumerate(row_groups):
                 files.append(os.path.join(folder, f"{shard:07d}.parquet"))
-                with pq.ParquetWriter(files[-1], schema) as writer:
+                with pq.ParquetWriter(files[-1], schema, compression="none", use_dictionary=False,
+                                      column_encoding="DELTA_BINARY_PACKED") as writer:
                     first = 0
                     for rows in groups:
-                        writer.write_table(pa.table({"shard": [shard] * rows, "row": range(first, first + rows)},
-                                                    schema=schema), row_group_size=max(rows, 1))
+                        table = pa.table({"shard": np.full(rows, shard, dtype=np.int32),
+                                          "row": np.arange(first, first + rows, dtype=np.int32)}, schema=schema)
+                        writer.write_table(table, row_group_size=max(rows, 1))
                         first += rows
             with _streaming_patches_kept():
                 pairs = without_exit_pause(load_dataset("parquet", data_files={"train": files}, split="train",
                                                         streaming=True))
             if self.shuffle_buffer_size > 1:
                 pairs = pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer_size)
-            pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams)
-            pairs.set_epoch(epoch)
-            return [(item["shard"], item["row"]) for item in pairs]
+            pairs = split_dataset_by_node(pairs, rank=v, world_size=self.num_streams).with_format("arrow")
+            pairs.set_epoch(epoch)  # (after with_format, which starts again from epoch 0)
+            tables = list(pairs.iter(batch_size=REPLAY_BATCH_ROWS))
+            if not tables:
+                return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+            order = pa.concat_tables(tables)
+            return order.column("shard").to_numpy(), order.column("row").to_numpy()
 
     def _tar_replayed(self, v: int, epoch: int, start: int, expected: str, known: Dict[int, int]):
         """Stream ``v``'s epoch of tars from row ``start`` on, the tars whose samples are all used not read again.

@@ -241,6 +241,35 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
     assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
 
 
+def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_buffer_and_split(tmp_path):
+    """A parquet resume skips to its position by replaying the epoch's order over stand-ins of (shard, row) pairs
+    (see TrainStream._replay_order), read as whole arrow tables. Against the oracle, the stream itself read row by
+    row: the same (shard, row) order for 12 shards (datasets reads up to 10 at a time) of unequal sizes and row groups,
+    buffers smaller and larger than a row group, no shuffle, 1, 3 and 5 streams (5 does not divide the 12 shards:
+    split by examples), and two epochs."""
+    sizes, groups = [7, 13, 20, 5, 11, 9, 3, 8, 6, 12, 4, 10], [3, 5, 20, 2, 4, 9, 1, 8, 5, 7, 4, 3]
+    where = {}
+    for k, (size, group) in enumerate(zip(sizes, groups)):
+        images = [png_bytes(1000 * k + row, 4) for row in range(size)]
+        where.update({hashlib.sha1(image).hexdigest(): (k, row) for row, image in enumerate(images)})
+        Dataset.from_dict({"image": [{"bytes": image, "path": None} for image in images]},
+                          features=Features({"image": ImageFeature()})).to_parquet(
+            str(tmp_path / f"train-{k:05d}-of-00012.parquet"), batch_size=group)
+    ds = load_image_dataset(str(tmp_path), check_shards=False)
+    for streams in (1, 3, 5):
+        for buffer in (1, 4, 16, 64):
+            stream = TrainStream(ds, "image", 4, 1, 2, streams, 0, 1, seed=11, shuffle_buffer_size=buffer)
+            row_groups = stream.shard_row_groups()
+            assert [len(g) for g in row_groups] == [-(-s // g) for s, g in zip(sizes, groups)]
+            for v in range(streams):
+                for epoch in (0, 1):
+                    stream.datasets[v].set_epoch(epoch)
+                    truth = [where[hashlib.sha1(row["image"]["bytes"]).hexdigest()] for row in stream.datasets[v]]
+                    shards, rows = stream._replay_order(v, epoch, row_groups)
+                    assert list(zip(shards.tolist(), rows.tolist())) == truth, (streams, buffer, v, epoch)
+            stream.close()
+
+
 def test_passes_end_and_close_without_datasets_exit_pause(parquet_dir, monkeypatch):
     """datasets pauses config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) after every pass over shuffled parquet shards, for
     scans left part-way at interpreter exit, which pyarrow before 25 turned into an abort (setup.py requires 25). A
