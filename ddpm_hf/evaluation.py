@@ -12,7 +12,7 @@ import re
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -236,7 +236,7 @@ def sample_path(folder: Path, index: int) -> Path:
 
 
 def _read_sample(path: Path) -> Optional[torch.Tensor]:
-    """A sample written by :func:`generate_uint8`, as uint8 (C, H, W); None when absent or unreadable."""
+    """A sample written by :func:`sample_batches`, as uint8 (C, H, W); None when absent or unreadable."""
     from PIL import Image
 
     try:
@@ -247,31 +247,41 @@ def _read_sample(path: Path) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.array(array[None] if array.ndim == 2 else array.transpose(2, 0, 1)))  # a copy
 
 
-def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
+def sample_batches(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
                    process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None,
-                   fixed_batch_size: bool = False) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples; image i uses its own generator, seeded ``image_seed(seed, i)``: the set does not
-    depend on the batch size or on how many processes share the work (process p makes images p, p + P, ...). With
-    ``folder`` (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its batch is
-    made, and the images already there are read instead of made again: a command that was stopped goes on where it
-    was. With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at ``min(batch_size, this process's
-    share)``), every batch has that size: a short last one is filled up with copies of its last image, dropped
-    after, because a compiled network would be compiled again for the new shape (with CUDA graphs, also recorded
-    again: tens of seconds)."""
+                   fixed_batch_size: bool = False) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    """This process's uint8 samples, a batch at a time: (rows, (B, C, H, W) images), ``rows`` the images' places in
+    the process's share (process p makes images p, p + P, ...: row r is image p + r P). Image i uses its own
+    generator, seeded ``image_seed(seed, i)``: the set does not depend on the batch size or on how many processes
+    share the work. Nothing is kept: 50,000 samples of 256² would take 9.8 GB.
+
+    With ``folder`` (prepared by :func:`open_sample_folder`), each image is written there as a PNG as soon as its
+    batch is made, and the images already there are read (and yielded first) instead of made again: a command that
+    was stopped goes on where it was. With ``fixed_batch_size`` (a network compiled by :func:`prepare_sampling` at
+    ``min(batch_size, this process's share)``), every batch has that size: a short last one is filled up with copies
+    of its last image, dropped after, because a compiled network would be compiled again for the new shape (with
+    CUDA graphs, also recorded again: tens of seconds)."""
     from tqdm.auto import tqdm
 
     from .images import to_pil
 
     mine = list(range(process_index, num_images, num_processes))
-    images = torch.empty((len(mine), *pipe._image_shape(1)[1:]), dtype=torch.uint8)
+    shape = pipe._image_shape(1)[1:]
     found = sample_files(folder) if folder is not None else {}
     todo = []  # (row, image index) of the images to make
+    read_rows, read_images = [], []
     for row, i in enumerate(mine):
         image = _read_sample(found[i]) if i in found else None
-        if image is not None and image.shape == images.shape[1:]:
-            images[row] = image
+        if image is not None and image.shape == shape:
+            read_rows.append(row)
+            read_images.append(image)
+            if len(read_rows) == batch_size:
+                yield read_rows, torch.stack(read_images)
+                read_rows, read_images = [], []
         else:
             todo.append((row, i))
+    if read_rows:
+        yield read_rows, torch.stack(read_images)
     pipe.set_progress_bar_config(disable=True)
     made_before = len(mine) - len(todo)
     bar = f"{desc} ({made_before} of {len(mine)} images already in {folder})" if made_before else desc
@@ -286,10 +296,42 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
         # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
         # are the levels of the pipeline's own PIL output.
         made = to_uint8(out * 2 - 1).cpu()
-        images[[row for row, _ in batch]] = made
         for (_, i), pil in zip(batch, to_pil(made) if folder is not None else []):
             publish_file(sample_path(folder, i), lambda partial: pil.save(partial, format="PNG"))
+        yield [row for row, _ in batch], made
+
+
+def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, **kwargs) -> torch.Tensor:
+    """All of :func:`sample_batches` (same arguments) as one uint8 (N, C, H, W) tensor, in row order."""
+    mine = len(range(kwargs.get("process_index", 0), num_images, kwargs.get("num_processes", 1)))
+    images = torch.empty((mine, *pipe._image_shape(1)[1:]), dtype=torch.uint8)
+    for rows, batch in sample_batches(pipe, num_images, batch_size, steps, seed, **kwargs):
+        images[rows] = batch
     return images
+
+
+def _put_rows(part: Optional[torch.Tensor], length: int, rows: List[int], values: torch.Tensor) -> torch.Tensor:
+    """``values`` written into rows ``rows`` of ``part``, a tensor of ``length`` rows made at the first call."""
+    if part is None:
+        part = torch.empty((length, *values.shape[1:]), dtype=values.dtype)
+    part[rows] = values
+    return part
+
+
+def _or_empty(part: Optional[torch.Tensor]) -> torch.Tensor:
+    return part if part is not None else torch.zeros(0)
+
+
+def gather_to_main(parts: list, state) -> Optional[list]:
+    """Every process's ``parts``, in process order, on the main process (None on the others): an all-gather would
+    send each process the whole (50,000 Inception features are 0.8 GB)."""
+    if state.num_processes == 1:
+        return list(parts)
+    import torch.distributed as dist
+
+    gathered = [None] * state.num_processes if state.is_main_process else None
+    dist.gather_object(parts, gathered, dst=0)
+    return [part for process in gathered for part in process] if gathered is not None else None
 
 
 def _in_image_order(parts: List[torch.Tensor], total: int) -> torch.Tensor:
@@ -327,7 +369,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     (None: HF_TOKEN or the stored login).
     """
     from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
 
     from .metrics import MIN_FID_KID_IMAGES, check_features, check_inception_score
 
@@ -441,17 +483,28 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         if state.is_main_process:
             open_sample_folder(samples_folder, key, num_samples)
         state.wait_for_everyone()
-        mine = generate_uint8(sampler, num_samples, batch_size, steps, seed + 10**6, "sampling for sample quality",
-                              state.process_index, state.num_processes, samples_folder,
-                              fixed_batch_size=compiled is not None)
-        # Each process extracts the features of its own samples, and sends them with the ones the grid shows.
+        # Each process extracts the features of its samples a batch at a time, keeping only those and the images
+        # the grid shows, and sends them to the main process.
         grid_rows = len(range(state.process_index, min(64, num_samples), state.num_processes))
-        grids, feature_parts, probability_parts = zip(*gather_object([(
-            mine[:grid_rows], extract_features(extractor, mine, batch_size) if extractor is not None else None,
-            extract_features(classifier, mine, batch_size) if classifier is not None else None)]))
-        sampled = (_in_image_order(grids, min(64, num_samples)),
-                   _in_image_order(feature_parts, num_samples) if extractor is not None else None,
-                   _in_image_order(probability_parts, num_samples) if classifier is not None else None)
+        share = len(range(state.process_index, num_samples, state.num_processes))
+        grid = feature_part = probability_part = None
+        for rows, images in sample_batches(sampler, num_samples, batch_size, steps, seed + 10**6,
+                                           "sampling for sample quality", state.process_index, state.num_processes,
+                                           samples_folder, fixed_batch_size=compiled is not None):
+            shown = [k for k, row in enumerate(rows) if row < grid_rows]
+            if shown:
+                grid = _put_rows(grid, grid_rows, [rows[k] for k in shown], images[shown])
+            if extractor is not None:
+                feature_part = _put_rows(feature_part, share, rows, extract_features(extractor, images, batch_size))
+            if classifier is not None:
+                probability_part = _put_rows(probability_part, share, rows,
+                                             extract_features(classifier, images, batch_size))
+        parts = gather_to_main([(_or_empty(grid), _or_empty(feature_part), _or_empty(probability_part))], state)
+        if parts is not None:
+            grids, feature_parts, probability_parts = zip(*parts)
+            sampled = (_in_image_order(grids, min(64, num_samples)),
+                       _in_image_order(feature_parts, num_samples) if extractor is not None else None,
+                       _in_image_order(probability_parts, num_samples) if classifier is not None else None)
 
     # The processes' last meeting: from here the main process works alone and the others are done (waiting for it
     # at a barrier, they could time out during a long extraction of reference features).

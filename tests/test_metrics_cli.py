@@ -88,8 +88,8 @@ def test_evaluate_inception_score_of_the_images_the_sample_command_writes(tmp_pa
     expected = inception_score(extract_features(class_probabilities("fmnist"), images), splits=2)
 
     sampled = []
-    generate = ddpm_hf.evaluation.generate_uint8
-    monkeypatch.setattr(ddpm_hf.evaluation, "generate_uint8", lambda *a, **k: sampled.append(a[1]) or generate(*a, **k))
+    generate = ddpm_hf.evaluation.sample_batches
+    monkeypatch.setattr(ddpm_hf.evaluation, "sample_batches", lambda *a, **k: sampled.append(a[1]) or generate(*a, **k))
     assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "fid,kid,is", "--num_samples", "20", "--is_splits",
                 "2", "--num_inference_steps", "5", "--num_reference", "40", "--out", str(tmp_path / "eval")]) == 0
     assert sampled == [20]  # one set of samples for FID, KID and IS
@@ -236,6 +236,69 @@ def test_cli_sample_and_evaluate(tmp_path):
     for figure in ("rate_distortion.png", "samples.png", "progressive.png", "interpolation.png"):
         assert (out / figure).is_file(), figure
 
+
+
+def test_evaluate_and_sample_keep_no_batch_of_samples_but_the_one_at_hand(tmp_path, monkeypatch):
+    """50,000 samples of 256² take 9.8 GB: evaluate extracts the features of each batch as it comes, keeping those and
+    the grid's images only, and sample keeps the grid's images only. Every batch sample_batches yields is watched
+    (weakref): when evaluate hands its parts to the main process, and when sample draws its grid, only the last batch
+    may still be alive. What is kept is checked against the PNGs written: the grids are those of the first images,
+    and the features those of all of them (extracted at once). Then half the PNGs are removed and evaluate made
+    again: the batches read back and the batches made give the same."""
+    import weakref
+
+    import ddpm_hf.evaluation
+    import ddpm_hf.images
+    import ddpm_hf.metrics
+    from ddpm_hf.images import uint8_grid
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "pipe")
+    batches, alive_at = [], []
+    generate, gather, grid_of, scores = (ddpm_hf.evaluation.sample_batches, ddpm_hf.evaluation.gather_to_main,
+                                         ddpm_hf.images.uint8_grid, ddpm_hf.metrics.fid_kid)
+
+    def watched(*args, **kwargs):
+        for rows, images in generate(*args, **kwargs):
+            batches.append(weakref.ref(images))
+            yield rows, images
+
+    def count_alive(function):
+        def counted(*args, **kwargs):
+            alive_at.append(sum(batch() is not None for batch in batches))
+            return function(*args, **kwargs)
+        return counted
+
+    features = []
+    monkeypatch.setattr(ddpm_hf.evaluation, "sample_batches", watched)
+    monkeypatch.setattr(ddpm_hf.evaluation, "gather_to_main", count_alive(gather))
+    monkeypatch.setattr(ddpm_hf.images, "uint8_grid", count_alive(grid_of))
+    monkeypatch.setattr(ddpm_hf.metrics, "fid_kid", lambda real, fake: features.append(fake) or scores(real, fake))
+
+    def as_uint8(folder):
+        return _pngs(folder).to(torch.uint8)[:, None]
+
+    assert cli(["sample", str(tmp_path / "pipe"), "--num_images", "12", "--batch_size", "4", "--num_inference_steps",
+                "5", "--out", str(tmp_path / "samples")]) == 0
+    assert len(batches) == 3 and alive_at == [1]
+    assert (tmp_path / "samples" / "grid.png").read_bytes() == _png_of(uint8_grid(as_uint8(tmp_path / "samples")))
+    out = tmp_path / "eval"
+    for made in ("all", "half"):
+        batches.clear(), alive_at.clear()
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "fid", "--num_samples", "12", "--num_reference",
+                    "32", "--batch_size", "4", "--num_inference_steps", "5", "--out", str(out)]) == 0
+        assert len(batches) >= 3 and alive_at == [1], (made, len(batches), alive_at)
+        written = as_uint8(out / "samples")
+        assert len(written) == 12 and (out / "samples.png").read_bytes() == _png_of(uint8_grid(written))
+        expected = extract_features(feature_extractor("fmnist"), written)
+        assert torch.allclose(features[-1], expected, rtol=1e-5, atol=1e-6), made
+        for png in sorted((out / "samples").glob("0*.png"))[::2]:
+            png.unlink()
+
+
+def _png_of(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 def _pngs(folder):
     from PIL import Image

@@ -418,6 +418,8 @@ def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
         assert results["sample_quality"][metric] == pytest.approx(alone["sample_quality"][metric], rel=1e-6), metric
     for name in [f"{i:05d}.png" for i in range(10)] + ["samples.json"]:
         assert (tmp_path / "eval" / "samples" / name).read_bytes() == (tmp_path / "one" / "samples" / name).read_bytes()
+    # the grid gathered from both processes' rows in image order
+    assert (tmp_path / "eval" / "samples.png").read_bytes() == (tmp_path / "one" / "samples.png").read_bytes()
 
 
 @pytest.mark.distributed
