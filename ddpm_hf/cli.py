@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="write a dataset as parquet shards")
     data.add_argument("name", choices=["fashion-mnist"])
     data.add_argument("--out", required=True)
-    data.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    data.add_argument("--source", default="/usr/share/datasets/fashion-mnist",
+                      help="the folder of the four IDX .gz files, or 'embedded' for the subset this package "
+                           "ships (default: %(default)s, Debian's dataset-fashion-mnist)")
     data.add_argument("--train_limit", type=_positive, default=None)
     data.add_argument("--test_limit", type=_positive, default=None)
     data.add_argument("--num_shards", type=_positive, default=16)

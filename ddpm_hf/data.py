@@ -74,7 +74,9 @@ def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_
                         test_limit: Optional[int] = None, num_shards: int = 8) -> Path:
     """Convert the Fashion-MNIST IDX files (Debian's ``dataset-fashion-mnist`` package puts them in
     /usr/share/datasets/fashion-mnist) into ``out_dir/data/{train,test}-0000k-of-0000n.parquet`` with an ``image``
-    (PNG) and a ``label`` column, plus a dataset card. ``*_limit`` keeps the first N images of a split."""
+    (PNG) and a ``label`` column, plus a dataset card. ``*_limit`` keeps the first N images of a split. ``source``
+    ``embedded`` (or ``embedded:fashion_mnist``) writes the subset shipped in this package instead: a dataset folder to
+    push to a Hub, or to shard otherwise, on a machine without the package."""
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
 
@@ -82,28 +84,33 @@ def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_
         raise ValueError("num_shards must be 1, 2, 4 or a multiple of 8, so that it divides the usual world sizes.")
     files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_limit),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_limit)}
-    missing = [path for names in files.values() for name in names[:2]
-               if not os.path.isfile(path := os.path.join(source, f"{name}.gz"))]
+    embedded = source in ("embedded", EMBEDDED_NAME)
+    missing = [] if embedded else [path for names in files.values() for name in names[:2]
+                                   if not os.path.isfile(path := os.path.join(source, f"{name}.gz"))]
     if missing:  # all four looked for before anything is written
         raise FileNotFoundError(f"{missing[0]} not found: install Debian's package (apt-get install "
-                                "dataset-fashion-mnist), or pass the folder holding the four IDX .gz files with "
-                                "--source (Python: source=).")
+                                "dataset-fashion-mnist), pass the folder holding the four IDX .gz files with "
+                                "--source (Python: source=), or --source embedded for the subset this package ships.")
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     counts = {}
     for split, (images_name, labels_name, limit) in files.items():
-        paths = [os.path.join(source, f"{n}.gz") for n in (images_name, labels_name)]
-        images, labels = _read_idx(paths[0], images_name)[:limit], _read_idx(paths[1], labels_name)[:limit]
-        counts[split] = len(images)
+        if embedded:
+            dataset = Dataset.from_parquet(sorted(str(p) for p in EMBEDDED_DIR.glob(f"data/{split}-*.parquet")))
+            dataset = dataset.select(range(min(limit or len(dataset), len(dataset))))
+        else:
+            paths = [os.path.join(source, f"{n}.gz") for n in (images_name, labels_name)]
+            images, labels = _read_idx(paths[0], images_name)[:limit], _read_idx(paths[1], labels_name)[:limit]
 
-        def rows(images=images, labels=labels):
-            for image, label in zip(images, labels):
-                buffer = io.BytesIO()
-                Image.fromarray(image, "L").save(buffer, format="PNG", optimize=True)
-                yield {"image": {"bytes": buffer.getvalue(), "path": None}, "label": int(label)}
+            def rows(images=images, labels=labels):
+                for image, label in zip(images, labels):
+                    buffer = io.BytesIO()
+                    Image.fromarray(image, "L").save(buffer, format="PNG", optimize=True)
+                    yield {"image": {"bytes": buffer.getvalue(), "path": None}, "label": int(label)}
 
-        dataset = Dataset.from_generator(rows, features=features)
+            dataset = Dataset.from_generator(rows, features=features)
+        counts[split] = len(dataset)
         for old in out.glob(f"data/{split}-*.parquet"):
             old.unlink()
         for k in range(num_shards):

@@ -643,3 +643,32 @@ def test_fmnist_scores_of_colour_images_and_a_short_reference_are_warned_about(t
     said = [record.getMessage() for record in caplog.records]
     assert any("which say little of this model's colour images: pass --features inception" in m for m in said)
     assert any("--reference_split test holds 6 images, fewer than --num_reference 50" in m for m in said), said
+
+
+def test_data_writes_the_embedded_subset_as_shards_and_names_it_when_the_idx_files_are_missing(tmp_path):
+    """`ddpm-hf data fashion-mnist --source embedded` writes the subset this package ships (on a machine without
+    Debian's package, which the default --source needs): the first --train_limit training rows and every test row, as
+    --num_shards shards each, rows and labels equal to the shipped parquet's (read with pyarrow), which train.py
+    then reads. A missing --source names the embedded choice."""
+    import pyarrow.parquet as pq
+
+    from ddpm_hf.data import EMBEDDED_DIR, load_image_dataset
+
+    def rows(files):
+        table = pq.read_table(sorted(files))
+        return [(cell["bytes"], label) for cell, label in zip(table.column("image").to_pylist(),
+                                                              table.column("label").to_pylist())]
+
+    out = tmp_path / "fmnist"
+    assert cli(["data", "fashion-mnist", "--source", "embedded", "--num_shards", "2", "--train_limit", "100", "--out",
+                str(out)]) == 0
+    for split, count in (("train", 100), ("test", 2000)):
+        shipped = rows(EMBEDDED_DIR.glob(f"data/{split}-*.parquet"))
+        written = sorted((out / "data").glob(f"{split}-*.parquet"))
+        assert [p.name for p in written] == [f"{split}-0000{k}-of-00002.parquet" for k in range(2)]
+        assert rows(written) == shipped[:count], split
+    assert "pretty_name: Fashion-MNIST (100 train / 2000 test)" in (out / "README.md").read_text()
+    assert load_image_dataset(str(out)).num_shards == 2
+    with pytest.raises(SystemExit) as failure:
+        cli(["data", "fashion-mnist", "--source", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert "--source embedded" in str(failure.value.code) and not (tmp_path / "x").exists(), failure.value.code
