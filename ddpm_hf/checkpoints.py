@@ -19,6 +19,7 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -144,31 +145,66 @@ def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) 
             "filesystem they all mount (NFS, a cluster filesystem).")
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int, pipeline=None):
-    """accelerate.save_state into a hidden folder, published when every process has written and the files are on
-    disk: a kill or a full disk while saving leaves the previous checkpoint intact. A failed write stops the run with
-    the reason; the half-written folder is removed. ``pipeline()`` (the main process's, when given; None: none) is saved
-    in it as ``pipeline/``: a folder that diffusers and ``ddpm-hf sample``/``evaluate`` load, as diffusers' example
-    saves its checkpoints' U-Nets."""
-    tmp, final = output_dir / f".checkpoint-{step}.tmp", output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        made = pipeline() if accelerator.is_main_process and pipeline is not None else None
-        if made is not None:  # (None: it could not be made, as a warning said)
-            made.save_pretrained(tmp / "pipeline")
-        accelerator.wait_for_everyone()
+class CheckpointSaver:
+    """A run's checkpoints: ``save(step)`` writes accelerate's state into a hidden folder on every process, then the
+    main process publishes it in a thread of its own while training goes on (the checkpoint's pipeline written, every
+    file flushed to disk, the folder renamed into place, the oldest pruned to ``limit``): the flush, the slowest part
+    on a network filesystem, no longer holds up the GPUs (here, 0.3 of the 0.6 s of a ``ddpm-cifar10`` checkpoint).
+    A kill or a full disk while saving leaves the previous checkpoint intact; a failed write stops the run with the
+    reason (at the next step, for the publishing thread's) and the half-written folder removed. The next checkpoint,
+    an upload or the final pipeline first waits for the publishing (``wait``): each is written after the checkpoint
+    of its step, which a resume then finds."""
+
+    def __init__(self, accelerator, output_dir: Path, limit: int):
+        self.accelerator, self.output_dir, self.limit = accelerator, output_dir, limit
+        self._publishing: Optional[threading.Thread] = None
+        self._failure: Optional[SystemExit] = None
+
+    def save(self, step: int, pipeline: Optional[Callable] = None) -> None:
+        """Checkpoint ``step``; ``pipeline()`` (the main process's, when given; None: none) is saved in it as
+        ``pipeline/``: a folder that diffusers and ``ddpm-hf sample``/``evaluate`` load, as diffusers' example saves
+        its checkpoints' U-Nets. Every process calls it."""
+        accelerator = self.accelerator
+        tmp, final = self.output_dir / f".checkpoint-{step}.tmp", self.output_dir / f"checkpoint-{step}"
         if accelerator.is_main_process:
+            self.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            made = pipeline() if accelerator.is_main_process and pipeline is not None else None
+            accelerator.wait_for_everyone()  # every process's files are in tmp
+        except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
+            raise write_failed(self.output_dir, str(final), err, partial=tmp) from err
+        if accelerator.is_main_process:
+            self._publishing = threading.Thread(target=self._publish, args=(tmp, final, made),
+                                                name=f"publish checkpoint-{step}")
+            self._publishing.start()
+
+    def _publish(self, tmp: Path, final: Path, made) -> None:
+        try:
+            if made is not None:  # (None: it could not be made, as a warning said)
+                made.save_pretrained(tmp / "pipeline")
             fsync_tree(tmp)
-    except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
-        raise write_failed(output_dir, str(final), err, partial=tmp) from err
-    if accelerator.is_main_process:
-        publish_folder(tmp, final)
-        for old in checkpoints(output_dir)[:-limit] if limit else []:
-            delete_folder(old)
-    accelerator.wait_for_everyone()
+            publish_folder(tmp, final)
+            for old in checkpoints(self.output_dir)[:-self.limit] if self.limit else []:
+                delete_folder(old)
+        except Exception as err:  # noqa: BLE001 (as in save: the run stops at its next step, naming the reason)
+            self._failure = write_failed(self.output_dir, str(final), err, partial=tmp)
+            self._failure.__cause__ = err
+            logger.error("%s", self._failure.code)
+
+    def raise_if_failed(self) -> None:
+        """Stop the run if publishing a checkpoint failed (the main process; cheap: called after every step)."""
+        if self._failure is not None:
+            raise self._failure
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being published (the main process), then raise_if_failed."""
+        if self._publishing is not None:
+            self._publishing.join()
+            self._publishing = None
+        self.raise_if_failed()
 
 
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:

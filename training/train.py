@@ -35,8 +35,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
-from ddpm_hf.checkpoints import (check_output_dir_shared, checkpoints, clear_earlier_run, recover_folders,
-                                 refuse_an_earlier_run, resume, save_checkpoint, save_pipeline, write_file)
+from ddpm_hf.checkpoints import (CheckpointSaver, check_output_dir_shared, checkpoints, clear_earlier_run,
+                                 recover_folders, refuse_an_earlier_run, resume, save_pipeline, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
@@ -619,6 +619,7 @@ def run(args):
     resumed_at_end = loop.step >= args.max_train_steps
     uploads = Uploads(lambda pipe, grid, step: push_with_retries(pipe, args, grid, step), args.output_dir,
                       args.hub_model_id, resumable=bool(args.checkpointing_steps))  # the main process's
+    saver = CheckpointSaver(accelerator, Path(args.output_dir), args.checkpoints_total_limit)
 
     def count(update: Update) -> None:
         """A finished update made a step, unless it was skipped: the learning-rate schedule, the EMA, the step
@@ -637,7 +638,7 @@ def run(args):
                             data_wait=f"{100 * logs['data_wait']:.1f}%")
         bar.update(1)
         after_step(accelerator, args, model, ema, scheduler, loop.step, started,  # checkpoints, ...
-                   uploads, bpd_images)
+                   saver, uploads, bpd_images)
 
     pending = None  # an update the device decided, counted when the next one has been queued (see Update)
     try:
@@ -674,6 +675,8 @@ def run(args):
     bar.close()
     logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps",
                 accelerator.process_index, speed.summary(), bad.skipped, bad.overflows)
+    if accelerator.is_main_process:
+        saver.wait()  # the last checkpoint published
     if resumed_at_end and accelerator.is_main_process:
         # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them
         # (the pipeline/ folder of a run from ddpm_hf < 0.2 gives way to the pipeline in --output_dir).
@@ -805,11 +808,13 @@ def count_at_once(args, step: int) -> bool:
     return any(due_after(args, step))
 
 
-def after_step(accelerator, args, model, ema, scheduler, step: int, started: float, uploads: Uploads,
-               bpd_images: Optional[torch.Tensor]) -> None:
+def after_step(accelerator, args, model, ema, scheduler, step: int, started: float, saver: CheckpointSaver,
+               uploads: Uploads, bpd_images: Optional[torch.Tensor]) -> None:
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
     bits/dim estimate, the final pipeline, an upload (the main process). The budget is checked at the logged steps,
     where the host waits for the step anyway (at the others it queues the next step meanwhile: see Update)."""
+    if accelerator.is_main_process:
+        saver.raise_if_failed()  # a checkpoint published in the background could not be written
     due = due_after(args, step)
     if args.max_train_minutes and due.log and out_of_time(accelerator, started, args.max_train_minutes):
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
@@ -822,9 +827,11 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
             return unless_out_of_memory(host, f"checkpoint-{step}/pipeline", "the checkpoint itself is written",
                                         lambda: ema_pipeline(unet, ema, scheduler.config, host))
 
-        save_checkpoint(accelerator, Path(args.output_dir), step, args.checkpoints_total_limit, host_pipeline)
+        saver.save(step, host_pipeline)
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
+            if due.push or due.final:  # after the checkpoint of the step, which a resume finishes them from
+                saver.wait()
             try:
                 write_outputs(accelerator, model, ema, scheduler, args, step, due.images, due.eval,
                               due.push, due.final, uploads, bpd_images)

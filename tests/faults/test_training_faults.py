@@ -133,6 +133,71 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(image
     assert check_checkpoints(tmp_path / "run") == ["checkpoint-8", "checkpoint-12", "checkpoint-16"]
 
 
+def test_a_checkpoint_is_published_while_the_next_steps_train(images, tmp_path, train_here, monkeypatch):
+    """The main process flushes and publishes each checkpoint in a thread of its own while training goes on. The
+    flush of checkpoint-4 is held until the run has made two more steps (counted by the EMA's updates): were the
+    publishing in the training loop, the steps could not come and the hold would time out (20 s). The published
+    checkpoint holds step 4 all the same: its pipeline equals the final pipeline of a 4-step run, weight for weight."""
+    import threading
+
+    import ddpm_hf.checkpoints
+    import ddpm_hf.ema
+
+    args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4"]
+    train_here(args + ["--max_train_steps", "4", "--output_dir", str(tmp_path / "four")])
+
+    steps, two_more, held = [0], threading.Event(), []
+    update, flush = ddpm_hf.ema.EMA.update, ddpm_hf.checkpoints.fsync_tree
+
+    def counted(self, *a, **k):
+        steps[0] += 1
+        if steps[0] >= 6:
+            two_more.set()
+        return update(self, *a, **k)
+
+    def held_flush(folder):
+        if folder.name == ".checkpoint-4.tmp":
+            held.append(two_more.wait(timeout=20))
+        return flush(folder)
+
+    monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
+    monkeypatch.setattr(ddpm_hf.checkpoints, "fsync_tree", held_flush)
+    out = tmp_path / "eight"
+    train_here(args + ["--max_train_steps", "8", "--output_dir", str(out)])
+    assert held == [True], "the training loop waited for the checkpoint's flush"
+    assert check_checkpoints(out) == ["checkpoint-4", "checkpoint-8"]
+    four = final_weights(tmp_path / "four")
+    published = final_weights(out / "checkpoint-4" / "pipeline")
+    assert four.keys() == published.keys() and all(torch.equal(published[k], v) for k, v in four.items())
+
+
+def test_a_checkpoint_whose_publishing_fails_stops_the_run_naming_it(images, tmp_path, train_here, monkeypatch):
+    """A flush that fails in the publishing thread (ENOSPC, as a full disk's delayed write gives it) stops the run by
+    the next checkpoint at the latest, with the path, the reason and the checkpoint intact; the half-written folder is
+    removed and no final pipeline is written."""
+    import errno
+
+    import ddpm_hf.checkpoints
+
+    flush = ddpm_hf.checkpoints.fsync_tree
+
+    def failing_flush(folder):
+        if folder.name == ".checkpoint-8.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return flush(folder)
+
+    monkeypatch.setattr(ddpm_hf.checkpoints, "fsync_tree", failing_flush)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_here(FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--max_train_steps", "12",
+                           "--output_dir", str(out)])
+    message = str(stop.value.code)
+    assert message.startswith(f"could not write {out / 'checkpoint-8'} (") and "the disk is full" in message, message
+    assert "The checkpoint checkpoint-4 is intact" in message, message
+    assert check_checkpoints(out) == ["checkpoint-4"] and not [p for p in out.glob(".*")]
+    assert not (out / "model_index.json").exists()
+
+
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(images, tmp_path):
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--output_dir", str(tmp_path / "run")]
     run(args + ["--max_train_steps", "8"], tmp_path / "first.log")
