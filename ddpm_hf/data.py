@@ -1343,7 +1343,8 @@ class TrainStream:
         The stand-ins are written and read as whole columns (delta-encoded: a few bytes a row group on disk), and the
         stream is read as arrow tables: the same shuffle of the same tables as the stream of rows, without its Python
         work per row. A stream of 10 M rows took 7.5 s and about 0.3 GB here; read row by row, 1 M took 10.6 s (100 M:
-        about 21 minutes and 15 GB). See docs/benchmarks.md (2026-11-28 h)."""
+        about 21 minutes and 15 GB). (With a --shuffle_buffer_size under 20, datasets fills the buffer a row at a time
+        and the replay takes about 20 µs a row.) See docs/benchmarks.md (2026-11-28 h)."""
         import tempfile
 
         import pyarrow as pa
@@ -1351,7 +1352,9 @@ class TrainStream:
         from datasets import load_dataset
         from datasets.distributed import split_dataset_by_node
 
-        schema = pa.schema([("shard", pa.int32()), ("row", pa.int32())])  # 8 bytes a row of the order
+        # 8 bytes a row of the order (a shard of 2³¹ rows or more, 12 bytes)
+        row_type = np.int32 if max((sum(groups) for groups in row_groups), default=0) < 2**31 else np.int64
+        schema = pa.schema([("shard", pa.int32()), ("row", pa.from_numpy_dtype(row_type))])
         remove_replay_leftovers()
         with tempfile.TemporaryDirectory(prefix=f"{REPLAY_PREFIX}{os.getpid()}_") as folder:
             files = []
@@ -1362,7 +1365,7 @@ class TrainStream:
                     first = 0
                     for rows in groups:
                         table = pa.table({"shard": np.full(rows, shard, dtype=np.int32),
-                                          "row": np.arange(first, first + rows, dtype=np.int32)}, schema=schema)
+                                          "row": np.arange(first, first + rows, dtype=row_type)}, schema=schema)
                         writer.write_table(table, row_group_size=max(rows, 1))
                         first += rows
             with _streaming_patches_kept():

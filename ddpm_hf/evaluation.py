@@ -301,11 +301,14 @@ def sample_batches(pipe, num_images: int, batch_size: int, steps: int, seed: int
         yield [row for row, _ in batch], made
 
 
-def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, **kwargs) -> torch.Tensor:
+def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
+                   process_index: int = 0, num_processes: int = 1, folder: Optional[Path] = None,
+                   fixed_batch_size: bool = False) -> torch.Tensor:
     """All of :func:`sample_batches` (same arguments) as one uint8 (N, C, H, W) tensor, in row order."""
-    mine = len(range(kwargs.get("process_index", 0), num_images, kwargs.get("num_processes", 1)))
-    images = torch.empty((mine, *pipe._image_shape(1)[1:]), dtype=torch.uint8)
-    for rows, batch in sample_batches(pipe, num_images, batch_size, steps, seed, **kwargs):
+    images = torch.empty((len(range(process_index, num_images, num_processes)), *pipe._image_shape(1)[1:]),
+                         dtype=torch.uint8)
+    for rows, batch in sample_batches(pipe, num_images, batch_size, steps, seed, desc, process_index, num_processes,
+                                      folder, fixed_batch_size):
         images[rows] = batch
     return images
 

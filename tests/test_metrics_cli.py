@@ -237,7 +237,6 @@ def test_cli_sample_and_evaluate(tmp_path):
         assert (out / figure).is_file(), figure
 
 
-
 def test_evaluate_and_sample_keep_no_batch_of_samples_but_the_one_at_hand(tmp_path, monkeypatch):
     """50,000 samples of 256² take 9.8 GB: evaluate extracts the features of each batch as it comes, keeping those and
     the grid's images only, and sample keeps the grid's images only. Every batch sample_batches yields is watched
@@ -299,6 +298,7 @@ def _png_of(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
 
 def _pngs(folder):
     from PIL import Image

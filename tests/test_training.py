@@ -241,13 +241,19 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
     assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
 
 
-def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_buffer_and_split(tmp_path):
+def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_buffer_and_split(tmp_path,
+                                                                                                 monkeypatch):
     """A parquet resume skips to its position by replaying the epoch's order over stand-ins of (shard, row) pairs
     (see TrainStream._replay_order), read as whole arrow tables. Against the oracle, the stream itself read row by
     row: the same (shard, row) order for 12 shards (datasets reads up to 10 at a time) of unequal sizes and row groups,
     buffers smaller and larger than a row group, no shuffle, 1, 3 and 5 streams (5 does not divide the 12 shards:
-    split by examples), and two epochs."""
-    sizes, groups = [7, 13, 20, 5, 11, 9, 3, 8, 6, 12, 4, 10], [3, 5, 20, 2, 4, 9, 1, 8, 5, 7, 4, 3]
+    split by examples), an empty shard, and two epochs. Then the resumed stream itself (``_replayed``) from a few
+    positions, against the stream's rows from there, with the order handed out in blocks of 3 rows."""
+    from ddpm_hf import data
+    from ddpm_hf.data import row_fingerprint
+
+    monkeypatch.setattr(data, "REPLAY_BATCH_ROWS", 3)
+    sizes, groups = [7, 13, 20, 5, 11, 9, 3, 8, 6, 12, 0, 10], [3, 5, 20, 2, 4, 9, 1, 8, 5, 7, 1, 3]
     where = {}
     for k, (size, group) in enumerate(zip(sizes, groups)):
         images = [png_bytes(1000 * k + row, 4) for row in range(size)]
@@ -260,13 +266,18 @@ def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_b
         for buffer in (1, 4, 16, 64):
             stream = TrainStream(ds, "image", 4, 1, 2, streams, 0, 1, seed=11, shuffle_buffer_size=buffer)
             row_groups = stream.shard_row_groups()
-            assert [len(g) for g in row_groups] == [-(-s // g) for s, g in zip(sizes, groups)]
+            assert [sum(g) for g in row_groups] == sizes
             for v in range(streams):
                 for epoch in (0, 1):
                     stream.datasets[v].set_epoch(epoch)
-                    truth = [where[hashlib.sha1(row["image"]["bytes"]).hexdigest()] for row in stream.datasets[v]]
+                    cells = [row["image"] for row in stream.datasets[v]]
+                    truth = [where[hashlib.sha1(cell["bytes"]).hexdigest()] for cell in cells]
                     shards, rows = stream._replay_order(v, epoch, row_groups)
                     assert list(zip(shards.tolist(), rows.tolist())) == truth, (streams, buffer, v, epoch)
+                    for start in {1, len(cells) // 2, len(cells) - 1} if buffer in (1, 16) else ():
+                        resumed = stream._replayed(v, epoch, start, row_fingerprint(cells[start - 1]), None)
+                        assert [(index, row["image"]["bytes"]) for index, row in resumed] == [
+                            (index, cell["bytes"]) for index, cell in enumerate(cells)][start:], (streams, v, start)
             stream.close()
 
 
