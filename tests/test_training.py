@@ -558,3 +558,21 @@ def test_each_checkpoint_holds_its_ema_pipeline_which_plain_diffusers_loads(parq
         assert type(pipe).__name__ == "DDPMPipeline", type(pipe)
         pipe(batch_size=1, num_inference_steps=2)
     """, cwd=tmp_path)
+
+
+def test_without_ema_the_pipelines_hold_the_training_weights(parquet_dir, tmp_path):
+    """--no-use_ema: the final pipeline and the checkpoint's pipeline are the network's own weights, as accelerate
+    saved them in the checkpoint (model.safetensors). (The pipelines' U-Nets are made without drawing initial weights,
+    every one copied from the network: one left out would be uninitialised memory.)"""
+    from safetensors.torch import load_file
+
+    from runs import load_train_script, train_in_process
+
+    out = tmp_path / "run"
+    train_in_process(load_train_script(), FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "2",
+                                                  "--checkpointing_steps", "2", "--dataloader_num_workers", "0",
+                                                  "--no-use_ema", "--output_dir", str(out)])
+    trained = load_file(out / "checkpoint-2" / "model.safetensors")
+    for pipeline in (out, out / "checkpoint-2" / "pipeline"):
+        weights = final_weights(pipeline)
+        assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained), pipeline

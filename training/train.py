@@ -369,8 +369,10 @@ def ema_pipeline(model, ema, scheduler_config, device: Optional[torch.device] = 
     from ddpm_hf.pipelines import DDPMPipeline  # here, not above: diffusers' pipeline module takes seconds to import
 
     device = device or next(model.parameters()).device
-    unet = DDPMUNet.from_config(model.config).to(device if device.type != "mps" else "cpu")
-    unet.load_state_dict(model.state_dict())
+    with torch.device("meta"):  # every weight comes from the model: none drawn first (0.14 s for ddpm-cifar10 here)
+        unet = DDPMUNet.from_config(model.config)
+    unet = unet.to_empty(device=device if device.type != "mps" else "cpu")
+    unet.load_state_dict(model.state_dict())  # (strict: a weight left out would stay uninitialised memory)
     if ema is not None:
         ema.copy_to(unet.parameters())
     pipe = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler.from_config(scheduler_config))
