@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .errors import ResumeMismatch, is_out_of_memory
+from .processes import stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) 
             message[2] = f"cannot write in --output_dir {output_dir} or the folder above it: {err}"
     broadcast_object_list(message)  # from the main process, once it has written the file
     if message[2] is not None:
-        raise SystemExit(message[2])
+        raise stop_all(message[2])
     marker = chain[message[1]] / message[0]
 
     def seen() -> object:  # True, False, or why the folder cannot be looked into
@@ -137,7 +138,7 @@ def check_output_dir_shared(accelerator, output_dir: Path, wait_s: float = 5.0) 
             pass
     blind = [(index, host, what) for index, host, what in found if what is not True]
     if blind:
-        raise SystemExit(
+        raise stop_all(
             f"--output_dir {output_dir} is not one folder for every process: process(es) "
             + ", ".join(f"{i} (on {host}{': ' + what if isinstance(what, str) else ''})" for i, host, what in blind)
             + f" do not see the file the main process (on {found[0][1]}) wrote in {chain[message[1]]}. Checkpoints are "

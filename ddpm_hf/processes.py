@@ -1,8 +1,11 @@
 """How a process of a command ends with the processes around it: with its parent (a launcher killed by SIGKILL, a
-training process that died), and out of its torch.distributed process group, whatever ends it."""
+training process that died), out of its torch.distributed process group, whatever ends it, and saying once per
+machine what stops every process alike."""
 
+import argparse
 import os
 import signal
+import time
 
 import torch
 
@@ -42,3 +45,37 @@ def leave_process_group(failed: bool = False) -> None:
     if failed and torch.distributed.get_backend() != "gloo":
         return
     torch.distributed.destroy_process_group()
+
+
+def says_shared_messages() -> bool:
+    """Whether this process says what stops every process of a launch alike (a bad flag, dataset or --output_dir):
+    the first process of each machine (LOCAL_RANK 0, or a process not launched), not all 8 of a machine's GPUs."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def stop_all(message: str) -> SystemExit:
+    """The SystemExit of a failure that every process meets alike: its ``message`` said once per machine (see
+    says_shared_messages), the other processes exiting with status 1 quietly (see quiet_exit)."""
+    return SystemExit(message) if says_shared_messages() else quiet_exit(1)
+
+
+SAY_FIRST_S = 30.0  # how long a quiet process leaves the one that speaks to say why and exit (see quiet_exit)
+
+
+def quiet_exit(status: int) -> SystemExit:
+    """The exit of a process that leaves the failure to the machine's first process to say. It waits for it first:
+    torch's launcher ends every process once one exits, and a quiet process gone first would take the message with
+    it (the first process may still be importing when the others find a bad flag). The launcher ends this one as the
+    other exits; where none does, it exits after SAY_FIRST_S."""
+    time.sleep(SAY_FIRST_S)
+    return SystemExit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, its errors (the same command line on every process) said once per machine: the other processes
+    exit with status 2 quietly (see quiet_exit)."""
+
+    def error(self, message: str):
+        if not says_shared_messages():
+            raise quiet_exit(2)
+        super().error(message)

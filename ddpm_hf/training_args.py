@@ -15,6 +15,7 @@ from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
 from .presets import PRESETS, RECIPES, training_defaults
+from .processes import ArgumentParser
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from .seeds import SEED_RANGE
 from .unet import DDPMUNet
@@ -26,7 +27,7 @@ A preset supplies the network and the paper's hyper-parameters; any flag overrid
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow/tar files, or "
                       f"{EMBEDDED_NAME} (default when --train_data_dir is not given)")

@@ -117,8 +117,22 @@ def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
          "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=600, env=child_env(), cwd=tmp_path)
     assert result.returncode != 0
+    assert (result.stderr + result.stdout).count("each would train alone") == 1  # said by one process of the two
     assert "ACCELERATE_USE_CPU=1" in result.stderr + result.stdout
     assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_a_launch_says_a_bad_flag_once(tmp_path):
+    """Every process parses the same command line: a bad flag is said by the machine's first process only (8 GPUs
+    printed it 8 times), and every process exits with argparse's status 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", str(free_port()), TRAIN, *FAST, "--num_epochs", "3", "--output_dir",
+         str(tmp_path / "run")], capture_output=True, text=True, timeout=600, env=child_env(ACCELERATE_USE_CPU="1"),
+        cwd=tmp_path)
+    text = result.stderr + result.stdout
+    assert result.returncode != 0 and text.count("--num_epochs is a flag of diffusers'") == 1, text[-3000:]
+    assert text.count("usage: train.py") == 1 and "failed (exitcode: 2) local_rank: 0 " in text, text[-3000:]
 
 
 @pytest.mark.distributed

@@ -46,7 +46,7 @@ from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_w
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
-from ddpm_hf.processes import die_with_launcher, leave_process_group
+from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.training_args import card_config, parse_args, public_config, read_model_config
@@ -154,7 +154,7 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
         logging.getLogger(client).setLevel(logging.WARNING)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
-        raise SystemExit(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
+        raise stop_all(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
                          f"with {accelerator.num_processes} process(es): each would train alone. On CPU launch with "
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
     if args.allow_tf32:
@@ -229,7 +229,7 @@ def open_dataset(args, accelerator):
     outcomes = gather_object([(failure, commit, row_groups)])
     failures = [f for f, _, _ in outcomes if f is not None]
     if failures:
-        raise SystemExit(failure or failures[0])
+        raise stop_all(failure or failures[0])
     main_commit = outcomes[0][1]
     remember_row_groups(outcomes[0][2])
     if main_commit is not None and commit != main_commit:
@@ -548,7 +548,7 @@ def decided_by_main(accelerator, decide, what: str):
     if error is not None:
         raise error
     if outcome[1] is not None:
-        raise SystemExit(outcome[1])
+        raise stop_all(outcome[1])
     return outcome[0]
 
 
