@@ -508,6 +508,7 @@ def main():
     part("train bf16-read-at-once", lambda: training(bf16, "bf16-read-at-once", args.train_steps,
                                                      env={"BENCH_READ_AT_ONCE": "1"}), 60)
     part("train fp16", lambda: training(["--mixed_precision", "fp16"], "fp16", 100), 40)
+    part("checkpoint", lambda: checkpoint_cost(tmp, timeout=max(30, left(args.deadline_s + 30))), 30)
     part("decode", lambda: decode_rates(timeout=max(30, left(args.deadline_s + 30))), 40)
     part("bits/dim", lambda: bits(compiled=False), 45)
     part("bits/dim compiled", lambda: bits(compiled=True), 60)
@@ -517,6 +518,17 @@ def main():
     part("train bf16 max-autotune", lambda: training(bf16, "bf16-max-autotune", args.train_steps,
                                                      env=inductor("max-autotune")), 240)
     say(f"done in {time.time() - START:.0f} s")
+
+
+def checkpoint_cost(folder: Path, timeout: float, preset: str = "ddpm-cifar10"):
+    """bench/checkpoint.py on this machine's disk: the time a checkpoint holds the training loop, published in the
+    background and in the loop (the state copied from the GPU in both)."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoint.py"), "--preset", preset, "--repeats", "3",
+                             "--output_dir", str(folder)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if result.returncode:
+        raise RuntimeError(f"bench/checkpoint.py exited {result.returncode}:\n{result.stderr[-2000:]}")
+    for line in result.stdout.strip().splitlines():
+        say("checkpoint.py:", line)
 
 
 def decode_rates(timeout: float):

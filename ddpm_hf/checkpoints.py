@@ -38,6 +38,18 @@ def checkpoints(output_dir: Path) -> List[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+_PUBLISHING: List[threading.Thread] = []  # the checkpoint this process publishes in the background (CheckpointSaver)
+
+
+def published_checkpoints(output_dir: Path) -> List[Path]:
+    """checkpoints(output_dir) once the one being published in the background (by another thread) is in place: the
+    checkpoints a stopped run's message names to resume from."""
+    for thread in list(_PUBLISHING):
+        if thread is not threading.current_thread():
+            thread.join()
+    return checkpoints(output_dir)
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -180,6 +192,7 @@ class CheckpointSaver:
         if accelerator.is_main_process:
             self._publishing = threading.Thread(target=self._publish, args=(tmp, final, made),
                                                 name=f"publish checkpoint-{step}")
+            _PUBLISHING[:] = [self._publishing]
             self._publishing.start()
 
     def _publish(self, tmp: Path, final: Path, made) -> None:
@@ -239,7 +252,7 @@ def write_failed(output_dir: Path, what: str, err: Exception, partial: Path) -> 
     """The error that stops a run whose write of ``what`` (a path) failed, once the ``partial`` copy is removed: the
     path, the likely reason with the space left, and the checkpoint to resume from."""
     remove(partial)
-    latest = checkpoints(output_dir)
+    latest = published_checkpoints(output_dir)
     then = (f"The checkpoint {latest[-1].name} is intact: make room, then resume with --resume_from_checkpoint "
             "latest." if latest else "There is no checkpoint to resume from.")
     return SystemExit(f"could not write {what} ({type(err).__name__}: {err}): "

@@ -90,7 +90,7 @@ def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_
                                    if not os.path.isfile(path := os.path.join(source, f"{name}.gz"))]
     if missing:  # all four looked for before anything is written
         raise FileNotFoundError(f"{missing[0]} not found: install Debian's package (apt-get install "
-                                "dataset-fashion-mnist), pass the folder holding the four IDX .gz files with "
+                                "dataset-fashion-mnist), or pass the folder holding the four IDX .gz files with "
                                 "--source (Python: source=), or --source embedded for the subset this package ships.")
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)

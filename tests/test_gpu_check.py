@@ -37,8 +37,11 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     gpu.sampling(2, 2, "cpu", backend=None)
+    gpu.checkpoint_cost(tmp_path, timeout=300, preset="tiny-16")
     out = capsys.readouterr().out
     number = r"[\d.]+"
+    assert re.search(rf"GPU checkpoint.py: loop blocked: {number} s published in the background, {number} s "
+                     rf"published in the loop; ratio {number}", out), out
     for precision in ("fp32", "bf16"):
         assert re.search(rf"GPU unet train step tiny-16 b2 {precision}: ours {number} ms, diffusers {number} ms, ratio "
                          rf"ours/diffusers {number}; .*with cudnn.benchmark: ours {number} ms", out), out

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import (CheckpointSaver, check_output_dir_shared, checkpoints, clear_earlier_run,
-                                 recover_folders, refuse_an_earlier_run, resume, save_pipeline, write_file)
+                                 published_checkpoints, recover_folders, refuse_an_earlier_run, resume, save_pipeline,
+                                 write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
@@ -494,7 +495,7 @@ def outputs_out_of_memory(err: BaseException, args, device: torch.device, step: 
 
 def where_to_resume(args) -> str:
     """The checkpoint a stopped run resumes from, said for its error message."""
-    latest = checkpoints(Path(args.output_dir))
+    latest = published_checkpoints(Path(args.output_dir))
     return (f"{latest[-1].name} is intact: resume from it with --resume_from_checkpoint latest" if latest
             else "no checkpoint was written yet")
 
