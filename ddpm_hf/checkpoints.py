@@ -201,12 +201,17 @@ class CheckpointSaver:
                 made.save_pretrained(tmp / "pipeline")
             fsync_tree(tmp)
             publish_folder(tmp, final)
-            for old in checkpoints(self.output_dir)[:-self.limit] if self.limit else []:
-                delete_folder(old)
         except Exception as err:  # noqa: BLE001 (as in save: the run stops at its next step, naming the reason)
             self._failure = write_failed(self.output_dir, str(final), err, partial=tmp)
             self._failure.__cause__ = err
             logger.error("%s", self._failure.code)
+            return
+        try:
+            for old in checkpoints(self.output_dir)[:-self.limit] if self.limit else []:
+                delete_folder(old)
+        except OSError as err:  # the new checkpoint is in place: an old one left is no reason to stop
+            logger.warning("could not remove an old checkpoint (%s); --checkpoints_total_limit %d is exceeded until "
+                           "the next checkpoint removes it", err, self.limit)
 
     def raise_if_failed(self) -> None:
         """Stop the run if publishing a checkpoint failed (the main process; cheap: called after every step)."""

@@ -19,7 +19,6 @@ from typing import List, Optional
 import torch
 
 from .errors import is_out_of_memory, out_of_memory_detail
-from .processes import ArgumentParser
 from .seeds import SEED_RANGE
 
 DDP_TIMEOUT_S = 1800.0  # seconds processes wait for each other (train.py's --ddp_timeout too)
@@ -75,7 +74,7 @@ def _sampling_speed_args(parser: argparse.ArgumentParser, bound: str = "") -> No
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = ArgumentParser(prog="ddpm-hf", description=__doc__,
+    parser = argparse.ArgumentParser(prog="ddpm-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"ddpm-hf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

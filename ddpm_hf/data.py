@@ -1657,9 +1657,10 @@ def _put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None
 
 
 def _die_with_parent(parent: int) -> None:
-    """This process gets SIGKILL when its parent, pid ``parent``, dies (see die_with_parent) and leaves Ctrl-C to
-    the training process."""
+    """This process gets SIGKILL when its parent, pid ``parent``, dies (see die_with_parent), leaves Ctrl-C to
+    the training process, and ends at SIGTERM (not unwinding as the training process does: see stop_on_sigterm)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(parent, signal.SIGKILL)
 
 

@@ -28,9 +28,22 @@ def die_with_launcher() -> None:
     """A process started by `accelerate launch` (torch's elastic agent, which starts each in a session of its own)
     ends when its launcher does, however: killed by SIGKILL, the launcher left its processes training, checkpointing
     and pushing to the Hub to the end, beside whatever the user started next in the same --output_dir. They get
-    SIGTERM, as from the launcher's own shutdown (a checkpoint being written is left unpublished, as by any kill)."""
+    SIGKILL: with the launcher gone, nothing would end a process whose SIGTERM waits (see stop_on_sigterm) in a
+    collective that the others left (a checkpoint being written is left unpublished, as by any kill)."""
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
-        die_with_parent(os.getppid(), signal.SIGTERM)
+        die_with_parent(os.getppid(), signal.SIGKILL)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a job scheduler's, or torch's launcher ending the other processes once one has failed) unwinds this
+    process as an exception does: its cleanups run and the interpreter finishes the checkpoint being published in the
+    background before it exits, where SIGTERM's default killed it at once (the run then resumed from the checkpoint
+    before). A process stuck where Python does not run (a collective the others left) gets the launcher's SIGKILL
+    after its grace period (30 s), the publishing thread working on meanwhile."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def leave_process_group(failed: bool = False) -> None:
@@ -49,8 +62,9 @@ def leave_process_group(failed: bool = False) -> None:
 
 def says_shared_messages() -> bool:
     """Whether this process says what stops every process of a launch alike (a bad flag, dataset or --output_dir):
-    the first process of each machine (LOCAL_RANK 0, or a process not launched), not all 8 of a machine's GPUs."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    the first process of each machine (LOCAL_RANK 0), not all 8 of a machine's GPUs; and every process that torch's
+    launcher did not start (nothing would end a quiet one: see quiet_exit)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") is None or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def stop_all(message: str) -> SystemExit:
@@ -72,8 +86,9 @@ def quiet_exit(status: int) -> SystemExit:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's, its errors (the same command line on every process) said once per machine: the other processes
-    exit with status 2 quietly (see quiet_exit)."""
+    """argparse's, its errors said once per machine, the other processes exiting with status 2 quietly (see
+    quiet_exit): for flags whose checks every process meets alike (the same command line, nothing read that one
+    process could fail to read and another not)."""
 
     def error(self, message: str):
         if not says_shared_messages():

@@ -135,6 +135,21 @@ def test_a_launch_says_a_bad_flag_once(tmp_path):
     assert text.count("usage: train.py") == 1 and "failed (exitcode: 2) local_rank: 0 " in text, text[-3000:]
 
 
+def test_only_processes_torchs_launcher_started_leave_a_failure_to_the_first(monkeypatch):
+    """A process with LOCAL_RANK 1 that torch's launcher did not start (started by a training process, or another
+    launcher) says its failure itself: nothing would end it while it waits for another to speak."""
+    from ddpm_hf import processes
+
+    monkeypatch.setattr(processes, "SAY_FIRST_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert processes.stop_all("bad flag").code == "bad flag"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert processes.stop_all("bad flag").code == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert processes.stop_all("bad flag").code == "bad flag"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("apart", ["own disk", "other working folder"])
 def test_two_machines_without_a_shared_output_dir_stop_before_training(parquet_dir, tmp_path, apart):

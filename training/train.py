@@ -47,7 +47,7 @@ from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_w
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
-from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all
+from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all, stop_on_sigterm
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.training_args import card_config, parse_args, public_config, read_model_config
@@ -555,6 +555,7 @@ def decided_by_main(accelerator, decide, what: str):
 
 def main(argv=None):
     die_with_launcher()  # under `accelerate launch`: a launcher killed by SIGKILL takes this process with it
+    stop_on_sigterm()  # a scheduler's or the launcher's SIGTERM: cleanups run, the checkpoint in flight is finished
     args = parse_args(argv)
     # huggingface_hub's client gives up on a stalled Hub after --hub_timeout, for the whole run (see hub_timeout)
     try:

@@ -134,20 +134,21 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_why(image
 
 
 def test_a_checkpoint_is_published_while_the_next_steps_train(images, tmp_path, train_here, monkeypatch):
-    """The main process flushes and publishes each checkpoint in a thread of its own while training goes on. The
-    flush of checkpoint-4 is held until the run has made two more steps (counted by the EMA's updates): were the
-    publishing in the training loop, the steps could not come and the hold would time out (20 s). The published
-    checkpoint holds step 4 all the same: its pipeline equals the final pipeline of a 4-step run, weight for weight."""
+    """The main process saves the checkpoint's pipeline, flushes and publishes each checkpoint in a thread of its own
+    while training goes on. The publishing of checkpoint-4 is held from its start until the run has made two more
+    steps (counted by the EMA's updates): were the publishing in the training loop, the steps could not come and the
+    hold would time out (20 s). The published checkpoint holds step 4 all the same: its pipeline (copied before the
+    thread starts, not by it after the steps) equals the final pipeline of a 4-step run, weight for weight."""
     import threading
 
-    import ddpm_hf.checkpoints
     import ddpm_hf.ema
+    from ddpm_hf.checkpoints import CheckpointSaver
 
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4"]
     train_here(args + ["--max_train_steps", "4", "--output_dir", str(tmp_path / "four")])
 
     steps, two_more, held = [0], threading.Event(), []
-    update, flush = ddpm_hf.ema.EMA.update, ddpm_hf.checkpoints.fsync_tree
+    update, publish = ddpm_hf.ema.EMA.update, CheckpointSaver._publish
 
     def counted(self, *a, **k):
         steps[0] += 1
@@ -155,13 +156,13 @@ def test_a_checkpoint_is_published_while_the_next_steps_train(images, tmp_path, 
             two_more.set()
         return update(self, *a, **k)
 
-    def held_flush(folder):
-        if folder.name == ".checkpoint-4.tmp":
+    def held_publish(self, tmp, final, *args):
+        if final.name == "checkpoint-4":
             held.append(two_more.wait(timeout=20))
-        return flush(folder)
+        return publish(self, tmp, final, *args)
 
     monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
-    monkeypatch.setattr(ddpm_hf.checkpoints, "fsync_tree", held_flush)
+    monkeypatch.setattr(CheckpointSaver, "_publish", held_publish)
     out = tmp_path / "eight"
     train_here(args + ["--max_train_steps", "8", "--output_dir", str(out)])
     assert held == [True], "the training loop waited for the checkpoint's flush"
@@ -196,6 +197,63 @@ def test_a_checkpoint_whose_publishing_fails_stops_the_run_naming_it(images, tmp
     assert "The checkpoint checkpoint-4 is intact" in message, message
     assert check_checkpoints(out) == ["checkpoint-4"] and not [p for p in out.glob(".*")]
     assert not (out / "model_index.json").exists()
+
+
+def test_sigterm_while_a_checkpoint_is_published_finishes_it_then_stops(images, tmp_path):
+    """A scheduler's SIGTERM, or torch's launcher ending the other processes once one has failed, arrives while the
+    main process publishes a checkpoint in the background (its flush held 3 s, tests/faults/slow_publish.py): the
+    process unwinds, the interpreter finishes the publishing before it exits (status 143 = 128 + SIGTERM), and the
+    checkpoint is there to resume from, nothing half written left. (SIGTERM's default killed the process at once,
+    the checkpoint with it.)"""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out, publishing = tmp_path / "run", tmp_path / "publishing"
+    env = child_env(DDPM_HF_SLOW_PUBLISH="4", DDPM_HF_SLOW_PUBLISH_S="3", DDPM_HF_PUBLISHING=str(publishing))
+    with open(tmp_path / "run.log", "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "slow_publish.py"), *FAST, "--dataset_name", str(images), "--max_train_steps",
+             "100000", "--checkpointing_steps", "4", "--dataloader_num_workers", "0", "--output_dir", str(out)],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not publishing.exists():
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert code == 128 + signal.SIGTERM, (code, (tmp_path / "run.log").read_text()[-3000:])
+    assert check_checkpoints(out) == ["checkpoint-4"] and not [p for p in out.glob(".*")]
+    assert not (out / "model_index.json").exists()
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_said_and_the_run_goes_on(images, tmp_path, train_here, monkeypatch,
+                                                                              caplog):
+    """With --checkpoints_total_limit 1, removing checkpoint-4 fails once checkpoint-8 is in place (EBUSY, as a file
+    held open on a network filesystem gives it): a warning says so and the run finishes; it is not reported as a
+    failed write of checkpoint-8, which is whole."""
+    import errno
+
+    import ddpm_hf.checkpoints
+
+    delete = ddpm_hf.checkpoints.delete_folder
+
+    def busy(folder):
+        if folder.name == "checkpoint-4":
+            raise OSError(errno.EBUSY, "Device or resource busy", str(folder))
+        return delete(folder)
+
+    monkeypatch.setattr(ddpm_hf.checkpoints, "delete_folder", busy)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.checkpoints"):
+        train_here(FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4", "--checkpoints_total_limit",
+                           "1", "--max_train_steps", "8", "--output_dir", str(out)])
+    assert "could not remove an old checkpoint" in caplog.text and "could not write" not in caplog.text
+    assert check_checkpoints(out) == ["checkpoint-4", "checkpoint-8"] and (out / "model_index.json").exists()
 
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(images, tmp_path):
