@@ -8,9 +8,9 @@ The flush to disk is what the background takes off the loop: on a network filesy
 """
 
 import argparse
-import importlib.util
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +19,12 @@ import torch
 from accelerate import Accelerator
 
 from ddpm_hf import DDPMScheduler, DDPMUNet
-from ddpm_hf.checkpoints import CheckpointSaver
+from ddpm_hf.checkpoints import CheckpointSaver, folder_bytes
 from ddpm_hf.ema import EMA
 from ddpm_hf.presets import unet_config
 
-TRAIN = Path(__file__).resolve().parents[1] / "training" / "train.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from runs import load_train_script  # noqa: E402  (training/train.py as a module)
 
 
 def main():
@@ -34,9 +35,7 @@ def main():
     parser.add_argument("--output_dir", default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_train_script()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = DDPMUNet(**unet_config(args.preset))
@@ -66,7 +65,7 @@ def main():
                 saver.wait()
             blocked[how].append(time.perf_counter() - started)
             saver.wait()  # (the background's publishing is not timed: training would go on meanwhile)
-        size = sum(f.stat().st_size for f in (folder / f"checkpoint-{2 * args.repeats}").rglob("*") if f.is_file())
+        size = folder_bytes(folder / f"checkpoint-{2 * args.repeats}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     background, in_loop = (statistics.median(blocked[k]) for k in ("background", "in the loop"))

@@ -41,12 +41,18 @@ def checkpoints(output_dir: Path) -> List[Path]:
 _PUBLISHING: List[threading.Thread] = []  # the checkpoint this process publishes in the background (CheckpointSaver)
 
 
-def published_checkpoints(output_dir: Path) -> List[Path]:
-    """checkpoints(output_dir) once the one being published in the background (by another thread) is in place: the
-    checkpoints a stopped run's message names to resume from."""
+def _publishing_done() -> None:
+    """Wait for the checkpoint being published in the background, unless this is the thread publishing it."""
     for thread in list(_PUBLISHING):
         if thread is not threading.current_thread():
             thread.join()
+            _PUBLISHING.remove(thread)
+
+
+def published_checkpoints(output_dir: Path) -> List[Path]:
+    """checkpoints(output_dir) once the one being published in the background (by another thread) is in place: the
+    checkpoints a stopped run's message names to resume from."""
+    _publishing_done()
     return checkpoints(output_dir)
 
 
@@ -56,6 +62,11 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of the files in ``folder``."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def fsync_tree(folder: Path) -> None:
@@ -171,7 +182,6 @@ class CheckpointSaver:
 
     def __init__(self, accelerator, output_dir: Path, limit: int):
         self.accelerator, self.output_dir, self.limit = accelerator, output_dir, limit
-        self._publishing: Optional[threading.Thread] = None
         self._failure: Optional[SystemExit] = None
 
     def save(self, step: int, pipeline: Optional[Callable] = None) -> None:
@@ -191,10 +201,10 @@ class CheckpointSaver:
         except Exception as err:  # ENOSPC, EFBIG, EDQUOT, EIO surface as OSError, RuntimeError or SafetensorError
             raise write_failed(self.output_dir, str(final), err, partial=tmp) from err
         if accelerator.is_main_process:
-            self._publishing = threading.Thread(target=self._publish, args=(tmp, final, made),
-                                                name=f"publish checkpoint-{step}")
-            _PUBLISHING[:] = [self._publishing]
-            self._publishing.start()
+            publishing = threading.Thread(target=self._publish, args=(tmp, final, made),
+                                          name=f"publish checkpoint-{step}")
+            _PUBLISHING.append(publishing)
+            publishing.start()
 
     def _publish(self, tmp: Path, final: Path, made) -> None:
         try:
@@ -215,16 +225,16 @@ class CheckpointSaver:
                            "the next checkpoint removes it", err, self.limit)
 
     def raise_if_failed(self) -> None:
-        """Stop the run if publishing a checkpoint failed (the main process; cheap: called after every step)."""
-        if self._failure is not None:
+        """Stop the run if publishing a checkpoint failed (cheap: called after every step; the main process publishes,
+        the others return at once)."""
+        if self.accelerator.is_main_process and self._failure is not None:
             raise self._failure
 
     def wait(self) -> None:
-        """Wait for the checkpoint being published (the main process), then raise_if_failed."""
-        if self._publishing is not None:
-            self._publishing.join()
-            self._publishing = None
-        self.raise_if_failed()
+        """Wait for the checkpoint being published, then raise_if_failed (the others return at once)."""
+        if self.accelerator.is_main_process:
+            _publishing_done()
+            self.raise_if_failed()
 
 
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
@@ -276,7 +286,7 @@ def write_failure_reason(output_dir: Path, err: Exception, latest: List[Path]) -
     if limit != resource.RLIM_INFINITY:
         return f"this process may not write files over {limit} bytes (ulimit -f)"
     free = shutil.disk_usage(output_dir).free
-    needed = sum(f.stat().st_size for f in latest[-1].rglob("*") if f.is_file()) if latest else 0
+    needed = folder_bytes(latest[-1]) if latest else 0
     full = free < needed or _no_space_left(err)
     return (f"{'the disk is full' if full else 'the disk may be full or failing'} ({size_text(free)} free in "
             f"{output_dir}" + (f"; a checkpoint takes {size_text(needed)})" if needed else ")"))

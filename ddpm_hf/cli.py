@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(args) -> int:
     from .compiling import compile_options
-    from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, sample_batches,
-                             samples_key)
+    from .evaluation import (_put_rows, chain_length, load_pipeline, open_sample_folder, prepare_sampling,
+                             sample_batches, samples_key)
     from .images import uint8_grid
 
     pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token)
@@ -140,11 +140,13 @@ def cmd_sample(args) -> int:
     key = samples_key(pipe, steps, args.seed, args.dtype, options)  # of the weights as saved
     prepare_sampling(pipe, args.dtype, options, min(args.batch_size, args.num_images), asked_by)
     open_sample_folder(out, key, args.num_images)  # resumable; only now: a failure before leaves earlier samples
-    grid = {}  # the first 64 images: the others are only written (50,000 of 256² would take 9.8 GB)
+    grid = None  # the first 64 images, copied: the others are only written (50,000 of 256² would take 9.8 GB)
     for rows, images in sample_batches(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
                                        fixed_batch_size=options is not None):
-        grid.update((row, image.clone()) for row, image in zip(rows, images) if row < 64)  # (not views of the batch)
-    uint8_grid(torch.stack([grid[row] for row in sorted(grid)])).save(out / "grid.png")
+        shown = [k for k, row in enumerate(rows) if row < 64]
+        if shown:
+            grid = _put_rows(grid, min(64, args.num_images), [rows[k] for k in shown], images[shown])
+    uint8_grid(grid).save(out / "grid.png")
     print(f"{args.num_images} images in {out}, grid: {out / 'grid.png'}")
     return 0
 

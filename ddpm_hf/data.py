@@ -1297,7 +1297,7 @@ class TrainStream:
         due = shards[start:]
         _, first_due = np.unique(due, return_index=True)
         wanted = list(dict.fromkeys([check[0]] + due[np.sort(first_due)].tolist()))
-        needed = _RowsDue(row_groups, shards[start:], rows[start:])
+        needed = _RowsDue(row_groups, due, rows[start:])
         source = self._read_shards(wanted)
         held = {}
         for shard, row, cells in source:
@@ -1723,7 +1723,6 @@ class _ReaderProcess:
     def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
         """The reader process: its workers started first (forked while it has one thread), then the stream's rows
         read and decoded into the ring, slot after free slot. Whatever ends it is sent to the training process."""
-        import multiprocessing
         import pickle
         import sys
         import traceback

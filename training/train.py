@@ -679,8 +679,6 @@ def run(args):
     bar.close()
     logger.info("process %d: %s; %d updates skipped as non-finite, %d fp16 overflow steps",
                 accelerator.process_index, speed.summary(), bad.skipped, bad.overflows)
-    if accelerator.is_main_process:
-        saver.wait()  # the last checkpoint published
     if resumed_at_end and accelerator.is_main_process:
         # The launch that wrote the last checkpoint was stopped before its pipeline or upload was done: redo them
         # (the pipeline/ folder of a run from ddpm_hf < 0.2 gives way to the pipeline in --output_dir).
@@ -817,8 +815,7 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
     """The time budget, then what is due after optimizer step ``step``: a checkpoint (every process), samples, a
     bits/dim estimate, the final pipeline, an upload (the main process). The budget is checked at the logged steps,
     where the host waits for the step anyway (at the others it queues the next step meanwhile: see Update)."""
-    if accelerator.is_main_process:
-        saver.raise_if_failed()  # a checkpoint published in the background could not be written
+    saver.raise_if_failed()  # a checkpoint published in the background could not be written
     due = due_after(args, step)
     if args.max_train_minutes and due.log and out_of_time(accelerator, started, args.max_train_minutes):
         logger.info("time budget of %s minutes reached at step %d", args.max_train_minutes, step)
