@@ -18,7 +18,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # The top-level folders show the architecture (library, pipelines, training script); all install under ddpm_hf.
-    packages=["ddpm_hf", "ddpm_hf.pipelines"],
+    packages=["ddpm_hf", "ddpm_hf.data", "ddpm_hf.pipelines"],
     package_dir={"ddpm_hf": "ddpm_hf", "ddpm_hf.pipelines": "pipelines"},
     package_data={"ddpm_hf": ["embedded/fashion_mnist/README.md", "embedded/fashion_mnist/data/*.parquet",
                               "assets/*.safetensors"]},

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ddpm_hf.data import TrainStream, _RowsDue
+from ddpm_hf.data.stream import TrainStream, _RowsDue
 
 
 class _Settings:  # what _replay_order reads of a TrainStream

@@ -19,9 +19,9 @@ from typing import List, Optional
 import torch
 
 from .errors import is_out_of_memory, out_of_memory_detail
+from .processes import DDP_TIMEOUT_S
 from .seeds import SEED_RANGE
 
-DDP_TIMEOUT_S = 1800.0  # seconds processes wait for each other (train.py's --ddp_timeout too)
 HUB_TOKEN_HELP = "a Hub token for a private pipeline or dataset (default: HF_TOKEN or the stored login)"
 
 

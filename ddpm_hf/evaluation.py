@@ -19,7 +19,7 @@ import torch
 
 from . import compiling
 from .checkpoints import publish_file
-from .cli import DDP_TIMEOUT_S
+from .processes import DDP_TIMEOUT_S
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid

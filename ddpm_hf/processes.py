@@ -9,6 +9,8 @@ import time
 
 import torch
 
+DDP_TIMEOUT_S = 1800.0  # seconds the processes of a command wait for each other (--ddp_timeout's default)
+
 
 def die_with_parent(parent: int, sig: int) -> None:
     """This process gets ``sig`` when its parent, pid ``parent``, dies (even by SIGKILL; Linux's parent-death signal,
@@ -94,3 +96,8 @@ class ArgumentParser(argparse.ArgumentParser):
         if not says_shared_messages():
             raise quiet_exit(2)
         super().error(message)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a job scheduler's share of the machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import LoggerType
 
-from .cli import DDP_TIMEOUT_S
+from .processes import DDP_TIMEOUT_S
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma

@@ -17,12 +17,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import ddpm_hf.data as data
+import ddpm_hf.data.stream as stream_module
 from ddpm_hf.data import TrainStream, load_image_dataset
+from ddpm_hf.data.reader import _ReaderProcess
 from runs import FAST, child_env, final_weights, launch, png_bytes, read_batches, run, write_images
 
 
-REAL_DECODE_ROWS = data.decode_rows
+REAL_DECODE_ROWS = stream_module.decode_rows
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def dies_on_row_9(cells, keys, settings):
 
 
 def test_a_dead_worker_stops_the_stream_naming_the_rows(images, monkeypatch):
-    monkeypatch.setattr(data, "decode_rows", dies_on_row_9)
+    monkeypatch.setattr(stream_module, "decode_rows", dies_on_row_9)
     stream = TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 1, 0, 1, seed=0, shuffle_buffer_size=0,
                          num_workers=2)
     try:
@@ -129,13 +130,13 @@ def test_with_workers_the_training_loops_thread_only_takes_received_batches(imag
     process as they come: the thread that calls next_batch, the training loop's, never receives one. The
     receiving thread ends with the stream. Oracle: the thread that runs _ReaderProcess.receive, and the batches of
     a stream without workers."""
-    receivers, real_receive = [], data._ReaderProcess.receive
+    receivers, real_receive = [], _ReaderProcess.receive
 
     def receive(self):
         receivers.append(threading.current_thread())
         return real_receive(self)
 
-    monkeypatch.setattr(data._ReaderProcess, "receive", receive)
+    monkeypatch.setattr(_ReaderProcess, "receive", receive)
 
     def stream(workers):
         return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 2, 0, 1, seed=0, record_ids=True,
@@ -186,7 +187,7 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
     process = multiprocessing.get_context("fork").Process(target=reader_that_fails)
     process.start()
     reader_end.close()
-    ready = data._ReaderProcess.waited_on(conn, process)
+    ready = _ReaderProcess.waited_on(conn, process)
 
     class Descheduled:  # the first wait times out as the reader sends its error and ends
         waits = 0
@@ -198,7 +199,7 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
                 return []
             return ready.poll(timeout_ms)
 
-    reader = object.__new__(data._ReaderProcess)  # receive() with this pipe and process, nothing else
+    reader = object.__new__(_ReaderProcess)  # receive() with this pipe and process, nothing else
     reader.conn, reader.process, reader._ready, reader._stop = conn, process, Descheduled(), threading.Event()
     with pytest.raises(ValueError, match="row 7 of shard 3"):
         reader.receive()

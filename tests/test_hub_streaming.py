@@ -597,7 +597,7 @@ def test_a_tar_missing_while_a_resume_skips_to_its_position_is_retried_and_nothi
     """A resume in the first epoch reads the tars it had begun while it skips to its position: one of them answering
     404 there fails that skip, and the stream's retry replays the epoch again, exactly (the examples of a stream that
     never stopped); the failed replay is not left behind."""
-    from ddpm_hf import data
+    import ddpm_hf.data.stream as stream_module
 
     sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
     folder = _write_tars(tmp_path / "tars", sizes)
@@ -615,7 +615,7 @@ def test_a_tar_missing_while_a_resume_skips_to_its_position_is_retried_and_nothi
     assert lost.hits and "retry 1/5" in caplog.text
     assert caplog.text.count("without reading") == 1  # the replay that got past its skip
     assert stopped.seen_ids + resumed.seen_ids == reference.seen_ids
-    assert not data._TAR_REPLAYS
+    assert not stream_module._TAR_REPLAYS
 
 
 def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_ones(dataset_hub, tmp_path, caplog,
@@ -623,7 +623,7 @@ def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_on
     """Tars that answer 404 twice once a third of the first epoch is read: the stream's retry re-opens its epoch at its
     position as a resume does, standing in for the tars it has read whole: exactly the examples of a fault-free read,
     and nothing of the replay left behind once the stream is closed."""
-    from ddpm_hf import data
+    import ddpm_hf.data.stream as stream_module
 
     folder = _write_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4])
     dataset = load_image_dataset(publish(folder, "alice/flaky-tars"), check_shards=False)
@@ -632,7 +632,7 @@ def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_on
     stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
     assert _read_with_404s(dataset_hub, stream, 16, 9, "train-") == reference
     assert re.search(r"stream 0 resumes at epoch 0 row \d+ without reading [1-9]\d* finished tars again", caplog.text)
-    assert not data._TAR_REPLAYS
+    assert not stream_module._TAR_REPLAYS
 
 
 def _connections_to(hub) -> int:
@@ -796,9 +796,9 @@ def test_a_hub_image_file_missing_for_a_moment_is_read_again_and_one_gone_is_ski
     """An image file of a Hub image folder that answers 404 twice is read again (no library retries a 404): the
     same batches as a read without faults. One that is gone for good is skipped and counted, as an undecodable image
     is: the same rows are skipped in every run over the data."""
-    import ddpm_hf.data as data
+    import ddpm_hf.data.decoding as decoding
 
-    monkeypatch.setattr(data, "REMOTE_READ_PAUSE_S", 0.01)
+    monkeypatch.setattr(decoding, "REMOTE_READ_PAUSE_S", 0.01)
     folder = tmp_path / "folder"
     (folder / "train").mkdir(parents=True)
     for s in range(8):
@@ -1021,7 +1021,7 @@ def test_the_stand_ins_of_a_killed_replay_are_removed_by_the_next(tmp_path, monk
     only those."""
     import tempfile
 
-    import ddpm_hf.data as data
+    from ddpm_hf.data.stream import remove_replay_leftovers
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -1030,5 +1030,5 @@ def test_the_stand_ins_of_a_killed_replay_are_removed_by_the_next(tmp_path, monk
         folder.mkdir()
         (folder / "0000000.parquet").write_bytes(b"stand-in")
     (tmp_path / "ddpm_hf_replay_notapid").mkdir()
-    data.remove_replay_leftovers()
+    remove_replay_leftovers()
     assert not dead.exists() and alive.exists() and (tmp_path / "ddpm_hf_replay_notapid").exists()

@@ -278,10 +278,10 @@ def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_b
     buffers smaller and larger than a row group, no shuffle, 1, 3 and 5 streams (5 does not divide the 12 shards:
     split by examples), an empty shard, and two epochs. Then the resumed stream itself (``_replayed``) from a few
     positions, against the stream's rows from there, with the order handed out in blocks of 3 rows."""
-    from ddpm_hf import data
+    import ddpm_hf.data.stream as stream_module
     from ddpm_hf.data import row_fingerprint
 
-    monkeypatch.setattr(data, "REPLAY_BATCH_ROWS", 3)
+    monkeypatch.setattr(stream_module, "REPLAY_BATCH_ROWS", 3)
     sizes, groups = [7, 13, 20, 5, 11, 9, 3, 8, 6, 12, 0, 10], [3, 5, 20, 2, 4, 9, 1, 8, 5, 7, 1, 3]
     where = {}
     for k, (size, group) in enumerate(zip(sizes, groups)):
