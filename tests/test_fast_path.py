@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import ddpm_hf.data.stream as stream_module
 from ddpm_hf.data import TrainStream, load_image_dataset
-from ddpm_hf.data.reader import _ReaderProcess
+from ddpm_hf.data.reader import ReaderProcess
 from runs import FAST, child_env, final_weights, launch, png_bytes, read_batches, run, write_images
 
 
@@ -128,15 +128,15 @@ def test_with_workers_the_training_loops_thread_only_takes_received_batches(imag
     """With decoding workers, the reader's batches are received (two messages, the copy out of its ring, the slot
     sent back: 0.4 ms per batch of 128 32² images here, 2.6 ms at 256², bench/data.py) by a thread of the training
     process as they come: the thread that calls next_batch, the training loop's, never receives one. The
-    receiving thread ends with the stream. Oracle: the thread that runs _ReaderProcess.receive, and the batches of
+    receiving thread ends with the stream. Oracle: the thread that runs ReaderProcess.receive, and the batches of
     a stream without workers."""
-    receivers, real_receive = [], _ReaderProcess.receive
+    receivers, real_receive = [], ReaderProcess.receive
 
     def receive(self):
         receivers.append(threading.current_thread())
         return real_receive(self)
 
-    monkeypatch.setattr(_ReaderProcess, "receive", receive)
+    monkeypatch.setattr(ReaderProcess, "receive", receive)
 
     def stream(workers):
         return TrainStream(load_image_dataset(str(images)), "image", 16, 1, 4, 2, 0, 1, seed=0, record_ids=True,
@@ -187,7 +187,7 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
     process = multiprocessing.get_context("fork").Process(target=reader_that_fails)
     process.start()
     reader_end.close()
-    ready = _ReaderProcess.waited_on(conn, process)
+    ready = ReaderProcess.waited_on(conn, process)
 
     class Descheduled:  # the first wait times out as the reader sends its error and ends
         waits = 0
@@ -199,7 +199,7 @@ def test_an_error_sent_as_the_reader_ends_is_read_after_a_wait_that_timed_out():
                 return []
             return ready.poll(timeout_ms)
 
-    reader = object.__new__(_ReaderProcess)  # receive() with this pipe and process, nothing else
+    reader = object.__new__(ReaderProcess)  # receive() with this pipe and process, nothing else
     reader.conn, reader.process, reader._ready, reader._stop = conn, process, Descheduled(), threading.Event()
     with pytest.raises(ValueError, match="row 7 of shard 3"):
         reader.receive()

@@ -561,7 +561,7 @@ def test_a_resumed_webdataset_downloads_only_the_tars_that_still_hold_rows(datas
     expected, reference = read(stop + 10)
     first, stopped = read(stop)
     # each stream counts through a copy of the dataset: the caller's is left as it was
-    assert type(dataset._ex_iterable.generate_examples_fn).__name__ != "_TarSampleCounter"
+    assert type(dataset._ex_iterable.generate_examples_fn).__name__ != "TarSampleCounter"
     state = stopped.state_dict()
     known = state["tar_rows_known"]
     assert state["position"] == {0: (epoch, row)} and known and known.items() <= dict(enumerate(sizes)).items()

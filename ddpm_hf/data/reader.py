@@ -33,7 +33,7 @@ def _init_data_worker(parent: int, reader_end) -> None:
 
 
 @dataclass
-class _Batch:
+class Batch:
     images: Optional[torch.Tensor]  # uint8 (N, C, H, W); None while it travels from the reader process
     position: Dict[int, Tuple[int, int]]  # every stream's position after this batch
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
@@ -42,7 +42,7 @@ class _Batch:
     tar_events: Optional[list] = None  # a WebDataset's TarRowCounts events since the last batch (see replay)
 
 
-def _put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None:
+def put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None:
     """``item`` into ``out``, waiting while it is full, unless ``stop`` is set (then nobody reads it)."""
     while not stop.is_set():
         try:
@@ -65,7 +65,7 @@ def _kill_if_started(process) -> None:
         process.kill()
 
 
-class _ReaderProcess:
+class ReaderProcess:
     """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
 
     The batches come back through ``prefetch − 2`` slots of shared memory (at least one; anonymous, so /dev/shm's size
@@ -166,20 +166,20 @@ class _ReaderProcess:
                 os._exit(0 if error_sent else 1)
 
     @staticmethod
-    def _forward(reader: "weakref.ref[_ReaderProcess]", out: "queue.Queue", stop: threading.Event) -> None:
+    def _forward(reader: "weakref.ref[ReaderProcess]", out: "queue.Queue", stop: threading.Event) -> None:
         """The receiving thread: every batch the reader sends, then the error that ends the stream, put in ``out``
         until ``stop`` is set."""
         while not stop.is_set() and (receiving := reader()) is not None:
             try:
                 item = receiving.receive()
             except BaseException as err:  # raised by next_batch, after the batches before it
-                _put_unless_stopped(out, err, stop)
+                put_unless_stopped(out, err, stop)
                 return
             finally:
                 receiving = None
-            _put_unless_stopped(out, item, stop)
+            put_unless_stopped(out, item, stop)
 
-    def receive(self) -> "_Batch":
+    def receive(self) -> "Batch":
         """The next batch, its images copied out of the ring; the reader's error, or its death, raised here (after
         a stop, the death: nobody reads it)."""
         # the pipe, or the reader's end; is_alive as well, in case a process it forked holds the pipe's other end

@@ -28,7 +28,7 @@ def examples_iterables(dataset) -> Iterator:
             nodes.extend(getattr(node, "ex_iterables", None) or [])
 
 
-def _open_footer(path: str, token: Optional[str]):
+def open_footer(path: str, token: Optional[str]):
     """A shard opened to read its footer: a local file, or an ``hf://`` URL through HfFileSystem in 16 KB blocks (the
     footer, not the rows)."""
     if path.startswith("hf://"):
@@ -38,7 +38,7 @@ def _open_footer(path: str, token: Optional[str]):
     return open(path, "rb")
 
 
-def _in_threads(function, items) -> list:
+def in_threads(function, items) -> list:
     """``function`` over ``items`` in 8 threads (the footers of many shards are small, latency-bound reads)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -105,7 +105,7 @@ class TarRowCounts:
     """The samples in each tar shard of a WebDataset, learned as the tars are read whole: a resume that skips the
     finished tars needs them (see TrainStream._tar_replayed), and a tar has no footer that says (a Hub tar's headers
     are spread over the whole file). Counts are the data's, the same in every epoch and for every stream; the reader
-    learns them (``_TarSampleCounter``: as its input reaches each tar's end, ahead of the batches handed out, which
+    learns them (``TarSampleCounter``: as its input reaches each tar's end, ahead of the batches handed out, which
     is harmless) and a checkpoint keeps them.
 
     The training process keeps a copy by replaying the reader's ``events`` (the counts learned since the last batch,
@@ -137,7 +137,7 @@ class TarRowCounts:
         self.known.update(events)
 
 
-class _TarSampleCounter:
+class TarSampleCounter:
     """Stands in for the WebDataset builder's example generator (datasets calls it with a list of tars: one, each
     shard of the stream being one tar) and counts each tar's samples on the way, into ``sink``: a tar's count is known
     once its reading has ended, whether by the stream or by a resume. A reading stopped part-way (a retry, the
@@ -162,11 +162,11 @@ class _TarSampleCounter:
         self.ended += len(tar_paths)
 
 
-def with_tar_counting(dataset, tar_index: Dict[str, int]) -> Tuple[object, _TarSampleCounter]:
+def with_tar_counting(dataset, tar_index: Dict[str, int]) -> Tuple[object, TarSampleCounter]:
     """``dataset`` (a streamed WebDataset, as ``tar_shard_files`` found it) reading its tars through a
-    ``_TarSampleCounter``, and the counter."""
+    ``TarSampleCounter``, and the counter."""
     source = copy.copy(dataset._ex_iterable)
-    source.generate_examples_fn = counter = _TarSampleCounter(source.generate_examples_fn, tar_index)
+    source.generate_examples_fn = counter = TarSampleCounter(source.generate_examples_fn, tar_index)
     return _on_source(dataset, source), counter
 
 
@@ -240,18 +240,18 @@ def parquet_row_groups(files: List[str], token: Optional[str]) -> Optional[List[
     def row_groups(path: str) -> List[int]:
         if path in _ROW_GROUPS:
             return _ROW_GROUPS[path]
-        with _open_footer(path, token) as source:
+        with open_footer(path, token) as source:
             return _remember(path, row_groups_of(pq.read_metadata(source)))
 
     try:
-        return _in_threads(row_groups, files)
+        return in_threads(row_groups, files)
     except Exception as err:  # noqa: BLE001 (then resuming reads the epoch again: slower, still exact)
         logger.warning("could not read the shards' row groups (%s); a resume will read its epoch again", err)
         return None
 
 
 @contextmanager
-def _streaming_patches_kept():
+def streaming_patches_kept():
     """datasets patches the parquet builder's module once for streaming, then gives its download settings the token
     and storage options of each new builder: the stand-in parquet dataset must not replace those of the real one (its
     reads of a private repo would go out without the token)."""

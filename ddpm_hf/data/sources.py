@@ -18,7 +18,7 @@ from typing import Dict, Iterable, Iterator, List, Optional
 from ..errors import first_line
 from ..processes import usable_cores
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME
-from .shards import _in_threads, _open_footer, _remember, examples_iterables, row_groups_of
+from .shards import examples_iterables, in_threads, open_footer, remember_row_groups, row_groups_of
 
 
 def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: Optional[str] = None,
@@ -132,9 +132,9 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
 
         fields = None
         try:
-            with _open_footer(url, token) as remote:
+            with open_footer(url, token) as remote:
                 if builder == "parquet":
-                    _remember(url, row_groups_of(pq.read_metadata(remote)))
+                    remember_row_groups({url: row_groups_of(pq.read_metadata(remote))})
                 elif builder == "webdataset":
                     first = remote.read(tarfile.BLOCKSIZE)
                     # A compressed one (datasets reads it) is not checked: its headers lie in the compressed stream,
@@ -160,7 +160,7 @@ def _check_remote_shards(urls: List[str], builder: str, where: str, token: Optio
         return fields
 
     tars: Dict[frozenset, List[str]] = {}
-    for url, fields in zip(urls, _in_threads(check, urls)):
+    for url, fields in zip(urls, in_threads(check, urls)):
         if fields is not None:
             tars.setdefault(fields, []).append(_repo_path(url))
     return {fields: f"the first samples of {len(names)} tar{'s' * (len(names) > 1)} ({', '.join(names[:3])}"

@@ -20,8 +20,8 @@ import torch
 
 from ..errors import ResumeMismatch, first_line
 from .decoding import DecodeSettings, decode_rows, undecoded_images
-from .reader import _Batch, _ReaderProcess, _put_unless_stopped, all_processes
-from .shards import (TarRowCounts, _TarSampleCounter, _streaming_patches_kept, dataset_revision, one_tar,
+from .reader import Batch, ReaderProcess, put_unless_stopped, all_processes
+from .shards import (TarRowCounts, TarSampleCounter, streaming_patches_kept, dataset_revision, one_tar,
                      parquet_row_groups, parquet_shard_files, row_fingerprint, tar_files_signature, tar_shard_files,
                      with_tar_counting)
 from .sources import pause_for_arrow_scans, without_exit_pause
@@ -66,7 +66,7 @@ class TrainStream:
     reshuffled every epoch (``set_epoch``); it yields examples forever, epoch after epoch, so no example is dropped or
     repeated within an epoch and every process does the same number of steps. The rows are read in order and
     assembled into batches ``prefetch`` ahead. With ``num_workers`` decoding processes, the reading runs in a process
-    of its own (``_ReaderProcess``): its Python work, about 6 ms of interpreter time per batch of 128 small images,
+    of its own (``ReaderProcess``): its Python work, about 6 ms of interpreter time per batch of 128 small images,
     would otherwise share the training process's interpreter lock with the step's kernel launches. With none (as
     DataLoader's 0), a thread of the training process reads and decodes. Either way ``next_batch`` takes a finished
     batch from a queue. Undecodable rows are skipped and counted.
@@ -111,7 +111,7 @@ class TrainStream:
         tars = all_tars if shards % num_streams == 0 else None
         self.tar_signature = tar_files_signature(tars) if tars else None
         self.tar_counts = TarRowCounts() if tars else None  # as the training process knows them
-        self._tar_counter: Optional[_TarSampleCounter] = None
+        self._tar_counter: Optional[TarSampleCounter] = None
         if all_tars:
             dataset, self._tar_counter = with_tar_counting(dataset, {path: k for k, path in enumerate(all_tars)})
         self._tars = dataset if tars else None  # for one_tar
@@ -134,7 +134,7 @@ class TrainStream:
         self.seen_ids: List[str] = []
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
         self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
-        self._reader: Optional[_ReaderProcess] = None  # with workers
+        self._reader: Optional[ReaderProcess] = None  # with workers
         self._thread: Optional[threading.Thread] = None  # without
         self._queue: "queue.Queue" = queue.Queue()  # finished batches, then the error that ended the stream
         self._stop = threading.Event()  # set: the thread, or the reader's receiving thread, puts nothing more
@@ -232,7 +232,7 @@ class TrainStream:
                                "(read the stream from the main thread)", threading.current_thread().name)
             # one batch copied out and queued, one more in the receiving thread's hands, the rest in the reader's ring
             self._queue = queue.Queue(1)
-            self._reader = _ReaderProcess(self, self._queue, stop)
+            self._reader = ReaderProcess(self, self._queue, stop)
             return
         out = self._queue = queue.Queue(self.prefetch)
         pin = self.pin_memory
@@ -241,7 +241,7 @@ class TrainStream:
             if arrays is not None:
                 images = torch.from_numpy(np.stack(arrays))
                 item.images = images.pin_memory() if pin else images
-            _put_unless_stopped(out, item, stop)
+            put_unless_stopped(out, item, stop)
 
         self._thread = threading.Thread(target=self._produce, args=(dict(self.position), stop, deliver),
                                         name="ddpm_hf-data", daemon=True)
@@ -256,13 +256,13 @@ class TrainStream:
             reader.stop()
         if self._thread is None:
             return
-        self._thread.join()  # a producer waiting on a full queue sees the stop within 0.1 s (_put_unless_stopped)
+        self._thread.join()  # a producer waiting on a full queue sees the stop within 0.1 s (put_unless_stopped)
         self._thread = None
         close_abandoned_reads()
 
     # --- the producer (the reader process, or a thread) -----------------------------------------------------------
     def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, deliver) -> None:
-        """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, _Batch without its
+        """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, Batch without its
         images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
         # this reader's own copy (a thread's must not be the training loop's, which replays the events)
         counts = TarRowCounts(self.tar_counts.known) if self.tar_counts is not None else None
@@ -281,7 +281,7 @@ class TrainStream:
                     taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
-                deliver(arrays, _Batch(None, dict(position), skipped, ids, last_rows,
+                deliver(arrays, Batch(None, dict(position), skipped, ids, last_rows,
                                        counts.drain() if counts is not None else None))
         except BaseException as err:  # handed to the training loop, which raises it
             deliver(None, err)
@@ -433,7 +433,7 @@ class TrainStream:
                                           "row": np.arange(first, first + rows, dtype=row_type)}, schema=schema)
                         writer.write_table(table, row_group_size=max(rows, 1))
                         first += rows
-            with _streaming_patches_kept():
+            with streaming_patches_kept():
                 pairs = without_exit_pause(load_dataset("parquet", data_files={"train": files}, split="train",
                                                         streaming=True))
             if self.shuffle_buffer_size > 1:
