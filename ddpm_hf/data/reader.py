@@ -12,15 +12,12 @@ import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..processes import die_with_parent, usable_cores
-
-if TYPE_CHECKING:  # (the stream that starts a reader)
-    from .stream import TrainStream
 
 
 def _init_data_worker(parent: int, reader_end) -> None:
@@ -68,9 +65,9 @@ def _kill_if_started(process) -> None:
 class ReaderProcess:
     """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
 
-    The batches come back through ``prefetch − 2`` slots of shared memory (at least one; anonymous, so /dev/shm's size
-    in a container does not bound them; with the batch queued and the one waiting to be, ``max(prefetch, 3)`` ahead in
-    all): the reader writes a batch into a free slot and sends what goes with it (positions, skip counts, ids) on a
+    The batches come back through ``slots`` slots of shared memory (a stream's ``prefetch − 2``, at least one;
+    anonymous, so /dev/shm's size in a container does not bound them; with the batch queued and the one waiting to
+    be, ``max(prefetch, 3)`` ahead in all): the reader writes a batch into a free slot and sends what goes with it (positions, skip counts, ids) on a
     pipe; a thread of the training process (``_forward``) copies the images out as they come, into pinned memory where
     asked, sends the slot back and puts the batch in the stream's queue. The training loop's thread then only takes a
     batch from a queue: receiving one itself (two messages, a fresh buffer's page faults, the copy) took it 0.4 ms per
@@ -80,19 +77,20 @@ class ReaderProcess:
     library), named as such. The reader dies with the thread that started it (Linux's parent-death signal follows the
     forking thread: train.py's main thread), and its workers with it."""
 
-    def __init__(self, stream: "TrainStream", out: "queue.Queue", stop: threading.Event):
+    def __init__(self, work: Callable[[ProcessPoolExecutor, Callable], None], num_workers: int,
+                 shape: Tuple[int, ...], slots: int, pin_memory: bool, out: "queue.Queue", stop: threading.Event):
+        """``work(pool, deliver)`` runs in the reader process: it reads the rows, has ``pool`` (``num_workers``
+        decoding workers) decode them, and hands each batch, ``shape`` uint8 arrays and a Batch without its images,
+        to ``deliver(arrays, batch)``, and its final error to ``deliver(None, error)``. ``slots`` batches wait in the
+        ring; the training process's copies are pinned (``pin_memory``) and put in ``out``."""
         import mmap
         import multiprocessing.util
 
-        self.pin_memory = stream.pin_memory
-        settings = stream.settings
-        shape = (len(stream.streams) * stream.per_stream_batch, settings.channels, settings.resolution,
-                 settings.resolution)
-        slots = max(1, stream.prefetch - 2)  # + the queued batch + the one the receiving thread holds
+        self.pin_memory = pin_memory
         self.ring = np.frombuffer(mmap.mmap(-1, slots * int(np.prod(shape))), dtype=np.uint8).reshape(slots, *shape)
         self.conn, child_end = multiprocessing.Pipe()
         self.process = multiprocessing.get_context("fork").Process(
-            target=self._run, args=(stream, dict(stream.position), child_end, os.getpid()), name="ddpm_hf-reader")
+            target=self._run, args=(work, num_workers, child_end, os.getpid()), name="ddpm_hf-reader")
         # not a daemon (a daemon may not have children, its workers): killed at exit before multiprocessing joins it
         self._kill_at_exit = multiprocessing.util.Finalize(self, _kill_if_started, args=(self.process,),
                                                            exitpriority=100)
@@ -116,9 +114,10 @@ class ReaderProcess:
             ready.register(fd, select.POLLIN)
         return ready
 
-    def _run(self, stream: "TrainStream", position: Dict[int, Tuple[int, int]], conn, parent: int) -> None:
-        """The reader process: its workers started first (forked while it has one thread), then the stream's rows
-        read and decoded into the ring, slot after free slot. Whatever ends it is sent to the training process."""
+    def _run(self, work: Callable, num_workers: int, conn, parent: int) -> None:
+        """The reader process: its workers started first (forked while it has one thread), then the work: the
+        stream's rows read and decoded into the ring, slot after free slot. Whatever ends it is sent to the training
+        process."""
         import pickle
         import sys
         import traceback
@@ -149,11 +148,10 @@ class ReaderProcess:
             torch.set_num_threads(1)
             gc.freeze()  # the objects inherited from the training process: out of this process's collections (their
             # scan would cost 0.2 s, and touching them would copy their pages)
-            stream._in_reader_process = True
-            stream._pool = ProcessPoolExecutor(stream.num_workers, mp_context=multiprocessing.get_context("fork"),
-                                               initializer=_init_data_worker, initargs=(os.getpid(), conn))
-            list(stream._pool.map(int, range(stream.num_workers)))  # all started now
-            stream._produce(position, threading.Event(), deliver)  # returns after delivering an error
+            pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_init_data_worker, initargs=(os.getpid(), conn))
+            list(pool.map(int, range(num_workers)))  # all started now
+            work(pool, deliver)  # returns after delivering an error
         except BaseException as err:  # starting the workers failed, or sending the error did
             if not error_sent:
                 traceback.print_exc()

@@ -2,6 +2,7 @@
 share of every global batch, positions kept in checkpoints and replayed on resume, rows decoded off the training
 loop."""
 
+import functools
 import gc
 import itertools
 import logging
@@ -232,7 +233,11 @@ class TrainStream:
                                "(read the stream from the main thread)", threading.current_thread().name)
             # one batch copied out and queued, one more in the receiving thread's hands, the rest in the reader's ring
             self._queue = queue.Queue(1)
-            self._reader = ReaderProcess(self, self._queue, stop)
+            shape = (len(self.streams) * self.per_stream_batch, self.settings.channels, self.settings.resolution,
+                     self.settings.resolution)
+            slots = max(1, self.prefetch - 2)  # + the queued batch + the one the receiving thread holds
+            self._reader = ReaderProcess(functools.partial(self._read_in_reader_process, dict(self.position)),
+                                         self.num_workers, shape, slots, self.pin_memory, self._queue, stop)
             return
         out = self._queue = queue.Queue(self.prefetch)
         pin = self.pin_memory
@@ -261,6 +266,12 @@ class TrainStream:
         close_abandoned_reads()
 
     # --- the producer (the reader process, or a thread) -----------------------------------------------------------
+    def _read_in_reader_process(self, position: Dict[int, Tuple[int, int]], pool: ProcessPoolExecutor,
+                                deliver) -> None:
+        """The reader process's work (see ReaderProcess): the rows from ``position`` on, decoded by ``pool``."""
+        self._in_reader_process, self._pool = True, pool
+        self._produce(position, threading.Event(), deliver)
+
     def _produce(self, position: Dict[int, Tuple[int, int]], stop: threading.Event, deliver) -> None:
         """Batches assembled from every stream's decoded rows, each handed to ``deliver(arrays, Batch without its
         images)`` until ``stop`` is set; an error that ends the stream is delivered as ``deliver(None, error)``."""
