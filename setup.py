@@ -28,7 +28,8 @@ setup(
         "transformers",
         "accelerate>=0.30",
         "datasets>=2.19",
-        "pyarrow>=25",  # 24 and older abort at exit after a parquet scan left part-way (ddpm_hf.data.without_exit_pause)
+        # 24 and older abort at exit after a parquet scan left part-way (ddpm_hf.data.sources.without_exit_pause)
+        "pyarrow>=25",
         "huggingface_hub>=1.0",  # set_client_factory (the upload timeout) arrived with 1.0's httpx client
         "safetensors",
         "tqdm",

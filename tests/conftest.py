@@ -37,9 +37,9 @@ import pytest  # noqa: E402
 def no_arrow_pause_on_close():
     """datasets sleeps 5 s (config.SLEEP_TIME_ON_THREADS_SHUTDOWN) whenever a pass over shuffled parquet shards ends
     or is closed, so that no Arrow scan is alive at interpreter exit (an abort before pyarrow 25). Training streams
-    turn it off (ddpm_hf.data.without_exit_pause); the tests' own plain streams skip it too, for the whole session (set
-    once, here, rather than by whichever test runs first). test_passes_end_and_close_without_datasets_exit_pause
-    counts the pauses themselves."""
+    turn it off (ddpm_hf.data.sources.without_exit_pause); the tests' own plain streams skip it too, for the whole
+    session (set once, here, rather than by whichever test runs first).
+    test_passes_end_and_close_without_datasets_exit_pause counts the pauses themselves."""
     import datasets
 
     datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0

@@ -13,7 +13,10 @@ The way of a row, one module a stage:
 - ``shards``: its files as a resume needs them (the commit, parquet row groups, tar sample counts);
 - ``stream``: ``TrainStream``, the shuffled streams, their positions kept in checkpoints and replayed on resume;
 - ``reader``: the process and workers that assemble the batches off the training process;
-- ``decoding``: a row's image read, decoded, resized and flipped, as a worker does it.
+- ``decoding``: a row's image read, decoded, resized and flipped, as a worker does it;
+- ``embedded``: the Fashion-MNIST subset shipped in this package, and the writer of its shards.
+
+The names below are the package's interface; the others are imported from their module.
 """
 
 from .decoding import check_channels, first_image, image_channels, prepare_image

@@ -1,5 +1,6 @@
-"""From an image cell to the model's input: its bytes (a remote file's read tried again), the decoded image, its channels,
-the resize, crop and flip (``prepare_image``), and the decoding of a batch's rows as a worker runs it (``decode_rows``)."""
+"""From an image cell to the model's input: its bytes (a remote file's read tried again), the decoded image, its
+channels, the resize, crop and flip (``prepare_image``), and the decoding of a batch's rows as a worker runs it
+(``decode_rows``)."""
 
 import hashlib
 import io
@@ -148,8 +149,6 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
 
 
 REMOTE_READ_ATTEMPTS = 4  # tries of an image file on the Hub or at a URL (pauses of 1, 2, 4 s between)
-
-
 REMOTE_READ_PAUSE_S = 1.0
 
 

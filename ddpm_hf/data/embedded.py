@@ -12,21 +12,11 @@ import numpy as np
 from PIL import Image
 
 
-
-
 EMBEDDED_DIR = Path(__file__).parent.parent / "embedded" / "fashion_mnist"
-
-
 EMBEDDED_NAME = "embedded:fashion_mnist"
-
-
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                         "Ankle boot"]
-
-
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
 # Decompressed md5 of the upstream IDX files (they match Debian's package; shared/research/data-metrics.md §1.1).
 FASHION_MNIST_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
                      "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",

@@ -36,7 +36,7 @@ class Batch:
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
     last_rows: Dict[int, str]  # fingerprint of each stream's last row in this batch
-    tar_events: Optional[list] = None  # a WebDataset's TarRowCounts events since the last batch (see replay)
+    tar_events: Optional[list] = None  # a WebDataset's TarRowCounts events since the last batch (see its replay)
 
 
 def put_unless_stopped(out: "queue.Queue", item, stop: threading.Event) -> None:
@@ -66,16 +66,16 @@ class ReaderProcess:
     """A TrainStream's reading in a process of its own (forked), with its decoding workers as children.
 
     The batches come back through ``slots`` slots of shared memory (a stream's ``prefetch − 2``, at least one;
-    anonymous, so /dev/shm's size in a container does not bound them; with the batch queued and the one waiting to
-    be, ``max(prefetch, 3)`` ahead in all): the reader writes a batch into a free slot and sends what goes with it (positions, skip counts, ids) on a
-    pipe; a thread of the training process (``_forward``) copies the images out as they come, into pinned memory where
-    asked, sends the slot back and puts the batch in the stream's queue. The training loop's thread then only takes a
-    batch from a queue: receiving one itself (two messages, a fresh buffer's page faults, the copy) took it 0.4 ms per
-    batch of 128 32² images here and 2.6 ms at 256² (bench/data.py), where a CUDA-graph step of the CIFAR-10 model takes
-    27 ms on an H100. An error that ends the stream comes back on the pipe, after the batches made before it, and is put
-    in the queue after them (``receive`` raises it); so is a reader's death (killed for memory, a crash in a native
-    library), named as such. The reader dies with the thread that started it (Linux's parent-death signal follows the
-    forking thread: train.py's main thread), and its workers with it."""
+    anonymous, so /dev/shm's size in a container does not bound them; with the batch queued and the one waiting to be,
+    ``max(prefetch, 3)`` ahead in all): the reader writes a batch into a free slot and sends what goes with it
+    (positions, skip counts, ids) on a pipe; a thread of the training process (``_forward``) copies the images out as
+    they come, into pinned memory where asked, sends the slot back and puts the batch in the stream's queue. The
+    training loop's thread then only takes a batch from a queue: receiving one itself (two messages, a fresh buffer's
+    page faults, the copy) took it 0.4 ms per batch of 128 32² images here and 2.6 ms at 256² (bench/data.py), where a
+    CUDA-graph step of the CIFAR-10 model takes 27 ms on an H100. An error that ends the stream comes back on the pipe,
+    after the batches made before it, and is put in the queue after them (``receive`` raises it); so is a reader's death
+    (killed for memory, a crash in a native library), named as such. The reader dies with the thread that started it
+    (Linux's parent-death signal follows the forking thread: train.py's main thread), and its workers with it."""
 
     def __init__(self, work: Callable[[ProcessPoolExecutor, Callable], None], num_workers: int,
                  shape: Tuple[int, ...], slots: int, pin_memory: bool, out: "queue.Queue", stop: threading.Event):

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
 
 
-
 from ..errors import first_line
 from ..processes import usable_cores
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME
@@ -26,7 +25,7 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                        cache_dir: Optional[str] = None, token: Optional[str] = None, check_shards: bool = True,
                        revision: Optional[str] = None):
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
-    or commit, default main; see :func:`dataset_revision`), a local folder
+    or commit, default main; see :func:`.shards.dataset_revision`), a local folder
     (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
     image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
     footer of every parquet shard (a local tar: its headers) first (training checks on one process per machine: a

@@ -1,5 +1,5 @@
-"""The training stream (``TrainStream``): ``num_streams`` disjoint streams of the shuffled dataset, each contributing its
-share of every global batch, positions kept in checkpoints and replayed on resume, rows decoded off the training
+"""The training stream (``TrainStream``): ``num_streams`` disjoint streams of the shuffled dataset, each contributing
+its share of every global batch, positions kept in checkpoints and replayed on resume, rows decoded off the training
 loop."""
 
 import functools
@@ -21,10 +21,10 @@ import torch
 
 from ..errors import ResumeMismatch, first_line
 from .decoding import DecodeSettings, decode_rows, undecoded_images
-from .reader import Batch, ReaderProcess, put_unless_stopped, all_processes
-from .shards import (TarRowCounts, TarSampleCounter, streaming_patches_kept, dataset_revision, one_tar,
-                     parquet_row_groups, parquet_shard_files, row_fingerprint, tar_files_signature, tar_shard_files,
-                     with_tar_counting)
+from .reader import Batch, ReaderProcess, all_processes, put_unless_stopped
+from .shards import (TarRowCounts, TarSampleCounter, dataset_revision, one_tar, parquet_row_groups,
+                     parquet_shard_files, row_fingerprint, streaming_patches_kept, tar_files_signature,
+                     tar_shard_files, with_tar_counting)
 from .sources import pause_for_arrow_scans, without_exit_pause
 
 logger = logging.getLogger(__name__)
@@ -648,8 +648,6 @@ class _TarReplay:
 
 
 _TAR_REPLAYS: Dict[int, _TarReplay] = {}
-
-
 _TAR_REPLAY_KEYS = itertools.count()
 
 
