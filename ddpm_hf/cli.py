@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(args) -> int:
     from .compiling import compile_options
-    from .evaluation import (_put_rows, chain_length, load_pipeline, open_sample_folder, prepare_sampling,
+    from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, put_rows,
                              sample_batches, samples_key)
     from .images import uint8_grid
 
@@ -145,7 +145,7 @@ def cmd_sample(args) -> int:
                                        fixed_batch_size=options is not None):
         shown = [k for k, row in enumerate(rows) if row < 64]
         if shown:
-            grid = _put_rows(grid, min(64, args.num_images), [rows[k] for k in shown], images[shown])
+            grid = put_rows(grid, min(64, args.num_images), [rows[k] for k in shown], images[shown])
     uint8_grid(grid).save(out / "grid.png")
     print(f"{args.num_images} images in {out}, grid: {out / 'grid.png'}")
     return 0

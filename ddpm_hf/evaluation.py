@@ -313,7 +313,7 @@ def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int
     return images
 
 
-def _put_rows(part: Optional[torch.Tensor], length: int, rows: List[int], values: torch.Tensor) -> torch.Tensor:
+def put_rows(part: Optional[torch.Tensor], length: int, rows: List[int], values: torch.Tensor) -> torch.Tensor:
     """``values`` written into rows ``rows`` of ``part``, a tensor of ``length`` rows made at the first call."""
     if part is None:
         part = torch.empty((length, *values.shape[1:]), dtype=values.dtype)
@@ -496,11 +496,11 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                                            samples_folder, fixed_batch_size=compiled is not None):
             shown = [k for k, row in enumerate(rows) if row < grid_rows]
             if shown:
-                grid = _put_rows(grid, grid_rows, [rows[k] for k in shown], images[shown])
+                grid = put_rows(grid, grid_rows, [rows[k] for k in shown], images[shown])
             if extractor is not None:
-                feature_part = _put_rows(feature_part, share, rows, extract_features(extractor, images, batch_size))
+                feature_part = put_rows(feature_part, share, rows, extract_features(extractor, images, batch_size))
             if classifier is not None:
-                probability_part = _put_rows(probability_part, share, rows,
+                probability_part = put_rows(probability_part, share, rows,
                                              extract_features(classifier, images, batch_size))
         parts = gather_to_main([(_or_empty(grid), _or_empty(feature_part), _or_empty(probability_part))], state)
         if parts is not None:

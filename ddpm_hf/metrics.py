@@ -321,11 +321,11 @@ def train_fmnist_classifier(out: Path = FMNIST_WEIGHTS, source: str = "/usr/shar
     returns the test accuracy. Run only to rebuild the shipped asset (then update FMNIST_SHA256)."""
     from safetensors.torch import save_file
 
-    from .data.embedded import _read_idx
+    from .data.embedded import read_idx
 
     def split(images, labels):
-        x = torch.from_numpy(_read_idx(os.path.join(source, images + ".gz"), images).copy()).unsqueeze(1)
-        y = torch.from_numpy(_read_idx(os.path.join(source, labels + ".gz"), labels).astype(np.int64))
+        x = torch.from_numpy(read_idx(os.path.join(source, images + ".gz"), images).copy()).unsqueeze(1)
+        y = torch.from_numpy(read_idx(os.path.join(source, labels + ".gz"), labels).astype(np.int64))
         return x, y
 
     x_train, y_train = split("train-images-idx3-ubyte", "train-labels-idx1-ubyte")

@@ -24,7 +24,9 @@ FASHION_MNIST_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50
                      "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
 
 
-def _read_idx(path: str, name: str) -> np.ndarray:
+def read_idx(path: str, name: str) -> np.ndarray:
+    """The array of the Fashion-MNIST IDX file ``path`` (gzipped; ``name`` its upstream name, whose md5 it must have):
+    images (N, 28, 28) or labels (N,), uint8."""
     raw = gzip.open(path).read()
     digest = hashlib.md5(raw).hexdigest()
     if digest != FASHION_MNIST_MD5[name]:
@@ -66,7 +68,7 @@ def write_fashion_mnist(out_dir: str, source: str = DEBIAN_FASHION_MNIST, train_
             dataset = dataset.select(range(min(limit or len(dataset), len(dataset))))
         else:
             paths = [os.path.join(source, f"{n}.gz") for n in (images_name, labels_name)]
-            images, labels = _read_idx(paths[0], images_name)[:limit], _read_idx(paths[1], labels_name)[:limit]
+            images, labels = read_idx(paths[0], images_name)[:limit], read_idx(paths[1], labels_name)[:limit]
 
             def rows(images=images, labels=labels):
                 for image, label in zip(images, labels):
