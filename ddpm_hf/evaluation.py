@@ -376,6 +376,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
 
     from .metrics import MIN_FID_KID_IMAGES, check_features, check_inception_score
 
+    # --- bad flags, the processes, the pipeline and the data: refused before any work ---------------------------------
     check_metrics(metrics)
     check_sampling_dtype(dtype)
     compile_kwargs, compile_source = compiling.compile_options(compile)
@@ -415,6 +416,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             raise ValueError(f"FID and KID compare the spread of two sets of images, and {data} has {got} in "
                              f"--reference_split {reference_split}: pass a split with {MIN_FID_KID_IMAGES} images or "
                              "more.")
+    # --- results.json, the samples' folder and the sampler (in its dtype, compiled) -----------------------------------
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
@@ -450,6 +452,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             share = len(range(state.process_index, num_samples, state.num_processes)) if sample_quality else 4
             prepare_sampling(sampler, dtype, compiled, max(1, min(batch_size, share)), compile_source)
 
+    # --- the bound (eq. 5) on every process, each its share of the terms; rate-distortion (Fig. 5) --------------------
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
         images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config,
@@ -471,6 +474,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
         save_results()
 
+    # --- samples for FID, KID and IS: every process its share, their features gathered on the main one ----------------
     sampled = None
     if sample_quality:  # one set of samples for FID, KID and IS
         from .metrics import (cached_features, class_probabilities, extract_features, feature_extractor, fid_kid,
@@ -509,6 +513,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                        _in_image_order(feature_parts, num_samples) if extractor is not None else None,
                        _in_image_order(probability_parts, num_samples) if classifier is not None else None)
 
+    # --- the scores and the figures (Fig. 6, Fig. 8): the main process alone ------------------------------------------
     # The processes' last meeting: from here the main process works alone and the others are done (waiting for it
     # at a barrier, they could time out during a long extraction of reference features).
     state.wait_for_everyone()
