@@ -4,6 +4,7 @@ __version__ = "0.2.0"
 
 from typing import TYPE_CHECKING
 
+from . import processes  # noqa: F401  (first: it records this process's parent before torch is imported)
 from .presets import PRESETS, unet_config
 from .scheduler import DDPMScheduler, DDPMSchedulerOutput
 from .unet import DDPMUNet, DDPMUNetOutput

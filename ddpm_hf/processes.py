@@ -7,9 +7,10 @@ import os
 import signal
 import time
 
-import torch
-
 DDP_TIMEOUT_S = 1800.0  # seconds the processes of a command wait for each other (--ddp_timeout's default)
+# This process and its parent as ddpm_hf was first imported: its __init__ imports this module first, before torch and
+# the rest (seconds), so that a launcher killed meanwhile is told from the process that then adopts this one.
+STARTED_AS = (os.getpid(), os.getppid())
 
 
 def die_with_parent(parent: int, sig: int) -> None:
@@ -31,9 +32,13 @@ def die_with_launcher() -> None:
     ends when its launcher does, however: killed by SIGKILL, the launcher left its processes training, checkpointing
     and pushing to the Hub to the end, beside whatever the user started next in the same --output_dir. They get
     SIGKILL: with the launcher gone, nothing would end a process whose SIGTERM waits (see stop_on_sigterm) in a
-    collective that the others left (a checkpoint being written is left unpublished, as by any kill)."""
+    collective that the others left (a checkpoint being written is left unpublished, as by any kill). The launcher is
+    the parent this process had as it started (STARTED_AS; a process forked since: its parent now): one killed while
+    this process still imported is noticed too (its processes would otherwise wait for a rendezvous whose store had
+    gone with it, up to --ddp_timeout)."""
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
-        die_with_parent(os.getppid(), signal.SIGKILL)
+        pid, parent = STARTED_AS
+        die_with_parent(parent if pid == os.getpid() else os.getppid(), signal.SIGKILL)
 
 
 def stop_on_sigterm() -> None:
@@ -55,6 +60,8 @@ def leave_process_group(failed: bool = False) -> None:
     aborted in 14 of 30 launches, 0 of 30 once they left their group first. After a failure (``failed``) only a gloo
     group is destroyed: NCCL's destruction flushes the pending collectives, and one the other processes never join
     would hang it (pytorch/pytorch#141510); such a group is left to the interpreter's exit, as before."""
+    import torch
+
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if failed and torch.distributed.get_backend() != "gloo":

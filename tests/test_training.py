@@ -567,6 +567,48 @@ def test_training_processes_end_with_a_launcher_killed_by_sigkill(parquet_dir, t
                 worker.kill()
 
 
+def _loads_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch's library mapped (Linux's /proc)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.distributed
+def test_training_processes_end_with_a_launcher_killed_while_they_import(parquet_dir, tmp_path):
+    """The launcher killed by SIGKILL while its processes still import torch and the rest (seconds on this machine):
+    they found themselves orphans only once imported, took their new parent (the reaper) for the launcher, and went
+    on to wait for a rendezvous whose store had gone with the launcher (up to --ddp_timeout). Each now compares its
+    parent with the one it had as it started."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with open(log, "wb") as sink:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--main_process_port", str(free_port()), TRAIN, *FAST, "--dataset_name", str(parquet_dir),
+             "--max_train_steps", "4", "--dataloader_num_workers", "0", "--output_dir", str(out)],
+            stdout=sink, stderr=subprocess.STDOUT, env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path,
+            start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 or not all(_loads_torch(p.pid) for p in workers):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            workers = psutil.Process(launcher.pid).children()
+            time.sleep(0.005)
+        # killed as both load torch's library (the first of their imports after ddpm_hf's own), seconds before
+        # they are ready to train
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"training processes left running: {alive}\n{log.read_text()[-3000:]}"
+        assert not out.exists(), "a process got past its imports before the kill: the test did not test the window"
+    finally:
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+
+
 def test_each_checkpoint_holds_its_ema_pipeline_which_plain_diffusers_loads(parquet_dir, tmp_path):
     """checkpoint-N/pipeline/ is the EMA pipeline of step N (as diffusers' example keeps its checkpoints' U-Nets):
     `ddpm-hf sample`/`evaluate` and diffusers load it, e.g. for FID along training; at the last step it is the final

@@ -27,6 +27,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
+# first: it notes the launcher before torch and the rest are imported, seconds (see die_with_launcher)
+from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all, stop_on_sigterm
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (DistributedType, InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin,
@@ -47,7 +50,6 @@ from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_w
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
-from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all, stop_on_sigterm
 from ddpm_hf.scheduler import LEARNED_VARIANCE_TYPES
 from ddpm_hf.seeds import dropout_seed, noise_seed
 from ddpm_hf.training_args import card_config, parse_args, public_config, read_model_config
