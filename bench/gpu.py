@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -520,33 +520,33 @@ def main():
     say(f"done in {time.time() - START:.0f} s")
 
 
-def checkpoint_cost(folder: Path, timeout: float, preset: str = "ddpm-cifar10"):
-    """bench/checkpoint.py on this machine's disk: the time a checkpoint holds the training loop, published in the
-    background and in the loop (the state copied from the GPU in both)."""
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "checkpoint.py"), "--preset", preset, "--repeats", "3",
-                             "--output_dir", str(folder)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if result.returncode:
-        raise RuntimeError(f"bench/checkpoint.py exited {result.returncode}:\n{result.stderr[-2000:]}")
-    for line in result.stdout.strip().splitlines():
-        say("checkpoint.py:", line)
-
-
-def decode_rates(timeout: float):
-    """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
-    def figures(stdout):  # its figures; stderr holds progress bars
+def bench_script(name: str, args: List[str], timeout: float):
+    """bench/``name`` run on this machine, each line of its figures said (its stderr holds progress bars)."""
+    def figures(stdout):
         for line in (stdout.decode() if isinstance(stdout, bytes) else stdout or "").strip().splitlines():
-            say("data.py:", line)
+            say(f"{name}:", line)
 
     try:
-        result = subprocess.run([sys.executable, str(ROOT / "bench" / "data.py"), "--device", "cuda", "--workers", "0",
-                                 "4", "8", "--seconds", "3", "--step_s", "0.1", "--handoffs", "10"],
-                                capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True,
+                                timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as err:  # the figures printed before the limit still count
         figures(err.stdout)
         raise
     if result.returncode:
-        raise RuntimeError(f"bench/data.py exited {result.returncode}:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"bench/{name} exited {result.returncode}:\n{result.stderr[-2000:]}")
     figures(result.stdout)
+
+
+def checkpoint_cost(folder: Path, timeout: float, preset: str = "ddpm-cifar10"):
+    """bench/checkpoint.py on this machine's disk: the time a checkpoint holds the training loop, published in the
+    background and in the loop (the state copied from the GPU in both)."""
+    bench_script("checkpoint.py", ["--preset", preset, "--repeats", "3", "--output_dir", str(folder)], timeout)
+
+
+def decode_rates(timeout: float):
+    """bench/data.py on this machine: decode throughput per worker count against what the presets consume."""
+    bench_script("data.py", ["--device", "cuda", "--workers", "0", "4", "8", "--seconds", "3", "--step_s", "0.1",
+                             "--handoffs", "10"], timeout)
 
 
 def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend: str = "inductor"):

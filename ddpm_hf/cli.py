@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(args) -> int:
     from .compiling import compile_options
-    from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, put_rows,
+    from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, put_first_rows,
                              sample_batches, samples_key)
     from .images import uint8_grid
 
@@ -143,9 +143,7 @@ def cmd_sample(args) -> int:
     grid = None  # the first 64 images, copied: the others are only written (50,000 of 256² would take 9.8 GB)
     for rows, images in sample_batches(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
                                        fixed_batch_size=options is not None):
-        shown = [k for k, row in enumerate(rows) if row < 64]
-        if shown:
-            grid = put_rows(grid, min(64, args.num_images), [rows[k] for k in shown], images[shown])
+        grid = put_first_rows(grid, min(64, args.num_images), rows, images)
     uint8_grid(grid).save(out / "grid.png")
     print(f"{args.num_images} images in {out}, grid: {out / 'grid.png'}")
     return 0

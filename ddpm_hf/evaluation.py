@@ -19,11 +19,11 @@ import torch
 
 from . import compiling
 from .checkpoints import publish_file
-from .processes import DDP_TIMEOUT_S
 from .data import check_channels, find_image_column, load_image_dataset, prepare_image
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
+from .processes import DDP_TIMEOUT_S
 from .seeds import image_seed
 
 logger = logging.getLogger(__name__)
@@ -321,6 +321,13 @@ def put_rows(part: Optional[torch.Tensor], length: int, rows: List[int], values:
     return part
 
 
+def put_first_rows(part: Optional[torch.Tensor], count: int, rows: List[int], images: torch.Tensor):
+    """:func:`put_rows` for the images among ``rows`` that are among the first ``count`` (a grid's): ``part``
+    unchanged when none is, the others not kept."""
+    shown = [k for k, row in enumerate(rows) if row < count]
+    return put_rows(part, count, [rows[k] for k in shown], images[shown]) if shown else part
+
+
 def _or_empty(part: Optional[torch.Tensor]) -> torch.Tensor:
     return part if part is not None else torch.zeros(0)
 
@@ -498,14 +505,12 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         for rows, images in sample_batches(sampler, num_samples, batch_size, steps, seed + 10**6,
                                            "sampling for sample quality", state.process_index, state.num_processes,
                                            samples_folder, fixed_batch_size=compiled is not None):
-            shown = [k for k, row in enumerate(rows) if row < grid_rows]
-            if shown:
-                grid = put_rows(grid, grid_rows, [rows[k] for k in shown], images[shown])
+            grid = put_first_rows(grid, grid_rows, rows, images)
             if extractor is not None:
                 feature_part = put_rows(feature_part, share, rows, extract_features(extractor, images, batch_size))
             if classifier is not None:
                 probability_part = put_rows(probability_part, share, rows,
-                                             extract_features(classifier, images, batch_size))
+                                            extract_features(classifier, images, batch_size))
         parts = gather_to_main([(_or_empty(grid), _or_empty(feature_part), _or_empty(probability_part))], state)
         if parts is not None:
             grids, feature_parts, probability_parts = zip(*parts)

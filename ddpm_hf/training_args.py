@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from accelerate.utils import LoggerType
 
-from .processes import DDP_TIMEOUT_S
 from .data import EMBEDDED_NAME
 from .hub import is_repo_id, unknown_config_keys
 from .losses import LOSSES, check_loss_supports_variance, check_snr_gamma
 from .presets import PRESETS, RECIPES, training_defaults
-from .processes import ArgumentParser
+from .processes import DDP_TIMEOUT_S, ArgumentParser
 from .scheduler import BETA_SCHEDULES, PREDICTION_TYPES, VARIANCE_TYPES
 from .seeds import SEED_RANGE
 from .unet import DDPMUNet

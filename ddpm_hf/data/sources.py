@@ -9,6 +9,7 @@ import os
 import re
 import tarfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
@@ -192,8 +193,6 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
     into samples as datasets' WebDataset reader groups them (consecutive members sharing a key, hidden ones
     skipped). Tars are read by a process per core, a header per member (about 20 µs each here: 3 M samples of two
     members took 2 minutes on one core, 100 M would outlast --ddp_timeout); the first bad file in the list is named."""
-    from collections import Counter
-
     samples: Dict[frozenset, int] = Counter()  # sets of image fields: how many samples hold each
     workers = min(len(files), usable_cores()) if builder == "webdataset" else 1
     if workers <= 1:
@@ -211,8 +210,6 @@ def _check_readable(files: List[str], builder: str) -> Dict[frozenset, int]:
 
 def _check_file(path: str, builder: str) -> Dict[frozenset, int]:
     """One file of :func:`_check_readable`: its sets of image fields (tars) or nothing; a ValueError naming it."""
-    from collections import Counter
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
