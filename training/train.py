@@ -423,7 +423,6 @@ def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: b
     """What the main process makes from the EMA weights after a step: a sample grid, a bits/dim estimate (of
     ``bpd_images``), the final pipeline (published atomically in --output_dir), an upload (see Uploads)."""
     output_dir = Path(args.output_dir)
-    push = push and (final or not uploads.busy(step))  # a checkpoint's upload skipped needs no grid, nor a copy
     if not (images or evaluate or final or push):
         return
     pipe = ema_pipeline(accelerator.unwrap_model(model), ema, scheduler.config)
@@ -833,11 +832,13 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
         saver.save(step, host_pipeline)
     if due.images or due.eval or due.push or due.final:
         if accelerator.is_main_process:
-            if due.push or due.final:  # after the checkpoint of the step, which a resume finishes them from
+            # a checkpoint's upload skipped (one still running) needs no grid, no copy, and no wait for its checkpoint
+            push = due.push and (due.final or not uploads.busy(step))
+            if push or due.final:  # after the checkpoint of the step, which a resume finishes them from
                 saver.wait()
             try:
                 write_outputs(accelerator, model, ema, scheduler, args, step, due.images, due.eval,
-                              due.push, due.final, uploads, bpd_images)
+                              push, due.final, uploads, bpd_images)
             except Exception as err:  # the EMA network's copy or the pipeline's files (grids skip themselves)
                 if not is_out_of_memory(err):
                     raise

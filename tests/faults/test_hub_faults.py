@@ -185,6 +185,49 @@ def test_a_token_refused_during_an_upload_is_not_tried_again(train, hub, tmp_pat
     assert "attempt" not in caplog.text and "hf_revoked" not in caplog.text
 
 
+def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkpoint(images, tmp_path, train_here,
+                                                                                      hub, monkeypatch, caplog):
+    """With --push_checkpoints, an upload waits for its checkpoint to be published (a kill during the upload then
+    finds the checkpoint of its step); one skipped because the last is still running has nothing to wait for. The
+    Hub holds the upload of step 2; the publishing of checkpoint-4 is held until step 5 has trained: had the loop
+    waited for it at step 4, step 5 could not come and the hold would time out (20 s)."""
+    import threading
+
+    import ddpm_hf.ema
+    from ddpm_hf.checkpoints import CheckpointSaver
+
+    stall = hub.inject("POST", "/commit/", "stall", times=1, seconds=300)
+    steps, step_five, held = [0], threading.Event(), []
+    update, publish = ddpm_hf.ema.EMA.update, CheckpointSaver._publish
+
+    def counted(self, *a, **k):
+        steps[0] += 1
+        if steps[0] >= 5:
+            step_five.set()
+            stall.release()  # the upload of step 2 may end now: the final one waits for it
+        return update(self, *a, **k)
+
+    def held_publish(self, tmp, final, *args):
+        if final.name == "checkpoint-4":
+            held.append(step_five.wait(timeout=20))
+        return publish(self, tmp, final, *args)
+
+    monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
+    monkeypatch.setattr(CheckpointSaver, "_publish", held_publish)
+    out = tmp_path / "run"
+    try:
+        with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+            train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "2",
+                               "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/busy", "--hub_token",
+                               ALICE, "--hub_timeout", "600", "--output_dir", str(out)])
+    finally:
+        stall.release()
+    assert held == [True], "the loop waited for checkpoint-4, whose upload it skipped"
+    assert "the upload of step 2 is still running: step 4 is not uploaded" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/busy")
+
+
 @pytest.mark.distributed
 def test_a_slow_checkpoint_upload_keeps_no_process_waiting(images, tmp_path, hub):
     """Two processes, a checkpoint's upload that the Hub holds until training is over: the other process waited for
