@@ -130,8 +130,9 @@ def parse_args(argv=None):
                      "other (the others wait while the main one samples, estimates bits/dim, saves and uploads); "
                      "torch's default for NCCL is 600 (transformers' flag name)")
     out.add_argument("--record_example_ids", action="store_true",
-                     help="write the sha1 of every training image of this launch per process, at its end (audits "
-                          "of the data split; held in memory until then, about 100 bytes per image: for short runs)")
+                     help="write the sha1 of every training image per process, in order, to logs/example_ids_rankN.txt "
+                          "(audits of the data split): over the whole run, a resume keeping the lines up to its "
+                          "checkpoint; written at each checkpoint and at the end, held in memory in between")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", default=None)

@@ -227,8 +227,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(parquet_dir, tmp_path):
     a, b = final_weights(straight), final_weights(crashed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    # the resumed process trained on exactly the examples that followed the checkpoint: none twice, none skipped
-    assert _ids(crashed, 0) == _ids(straight, 0)[resumed_from * 4:]
+    # the resumed process trained on exactly the examples that followed the checkpoint, none twice, none skipped: the
+    # record of the whole run (the killed launch's up to its checkpoint, then the resumed one's) is the straight one's
+    assert resumed_from * 4 < len(_ids(straight, 0)) and _ids(crashed, 0) == _ids(straight, 0)
     assert sorted(p.name for p in crashed.glob("checkpoint-*")) == ["checkpoint-25", "checkpoint-30"]
     assert not list(crashed.glob(".checkpoint-*"))
 
@@ -268,6 +269,65 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
     for epoch in (slice(0, 32), slice(32, 64)):  # each epoch: disjoint across streams, covering the data once
         assert set(r0[epoch]).isdisjoint(r1[epoch]) and set(r0[epoch]) | set(r1[epoch]) == _all_ids()
     assert r0[32:] + r1[32:] != r0[:32] + r1[:32]  # reshuffled for the second epoch
+
+
+def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkpoint(parquet_dir, tmp_path, caplog):
+    """--record_example_ids over a run killed and resumed: the ids are written with each checkpoint's state; a resume
+    from an earlier checkpoint than the last written drops the lines after it (trained again), so the record equals
+    a run's never stopped. A record that cannot continue starts again, said: its file gone, or a checkpoint written
+    by another number of processes (its counts are per process)."""
+    ds = load_image_dataset(str(parquet_dir))
+    record = tmp_path / "logs" / "example_ids_rank0.txt"
+
+    def stream(world=1):  # two streams, served by one process (world 1) or by two (this is rank 0 of 2)
+        return TrainStream(ds, "image", 16, 1, 4, 2, 0, world, seed=3, shuffle_buffer_size=16, record_ids=True)
+
+    def take(s, batches):
+        for _ in range(batches):
+            s.next_batch()
+
+    reference = stream()
+    take(reference, 6)
+    reference.close()
+    every = reference.seen_ids  # 6 batches of 8 (4 from each stream)
+
+    first = stream()
+    first.record_ids_to(record, 0)
+    take(first, 2)
+    at_step_2 = first.state_dict()  # a checkpoint: 16 ids written
+    take(first, 2)
+    first.state_dict()  # a later one, unreadable (say): 32 written
+    take(first, 1)  # killed before the next checkpoint: not written
+    first.close()
+    assert record.read_text().split() == every[:32]
+
+    second = stream()
+    second.load_state_dict(at_step_2)
+    second.record_ids_to(record, 2)
+    take(second, 4)
+    second.write_ids()  # the run's end
+    second.close()
+    assert record.read_text().split() == every
+
+    record.unlink()  # the record lost (another --output_dir, say): it starts again at the resume
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+        third = stream()
+        third.load_state_dict(at_step_2)
+        third.record_ids_to(record, 2)
+    assert f"{record} holds 0 example ids, the checkpoint counted 16: the record starts again at step 2" in caplog.text
+    take(third, 1)
+    third.state_dict()
+    third.close()
+    assert record.read_text().split() == every[16:24] and third.state_dict()["ids_recorded"] == {0: 8}
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+        fourth = stream(world=2)  # the count was this process's of one; as rank 0 of 2 it reads stream 0 alone
+        fourth.load_state_dict(at_step_2)
+        fourth.record_ids_to(record, 2)
+    assert "kept no count of the example ids this process recorded" in caplog.text
+    assert record.read_text() == ""
+    fourth.close()
 
 
 def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_buffer_and_split(tmp_path,

@@ -616,6 +616,9 @@ def run(args):
     if args.gradient_accumulation_steps > 1:
         keep_gradient_buffers(model)
     started = start_run(accelerator, args, model, stream, loop)
+    if args.record_example_ids:
+        stream.record_ids_to(Path(args.output_dir) / "logs" / f"example_ids_rank{accelerator.process_index}.txt",
+                             loop.step)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
     bar = tqdm(total=args.max_train_steps, initial=loop.step, desc="training", unit="step",
@@ -847,12 +850,10 @@ def after_step(accelerator, args, model, ema, scheduler, step: int, started: flo
 
 
 def finish(accelerator, args, stream) -> None:
-    """The example ids (--record_example_ids), the count of undecodable images, the trackers closed, where
+    """The last example ids (--record_example_ids), the count of undecodable images, the trackers closed, where
     everything is."""
     output_dir, rank = Path(args.output_dir), accelerator.process_index
-    if args.record_example_ids:
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (output_dir / "logs" / f"example_ids_rank{rank}.txt").write_text("\n".join(stream.seen_ids) + "\n")
+    stream.write_ids()
     if stream.skipped_rows:
         logger.warning("process %d skipped %d undecodable images", rank, stream.skipped_rows)
     accelerator.end_training()

@@ -122,7 +122,7 @@ class TrainStream:
         dataset = self.base = undecoded_images(without_exit_pause(dataset), image_column)  # passes end unpaused
         if shuffle_buffer_size > 1:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-        self.streams = list(range(rank, num_streams, world_size))
+        self.streams, self.rank, self.world_size = list(range(rank, num_streams, world_size)), rank, world_size
         self.num_streams, self.num_shards = num_streams, shards
         self.datasets = {v: split_dataset_by_node(dataset, rank=v, world_size=num_streams) for v in self.streams}
         self.image_column, self.per_stream_batch = image_column, per_stream_batch
@@ -132,7 +132,10 @@ class TrainStream:
         self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream
         self._undecodable_met = {v: 0 for v in self.streams}  # by this launch's reading (for its warnings)
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
-        self.seen_ids: List[str] = []
+        self.seen_ids: List[str] = []  # with record_ids: those of the examples handed out, until written
+        self.ids_recorded = 0  # ... and their count over the run (see record_ids_to), kept in checkpoints
+        self.ids_at_resume: Optional[int] = None  # this process's count in the checkpoint resumed from, if it kept one
+        self._ids_file: Optional[Path] = None
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
         self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
         self._reader: Optional[ReaderProcess] = None  # with workers
@@ -149,10 +152,15 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
-        registered states from the main process only (a collective: every process calls this when saving)."""
+        registered states from the main process only (a collective: every process calls this when saving). The
+        ids recorded up to this position are written first (see record_ids_to), and their count kept."""
         tar_rows = dict(self.tar_counts.known) if self.tar_counts is not None else {}
-        return dict(all_processes({"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                                   "last_row": dict(self.last_row), "tar_rows_known": tar_rows}),
+        per_stream = {"position": dict(self.position), "skipped_rows": dict(self.skipped),
+                      "last_row": dict(self.last_row), "tar_rows_known": tar_rows}
+        if self.settings.record_ids:
+            self.write_ids(durably=True)
+            per_stream["ids_recorded"] = {self.rank: self.ids_recorded}  # (per process: a process's record is one file)
+        return dict(all_processes(per_stream),
                     dataset_revision=self.revision,
                     seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size, tar_files=self.tar_signature)
 
@@ -190,6 +198,46 @@ class TrainStream:
                     logger.warning("the tar shards are not those the checkpoint counted the samples of (another "
                                    "name, size or modification time): their samples are counted again")
         self.legacy_noise_state = state.get("noise")
+        recorded = state.get("ids_recorded")  # (a checkpoint of a run that recorded them; by another layout: unusable)
+        self.ids_at_resume = recorded[self.rank] if recorded and len(recorded) == self.world_size else None
+        self.ids_recorded = self.ids_at_resume or 0
+
+    # --- the record of the examples used (--record_example_ids) ----------------------------------------------------
+    ID_LINE_BYTES = 41  # a sha1 in hex and its newline
+
+    def record_ids_to(self, path: Path, step: int) -> None:
+        """Keep the ids of the examples this process takes in ``path``, one per line, over the whole run: written at
+        each checkpoint (with the stream's state) and at the end (``write_ids``); in memory only in between. Called
+        at ``step``, after the resume: the lines past the checkpoint's count, of steps trained again from it, are
+        dropped (as TensorBoard drops their logs), so the record of a run killed and resumed is that of a run never
+        stopped. A record that cannot continue (missing lines, a checkpoint without the count or written by another
+        number of processes) starts again here, said."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = self.ids_at_resume or 0
+        size = path.stat().st_size if path.exists() else 0
+        if size < kept * self.ID_LINE_BYTES:
+            logger.warning("%s holds %d example ids, the checkpoint counted %d: the record starts again at step %d",
+                           path, size // self.ID_LINE_BYTES, kept, step)
+            kept = 0
+        elif step and self.ids_at_resume is None:
+            logger.warning("the checkpoint of step %d kept no count of the example ids this process recorded (not "
+                           "recorded, or by another number of processes): %s starts again at step %d", step, path,
+                           step)
+        with open(path, "ab") as record:
+            record.truncate(kept * self.ID_LINE_BYTES)
+        self._ids_file, self.ids_recorded = path, kept + len(self.seen_ids)
+
+    def write_ids(self, durably: bool = False) -> None:
+        """Append the ids handed out since the last write to the record (``durably``: on the disk, as a checkpoint
+        is)."""
+        if self._ids_file is None:
+            return
+        with open(self._ids_file, "a") as record:
+            record.write("".join(f"{example}\n" for example in self.seen_ids))
+            if durably:
+                record.flush()
+                os.fsync(record.fileno())
+        self.seen_ids.clear()
 
     # --- the consumer side -----------------------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
@@ -217,6 +265,7 @@ class TrainStream:
         for v, n in item.skipped.items():
             self.skipped[v] += n
         self.seen_ids.extend(item.ids)
+        self.ids_recorded += len(item.ids)
         return item.images
 
     def _waiting(self, reader: str, seconds: float) -> None:
