@@ -3,7 +3,8 @@
 random points (during a step, a checkpoint write, a Hub upload), sometimes restarted with a file-size limit that makes
 its next checkpoint fail (a full disk), while the test Hub answers 5xx, drops connections and stalls at random. After
 every interruption each visible checkpoint must load; at the end the run's weights must equal an uninterrupted run's
-and the Hub must hold the final pipeline.
+and the Hub must hold the final pipeline; the run's record of the examples it trained on (--record_example_ids), kept
+over its launches, must equal the uninterrupted run's.
 
     python bench/soak.py --minutes 20 --steps 200
 
@@ -41,7 +42,8 @@ def main():
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ddpm_hf_soak_"))
     images = write_images(work / "images", count=max(256, 4 * args.steps + 64))
     common = FAST + ["--dataset_name", str(images), "--max_train_steps", str(args.steps), "--checkpointing_steps",
-                     str(args.checkpointing_steps), "--checkpoints_total_limit", "2", "--seed", str(args.seed)]
+                     str(args.checkpointing_steps), "--checkpoints_total_limit", "2", "--seed", str(args.seed),
+                     "--record_example_ids"]
     print(f"soak in {work}: {args.steps} steps, checkpoint every {args.checkpointing_steps}, {args.minutes} min")
 
     started = time.time()
@@ -50,7 +52,7 @@ def main():
 
     hub_args = ["--push_to_hub", "--push_checkpoints", "--hub_token", "hf_soak", "--hub_timeout", "3",
                 "--hub_push_attempts", "2"]
-    straight = final_weights(work / "straight")
+    straight, straight_ids = final_weights(work / "straight"), example_ids(work / "straight")
     stats, rounds, failures = Counter(), [], 0
     deadline = time.time() + 60 * args.minutes
     while time.time() < deadline:  # one round: a run interrupted until it finishes, then checked
@@ -66,9 +68,11 @@ def main():
 
         pushed = DDPMPipeline.from_pretrained(repo, token="hf_soak", cache_dir=work / "cache")
         pushed_diff = max(float((v - soaked[k]).abs().max()) for k, v in pushed.unet.state_dict().items())
+        same_ids = example_ids(out) == straight_ids
         rounds.append({"launches": launches, "max_abs_diff_vs_uninterrupted": worst,
-                       "max_abs_diff_hub_vs_local": pushed_diff, "hub_commits": len(HUB.repos[repo].history) - 1})
-        failures += not (worst <= 1e-6 and pushed_diff == 0)
+                       "max_abs_diff_hub_vs_local": pushed_diff, "hub_commits": len(HUB.repos[repo].history) - 1,
+                       "example_ids_as_uninterrupted": same_ids})
+        failures += not (worst <= 1e-6 and pushed_diff == 0 and same_ids)
         print(f"round {len(rounds)}: {rounds[-1]}")
     summary = {"rounds": rounds, "events": dict(sorted(stats.items())), "failed_rounds": failures,
                "minutes": round((time.time() - started) / 60, 1)}
@@ -76,6 +80,10 @@ def main():
     (work / "soak_summary.json").write_text(json.dumps(summary, indent=2))
     print("soak: PASS" if rounds and not failures else "soak: FAIL")
     return 0 if rounds and not failures else 1
+
+
+def example_ids(run_dir: Path) -> list:
+    return (run_dir / "logs" / "example_ids_rank0.txt").read_text().split()
 
 
 def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, stats: Counter, deadline: float) -> int:
