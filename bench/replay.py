@@ -1,5 +1,5 @@
 """What a parquet resume's replay costs: the order of one stream's epoch recomputed over stand-ins of N rows
-(TrainStream._replay_order), with the rows still due from the middle of the epoch (_RowsDue), timed, with the
+(Replay.order), with the rows still due from the middle of the epoch (_RowsDue), timed, with the
 process's peak memory.
 
     python bench/replay.py --rows 10000000 --streams 1     # 1,000-row groups, 10 of them a shard, buffer 1000
@@ -14,12 +14,7 @@ import time
 
 import torch
 
-from ddpm_hf.data.stream import TrainStream, _RowsDue
-
-
-class _Settings:  # what _replay_order reads of a TrainStream
-    def __init__(self, streams: int, buffer: int, seed: int = 0):
-        self.num_streams, self.shuffle_buffer_size, self.seed = streams, buffer, seed
+from ddpm_hf.data.replay import Replay, _RowsDue
 
 
 def main():
@@ -32,7 +27,8 @@ def main():
     shards = max(args.streams, args.rows // 10_000)
     row_groups = [[1000] * 10 for _ in range(shards)]
     started = time.perf_counter()
-    order = TrainStream._replay_order(_Settings(args.streams, args.shuffle_buffer_size), 0, 1, row_groups)
+    replay = Replay(None, shards, args.streams, 0, args.shuffle_buffer_size, "image", None, None, None)  # order alone
+    order = replay.order(0, 1, row_groups)
     took = time.perf_counter() - started
     half = len(order[0]) // 2
     started = time.perf_counter()

@@ -8,7 +8,7 @@ The tars (32² PNG, as CIFAR-10's) are published to a dataset repo on the tests'
 the unmodified datasets and huggingface_hub clients over HTTP on 127.0.0.1). One stream reads to a position (the
 fraction ``--at`` of an epoch, in the first epoch and in the second), and its state is taken as a checkpoint takes
 it. The same state is then resumed twice: as it is (the tars counted so far stand in for their rows, see
-TrainStream._tar_replayed), and with its counts removed (the epoch is read again up to the position, as every
+Replay._tar_rows_from), and with its counts removed (the epoch is read again up to the position, as every
 first-epoch resume did before). For each it prints the bytes the server sent until the resumed stream's first batch
 and the seconds that took, and checks that both resumes hand out the same batches as the stream never stopped. ``--latency_ms`` makes the
 server wait that long before every answer, as a network round trip would.

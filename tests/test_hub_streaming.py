@@ -185,7 +185,7 @@ def test_the_row_groups_a_resume_needs_are_those_the_check_read(dataset_hub, tmp
     checked = len(dataset_hub.reads)
     stream = TrainStream(dataset, "image", 16, 1, 4, 1, 0, 1, seed=0)
     files = sorted((root / "data").glob("*.parquet"))
-    assert stream.shard_row_groups() == [
+    assert stream.replay.shard_row_groups() == [
         [pq.read_metadata(f).row_group(i).num_rows for i in range(pq.read_metadata(f).num_row_groups)] for f in files]
     assert len(dataset_hub.reads) == checked
     stream.close()
@@ -597,7 +597,7 @@ def test_a_tar_missing_while_a_resume_skips_to_its_position_is_retried_and_nothi
     """A resume in the first epoch reads the tars it had begun while it skips to its position: one of them answering
     404 there fails that skip, and the stream's retry replays the epoch again, exactly (the examples of a stream that
     never stopped); the failed replay is not left behind."""
-    import ddpm_hf.data.stream as stream_module
+    import ddpm_hf.data.replay as replay_module
 
     sizes = [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4]
     folder = _write_tars(tmp_path / "tars", sizes)
@@ -615,7 +615,7 @@ def test_a_tar_missing_while_a_resume_skips_to_its_position_is_retried_and_nothi
     assert lost.hits and "retry 1/5" in caplog.text
     assert caplog.text.count("without reading") == 1  # the replay that got past its skip
     assert stopped.seen_ids + resumed.seen_ids == reference.seen_ids
-    assert not stream_module._TAR_REPLAYS
+    assert not replay_module._TAR_REPLAYS
 
 
 def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_ones(dataset_hub, tmp_path, caplog,
@@ -623,7 +623,7 @@ def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_on
     """Tars that answer 404 twice once a third of the first epoch is read: the stream's retry re-opens its epoch at its
     position as a resume does, standing in for the tars it has read whole: exactly the examples of a fault-free read,
     and nothing of the replay left behind once the stream is closed."""
-    import ddpm_hf.data.stream as stream_module
+    import ddpm_hf.data.replay as replay_module
 
     folder = _write_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3, 5, 6, 4, 2, 5, 3, 6, 4, 7, 3, 4, 5, 2, 6, 3, 4])
     dataset = load_image_dataset(publish(folder, "alice/flaky-tars"), check_shards=False)
@@ -632,7 +632,7 @@ def test_tars_missing_for_a_moment_mid_epoch_are_retried_without_the_finished_on
     stream = TrainStream(dataset, "png", 16, 1, 4, 1, 0, 1, seed=5, shuffle_buffer_size=8, record_ids=True)
     assert _read_with_404s(dataset_hub, stream, 16, 9, "train-") == reference
     assert re.search(r"stream 0 resumes at epoch 0 row \d+ without reading [1-9]\d* finished tars again", caplog.text)
-    assert not stream_module._TAR_REPLAYS
+    assert not replay_module._TAR_REPLAYS
 
 
 def _connections_to(hub) -> int:
@@ -1021,7 +1021,7 @@ def test_the_stand_ins_of_a_killed_replay_are_removed_by_the_next(tmp_path, monk
     only those."""
     import tempfile
 
-    from ddpm_hf.data.stream import remove_replay_leftovers
+    from ddpm_hf.data.replay import remove_replay_leftovers
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -333,15 +333,15 @@ def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkp
 def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_buffer_and_split(tmp_path,
                                                                                                  monkeypatch):
     """A parquet resume skips to its position by replaying the epoch's order over stand-ins of (shard, row) pairs
-    (see TrainStream._replay_order), read as whole arrow tables. Against the oracle, the stream itself read row by
+    (see Replay.order), read as whole arrow tables. Against the oracle, the stream itself read row by
     row: the same (shard, row) order for 12 shards (datasets reads up to 10 at a time) of unequal sizes and row groups,
     buffers smaller and larger than a row group, no shuffle, 1, 3 and 5 streams (5 does not divide the 12 shards:
-    split by examples), an empty shard, and two epochs. Then the resumed stream itself (``_replayed``) from a few
+    split by examples), an empty shard, and two epochs. Then the resumed stream itself (``Replay.rows_from``) from a few
     positions, against the stream's rows from there, with the order handed out in blocks of 3 rows."""
-    import ddpm_hf.data.stream as stream_module
+    import ddpm_hf.data.replay as replay_module
     from ddpm_hf.data import row_fingerprint
 
-    monkeypatch.setattr(stream_module, "REPLAY_BATCH_ROWS", 3)
+    monkeypatch.setattr(replay_module, "REPLAY_BATCH_ROWS", 3)
     sizes, groups = [7, 13, 20, 5, 11, 9, 3, 8, 6, 12, 0, 10], [3, 5, 20, 2, 4, 9, 1, 8, 5, 7, 1, 3]
     where = {}
     for k, (size, group) in enumerate(zip(sizes, groups)):
@@ -354,17 +354,17 @@ def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_b
     for streams in (1, 3, 5):
         for buffer in (1, 4, 16, 64):
             stream = TrainStream(ds, "image", 4, 1, 2, streams, 0, 1, seed=11, shuffle_buffer_size=buffer)
-            row_groups = stream.shard_row_groups()
+            row_groups = stream.replay.shard_row_groups()
             assert [sum(g) for g in row_groups] == sizes
             for v in range(streams):
                 for epoch in (0, 1):
                     stream.datasets[v].set_epoch(epoch)
                     cells = [row["image"] for row in stream.datasets[v]]
                     truth = [where[hashlib.sha1(cell["bytes"]).hexdigest()] for cell in cells]
-                    shards, rows = stream._replay_order(v, epoch, row_groups)
+                    shards, rows = stream.replay.order(v, epoch, row_groups)
                     assert list(zip(shards.tolist(), rows.tolist())) == truth, (streams, buffer, v, epoch)
                     for start in {1, len(cells) // 2, len(cells) - 1} if buffer in (1, 16) else ():
-                        resumed = stream._replayed(v, epoch, start, row_fingerprint(cells[start - 1]), None)
+                        resumed = stream.replay.rows_from(v, epoch, start, row_fingerprint(cells[start - 1]), None)
                         assert [(index, row["image"]["bytes"]) for index, row in resumed] == [
                             (index, cell["bytes"]) for index, cell in enumerate(cells)][start:], (streams, v, start)
             stream.close()

@@ -102,7 +102,7 @@ def tar_shard_files(dataset) -> Optional[List[str]]:
 
 class TarRowCounts:
     """The samples in each tar shard of a WebDataset, learned as the tars are read whole: a resume that skips the
-    finished tars needs them (see TrainStream._tar_replayed), and a tar has no footer that says (a Hub tar's headers
+    finished tars needs them (see Replay._tar_rows_from), and a tar has no footer that says (a Hub tar's headers
     are spread over the whole file). Counts are the data's, the same in every epoch and for every stream; the reader
     learns them (``TarSampleCounter``: as its input reaches each tar's end, ahead of the batches handed out, which
     is harmless) and a checkpoint keeps them.
