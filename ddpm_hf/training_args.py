@@ -132,7 +132,8 @@ def parse_args(argv=None):
     out.add_argument("--record_example_ids", action="store_true",
                      help="write the sha1 of every training image per process, in order, to logs/example_ids_rankN.txt "
                           "(audits of the data split): over the whole run, a resume keeping the lines up to its "
-                          "checkpoint; written at each checkpoint and at the end, held in memory in between")
+                          "checkpoint (with another number of processes, started again); written at each checkpoint "
+                          "and at the end, held in memory in between")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", default=None)

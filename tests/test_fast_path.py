@@ -609,7 +609,7 @@ def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(image
     before the first step and zeroed in place after each update. A first micro-step's gradients must not become the
     buffers: a U-Net compiled with CUDA graphs hands them out in the graphs' memory, which the next micro-step's
     replay overwrites (test_gradient_accumulation_with_cuda_graphs runs that on a GPU). train.py in this process, on
-    one thread."""
+    one thread. Its --record_example_ids, with no checkpoint to write it, is written at the end."""
     from runs import load_train_script, train_in_process
 
     train = load_train_script()
@@ -629,13 +629,15 @@ def test_accumulated_gradients_add_into_buffers_made_before_the_first_step(image
     monkeypatch.setattr(train, "optimizer_step", optimizer_step)
     train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps",
                                     "0", "--gradient_accumulation_steps", "2", "--dataloader_num_workers", "0",
-                                    "--output_dir", str(tmp_path / "run")])
+                                    "--record_example_ids", "--output_dir", str(tmp_path / "run")])
     assert buffers and zeroed == [True]
     assert [sync for sync, _ in seen] == [False, True] * 3  # 3 updates of 2 micro-steps
     for _, grads in seen:
         assert all(g is b for g, b in zip(grads, buffers))
     weights = final_weights(tmp_path / "run")
     assert all(torch.isfinite(w).all() for w in weights.values())
+    ids = (tmp_path / "run" / "logs" / "example_ids_rank0.txt").read_text().split()
+    assert len(ids) == 3 * 2 * 4 == len(set(ids))  # 3 updates of 2 micro-steps of 4 images, each image once
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

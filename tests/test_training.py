@@ -274,10 +274,12 @@ def test_streams_split_by_shards_disjoint_and_reshuffled_each_epoch(parquet_dir,
 def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkpoint(parquet_dir, tmp_path, caplog):
     """--record_example_ids over a run killed and resumed: the ids are written with each checkpoint's state; a resume
     from an earlier checkpoint than the last written drops the lines after it (trained again), so the record equals
-    a run's never stopped. A record that cannot continue starts again, said: its file gone, or a checkpoint written
-    by another number of processes (its counts are per process)."""
+    a run's never stopped. A record that cannot continue starts again, said: its lines lost, or started again since
+    the checkpoint (the line where it ends is another id), or a checkpoint written by another number of processes
+    (its counts are per process), whose other processes' records are removed. A failed write stops the checkpoint."""
     ds = load_image_dataset(str(parquet_dir))
-    record = tmp_path / "logs" / "example_ids_rank0.txt"
+    logs = tmp_path / "logs"
+    record = logs / "example_ids_rank0.txt"
 
     def stream(world=1):  # two streams, served by one process (world 1) or by two (this is rank 0 of 2)
         return TrainStream(ds, "image", 16, 1, 4, 2, 0, world, seed=3, shuffle_buffer_size=16, record_ids=True)
@@ -285,6 +287,14 @@ def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkp
     def take(s, batches):
         for _ in range(batches):
             s.next_batch()
+
+    def resumed(state, step, world=1):
+        caplog.clear()
+        s = stream(world)
+        with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+            s.load_state_dict(state)
+            s.record_ids_to(record, step)
+        return s
 
     reference = stream()
     take(reference, 6)
@@ -301,32 +311,39 @@ def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkp
     first.close()
     assert record.read_text().split() == every[:32]
 
-    second = stream()
-    second.load_state_dict(at_step_2)
-    second.record_ids_to(record, 2)
+    second = resumed(at_step_2, 2)
     take(second, 4)
     second.write_ids()  # the run's end
     second.close()
-    assert record.read_text().split() == every
+    assert record.read_text().split() == every and not caplog.text
 
     record.unlink()  # the record lost (another --output_dir, say): it starts again at the resume
-    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
-        third = stream()
-        third.load_state_dict(at_step_2)
-        third.record_ids_to(record, 2)
-    assert f"{record} holds 0 example ids, the checkpoint counted 16: the record starts again at step 2" in caplog.text
-    take(third, 1)
+    third = resumed(at_step_2, 2)
+    assert (f"{record} does not hold the 16 example ids the checkpoint counted, ending with {every[15]} (lost, or "
+            "started again since): the record starts again at step 2") in caplog.text
+    take(third, 3)
     third.state_dict()
     third.close()
-    assert record.read_text().split() == every[16:24] and third.state_dict()["ids_recorded"] == {0: 8}
+    assert record.read_text().split() == every[16:40] and third.state_dict()["ids_recorded"] == {0: (24, every[39])}
 
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
-        fourth = stream(world=2)  # the count was this process's of one; as rank 0 of 2 it reads stream 0 alone
-        fourth.load_state_dict(at_step_2)
-        fourth.record_ids_to(record, 2)
-    assert "kept no count of the example ids this process recorded" in caplog.text
+    # resumed from step 2 again: the 24 lines would hold 16, but they start at step 2, not at step 0
+    resumed(at_step_2, 2).close()
+    assert "does not hold the 16 example ids the checkpoint counted" in caplog.text and record.read_text() == ""
+
+    record.write_text("".join(f"{example}\n" for example in every))  # a record that would continue...
+    for rank in (1, 2):
+        (logs / f"example_ids_rank{rank}.txt").write_text(f"{every[0]}\n")
+    fourth = resumed(at_step_2, 2, world=2)  # ...but the count was this process's of one; as rank 0 of 2 it reads
+    assert "kept no count of the example ids this process recorded" in caplog.text  # stream 0 alone
     assert record.read_text() == ""
+    assert sorted(p.name for p in logs.iterdir()) == ["example_ids_rank0.txt", "example_ids_rank1.txt"]
+    assert f"removing {logs / 'example_ids_rank2.txt'}: this run has 2 processes" in caplog.text
+    take(fourth, 1)
+    record.unlink()
+    record.mkdir()  # a write that fails: the checkpoint fails, naming the record
+    with pytest.raises(OSError, match=r"could not write the example ids \(--record_example_ids\): process 0: "
+                                      r"IsADirectoryError"):
+        fourth.state_dict()
     fourth.close()
 
 

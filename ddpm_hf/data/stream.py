@@ -103,8 +103,8 @@ class TrainStream:
         self._undecodable_met = {v: 0 for v in self.streams}  # by this launch's reading (for its warnings)
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
         self.seen_ids: List[str] = []  # with record_ids: those of the examples handed out, until written
-        self.ids_recorded = 0  # ... and their count over the run (see record_ids_to), kept in checkpoints
-        self.ids_at_resume: Optional[int] = None  # this process's count in the checkpoint resumed from, if it kept one
+        self.ids_recorded, self.last_id = 0, None  # ... their count over the run and the last (see record_ids_to)
+        self.ids_at_resume: Optional[tuple] = None  # (count, last id) of this process in the checkpoint resumed from
         self._ids_file: Optional[Path] = None
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
         self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
@@ -127,10 +127,19 @@ class TrainStream:
         tar_rows = dict(self.tar_counts.known) if self.tar_counts is not None else {}
         per_stream = {"position": dict(self.position), "skipped_rows": dict(self.skipped),
                       "last_row": dict(self.last_row), "tar_rows_known": tar_rows}
-        if self.settings.record_ids:
-            self.write_ids(durably=True)
-            per_stream["ids_recorded"] = {self.rank: self.ids_recorded}  # (per process: a process's record is one file)
-        return dict(all_processes(per_stream),
+        if self.settings.record_ids:  # (per process: a process's record is one file)
+            failed = ""
+            try:
+                self.write_ids(durably=True)
+            except OSError as err:  # said by every process once they have met below (the others wait there)
+                failed = f"process {self.rank}: {type(err).__name__}: {err}"
+            per_stream["ids_recorded"] = {self.rank: (self.ids_recorded, self.last_id)}
+            per_stream["ids_failed"] = {self.rank: failed}
+        state = all_processes(per_stream)
+        failures = [failed for failed in state.pop("ids_failed", {}).values() if failed]
+        if failures:
+            raise OSError(f"could not write the example ids (--record_example_ids): {'; '.join(failures)}")
+        return dict(state,
                     dataset_revision=self.revision,
                     seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size, tar_files=self.tar_signature)
 
@@ -169,8 +178,9 @@ class TrainStream:
                                    "name, size or modification time): their samples are counted again")
         self.legacy_noise_state = state.get("noise")
         recorded = state.get("ids_recorded")  # (a checkpoint of a run that recorded them; by another layout: unusable)
-        self.ids_at_resume = recorded[self.rank] if recorded and len(recorded) == self.world_size else None
-        self.ids_recorded = self.ids_at_resume or 0
+        self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
+        self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
+        self.seen_ids = []
 
     # --- the record of the examples used (--record_example_ids) ----------------------------------------------------
     ID_LINE_BYTES = 41  # a sha1 in hex and its newline
@@ -180,22 +190,33 @@ class TrainStream:
         each checkpoint (with the stream's state) and at the end (``write_ids``); in memory only in between. Called
         at ``step``, after the resume: the lines past the checkpoint's count, of steps trained again from it, are
         dropped (as TensorBoard drops their logs), so the record of a run killed and resumed is that of a run never
-        stopped. A record that cannot continue (missing lines, a checkpoint without the count or written by another
-        number of processes) starts again here, said."""
+        stopped. A record that cannot continue starts again here, said: lines missing, or not ending with the id the
+        checkpoint saw last (the record started again after it), or a checkpoint without the count or written by
+        another number of processes. The main process removes the records of processes this run does not have."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = self.ids_at_resume or 0
-        size = path.stat().st_size if path.exists() else 0
-        if size < kept * self.ID_LINE_BYTES:
-            logger.warning("%s holds %d example ids, the checkpoint counted %d: the record starts again at step %d",
-                           path, size // self.ID_LINE_BYTES, kept, step)
+        if self.rank == 0:
+            for other in path.parent.glob("example_ids_rank*.txt"):
+                number = other.stem[len("example_ids_rank"):]
+                if number.isdigit() and int(number) >= self.world_size:
+                    logger.warning("removing %s: this run has %d processes", other, self.world_size)
+                    other.unlink(missing_ok=True)
+        kept, last = self.ids_at_resume or (0, None)
+        found = b""
+        if kept and path.exists():
+            with open(path, "rb") as record:
+                record.seek((kept - 1) * self.ID_LINE_BYTES)
+                found = record.read(self.ID_LINE_BYTES)
+        if kept and found != f"{last}\n".encode():
+            logger.warning("%s does not hold the %d example ids the checkpoint counted, ending with %s (lost, or "
+                           "started again since): the record starts again at step %d", path, kept, last, step)
             kept = 0
         elif step and self.ids_at_resume is None:
-            logger.warning("the checkpoint of step %d kept no count of the example ids this process recorded (not "
-                           "recorded, or by another number of processes): %s starts again at step %d", step, path,
-                           step)
+            logger.warning("the checkpoint of step %d kept no count of the example ids this process recorded (written "
+                           "by an earlier ddpm_hf, without --record_example_ids, or by another number of processes): "
+                           "%s starts again at step %d", step, path, step)
         with open(path, "ab") as record:
             record.truncate(kept * self.ID_LINE_BYTES)
-        self._ids_file, self.ids_recorded = path, kept + len(self.seen_ids)
+        self._ids_file, self.ids_recorded, self.last_id = path, kept, last if kept else None
 
     def write_ids(self, durably: bool = False) -> None:
         """Append the ids handed out since the last write to the record (``durably``: on the disk, as a checkpoint
@@ -234,8 +255,9 @@ class TrainStream:
             self.tar_counts.replay(item.tar_events)
         for v, n in item.skipped.items():
             self.skipped[v] += n
-        self.seen_ids.extend(item.ids)
-        self.ids_recorded += len(item.ids)
+        if item.ids:
+            self.seen_ids.extend(item.ids)
+            self.ids_recorded, self.last_id = self.ids_recorded + len(item.ids), item.ids[-1]
         return item.images
 
     def _waiting(self, reader: str, seconds: float) -> None:
