@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Soak test of training's fault handling (not in CI): for --minutes, one training run is killed again and again at
 random points (during a step, a checkpoint write, a Hub upload), sometimes restarted with a file-size limit that makes
-its next checkpoint fail (a full disk), while the test Hub answers 5xx, drops connections and stalls at random. After
-every interruption each visible checkpoint must load; at the end the run's weights must equal an uninterrupted run's
-and the Hub must hold the final pipeline; the run's record of the examples it trained on (--record_example_ids), kept
-over its launches, must equal the uninterrupted run's.
+its next checkpoint fail (a full disk), while the test Hub answers 5xx, drops connections, stalls, and takes commits
+after their client gave up, at random. After every interruption each visible checkpoint must load; at the end the
+run's weights must equal an uninterrupted run's and the Hub must hold the final pipeline; the run's record of the
+examples it trained on (--record_example_ids), kept over its launches, must equal the uninterrupted run's.
 
     python bench/soak.py --minutes 20 --steps 200
 
@@ -92,7 +92,7 @@ def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, s
     random Hub fault; after each one every visible checkpoint must load."""
     launches = 0
     while time.time() < deadline and not (out / "model_index.json").exists():
-        fault = rng.choice(["none", "5xx", "drop", "hang"])  # injected first: the Hub applies the first match
+        fault = rng.choice(["none", "5xx", "drop", "hang", "late"])  # injected first: the Hub applies the first match
         if fault == "5xx":
             HUB.inject("POST", "/commit/", "status", times=rng.randint(1, 8), status=rng.choice([500, 502, 503]),
                        retry_after=0)
@@ -100,6 +100,8 @@ def interrupt_until_done(train_args, out: Path, log: Path, rng: random.Random, s
             HUB.inject("POST", "/commit/", "drop", times=rng.randint(1, 3))
         elif fault == "hang":
             HUB.inject("POST", "/commit/", "stall", times=1, seconds=5)
+        elif fault == "late":  # the commit taken after its client gave up (--hub_timeout 3), maybe after newer ones
+            HUB.inject("POST", "/commit/", "late", times=1, seconds=rng.uniform(3.5, 10))
         upload = HUB.inject("POST", "/commit/", "stall", times=-1, seconds=rng.uniform(0.5, 2.0))
         stats[f"hub fault {fault}"] += 1
         (out / "run_info.json").unlink(missing_ok=True)

@@ -298,14 +298,22 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
     connections and timeouts (see hub_timeout) itself, with backoff; on top of that the whole upload is tried
     ``attempts`` times with exponential backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is
     not tried again. A failure is reported and False returned. Local files are never modified and no token reaches
-    the log."""
+    the log. Each attempt's commit names the repo's head of that moment as its parent: a commit the client gave up on
+    (a timeout) that the Hub takes later, after a newer upload, is then refused (412) instead of laying older weights
+    over the newer ones."""
     import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
     from PIL import Image
 
     secrets = [token, huggingface_hub.get_token()]
+    api = huggingface_hub.HfApi(token=token)
     for attempt in range(1, attempts + 1):
         try:
-            pipe.push_to_hub(repo_id, private=private or None, token=token,
+            try:
+                head = api.repo_info(repo_id).sha
+            except RepositoryNotFoundError:  # (training made it before its first step: see check_push_target)
+                head = None
+            pipe.push_to_hub(repo_id, private=private or None, token=token, parent_commit=head,
                              commit_message=f"ddpm_hf: EMA weights at step {step}",
                              sample_grid=Image.open(grid_path) if grid_path else False,
                              training_config=training_config, datasets=datasets)

@@ -402,13 +402,14 @@ class DDPMPipeline(DiffusionPipeline):
         grid_seed: int = 0,
         grid_size: int = 4,
         grid_inference_steps: Optional[int] = None,
+        parent_commit: Optional[str] = None,
     ):
         """Upload the pipeline folder (weights, configs, module files when needed) with a generated model card and a
         sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
 
         ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed`` (False: no
         grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card
-        when given.
+        when given. ``parent_commit``: the commit is refused (HTTP 412) unless ``revision`` is still at it.
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
@@ -431,7 +432,7 @@ class DDPMPipeline(DiffusionPipeline):
             # files of an earlier upload that this one has not go in the same commit (see STALE_AFTER_UPLOAD)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
-                                     delete_patterns=STALE_AFTER_UPLOAD)
+                                     delete_patterns=STALE_AFTER_UPLOAD, parent_commit=parent_commit)
 
 
 def _set_class_name(config_path: Path, class_name: str) -> None:

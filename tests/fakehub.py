@@ -21,7 +21,9 @@ through /proc from the TCP connection (Linux; None elsewhere), and the User-Agen
 
 Faults: ``hub.inject(method, path_part, kind, ...)`` makes matching requests misbehave, as a real server or network
 does: ``status`` answers an HTTP error (5xx, 429), ``drop`` reads part of the request body and closes the connection
-without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server), ``cut`` (GET
+without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server), ``late``
+waits as a stall does, then does what the request asks even though its client gave up (a server that commits after
+the client's timeout; its ``done`` is set then), ``cut`` (GET
 of a resolve URL only) sends the headers and the body up to file offset ``cut_at`` (or half of it), waits ``seconds``,
 then closes the connection: a connection dropped, or a server stalled, in the middle of a shard. A cut with ``cut_at``
 hits only a read whose range holds that offset.
@@ -41,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-FAULT_KINDS = ("status", "drop", "stall", "cut")
+FAULT_KINDS = ("status", "drop", "stall", "late", "cut")
 REPO_TYPES = {"models": "model", "datasets": "dataset"}  # the API's URL segment -> huggingface_hub's repo_type
 # The .gitattributes a new repo starts with. The Hub marks model weights LFS too; this server keeps every model file
 # regular (base64 in the commit), so that model uploads need no LFS round trip, and stores data files as the Hub does.
@@ -69,9 +71,10 @@ class Fault:
     cut_at: Optional[int] = None  # "cut": the file offset where the body stops (None: half-way through the answer)
     hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
     released: threading.Event = field(default_factory=threading.Event)  # set: a "stall" answers at once
+    done: threading.Event = field(default_factory=threading.Event)  # set: a "late" request has been done
 
     def release(self) -> None:
-        """A "stall": the requests it holds (and those it would hold) answer now."""
+        """A "stall" or "late": the requests it holds (and those it would hold) answer now."""
         self.released.set()
 
     def matches(self, method: str, path: str) -> bool:
@@ -229,14 +232,15 @@ class FakeHub:
 
             def _dispatch(self, method):
                 fault = hub._fault_for(method, self.path)
-                if fault is not None and fault.kind != "stall":
+                if fault is not None and fault.kind not in ("stall", "late"):
                     return hub._misbehave(self, fault)
-                if fault is not None:  # a stall
+                if fault is not None:  # held
                     generation = hub.generation
                     fault.released.wait(fault.seconds)
-                    # The test that stalled this request is over, or its client gave up: answering now would only
-                    # put bytes nobody reads into the request log.
-                    if hub.generation != generation or _peer_hung_up(self.connection):
+                    # The test that held this request is over, or its client gave up on a stall: answering now would
+                    # only put bytes nobody reads into the request log. A late one is done all the same.
+                    gone = fault.kind == "stall" and _peer_hung_up(self.connection)
+                    if hub.generation != generation or gone:
                         self.close_connection = True
                         return None
                 if method == "GET" and "/resolve/" in self.path and self.peer_process is None:
@@ -244,9 +248,15 @@ class FakeHub:
                 with hub.lock:
                     try:
                         download = hub._handle(self, method)
+                    except OSError:  # a late request's client has gone: what it asked for is done all the same
+                        self.close_connection = True
+                        return None
                     except Exception as err:  # a bug in the fake: answer 400 at once (5xx would be retried)
                         hub._send(self, 400, {"error": f"fake hub error: {err!r}"})
                         return None
+                    finally:
+                        if fault is not None and fault.kind == "late":
+                            fault.done.set()
                 if download is not None:
                     hub._write_download(self, download)
                 return None
@@ -579,14 +589,14 @@ class FakeHub:
                 self._error(handler, 404, "RevisionNotFound", f"Invalid rev id: {rest[1]}")
                 return True
             files = dict(repo.files("main")[1])
-            title = "commit"
+            title, parent = "commit", None
             for line in raw.decode().splitlines():
                 if not line.strip():
                     continue
                 item = json.loads(line)
                 key, value = item["key"], item["value"]
                 if key == "header":
-                    title = value.get("summary", title)
+                    title, parent = value.get("summary", title), value.get("parentCommit")
                 elif key == "file":
                     files[value["path"]] = base64.b64decode(value["content"])
                 elif key == "lfsFile":
@@ -601,6 +611,10 @@ class FakeHub:
                 else:
                     self._error(handler, 400, "BadRequest", f"unsupported commit operation {key}")
                     return True
+            if parent is not None and parent != (repo.history or [None])[-1]:  # as the Hub answers a parent_commit not at main
+                self._error(handler, 412, "PreconditionFailed", "A commit has happened since. Please refresh and try "
+                            "again.")
+                return True
             sha = self._commit(repo, files, title)
             self._send(handler, 200, {"commitOid": sha, "commitUrl": f"{self._repo_url(repo)}/commit/{sha}",
                                       "commitMessage": title})

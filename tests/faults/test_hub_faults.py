@@ -228,6 +228,27 @@ def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkp
     _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/busy")
 
 
+def test_a_commit_the_hub_takes_after_its_client_gave_up_does_not_replace_newer_weights(images, tmp_path,
+                                                                                        train_here, hub):
+    """The Hub holds the commit of step 2's upload past the client's timeout (--hub_timeout 2); the upload is tried
+    again and lands, training goes on, and the final pipeline (step 4) is pushed. Then the Hub takes the commit it
+    held, as a server that finishes a request whose client has gone does: named with the head it was made on as its
+    parent, it is refused (412). Without a parent it would land last, and the repo would hold step 2's weights."""
+    late = hub.inject("POST", "/commit/", "late", times=1, seconds=300)
+    out = tmp_path / "run"
+    try:
+        train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
+                           "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/late", "--hub_token",
+                           ALICE, "--hub_timeout", "2", "--output_dir", str(out)])
+        assert late.hits, "the upload of step 2 was not held"
+    finally:
+        late.release()
+    assert late.done.wait(60), "the held commit was not taken"
+    commits = hub.repos["alice/late"].history
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/late")
+    assert hub.repos["alice/late"].history == commits  # (the held commit made none)
+
+
 @pytest.mark.distributed
 def test_a_slow_checkpoint_upload_keeps_no_process_waiting(images, tmp_path, hub):
     """Two processes, a checkpoint's upload that the Hub holds until training is over: the other process waited for
