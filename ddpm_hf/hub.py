@@ -298,25 +298,24 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
     connections and timeouts (see hub_timeout) itself, with backoff; on top of that the whole upload is tried
     ``attempts`` times with exponential backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is
     not tried again. A failure is reported and False returned. Local files are never modified and no token reaches
-    the log. Each attempt's commit names the repo's head of that moment as its parent: a commit the client gave up on
-    (a timeout) that the Hub takes later, after a newer upload, is then refused (412) instead of laying older weights
-    over the newer ones."""
+    the log. Each attempt's commit names the repo's head of that moment as its parent (see _on_current_head): a commit
+    the client gave up on (a timeout) that the Hub takes later, after a newer upload, is then refused (412) instead of
+    laying older weights over the newer ones."""
     import huggingface_hub
-    from huggingface_hub.errors import RepositoryNotFoundError
     from PIL import Image
 
     secrets = [token, huggingface_hub.get_token()]
     api = huggingface_hub.HfApi(token=token)
+
+    def push(parent: str) -> None:
+        pipe.push_to_hub(repo_id, private=private or None, token=token, parent_commit=parent,
+                         commit_message=f"ddpm_hf: EMA weights at step {step}",
+                         sample_grid=Image.open(grid_path) if grid_path else False,
+                         training_config=training_config, datasets=datasets)
+
     for attempt in range(1, attempts + 1):
         try:
-            try:
-                head = api.repo_info(repo_id).sha
-            except RepositoryNotFoundError:  # (training made it before its first step: see check_push_target)
-                head = None
-            pipe.push_to_hub(repo_id, private=private or None, token=token, parent_commit=head,
-                             commit_message=f"ddpm_hf: EMA weights at step {step}",
-                             sample_grid=Image.open(grid_path) if grid_path else False,
-                             training_config=training_config, datasets=datasets)
+            _on_current_head(api, repo_id, private, push)
             logger.info("pushed the EMA pipeline of step %d to %s", step, repo_id)
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
@@ -332,6 +331,27 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
     logger.error("gave up pushing step %d to %s after %d attempts; it stays in %s", step, repo_id, attempts,
                  local_dir)
     return False
+
+
+def _on_current_head(api, repo_id: str, private: bool, push: Callable[[str], None], tries: int = 3) -> None:
+    """``push(parent)``, ``parent`` the repo's head of now (the repo made first where it does not exist). A refusal
+    because the head moved meanwhile (412: a commit landed, perhaps this upload's own earlier try, which the Hub took
+    after huggingface_hub had given up on it and sent it again) is pushed again on the new head, up to ``tries``
+    times: what landed is not newer than this upload, the run's newest weights."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    for tried in range(1, tries + 1):
+        try:
+            head = api.repo_info(repo_id).sha
+        except RepositoryNotFoundError:
+            api.create_repo(repo_id, private=private or None, exist_ok=True)  # (training made it: check_push_target)
+            head = api.repo_info(repo_id).sha
+        try:
+            return push(head)
+        except Exception as err:
+            if http_status(err) != 412 or tried == tries:
+                raise
+            logger.info("%s moved on during the upload (HTTP 412): pushing again on its new head", repo_id)
 
 
 class Uploads:

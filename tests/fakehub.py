@@ -72,6 +72,7 @@ class Fault:
     hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
     released: threading.Event = field(default_factory=threading.Event)  # set: a "stall" answers at once
     done: threading.Event = field(default_factory=threading.Event)  # set: a "late" request has been done
+    answered: List[int] = field(default_factory=list)  # the statuses a "late" request was answered with
 
     def release(self) -> None:
         """A "stall" or "late": the requests it holds (and those it would hold) answer now."""
@@ -231,6 +232,7 @@ class FakeHub:
                 pass
 
             def _dispatch(self, method):
+                self.held = None  # (one handler serves each request of its connection)
                 fault = hub._fault_for(method, self.path)
                 if fault is not None and fault.kind not in ("stall", "late"):
                     return hub._misbehave(self, fault)
@@ -243,17 +245,18 @@ class FakeHub:
                     if hub.generation != generation or gone:
                         self.close_connection = True
                         return None
+                    self.held = fault
                 if method == "GET" and "/resolve/" in self.path and self.peer_process is None:
                     self.peer_process = _peer_process(self.client_address, hub.server.server_address[1])
                 with hub.lock:
                     try:
                         download = hub._handle(self, method)
-                    except OSError:  # a late request's client has gone: what it asked for is done all the same
-                        self.close_connection = True
-                        return None
-                    except Exception as err:  # a bug in the fake: answer 400 at once (5xx would be retried)
-                        hub._send(self, 400, {"error": f"fake hub error: {err!r}"})
-                        return None
+                    except Exception as err:
+                        if fault is not None and fault.kind == "late" and isinstance(err, OSError):
+                            self.close_connection = True  # its client has gone: what it asked for is done all the same
+                            return None
+                        hub._send(self, 400, {"error": f"fake hub error: {err!r}"})  # a bug in the fake: at once
+                        return None  # (a 5xx would be retried)
                     finally:
                         if fault is not None and fault.kind == "late":
                             fault.done.set()
@@ -415,6 +418,9 @@ class FakeHub:
         handler.end_headers()
 
     def _send(self, handler, status, body=None, headers=None, head=False):
+        held = getattr(handler, "held", None)
+        if held is not None:
+            held.answered.append(status)
         data = body if isinstance(body, bytes) else json.dumps(body if body is not None else {}).encode()
         content_type = "application/octet-stream" if isinstance(body, bytes) else "application/json"
         self._send_head(handler, status, len(data), content_type, headers)

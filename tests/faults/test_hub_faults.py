@@ -74,6 +74,37 @@ def test_a_server_that_stops_answering_times_out_and_is_retried(train, hub, tmp_
     assert get_session().timeout.read is None  # the limit applied to training's uploads only
 
 
+def test_a_push_refused_because_its_own_first_try_landed_goes_on_top_of_it(train, hub, tmp_path, caplog):
+    """The Hub holds an upload's commit past the client's timeout, and huggingface_hub sends it again; the Hub takes
+    the first try meanwhile, and the second, made on the head before it, is refused (412). The upload reads the new
+    head and pushes again (nothing changed: no commit), within its one attempt: it is not reported failed."""
+    import threading
+    import time
+
+    first = hub.inject("POST", "/commit/", "late", times=1, seconds=300)
+    second = hub.inject("POST", "/commit/", "stall", times=1, seconds=300)
+
+    def first_lands_then_the_second_is_answered():
+        deadline = time.monotonic() + 120
+        while not second.hits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.release()
+        first.done.wait(30)
+        second.release()
+
+    threading.Thread(target=first_lands_then_the_second_is_answered, daemon=True).start()
+    try:
+        ok, pipe = _push(train, tmp_path, caplog, attempts=1, timeout=3.0)
+    finally:
+        first.release()
+        second.release()
+    assert (first.answered, second.answered) == ([200], [412])
+    assert ok and "alice/flaky moved on during the upload (HTTP 412): pushing again on its new head" in caplog.text
+    assert "attempt" not in caplog.text
+    assert len(hub.repos["alice/flaky"].history) == 2  # the repo's first commit and the first try
+    _assert_pushed(hub, pipe, tmp_path)
+
+
 def test_a_hub_that_keeps_failing_is_reported_and_nothing_local_changes(train, hub, tmp_path, caplog):
     # Retry-After: 0 keeps huggingface_hub's 5 retries per upload at 1 s each; our 2 attempts wrap them.
     fault = hub.inject("POST", "/commit/", "status", times=-1, status=500, retry_after=0)
@@ -230,8 +261,8 @@ def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkp
 
 def test_a_commit_the_hub_takes_after_its_client_gave_up_does_not_replace_newer_weights(images, tmp_path,
                                                                                         train_here, hub):
-    """The Hub holds the commit of step 2's upload past the client's timeout (--hub_timeout 2); the upload is tried
-    again and lands, training goes on, and the final pipeline (step 4) is pushed. Then the Hub takes the commit it
+    """The Hub holds the commit of step 2's upload past the client's timeout (--hub_timeout 5, time enough for its
+    other requests on a busy machine); the upload is tried again and lands, training goes on, and the final pipeline (step 4) is pushed. Then the Hub takes the commit it
     held, as a server that finishes a request whose client has gone does: named with the head it was made on as its
     parent, it is refused (412). Without a parent it would land last, and the repo would hold step 2's weights."""
     late = hub.inject("POST", "/commit/", "late", times=1, seconds=300)
@@ -239,11 +270,12 @@ def test_a_commit_the_hub_takes_after_its_client_gave_up_does_not_replace_newer_
     try:
         train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "4", "--checkpointing_steps", "2",
                            "--push_to_hub", "--push_checkpoints", "--hub_model_id", "alice/late", "--hub_token",
-                           ALICE, "--hub_timeout", "2", "--output_dir", str(out)])
+                           ALICE, "--hub_timeout", "5", "--output_dir", str(out)])
         assert late.hits, "the upload of step 2 was not held"
     finally:
         late.release()
     assert late.done.wait(60), "the held commit was not taken"
+    assert late.answered == [412]
     commits = hub.repos["alice/late"].history
     _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/late")
     assert hub.repos["alice/late"].history == commits  # (the held commit made none)
