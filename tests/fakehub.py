@@ -23,10 +23,9 @@ Faults: ``hub.inject(method, path_part, kind, ...)`` makes matching requests mis
 does: ``status`` answers an HTTP error (5xx, 429), ``drop`` reads part of the request body and closes the connection
 without an answer, ``stall`` waits before answering (longer than the client's timeout: a hung server), ``late``
 waits as a stall does, then does what the request asks even though its client gave up (a server that commits after
-the client's timeout; its ``done`` is set then), ``cut`` (GET
-of a resolve URL only) sends the headers and the body up to file offset ``cut_at`` (or half of it), waits ``seconds``,
-then closes the connection: a connection dropped, or a server stalled, in the middle of a shard. A cut with ``cut_at``
-hits only a read whose range holds that offset.
+the client's timeout; its ``done`` is set then), ``cut`` (GET of a resolve URL only) sends the headers and the body
+up to file offset ``cut_at`` (or half of it), waits ``seconds``, then closes the connection: a connection dropped, or
+a server stalled, in the middle of a shard. A cut with ``cut_at`` hits only a read whose range holds that offset.
 """
 
 import base64
@@ -72,7 +71,7 @@ class Fault:
     hits: List[float] = field(default_factory=list)  # monotonic times of the requests it hit
     released: threading.Event = field(default_factory=threading.Event)  # set: a "stall" answers at once
     done: threading.Event = field(default_factory=threading.Event)  # set: a "late" request has been done
-    answered: List[int] = field(default_factory=list)  # the statuses a "late" request was answered with
+    answered: List[int] = field(default_factory=list)  # the statuses its held requests were answered with
 
     def release(self) -> None:
         """A "stall" or "late": the requests it holds (and those it would hold) answer now."""
@@ -617,7 +616,8 @@ class FakeHub:
                 else:
                     self._error(handler, 400, "BadRequest", f"unsupported commit operation {key}")
                     return True
-            if parent is not None and parent != (repo.history or [None])[-1]:  # as the Hub answers a parent_commit not at main
+            # as the Hub answers a commit whose parent is not the branch's head
+            if parent is not None and parent != (repo.history or [None])[-1]:
                 self._error(handler, 412, "PreconditionFailed", "A commit has happened since. Please refresh and try "
                             "again.")
                 return True

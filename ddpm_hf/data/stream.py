@@ -379,8 +379,8 @@ class TrainStream:
     def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str],
                     counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, dict]]:
         """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
-        finished where that is possible (see Replay.rows_from), else read from the epoch's start, the first ``start`` rows
-        skipped undecoded."""
+        finished where that is possible (see Replay.rows_from), else read from the epoch's start, the first ``start``
+        rows skipped undecoded."""
         if start:
             replayed = self.replay.rows_from(v, epoch, start, expected, counts)
             if replayed is not None:

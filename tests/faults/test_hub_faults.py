@@ -262,9 +262,10 @@ def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkp
 def test_a_commit_the_hub_takes_after_its_client_gave_up_does_not_replace_newer_weights(images, tmp_path,
                                                                                         train_here, hub):
     """The Hub holds the commit of step 2's upload past the client's timeout (--hub_timeout 5, time enough for its
-    other requests on a busy machine); the upload is tried again and lands, training goes on, and the final pipeline (step 4) is pushed. Then the Hub takes the commit it
-    held, as a server that finishes a request whose client has gone does: named with the head it was made on as its
-    parent, it is refused (412). Without a parent it would land last, and the repo would hold step 2's weights."""
+    other requests on a busy machine); the upload is tried again and lands, training goes on, and the final pipeline
+    (step 4) is pushed. Then the Hub takes the commit it held, as a server that finishes a request whose client has
+    gone does: named with the head it was made on as its parent, it is refused (412). Without a parent it would land
+    last, and the repo would hold step 2's weights."""
     late = hub.inject("POST", "/commit/", "late", times=1, seconds=300)
     out = tmp_path / "run"
     try:
