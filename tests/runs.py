@@ -53,6 +53,37 @@ def load_train_script():
     return module
 
 
+def hold_publishing(monkeypatch, checkpoint: str, until_step: int, then=None) -> list:
+    """Hold the background publishing of ``checkpoint`` (CheckpointSaver._publish) until training, in this process,
+    has made ``until_step`` optimizer steps (counted by the EMA's updates; ``then()`` is called at that step), 20 s at
+    most. Returns the list each hold's outcome is appended to: True where the steps came, False where it timed out
+    (had the training loop waited for the publishing, they could not come)."""
+    import threading
+
+    import ddpm_hf.ema
+    from ddpm_hf.checkpoints import CheckpointSaver
+
+    steps, reached, held = [0], threading.Event(), []
+    update, publish = ddpm_hf.ema.EMA.update, CheckpointSaver._publish
+
+    def counted(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == until_step:
+            if then is not None:
+                then()
+            reached.set()
+        return update(self, *args, **kwargs)
+
+    def held_publish(self, tmp, final, *args):
+        if final.name == checkpoint:
+            held.append(reached.wait(timeout=20))
+        return publish(self, tmp, final, *args)
+
+    monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
+    monkeypatch.setattr(CheckpointSaver, "_publish", held_publish)
+    return held
+
+
 def png_bytes(seed: int, size: int = 20) -> bytes:
     """A random grey ``size`` × ``size`` PNG, the same for the same seed."""
     from PIL import Image

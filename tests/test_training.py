@@ -293,7 +293,7 @@ def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkp
         s = stream(world)
         with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
             s.load_state_dict(state)
-            s.record_ids_to(record, step)
+            s.record_ids_in(logs, step)
         return s
 
     reference = stream()
@@ -302,7 +302,7 @@ def test_the_example_id_record_spans_a_resume_and_drops_what_followed_its_checkp
     every = reference.seen_ids  # 6 batches of 8 (4 from each stream)
 
     first = stream()
-    first.record_ids_to(record, 0)
+    first.record_ids_in(logs, 0)
     take(first, 2)
     at_step_2 = first.state_dict()  # a checkpoint: 16 ids written
     take(first, 2)

@@ -617,8 +617,7 @@ def run(args):
         keep_gradient_buffers(model)
     started = start_run(accelerator, args, model, stream, loop)
     if args.record_example_ids:
-        stream.record_ids_to(Path(args.output_dir) / "logs" / f"example_ids_rank{accelerator.process_index}.txt",
-                             loop.step)
+        stream.record_ids_in(Path(args.output_dir) / "logs", loop.step)
 
     # --- the loop: Algorithm 1 -------------------------------------------------------------------------------------
     bar = tqdm(total=args.max_train_steps, initial=loop.step, desc="training", unit="step",

@@ -103,7 +103,7 @@ class TrainStream:
         self._undecodable_met = {v: 0 for v in self.streams}  # by this launch's reading (for its warnings)
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
         self.seen_ids: List[str] = []  # with record_ids: those of the examples handed out, until written
-        self.ids_recorded, self.last_id = 0, None  # ... their count over the run and the last (see record_ids_to)
+        self.ids_recorded, self.last_id = 0, None  # ... their count over the run and the last (see record_ids_in)
         self.ids_at_resume: Optional[tuple] = None  # (count, last id) of this process in the checkpoint resumed from
         self._ids_file: Optional[Path] = None
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
@@ -123,7 +123,7 @@ class TrainStream:
     def state_dict(self) -> dict:
         """Every stream's position and skip count, those of the other processes included: accelerate writes the
         registered states from the main process only (a collective: every process calls this when saving). The
-        ids recorded up to this position are written first (see record_ids_to), and their count kept."""
+        ids recorded up to this position are written first (see record_ids_in), and their count kept."""
         tar_rows = dict(self.tar_counts.known) if self.tar_counts is not None else {}
         per_stream = {"position": dict(self.position), "skipped_rows": dict(self.skipped),
                       "last_row": dict(self.last_row), "tar_rows_known": tar_rows}
@@ -184,20 +184,23 @@ class TrainStream:
 
     # --- the record of the examples used (--record_example_ids) ----------------------------------------------------
     ID_LINE_BYTES = 41  # a sha1 in hex and its newline
+    ID_RECORD = "example_ids_rank{}.txt"  # a process's record, by its rank
 
-    def record_ids_to(self, path: Path, step: int) -> None:
-        """Keep the ids of the examples this process takes in ``path``, one per line, over the whole run: written at
-        each checkpoint (with the stream's state) and at the end (``write_ids``); in memory only in between. Called
-        at ``step``, after the resume: the lines past the checkpoint's count, of steps trained again from it, are
+    def record_ids_in(self, folder: Path, step: int) -> None:
+        """Keep the ids of the examples this process takes in ``folder``/ID_RECORD, one per line, over the whole run:
+        written at each checkpoint (with the stream's state) and at the end (``write_ids``); in memory only in between.
+        Called at ``step``, after the resume: the lines past the checkpoint's count, of steps trained again from it, are
         dropped (as TensorBoard drops their logs), so the record of a run killed and resumed is that of a run never
         stopped. A record that cannot continue starts again here, said: lines missing, or not ending with the id the
         checkpoint saw last (the record started again after it), or a checkpoint without the count or written by
         another number of processes. The main process removes the records of processes this run does not have."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.ID_RECORD.format(self.rank)
         if self.rank == 0:
-            for other in path.parent.glob("example_ids_rank*.txt"):
-                number = other.stem[len("example_ids_rank"):]
-                if number.isdigit() and int(number) >= self.world_size:
+            prefix, suffix = self.ID_RECORD.split("{}")
+            for other in folder.glob(self.ID_RECORD.format("*")):
+                rank = other.name[len(prefix):-len(suffix)]
+                if rank.isdigit() and int(rank) >= self.world_size:
                     logger.warning("removing %s: this run has %d processes", other, self.world_size)
                     other.unlink(missing_ok=True)
         kept, last = self.ids_at_resume or (0, None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import tiny_pipeline
-from runs import FAST, TRAIN, child_env, free_port, write_images
+from runs import FAST, TRAIN, child_env, free_port, hold_publishing, write_images
 
 from ddpm_hf import DDPMPipeline
 
@@ -222,29 +222,9 @@ def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkp
     finds the checkpoint of its step); one skipped because the last is still running has nothing to wait for. The
     Hub holds the upload of step 2; the publishing of checkpoint-4 is held until step 5 has trained: had the loop
     waited for it at step 4, step 5 could not come and the hold would time out (20 s)."""
-    import threading
-
-    import ddpm_hf.ema
-    from ddpm_hf.checkpoints import CheckpointSaver
-
     stall = hub.inject("POST", "/commit/", "stall", times=1, seconds=300)
-    steps, step_five, held = [0], threading.Event(), []
-    update, publish = ddpm_hf.ema.EMA.update, CheckpointSaver._publish
-
-    def counted(self, *a, **k):
-        steps[0] += 1
-        if steps[0] >= 5:
-            step_five.set()
-            stall.release()  # the upload of step 2 may end now: the final one waits for it
-        return update(self, *a, **k)
-
-    def held_publish(self, tmp, final, *args):
-        if final.name == "checkpoint-4":
-            held.append(step_five.wait(timeout=20))
-        return publish(self, tmp, final, *args)
-
-    monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
-    monkeypatch.setattr(CheckpointSaver, "_publish", held_publish)
+    # at step 5 the upload of step 2 may end too: the final one waits for it
+    held = hold_publishing(monkeypatch, "checkpoint-4", until_step=5, then=stall.release)
     out = tmp_path / "run"
     try:
         with caplog.at_level(logging.WARNING, logger="ddpm_hf"):

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import FAST, KILL_POINTS, check_checkpoints, child_env, final_weights, kill_at, launch, run, write_images
+from runs import (FAST, KILL_POINTS, check_checkpoints, child_env, final_weights, hold_publishing, kill_at, launch, run,
+                  write_images)
 
 HERE = Path(__file__).resolve().parent
 ALICE = "hf_test_alice"
@@ -139,30 +140,10 @@ def test_a_checkpoint_is_published_while_the_next_steps_train(images, tmp_path, 
     steps (counted by the EMA's updates): were the publishing in the training loop, the steps could not come and the
     hold would time out (20 s). The published checkpoint holds step 4 all the same: its pipeline (copied before the
     thread starts, not by it after the steps) equals the final pipeline of a 4-step run, weight for weight."""
-    import threading
-
-    import ddpm_hf.ema
-    from ddpm_hf.checkpoints import CheckpointSaver
-
     args = FAST + ["--dataset_name", str(images), "--checkpointing_steps", "4"]
     train_here(args + ["--max_train_steps", "4", "--output_dir", str(tmp_path / "four")])
 
-    steps, two_more, held = [0], threading.Event(), []
-    update, publish = ddpm_hf.ema.EMA.update, CheckpointSaver._publish
-
-    def counted(self, *a, **k):
-        steps[0] += 1
-        if steps[0] >= 6:
-            two_more.set()
-        return update(self, *a, **k)
-
-    def held_publish(self, tmp, final, *args):
-        if final.name == "checkpoint-4":
-            held.append(two_more.wait(timeout=20))
-        return publish(self, tmp, final, *args)
-
-    monkeypatch.setattr(ddpm_hf.ema.EMA, "update", counted)
-    monkeypatch.setattr(CheckpointSaver, "_publish", held_publish)
+    held = hold_publishing(monkeypatch, "checkpoint-4", until_step=6)
     out = tmp_path / "eight"
     train_here(args + ["--max_train_steps", "8", "--output_dir", str(out)])
     assert held == [True], "the training loop waited for the checkpoint's flush"
