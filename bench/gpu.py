@@ -444,17 +444,24 @@ def main():
         f"{f'{sheet:.0f}, as {entry}' if sheet else 'none known for this device'}); ddpm-cifar10 training: "
         f"{flops / 1e9:.2f} GFLOP per image (forward + backward, counted)")
 
+    parts = []  # (name, fn, seconds it needs at least), run below
+
     def part(name, fn, needs_s):
-        if args.only is not None and not any(name.startswith(prefix) for prefix in args.only):
-            return
-        if left(args.deadline_s) < needs_s:
-            say(f"{name}: skipped, {left(args.deadline_s):.0f} s left of the deadline")
-            return
-        try:
-            fn()
-        except Exception as err:  # one failing part must not hide the others' figures
-            say(f"{name}: FAILED {type(err).__name__}: {str(err)[-1500:]}")
-        torch.cuda.empty_cache()  # the next part, in this process or another, gets the whole GPU
+        parts.append((name, fn, needs_s))
+
+    def run_parts():
+        """The parts, in the order written below, or in --only's order: a deadline skips the last ones."""
+        chosen = parts if args.only is None else [
+            (name, fn, needs_s) for prefix in args.only for name, fn, needs_s in parts if name.startswith(prefix)]
+        for name, fn, needs_s in dict.fromkeys(chosen):  # (a part named by two prefixes runs once)
+            if left(args.deadline_s) < needs_s:
+                say(f"{name}: skipped, {left(args.deadline_s):.0f} s left of the deadline")
+                continue
+            try:
+                fn()
+            except Exception as err:  # one failing part must not hide the others' figures
+                say(f"{name}: FAILED {type(err).__name__}: {str(err)[-1500:]}")
+            torch.cuda.empty_cache()  # the next part, in this process or another, gets the whole GPU
 
     tmp = Path(tempfile.mkdtemp())
     data = tmp / "cifar_like"
@@ -499,7 +506,8 @@ def main():
                                                         env=reduce_overhead), 90)
     part("train bf16 channels-last reduce-overhead", lambda: training(
         bf16, "bf16-channels-last-reduce-overhead", args.train_steps, "channels-last", env=reduce_overhead), 90)
-    part("sampling", lambda: sampling(args.sampling_steps), 210)  # its 8 variants, 3 compiled: about 210 s
+    # its 8 variants (5 compilations, about 60 s each on one H100), the last skipped at the deadline
+    part("sampling", lambda: sampling(args.sampling_steps, deadline_s=args.deadline_s), 90)
     part("train bf16 compile", lambda: training(bf16 + ["--compile"], "bf16-compile", args.train_steps), 90)
     part("train bf16-channels-last", lambda: training(bf16, "bf16-channels-last", args.train_steps, "channels-last"),
          60)
@@ -517,6 +525,7 @@ def main():
     # compilation, so last, run when asked for (--only "train bf16 max-autotune") or when time is left
     part("train bf16 max-autotune", lambda: training(bf16, "bf16-max-autotune", args.train_steps,
                                                      env=inductor("max-autotune")), 240)
+    run_parts()
     say(f"done in {time.time() - START:.0f} s")
 
 
@@ -549,7 +558,8 @@ def decode_rates(timeout: float):
                              "--handoffs", "10"], timeout)
 
 
-def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend: str = "inductor"):
+def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend: str = "inductor",
+             deadline_s: Optional[float] = None):
     """``steps`` ancestral steps of ``batch`` images per variant, projected to 50,000 samples of the full 1000-step
     chain, each network prepared as ``ddpm-hf sample/evaluate --dtype/--compile`` prepare it (the reverse chain in
     float32): fp32 (TF32 matmuls), bf16, compiled, compiled with CUDA graphs (mode reduce-overhead) with contiguous
@@ -557,7 +567,13 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
     noise as ``ddpm-hf evaluate`` does for FID (a generator per image, so the set does not depend on the batching). Each
     variant runs a 2-step chain first (cuDNN's algorithm timing, compilation, the recording of CUDA graphs).
     ``backend``: torch.compile's; None runs the "compiled" variants uncompiled (the CPU test of this script, which
-    checks its flow: compiling is tested with the sampling commands)."""
+    checks its flow: compiling is tested with the sampling commands). A variant is skipped, said, with under 75 s
+    left of ``deadline_s`` (a compilation takes about a minute), an eager one under 20 s.
+
+    Every network is compiled for its one batch size (``dynamic=False``): torch keeps its record of the shapes seen
+    per code object, not per network, so the 2× batch's network, all of them running DDPMUNet.forward, would
+    otherwise be compiled for any batch size (dynamic shapes, slower: 2026-11-27 g's batch 1024 was), as would the
+    variant on one host thread (the thread count is in dynamo's guards: it is compiled again, for its own size)."""
     from torch._dynamo.utils import counters
 
     from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
@@ -569,16 +585,19 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
 
     def variant(label, dtype="fp32", channels_last=False, compiled=None, size=batch, per_image=False):
         """``compiled``: torch.compile's options (None: eager)."""
+        if deadline_s is not None and left(deadline_s) < (75 if compiled is not None else 20):
+            say(f"sampling, {label}: skipped, {left(deadline_s):.0f} s left of the deadline")
+            return
         skips = counters["inductor"]["cudagraph_skips"]  # graphs compiled without CUDA graphs (one per graph)
-        # variants with the same options and batch share one network (a compiled network called at a second batch
-        # size is compiled again for any size, dynamic shapes being slower: 2026-11-27 g's batch 1024 was)
+        # variants with the same options and batch share one network
         key = (dtype, channels_last, str(compiled), size)
         layouts = {"cpu", "cuda"} if channels_last else DDPMUNet.channels_last_on
         if key not in unets:
             unets[key] = DDPMUNet(**config).to(device).eval()
             if channels_last:
                 unets[key].to(memory_format=torch.channels_last)
-            options = None if compiled is None or backend is None else dict(compiled, backend=backend)
+            options = (None if compiled is None or backend is None
+                       else dict(compiled, backend=backend, dynamic=False))
             # compiled in the layout it is timed in: another would fail dynamo's guards and compile it again
             switched(DDPMUNet, "channels_last_on", layouts, lambda: prepare_sampling(
                 DDPMPipeline(unet=unets[key], scheduler=DDPMScheduler()), dtype, options, size,
@@ -609,9 +628,9 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
             + (f"; graphs compiled without CUDA graphs: {skips}" if "reduce-overhead" in str(compiled) else ""))
 
     def variants():
+        # in the order of what the 50,000-sample goal needs most, so that a deadline skips the least needed
         variant("fp32/tf32")
         variant("--dtype bf16", "bf16")
-        variant("--dtype bf16 --compile", "bf16", compiled={})
         # CUDA graphs: a chain's 1000 calls each replay the network's kernels as one launch (accelerate's
         # --dynamo_mode reduce-overhead, which ddpm-hf sample/evaluate read as train.py does); 37.4 min projected on
         # 2026-11-27 g, the fastest. Compiled, the layout is inductor's to use: eager channels-last was 2 % slower.
@@ -619,9 +638,8 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
         reduce_overhead = {"mode": "reduce-overhead"}
         variant(graphs, "bf16", compiled=reduce_overhead)
         variant(f"{graphs}, channels-last", "bf16", True, reduce_overhead)
-        layout = rates[f"{graphs}, channels-last"] > rates[graphs]
+        layout = rates.get(f"{graphs}, channels-last", 0) > rates.get(graphs, 0)
         best = f"{graphs}{', channels-last' if layout else ''}"
-        variant(f"{best}, batch {2 * batch}", "bf16", layout, reduce_overhead, 2 * batch)
         variant(f"{best}, a generator per image as evaluate draws them", "bf16", layout, reduce_overhead,
                 per_image=True)
         # `accelerate launch` sets OMP_NUM_THREADS=1 in every process it starts, GPU ones included: evaluate's
@@ -629,6 +647,8 @@ def sampling(steps: int = 1000, batch: int = 256, device: str = "cuda", backend:
         switched_threads(1, lambda: variant(
             f"{best}, a generator per image on one host thread, as under accelerate launch", "bf16", layout,
             reduce_overhead, per_image=True))
+        variant(f"{best}, batch {2 * batch}", "bf16", layout, reduce_overhead, 2 * batch)
+        variant("--dtype bf16 --compile", "bf16", compiled={})
 
     # as `ddpm-hf evaluate` sets cuDNN, and TF32 matmuls (--allow_tf32 in training)
     switched(torch.backends.cudnn, "benchmark", True, lambda: switched(

@@ -6,6 +6,7 @@ and leaves the speed switches it flips as it found them."""
 import importlib
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def test_the_gpu_check_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     number = r"[\d.]+"
     assert re.search(rf"GPU checkpoint.py: loop blocked: {number} s published in the background, {number} s "
-                     rf"published in the loop; ratio {number}", out), out
+                     rf"published in the loop; ratio {number}; every checkpoint holds the weights of its step",
+                     out), out
     for precision in ("fp32", "bf16"):
         assert re.search(rf"GPU unet train step tiny-16 b2 {precision}: ours {number} ms, diffusers {number} ms, ratio "
                          rf"ours/diffusers {number}; .*with cudnn.benchmark: ours {number} ms", out), out
@@ -79,3 +81,34 @@ def test_the_read_at_once_run_replaces_what_train_py_calls(monkeypatch):
     assert replaced == [("count_at_once", "args", "step")]
     assert list(inspect.signature(train.count_at_once).parameters) == ["args", "step"]
     assert "count_at_once(args, loop.step + 1)" in inspect.getsource(train.run)  # (main runs it) looked up when called
+
+
+def test_every_sampling_network_is_compiled_for_its_one_batch_size(monkeypatch, capsys):
+    """torch keeps its record of the shapes it has seen per code object, not per network: the sampling part's network
+    for the 2× batch (another DDPMUNet, the same forward) was compiled for any batch size, dynamic shapes being
+    slower, and so was the variant on one host thread; its figures were not what `ddpm-hf sample` gets. Oracle:
+    dynamo's own graphs, handed to a backend that looks for symbolic sizes among their inputs."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    for name in ("gpu", "data"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    gpu = importlib.import_module("gpu")
+    dynamic = []
+
+    def backend(graph, example_inputs, **options):
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        dynamic.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor)
+                           and any(isinstance(size, torch.SymInt) for size in v.shape) for v in values))
+        return graph.forward
+
+    torch._dynamo.reset()
+    try:
+        gpu.sampling(2, 2, "cpu", backend=backend)
+    finally:
+        torch._dynamo.reset()
+    assert dynamic == [False] * 5, dynamic  # CUDA graphs in both layouts, one host thread, 2× batch, --compile
+    assert len(re.findall(r"GPU sampling 2 steps", capsys.readouterr().out)) == 8
+    # with under 75 s left of its deadline, the compiled variants are skipped, said; the eager ones still run
+    gpu.sampling(2, 2, "cpu", backend=None, deadline_s=time.time() - gpu.START + 50)
+    out = capsys.readouterr().out
+    skipped = re.findall(r": skipped, \d+ s left", out)
+    assert len(re.findall(r"GPU sampling 2 steps", out)) == 2 and len(skipped) == 6, out
