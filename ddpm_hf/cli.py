@@ -46,10 +46,12 @@ def _positive_seconds(value: str) -> float:
     return number
 
 
-def _non_negative(value: str) -> int:
+def _bpd_timesteps(value: str) -> int:
+    from .evaluation import BPD_TIMESTEPS_RULE
+
     number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    if number < 0 or number == 1:
+        raise argparse.ArgumentTypeError(f"must be {BPD_TIMESTEPS_RULE}, got {value}")
     return number
 
 
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID/IS")
     evaluate.add_argument("--num_reference", type=_positive, default=5000, help="real images for FID/KID")
     evaluate.add_argument("--num_bpd_images", type=_positive, default=64)
-    evaluate.add_argument("--bpd_timesteps", type=_non_negative, default=0, help="0: exact bound (all T terms); K: L_0 and K sampled terms per image")
+    evaluate.add_argument("--bpd_timesteps", type=_bpd_timesteps, default=0, help="0: exact bound (all T terms); K: L_0 and K sampled terms per image")
     evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
     evaluate.add_argument("--is_splits", type=_positive, default=10, help="splits of the samples for the IS's spread")
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_sample(args) -> int:
     from .compiling import compile_options
     from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, put_first_rows,
-                             sample_batches, samples_key)
+                             sample_batches, samples_key, save_png)
     from .images import uint8_grid
 
     pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token)
@@ -144,7 +146,7 @@ def cmd_sample(args) -> int:
     for rows, images in sample_batches(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
                                        fixed_batch_size=options is not None):
         grid = put_first_rows(grid, min(64, args.num_images), rows, images)
-    uint8_grid(grid).save(out / "grid.png")
+    save_png(uint8_grid(grid), out / "grid.png")
     print(f"{args.num_images} images in {out}, grid: {out / 'grid.png'}")
     return 0
 
@@ -168,7 +170,7 @@ def cmd_evaluate(args) -> int:
     if results is not None:  # the main process reports
         out = Path(args.out)
         print(json.dumps(results, indent=2))
-        print(f"results: {out / 'results.json'}; figures: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
+        print(f"results: {out / 'results.json'}; figures: {', '.join(sorted(p.name for p in out.glob('*.png'))) or 'none'}")
     return 0
 
 

@@ -150,11 +150,31 @@ def prepare_sampling(pipe, dtype: str = "fp32", compile_options: Optional[dict] 
 
 
 def chain_length(pipe, num_inference_steps: Optional[int]) -> int:
-    """Steps of the reverse chain: ``num_inference_steps``, or the model's full chain when None."""
+    """Steps of the reverse chain: ``num_inference_steps``, or the model's full chain when None; checked against
+    the scheduler's settings now, not after the work before the sampling (a ``steps_offset`` can take a chain past
+    the last timestep)."""
     total = pipe.scheduler.config.num_train_timesteps
     if num_inference_steps is not None and num_inference_steps > total:
         raise ValueError(f"--num_inference_steps {num_inference_steps} exceeds the model's {total} diffusion steps.")
-    return num_inference_steps or total
+    steps = num_inference_steps or total
+    try:
+        pipe.scheduler.set_timesteps(steps)
+    except ValueError as err:
+        asked = (f"--num_inference_steps {steps}" if num_inference_steps is not None
+                 else f"the full chain ({steps} steps; --num_inference_steps not given)")
+        raise ValueError(f"{asked} cannot be sampled with this pipeline's scheduler: {err}") from err
+    return steps
+
+
+def save_png(image, path: Path) -> Path:
+    """A figure or grid (a PIL image) written whole: a kill leaves no truncated PNG under its name."""
+    return publish_file(path, lambda partial: image.save(partial, format="PNG"))
+
+
+BPD_TIMESTEPS_RULE = "0 (the exact bound) or at least 2 sampled terms (one term gives no standard error)"
+# What `evaluate` writes besides results.json and the samples' folder: an earlier evaluation's are removed when it
+# starts (results.json is started again then), so that --out holds this evaluation's outputs only.
+EVALUATE_FILES = ("rate_distortion.json", "rate_distortion.png", "samples.png", "progressive.png", "interpolation.png")
 
 
 SAMPLES_KEY_FILE = "samples.json"
@@ -282,23 +302,37 @@ def sample_batches(pipe, num_images: int, batch_size: int, steps: int, seed: int
             todo.append((row, i))
     if read_rows:
         yield read_rows, torch.stack(read_images)
-    pipe.set_progress_bar_config(disable=True)
     made_before = len(mine) - len(todo)
-    bar = f"{desc} ({made_before} of {len(mine)} images already in {folder})" if made_before else desc
+    batches = range(0, len(todo), batch_size)
+    bar = tqdm(total=len(batches) * steps, unit="step", disable=process_index != 0,
+               desc=f"{desc}: {len(todo)} images in {len(batches)} batch(es) of {steps} steps"
+                    + (f" ({made_before} of {len(mine)} already in {folder})" if made_before else ""))
+
+    def one_step(pipeline, i, t, tensors) -> dict:  # the bar moves with the chain's steps, not its batches: a
+        bar.update(1)                                # single batch of 1000 steps takes minutes
+        return {}
+
     compiled_for = min(batch_size, len(mine))
-    for start in tqdm(range(0, len(todo), batch_size), desc=bar, unit="batch", disable=process_index != 0):
-        batch = todo[start:start + batch_size]
-        seeds = [image_seed(seed, i) for _, i in batch]
-        if fixed_batch_size:
-            seeds += seeds[-1:] * (compiled_for - len(batch))  # each its own generator: the rows stay independent
-        out = pipe(batch_size=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
-                   num_inference_steps=steps, output_type="pt").images[:len(batch)]
-        # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) recomputes p bit for bit, so these
-        # are the levels of the pipeline's own PIL output.
-        made = to_uint8(out * 2 - 1).cpu()
-        for (_, i), pil in zip(batch, to_pil(made) if folder is not None else []):
-            publish_file(sample_path(folder, i), lambda partial: pil.save(partial, format="PNG"))
-        yield [row for row, _ in batch], made
+    progress = dict(getattr(pipe, "_progress_bar_config", {}))  # the caller's, given back below
+    pipe.set_progress_bar_config(disable=True)  # (one bar for the whole set, not one per batch)
+    try:
+        for start in batches:
+            batch = todo[start:start + batch_size]
+            seeds = [image_seed(seed, i) for _, i in batch]
+            if fixed_batch_size:
+                seeds += seeds[-1:] * (compiled_for - len(batch))  # each its own generator: the rows stay independent
+            out = pipe(batch_size=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                       num_inference_steps=steps, output_type="pt", callback_on_step_end=one_step).images[:len(batch)]
+            # "pt" images are p = (x / 2 + 0.5) clamped to [0, 1]; to_uint8(2p − 1) gives the levels of the
+            # pipeline's own PIL output (but for a value exactly on a level's boundary, which the two roundings can
+            # put on either side: none of 20 M random values was)
+            made = to_uint8(out * 2 - 1).cpu()
+            for (_, i), pil in zip(batch, to_pil(made) if folder is not None else []):
+                publish_file(sample_path(folder, i), lambda partial: pil.save(partial, format="PNG"))
+            yield [row for row, _ in batch], made
+    finally:
+        bar.close()
+        pipe._progress_bar_config = progress
 
 
 def generate_uint8(pipe, num_images: int, batch_size: int, steps: int, seed: int, desc: str = "sampling",
@@ -391,6 +425,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         check_inception_score(features, num_samples, is_splits)
     if {"fid", "kid"} & set(metrics):
         check_features(features, num_samples, num_reference)  # said now, not after the bound and the sampling
+    if bpd_timesteps < 0 or bpd_timesteps == 1:
+        raise ValueError(f"--bpd_timesteps {bpd_timesteps}: use {BPD_TIMESTEPS_RULE}.")
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=ddp_timeout))
@@ -437,8 +473,10 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         partial.write_text(json.dumps(results, indent=2))
         os.replace(partial, out / "results.json")
 
-    if state.is_main_process:  # at once: an earlier evaluation's results.json in --out is not taken for this one's
-        save_results()
+    if state.is_main_process:  # at once: an earlier evaluation's results.json and files in --out are not taken
+        save_results()           # for this one's
+        for name in EVALUATE_FILES:
+            (out / name).unlink(missing_ok=True)
     started = time.time()
     sample_quality = bool({"fid", "kid", "is"} & set(metrics))  # every process samples its share
     figures = bool({"progressive", "interpolation"} & set(metrics))  # the main process samples them
@@ -475,8 +513,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             results["bpd"]["rate_bpd"] = float(bound.mean - bound.terms[0])
         if "rd" in metrics:
             curve = bound.rate_distortion()
-            (out / "rate_distortion.json").write_text(json.dumps(curve))
-            plot_rate_distortion(bound, out / "rate_distortion.png", title=f"{pipeline} on {data}")
+            publish_file(out / "rate_distortion.json", lambda partial: partial.write_text(json.dumps(curve)))
+            publish_file(out / "rate_distortion.png",
+                         lambda partial: plot_rate_distortion(bound, partial, title=f"{pipeline} on {data}"))
             results["rate_distortion"] = {"final_rate_bpd": curve["rate_bpd"][-1],
                                           "final_rmse": curve["distortion_rmse"][-1], "plot": "rate_distortion.png"}
         save_results()
@@ -544,18 +583,18 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
             mean, std = inception_score(probabilities, is_splits)
             quality.update({"inception_score_label": "IS-FMNIST" if fmnist else "IS", "inception_score": mean,
                             "inception_score_std": std, "is_splits": is_splits})
-        uint8_grid(grid).save(out / "samples.png")
+        save_png(uint8_grid(grid), out / "samples.png")
         save_results()
     with compiling.uncompiled(sampler.unet):  # (see above)
         if "progressive" in metrics:
-            sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed),
-                                num_inference_steps=steps, num_snapshots=min(10, steps)).grid.save(
-                                    out / "progressive.png")  # Fig. 6's snapshots, fewer for a shorter chain
+            save_png(sampler.progressive(batch_size=4, generator=torch.Generator().manual_seed(seed),
+                                         num_inference_steps=steps, num_snapshots=min(10, steps)).grid,
+                     out / "progressive.png")  # Fig. 6's snapshots, fewer for a shorter chain
         if "interpolation" in metrics:
             pair = to_model_range(load_eval_images(data, 2, size, channels, split=split,
                                                    dataset_config_name=data_config, token=token))
             t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
-            sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid.save(out / "interpolation.png")
+            save_png(sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid, out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)
     save_results()
     return results

@@ -283,14 +283,13 @@ def bits_per_dim(
 
 
 def plot_rate_distortion(result: BitsPerDim, path: Union[str, os.PathLike], title: str = "") -> None:
-    """A PNG like the paper's Fig. 5: distortion and rate against reverse steps, and distortion against rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A PNG like the paper's Fig. 5: distortion and rate against reverse steps, and distortion against rate. Drawn
+    on a figure of its own, without pyplot: the caller's matplotlib backend and figures are left as they are."""
+    from matplotlib.figure import Figure
 
     curve = result.rate_distortion()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig = Figure(figsize=(12, 3.4))
+    axes = fig.subplots(1, 3)
     axes[0].plot(curve["reverse_step"], curve["distortion_rmse"])
     axes[0].set(xlabel="reverse process steps (T − t)", ylabel="distortion (RMSE [0, 255])")
     axes[1].plot(curve["reverse_step"], curve["rate_bpd"])
@@ -300,5 +299,4 @@ def plot_rate_distortion(result: BitsPerDim, path: Union[str, os.PathLike], titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, format="png")

@@ -35,6 +35,7 @@ from PIL import Image
 
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 OUTPUT_TYPES = ("pil", "np", "pt")
+NUMPY_ALIASES = (None, "numpy")  # what diffusers' DDPMPipeline also answers with NumPy arrays
 PIPELINE_FILE = "pipeline_ddpm_hf.py"
 SCHEDULER_FILE = "scheduling_ddpm_hf.py"
 # What an upload removes from the repo unless it carries it again: the files ddpm_hf writes that another layout has
@@ -186,11 +187,15 @@ class DDPMPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps)
 
     @staticmethod
-    def _check_common(batch_size: int, output_type: str) -> None:
+    def _check_common(batch_size: int, output_type: Optional[str]) -> str:
+        """The output type to make (``None`` and ``"numpy"`` are ``"np"``, as for diffusers' pipeline)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if output_type in NUMPY_ALIASES:
+            return "np"
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; choose one of {OUTPUT_TYPES}.")
+        return output_type
 
     @torch.no_grad()
     def __call__(
@@ -198,13 +203,15 @@ class DDPMPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: GeneratorArg = None,
         num_inference_steps: Optional[int] = None,
-        timesteps: Optional[List[int]] = None,
-        output_type: str = "pil",
+        output_type: Optional[str] = "pil",
         return_dict: bool = True,
+        *,
+        timesteps: Optional[List[int]] = None,
         callback_on_step_end: Optional[Callable[["DDPMPipeline", int, torch.Tensor, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("sample",),
     ):
-        """Sample ``batch_size`` images by ancestral sampling (Algorithm 2).
+        """Sample ``batch_size`` images by ancestral sampling (Algorithm 2). The first five arguments are diffusers'
+        DDPMPipeline's, in its order; the others are passed by name.
 
         Args:
             batch_size: number of images.
@@ -213,13 +220,13 @@ class DDPMPipeline(DiffusionPipeline):
                 ``num_train_timesteps``: the paper's 1000); fewer steps use the scheduler's ``timestep_spacing``.
                 Ignored when ``timesteps`` is given.
             timesteps: explicit strictly descending timesteps.
-            output_type: ``"pil"`` (uint8 images), ``"np"`` (float in [0, 1], NHWC) or ``"pt"`` (float in [0, 1],
-                NCHW).
+            output_type: ``"pil"`` (uint8 images), ``"np"`` (float in [0, 1], NHWC; also ``"numpy"`` or None) or
+                ``"pt"`` (float in [0, 1], NCHW).
             callback_on_step_end: ``fn(pipe, i, t, callback_kwargs) -> dict`` after every step; ``callback_kwargs``
                 holds the tensors named in ``callback_on_step_end_tensor_inputs`` and a returned ``"sample"``
                 replaces the current sample.
         """
-        self._check_common(batch_size, output_type)
+        output_type = self._check_common(batch_size, output_type)
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} unknown; choose from {self._callback_tensor_inputs}.")
@@ -251,7 +258,7 @@ class DDPMPipeline(DiffusionPipeline):
         """Progressive generation (§4.4, Fig. 6): the predicted x̂_0 at ``num_snapshots`` evenly spaced points of the
         reverse chain (or at ``snapshot_timesteps``), ending with the final sample. Large-scale features appear
         first and details last."""
-        self._check_common(batch_size, output_type)
+        output_type = self._check_common(batch_size, output_type)
         self._set_timesteps(num_inference_steps, None)
         chain = [int(t) for t in self.scheduler.timesteps]
         if snapshot_timesteps is None:
@@ -285,6 +292,13 @@ class DDPMPipeline(DiffusionPipeline):
             image = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
         if not torch.is_tensor(image):
             raise ValueError(f"{name} must be a PIL image or a tensor in [-1, 1], got {type(image).__name__}.")
+        if image.dtype == torch.uint8:  # pixels as ddpm_hf's data and the bound take them
+            image = image.float() / 127.5 - 1
+        elif not image.is_floating_point():
+            raise ValueError(f"{name} must be uint8 pixels or float in [-1, 1], got dtype {image.dtype}.")
+        elif image.numel() and (image.min() < -1 - 1e-3 or image.max() > 1 + 1e-3):
+            raise ValueError(f"{name} has values in [{float(image.min()):g}, {float(image.max()):g}]: the model takes "
+                             "[-1, 1] (pixels p as p / 127.5 - 1); pass uint8 pixels or scale them.")
         image = image[None] if image.ndim == 3 else image
         expected = self._image_shape(1)[1:]
         if image.ndim != 4 or image.shape[0] != 1 or tuple(image.shape[1:]) != expected:
@@ -306,11 +320,11 @@ class DDPMPipeline(DiffusionPipeline):
         encoding noise and the reverse-chain noise are the same for every λ (``seed``), so only λ varies.
 
         Args:
-            image_a, image_b: PIL images or tensors in [-1, 1] of the model's shape.
+            image_a, image_b: PIL images, uint8 tensors (pixels) or float tensors in [-1, 1], of the model's shape.
             lambdas: the λ values, or their number (evenly spaced in [0, 1]).
             t: the diffusion step of the latent (the paper uses 500 of 1000).
         """
-        self._check_common(1, output_type)
+        output_type = self._check_common(1, output_type)
         num_train = self.scheduler.config.num_train_timesteps
         if not isinstance(t, int) or not 0 <= t < num_train:
             raise ValueError(f"t must be an integer in [0, {num_train - 1}], got {t!r}.")

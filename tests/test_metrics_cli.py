@@ -592,6 +592,11 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="--num_samples 2 is too few for FID and KID"):  # the library's own check
         evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "few", metrics=["fid"], num_samples=2)
     assert not (tmp_path / "few").exists()
+    with pytest.raises(SystemExit):  # one sampled term has no standard error: refused by argparse, not by the bound
+        cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--bpd_timesteps", "1", "--out", str(tmp_path)])
+    assert "--bpd_timesteps: must be 0 (the exact bound) or at least 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--bpd_timesteps 1: use 0"):  # the library's own, before the pipeline
+        evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "e", metrics=["bpd"], bpd_timesteps=1)
     with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])
     assert "--seed" in capsys.readouterr().err
@@ -600,6 +605,82 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert "--seed" in capsys.readouterr().err and not (tmp_path / "s").exists()
     result = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "ddpm-hf" in result.stdout
+
+
+def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
+    """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
+    (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
+    setting back."""
+    from ddpm_hf.evaluation import generate_uint8
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.set_progress_bar_config(disable=False, desc="the caller's")
+    capsys.readouterr()
+    generate_uint8(pipe, 3, 2, 4, seed=0)  # 2 batches of a 4-step chain
+    err = capsys.readouterr().err
+    assert re.search(r"sampling: 3 images in 2 batch\(es\) of 4 steps: 100%.* 8/8 ", err), err
+    assert pipe._progress_bar_config == {"disable": False, "desc": "the caller's"}
+
+
+def test_a_chain_the_scheduler_cannot_run_is_refused_before_the_bound(tmp_path, capsys):
+    """A steps_offset takes a 'leading' chain past the last timestep: said before the bound is computed (minutes at
+    T = 1000), naming the flag, and the earlier evaluation's results.json is left. Oracle: the scheduler's own
+    set_timesteps, which refuses that chain."""
+    from ddpm_hf.evaluation import evaluate
+
+    pipe = tiny_pipeline(num_train_timesteps=20, steps_offset=1)
+    with pytest.raises(ValueError, match="reaches timestep"):
+        pipe.scheduler.set_timesteps(20)
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(ValueError, match=r"the full chain \(20 steps; --num_inference_steps not given\) cannot be "
+                                         r"sampled with this pipeline's scheduler: .*reaches timestep"):
+        evaluate(str(tmp_path / "pipe"), out, metrics=["bpd", "fid"], num_bpd_images=2, num_samples=16,
+                 num_reference=16)
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+    with pytest.raises(SystemExit):
+        cli(["sample", str(tmp_path / "pipe"), "--num_inference_steps", "20", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
+    assert cli(["sample", str(tmp_path / "pipe"), "--num_inference_steps", "10", "--num_images", "1", "--out",
+                str(tmp_path / "s")]) == 0  # (fewer steps stay within the chain)
+
+
+def test_evaluate_leaves_only_its_own_files_and_writes_them_whole(tmp_path, capsys):
+    """An evaluation into an earlier one's --out: the earlier figures are removed with its results (they were listed
+    as this one's); the figures are written whole; the rate-distortion plot leaves the caller's matplotlib backend."""
+    import matplotlib
+
+    from ddpm_hf.evaluation import EVALUATE_FILES, save_png
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "e"
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd,rd,progressive", "--num_bpd_images", "2",
+                    "--num_inference_steps", "4", "--out", str(out)]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
+    assert {"rate_distortion.json", "rate_distortion.png", "progressive.png"} <= {p.name for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--num_bpd_images", "2", "--out",
+                str(out)]) == 0
+    assert not [name for name in EVALUATE_FILES if (out / name).exists()]
+    assert capsys.readouterr().out.rstrip().endswith("figures: none")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial file left
+
+    class Broken:  # a writer that fails half-way, as a full disk or a kill would leave it
+        def save(self, path, format):
+            Path(path).write_bytes(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        save_png(Broken(), out / "samples.png")
+    assert not (out / "samples.png").exists()
 
 
 def test_evaluate_names_a_truncated_shard_before_any_work(tmp_path):

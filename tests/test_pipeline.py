@@ -42,6 +42,16 @@ def test_samples_match_diffusers_ddpm_pipeline(scheduler_kwargs):
     np.testing.assert_allclose(ours[1:], alone, rtol=0, atol=1e-5)
     pil = pipe(batch_size=1, generator=torch.Generator().manual_seed(1), num_inference_steps=3).images[0]
     assert isinstance(pil, Image.Image) and pil.size == (16, 16) and pil.mode == "L"
+    # called as diffusers' pipeline is, by position (batch_size, generator, num_inference_steps, output_type), and
+    # with its other names for NumPy output
+    for output_type in ("np", "numpy", None):
+        ours = pipe(2, torch.Generator().manual_seed(3), 4, output_type).images
+        theirs = twin(2, torch.Generator().manual_seed(3), 4, output_type).images
+        assert isinstance(ours, np.ndarray) and ours.shape == theirs.shape == (2, 16, 16, 1)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    ours, = pipe(1, torch.Generator().manual_seed(3), 4, "pil", False)
+    theirs, = twin(1, torch.Generator().manual_seed(3), 4, "pil", False)
+    assert np.array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
 
 
 def test_custom_timesteps_and_callback():
@@ -201,6 +211,13 @@ def test_interpolation_through_the_latent():
     assert np.abs(other_b[1] - out.images[4]).max() > 1e-2
     pil = Image.fromarray(((a[0].numpy() + 1) * 127.5).round().astype(np.uint8), "L")
     assert len(pipe.interpolate(pil, b, lambdas=2, t=5).images) == 2
+    # uint8 pixels (as the data and the bound take them) are the images p / 127.5 - 1; pixels as floats are refused
+    pixels_a = ((a + 1) * 127.5).round().to(torch.uint8)
+    scaled = pipe.interpolate(pixels_a.float() / 127.5 - 1, b, lambdas=[0.0, 0.5], t=20, output_type="np").images
+    np.testing.assert_array_equal(pipe.interpolate(pixels_a, b, lambdas=[0.0, 0.5], t=20, output_type="np").images,
+                                  scaled)
+    with pytest.raises(ValueError, match=r"image_a has values in \[.*\]: the model takes \[-1, 1\]"):
+        pipe.interpolate(pixels_a.float(), b, t=10)
     with pytest.raises(ValueError, match=r"\[0, 39\]"):
         pipe.interpolate(a, b, t=40)
     with pytest.raises(ValueError, match=r"shape \(1, 16, 16\)"):
