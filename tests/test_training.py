@@ -587,10 +587,18 @@ def test_the_logged_losses_are_the_means_over_each_quarter_of_the_timesteps():
     losses = rng.exponential(size=len(t)) * 10.0 ** -rng.integers(0, 3, len(t))
     logs = train.loss_logs(Accelerator(cpu=True), torch.tensor(losses, dtype=torch.float32), torch.tensor(t), T)
     expected = {"loss": losses.mean(), **{f"loss_q{q}": losses[(t * 4) // T == q].mean() for q in range(3)}}
-    assert logs.keys() == expected.keys()
+    assert logs.keys() - {"grad_norm"} == expected.keys()
     for key, value in expected.items():
         assert logs[key] == pytest.approx(value, rel=1e-5), key
     assert logs["loss_q2"] == pytest.approx(losses[(t >= 500) & (t < 750)].mean(), rel=1e-5)  # t = 749 only
+    assert logs["grad_norm"] == 0.0  # none computed (a micro-step, or --max_grad_norm 0)
+    norm = torch.tensor(3.25)
+    assert train.loss_logs(Accelerator(cpu=True), torch.tensor(losses), torch.tensor(t), T, norm)["grad_norm"] == 3.25
+    # What the logs read is made on the device, with no read back on the host before the one of loss_logs: on the
+    # meta device, which holds no values, a read (bincount sizing its output, bool() or float() of the norm) raises.
+    meta = train.logged_values(torch.empty(44, device="meta"), torch.empty(44, dtype=torch.long, device="meta"), T,
+                               torch.empty((), device="meta"))
+    assert meta.shape == (10,) and meta.device.type == "meta"
 
 
 def test_one_process_decides_the_time_budget_alone(monkeypatch):

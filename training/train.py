@@ -637,8 +637,8 @@ def run(args):
         decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
         loop.step += 1
         if due_after(args, loop.step).log:
-            logs = dict(loss_logs(accelerator, update.per_example, update.t, num_train_timesteps), **speed.interval(),
-                        lr=lr_scheduler.get_last_lr()[0], ema_decay=decay, grad_norm=float(update.grad_norm or 0.0),
+            logs = dict(loss_logs(accelerator, update.per_example, update.t, num_train_timesteps, update.grad_norm),
+                        **speed.interval(), lr=lr_scheduler.get_last_lr()[0], ema_decay=decay,
                         skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
             accelerator.log(logs, step=loop.step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
@@ -862,17 +862,29 @@ def finish(accelerator, args, stream) -> None:
               f"checkpoints: {checkpoints}\nlogs: {output_dir / args.logging_dir}")
 
 
-def loss_logs(accelerator, per_example, t, num_train_timesteps: int) -> dict:
-    """The step's mean loss over all processes, and per quarter of the timesteps (the loss varies with t by orders
-    of magnitude: the quarters show where training stands); read back from the device at once."""
-    losses = accelerator.gather(per_example.detach()).float()
-    quarter = accelerator.gather(t) * 4 // num_train_timesteps  # t in [q T/4, (q + 1) T/4): quarter q
-    sums = torch.zeros(4, device=losses.device).index_add_(0, quarter, losses)
-    counts = torch.bincount(quarter, minlength=4).to(losses.dtype)
-    mean, *values = torch.cat([losses.mean().view(1), sums, counts]).tolist()
-    logs = {"loss": mean}
+def loss_logs(accelerator, per_example, t, num_train_timesteps: int, grad_norm=None) -> dict:
+    """The step's mean loss over all processes, per quarter of the timesteps (the loss varies with t by orders of
+    magnitude: the quarters show where training stands), and the gradient norm (0 where none was computed): one
+    read back from the device (see logged_values)."""
+    values = logged_values(accelerator.gather(per_example.detach()), accelerator.gather(t), num_train_timesteps,
+                           grad_norm)
+    mean, *values, norm = values.tolist()
+    logs = {"loss": mean, "grad_norm": norm}
     logs.update({f"loss_q{q}": total / count for q, (total, count) in enumerate(zip(values[:4], values[4:])) if count})
     return logs
+
+
+def logged_values(losses, t, num_train_timesteps: int, grad_norm=None):
+    """One tensor on the losses' device: the mean loss, the sums and counts of the losses per quarter of t, the
+    gradient norm. Nothing is read on the host: on a GPU each read waits for the device (torch.bincount reads the
+    largest value to size its output; bool() and float() of the norm are two more)."""
+    losses = losses.float()
+    quarter = t * 4 // num_train_timesteps  # t in [q T/4, (q + 1) T/4): quarter q
+    sums = torch.zeros(4, device=losses.device).index_add_(0, quarter, losses)
+    counts = torch.zeros(4, device=losses.device).index_add_(0, quarter, torch.ones_like(losses))
+    norm = torch.zeros(1, device=losses.device) if grad_norm is None else (
+        torch.as_tensor(grad_norm, device=losses.device).detach().float().reshape(1))
+    return torch.cat([losses.mean().view(1), sums, counts, norm])
 
 
 def out_of_time(accelerator, started: float, minutes: float) -> bool:
