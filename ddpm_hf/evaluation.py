@@ -570,7 +570,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         if sample_features is not None:
             real = cached_features(features, extractor, lambda: eval_image_chunks(
                 data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config,
-                token=token, chunk_size=batch_size))
+                token=token, chunk_size=batch_size), expected=num_reference)
             if len(real) < num_reference:
                 logger.warning("--reference_split %s holds %d images, fewer than --num_reference %d: the scores "
                                "compare the samples with those %d.", reference_split, len(real), num_reference,

@@ -279,30 +279,36 @@ FEATURES_VERSION = {"fmnist": f"FMNISTClassifier {FMNIST_SHA256}, bilinear antia
 
 
 def cached_features(extractor_name: str, extractor: nn.Module, reference_chunks: Callable[[], Iterable[torch.Tensor]],
-                    cache_dir: Optional[str] = None) -> torch.Tensor:
+                    cache_dir: Optional[str] = None, expected: Optional[int] = None) -> torch.Tensor:
     """The features of the uint8 reference images that ``reference_chunks()`` yields chunk by chunk, extracted once
     and kept in ``cache_dir`` (default ~/.cache/ddpm_hf/features) under a digest of the images themselves and of
     :data:`FEATURES_VERSION`: a dataset pushed again, a folder whose files changed, another crop or size, another
     extractor, each computes them again (a key of the dataset's name and the settings served stale features after
     any of these). The images are read once for the digest, and once more to extract features that are not cached:
-    never all of them held at once."""
-    def digest(on_each_chunk=None) -> str:
+    never all of them held at once. Each reading shows a progress bar of the images (of ``expected``, when given):
+    50,000 references of a Hub dataset take minutes to read, and their features on a CPU far longer."""
+    from tqdm.auto import tqdm
+
+    def digest(what: str, on_each_chunk=None) -> str:
         hashed, count, shape = hashlib.sha256(FEATURES_VERSION[extractor_name].encode()), 0, None
-        for chunk in reference_chunks():
-            hashed.update(memoryview(chunk.contiguous().numpy()).cast("B"))
-            count, shape = count + len(chunk), tuple(chunk.shape[1:])
-            if on_each_chunk is not None:
-                on_each_chunk(chunk)
+        with tqdm(total=expected, unit="image", desc=f"reference images ({what})") as bar:
+            for chunk in reference_chunks():
+                hashed.update(memoryview(chunk.contiguous().numpy()).cast("B"))
+                count, shape = count + len(chunk), tuple(chunk.shape[1:])
+                if on_each_chunk is not None:
+                    on_each_chunk(chunk)
+                bar.update(len(chunk))
         hashed.update(f"|{count} images of {shape}".encode())
         return hashed.hexdigest()
 
-    key = digest()
+    key = digest("read for the cache's key")
     folder = Path(cache_dir or os.environ.get("DDPM_HF_CACHE", Path.home() / ".cache" / "ddpm_hf")) / "features"
     path = folder / (key + ".pt")
     if path.is_file():
         return torch.load(path)
     parts = []
-    if digest(lambda chunk: parts.append(extract_features(extractor, chunk, len(chunk)))) != key:
+    if digest(f"{extractor_name} features, not cached",
+              lambda chunk: parts.append(extract_features(extractor, chunk, len(chunk)))) != key:
         raise ValueError("the reference images changed between two readings (a push to the dataset meanwhile?): "
                          "run the evaluation again.")
     features = torch.cat(parts)

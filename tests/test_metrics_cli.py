@@ -130,7 +130,7 @@ def test_the_inception_input_is_resized_as_tensorflow_1_did():
         np.testing.assert_allclose(ours, tf1(image, size), rtol=0, atol=1e-3)  # float32 rounding of 0–255 levels
 
 
-def test_cached_reference_features_follow_the_reference_images(tmp_path, monkeypatch):
+def test_cached_reference_features_follow_the_reference_images(tmp_path, monkeypatch, capsys):
     """The reference features are cached under a digest of the reference images: after the dataset's images
     changed (same folder, same settings), FID is the one a fresh cache gives, not the stale one. KID's 100 subsets
     (as published) and their size, half the smaller set here, are written to results.json."""
@@ -145,7 +145,11 @@ def test_cached_reference_features_follow_the_reference_images(tmp_path, monkeyp
         return json.loads((tmp_path / "eval" / "results.json").read_text())["sample_quality"]
 
     write_test_split(data, [png_bytes(seed, size=16) for seed in range(12)])
+    capsys.readouterr()
     first = fid("cache")
+    err = capsys.readouterr().err  # both readings of the references show their progress (minutes for 50,000)
+    for what in ("read for the cache's key", "fmnist features, not cached"):
+        assert re.search(rf"reference images \({what}\): 100%.* 12/12 ", err), (what, err)
     assert (first["kid_subsets"], first["kid_subset_size"]) == (100, 4)
     write_test_split(data, [png_bytes(seed, size=16) for seed in range(100, 112)])
     again, fresh = fid("cache"), fid("fresh-cache")
