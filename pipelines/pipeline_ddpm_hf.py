@@ -357,14 +357,25 @@ class DDPMPipeline(DiffusionPipeline):
         return True if check is None else bool(check())
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
-                        variant: Optional[str] = None, **kwargs) -> None:
+                        variant: Optional[str] = None, max_shard_size=None, push_to_hub: bool = False,
+                        **kwargs) -> None:
         """Write the pipeline folder: a plain diffusers folder when diffusers computes the same thing, else a
-        remote-code folder (see the module docstring). ``push_to_hub`` is a separate method here."""
-        if kwargs.pop("push_to_hub", False):
+        remote-code folder (see the module docstring). diffusers' arguments that would write a folder ddpm_hf does
+        not load (a weight ``variant``, weights in shards) are refused, as ``from_pretrained`` refuses them; the
+        others are named: none is ignored. ``push_to_hub`` is a separate method here."""
+        if push_to_hub:
             raise ValueError("use pipe.push_to_hub(repo_id) to publish; save_pretrained only writes the folder.")
+        if variant is not None:
+            raise ValueError(f"variant={variant!r}: ddpm_hf saves one float32 file, no variants (from_pretrained "
+                             "reads no other); leave it out, and load with torch_dtype for another precision.")
+        if max_shard_size is not None:
+            raise ValueError(f"max_shard_size={max_shard_size!r}: ddpm_hf saves the U-Net's weights as one file "
+                             "(from_pretrained reads no shards); leave it out.")
+        if kwargs:
+            raise TypeError(f"save_pretrained() got arguments it does not take: {sorted(kwargs)}.")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization, variant=variant)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization)
         self.scheduler.save_pretrained(folder / "scheduler")
         _set_class_name(folder / "unet" / "config.json", "UNet2DModel")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers_version,

@@ -343,3 +343,19 @@ def test_bad_folders_name_the_file(tmp_path):
     for name in ("../../etc/passwd", "/definitely/not/here", "a/b/c", "bad name"):
         with pytest.raises(ValueError, match="neither an existing folder nor a valid Hub repo id"):
             DDPMPipeline.from_pretrained(name)
+
+
+def test_save_pretrained_refuses_what_would_write_a_folder_it_does_not_load(tmp_path):
+    """diffusers' save_pretrained takes a weight variant and a shard size; ddpm_hf's loader reads one float32 file
+    and refuses variants, so a variant saved was a folder ddpm_hf could not load, and a shard size was ignored
+    without a word. Both are refused before anything is written; an argument it does not take is named."""
+    pipe = tiny_pipeline()
+    for kwargs, error, message in ((dict(variant="fp16"), ValueError, "variant='fp16'"),
+                                   (dict(max_shard_size="10MB"), ValueError, "max_shard_size='10MB'"),
+                                   (dict(push_to_hub=True), ValueError, "push_to_hub"),
+                                   (dict(safe_serialisation=False), TypeError, "safe_serialisation")):
+        with pytest.raises(error, match=message):
+            pipe.save_pretrained(tmp_path / "refused", **kwargs)
+        assert not (tmp_path / "refused").exists()
+    pipe.save_pretrained(tmp_path / "saved")
+    np.testing.assert_array_equal(sample_np(DDPMPipeline.from_pretrained(tmp_path / "saved")), sample_np(pipe))
