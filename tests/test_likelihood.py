@@ -150,3 +150,18 @@ def test_the_bound_builds_no_autograd_graph():
     result = bits_per_dim(model, scheduler, images, num_timesteps=4, progress=False)
     assert grad_enabled and not any(grad_enabled)
     assert not result.per_image.requires_grad
+
+
+def test_a_half_precision_network_is_warned_about(caplog):
+    """The bound of a bf16 network rounds x_t (and L_0's x_0) to bf16 on its way in: a different figure from the
+    paper's float32 one, said; a float32 network is not warned about."""
+    from helpers import tiny_pipeline
+
+    pipe = tiny_pipeline(num_train_timesteps=10)
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    with caplog.at_level("WARNING", logger="ddpm_hf.likelihood"):
+        full = bits_per_dim(pipe.unet, pipe.scheduler, images, progress=False)
+        assert not caplog.records
+        half = bits_per_dim(pipe.unet.to(torch.bfloat16), pipe.scheduler, images, progress=False)
+    assert "the network's weights are torch.bfloat16" in caplog.text
+    assert half.mean != full.mean  # (what the warning is about)
