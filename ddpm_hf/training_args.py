@@ -171,6 +171,8 @@ DIFFUSERS_ONLY_FLAGS = {
     "--local_rank": "drop it: accelerate launch gives each process its rank in the environment (LOCAL_RANK)",
     "--enable_xformers_memory_efficient_attention": "drop it: the attention runs PyTorch's scaled_dot_product_attention, "
                                                     "which picks a memory-efficient kernel itself",
+    "--preserve_input_precision": "drop it: images are read at 8 bits, 16-bit ones scaled (v · 255 / 65535), as the "
+                                  "paper's data are; the model's input is float32 in [-1, 1] whatever the source",
 }
 
 

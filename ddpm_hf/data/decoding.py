@@ -90,11 +90,23 @@ def check_channels(image: Image.Image, in_channels: int) -> None:
                          f"or --model_config), or convert the dataset.")
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey PNGs and TIFFs
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image scaled to 8 bits (round(v · 255 / 65535)); Pillow's convert("L") clips it instead, every
+    value from 255 up (a 16-bit image's range: 0 to 65535) turning white. Other modes as they are."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.uint32)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,
                   rng: np.random.Generator) -> np.ndarray:
     """PIL image → uint8 (C, H, W): model's channels, shorter side resized to ``resolution`` (bilinear), centre or
     random crop, optional horizontal flip (the paper's only augmentation)."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = _eight_bit(image).convert("L" if channels == 1 else "RGB")
     w, h = image.size
     if min(w, h) != resolution:
         scale = resolution / min(w, h)

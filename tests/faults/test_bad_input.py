@@ -158,6 +158,7 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     (["--model_config_name_or_path", "google/ddpm-cifar10-32"], ["--preset", "ddpm-cifar10"]),
     (["--enable_xformers_memory_efficient_attention"], []),
     (["--local_rank=0"], []),
+    (["--preserve_input_precision"], []),
 ])
 def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, capsys, argv, replacement):
     with pytest.raises(SystemExit) as exit_info:
@@ -283,6 +284,22 @@ def test_images_of_every_mode_and_size_are_converted(tmp_path):
     left, top = (expected.size[0] - 16) // 2, (expected.size[1] - 16) // 2
     expected = np.asarray(expected.crop((left, top, left + 16, top + 16)), dtype=np.float32) / 127.5 - 1
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
+    """A 16-bit grey PNG (0 to 65535) is read as round(v · 255 / 65535): Pillow's convert("L") clipped every value
+    from 255 up to white. Oracle: that closed form on the PNG's own values (a 16 × 16 image, no resize)."""
+    values = np.random.default_rng(0).integers(0, 65536, (16, 16)).astype(np.uint16)
+    values[0, :3] = (0, 65535, 257)
+    png = io.BytesIO()
+    Image.fromarray(values).save(png, format="PNG")
+    _parquet(tmp_path / "data", [png.getvalue()])
+    stream = TrainStream(load_image_dataset(str(tmp_path / "data")), "image", 16, 1, 1, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    got = stream.next_batch()[0, 0].numpy()
+    expected = np.floor(values.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    assert tuple(got[0, :3]) == (0, 255, 1) and len(np.unique(got)) > 100  # (clipped: nearly all 255)
 
 
 def test_channel_check_names_both_sides():
