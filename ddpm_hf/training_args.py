@@ -44,8 +44,12 @@ def parse_args(argv=None):
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                       help="crop the centre of each image to --resolution (default: on; diffusers' example crops at "
                            "random unless --center_crop)")
-    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None)
-    data.add_argument("--cache_dir", default=None)
+    data.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                      help="flip half the images left-right (default: the preset's: on for ddpm-cifar10 and "
+                           "ddpm-256, as the paper; diffusers' example: off)")
+    data.add_argument("--cache_dir", default=None,
+                      help="datasets' cache: with --no-streaming the downloaded data, streaming only its metadata "
+                           "(a streamed Hub dataset is read again each epoch; diffusers' example downloads)")
     data.add_argument("--dataloader_num_workers", type=int, default=None,
                       help="processes that decode and augment images for each training process (0: a background "
                            "thread of the training process does it); default: the free cores, at most 8")
@@ -65,7 +69,9 @@ def parse_args(argv=None):
     model.add_argument("--ddpm_num_steps", type=int, default=1000)
     model.add_argument("--ddpm_beta_schedule", default="linear", choices=BETA_SCHEDULES)
     model.add_argument("--variance_type", default=None, choices=VARIANCE_TYPES)
-    model.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES)
+    model.add_argument("--prediction_type", default="epsilon", choices=PREDICTION_TYPES,
+                       help="what the network predicts; 'sample' (x_0) is trained on the plain x_0 error, where "
+                            "diffusers' example weights it by SNR(t) (the ε loss's weighting: --snr_gamma inf here)")
     model.add_argument("--loss", default="simple", choices=LOSSES)
     model.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR-γ loss weighting (Hang et al. 2023, who recommend 5): each example's x_0 error "
@@ -81,16 +87,22 @@ def parse_args(argv=None):
                           "processes stop at the same step")
     opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    opt.add_argument("--learning_rate", type=float, default=None)
+    opt.add_argument("--learning_rate", type=float, default=None,
+                     help="default: the preset's (2e-4 for CIFAR-10, the paper's; diffusers' example: 1e-4)")
     opt.add_argument("--lr_scheduler", default="constant_with_warmup",  # diffusers' get_scheduler's names
                      choices=["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts",
                               "polynomial"],
                      help="the paper's: constant_with_warmup (diffusers' example defaults to cosine); "
                           "cosine_with_restarts makes one cycle, polynomial decays linearly to 1e-7 (their defaults)")
-    opt.add_argument("--lr_warmup_steps", type=int, default=None)
-    opt.add_argument("--adam_beta1", type=float, default=0.9)
+    opt.add_argument("--lr_warmup_steps", type=int, default=None,
+                     help="in optimizer updates, whatever the processes and --gradient_accumulation_steps (diffusers' "
+                          "example's count is × accumulation / processes updates); default: the preset's (the "
+                          "paper's 5000; diffusers' example: 500)")
+    opt.add_argument("--adam_beta1", type=float, default=0.9, help="(default: %(default)s, the paper's and "
+                     "torch's; diffusers' example: 0.95)")
     opt.add_argument("--adam_beta2", type=float, default=0.999)
-    opt.add_argument("--adam_weight_decay", type=float, default=0.0)
+    opt.add_argument("--adam_weight_decay", type=float, default=0.0,
+                     help="(default: %(default)s, the paper's; diffusers' example: 1e-6)")
     opt.add_argument("--adam_epsilon", type=float, default=1e-8)
     opt.add_argument("--max_grad_norm", type=float, default=None)
     opt.add_argument("--max_nonfinite_steps", type=int, default=5,
@@ -99,8 +111,14 @@ def parse_args(argv=None):
                      help="average the weights (default: on, the paper's; diffusers' example: off): the pipeline is "
                           "saved with the average")
     opt.add_argument("--ema_max_decay", type=float, default=None, help="default: the preset's (the paper's 0.9999)")
-    opt.add_argument("--ema_warmup", action="store_true", help="ramp the EMA decay up (short runs)")
-    opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    opt.add_argument("--ema_warmup", action="store_true",
+                     help="ramp the EMA decay up, min(--ema_max_decay, (1 + n) / (10 + n)) after n updates, for "
+                          "short runs (without it, the paper's constant decay from the first update; diffusers' "
+                          "--use_ema ramps it as 1 - (1 + n)^-0.75, which reaches 0.9999 after about 215k updates)")
+    opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                     help="default: accelerate's setting (`accelerate config`, `accelerate launch "
+                          "--mixed_precision`), else no; the one in force is logged and kept in training_config.json "
+                          "(diffusers' example: no, whatever accelerate's setting)")
     opt.add_argument("--gradient_checkpointing", action="store_true")
     opt.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs")
     opt.add_argument("--compile", action="store_true", help="torch.compile the U-Net (checked before training)")

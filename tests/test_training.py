@@ -732,3 +732,26 @@ def test_without_ema_the_pipelines_hold_the_training_weights(parquet_dir, tmp_pa
     for pipeline in (out, out / "checkpoint-2" / "pipeline"):
         weights = final_weights(pipeline)
         assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained), pipeline
+
+
+def test_the_precision_accelerate_chose_is_the_runs_and_fp16_without_a_gpu_stops(tmp_path, monkeypatch, caplog):
+    """Without --mixed_precision, accelerate's setting (`accelerate config`, `accelerate launch --mixed_precision`,
+    ACCELERATE_MIXED_PRECISION) decides: training_config.json said null, and fp16 on the CPU went through (accelerate
+    reports fp16 and trains in float32, with no loss scaler) where the flag is refused. Oracle: accelerate's own
+    Accelerator.mixed_precision, and the refusal of the flag."""
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("INFO"):
+        train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1",
+                                        "--output_dir", str(tmp_path / "bf16")])
+    assert json.loads((tmp_path / "bf16" / "training_config.json").read_text())["mixed_precision"] == "bf16"
+    assert "mixed precision: bf16 (from accelerate's config (ACCELERATE_MIXED_PRECISION))" in caplog.text
+    if torch.cuda.is_available():  # (fp16 runs there)
+        return
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(SystemExit, match=r"mixed precision fp16, from accelerate's config .* needs a CUDA GPU"):
+        train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1",
+                                        "--output_dir", str(tmp_path / "fp16")])
+    assert not (tmp_path / "fp16" / "checkpoint-1").exists()
