@@ -335,7 +335,9 @@ class DDPMUNet(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     # Device types whose activations run channels-last (a speed choice only, like ``Upsample.phases_on``): oneDNN's
     # convolutions run faster in that layout on CPU (bench/unet.py); elsewhere diffusers' contiguous layout runs
-    # until a measurement there (bench/gpu.sh) says otherwise.
+    # until a measurement there (bench/gpu.sh) says otherwise. Dropout draws its masks in memory order: in training
+    # on the CPU they are other masks than UNet2DModel's for the same seed (the same distribution); empty this set
+    # for UNet2DModel's masks bit for bit.
     channels_last_on = {"cpu"}
 
     @register_to_config
@@ -451,6 +453,15 @@ class DDPMUNet(ModelMixin, ConfigMixin):
                 fail(f"block_out_channels {list(c.block_out_channels)} must be multiples of norm_num_groups={groups}.")
         if c.class_embed_type not in (None, "timestep", "identity"):
             fail(f"class_embed_type={c.class_embed_type!r}; choose None, 'timestep' or 'identity'.")
+        # An attention of fewer channels than attention_head_dim has no head in UNet2DModel (channels // head_dim
+        # heads: a zero-width attention), which its folders then hold; refused, as neither side could load the other's.
+        down = zip(c.block_out_channels, c.down_block_types)
+        up = zip(reversed(c.block_out_channels), c.up_block_types)
+        attended = ([ch for ch, kind in [*down, *up] if kind.startswith("Attn")]
+                    + ([c.block_out_channels[-1]] if c.mid_block_type is not None and c.add_attention else []))
+        if c.attention_head_dim and attended and c.attention_head_dim > min(attended):
+            fail(f"attention_head_dim={c.attention_head_dim} exceeds the {min(attended)} channels of an attention "
+                 f"block: UNet2DModel would give it no head; use at most {min(attended)}.")
 
     # -- helpers ----------------------------------------------------------------------------------------------------
 
@@ -512,8 +523,8 @@ class DDPMUNet(ModelMixin, ConfigMixin):
     ) -> Union[DDPMUNetOutput, Tuple[torch.Tensor]]:
         c = self.config
         timesteps = torch.as_tensor(timestep, device=sample.device)
-        if not timesteps.is_floating_point():
-            timesteps = timesteps.long()
+        if not timesteps.is_floating_point() or not torch.is_tensor(timestep):
+            timesteps = timesteps.long()  # a Python number is an integer timestep, as for UNet2DModel (517.6: 517)
         self._check_inputs(sample, timesteps)
         if c.center_input_sample:
             sample = 2 * sample - 1.0

@@ -239,7 +239,29 @@ def test_bad_input_names_what_was_expected():
     (dict(block_out_channels=[12, 32]), "multiples of norm_num_groups"),
     (dict(block_out_channels=[16, 32, 32]), "same length"),
     (dict(resnet_time_scale_shift="spatial"), "scale_shift"),
+    (dict(attention_head_dim=64), "attention_head_dim=64 exceeds the 32 channels of an attention block"),
 ])
 def test_bad_config_is_refused(overrides, words):
     with pytest.raises(ValueError, match=words):
         DDPMUNet(**unet_config("tiny-16", **overrides))
+
+
+def test_a_head_dim_wider_than_an_attention_block_is_refused_as_unet2dmodel_would_give_it_no_head():
+    """Oracle for the refusal above: diffusers builds such an attention with 0 heads (a zero-width projection), a
+    model no DDPMUNet could hold."""
+    config = unet_config("tiny-16", attention_head_dim=64)
+    widths = {module.to_q.weight.shape[0] for module in UNet2DModel(**config).modules() if hasattr(module, "to_q")}
+    assert 0 in widths
+
+
+def test_a_python_number_is_an_integer_timestep_as_for_unet2dmodel():
+    """UNet2DModel makes a Python number a long tensor (517.6 is 517); a float tensor stays float in both."""
+    torch.manual_seed(2)
+    config = unet_config("tiny-16")
+    theirs = UNet2DModel(**config).eval()
+    ours = DDPMUNet(**config).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x, _ = _inputs(config, batch=2)
+    for t in (517.6, 517, torch.tensor(517.6), torch.tensor([3.5, 998.2])):
+        torch.testing.assert_close(_outputs(ours, x, t), _outputs(theirs, x, t), **TOL)
+    assert not torch.equal(_outputs(ours, x, 517.6), _outputs(ours, x, torch.tensor(517.6)))
