@@ -237,11 +237,30 @@ class CheckpointSaver:
             self.raise_if_failed()
 
 
+def from_diffusers_example(checkpoint: Path) -> bool:
+    """A checkpoint-N folder of diffusers' train_unconditional.py (its U-Net in unet/, and unet_ema/), which holds
+    no accelerate state of this script's (model.safetensors, the optimizer's, the data's)."""
+    return (checkpoint / "unet" / "config.json").is_file() and not any(checkpoint.glob("model*.safetensors")) \
+        and not any(checkpoint.glob("pytorch_model*.bin"))
+
+
+def diffusers_example_message(output_dir: Path, found: List[Path]) -> str:
+    names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    return (f"--output_dir {output_dir} holds checkpoints of diffusers' train_unconditional.py ({names}: unet/, "
+            "unet_ema/), not of this script: they hold no optimizer, EMA or data state it could resume (they are "
+            "intact; their U-Net loads with ddpm_hf.DDPMUNet.from_pretrained('checkpoint-N/unet')). Start this "
+            "script's run in another --output_dir")
+
+
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
     """A new run does not go beside an earlier run's checkpoints: the next 'latest' would resume the earlier run, and
     the checkpoint limit would prune the new run's first. Raises a ValueError naming the choices, unless
     ``overwrite`` (then :func:`clear_earlier_run` removes that run)."""
     found = [p.name for p in checkpoints(output_dir)]
+    foreign = [p for p in checkpoints(output_dir) if from_diffusers_example(p)]
+    if foreign and not overwrite:
+        raise ValueError(diffusers_example_message(output_dir, foreign) + " (--overwrite_output_dir would remove "
+                         "them).")
     if found and not overwrite:
         raise ValueError(f"--output_dir {output_dir} holds the checkpoints of an earlier run ({', '.join(found[:3])}"
                          f"{', ...' if len(found) > 3 else ''}): continue it with --resume_from_checkpoint latest, "
@@ -346,7 +365,11 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
         if not candidates:
             logger.info("no checkpoint in %s: starting from scratch", output_dir)
             return None
-    for path in candidates:
+    foreign = [path for path in candidates if from_diffusers_example(path)]  # (a folder all processes see)
+    if foreign and (requested != "latest" or foreign == candidates):
+        raise SystemExit(diffusers_example_message(output_dir if requested == "latest" else foreign[0].parent,
+                                                   foreign) + ", without --resume_from_checkpoint.")
+    for path in (path for path in candidates if path not in foreign):
         try:
             accelerator.load_state(str(path))
             failed, out_of_memory, mismatch, reason = 0.0, 0.0, 0.0, ""

@@ -755,3 +755,28 @@ def test_the_precision_accelerate_chose_is_the_runs_and_fp16_without_a_gpu_stops
         train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1",
                                         "--output_dir", str(tmp_path / "fp16")])
     assert not (tmp_path / "fp16" / "checkpoint-1").exists()
+
+
+def test_checkpoints_of_diffusers_example_are_named_not_called_corrupt(tmp_path):
+    """An --output_dir of diffusers' train_unconditional.py holds checkpoint-N/unet/ and unet_ema/, no state of this
+    script's: a resume said "unreadable ... files that are cut short or corrupt may be removed" of intact checkpoints,
+    and a new run was told to resume them. Both now say whose they are, and leave them as they are."""
+    import diffusers
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    from ddpm_hf.presets import unet_config
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    out = tmp_path / "from-diffusers"
+    for step in (500, 1000):  # as diffusers' example saves them: accelerate's state hooks write the two U-Nets
+        for name in ("unet", "unet_ema"):
+            diffusers.UNet2DModel(**unet_config("tiny-16")).save_pretrained(out / f"checkpoint-{step}" / name)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    argv = FAST + ["--dataset_name", str(images), "--max_train_steps", "1", "--output_dir", str(out)]
+    for extra in ([], ["--resume_from_checkpoint", "latest"], ["--resume_from_checkpoint", "checkpoint-500"]):
+        with pytest.raises(SystemExit) as stopped:
+            train_in_process(train, argv + extra)
+        message = str(stopped.value.code)
+        assert "holds checkpoints of diffusers' train_unconditional.py (checkpoint-" in message, (extra, message)
+        assert "corrupt" not in message and "--resume_from_checkpoint latest" not in message, (extra, message)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing removed or added
