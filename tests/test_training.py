@@ -780,3 +780,24 @@ def test_checkpoints_of_diffusers_example_are_named_not_called_corrupt(tmp_path)
         assert "holds checkpoints of diffusers' train_unconditional.py (checkpoint-" in message, (extra, message)
         assert "corrupt" not in message and "--resume_from_checkpoint latest" not in message, (extra, message)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing removed or added
+
+
+def test_the_sample_grids_reach_tensorboard(tmp_path):
+    """As diffusers' example logs its test samples, each sample grid goes to the tracker too (TensorBoard's images),
+    at its step: a run watched in TensorBoard showed losses only. Oracle: TensorBoard's own reader of the events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    out = tmp_path / "run"
+    argv = [a if a != "none" else "tensorboard" for a in FAST]  # (FAST logs to no tracker)
+    train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--save_images_steps",
+                                    "2", "--output_dir", str(out)])
+    events = sorted((out / "logs").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events[-1].parent), size_guidance={"images": 0})
+    accumulator.Reload()
+    logged = accumulator.Images("samples")
+    assert [event.step for event in logged] == [2, 4]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert all(event.width >= 16 and event.height >= 16 for event in logged)

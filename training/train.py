@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 # first: it notes the launcher before torch and the rest are imported, seconds (see die_with_launcher)
 from ddpm_hf.processes import die_with_launcher, leave_process_group, stop_all, stop_on_sigterm
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (DistributedType, InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin,
@@ -394,12 +395,21 @@ def ema_pipeline(model, ema, scheduler_config, device: Optional[torch.device] = 
     return pipe
 
 
-def sample_grid(pipe, args, path: Path):
+def sample_grid(pipe, args, path: Path, accelerator, step: int):
+    """The EMA pipeline's samples as a grid in ``path``, and in the trackers (TensorBoard's images, W&B's media) as
+    diffusers' example logs its test samples."""
     from ddpm_hf.pipelines import image_grid
 
     images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
                   num_inference_steps=args.ddpm_num_inference_steps).images
-    return write_file(path, lambda partial: image_grid(images).save(partial, format="PNG"), Path(args.output_dir))
+    written = write_file(path, lambda partial: image_grid(images).save(partial, format="PNG"), Path(args.output_dir))
+    pixels = np.stack([np.asarray(image).reshape(image.height, image.width, -1) for image in images])  # N, H, W, C
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("samples", pixels, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": images}, step=step)
+    return written
 
 
 def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bool:
@@ -441,7 +451,8 @@ def write_outputs(accelerator, model, ema, scheduler, args, step: int, images: b
     if images or final or push:  # (an upload's grid made once, here, not at each of its attempts)
         grid = unless_out_of_memory(pipe.device, f"the sample grid of step {step}",
                                     f"lower --num_sample_images ({args.num_sample_images})",
-                                    lambda: sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png"))
+                                    lambda: sample_grid(pipe, args, output_dir / "samples" / f"step-{step:07d}.png",
+                                                        accelerator, step))
     if evaluate and bpd_images is not None:
         from ddpm_hf.evaluation import quick_bits_per_dim
 
