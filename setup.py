@@ -33,7 +33,7 @@ setup(
         "huggingface_hub>=1.0",  # set_client_factory (the upload timeout) arrived with 1.0's httpx client
         "safetensors",
         "tqdm",
-        "Pillow",
+        "Pillow>=10.3",  # 16-bit grey PNGs open as I;16 (scaled to 8 bits, see ddpm_hf.data.decoding)
         "numpy",
         "tensorboard",
     ],

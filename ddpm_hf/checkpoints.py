@@ -327,9 +327,14 @@ def size_text(size: int) -> str:
 
 
 def publish_file(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(hidden_path)``, then the rename to ``path``: never a truncated file under the final name."""
-    write(partial_path(path))
-    os.replace(partial_path(path), path)
+    """``write(hidden_path)``, then the rename to ``path``: never a truncated file under the final name, and a
+    failed write's partial file removed."""
+    try:
+        write(partial_path(path))
+        os.replace(partial_path(path), path)
+    except BaseException:
+        partial_path(path).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -365,11 +370,15 @@ def resume(accelerator, output_dir: Path, requested: str) -> Optional[Path]:
         if not candidates:
             logger.info("no checkpoint in %s: starting from scratch", output_dir)
             return None
-    foreign = [path for path in candidates if from_diffusers_example(path)]  # (a folder all processes see)
-    if foreign and (requested != "latest" or foreign == candidates):
-        raise SystemExit(diffusers_example_message(output_dir if requested == "latest" else foreign[0].parent,
-                                                   foreign) + ", without --resume_from_checkpoint.")
-    for path in (path for path in candidates if path not in foreign):
+    # diffusers' example's checkpoints, here or asked for, as the main process sees them (every process meets the
+    # same answer): none is resumed, and beside this run's own they would count in --checkpoints_total_limit's
+    # pruning, which would remove this run's newest
+    foreign = broadcast_object_list([[path for path in dict.fromkeys(checkpoints(output_dir) + candidates)
+                                      if from_diffusers_example(path)]])[0]
+    if foreign:
+        raise SystemExit(diffusers_example_message(foreign[0].parent, foreign) + ", without "
+                         "--resume_from_checkpoint, or move them out of it.")
+    for path in candidates:
         try:
             accelerator.load_state(str(path))
             failed, out_of_memory, mismatch, reason = 0.0, 0.0, 0.0, ""

@@ -231,8 +231,10 @@ def bits_per_dim(
     num_train = bound.scheduler.config.num_train_timesteps
     first = next(model.parameters(), None) if hasattr(model, "parameters") else None
     device, dtype = (first.device, first.dtype) if first is not None else (x_all.device, torch.float32)
-    if dtype != torch.float32:  # x_t, and the x_0 of L_0, rounded to its precision: the bound moves (~+0.006 bits/dim
-        logger.warning(  # for the quickstart's model in bf16)
+    # x_t, and L_0's x_0, rounded to a half-precision network's dtype move the bound (~+0.006 bits/dim for the
+    # quickstart's model in bf16)
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        logger.warning(
             "bits_per_dim: the network's weights are %s, so the bound is computed from its %s predictions on x_t "
             "rounded to %s; load it in float32 (torch_dtype=torch.float32) for the paper's figure, as ddpm-hf "
             "evaluate does.", dtype, dtype, dtype)

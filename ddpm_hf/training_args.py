@@ -40,7 +40,8 @@ def parse_args(argv=None):
     data.add_argument("--image_column", default=None, help="default: the first Image column")
     data.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
-    data.add_argument("--resolution", type=int, default=None, help="default: the model's sample_size")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="default: the model's sample_size (diffusers' example: 64)")
     data.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                       help="crop the centre of each image to --resolution (default: on; diffusers' example crops at "
                            "random unless --center_crop)")
@@ -85,7 +86,9 @@ def parse_args(argv=None):
     opt.add_argument("--max_train_minutes", type=float, default=None,
                      help="also stop after this much training time, checked at each logged step (--logging_steps); all "
                           "processes stop at the same step")
-    opt.add_argument("--train_batch_size", type=int, default=None, help="per process and per data stream")
+    opt.add_argument("--train_batch_size", type=int, default=None,
+                     help="per process and per data stream; default: the preset's (the paper's 128 for CIFAR-10, 64 "
+                          "at 256²; diffusers' example: 16)")
     opt.add_argument("--gradient_accumulation_steps", type=int, default=1)
     opt.add_argument("--learning_rate", type=float, default=None,
                      help="default: the preset's (2e-4 for CIFAR-10, the paper's; diffusers' example: 1e-4)")
@@ -116,9 +119,9 @@ def parse_args(argv=None):
                           "short runs (without it, the paper's constant decay from the first update; diffusers' "
                           "--use_ema ramps it as 1 - (1 + n)^-0.75, which reaches 0.9999 after about 215k updates)")
     opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                     help="default: accelerate's setting (`accelerate config`, `accelerate launch "
-                          "--mixed_precision`), else no; the one in force is logged and kept in training_config.json "
-                          "(diffusers' example: no, whatever accelerate's setting)")
+                     help="default: accelerate's setting (`accelerate launch --mixed_precision`, or `accelerate "
+                          "config`'s under `accelerate launch`), else no; the one in force is logged and kept in "
+                          "training_config.json (diffusers' example: no, whatever accelerate's setting)")
     opt.add_argument("--gradient_checkpointing", action="store_true")
     opt.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs")
     opt.add_argument("--compile", action="store_true", help="torch.compile the U-Net (checked before training)")

@@ -459,6 +459,8 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         up = zip(reversed(c.block_out_channels), c.up_block_types)
         attended = ([ch for ch, kind in [*down, *up] if kind.startswith("Attn")]
                     + ([c.block_out_channels[-1]] if c.mid_block_type is not None and c.add_attention else []))
+        if c.attention_head_dim is not None and not isinstance(c.attention_head_dim, int):
+            fail(f"attention_head_dim={c.attention_head_dim!r}; pass one integer (the channels of a head) or None.")
         if c.attention_head_dim and attended and c.attention_head_dim > min(attended):
             fail(f"attention_head_dim={c.attention_head_dim} exceeds the {min(attended)} channels of an attention "
                  f"block: UNet2DModel would give it no head; use at most {min(attended)}.")
@@ -522,9 +524,11 @@ class DDPMUNet(ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> Union[DDPMUNetOutput, Tuple[torch.Tensor]]:
         c = self.config
-        timesteps = torch.as_tensor(timestep, device=sample.device)
-        if not timesteps.is_floating_point() or not torch.is_tensor(timestep):
-            timesteps = timesteps.long()  # a Python number is an integer timestep, as for UNet2DModel (517.6: 517)
+        if torch.is_tensor(timestep):
+            timesteps = timestep.to(sample.device)
+            timesteps = timesteps if timesteps.is_floating_point() else timesteps.long()
+        else:  # a Python number is an integer timestep, as for UNet2DModel (517.6: 517; 999.99997: 999)
+            timesteps = torch.as_tensor(timestep, dtype=torch.long, device=sample.device)
         self._check_inputs(sample, timesteps)
         if c.center_input_sample:
             sample = 2 * sample - 1.0

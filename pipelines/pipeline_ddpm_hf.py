@@ -287,8 +287,11 @@ class DDPMPipeline(DiffusionPipeline):
 
     def _as_model_input(self, image, name: str) -> torch.Tensor:
         if isinstance(image, Image.Image):
-            mode = "L" if self.unet.config.in_channels == 1 else "RGB"
-            array = np.asarray(image.convert(mode), dtype=np.float32) / 127.5 - 1
+            channels = self.unet.config.in_channels
+            if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey: v / 65535 (convert() would clip it at 255)
+                array = np.asarray(image, dtype=np.float32)[..., None].repeat(channels, -1) / 32767.5 - 1
+            else:
+                array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 127.5 - 1
             image = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)
         if not torch.is_tensor(image):
             raise ValueError(f"{name} must be a PIL image or a tensor in [-1, 1], got {type(image).__name__}.")
@@ -358,7 +361,7 @@ class DDPMPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], safe_serialization: bool = True,
                         variant: Optional[str] = None, max_shard_size=None, push_to_hub: bool = False,
-                        **kwargs) -> None:
+                        use_flashpack: bool = False, **kwargs) -> None:
         """Write the pipeline folder: a plain diffusers folder when diffusers computes the same thing, else a
         remote-code folder (see the module docstring). diffusers' arguments that would write a folder ddpm_hf does
         not load (a weight ``variant``, weights in shards) are refused, as ``from_pretrained`` refuses them; the
@@ -368,6 +371,9 @@ class DDPMPipeline(DiffusionPipeline):
         if variant is not None:
             raise ValueError(f"variant={variant!r}: ddpm_hf saves one float32 file, no variants (from_pretrained "
                              "reads no other); leave it out, and load with torch_dtype for another precision.")
+        if use_flashpack:
+            raise ValueError("use_flashpack=True: ddpm_hf saves safetensors only (from_pretrained reads no other); "
+                             "leave it out.")
         if max_shard_size is not None:
             raise ValueError(f"max_shard_size={max_shard_size!r}: ddpm_hf saves the U-Net's weights as one file "
                              "(from_pretrained reads no shards); leave it out.")

@@ -216,6 +216,9 @@ def test_interpolation_through_the_latent():
     scaled = pipe.interpolate(pixels_a.float() / 127.5 - 1, b, lambdas=[0.0, 0.5], t=20, output_type="np").images
     np.testing.assert_array_equal(pipe.interpolate(pixels_a, b, lambdas=[0.0, 0.5], t=20, output_type="np").images,
                                   scaled)
+    sixteen = Image.fromarray(pixels_a[0].numpy().astype(np.uint16) * 257)  # the same image in 16 bits (I;16)
+    np.testing.assert_allclose(pipe.interpolate(sixteen, b, lambdas=[0.0, 0.5], t=20, output_type="np").images,
+                               scaled, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"image_a has values in \[.*\]: the model takes \[-1, 1\]"):
         pipe.interpolate(pixels_a.float(), b, t=10)
     with pytest.raises(ValueError, match=r"\[0, 39\]"):
@@ -357,5 +360,5 @@ def test_save_pretrained_refuses_what_would_write_a_folder_it_does_not_load(tmp_
         with pytest.raises(error, match=message):
             pipe.save_pretrained(tmp_path / "refused", **kwargs)
         assert not (tmp_path / "refused").exists()
-    pipe.save_pretrained(tmp_path / "saved")
+    pipe.save_pretrained(tmp_path / "saved", use_flashpack=False)  # diffusers' other arguments, at their defaults
     np.testing.assert_array_equal(sample_np(DDPMPipeline.from_pretrained(tmp_path / "saved")), sample_np(pipe))

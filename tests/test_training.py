@@ -747,11 +747,12 @@ def test_the_precision_accelerate_chose_is_the_runs_and_fp16_without_a_gpu_stops
         train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1",
                                         "--output_dir", str(tmp_path / "bf16")])
     assert json.loads((tmp_path / "bf16" / "training_config.json").read_text())["mixed_precision"] == "bf16"
-    assert "mixed precision: bf16 (from accelerate's config (ACCELERATE_MIXED_PRECISION))" in caplog.text
+    assert "mixed precision: bf16 (from accelerate's setting (ACCELERATE_MIXED_PRECISION=bf16))" in caplog.text
     if torch.cuda.is_available():  # (fp16 runs there)
         return
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    with pytest.raises(SystemExit, match=r"mixed precision fp16, from accelerate's config .* needs a CUDA GPU"):
+    with pytest.raises(SystemExit, match=r"mixed precision fp16, from accelerate's setting "
+                                         r"\(ACCELERATE_MIXED_PRECISION=fp16\): this script trains fp16 with CUDA's"):
         train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1",
                                         "--output_dir", str(tmp_path / "fp16")])
     assert not (tmp_path / "fp16" / "checkpoint-1").exists()
@@ -780,6 +781,16 @@ def test_checkpoints_of_diffusers_example_are_named_not_called_corrupt(tmp_path)
         assert "holds checkpoints of diffusers' train_unconditional.py (checkpoint-" in message, (extra, message)
         assert "corrupt" not in message and "--resume_from_checkpoint latest" not in message, (extra, message)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing removed or added
+    # beside this run's own checkpoints they are not skipped either: --checkpoints_total_limit would count them, and
+    # prune the run's newest checkpoint, the one just written
+    mixed = tmp_path / "mixed"
+    train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1", "--checkpointing_steps",
+                                    "1", "--output_dir", str(mixed)])
+    diffusers.UNet2DModel(**unet_config("tiny-16")).save_pretrained(mixed / "checkpoint-500" / "unet")
+    with pytest.raises(SystemExit, match=r"holds checkpoints of diffusers' train_unconditional.py \(checkpoint-500"):
+        train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "2", "--output_dir",
+                                        str(mixed), "--resume_from_checkpoint", "latest"])
+    assert (mixed / "checkpoint-1").is_dir() and not (mixed / "checkpoint-2").exists()
 
 
 def test_the_sample_grids_reach_tensorboard(tmp_path):

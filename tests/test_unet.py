@@ -240,6 +240,7 @@ def test_bad_input_names_what_was_expected():
     (dict(block_out_channels=[16, 32, 32]), "same length"),
     (dict(resnet_time_scale_shift="spatial"), "scale_shift"),
     (dict(attention_head_dim=64), "attention_head_dim=64 exceeds the 32 channels of an attention block"),
+    (dict(attention_head_dim=[8, 8]), r"attention_head_dim=\[8, 8\]; pass one integer"),
 ])
 def test_bad_config_is_refused(overrides, words):
     with pytest.raises(ValueError, match=words):
@@ -262,6 +263,6 @@ def test_a_python_number_is_an_integer_timestep_as_for_unet2dmodel():
     ours = DDPMUNet(**config).eval()
     ours.load_state_dict(theirs.state_dict())
     x, _ = _inputs(config, batch=2)
-    for t in (517.6, 517, torch.tensor(517.6), torch.tensor([3.5, 998.2])):
+    for t in (517.6, 517, 999.99997, torch.tensor(517.6), torch.tensor([3.5, 998.2])):
         torch.testing.assert_close(_outputs(ours, x, t), _outputs(theirs, x, t), **TOL)
     assert not torch.equal(_outputs(ours, x, 517.6), _outputs(ours, x, torch.tensor(517.6)))

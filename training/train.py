@@ -161,16 +161,17 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
         raise stop_all(f"{launched} processes were launched but accelerate set up {accelerator.distributed_type} "
                          f"with {accelerator.num_processes} process(es): each would train alone. On CPU launch with "
                          "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`.")
-    # Without --mixed_precision, accelerate's own setting decides (`accelerate config`, `accelerate launch
-    # --mixed_precision`; diffusers' example passes "no" instead): the precision in force is the run's, said and
-    # written in training_config.json, and fp16 needs the CUDA loss scaler whoever asked for it (on the CPU
-    # accelerate would report fp16 and train in float32).
-    asked = ("--mixed_precision" if args.mixed_precision is not None
-             else "accelerate's config (ACCELERATE_MIXED_PRECISION)")
+    # Without --mixed_precision, accelerate's own setting decides (`accelerate launch --mixed_precision`, or
+    # `accelerate config`'s under `accelerate launch`; diffusers' example passes "no" instead): the precision in
+    # force is the run's, said and written in training_config.json, and fp16 needs the CUDA loss scaler whoever
+    # asked for it (on the CPU accelerate would report fp16 and train in float32).
+    setting = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    asked = ("--mixed_precision" if args.mixed_precision is not None else
+             f"accelerate's setting (ACCELERATE_MIXED_PRECISION={setting})" if setting else "the default")
     args.mixed_precision = accelerator.mixed_precision
     if args.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        raise stop_all(f"mixed precision fp16, from {asked}, needs a CUDA GPU (its loss scaler is CUDA-only); on "
-                       f"{accelerator.device.type} pass --mixed_precision bf16 or no.")
+        raise stop_all(f"mixed precision fp16, from {asked}: this script trains fp16 with CUDA's loss scaler only, "
+                       f"and this run is on {accelerator.device.type}; pass --mixed_precision bf16 or no.")
     logger.info("mixed precision: %s (from %s)", args.mixed_precision, asked)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -95,11 +95,18 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey P
 
 def _eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit grey image scaled to 8 bits (round(v · 255 / 65535)); Pillow's convert("L") clips it instead, every
-    value from 255 up (a 16-bit image's range: 0 to 65535) turning white. Other modes as they are."""
-    if image.mode not in SIXTEEN_BIT_MODES:
-        return image
-    values = np.asarray(image).astype(np.uint32)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    value from 255 up (a 16-bit image's range: 0 to 65535) turning white. The 32-bit modes (I, F) say nothing of
+    their range: values outside 0..255 are refused (the stream skips and counts such an image, naming it), not
+    clipped. Other modes as they are."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise ValueError(f"a mode {image.mode} image with values in [{low:g}, {high:g}]: 8-bit values (0 to 255) "
+                             "or 16-bit PNGs are read; convert the dataset's images to either")
+    return image
 
 
 def prepare_image(image: Image.Image, resolution: int, channels: int, center_crop: bool, flip: bool,

@@ -19,7 +19,7 @@ from runs import FAST, train_in_process
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
-from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset
+from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset, prepare_image
 from ddpm_hf.images import to_model_range
 
 
@@ -300,6 +300,14 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
     expected = np.floor(values.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
     np.testing.assert_array_equal(got, expected)
     assert tuple(got[0, :3]) == (0, 255, 1) and len(np.unique(got)) > 100  # (clipped: nearly all 255)
+    # the 32-bit modes say nothing of their range: values outside 0..255 are refused, not clipped (the stream skips
+    # and counts the image); within it they are read as they are
+    wide = Image.fromarray(values.astype(np.int32), "I")
+    with pytest.raises(ValueError, match=r"a mode I image with values in \[0, 65535\]: 8-bit values"):
+        prepare_image(wide, 16, 1, center_crop=True, flip=False, rng=np.random.default_rng(0))
+    narrow = (values // 257).astype(np.int32)
+    np.testing.assert_array_equal(prepare_image(Image.fromarray(narrow, "I"), 16, 1, center_crop=True, flip=False,
+                                                rng=np.random.default_rng(0))[0], narrow)
 
 
 def test_channel_check_names_both_sides():
