@@ -116,8 +116,13 @@ def parse_args(argv=None):
     opt.add_argument("--ema_max_decay", type=float, default=None, help="default: the preset's (the paper's 0.9999)")
     opt.add_argument("--ema_warmup", action="store_true",
                      help="ramp the EMA decay up, min(--ema_max_decay, (1 + n) / (10 + n)) after n updates, for "
-                          "short runs (without it, the paper's constant decay from the first update; diffusers' "
-                          "--use_ema ramps it as 1 - (1 + n)^-0.75, which reaches 0.9999 after about 215k updates)")
+                          "short runs (without it, or the ramp below, the paper's constant decay from the first "
+                          "update)")
+    opt.add_argument("--ema_inv_gamma", type=float, default=None,
+                     help="diffusers' example's EMA ramp, min(--ema_max_decay, 1 - (1 + n / inv_gamma)^-power) after n "
+                          "updates (its --use_ema's); either flag turns it on, the other at diffusers' default "
+                          "(inv_gamma 1, power 0.75: 0.9999 after about 215k updates)")
+    opt.add_argument("--ema_power", type=float, default=None, help="see --ema_inv_gamma")
     opt.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                      help="default: accelerate's setting (`accelerate launch --mixed_precision`, or `accelerate "
                           "config`'s under `accelerate launch`), else no; the one in force is logged and kept in "
@@ -178,16 +183,12 @@ def parse_args(argv=None):
 
 # The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py that this script does not
 # take, with what does the same here: a command brought from there stops naming the replacement, not just the flag.
-_EMA_HERE = ("the EMA decay here is --ema_max_decay from the first step (the paper's), or with --ema_warmup "
-             "min(--ema_max_decay, (1 + n) / (10 + n)) after n updates; there is no inverse-gamma/power ramp")
 DIFFUSERS_ONLY_FLAGS = {
     "--num_epochs": "training here is step-based (a streamed dataset has no length to count epochs by): pass "
                     "--max_train_steps, or --max_train_minutes",
     "--save_images_epochs": "pass --save_images_steps",
     "--save_model_epochs": "the pipeline is written at the end and a resumable checkpoint every --checkpointing_steps",
     "--eval_batch_size": "the sample grid's size is --num_sample_images",
-    "--ema_inv_gamma": _EMA_HERE,
-    "--ema_power": _EMA_HERE,
     "--model_config_name_or_path": "pass --model_config with a UNet2DModel config.json, or a --preset",
     "--local_rank": "drop it: accelerate launch gives each process its rank in the environment (LOCAL_RANK)",
     "--enable_xformers_memory_efficient_attention": "drop it: the attention runs PyTorch's scaled_dot_product_attention, "
@@ -241,6 +242,17 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                     "fewer steps, or use another --lr_scheduler")
         if args.learning_rate <= 1e-7:
             p.error(f"--lr_scheduler polynomial decays to 1e-7: --learning_rate {args.learning_rate} must be above it")
+    for name in ("ema_inv_gamma", "ema_power"):
+        value = getattr(args, name)
+        if value is not None and not (0 < value < float("inf")):
+            p.error(f"--{name} must be positive, got {value}")
+    if args.ema_inv_gamma is not None or args.ema_power is not None:  # the ramp, the other at diffusers' default
+        args.ema_inv_gamma = 1.0 if args.ema_inv_gamma is None else args.ema_inv_gamma
+        args.ema_power = 0.75 if args.ema_power is None else args.ema_power
+    if args.ema_inv_gamma is not None and args.ema_warmup:
+        p.error("--ema_warmup and --ema_inv_gamma/--ema_power are two ramps of the EMA decay: choose one")
+    if args.ema_inv_gamma is not None and not args.use_ema:
+        p.error("--ema_inv_gamma/--ema_power ramp the EMA, which --no-use_ema turns off: drop one of them")
     for name in ("adam_beta1", "adam_beta2", "ema_max_decay", "dropout", "adam_weight_decay"):
         value = getattr(args, name)
         if value is not None and not 0 <= value < 1:

@@ -696,6 +696,35 @@ def test_ema_update_is_the_update_rule():
         torch.testing.assert_close(e.double(), s, rtol=0, atol=1e-6)
 
 
+def test_diffusers_ema_ramp_is_its_ema_models():
+    """--ema_inv_gamma/--ema_power: diffusers' example's EMA (EMAModel with use_ema_warmup, its inv_gamma and power),
+    the oracle, step by step: the same decays and the same averaged weights; a checkpoint keeps the ramp."""
+    from diffusers.training_utils import EMAModel
+
+    from ddpm_hf.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)), torch.nn.Parameter(torch.randn(7, generator=g))]
+    for inv_gamma, power, max_decay in ((1.0, 0.75, 0.9999), (2.5, 2 / 3, 0.9)):
+        ours = EMA(params, max_decay=max_decay, power_ramp=(inv_gamma, power))
+        theirs = EMAModel(params, decay=max_decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
+        for _ in range(40):
+            with torch.no_grad():
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=g))
+            decay = ours.update(params)
+            theirs.step(params)
+            assert decay == pytest.approx(theirs.cur_decay_value, abs=1e-12)
+        for mine, other in zip(ours.shadow, theirs.shadow_params):
+            torch.testing.assert_close(mine, other, rtol=0, atol=1e-5)
+        assert 0.3 < decay < max_decay  # (still ramping: the ramp, not the cap, was compared)
+        resumed = EMA(params, max_decay=0.5)
+        resumed.load_state_dict(ours.state_dict())
+        assert resumed.decay() == ours.decay() and resumed.power_ramp == [inv_gamma, power]
+    with pytest.raises(ValueError, match="power ramp"):
+        EMA(params, warmup=True, power_ramp=(1.0, 0.75))
+
+
 def test_both_upsampling_formulations_agree():
     """The per-device choice in Upsample (phases on CPU, diffusers' interpolate-then-convolve elsewhere) is a choice
     of speed only."""

@@ -812,3 +812,21 @@ def test_the_sample_grids_reach_tensorboard(tmp_path):
     assert [event.step for event in logged] == [2, 4]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert all(event.width >= 16 and event.height >= 16 for event in logged)
+
+
+def test_diffusers_ema_ramp_reaches_the_runs_ema(tmp_path):
+    """--ema_power alone: the run's EMA ramps as diffusers' example's does (the EMA given the ramp), and
+    the checkpoint keeps the ramp; the flags as filled in are in training_config.json."""
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    out = tmp_path / "run"
+    argv = [a for a in FAST]
+    argv[argv.index("--ema_max_decay") + 1] = "0.9999"
+    train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps",
+                                    "3", "--ema_power", "0.5", "--output_dir", str(out)])
+    config = json.loads((out / "training_config.json").read_text())
+    assert (config["ema_inv_gamma"], config["ema_power"]) == (1.0, 0.5)
+    states = [torch.load(path, weights_only=False) for path in (out / "checkpoint-3").glob("custom_checkpoint_*.pkl")]
+    ema = [state for state in states if "power_ramp" in state]  # (the EMA's, among accelerate's custom states)
+    assert len(ema) == 1 and ema[0]["power_ramp"] == [1.0, 0.5] and ema[0]["num_updates"] == 3

@@ -624,7 +624,9 @@ def run(args):
     loop = LoopState(stream.streams, args.train_batch_size, args.seed, device, accelerator.process_index)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: the average lives on the device of the weights it follows
-    ema = EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup) if args.use_ema else None
+    power_ramp = None if args.ema_inv_gamma is None else (args.ema_inv_gamma, args.ema_power)  # diffusers' ramp
+    ema = (EMA(accelerator.unwrap_model(model).parameters(), args.ema_max_decay, args.ema_warmup, power_ramp)
+           if args.use_ema else None)
     for state in (lr_scheduler, stream, loop) + ((ema,) if ema else ()):
         accelerator.register_for_checkpointing(state)
     images, shape = args.train_batch_size * len(stream.streams), (stream.settings.channels, resolution)  # per process
@@ -765,7 +767,7 @@ def start_run(accelerator, args, model, stream, loop) -> float:
         accelerator.init_trackers("ddpm_hf", config=tracker_config, init_kwargs=purge)
         # (a run that starts: a resumed one keeps its checkpoint's EMA settings, whatever the flags say now)
         initial = args.ema_max_decay ** args.max_train_steps if args.use_ema and not loop.step else 0.0
-        if initial > 0.05 and not args.ema_warmup:  # the EMA weights are the ones the pipeline is saved with
+        if initial > 0.05 and not args.ema_warmup and args.ema_inv_gamma is None:  # (the pipeline's weights)
             logger.warning("the EMA decay %s from the first step (the paper's, for 800,000 steps) leaves %.0f %% of "
                            "the initial weights in the EMA weights after %d steps, and the saved pipeline has those: "
                            "pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,

@@ -137,6 +137,20 @@ def test_a_tracker_whose_package_is_missing_is_refused_naming_the_package(train,
         capsys.readouterr().err)
 
 
+def test_diffusers_ema_ramp_flags_are_taken_with_its_defaults(train, capsys):
+    """--ema_inv_gamma/--ema_power (diffusers' example's names) turn its ramp on, the other at its default; with
+    --ema_warmup (the other ramp) or --no-use_ema, or a value that is not positive, the parse stops naming them."""
+    args = train.parse_args(["--ema_power", "0.5"])
+    assert (args.ema_inv_gamma, args.ema_power) == (1.0, 0.5)
+    assert (train.parse_args([]).ema_inv_gamma, train.parse_args([]).ema_power) == (None, None)
+    for argv, words in ((["--ema_inv_gamma", "2", "--ema_warmup"], "two ramps"),
+                        (["--ema_power", "0.75", "--no-use_ema"], "--no-use_ema turns off"),
+                        (["--ema_inv_gamma", "0"], "--ema_inv_gamma must be positive")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(argv)
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err, argv
+
+
 def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     assert train.parse_args(["--report_to", "tensorboard"]).logger == "tensorboard"  # installed with ddpm_hf
     assert train.parse_args(["--report_to", "none"]).logger == "none"
@@ -153,8 +167,6 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     (["--save_images_epochs=10"], ["--save_images_steps", "3"]),
     (["--save_model_epochs", "10"], ["--checkpointing_steps", "3"]),
     (["--eval_batch_size", "16"], ["--num_sample_images", "4"]),
-    (["--ema_inv_gamma", "1.0"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
-    (["--ema_power", "0.75"], ["--ema_warmup", "--ema_max_decay", "0.999"]),
     (["--model_config_name_or_path", "google/ddpm-cifar10-32"], ["--preset", "ddpm-cifar10"]),
     (["--enable_xformers_memory_efficient_attention"], []),
     (["--local_rank=0"], []),
