@@ -61,6 +61,12 @@ def parse_args(argv=None):
     model = p.add_argument_group("model and diffusion")
     model.add_argument("--preset", default="small-28", choices=sorted(PRESETS))
     model.add_argument("--model_config", default=None, help="a UNet2DModel-style config.json, overrides --preset")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="start from the U-Net of a pipeline folder or Hub repo (a training run's --output_dir, "
+                            "google/ddpm-cifar10-32, ...): its config and weights, which override --preset; the "
+                            "diffusion and the recipe still come from the flags (diffusers' examples' name)")
+    model.add_argument("--revision", default=None,
+                       help="the branch, tag or commit of --pretrained_model_name_or_path on the Hub")
     model.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
                        help="training settings laid over the preset's before any flag: 'paper' (the paper's) or "
                             "'short' (measured for runs of minutes to hours: " +
@@ -206,6 +212,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     except ValueError as err:
         p.error(str(err))
     args.batch_from_preset = args.train_batch_size is None  # per data stream: see train.py's start_run
+    if args.pretrained_model_name_or_path is not None:
+        if args.model_config:
+            p.error("--pretrained_model_name_or_path brings its U-Net's config: drop --model_config")
+        if args.original_init:
+            p.error("--original_init initialises the weights --pretrained_model_name_or_path brings: drop one")
+    elif args.revision is not None:
+        p.error("--revision is the revision of --pretrained_model_name_or_path, which is not given")
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -220,3 +220,62 @@ def test_the_true_bound_trains_the_mean_and_the_learned_variance(prediction_type
     assert mean_rows.min() > 0 and variance_rows.min() > 0
     mean_rows, variance_rows = output_rows_after_one_step("hybrid")
     assert float(mean_rows.max()) == 0 and variance_rows.min() > 0
+
+
+def test_training_starts_from_a_pretrained_pipelines_unet(tmp_path, capsys):
+    """--pretrained_model_name_or_path (diffusers' examples' name): the U-Net's config and weights come from a
+    pipeline folder, ddpm_hf's or diffusers' own (the oracle: the weights saved there), over --preset; --dropout and
+    --resolution still apply; what cannot start from it stops before training, naming the flag."""
+    import diffusers
+
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    torch.manual_seed(5)
+    ours = DDPMUNet(**unet_config("tiny-16", dropout=0.1))
+    DDPMPipeline(unet=ours, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ours")
+    theirs = diffusers.UNet2DModel(**unet_config("tiny-16", attention_head_dim=8))
+    diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "theirs")
+    for folder, source in (("ours", ours), ("theirs", theirs)):
+        args = train.parse_args(["--preset", "small-28", "--pretrained_model_name_or_path", str(tmp_path / folder)])
+        model, resolution = train.build_model(args)
+        assert resolution == 16 and model.config.attention_head_dim == source.config.attention_head_dim
+        assert all(torch.equal(value, source.state_dict()[key]) for key, value in model.state_dict().items())
+    args = train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "ours"), "--dropout", "0.3",
+                             "--resolution", "32"])
+    model, resolution = train.build_model(args)
+    assert (model.config.dropout, resolution) == (0.3, 32)
+    assert all(torch.equal(value, ours.state_dict()[key]) for key, value in model.state_dict().items())
+    for flags, words in ((["--variance_type", "learned_range", "--loss", "hybrid"], "the U-Net predicts 2 channels"),
+                         (["--pretrained_model_name_or_path", str(tmp_path / "none")], "neither an existing folder")):
+        argv = ["--pretrained_model_name_or_path", str(tmp_path / "ours"), *flags]
+        with pytest.raises(SystemExit, match=words):
+            train.build_model(train.parse_args(argv))
+    for flags, words in ((["--model_config", str(tmp_path / "ours" / "unet" / "config.json")], "drop --model_config"),
+                         (["--original_init"], "--original_init initialises"),):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "ours"), *flags])
+        assert words in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--revision", "main"])
+    assert "--revision is the revision of --pretrained_model_name_or_path" in capsys.readouterr().err
+
+
+def test_a_run_from_a_pretrained_unet_trains_from_its_weights(tmp_path):
+    """The flag through a whole run: one step with a learning rate that leaves the weights in place but for Adam's
+    first step (at most the rate per weight), so the saved weights are the pretrained ones within it."""
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    torch.manual_seed(7)
+    source = DDPMUNet(**unet_config("tiny-16"))
+    DDPMPipeline(unet=source, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "pretrained")
+    images = write_images(tmp_path / "images", count=16, shards=2, size=16)
+    argv = [a for a in FAST if a not in ("--ema_max_decay", "0.9")]
+    train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "1", "--no-use_ema",
+                                    "--learning_rate", "1e-6", "--lr_warmup_steps", "0", "--output_dir",
+                                    str(tmp_path / "run"), "--pretrained_model_name_or_path",
+                                    str(tmp_path / "pretrained")])
+    trained = DDPMUNet.from_pretrained(tmp_path / "run" / "unet")
+    moved = max((value - source.state_dict()[key]).abs().max().item() for key, value in trained.state_dict().items())
+    assert 0 < moved <= 1.2e-6  # Adam's first step moves a weight by the rate at most (+ float32 rounding near 1)

@@ -47,7 +47,7 @@ from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_re
                           remember_row_groups)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
-from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_with_retries
+from ddpm_hf.hub import Uploads, check_push_target, hub_timeout, push_pipeline_with_retries, resolve_folder
 from ddpm_hf.images import to_model_range
 from ddpm_hf.losses import make_loss
 from ddpm_hf.presets import unet_config
@@ -57,11 +57,26 @@ from ddpm_hf.training_args import card_config, parse_args, public_config, read_m
 
 logger = logging.getLogger("ddpm_hf.train")
 
+def load_pretrained_unet(args) -> DDPMUNet:
+    """The U-Net of --pretrained_model_name_or_path (a folder, or a Hub repo at --revision), read as ddpm-hf
+    sample reads pipelines: a bad name, repo or file stops the run naming the flag."""
+    from ddpm_hf.hub import load_components
+
+    try:
+        return load_components(args.pretrained_model_name_or_path, revision=args.revision, token=args.hub_token,
+                               cache_dir=args.cache_dir)["unet"]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {err}") from err
+
+
 def build_model(args):
-    """The U-Net of --model_config or --preset (with --dropout, --original_init, a doubled output for a learned
-    variance, gradient checkpointing, --resolution as its sample_size) and the training resolution, checked against
-    the model's levels."""
-    config = read_model_config(args.model_config) if args.model_config else unet_config(args.preset)
+    """The U-Net of --pretrained_model_name_or_path (its config and weights), --model_config or --preset (with
+    --dropout, --original_init, a doubled output for a learned variance, gradient checkpointing, --resolution as its
+    sample_size) and the training resolution, checked against the model's levels."""
+    pretrained = load_pretrained_unet(args) if args.pretrained_model_name_or_path else None
+    config = (dict(pretrained.config) if pretrained is not None else
+              read_model_config(args.model_config) if args.model_config else unet_config(args.preset))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     if args.resolution:  # the saved pipeline samples at the size it trained at (diffusers' example: sample_size=)
         config["sample_size"] = args.resolution
     if args.dropout is not None:
@@ -74,6 +89,13 @@ def build_model(args):
         raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: invalid U-Net config: {err}") from err
     if args.original_init:
         model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed))
+    if pretrained is not None:
+        if model.config.out_channels != pretrained.config.out_channels:
+            raise SystemExit(f"--variance_type {args.variance_type}: the U-Net predicts {model.config.out_channels} "
+                             f"channels, {args.pretrained_model_name_or_path}'s {pretrained.config.out_channels}: pass "
+                             "the --variance_type it was trained with (fixed_small or fixed_large for an ε-model), "
+                             "or another pretrained model.")
+        model.load_state_dict(pretrained.state_dict())  # (its config with the flags' --dropout and --resolution)
     resolution = model.config.sample_size
     if not isinstance(resolution, int):
         raise SystemExit(f"{args.model_config}: the U-Net config gives no sample_size (an int): pass --resolution.")
@@ -601,6 +623,10 @@ def run(args):
 
     # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
     set_seed(args.seed)  # the same initial weights on every process
+    if args.pretrained_model_name_or_path:  # downloaded by the main process first, a failure said on every process
+        decided_by_main(accelerator, lambda: resolve_folder(args.pretrained_model_name_or_path, args.revision,
+                                                            args.hub_token, args.cache_dir) and None,
+                        "--pretrained_model_name_or_path")
     model, resolution = build_model(args)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
