@@ -292,9 +292,11 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
 
 def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional[str], private: bool, attempts: int,
                                grid_path: Optional[Path], training_config: dict, local_dir: str,
-                               datasets: Optional[List[str]] = None, backoff_s: float = 2.0) -> bool:
+                               datasets: Optional[List[str]] = None, base_model: Optional[str] = None,
+                               backoff_s: float = 2.0) -> bool:
     """Upload a training run's EMA pipeline (with the grid at ``grid_path``, if any), its model card naming
-    ``datasets`` (the Hub datasets it was trained on) in its metadata. huggingface_hub retries 5xx answers, dropped
+    ``datasets`` (the Hub datasets it was trained on) and ``base_model`` (the Hub model it started from) in its
+    metadata. huggingface_hub retries 5xx answers, dropped
     connections and timeouts (see hub_timeout) itself, with backoff; on top of that the whole upload is tried
     ``attempts`` times with exponential backoff (backoff_s, 2·backoff_s, ...); a refusal of the token (401, 403) is
     not tried again. A failure is reported and False returned. Local files are never modified and no token reaches
@@ -311,7 +313,7 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
         pipe.push_to_hub(repo_id, private=private or None, token=token, parent_commit=parent,
                          commit_message=f"ddpm_hf: EMA weights at step {step}",
                          sample_grid=Image.open(grid_path) if grid_path else False,
-                         training_config=training_config, datasets=datasets)
+                         training_config=training_config, datasets=datasets, base_model=base_model)
 
     for attempt in range(1, attempts + 1):
         try:

@@ -49,8 +49,9 @@ def parse_args(argv=None):
                       help="flip half the images left-right (default: the preset's: on for ddpm-cifar10 and "
                            "ddpm-256, as the paper; diffusers' example: off)")
     data.add_argument("--cache_dir", default=None,
-                      help="datasets' cache: with --no-streaming the downloaded data, streaming only its metadata "
-                           "(a streamed Hub dataset is read again each epoch; diffusers' example downloads)")
+                      help="the downloads' cache: a --pretrained_model_name_or_path from the Hub, and datasets' (with "
+                           "--no-streaming the downloaded data, streaming only its metadata: a streamed Hub dataset "
+                           "is read again each epoch; diffusers' example downloads)")
     data.add_argument("--dataloader_num_workers", type=int, default=None,
                       help="processes that decode and augment images for each training process (0: a background "
                            "thread of the training process does it); default: the free cores, at most 8")
@@ -66,7 +67,12 @@ def parse_args(argv=None):
                             "google/ddpm-cifar10-32, ...): its config and weights, which override --preset; the "
                             "diffusion and the recipe still come from the flags (diffusers' examples' name)")
     model.add_argument("--revision", default=None,
-                       help="the branch, tag or commit of --pretrained_model_name_or_path on the Hub")
+                       help="the branch, tag or commit of --pretrained_model_name_or_path on the Hub (default: main, "
+                            "resolved to its commit at the start and recorded in training_config.json)")
+    model.add_argument("--allow_pickle", action="store_true",
+                       help="read pickle weights (diffusion_pytorch_model.bin) of --pretrained_model_name_or_path, as "
+                            "the google/ddpm-* repos hold, with torch.load(weights_only=True): only from a source you "
+                            "trust")
     model.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
                        help="training settings laid over the preset's before any flag: 'paper' (the paper's) or "
                             "'short' (measured for runs of minutes to hours: " +
@@ -217,8 +223,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error("--pretrained_model_name_or_path brings its U-Net's config: drop --model_config")
         if args.original_init:
             p.error("--original_init initialises the weights --pretrained_model_name_or_path brings: drop one")
-    elif args.revision is not None:
-        p.error("--revision is the revision of --pretrained_model_name_or_path, which is not given")
+    elif args.revision is not None or args.allow_pickle:
+        p.error(f"{'--revision' if args.revision is not None else '--allow_pickle'} is about "
+                "--pretrained_model_name_or_path, which is not given")
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -356,6 +363,7 @@ def card_config(args) -> dict:
     """:func:`public_config` without this machine's paths, for a published model card: the folders and files are
     left out, and a local --dataset_name is named by its folder's name only."""
     config = {k: v for k, v in public_config(args).items() if k not in LOCAL_PATH_FLAGS}
-    if config.get("dataset_name") and os.path.exists(config["dataset_name"]):
-        config["dataset_name"] = f"local folder {os.path.basename(os.path.normpath(config['dataset_name']))}"
+    for name in ("dataset_name", "pretrained_model_name_or_path"):
+        if config.get(name) and os.path.exists(config[name]):
+            config[name] = f"local folder {os.path.basename(os.path.normpath(config[name]))}"
     return config

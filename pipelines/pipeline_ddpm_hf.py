@@ -434,6 +434,7 @@ class DDPMPipeline(DiffusionPipeline):
         grid_size: int = 4,
         grid_inference_steps: Optional[int] = None,
         parent_commit: Optional[str] = None,
+        base_model: Optional[str] = None,
     ):
         """Upload the pipeline folder (weights, configs, module files when needed) with a generated model card and a
         sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
@@ -441,6 +442,7 @@ class DDPMPipeline(DiffusionPipeline):
         ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed`` (False: no
         grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card
         when given. ``parent_commit``: the commit is refused (HTTP 412) unless ``revision`` is still at it.
+        ``base_model``: the Hub model it was fine-tuned from, in the card's metadata.
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
@@ -458,7 +460,7 @@ class DDPMPipeline(DiffusionPipeline):
             if sample_grid is not False:
                 sample_grid.save(Path(tmp) / "samples.png")
             card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
-                              evaluation=evaluation, grid=sample_grid is not False)
+                              evaluation=evaluation, grid=sample_grid is not False, base_model=base_model)
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             # files of an earlier upload that this one has not go in the same commit (see STALE_AFTER_UPLOAD)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
@@ -477,13 +479,15 @@ PREDICTS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v", "mean": "μ"
 
 def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", datasets: Optional[Sequence[str]] = None,
                training_config: Optional[Dict[str, Any]] = None, evaluation: Optional[Dict[str, Any]] = None,
-               grid: bool = True) -> str:
+               grid: bool = True, base_model: Optional[str] = None) -> str:
     """The README.md of a published pipeline: YAML metadata, the sample grid (samples.png, where ``grid``),
     configuration, numbers, usage."""
     meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", f"license: {license}",
             "tags:", "- ddpm", "- ddpm_hf", "- diffusers", "- unconditional-image-generation"]
     if datasets:
         meta += ["datasets:"] + [f"- {json.dumps(d)}" for d in datasets]  # quoted: a repo named "null" stays a name
+    if base_model:
+        meta.append(f"base_model: {json.dumps(base_model)}")
     meta.append("---")
     unet, sched = pipe.unet.config, pipe.scheduler.config
     params = sum(p.numel() for p in pipe.unet.parameters())

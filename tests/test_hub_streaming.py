@@ -849,6 +849,34 @@ def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_it
     assert "datasets:" not in card and str(tmp_path) not in card and "| dataset_name | local folder repo |" in card
 
 
+def test_a_run_from_a_hub_model_records_its_commit_and_names_it_as_base_model(dataset_hub, train, tmp_path):
+    """--pretrained_model_name_or_path from the Hub: the weights are the repo's, --revision is recorded as the commit
+    it read (main resolved, as --dataset_revision is), and the published card names the repo as its base_model."""
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    torch.manual_seed(3)
+    source = DDPMUNet(**unet_config("tiny-16"))
+    DDPMPipeline(unet=source, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "base")
+    api = HfApi(token=TOKEN)
+    api.create_repo("alice/base-model")
+    api.upload_folder(repo_id="alice/base-model", folder_path=str(tmp_path / "base"))
+    commit = api.model_info("alice/base-model").sha
+    root = tmp_path / "repo"
+    write_images(root / "data", count=16, shards=2)
+    argv = [a for a in FAST if a not in ("--ema_max_decay", "0.9")]
+    train_in_process(train, argv + ["--dataset_name", str(root), "--max_train_steps", "1", "--checkpointing_steps",
+                                    "0", "--dataloader_num_workers", "0", "--no-use_ema", "--learning_rate", "1e-6",
+                                    "--lr_warmup_steps", "0", "--hub_token", TOKEN, "--push_to_hub",
+                                    "--hub_model_id", "alice/tuned", "--pretrained_model_name_or_path",
+                                    "alice/base-model", "--output_dir", str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "training_config.json").read_text())["revision"] == commit
+    trained = DDPMUNet.from_pretrained(tmp_path / "run" / "unet")
+    assert max((v - source.state_dict()[k]).abs().max().item() for k, v in trained.state_dict().items()) <= 1.2e-6
+    card = dataset_hub.repos["alice/tuned"].files("main")[1]["README.md"].decode()
+    assert '\nbase_model: "alice/base-model"\n' in card.split("---")[1]
+
+
 def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub, train, tmp_path):
     """A run checkpointed, then the dataset's card edited on the Hub (a commit that changes no data, as a bot's or a
     typo fix's): the resume used to be refused, naming --dataset_revision. It reads the checkpoints' commit now and

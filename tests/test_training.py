@@ -814,7 +814,7 @@ def test_the_sample_grids_reach_tensorboard(tmp_path):
     assert all(event.width >= 16 and event.height >= 16 for event in logged)
 
 
-def test_diffusers_ema_ramp_reaches_the_runs_ema(tmp_path):
+def test_diffusers_ema_ramp_reaches_the_runs_ema(tmp_path, caplog):
     """--ema_power alone: the run's EMA ramps as diffusers' example's does (the EMA given the ramp), and
     the checkpoint keeps the ramp; the flags as filled in are in training_config.json."""
     from runs import FAST, load_train_script, train_in_process, write_images
@@ -830,3 +830,11 @@ def test_diffusers_ema_ramp_reaches_the_runs_ema(tmp_path):
     states = [torch.load(path, weights_only=False) for path in (out / "checkpoint-3").glob("custom_checkpoint_*.pkl")]
     ema = [state for state in states if "power_ramp" in state]  # (the EMA's, among accelerate's custom states)
     assert len(ema) == 1 and ema[0]["power_ramp"] == [1.0, 0.5] and ema[0]["num_updates"] == 3
+    # resumed without the flags, the run goes on with its checkpoint's ramp, says so, and records what it does
+    with caplog.at_level("WARNING"):
+        train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--output_dir",
+                                        str(out), "--resume_from_checkpoint", "latest"])
+    assert "resuming with the checkpoint's EMA settings, not the flags': --ema_inv_gamma 1.0 (flag: None), " \
+           "--ema_power 0.5 (flag: None)" in caplog.text
+    config = json.loads((out / "training_config.json").read_text())
+    assert (config["ema_inv_gamma"], config["ema_power"], config["max_train_steps"]) == (1.0, 0.5, 4)

@@ -222,7 +222,7 @@ def test_the_true_bound_trains_the_mean_and_the_learned_variance(prediction_type
     assert float(mean_rows.max()) == 0 and variance_rows.min() > 0
 
 
-def test_training_starts_from_a_pretrained_pipelines_unet(tmp_path, capsys):
+def test_training_starts_from_a_pretrained_pipelines_unet(tmp_path, capsys, caplog):
     """--pretrained_model_name_or_path (diffusers' examples' name): the U-Net's config and weights come from a
     pipeline folder, ddpm_hf's or diffusers' own (the oracle: the weights saved there), over --preset; --dropout and
     --resolution still apply; what cannot start from it stops before training, naming the flag."""
@@ -256,9 +256,34 @@ def test_training_starts_from_a_pretrained_pipelines_unet(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "ours"), *flags])
         assert words in capsys.readouterr().err
+    # a learned-variance model (2C outputs) with a fixed variance, and the reverse, stop naming --variance_type
+    learned = DDPMUNet(**unet_config("tiny-16", out_channels=2))
+    DDPMPipeline(unet=learned, scheduler=DDPMScheduler(variance_type="learned_range")).save_pretrained(tmp_path / "2c")
+    with pytest.raises(SystemExit, match="--variance_type fixed_large: the U-Net predicts 1 channels, .*'s 2"):
+        train.build_model(train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "2c")]))
+    # its scheduler is not the flags' diffusion: said, and the flags' is trained
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train.build_model(train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "2c"), "--variance_type",
+                                            "learned_range", "--loss", "hybrid", "--ddpm_num_steps", "500"]))
+    said = [r.getMessage() for r in caplog.records if "another diffusion" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("the flags': --ddpm_num_steps 500 (its 1000); training goes on with "
+                                               "the flags' (pass its own to continue its diffusion)"), said
+    # pickle weights (the google/ddpm-* repos' layout) only with --allow_pickle
+    pickled = tmp_path / "pickled"
+    DDPMPipeline(unet=ours, scheduler=DDPMScheduler()).save_pretrained(pickled)
+    torch.save(ours.state_dict(), pickled / "unet" / "diffusion_pytorch_model.bin")
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(SystemExit, match="allow_pickle"):
+        train.build_model(train.parse_args(["--pretrained_model_name_or_path", str(pickled)]))
+    model, _ = train.build_model(train.parse_args(["--pretrained_model_name_or_path", str(pickled), "--allow_pickle"]))
+    assert all(torch.equal(value, ours.state_dict()[key]) for key, value in model.state_dict().items())
+    # a model card names a local folder by its name only, as it does a local dataset
+    card = train.card_config(train.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "ours")]))
+    assert card["pretrained_model_name_or_path"] == "local folder ours"
     with pytest.raises(SystemExit):
         train.parse_args(["--revision", "main"])
-    assert "--revision is the revision of --pretrained_model_name_or_path" in capsys.readouterr().err
+    assert "--revision is about --pretrained_model_name_or_path, which is not given" in capsys.readouterr().err
 
 
 def test_a_run_from_a_pretrained_unet_trains_from_its_weights(tmp_path):

@@ -57,23 +57,44 @@ from ddpm_hf.training_args import card_config, parse_args, public_config, read_m
 
 logger = logging.getLogger("ddpm_hf.train")
 
-def load_pretrained_unet(args) -> DDPMUNet:
-    """The U-Net of --pretrained_model_name_or_path (a folder, or a Hub repo at --revision), read as ddpm-hf
-    sample reads pipelines: a bad name, repo or file stops the run naming the flag."""
+def load_pretrained(args) -> dict:
+    """The U-Net and scheduler of --pretrained_model_name_or_path (a folder, or a Hub repo at --revision), read as
+    ddpm-hf sample reads pipelines: a bad name, repo or file stops the run naming the flag."""
     from ddpm_hf.hub import load_components
 
     try:
         return load_components(args.pretrained_model_name_or_path, revision=args.revision, token=args.hub_token,
-                               cache_dir=args.cache_dir)["unet"]
+                               cache_dir=args.cache_dir, allow_pickle=args.allow_pickle)
     except (OSError, ValueError) as err:
         raise SystemExit(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {err}") from err
 
 
-def build_model(args):
+def warn_of_another_diffusion(args, scheduler) -> None:
+    """The diffusion comes from the flags, not from the pretrained pipeline's scheduler: where they differ, said."""
+    ours = {"num_train_timesteps": args.ddpm_num_steps, "beta_schedule": args.ddpm_beta_schedule,
+            "variance_type": args.variance_type, "prediction_type": args.prediction_type}
+    flags = {"num_train_timesteps": "--ddpm_num_steps", "beta_schedule": "--ddpm_beta_schedule",
+             "variance_type": "--variance_type", "prediction_type": "--prediction_type"}
+    differ = [f"{flags[key]} {value} (its {scheduler.config[key]})" for key, value in ours.items()
+              if scheduler.config[key] != value]
+    if differ:
+        logger.warning("%s was trained with another diffusion than the flags': %s; training goes on with the flags' "
+                       "(pass its own to continue its diffusion)", args.pretrained_model_name_or_path,
+                       ", ".join(differ))
+
+
+def build_model(args, say: bool = True):
     """The U-Net of --pretrained_model_name_or_path (its config and weights), --model_config or --preset (with
     --dropout, --original_init, a doubled output for a learned variance, gradient checkpointing, --resolution as its
-    sample_size) and the training resolution, checked against the model's levels."""
-    pretrained = load_pretrained_unet(args) if args.pretrained_model_name_or_path else None
+    sample_size) and the training resolution, checked against the model's levels. ``say``: warn where the
+    pretrained pipeline's diffusion differs from the flags' (the main process)."""
+    pretrained = None
+    if args.pretrained_model_name_or_path:
+        loaded = load_pretrained(args)
+        pretrained = loaded["unet"]
+        if say:
+            warn_of_another_diffusion(args, loaded["scheduler"])
+    source = args.pretrained_model_name_or_path or args.model_config or f"--preset {args.preset}"
     config = (dict(pretrained.config) if pretrained is not None else
               read_model_config(args.model_config) if args.model_config else unet_config(args.preset))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -83,22 +104,24 @@ def build_model(args):
         config["dropout"] = args.dropout
     if args.variance_type in LEARNED_VARIANCE_TYPES:
         config["out_channels"] = 2 * config["in_channels"]
+    elif pretrained is not None:  # a learned-variance model's doubled output has no use with a fixed variance
+        config["out_channels"] = config["in_channels"]
     try:
         model = DDPMUNet(**config)
     except (TypeError, ValueError) as err:
-        raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: invalid U-Net config: {err}") from err
+        raise SystemExit(f"{source}: invalid U-Net config: {err}") from err
     if args.original_init:
         model.initialize_like_ddpm(torch.Generator().manual_seed(args.seed))
     if pretrained is not None:
         if model.config.out_channels != pretrained.config.out_channels:
             raise SystemExit(f"--variance_type {args.variance_type}: the U-Net predicts {model.config.out_channels} "
                              f"channels, {args.pretrained_model_name_or_path}'s {pretrained.config.out_channels}: pass "
-                             "the --variance_type it was trained with (fixed_small or fixed_large for an ε-model), "
-                             "or another pretrained model.")
+                             "the --variance_type it was trained with (fixed_small or fixed_large for an ε-model, "
+                             "learned_range or learned for one of twice the image's channels), or another model.")
         model.load_state_dict(pretrained.state_dict())  # (its config with the flags' --dropout and --resolution)
     resolution = model.config.sample_size
     if not isinstance(resolution, int):
-        raise SystemExit(f"{args.model_config}: the U-Net config gives no sample_size (an int): pass --resolution.")
+        raise SystemExit(f"{source}: the U-Net config gives no sample_size (an int): pass --resolution.")
     factor = 2 ** (len(model.config.block_out_channels) - 1)
     if resolution % factor:
         raise SystemExit(f"--resolution {resolution} is not a multiple of {factor}, which the model's "
@@ -444,7 +467,13 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
                                       local_dir=args.output_dir if step >= args.max_train_steps  # (the final one)
                                       else str(Path(args.output_dir) / f"checkpoint-{step}"),
                                       datasets=[d for d in [hub_dataset_id(args.dataset_name)] if d],
-                                      backoff_s=backoff_s)
+                                      base_model=pretrained_hub_id(args), backoff_s=backoff_s)
+
+
+def pretrained_hub_id(args) -> Optional[str]:
+    """--pretrained_model_name_or_path when it is a Hub repo (not a local folder): the model card's base_model."""
+    name = args.pretrained_model_name_or_path
+    return name if name and not Path(name).expanduser().is_dir() else None
 
 
 def bits_per_dim_images(args, resolution: int, channels: int) -> torch.Tensor:
@@ -624,13 +653,19 @@ def run(args):
     # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
     set_seed(args.seed)  # the same initial weights on every process
     if args.pretrained_model_name_or_path:  # downloaded by the main process first, a failure said on every process
-        decided_by_main(accelerator, lambda: resolve_folder(args.pretrained_model_name_or_path, args.revision,
-                                                            args.hub_token, args.cache_dir) and None,
-                        "--pretrained_model_name_or_path")
-    model, resolution = build_model(args)
+        folder = decided_by_main(accelerator, lambda: str(resolve_folder(
+            args.pretrained_model_name_or_path, args.revision, args.hub_token, args.cache_dir,
+            allow_pickle=args.allow_pickle)), "--pretrained_model_name_or_path")
+        if pretrained_hub_id(args):  # a Hub repo: its snapshot's folder is its commit, which every process loads
+            args.revision = Path(folder).name  # and the run records
+    model, resolution = build_model(args, say=accelerator.is_main_process)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               variance_type=args.variance_type, prediction_type=args.prediction_type)
-    loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels, args.snr_gamma)
+    try:
+        loss_fn = make_loss(args.loss, scheduler, model.config.out_channels, model.config.in_channels,
+                            args.snr_gamma)
+    except ValueError as err:  # e.g. a --model_config whose output channels do not fit the variance type
+        raise SystemExit(f"{args.model_config or '--preset ' + args.preset}: {err}") from err
     num_train_timesteps = scheduler.config.num_train_timesteps
     if args.push_to_hub:  # a token that cannot write there stops here, not at the first upload (nor after a download)
         args.hub_model_id = decided_by_main(accelerator, lambda: check_push_target(
@@ -666,7 +701,7 @@ def run(args):
                                 images, shape) from err
     if args.gradient_accumulation_steps > 1:
         keep_gradient_buffers(model)
-    started = start_run(accelerator, args, model, stream, loop)
+    started = start_run(accelerator, args, model, stream, loop, ema)
     if args.record_example_ids:
         stream.record_ids_in(Path(args.output_dir) / "logs", loop.step)
 
@@ -757,7 +792,21 @@ def make_optimizer(args, model, device):
     return optimizer, lr_scheduler
 
 
-def start_run(accelerator, args, model, stream, loop) -> float:
+def keep_the_checkpoints_ema(args, ema) -> None:
+    """A resumed run averages as its checkpoint did (its decay, warm-up, ramp and count go on together): flags that
+    say otherwise are said, and made the checkpoint's, so that training_config.json, the trackers and the card say
+    what the run does."""
+    ramp = ema.power_ramp or [None, None]
+    kept = {"ema_max_decay": ema.max_decay, "ema_warmup": ema.warmup, "ema_inv_gamma": ramp[0], "ema_power": ramp[1]}
+    changed = {name: value for name, value in kept.items() if getattr(args, name) != value}
+    if changed:
+        logger.warning("resuming with the checkpoint's EMA settings, not the flags': %s",
+                       ", ".join(f"--{name} {value} (flag: {getattr(args, name)})" for name, value in changed.items()))
+        for name, value in changed.items():
+            setattr(args, name, value)
+
+
+def start_run(accelerator, args, model, stream, loop, ema) -> float:
     """Finish what a crash left half done in --output_dir, resume when asked, write run_info.json, start the
     trackers. Returns the start time of --max_train_minutes."""
     output_dir = Path(args.output_dir)
@@ -776,6 +825,8 @@ def start_run(accelerator, args, model, stream, loop) -> float:
                 raise SystemExit(f"cannot resume from {path}: {err}") from err
         if path is not None:
             logger.info("resumed from %s at step %d", path, loop.step)
+        if path is not None and ema is not None:
+            keep_the_checkpoints_ema(args, ema)
         if loop.step > args.max_train_steps:  # its pipeline and card would say --max_train_steps
             raise SystemExit(f"{path} is at step {loop.step}, past --max_train_steps {args.max_train_steps}: pass "
                              f"--max_train_steps {loop.step} or more to continue that run (at {loop.step} it trains "

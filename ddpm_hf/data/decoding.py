@@ -86,8 +86,8 @@ def check_channels(image: Image.Image, in_channels: int) -> None:
     if channels != in_channels:
         kind = {1: "grey", 3: "colour"}
         raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
-                         f"{kind[channels]} (mode {image.mode}): use a model with in_channels={channels} (a preset "
-                         f"or --model_config), or convert the dataset.")
+                         f"{kind[channels]} (mode {image.mode}): use a model with in_channels={channels} (a preset, "
+                         f"--model_config or --pretrained_model_name_or_path), or convert the dataset.")
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey PNGs and TIFFs
