@@ -256,8 +256,9 @@ def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
     """A new run does not go beside an earlier run's checkpoints: the next 'latest' would resume the earlier run, and
     the checkpoint limit would prune the new run's first. Raises a ValueError naming the choices, unless
     ``overwrite`` (then :func:`clear_earlier_run` removes that run)."""
-    found = [p.name for p in checkpoints(output_dir)]
-    foreign = [p for p in checkpoints(output_dir) if from_diffusers_example(p)]
+    listed = checkpoints(output_dir)
+    found = [p.name for p in listed]
+    foreign = [p for p in listed if from_diffusers_example(p)]
     if foreign and not overwrite:
         raise ValueError(diffusers_example_message(output_dir, foreign) + " (--overwrite_output_dir would remove "
                          "them).")

@@ -47,11 +47,13 @@ def _positive_seconds(value: str) -> float:
 
 
 def _bpd_timesteps(value: str) -> int:
-    from .evaluation import BPD_TIMESTEPS_RULE
+    from .evaluation import check_bpd_timesteps
 
     number = int(value)
-    if number < 0 or number == 1:
-        raise argparse.ArgumentTypeError(f"must be {BPD_TIMESTEPS_RULE}, got {value}")
+    try:
+        check_bpd_timesteps(number)
+    except ValueError as err:  # (argparse would replace a ValueError's message with its own)
+        raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
     return number
 
 

@@ -171,7 +171,12 @@ def save_png(image, path: Path) -> Path:
     return publish_file(path, lambda partial: image.save(partial, format="PNG"))
 
 
-BPD_TIMESTEPS_RULE = "0 (the exact bound) or at least 2 sampled terms (one term gives no standard error)"
+def check_bpd_timesteps(bpd_timesteps: int) -> None:
+    """--bpd_timesteps: 0 for the exact bound, or K ≥ 2 sampled terms per image (one gives no standard error); said
+    by the command's parser and by :func:`evaluate`, before any work."""
+    if bpd_timesteps < 0 or bpd_timesteps == 1:
+        raise ValueError(f"--bpd_timesteps {bpd_timesteps}: must be 0 (the exact bound) or at least 2 sampled terms "
+                         "(one term gives no standard error).")
 # What `evaluate` writes besides results.json and the samples' folder: an earlier evaluation's are removed when it
 # starts (results.json is started again then), so that --out holds this evaluation's outputs only.
 EVALUATE_FILES = ("rate_distortion.json", "rate_distortion.png", "samples.png", "progressive.png", "interpolation.png")
@@ -425,8 +430,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         check_inception_score(features, num_samples, is_splits)
     if {"fid", "kid"} & set(metrics):
         check_features(features, num_samples, num_reference)  # said now, not after the bound and the sampling
-    if bpd_timesteps < 0 or bpd_timesteps == 1:
-        raise ValueError(f"--bpd_timesteps {bpd_timesteps}: use {BPD_TIMESTEPS_RULE}.")
+    check_bpd_timesteps(bpd_timesteps)
     if "rd" in metrics and bpd_timesteps:
         raise ValueError("the rate-distortion curve (rd) needs the exact bound: use --bpd_timesteps 0.")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=ddp_timeout))

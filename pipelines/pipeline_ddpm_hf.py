@@ -288,7 +288,9 @@ class DDPMPipeline(DiffusionPipeline):
     def _as_model_input(self, image, name: str) -> torch.Tensor:
         if isinstance(image, Image.Image):
             channels = self.unet.config.in_channels
-            if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey: v / 65535 (convert() would clip it at 255)
+            # 16-bit grey: v / 65535 (convert() would clip it at 255); ddpm_hf.data.decoding's own scaling is not
+            # imported: this file also runs as a folder's remote code, where ddpm_hf is not installed
+            if image.mode in ("I;16", "I;16B", "I;16L"):
                 array = np.asarray(image, dtype=np.float32)[..., None].repeat(channels, -1) / 32767.5 - 1
             else:
                 array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 127.5 - 1

@@ -599,7 +599,7 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one sampled term has no standard error: refused by argparse, not by the bound
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--bpd_timesteps", "1", "--out", str(tmp_path)])
     assert "--bpd_timesteps: must be 0 (the exact bound) or at least 2" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--bpd_timesteps 1: use 0"):  # the library's own, before the pipeline
+    with pytest.raises(ValueError, match="--bpd_timesteps 1: must be 0"):  # the library's own, before the pipeline
         evaluate(str(tmp_path / "no-such-pipeline"), tmp_path / "e", metrics=["bpd"], bpd_timesteps=1)
     with pytest.raises(SystemExit):  # the bound's noise is seeded per image from (seed, image): no negative seeds
         cli(["evaluate", str(tmp_path / "pipe"), "--metrics", "bpd", "--seed", "-1", "--out", str(tmp_path / "e")])

@@ -71,12 +71,10 @@ def load_pretrained(args) -> dict:
 
 def warn_of_another_diffusion(args, scheduler) -> None:
     """The diffusion comes from the flags, not from the pretrained pipeline's scheduler: where they differ, said."""
-    ours = {"num_train_timesteps": args.ddpm_num_steps, "beta_schedule": args.ddpm_beta_schedule,
-            "variance_type": args.variance_type, "prediction_type": args.prediction_type}
-    flags = {"num_train_timesteps": "--ddpm_num_steps", "beta_schedule": "--ddpm_beta_schedule",
-             "variance_type": "--variance_type", "prediction_type": "--prediction_type"}
-    differ = [f"{flags[key]} {value} (its {scheduler.config[key]})" for key, value in ours.items()
-              if scheduler.config[key] != value]
+    flags = {"num_train_timesteps": "ddpm_num_steps", "beta_schedule": "ddpm_beta_schedule",
+             "variance_type": "variance_type", "prediction_type": "prediction_type"}  # its key: the flag's
+    differ = [f"--{flag} {getattr(args, flag)} (its {scheduler.config[key]})" for key, flag in flags.items()
+              if scheduler.config[key] != getattr(args, flag)]
     if differ:
         logger.warning("%s was trained with another diffusion than the flags': %s; training goes on with the flags' "
                        "(pass its own to continue its diffusion)", args.pretrained_model_name_or_path,

@@ -45,9 +45,12 @@ def decoded_image(data: bytes) -> Image.Image:
     return image
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey PNGs and TIFFs
+
+
 def image_channels(image: Image.Image) -> int:
     """1 for grey modes (L, LA, 1, I, I;16, F), 3 for colour ones (RGB, RGBA, P, CMYK, YCbCr, ...)."""
-    return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
+    return 1 if image.mode in ("1", "L", "LA", "La", "I", "F", *SIXTEEN_BIT_MODES) else 3
 
 
 def undecoded_images(dataset, image_column: str):
@@ -88,9 +91,6 @@ def check_channels(image: Image.Image, in_channels: int) -> None:
         raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
                          f"{kind[channels]} (mode {image.mode}): use a model with in_channels={channels} (a preset, "
                          f"--model_config or --pretrained_model_name_or_path), or convert the dataset.")
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey PNGs and TIFFs
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
