@@ -877,6 +877,44 @@ def test_a_run_from_a_hub_model_records_its_commit_and_names_it_as_base_model(da
     assert '\nbase_model: "alice/base-model"\n' in card.split("---")[1]
 
 
+def test_a_resume_reads_the_hub_model_at_the_commit_the_run_started_from(dataset_hub, train, tmp_path):
+    """A run from a Hub model, checkpointed; then new weights are pushed to that model. The resume reads the commit the
+    run started from (run_info.json), downloads nothing of the new one, and goes on recording that commit; before, it
+    downloaded the new weights only to replace them with the checkpoint's, and recorded the new commit as the run's
+    base. A new run reads the new commit."""
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet
+    from ddpm_hf.presets import unet_config
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("alice/moving-base")
+    commits = []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        DDPMPipeline(unet=DDPMUNet(**unet_config("tiny-16")), scheduler=DDPMScheduler()).save_pretrained(
+            tmp_path / f"base{seed}")
+        if seed == 3:
+            api.upload_folder(repo_id="alice/moving-base", folder_path=str(tmp_path / "base3"))
+            commits.append(api.model_info("alice/moving-base").sha)
+    root = tmp_path / "repo"
+    write_images(root / "data", count=16, shards=2)
+    cache = tmp_path / "cache"
+    argv = FAST + ["--dataset_name", str(root), "--checkpointing_steps", "1", "--dataloader_num_workers", "0",
+                   "--hub_token", TOKEN, "--cache_dir", str(cache), "--pretrained_model_name_or_path",
+                   "alice/moving-base"]
+    train_in_process(train, argv + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "run")])
+    api.upload_folder(repo_id="alice/moving-base", folder_path=str(tmp_path / "base4"))
+    commits.append(api.model_info("alice/moving-base").sha)
+    assert commits[0] != commits[1]
+    train_in_process(train, argv + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--output_dir",
+                                    str(tmp_path / "run")])
+    assert json.loads((tmp_path / "run" / "training_config.json").read_text())["revision"] == commits[0]
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["pretrained_revision"] == commits[0]
+    snapshots = cache / "models--alice--moving-base" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == [commits[0]]
+    train_in_process(train, argv + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "new")])
+    assert json.loads((tmp_path / "new" / "run_info.json").read_text())["pretrained_revision"] == commits[1]
+
+
 def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub, train, tmp_path):
     """A run checkpointed, then the dataset's card edited on the Hub (a commit that changes no data, as a bot's or a
     typo fix's): the resume used to be refused, naming --dataset_revision. It reads the checkpoints' commit now and

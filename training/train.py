@@ -237,19 +237,27 @@ def compile_options(args) -> Tuple[Optional[dict], str]:
         raise SystemExit(str(err)) from err
 
 
+def resumed_run_info(args) -> dict:
+    """run_info.json of the run --resume_from_checkpoint continues ({} for a new run, or where there is none)."""
+    if not args.resume_from_checkpoint:
+        return {}
+    run = Path(args.output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint).parent
+    if not checkpoints(run):  # 'latest' with none: a new run
+        return {}
+    try:
+        info = json.loads((run / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def dataset_revision_to_read(args) -> Optional[str]:
     """The Hub dataset's commit to read: --dataset_revision, else, resuming, the one the checkpoints' run read (its
     run_info.json): a push since, even of the dataset's card alone, would otherwise end the resume, whose examples
     must be the ones the run would have read. None: the main branch as it is now (or a local dataset)."""
-    if args.dataset_revision or not args.resume_from_checkpoint or not hub_dataset_id(args.dataset_name):
+    if args.dataset_revision or not hub_dataset_id(args.dataset_name):
         return args.dataset_revision
-    run = Path(args.output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint).parent
-    if not checkpoints(run):  # 'latest' with none: a new run
-        return None
-    try:
-        revision = json.loads((run / "run_info.json").read_text()).get("dataset_revision")
-    except (OSError, ValueError, AttributeError):
-        return None
+    revision = resumed_run_info(args).get("dataset_revision")
     if revision:
         logger.info("resuming: the Hub dataset %s is read at commit %s, as its checkpoints were (whatever its main "
                     "branch holds now; --dataset_revision chooses another)", args.dataset_name, revision)
@@ -468,6 +476,19 @@ def push_with_retries(pipe, args, grid_path, step, backoff_s: float = 2.0) -> bo
                                       base_model=pretrained_hub_id(args), backoff_s=backoff_s)
 
 
+def pretrained_revision_to_read(args) -> Optional[str]:
+    """The commit of a Hub --pretrained_model_name_or_path to read: --revision, else, resuming, the one the run
+    started from (its run_info.json), which its training_config.json and card go on naming; the checkpoint's
+    weights replace the pretrained ones all the same. None: the main branch as it is now."""
+    if args.revision or not pretrained_hub_id(args):
+        return args.revision
+    revision = resumed_run_info(args).get("pretrained_revision")
+    if revision:
+        logger.info("resuming: %s is read at commit %s, the one the run started from (--revision chooses another)",
+                    args.pretrained_model_name_or_path, revision)
+    return revision
+
+
 def pretrained_hub_id(args) -> Optional[str]:
     """--pretrained_model_name_or_path when it is a Hub repo (not a local folder): the model card's base_model."""
     name = args.pretrained_model_name_or_path
@@ -651,6 +672,7 @@ def run(args):
     # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
     set_seed(args.seed)  # the same initial weights on every process
     if args.pretrained_model_name_or_path:  # downloaded by the main process first, a failure said on every process
+        args.revision = pretrained_revision_to_read(args)
         folder = decided_by_main(accelerator, lambda: str(resolve_folder(
             args.pretrained_model_name_or_path, args.revision, args.hub_token, args.cache_dir,
             allow_pickle=args.allow_pickle)), "--pretrained_model_name_or_path")
@@ -834,6 +856,7 @@ def start_run(accelerator, args, model, stream, loop, ema) -> float:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
                 "data_streams": streams, "dataset_shards": stream.num_shards, "dataset_revision": stream.revision,
+                "pretrained_revision": args.revision if pretrained_hub_id(args) else None,
                 "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
