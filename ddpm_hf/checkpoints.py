@@ -252,9 +252,21 @@ def diffusers_example_message(output_dir: Path, found: List[Path]) -> str:
             "script's run in another --output_dir")
 
 
+def starts_a_new_run(output_dir: Path, resume: Optional[str], overwrite: bool) -> bool:
+    """Whether a run with --resume_from_checkpoint ``resume`` is a new one in ``output_dir`` (from scratch, or from
+    another run's checkpoint: its checkpoints were written beside the ones there), not the continuation of its run
+    ('latest' where it has a checkpoint, or one of its own). A new run is checked by :func:`refuse_an_earlier_run`."""
+    continues = bool(checkpoints(output_dir)) if resume == "latest" else (
+        bool(resume) and Path(resume).resolve().parent == output_dir.resolve())
+    if not continues:
+        refuse_an_earlier_run(output_dir, overwrite)
+    return not continues
+
+
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
-    """A new run does not go beside an earlier run's checkpoints: the next 'latest' would resume the earlier run, and
-    the checkpoint limit would prune the new run's first. Raises a ValueError naming the choices, unless
+    """A new run does not go beside an earlier run's checkpoints or over its final pipeline: the next 'latest' would
+    resume the earlier run, the checkpoint limit would prune the new run's first, and the pipeline would be replaced
+    (a finished run's, whose checkpoints were removed to save room). Raises a ValueError naming the choices, unless
     ``overwrite`` (then :func:`clear_earlier_run` removes that run)."""
     listed = checkpoints(output_dir)
     found = [p.name for p in listed]
@@ -267,21 +279,35 @@ def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
                          f"{', ...' if len(found) > 3 else ''}): continue it with --resume_from_checkpoint latest, "
                          "start a new run in another --output_dir, or start one there with --overwrite_output_dir "
                          "(which removes that run's checkpoints, pipeline, samples and logs)")
+    if (output_dir / "model_index.json").is_file() and not overwrite:
+        raise ValueError(f"--output_dir {output_dir} holds a pipeline (model_index.json) and no checkpoint to resume: "
+                         "a new run there would replace it. Start the new run in another --output_dir, or there with "
+                         "--overwrite_output_dir (which removes that pipeline, and an earlier run's samples and logs)")
 
 
 def clear_earlier_run(output_dir: Path, logging_dir: Path) -> None:
     """Remove what an earlier run wrote in ``output_dir`` (--overwrite_output_dir): its checkpoints, its final
-    pipeline, samples/, its logs (``logging_dir``, when inside ``output_dir``: TensorBoard would show two runs' steps
-    as one) and run_info.json. Other files stay."""
+    pipeline, and where a run of this script was there (its run_info.json) samples/ and its logs (``logging_dir``,
+    when inside ``output_dir``: TensorBoard would show two runs' steps as one). Other files stay, and a folder no run
+    wrote in keeps its samples/ and logs/ (they were removed whatever they held)."""
     from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
 
+    removed = [old.name for old in checkpoints(output_dir)]
     for old in checkpoints(output_dir):
         delete_folder(old)
+    if (output_dir / "model_index.json").exists():
+        removed.append("the pipeline")
     (output_dir / "model_index.json").unlink(missing_ok=True)  # first: nothing loads a half-removed pipeline
-    for name in ("unet", "scheduler", PIPELINE_FILE, "training_config.json", "samples", "run_info.json"):
+    for name in ("unet", "scheduler", PIPELINE_FILE, "training_config.json"):
         remove(output_dir / name)
-    if logging_dir.resolve().is_relative_to(output_dir.resolve()) and logging_dir.resolve() != output_dir.resolve():
-        remove(logging_dir)
+    if (output_dir / "run_info.json").is_file():  # an earlier run's samples and logs, not a user's own folders
+        removed += [name for name in ("samples", logging_dir.name) if (output_dir / name).exists()]
+        remove(output_dir / "samples")
+        if logging_dir.resolve().is_relative_to(output_dir.resolve()) and logging_dir.resolve() != output_dir.resolve():
+            remove(logging_dir)
+        remove(output_dir / "run_info.json")
+    if removed:
+        logger.info("--overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
 
 
 def write_failed(output_dir: Path, what: str, err: Exception, partial: Path) -> SystemExit:

@@ -228,14 +228,14 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
 def _check_data(parser: argparse.ArgumentParser, args) -> None:
     """Open the evaluation data and read one image: a wrong name or split fails now, not after an hour of sampling.
     (Its shards' footers are read by evaluate's own check before any work, once: a request per shard on the Hub.)"""
-    from .data import find_image_column, first_image, load_image_dataset
+    from .data import find_image_column, first_images, load_image_dataset
     from .evaluation import data_splits
 
     for split in data_splits(args.metrics, args.split, args.reference_split):
         try:
             dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True,
                                          token=args.hub_token, check_shards=False)
-            first_image(dataset, find_image_column(dataset.features), token=args.hub_token)
+            first_images(dataset, find_image_column(dataset.features), count=1, token=args.hub_token)
         except (OSError, ValueError) as err:
             parser.error(f"--data {args.data} (split {split!r}): {err}")
 

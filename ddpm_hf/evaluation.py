@@ -19,7 +19,8 @@ import torch
 
 from . import compiling
 from .checkpoints import publish_file
-from .data import check_channels, find_image_column, load_image_dataset, prepare_image
+from .data import check_channels, find_image_column, first_images, load_image_dataset, prepare_image
+from .data.decoding import decoded_image, image_cell_bytes, undecoded_images
 from .errors import first_line, is_out_of_memory
 from .images import to_model_range, to_uint8, uint8_grid
 from .likelihood import bits_per_dim, plot_rate_distortion
@@ -49,26 +50,33 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
 
 def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
                       dataset_config_name=None, train_data_dir=None, image_column=None, token=None,
-                      chunk_size: int = 256, check_shards: bool = False) -> Iterator[torch.Tensor]:
+                      chunk_size: int = 256, check_shards: bool = False, revision: Optional[str] = None,
+                      cache_dir: Optional[str] = None) -> Iterator[torch.Tensor]:
     """The first ``num_images`` images of ``split`` as uint8 (n, C, H, W) chunks of ``chunk_size``, centre-cropped
-    to ``resolution``, for a model with ``channels`` input channels: data of the other kind (grey for colour or the
-    reverse) is refused, as in training. In chunks, so that 50,000 reference images of 256² (9.8 GB) need not be
-    held at once. ``check_shards``: read every shard's footer first (see load_image_dataset), a request per shard on
-    the Hub: evaluate checks each split once, before any work, not at each of its reads."""
+    to ``resolution``, for a model with ``channels`` input channels, decoded as training decodes them (the same
+    channel check, EXIF orientation and 8-bit values; an image column of plain {bytes, path} structs too). In chunks,
+    so that 50,000 reference images of 256² (9.8 GB) need not be held at once. ``check_shards``: read every shard's
+    footer first (see load_image_dataset), a request per shard on the Hub: evaluate checks each split once, before
+    any work, not at each of its reads. ``revision``, ``cache_dir``: a Hub dataset's commit and cache, as training's."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
-                                 token=token, check_shards=check_shards)
+                                 token=token, check_shards=check_shards, revision=revision, cache_dir=cache_dir)
     column = find_image_column(dataset.features, image_column)
+    where = f"{dataset_name or train_data_dir} ({split} split)"
+    try:
+        check_channels(first_images(dataset, column, token=token), channels)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     rng = np.random.default_rng(0)
     images, made = [], 0
-    for row in dataset:
-        if not made and not images:
-            try:
-                check_channels(row[column], channels)
-            except ValueError as err:
-                raise ValueError(f"{dataset_name or train_data_dir} ({split} split): {err}") from None
-        images.append(prepare_image(row[column], resolution, channels, center_crop=True, flip=False, rng=rng))
+    for row_index, row in enumerate(undecoded_images(dataset, column)):
+        try:
+            image = decoded_image(image_cell_bytes(row[column], token))
+        except Exception as err:  # the evaluation's images are not skipped: its figures name their images
+            raise ValueError(f"{where}: row {row_index} holds no image that can be read ({type(err).__name__}: "
+                             f"{err})") from err
+        images.append(prepare_image(image, resolution, channels, center_crop=True, flip=False, rng=rng))
         if len(images) == chunk_size or made + len(images) == num_images:
             made += len(images)
             yield torch.from_numpy(np.stack(images))  # a new, writable array: prepare_image may return a PIL view
@@ -77,8 +85,6 @@ def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: 
                 return
     if images:
         yield torch.from_numpy(np.stack(images))
-    elif not made:
-        raise ValueError(f"the {split} split has no images.")
 
 
 def load_eval_images(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",

@@ -124,7 +124,9 @@ def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dty
             raise ValueError(f"{pickle_file} is a pickle file, which can run arbitrary code when loaded, and there is no "
                              f"{SAFE_WEIGHTS}. Pass allow_pickle=True only if you trust its source.")
         if not pickle_file.is_file():
-            raise FileNotFoundError(f"missing {safe}: the folder has no U-Net weights.")
+            raise FileNotFoundError(f"missing {safe}: the folder has no U-Net weights" + ("." if allow_pickle else
+                                    f" in safetensors (pickle weights, {PICKLE_WEIGHTS}, as older diffusers repos hold "
+                                    "them, are looked for only with allow_pickle=True; --allow_pickle in training)."))
     weights = safe if safe.is_file() else pickle_file
     try:
         unet, info = DDPMUNet.from_pretrained(unet_dir, use_safetensors=weights == safe, torch_dtype=torch_dtype,
@@ -147,33 +149,51 @@ def load_components(
     token: Optional[Union[str, bool]] = None,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     local_files_only: bool = False,
-    torch_dtype: Optional[torch.dtype] = None,
+    torch_dtype: Optional[Union[torch.dtype, Dict[str, torch.dtype]]] = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     force_download: bool = False,
+    dtype: Optional[Union[torch.dtype, Dict[str, torch.dtype]]] = None,
     **diffusers_kwargs,
 ) -> Dict[str, object]:
     """``{"unet": DDPMUNet, "scheduler": DDPMScheduler}`` from a pipeline folder or Hub repo of any layout ddpm_hf
     writes, or a diffusers DDPM folder. Safetensors weights only unless ``allow_pickle=True`` (and even then
     ``torch.load(weights_only=True)``). Code files in the folder are never imported: ddpm_hf's own classes are used,
-    so ``trust_remote_code`` (accepted for diffusers compatibility) changes nothing. The other arguments of
+    so ``trust_remote_code`` (accepted for diffusers compatibility) changes nothing. ``dtype`` (diffusers' newer name
+    of ``torch_dtype``; either, not both) is the U-Net's, or a dict of components' as in diffusers ("unet", else
+    "default", else float32; the scheduler has none). The other arguments of
     diffusers' ``from_pretrained`` are taken where they mean something here (``use_safetensors``,
     ``low_cpu_mem_usage``, ``proxies=None``, ``device_map=None``, ``subfolder=None``, ``variant=None``) and refused,
     saying why, where they would be ignored."""
     _check_diffusers_kwargs(diffusers_kwargs, allow_pickle)
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("from_pretrained() got both dtype and torch_dtype: pass one (dtype is diffusers' newer name).")
+    dtype = torch_dtype if dtype is None else dtype
+    if isinstance(dtype, dict):
+        dtype = dtype.get("unet", dtype.get("default", torch.float32))
     folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle, force_download)
     index = _read_json(folder / "model_index.json")
     missing = [name for name in ("unet", "scheduler") if name not in index]
-    if missing:
-        raise ValueError(f"{folder / 'model_index.json'} has no {missing} entry: not a DDPM pipeline "
-                         f"(components: {sorted(k for k in index if not k.startswith('_'))}).")
+    others = [name for name, value in index.items() if not name.startswith("_") and name not in ("unet", "scheduler")
+              and isinstance(value, list) and value[-1] is not None]  # e.g. a latent diffusion's vqvae
+    if missing or others:
+        raise ValueError(f"{folder / 'model_index.json'} ({index.get('_class_name')}) has "
+                         f"{f'no {missing} entry' if missing else f'the components {others} too'}: not a pixel-space "
+                         f"DDPM pipeline, which is a unet and a scheduler (components: "
+                         f"{sorted(k for k in index if not k.startswith('_'))}); load it with "
+                         "diffusers.DiffusionPipeline.from_pretrained.")
+    scheduler_class = index["scheduler"][-1] if isinstance(index["scheduler"], list) else None
+    if scheduler_class not in (None, "DDPMScheduler"):
+        logger.warning("%s: its scheduler is %s; ddpm_hf loads its configuration into its DDPMScheduler (the same "
+                       "diffusion, ancestral sampling). To sample with %s: pipe.scheduler = diffusers.%s.from_config("
+                       "pipe.scheduler.config)", folder, scheduler_class, scheduler_class, scheduler_class)
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     _warn_unknown_keys(folder / "scheduler" / "scheduler_config.json", scheduler_config, DDPMScheduler)
     try:
         scheduler = DDPMScheduler.from_config(scheduler_config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
-    return {"unet": _load_unet(folder, allow_pickle, torch_dtype), "scheduler": scheduler}
+    return {"unet": _load_unet(folder, allow_pickle, dtype), "scheduler": scheduler}
 
 
 def _check_diffusers_kwargs(kwargs: dict, allow_pickle: bool) -> None:

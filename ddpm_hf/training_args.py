@@ -174,7 +174,8 @@ def parse_args(argv=None):
                           "and at the end, held in memory in between")
     hub = p.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
-    hub.add_argument("--hub_model_id", default=None)
+    hub.add_argument("--hub_model_id", default=None, help="name or namespace/name (default: --output_dir's folder "
+                     "name, in the token's account, as in diffusers' example)")
     hub.add_argument("--hub_token", default=None)
     hub.add_argument("--hub_private_repo", action="store_true")
     hub.add_argument("--push_checkpoints", action="store_true", help="also push the EMA pipeline at checkpoints")
@@ -281,8 +282,11 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--ddpm_num_inference_steps cannot exceed --ddpm_num_steps")
     if args.resolution is not None and args.resolution < 1:
         p.error(f"--resolution must be at least 1, got {args.resolution}")
-    if args.push_to_hub and not args.hub_model_id:
-        p.error("--push_to_hub needs --hub_model_id (name, or namespace/name)")
+    if args.push_to_hub and not args.hub_model_id:  # diffusers' example: the repo is named after --output_dir
+        args.hub_model_id = Path(args.output_dir).resolve().name
+        if not is_repo_id(args.hub_model_id):
+            p.error(f"--push_to_hub without --hub_model_id names the repo after --output_dir, but "
+                    f"{args.hub_model_id!r} is not a Hub repo name: pass --hub_model_id (name or namespace/name)")
     if args.hub_model_id is not None and not is_repo_id(args.hub_model_id):
         p.error(f"--hub_model_id {args.hub_model_id!r} is not a Hub repo id: use name or namespace/name with letters, "
                 "digits, '.', '_' or '-'")
@@ -298,6 +302,12 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--push_checkpoints needs --push_to_hub")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         p.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    # the folder is made when the run starts: here, where it would be made (its nearest existing parent) is checked
+    existing = next(folder for folder in (Path(args.output_dir).absolute(), *Path(args.output_dir).absolute().parents)
+                    if os.path.exists(folder))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"--output_dir {args.output_dir} cannot be made or written: {existing} is "
+                f"{'a file' if not os.path.isdir(existing) else 'a folder this user cannot write in'}")
     if args.train_data_dir is not None and not os.path.isdir(args.train_data_dir):
         p.error(f"--train_data_dir {args.train_data_dir} is not a folder")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):

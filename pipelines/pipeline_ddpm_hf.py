@@ -386,11 +386,14 @@ class DDPMPipeline(DiffusionPipeline):
         self.unet.save_pretrained(folder / "unet", safe_serialization=safe_serialization)
         self.scheduler.save_pretrained(folder / "scheduler")
         _set_class_name(folder / "unet" / "config.json", "UNet2DModel")
-        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers_version,
-                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+        # a diffusers scheduler swapped in (pipe.scheduler = DDIMScheduler.from_config(...)) is saved as what it is
+        theirs = type(self.scheduler).__module__.startswith("diffusers.")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers_version, "unet": ["diffusers", "UNet2DModel"],
+                 "scheduler": ["diffusers", type(self.scheduler).__name__ if theirs else "DDPMScheduler"]}
         stale = [folder / PIPELINE_FILE, folder / "scheduler" / SCHEDULER_FILE]
-        if self.diffusers_can_load():
-            _set_class_name(folder / "scheduler" / "scheduler_config.json", "DDPMScheduler")
+        if theirs or self.diffusers_can_load():
+            if not theirs:
+                _set_class_name(folder / "scheduler" / "scheduler_config.json", "DDPMScheduler")
             for path in stale:
                 path.unlink(missing_ok=True)
         else:
@@ -404,16 +407,20 @@ class DDPMPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "DDPMPipeline":
         """Load a pipeline folder or Hub repo (ddpm_hf's layouts or a diffusers DDPM folder such as
         google/ddpm-cifar10-32) into ddpm_hf's own classes. Keyword arguments: ``revision``, ``token``,
-        ``cache_dir``, ``local_files_only``, ``force_download``, ``torch_dtype``, ``allow_pickle`` (default False:
-        safetensors only), and diffusers' other loading arguments where they apply (see
-        :func:`ddpm_hf.hub.load_components`). Without ddpm_hf installed, use
+        ``cache_dir``, ``local_files_only``, ``force_download``, ``dtype`` (or ``torch_dtype``), ``allow_pickle``
+        (default False: safetensors only), and diffusers' other loading arguments where they apply (see
+        :func:`ddpm_hf.hub.load_components`); ``unet=`` or ``scheduler=`` replace the folder's, as in diffusers
+        (``scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler")``). Without ddpm_hf installed, use
         ``diffusers.DiffusionPipeline.from_pretrained`` instead."""
-        try:
-            from ddpm_hf.hub import load_components
+        import importlib
+
+        try:  # (by name: diffusers' check of remote code would take an import statement for a requirement)
+            load_components = importlib.import_module("ddpm_hf.hub").load_components
         except ImportError as err:
             raise ImportError("DDPMPipeline.from_pretrained needs the ddpm_hf package (pip install ddpm-hf); without "
                               "it use diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True).") from err
-        return cls(**load_components(pretrained_model_name_or_path, **kwargs))
+        given = {name: kwargs.pop(name) for name in ("unet", "scheduler") if name in kwargs}
+        return cls(**{**load_components(pretrained_model_name_or_path, **kwargs), **given})
 
     # ------------------------------------------------------------------------------------------------------------
     # Hub
@@ -504,7 +511,9 @@ def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", da
         f"{unet.in_channels} channel(s), {size}×{size} pixels, "
         f"block_out_channels {list(unet.block_out_channels)}, {unet.layers_per_block} residual blocks per level",
         f"- {sched.num_train_timesteps} diffusion steps, {sched.beta_schedule} β schedule "
-        f"({sched.beta_start} → {sched.beta_end}), variance {sched.variance_type}, prediction {sched.prediction_type}",
+        f"({sched.beta_start} → {sched.beta_end}), variance {sched.get('variance_type', 'none (deterministic)')}, "
+        f"prediction {sched.prediction_type}" + ("" if type(pipe.scheduler).__name__ == "DDPMScheduler" else
+                                                 f", sampled with {type(pipe.scheduler).__name__}"),
     ]
     if training_config:
         lines += ["", "## Training configuration", "", "| setting | value |", "| --- | --- |"]

@@ -399,14 +399,14 @@ def test_a_hub_image_folder_trains_like_the_same_local_folder(dataset_hub, tmp_p
     """A Hub repo of image files (an "imagefolder": datasets decodes its images on threads of its own, and its cells
     point at hf:// paths, not local files) streams the same examples as the same folder on disk, decoded by us:
     with 0 and 1 decoding workers, and its first image read before training."""
-    from ddpm_hf.data import first_image
+    from ddpm_hf.data import first_images
 
     folder = tmp_path / "folder"
     (folder / "train").mkdir(parents=True)
     for s in range(8):
         (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
     repo = publish(folder, "alice/images", private=True)
-    assert first_image(load_image_dataset(repo, token="hf_test_alice"), "image", token="hf_test_alice").tobytes() == \
+    assert first_images(load_image_dataset(repo, token="hf_test_alice"), "image", token="hf_test_alice")[0].tobytes() == \
         Image.open(io.BytesIO(png_bytes(0))).tobytes()
     for workers in (0, 1):
         stream = TrainStream(load_image_dataset(repo, token="hf_test_alice"), "image", 16, 1, 4, 1, 0, 1, seed=5,
@@ -751,7 +751,7 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     (folder / "train").mkdir(parents=True)
     for s in range(3):
         (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
-    _tar_of(folder / "backup.tar", ["notes.png"])
+    _tar_of(folder / "train" / "backup.tar", ["notes.png"])  # (in the split: a tar beside it is not read)
     with pytest.raises(ValueError, match=r"images holds both image files \(3, e\.g\. .*\.png\) and tar shards \(1, "
                                          r"e\.g\. .*backup\.tar\): an image folder or WebDataset shards\?"):
         load_image_dataset(train_data_dir=str(folder))
@@ -843,8 +843,8 @@ def test_a_pipeline_trained_on_a_hub_dataset_is_published_with_the_dataset_in_it
                                     "--output_dir", str(tmp_path / "hub-run")])
     card = dataset_hub.repos["alice/cards-model"].files("main")[1]["README.md"].decode()
     assert '\ndatasets:\n- "alice/cards-data"\n' in card.split("---")[1]  # the YAML metadata
-    train_in_process(train, base + ["--dataset_name", str(root), "--hub_model_id", "alice/local-model",
-                                    "--output_dir", str(tmp_path / "local-run")])
+    # without --hub_model_id the repo is named after --output_dir, in the token's account (diffusers' example's way)
+    train_in_process(train, base + ["--dataset_name", str(root), "--output_dir", str(tmp_path / "local-model")])
     card = dataset_hub.repos["alice/local-model"].files("main")[1]["README.md"].decode()
     assert "datasets:" not in card and str(tmp_path) not in card and "| dataset_name | local folder repo |" in card
 
@@ -913,6 +913,22 @@ def test_a_resume_reads_the_hub_model_at_the_commit_the_run_started_from(dataset
     assert sorted(p.name for p in snapshots.iterdir()) == [commits[0]]
     train_in_process(train, argv + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "new")])
     assert json.loads((tmp_path / "new" / "run_info.json").read_text())["pretrained_revision"] == commits[1]
+
+
+def test_the_bits_per_dim_images_are_read_at_the_commit_training_reads(dataset_hub, train, tmp_path):
+    """--eval_steps' images come from the commit the run trains on (they came from main as it is now, whatever
+    --dataset_revision or the resumed checkpoints' commit said). Oracle: the same files read from a local folder."""
+    from ddpm_hf.evaluation import load_eval_images
+
+    old, new = write_images(tmp_path / "old" / "data", count=8, shards=1), tmp_path / "new" / "data"
+    write_images(new, count=16, shards=1)  # the same file name, other rows
+    repo = publish(old.parent, "alice/moving-data")
+    commit = HfApi(token=TOKEN).dataset_info(repo).sha
+    HfApi(token=TOKEN).upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(new.parent))
+    args = train.parse_args(["--dataset_name", repo, "--hub_token", TOKEN, "--eval_split", "train"])
+    expected = load_eval_images(str(old.parent), 64, 16, 1, split="train")
+    assert len(expected) == 8 and len(load_eval_images(repo, 64, 16, 1, split="train", token=TOKEN)) == 16
+    assert torch.equal(train.bits_per_dim_images(args, 16, 1, commit), expected)
 
 
 def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub, train, tmp_path):

@@ -112,7 +112,7 @@ def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
         assert (tmp_path / name / "scheduler" / "scheduling_ddpm_hf.py").is_file()
         expected[name] = sample_np(pipe)
         assert np.isfinite(expected[name]).all()
-    run_without_ddpm_hf(f"""
+    child = run_without_ddpm_hf(f"""
         import json, numpy, torch
         from diffusers import DDPMScheduler, DiffusionPipeline
         refused = {{}}
@@ -137,6 +137,9 @@ def test_remote_code_folder_for_what_diffusers_gets_wrong(tmp_path):
                 refused[name] = str(err)
         json.dump(refused, open("refused.json", "w"))
     """, cwd=tmp_path)
+    # diffusers scans remote code for imports and asks for the packages missing (diffusers < 0.36 refused to load):
+    # the pipeline's file needs no ddpm_hf
+    assert "might require the following packages" not in child.stderr, child.stderr
     refused = read_json(tmp_path / "refused.json")
     assert refused["fixed_large_log"] == "NaN"
     assert "prediction_type given as mean must be one of" in refused["mean"], refused["mean"]
@@ -178,6 +181,58 @@ def test_from_pretrained_reads_diffusers_own_and_legacy_folders(tmp_path):
     loaded = DDPMPipeline.from_pretrained(legacy, allow_pickle=True)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(sample_np(loaded), expected, rtol=0, atol=1e-5)
+
+
+def test_a_swapped_diffusers_scheduler_is_saved_as_what_it_is(tmp_path, caplog):
+    """diffusers users swap schedulers (pipe.scheduler = DDIMScheduler.from_config(...)): the folder names the
+    scheduler it holds (it was labelled DDPMScheduler, and diffusers loaded that), its card is written (the card
+    read a variance_type DDIM has not: AttributeError), ddpm_hf says what it loads instead, and takes the scheduler
+    passed to from_pretrained, as diffusers does. Oracle: diffusers' own loading and sampling of the same folder."""
+    from pipelines.pipeline_ddpm_hf import model_card
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "ddim")
+    assert read_json(tmp_path / "ddim" / "model_index.json")["scheduler"] == ["diffusers", "DDIMScheduler"]
+    theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "ddim")
+    assert type(theirs.scheduler) is diffusers.DDIMScheduler
+    assert "variance none (deterministic), prediction epsilon, sampled with DDIMScheduler" in model_card("a/b", pipe)
+    with caplog.at_level("WARNING", logger="ddpm_hf"):
+        back = DDPMPipeline.from_pretrained(tmp_path / "ddim")
+    assert type(back.scheduler) is DDPMScheduler and "its scheduler is DDIMScheduler" in caplog.text
+    given = diffusers.DDIMScheduler.from_pretrained(tmp_path / "ddim", subfolder="scheduler")
+    ours = DDPMPipeline.from_pretrained(tmp_path / "ddim", scheduler=given)
+    assert ours.scheduler is given
+    theirs.set_progress_bar_config(disable=True)
+    ours.set_progress_bar_config(disable=True)
+    expected = theirs(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                      output_type="np").images
+    got = ours(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="np").images
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_takes_diffusers_dtype_arguments_and_refuses_other_pipelines(tmp_path):
+    """dtype (diffusers' newer name of torch_dtype) and a dict of dtypes per component, as diffusers reads them (they
+    were refused, or a dict ignored); a folder of another pipeline (a latent diffusion's vqvae beside its unet) is
+    refused, where it loaded as a pixel-space DDPM; a folder without safetensors names allow_pickle."""
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    for kwargs in ({"dtype": torch.bfloat16}, {"dtype": {"unet": torch.bfloat16}},
+                   {"dtype": {"default": torch.float16}}, {"torch_dtype": {"scheduler": torch.float16}}):
+        theirs = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe", **kwargs).unet.dtype
+        assert DDPMPipeline.from_pretrained(tmp_path / "pipe", **kwargs).unet.dtype == theirs
+    with pytest.raises(ValueError, match="both dtype and torch_dtype"):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe", dtype=torch.float16, torch_dtype=torch.float16)
+    index = read_json(tmp_path / "pipe" / "model_index.json")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({**index, "vqvae": [None, None]}))
+    DDPMPipeline.from_pretrained(tmp_path / "pipe")  # a component left empty is none
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({**index, "_class_name": "LDMPipeline",
+                                                                    "vqvae": ["diffusers", "VQModel"]}))
+    with pytest.raises(ValueError, match=r"\(LDMPipeline\) has the components \['vqvae'\] too: not a pixel-space "):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="are looked for only with allow_pickle=True"):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe")
 
 
 def test_progressive_generation():

@@ -838,3 +838,15 @@ def test_diffusers_ema_ramp_reaches_the_runs_ema(tmp_path, caplog):
            "--ema_power 0.5 (flag: None)" in caplog.text
     config = json.loads((out / "training_config.json").read_text())
     assert (config["ema_inv_gamma"], config["ema_power"], config["max_train_steps"]) == (1.0, 0.5, 4)
+
+
+def test_the_sample_grid_shows_its_progress(tmp_path, capsys):
+    """The grid sampled after training (16 images of the full chain by default: minutes on a CPU) shows a bar of its
+    own: after 'training 100%' nothing was printed while it ran."""
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    train_in_process(train, FAST + ["--dataset_name", str(images), "--max_train_steps", "1", "--output_dir",
+                                    str(tmp_path / "run")])
+    bar = re.findall(r"sample grid of step 1: +\d+%\|[^|]*\| \d/4 ", capsys.readouterr().err)  # (cleared when done)
+    assert bar, "no progress bar of the sample grid"

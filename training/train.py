@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import (CheckpointSaver, check_output_dir_shared, checkpoints, clear_earlier_run,
-                                 published_checkpoints, recover_folders, refuse_an_earlier_run, resume, save_pipeline,
+                                 published_checkpoints, recover_folders, resume, save_pipeline, starts_a_new_run,
                                  write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
-                          find_image_column, first_image, hub_dataset_id, known_row_groups, load_image_dataset,
+                          find_image_column, first_images, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
 from ddpm_hf.ema import EMA
 from ddpm_hf.errors import ResumeMismatch, is_out_of_memory, out_of_memory_detail, release_cached_memory
@@ -311,7 +311,7 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
     try:
         image_column = find_image_column(dataset.features, args.image_column)
         if is_main_process:  # one process suffices (the others would download the first shard's rows too)
-            check_channels(first_image(dataset, image_column, token=args.hub_token), model.config.in_channels)
+            check_channels(first_images(dataset, image_column, token=args.hub_token), model.config.in_channels)
         workers = args.dataloader_num_workers
         return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
@@ -452,8 +452,13 @@ def sample_grid(pipe, args, path: Path, accelerator, step: int):
     diffusers' example logs its test samples."""
     from ddpm_hf.pipelines import image_grid
 
-    images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
-                  num_inference_steps=args.ddpm_num_inference_steps).images
+    # a bar of its own: the grid of the paper's chain is minutes on a CPU (ema_pipeline's bar is off)
+    pipe.set_progress_bar_config(desc=f"sample grid of step {step}", leave=False, disable=False)
+    try:
+        images = pipe(batch_size=args.num_sample_images, generator=torch.Generator().manual_seed(args.seed),
+                      num_inference_steps=args.ddpm_num_inference_steps).images
+    finally:
+        pipe.set_progress_bar_config(disable=True)
     written = write_file(path, lambda partial: image_grid(images).save(partial, format="PNG"), Path(args.output_dir))
     pixels = np.stack([np.asarray(image).reshape(image.height, image.width, -1) for image in images])  # N, H, W, C
     for tracker in accelerator.trackers:
@@ -495,16 +500,17 @@ def pretrained_hub_id(args) -> Optional[str]:
     return name if name and not Path(name).expanduser().is_dir() else None
 
 
-def bits_per_dim_images(args, resolution: int, channels: int) -> torch.Tensor:
+def bits_per_dim_images(args, resolution: int, channels: int, revision: Optional[str]) -> torch.Tensor:
     """The first 64 images of --eval_split, which the bits/dim estimate of --eval_steps evaluates: read once, before
     training, so that a dataset without that split stops the run now (not at step --eval_steps, and again at each
-    resume), and no estimate depends on the network."""
+    resume), and no estimate depends on the network. A Hub dataset's at ``revision``, the commit training reads."""
     from ddpm_hf.evaluation import load_eval_images
 
     try:
         return load_eval_images(args.dataset_name, 64, resolution, channels, split=args.eval_split,
                                 dataset_config_name=args.dataset_config_name, train_data_dir=args.train_data_dir,
-                                image_column=args.image_column, token=args.hub_token)
+                                image_column=args.image_column, token=args.hub_token, revision=revision,
+                                cache_dir=args.cache_dir)
     except (OSError, ValueError) as err:
         raise SystemExit(f"--eval_steps {args.eval_steps} estimates bits/dim on the {args.eval_split!r} split: {err} "
                          "Pass --eval_split with a split of the dataset, or --eval_steps 0.") from err
@@ -665,9 +671,10 @@ def run(args):
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
-    if not args.resume_from_checkpoint:  # not beside an earlier run's checkpoints (decided once: one listing for all)
-        decided_by_main(accelerator, lambda: refuse_an_earlier_run(Path(args.output_dir), args.overwrite_output_dir),
-                        "a new run")
+    # a new run (from scratch or another run's checkpoint) not beside an earlier run's checkpoints nor over its
+    # pipeline (decided once: one listing for all)
+    new_run = decided_by_main(accelerator, lambda: starts_a_new_run(Path(args.output_dir), args.resume_from_checkpoint,
+                                                                    args.overwrite_output_dir), "a new run")
 
     # --- the model, the diffusion (scheduler) and the loss: bad flags stop here, before the Hub is asked anything ---
     set_seed(args.seed)  # the same initial weights on every process
@@ -697,7 +704,7 @@ def run(args):
                                accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
-    bpd_images = (bits_per_dim_images(args, resolution, model.config.in_channels)  # (only the main one estimates)
+    bpd_images = (bits_per_dim_images(args, resolution, model.config.in_channels, stream.revision)  # (the main one)
                   if args.eval_steps and accelerator.is_main_process else None)
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
@@ -721,7 +728,7 @@ def run(args):
                                 images, shape) from err
     if args.gradient_accumulation_steps > 1:
         keep_gradient_buffers(model)
-    started = start_run(accelerator, args, model, stream, loop, ema)
+    started = start_run(accelerator, args, model, stream, loop, ema, new_run)
     if args.record_example_ids:
         stream.record_ids_in(Path(args.output_dir) / "logs", loop.step)
 
@@ -826,14 +833,15 @@ def keep_the_checkpoints_ema(args, ema) -> None:
             setattr(args, name, value)
 
 
-def start_run(accelerator, args, model, stream, loop, ema) -> float:
-    """Finish what a crash left half done in --output_dir, resume when asked, write run_info.json, start the
-    trackers. Returns the start time of --max_train_minutes."""
+def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> float:
+    """Finish what a crash left half done in --output_dir, clear an earlier run for a ``new_run`` with
+    --overwrite_output_dir, resume when asked, write run_info.json, start the trackers. Returns the start time of
+    --max_train_minutes."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         recover_folders(output_dir)
-        if args.overwrite_output_dir and not args.resume_from_checkpoint:  # (see refuse_an_earlier_run)
+        if args.overwrite_output_dir and new_run:  # (see refuse_an_earlier_run)
             clear_earlier_run(output_dir, output_dir / args.logging_dir)
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:

@@ -19,7 +19,7 @@ The way of a row, one module a stage:
 The names below are the package's interface; the others are imported from their module.
 """
 
-from .decoding import check_channels, first_image, image_channels, prepare_image
+from .decoding import check_channels, first_images, image_channels, prepare_image
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME, write_fashion_mnist
 from .reader import all_processes, default_num_workers
 from .shards import dataset_revision, known_row_groups, remember_row_groups, row_fingerprint
@@ -27,6 +27,6 @@ from .sources import find_image_column, hub_dataset_id, load_image_dataset
 from .stream import TrainStream
 
 __all__ = ["EMBEDDED_DIR", "EMBEDDED_NAME", "TrainStream", "all_processes", "check_channels", "dataset_revision",
-           "default_num_workers", "find_image_column", "first_image", "hub_dataset_id", "image_channels",
+           "default_num_workers", "find_image_column", "first_images", "hub_dataset_id", "image_channels",
            "known_row_groups", "load_image_dataset", "prepare_image", "remember_row_groups", "row_fingerprint",
            "write_fashion_mnist"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from ..errors import http_status
 
@@ -39,10 +39,14 @@ def image_cell_bytes(cell: dict, token: Optional[str] = None) -> bytes:
 
 
 def decoded_image(data: bytes) -> Image.Image:
-    """The image encoded in ``data``, fully decoded (a truncated file fails here, not later)."""
+    """The image encoded in ``data``, fully decoded (a truncated file fails here, not later), turned upright as its
+    EXIF orientation says (a phone's photo; as datasets' Image feature and browsers show it), and in 8-bit values
+    (see :func:`_eight_bit`: an image whose values are neither fails here)."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image
+    if image.getexif().get(ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
+    return _eight_bit(image)
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L")  # how Pillow opens 16-bit grey PNGs and TIFFs
@@ -63,49 +67,62 @@ def undecoded_images(dataset, image_column: str):
     return dataset.cast_column(image_column, ImageFeature(decode=False)).select_columns([image_column])
 
 
-def first_image(dataset, image_column: str, max_rows: int = 100, token: Optional[str] = None) -> Image.Image:
-    """The first decodable image of ``dataset`` (a few rows are read, nothing else): the data's channel count and a
-    clear error on an empty or undecodable dataset, before the model is trained."""
+CHANNEL_CHECK_IMAGES = 8  # the first images the channel check reads
+
+
+def first_images(dataset, image_column: str, count: int = CHANNEL_CHECK_IMAGES, max_rows: int = 100,
+                 token: Optional[str] = None) -> List[Image.Image]:
+    """The first ``count`` decodable images of ``dataset``, among its first ``max_rows`` rows (nothing else is read):
+    the data's channels, and a clear error on an empty or undecodable dataset, before the model is trained."""
     rows = undecoded_images(dataset, image_column).take(max_rows)
-    seen = 0
-    last_error = None
+    images, seen, last_error = [], 0, None
     for seen, row in enumerate(rows, 1):
         try:
-            return decoded_image(image_cell_bytes(row[image_column], token))
+            images.append(decoded_image(image_cell_bytes(row[image_column], token)))
         except Exception as err:
             last_error = err
+        if len(images) == count:
+            break
+    if images:
+        return images
     if seen == 0:
         raise ValueError("the dataset has no rows: check --split and the data files.")
     raise ValueError(f"none of the first {seen} images of the dataset could be decoded (last error: {last_error}); "
                      f"is {image_column!r} the image column?")
 
 
-def check_channels(image: Image.Image, in_channels: int) -> None:
+def check_channels(images: List[Image.Image], in_channels: int) -> None:
     """The model's input channels must match the data: training a 3-channel model on grey images (or the reverse)
-    would silently learn replicated or discarded channels."""
-    channels = image_channels(image)
+    would silently learn replicated or discarded channels. Refused when none of ``images`` (the data's first) is of
+    the model's kind: colour datasets hold a few grey images (about 2 % of ImageNet's), converted like the rest."""
     if in_channels not in (1, 3):
         raise ValueError(f"the model has in_channels={in_channels}; only 1 (grey) and 3 (colour) image data exist.")
-    if channels != in_channels:
+    if all(image_channels(image) != in_channels for image in images):
         kind = {1: "grey", 3: "colour"}
+        channels = 4 - in_channels
+        modes = ", ".join(dict.fromkeys(image.mode for image in images))
+        first = f", all of its first {len(images)}" if len(images) > 1 else ""
         raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
-                         f"{kind[channels]} (mode {image.mode}): use a model with in_channels={channels} (a preset, "
+                         f"{kind[channels]} (mode {modes}){first}: use a model with in_channels={channels} (a preset, "
                          f"--model_config or --pretrained_model_name_or_path), or convert the dataset.")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit grey image scaled to 8 bits (round(v · 255 / 65535)); Pillow's convert("L") clips it instead, every
-    value from 255 up (a 16-bit image's range: 0 to 65535) turning white. The 32-bit modes (I, F) say nothing of
-    their range: values outside 0..255 are refused (the stream skips and counts such an image, naming it), not
-    clipped. Other modes as they are."""
+    value from 255 up (a 16-bit image's range: 0 to 65535) turning white. A float image (mode F: datasets stores a
+    float array so) with every value in [0, 1] is read in that range, the float images' convention (round(v · 255));
+    before, it became black. The 32-bit modes (I, F) say nothing else of their range: values outside 0..255 are
+    refused (the stream skips and counts such an image, naming it), not clipped. Other modes as they are."""
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.uint32)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     if image.mode in ("I", "F"):
         low, high = image.getextrema()
+        if image.mode == "F" and 0 <= low and high <= 1:
+            return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) * 255).astype(np.uint8), "L")
         if low < 0 or high > 255:
-            raise ValueError(f"a mode {image.mode} image with values in [{low:g}, {high:g}]: 8-bit values (0 to 255) "
-                             "or 16-bit PNGs are read; convert the dataset's images to either")
+            raise ValueError(f"a mode {image.mode} image with values in [{low:g}, {high:g}]: 8-bit values (0 to 255), "
+                             "floats in [0, 1] or 16-bit PNGs are read; convert the dataset's images to one of these")
     return image
 
 
@@ -157,7 +174,8 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
             raise OSError(f"stream {v}, epoch {epoch}, row {index}: {err}") from err
         try:
             image = decoded_image(data)
-        except Exception as err:  # a corrupt or truncated file must not stop a long run
+        except Exception as err:  # a corrupt or truncated file, or one of values no 8-bit image has, must not stop a
+            # long run
             results.append((None, f"{type(err).__name__}: {err}"))
             continue
         rng = np.random.default_rng([settings.seed, v, epoch, index])

@@ -2,7 +2,6 @@
 the embedded subset, as a 🤗 datasets (iterable) dataset of image cells; what is refused before training (a missing
 split, an unreadable shard, images that datasets would drop), and the patches to datasets' own behaviour."""
 
-import glob
 import itertools
 import multiprocessing
 import os
@@ -12,7 +11,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 
 from ..errors import first_line
@@ -303,16 +302,53 @@ def _refuse_lost_images(dataset, held: Dict[frozenset, str], where: str) -> None
             "Write every sample's image under one extension.")
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+def image_extensions() -> Tuple[str, ...]:
+    """The image files an image folder is made of: those of datasets' imagefolder (Pillow's formats)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return tuple(ImageFolder.EXTENSIONS)
 
 
-def _split_files(folder: str, split: str, ext: str) -> List[str]:
-    """The ``split``'s files of extension ``ext``, by the first of the usual layouts that has any."""
-    for pattern in (f"data/{split}-*.{ext}", f"{split}-*.{ext}", f"{split}/*.{ext}", f"*.{ext}"):
-        files = sorted(glob.glob(os.path.join(folder, pattern)))
-        if files:
-            return files
-    return []
+# an image folder's metadata (datasets' imagefolder reads them beside the images), never a parquet dataset's data
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def folder_splits(folder: str) -> Dict[str, List[str]]:
+    """datasets' own reading of a local folder's splits: the split names (train, test, validation and their synonyms,
+    such as eval or dev) in its file or folder names, each with its file patterns; a folder that names none is all
+    train. So a split here holds the files ``load_dataset(folder)`` gives it (train.parquet and test.parquet are two
+    splits, not one), and a split the folder does not name has none."""
+    from datasets.data_files import EmptyDatasetError, get_data_patterns
+
+    try:
+        return {str(split): patterns for split, patterns in get_data_patterns(folder).items()}
+    except EmptyDatasetError:
+        return {}
+
+
+def _split_files(folder: str, patterns: List[str], extensions: Optional[Tuple[str, ...]]) -> List[str]:
+    """The files of ``extensions`` (".parquet", ...; None: any) in ``folder`` that match a split's ``patterns`` (see
+    :func:`folder_splits`), an image folder's metadata files left out."""
+    from datasets.data_files import resolve_pattern
+
+    files = []
+    for pattern in patterns:
+        try:
+            files += resolve_pattern(pattern, folder, allowed_extensions=list(extensions) if extensions else None)
+        except FileNotFoundError:  # no file of this pattern has the extensions
+            pass
+    # (datasets lets a .tar.gz match .tar: not a WebDataset shard it reads)
+    return sorted(path for path in set(files) if (extensions is None or path.lower().endswith(extensions))
+                  and os.path.basename(path) not in METADATA_FILES)
+
+
+def _split_naming_files(folder: str, splits: Dict[str, List[str]]) -> str:
+    """The files whose names make ``folder``'s splits, a few per split ("train_list.txt (train), ...")."""
+    named = []
+    for split, patterns in sorted(splits.items()):
+        files = sorted({os.path.relpath(path, folder) for path in _split_files(folder, patterns, None)})
+        named += [f"{name} ({split})" for name in files[:2]]
+    return ", ".join(named)
 
 
 def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True):
@@ -321,21 +357,29 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     with what it does hold. ``check``: read the files' footers or headers first (see _check_readable)."""
     from datasets import load_dataset
 
+    splits = folder_splits(folder)  # (one walk of the folder's tree)
     for builder in ("parquet", "arrow"):
-        files = _split_files(folder, split, builder)
+        files = _split_files(folder, splits.get(split, []), (f".{builder}",))
         if files:
             if check:
                 _check_readable(files, builder)
             return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
     found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
-    images = [path for path in found if path.suffix.lower() in IMAGE_EXTENSIONS]
-    files = _split_files(folder, split, "tar")
+    images = [path for path in found if path.suffix.lower() in image_extensions()]
+    files = _split_files(folder, splits.get(split, []), (".tar",))
     if images and files:  # an image folder with a backup.tar, or tar shards with a preview.png: no guessing
         raise ValueError(f"{folder} holds both image files ({len(images)}, e.g. {images[0]}) and tar shards "
                          f"({len(files)}, e.g. {files[0]}): an image folder or WebDataset shards? Pass a folder that "
                          "holds only the one to train on.")
     if images:
+        if not _split_files(folder, splits.get(split, []), image_extensions()):
+            # datasets' imagefolder would read no rows: file names that name splits leave the images out of this one
+            raise FileNotFoundError(
+                f"{folder}: none of its {len(images)} image files is in split {split!r}: datasets reads split names "
+                f"in file and folder names, and here {_split_naming_files(folder, splits) or 'none'} make the "
+                f"splits {', '.join(sorted(splits))}. Rename those files or move them out of the folder, put the "
+                f"images in a {split}/ folder, or pass --split.")
         return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
     if files:
         samples = _check_readable(files, "webdataset") if check else {}
@@ -346,14 +390,14 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
-    hint = (f"; its data files are not named for split {split!r} (looked for data/{split}-*.parquet, "
-            f"{split}-*.parquet, {split}/*.parquet, *.parquet and the same for .arrow and .tar): pass --split"
-            if data_files else "")
+    hint = (f"; its data files are not named for split {split!r} (datasets reads a split's name in the file or "
+            f"folder names, e.g. {split}-00000.parquet or {split}/; a folder that names none is all train; here: "
+            f"{', '.join(sorted(splits)) or 'none'}): pass --split" if data_files else "")
     if any(path.name.lower().endswith((".tar.gz", ".tgz")) for path in found):
         hint += ("; compressed tars (.tar.gz, .tgz) are not read as WebDataset shards (datasets reads plain .tar): "
                  "decompress them with gunzip, or pass the images as parquet")
     raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow/tar files and no image files "
-                            f"({', '.join(IMAGE_EXTENSIONS)}): found {what}{hint}. A dataset folder holds parquet/arrow "
+                            f"(.png, .jpg, .webp, ... as datasets' imagefolder reads): found {what}{hint}. A dataset folder holds parquet/arrow "
                             "files, WebDataset tar shards or image files.")
 
 

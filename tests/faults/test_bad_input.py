@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, Image as ImageFeature, Value
-from PIL import Image
+from PIL import ExifTags, Image
 
 from helpers import tiny_pipeline
 from runs import FAST, train_in_process
 
 from ddpm_hf import DDPMPipeline
 from ddpm_hf.cli import main as cli
-from ddpm_hf.data import TrainStream, check_channels, first_image, image_channels, load_image_dataset, prepare_image
+from ddpm_hf.evaluation import load_eval_images
+from ddpm_hf.data import TrainStream, check_channels, first_images, image_channels, load_image_dataset, prepare_image
 from ddpm_hf.images import to_model_range
 
 
@@ -90,7 +91,7 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--snr_gamma", "five"], "--snr_gamma: invalid float value: 'five'"),
     (["--loss", "vlb", "--snr_gamma", "5"], "--snr_gamma reweights L_simple, but --loss vlb is the variational "
                                             "bound, whose terms already carry their own weights"),
-    (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    (["--push_to_hub", "--output_dir", "runs/my run"], "names the repo after --output_dir, but 'my run' is not a Hub"),
     (["--push_to_hub", "--hub_model_id", "../etc/passwd"], "is not a Hub repo id"),
     (["--push_to_hub", "--hub_model_id", "a/b/c"], "is not a Hub repo id"),
     (["--push_to_hub", "--hub_model_id", "alice/a b"], "is not a Hub repo id"),
@@ -98,6 +99,7 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--train_data_dir", "{tmp}/missing"], "is not a folder"),
     (["--resume_from_checkpoint", "{tmp}/checkpoint-7"], "no such checkpoint folder"),
     (["--output_dir", "{tmp}/a_file"], "is a file, not a folder"),
+    (["--output_dir", "{tmp}/a_file/run"], "cannot be made or written: {tmp}/a_file is a file"),
     (["--model_config", "{tmp}/missing.json"], "no such file"),
     (["--model_config", "{tmp}/bad.json"], "is not valid JSON"),
     (["--model_config", "{tmp}/unknown.json"], "unknown keys ['block_out_channel']"),
@@ -109,7 +111,7 @@ def test_training_flags_are_checked_before_anything_loads(train, tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert exit_info.value.code == 2
-    assert words in capsys.readouterr().err
+    assert words.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("env, words", [
@@ -265,6 +267,45 @@ def test_train_data_dir_takes_data_files_or_images_and_names_what_else_it_found(
         load_image_dataset(dataset_name=str(wrong_split.parent))
 
 
+def test_a_local_folders_splits_are_the_ones_datasets_reads(tmp_path):
+    """A local folder's splits are datasets' own (its split names in file and folder names): train.parquet and
+    test.parquet are two splits (both were read as one, the test images trained on and evaluated against); a flat
+    folder of train files has no test split (--split test read the training files); an image folder's
+    metadata.parquet is its metadata, not a parquet dataset; every image format datasets' imagefolder reads is read."""
+    import datasets
+
+    images = [_png(seed=i) for i in range(13)]
+    two = tmp_path / "two"
+    _parquet(two, images[:10]).joinpath("train-0.parquet").rename(two / "train.parquet")
+    _parquet(tmp_path / "t", images[10:]).joinpath("train-0.parquet").rename(two / "test.parquet")
+    for split in ("train", "test"):
+        ours = [row["image"].tobytes() for row in load_image_dataset(dataset_name=str(two), split=split)]
+        theirs = [row["image"].tobytes() for row in datasets.load_dataset(str(two), split=split, streaming=True)]
+        assert ours == theirs and len(ours) == {"train": 10, "test": 3}[split]
+    with pytest.raises(FileNotFoundError, match="not named for split 'validation'.*here: test, train"):
+        load_image_dataset(dataset_name=str(two), split="validation")
+
+    flat = _parquet(tmp_path / "flat", images[:4])  # train-0.parquet
+    assert len(list(load_image_dataset(dataset_name=str(flat), split="train"))) == 4
+    with pytest.raises(FileNotFoundError, match="not named for split 'test'.*here: train"):
+        load_image_dataset(dataset_name=str(flat), split="test")
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        Image.open(io.BytesIO(images[i])).save(folder / f"{i}.ppm")  # a format Pillow and imagefolder read
+    Dataset.from_dict({"file_name": [f"{i}.ppm" for i in range(3)], "text": ["a", "b", "c"]}).to_parquet(
+        str(folder / "metadata.parquet"))
+    rows = sorted(load_image_dataset(train_data_dir=str(folder)), key=lambda row: row["text"])
+    assert [row["text"] for row in rows] == ["a", "b", "c"]
+    assert [row["image"].tobytes() for row in rows] == [Image.open(io.BytesIO(b)).tobytes() for b in images[:3]]
+    # a file whose name names a split makes datasets read that split as that file alone (no rows): named
+    (folder / "train_list.txt").write_text("0.ppm\n")
+    with pytest.raises(FileNotFoundError, match=r"none of its 3 image files is in split 'train': .* here "
+                                                r"train_list.txt \(train\) make the splits train"):
+        load_image_dataset(train_data_dir=str(folder))
+
+
 def test_bad_model_configs_are_named(train, tmp_path):
     config = tmp_path / "unet.json"
     config.write_text(json.dumps({"sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [32],
@@ -280,7 +321,7 @@ def test_images_of_every_mode_and_size_are_converted(tmp_path):
     images = [_png(mode, sizes[i % len(sizes)], seed=i, fmt="TIFF") for i, mode in enumerate(modes)]
     _parquet(tmp_path / "data", images)
     ds = load_image_dataset(str(tmp_path / "data"))
-    assert image_channels(first_image(ds, "image")) == 1
+    assert image_channels(first_images(ds, "image")[0]) == 1
     for channels in (1, 3):
         stream = TrainStream(ds, "image", 16, channels, len(modes), 1, 0, 1, seed=0, shuffle_buffer_size=0)
         batch = to_model_range(stream.next_batch())
@@ -322,11 +363,73 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path):
                                                 rng=np.random.default_rng(0))[0], narrow)
 
 
+def test_float_images_wide_images_and_exif_orientation_in_the_stream(tmp_path):
+    """A float image (mode F, as datasets stores a float array) with values in [0, 1] is read in that range, round(v ·
+    255) (it became black); a mode I image of values past 255 is skipped and counted by the stream (it stopped the
+    run); a photo's EXIF orientation is applied, as datasets' Image feature applies it for the evaluation's images
+    (training read it sideways). Oracles: the closed form, and datasets' own decoding of the same bytes."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    floats = rng.random((16, 16)).astype(np.float32)
+    floats[0, :2] = (0.0, 1.0)
+    as_float, wide = io.BytesIO(), io.BytesIO()
+    Image.fromarray(floats, "F").save(as_float, format="TIFF")
+    Image.fromarray(rng.integers(0, 65536, (16, 16)).astype(np.int32), "I").save(wide, format="TIFF")
+    upright = rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)  # 16 wide, 24 high
+    photo = io.BytesIO()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored turned: shown rotated by 90°
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(photo, format="PNG", exif=exif)
+    _parquet(tmp_path / "data", [as_float.getvalue(), wide.getvalue(), photo.getvalue()])
+    stream = TrainStream(load_image_dataset(str(tmp_path / "data")), "image", 16, 3, 2, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    batch = stream.next_batch().numpy()
+    assert stream.skipped_rows == 1
+    np.testing.assert_array_equal(batch[0, 0], np.rint(floats.astype(np.float64) * 255).astype(np.uint8))
+    shown = datasets.Image().decode_example({"bytes": photo.getvalue(), "path": None})
+    assert shown.size == (16, 24)
+    np.testing.assert_array_equal(batch[1], prepare_image(shown, 16, 3, center_crop=True, flip=False,
+                                                          rng=np.random.default_rng(0)))
+
+
 def test_channel_check_names_both_sides():
     with pytest.raises(ValueError, match=r"in_channels=3 \(colour\) but the dataset's images are grey \(mode L\)"):
-        check_channels(Image.new("L", (4, 4)), 3)
+        check_channels([Image.new("L", (4, 4))], 3)
     with pytest.raises(ValueError, match="only 1 \\(grey\\) and 3 \\(colour\\)"):
-        check_channels(Image.new("RGB", (4, 4)), 4)
+        check_channels([Image.new("RGB", (4, 4))], 4)
+
+
+def test_a_colour_dataset_whose_first_image_is_grey_is_taken(tmp_path):
+    """Colour datasets hold a few grey images (ImageNet about 2 %): one first in the data no longer stops the run
+    (it was refused as a grey dataset, with no flag to go on); a dataset of nothing but grey images still is."""
+    _parquet(tmp_path / "mixed", [_png("L", seed=0)] + [_png("RGB", seed=i) for i in range(1, 12)])
+    images = first_images(load_image_dataset(str(tmp_path / "mixed")), "image")
+    assert [image.mode for image in images] == ["L"] + ["RGB"] * 7
+    check_channels(images, 3)
+    _parquet(tmp_path / "grey", [_png("L", seed=i) for i in range(12)])
+    with pytest.raises(ValueError, match=r"images are grey \(mode L\), all of its first 8:"):
+        check_channels(first_images(load_image_dataset(str(tmp_path / "grey")), "image"), 3)
+
+
+def test_the_evaluation_reads_images_as_training_does(tmp_path):
+    """The evaluation's images (the bound's, FID's references) are decoded as training decodes them: an image column
+    of plain {bytes, path} structs (as pandas or pyarrow write one, without datasets' metadata), which training
+    reads with --image_column, crashed the evaluation ('dict' object has no attribute 'mode'); and a first grey
+    image of a colour split is taken there too. Oracle: the training stream's centre-cropped batch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [_png("L", (20, 20), seed=0)] + [_png("RGB", (20, 24), seed=i) for i in range(1, 4)]
+    (tmp_path / "plain").mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": b, "path": None} for b in images]}),
+                   str(tmp_path / "plain" / "train-0.parquet"))
+    with pytest.raises(ValueError, match="no image column"):  # no Image feature: it has to be named, in both
+        load_eval_images(str(tmp_path / "plain"), 4, 16, 3, split="train")
+    ours = load_eval_images(str(tmp_path / "plain"), 4, 16, 3, split="train", image_column="image", chunk_size=3)
+    stream = TrainStream(load_image_dataset(str(tmp_path / "plain")), "image", 16, 3, 4, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    assert torch.equal(ours, stream.next_batch())
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # the error raised in this process's reader thread, or sent by the
@@ -535,6 +638,37 @@ def test_an_output_dir_holding_an_earlier_run_is_resumed_or_overwritten_not_mixe
     assert json.loads((out / "training_config.json").read_text())["max_train_steps"] == 2
     assert not (out / "logs" / "earlier.txt").exists() and not (out / "samples" / "step-0000004.png").exists()
     assert (out / "notes.txt").read_text() == "the user's"
+
+
+def test_a_new_run_neither_mixes_with_nor_replaces_an_earlier_ones_work(train, tmp_path):
+    """--overwrite_output_dir removes an earlier run's outputs only: a folder no run wrote in keeps its samples/ and
+    logs/ (they were removed). A finished pipeline whose checkpoints are gone is not replaced by a new run (nor by
+    'latest', which found no checkpoint and started from scratch over it). A run started from another run's
+    checkpoint is a new run: refused beside this folder's own checkpoints (it overwrote them)."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    base = FAST + ["--dataset_name", str(data), "--max_train_steps", "2"]
+    mine = tmp_path / "mine"
+    (mine / "samples").mkdir(parents=True)
+    (mine / "samples" / "my_best.png").write_text("the user's")
+    (mine / "logs").mkdir()
+    (mine / "logs" / "notes.txt").write_text("the user's")
+    train_in_process(train, base + ["--output_dir", str(mine), "--checkpointing_steps", "0", "--overwrite_output_dir"])
+    assert (mine / "samples" / "my_best.png").read_text() == (mine / "logs" / "notes.txt").read_text() == "the user's"
+    weights = (mine / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    for extra in ([], ["--resume_from_checkpoint", "latest"]):
+        with pytest.raises(SystemExit, match=r"holds a pipeline \(model_index.json\) and no checkpoint to resume"):
+            train_in_process(train, base + ["--output_dir", str(mine), "--seed", "1", *extra])
+    assert (mine / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+    for run in ("a", "b"):
+        train_in_process(train, base + ["--output_dir", str(tmp_path / run), "--checkpointing_steps", "2",
+                                        "--seed", str(ord(run))])
+    own = (tmp_path / "a" / "checkpoint-2" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds the checkpoints of an earlier run \(checkpoint-2\)"):
+        train_in_process(train, FAST + ["--dataset_name", str(data), "--max_train_steps", "4", "--checkpointing_steps",
+                                        "2", "--output_dir", str(tmp_path / "a"), "--resume_from_checkpoint",
+                                        str(tmp_path / "b" / "checkpoint-2")])
+    assert (tmp_path / "a" / "checkpoint-2" / "model.safetensors").read_bytes() == own
 
 
 def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_path, caplog):
