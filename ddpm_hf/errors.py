@@ -1,5 +1,6 @@
 """Error messages: one line of an exception, for messages that name the problem and the fix; running out of memory."""
 
+import os
 from typing import Optional
 
 import torch
@@ -9,6 +10,16 @@ def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message, or its type's name when it has none."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def local_path_hint(name: str) -> str:
+    """For a name read as a Hub repo id ('namespace/name') that the Hub did not give: a sentence saying there is no
+    such folder here either, where its first part is a folder here (a typo in a local path, 'data/flat_grey' for
+    'data/flat_gray', is otherwise reported as a Hub failure only); else ''."""
+    first = name.split("/")[0]
+    if "/" in name and first and os.path.isdir(first) and not os.path.exists(name):
+        return f" There is no folder {name} here either, though {first}/ is one: a typo in a local path?"
+    return ""
 
 
 def http_status(err: BaseException) -> Optional[int]:

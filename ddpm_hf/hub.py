@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .errors import http_status
+from .errors import http_status, local_path_hint
 from .scheduler import DDPMScheduler
 from .unet import DDPMUNet
 
@@ -77,13 +77,20 @@ def resolve_folder(
                    if constants.HF_HUB_OFFLINE else "a repo downloaded before loads offline with HF_HUB_OFFLINE=1 "
                    "(Python: local_files_only=True)")
         raise OSError(f"could not get {name} (revision {revision or 'main'}) from {constants.ENDPOINT}: {message}\n"
-                      f"Check the repo id, your access to it and the connection; {offline}.") from err
+                      f"Check the repo id, your access to it and the connection; {offline}.{local_path_hint(name)}"
+                      ) from err
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
+        pipelines = sorted(path.parent.glob("checkpoint-*/pipeline/model_index.json"),
+                           key=lambda found: int(found.parent.parent.name.split("-")[-1]) if
+                           found.parent.parent.name.split("-")[-1].isdigit() else -1)
+        unfinished = (f" It is a training run's folder before its end: its newest checkpoint's pipeline is "
+                      f"{pipelines[-1].parent}." if path.name == "model_index.json" and pipelines else "")
         raise FileNotFoundError(f"missing {path}: not a complete pipeline folder (expected model_index.json, "
-                                "unet/config.json, unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json).")
+                                "unet/config.json, unet/diffusion_pytorch_model.safetensors, "
+                                f"scheduler/scheduler_config.json).{unfinished}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -316,6 +316,15 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder, here or in "
                     f"--output_dir {args.output_dir} (or use 'latest')")
         args.resume_from_checkpoint = named
+    if args.resume_from_checkpoint not in (None, "latest"):  # a run's folder or a pipeline, passed for a checkpoint
+        folder = Path(args.resume_from_checkpoint)
+        if any(folder.glob("checkpoint-*")):
+            p.error(f"--resume_from_checkpoint {folder} is a run's --output_dir, not a checkpoint: pass "
+                    f"--output_dir {folder} --resume_from_checkpoint latest, or one of its checkpoint-N folders")
+        if (folder / "model_index.json").is_file():
+            p.error(f"--resume_from_checkpoint {folder} is a pipeline folder, not a checkpoint (which holds the "
+                    "optimizer's and the data's state too): pass the checkpoint-N folder, or start a new run from its "
+                    f"weights with --pretrained_model_name_or_path {folder}")
 
     if args.model_config:
         try:

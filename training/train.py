@@ -135,12 +135,16 @@ class LoopState:
     examples get the same t and ε whichever process serves it; on a GPU they live there (drawing ε on the host would
     cost more than the step). The dropout masks come from torch's own generator, seeded before each batch from the
     process and the batch's number: other on every process (one seed everywhere gave every process the same masks),
-    and the same after a resume, whatever drew from that generator in between (a sample grid, a bound estimate)."""
+    and the same after a resume, whatever drew from that generator in between (a sample grid, a bound estimate).
+    ``settings``: the flags that say what is learnt (see :func:`objective_settings`); a resume under others is
+    refused, naming them."""
 
-    def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0):
+    def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0,
+                 settings: Optional[dict] = None):
         self.step = 0
         self.batches: Optional[int] = 0  # the micro-batches drawn, skipped updates' included: each has its own masks
         self.per_stream_batch, self.seed, self.process = per_stream_batch, seed, process
+        self.settings = dict(settings or {})
         self.generators = {v: torch.Generator(device).manual_seed(noise_seed(seed, v)) for v in streams}
 
     def draw(self, x0: torch.Tensor, num_train_timesteps: int):
@@ -160,10 +164,17 @@ class LoopState:
     def state_dict(self):
         """The step, the batches drawn and every stream's generator, the other processes' included (see
         TrainStream.state_dict)."""
-        return all_processes({"step": self.step, "batches": self.batches,
+        return all_processes({"step": self.step, "batches": self.batches, "settings": self.settings,
                               "noise": {v: g.get_state() for v, g in self.generators.items()}})
 
     def load_state_dict(self, state):
+        saved = state.get("settings") or {}  # (none in checkpoints before they were kept)
+        changed = [f"--{name} {value} (the checkpoint's: {saved[name]})" for name, value in self.settings.items()
+                   if name in saved and saved[name] != value]
+        if changed:
+            raise ResumeMismatch(f"this run would learn another thing than the checkpoint's: {', '.join(changed)}. "
+                                 "Resume with the checkpoint's flags, or start a new run in another --output_dir from "
+                                 "its weights (--pretrained_model_name_or_path with a pipeline folder).")
         self.step = state["step"]
         # None: a run begun before the masks were seeded per batch goes on drawing them as it did, from the generator
         # accelerate restores (so that it still ends where it would have)
@@ -183,6 +194,14 @@ class LoopState:
                 # with exactly the noise it would have drawn
                 self.generators[v] = torch.Generator("cpu")
             self.generators[v].set_state(g_state)
+
+
+def objective_settings(args, resolution: int) -> dict:
+    """The flags that say what the network learns: the diffusion, the loss and the images' size. A resume keeps them
+    (it would go on learning another thing, and label its pipeline with the new flags); the optimiser's, the data's
+    and the outputs' flags may change."""
+    names = ("ddpm_num_steps", "ddpm_beta_schedule", "prediction_type", "variance_type", "loss", "snr_gamma")
+    return {**{name: getattr(args, name) for name in names}, "resolution": resolution}
 
 
 def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
@@ -709,7 +728,8 @@ def run(args):
 
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
-    loop = LoopState(stream.streams, args.train_batch_size, args.seed, device, accelerator.process_index)
+    loop = LoopState(stream.streams, args.train_batch_size, args.seed, device, accelerator.process_index,
+                     objective_settings(args, resolution))
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: the average lives on the device of the weights it follows
     power_ramp = None if args.ema_inv_gamma is None else (args.ema_inv_gamma, args.ema_power)  # diffusers' ramp

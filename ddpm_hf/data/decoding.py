@@ -4,6 +4,7 @@ channels, the resize, crop and flip (``prepare_image``), and the decoding of a b
 
 import hashlib
 import io
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,10 @@ def decode_rows(cells: List[dict], keys: List[Tuple[int, int, int]], settings: D
         try:
             image = decoded_image(data)
         except Exception as err:  # a corrupt or truncated file, or one of values no 8-bit image has, must not stop a
-            # long run
-            results.append((None, f"{type(err).__name__}: {err}"))
+            # long run; named by its file where it has one (Pillow names the bytes it was given)
+            named = f"{cell['path']}: " if isinstance(cell, dict) and cell.get("path") else ""
+            said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+            results.append((None, f"{named}{type(err).__name__}: {said}"))
             continue
         rng = np.random.default_rng([settings.seed, v, epoch, index])
         array = prepare_image(image, settings.resolution, settings.channels, settings.center_crop,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 
-from ..errors import first_line
+from ..errors import first_line, local_path_hint
 from ..processes import usable_cores
 from .embedded import EMBEDDED_DIR, EMBEDDED_NAME
 from .shards import examples_iterables, in_threads, open_footer, remember_row_groups, row_groups_of
@@ -45,8 +45,13 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow/tar files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
-            ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token, check_shards,
-                                   revision)
+            try:
+                ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token,
+                                       check_shards, revision)
+            except OSError as err:  # (a missing repo, the Hub unreachable): said with what is here
+                if not local_path_hint(dataset_name):
+                    raise
+                raise OSError(f"{err}{local_path_hint(dataset_name)}") from err
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds

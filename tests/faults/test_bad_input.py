@@ -671,6 +671,59 @@ def test_a_new_run_neither_mixes_with_nor_replaces_an_earlier_ones_work(train, t
     assert (tmp_path / "a" / "checkpoint-2" / "model.safetensors").read_bytes() == own
 
 
+def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path):
+    """A resume with another diffusion, loss or image size went on silently, training the rest of the run on another
+    objective and labelling the pipeline with the new flags: refused now, naming each flag and the checkpoint's
+    value; the optimiser's flags may change."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    base = FAST + ["--dataset_name", str(data), "--checkpointing_steps", "2", "--output_dir", str(tmp_path / "out")]
+    train_in_process(train, base + ["--max_train_steps", "2"])
+    resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
+    with pytest.raises(SystemExit, match=r"would learn another thing than the checkpoint's: --prediction_type "
+                                         r"v_prediction \(the checkpoint's: epsilon\), --resolution 32 \(the "
+                                         r"checkpoint's: 16\)"):
+        train_in_process(train, base + resume + ["--prediction_type", "v_prediction", "--resolution", "32"])
+    train_in_process(train, base + resume + ["--learning_rate", "2e-4"])
+    assert json.loads((tmp_path / "out" / "training_config.json").read_text())["max_train_steps"] == 3
+
+
+def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path, monkeypatch, capsys, caplog):
+    """A run's folder or a pipeline passed as the checkpoint to resume (it was called diffusers' example's checkpoints,
+    naming the wrong --output_dir); a run's folder before its end passed as a pipeline (its newest checkpoint's
+    pipeline is named); a typo in a local path, read as a Hub id (a Hub failure only); an undecodable image of a
+    folder, named by its file (Pillow names '<_io.BytesIO object at 0x...>')."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    run = tmp_path / "run"
+    train_in_process(train, FAST + ["--dataset_name", str(data), "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                    "--output_dir", str(run)])
+    for resumed, words in ((run, "is a run's --output_dir, not a checkpoint: pass --output_dir"),
+                           (run / "checkpoint-2" / "pipeline", "is a pipeline folder, not a checkpoint")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint", str(resumed)])
+        assert words in capsys.readouterr().err
+    (run / "model_index.json").unlink()  # as before the run's end
+    with pytest.raises(FileNotFoundError, match=r"a training run's folder before its end: its newest checkpoint's "
+                                                r"pipeline is .*checkpoint-2/pipeline"):
+        DDPMPipeline.from_pretrained(run)
+
+    monkeypatch.chdir(tmp_path)  # data/ is here; data/flat_grey is not, and is a valid Hub id
+    with pytest.raises(OSError, match="There is no folder data/flat_grey here either, though data/ is one"):
+        load_image_dataset("data/flat_grey")
+    with pytest.raises(OSError, match="There is no folder data/pipe here either, though data/ is one"):
+        DDPMPipeline.from_pretrained("data/pipe")
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(seed=i))
+    (folder / "1a.png").write_bytes(b"not a png")  # (read third)
+    stream = TrainStream(load_image_dataset(train_data_dir=str(folder)), "image", 16, 1, 3, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    with caplog.at_level(logging.WARNING):
+        stream.next_batch()
+    assert f"{folder / '1a.png'}: UnidentifiedImageError" in caplog.text and "BytesIO" not in caplog.text
+
+
 def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_path, caplog):
     """--ema_max_decay 0.9999 from the first step (the paper's presets) over a short run keeps most of the initial
     weights in the EMA weights the pipeline is saved with (0.9999²⁰⁰⁰ = 82 %): said before training, with the fix;
