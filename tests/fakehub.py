@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 FAULT_KINDS = ("status", "drop", "stall", "late", "cut")
@@ -120,6 +120,9 @@ class Repo:
     repo_type: str = "model"
     commits: Dict[str, Dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
     history: List[str] = field(default_factory=list)  # shas, oldest first; the last is "main"
+    # a gated repo: its info and listing are public, its files only for the owner and the users it granted access
+    gated: bool = False
+    granted: Set[str] = field(default_factory=set)
 
     @property
     def repo_id(self) -> str:
@@ -547,7 +550,8 @@ class FakeHub:
                 info = {"id": repo_id, "sha": sha, "private": repo.private, "author": repo.owner,
                         "siblings": [{"rfilename": p, "size": len(d)} for p, d in sorted(files.items())],
                         "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
-                        "tags": [], "downloads": 0, "likes": 0, "disabled": False, "gated": False}
+                        "tags": [], "downloads": 0, "likes": 0, "disabled": False,
+                        "gated": "manual" if repo.gated else False}
                 if repo_type == "model":
                     info["modelId"] = repo_id
                 self._send(handler, 200, info)
@@ -652,6 +656,12 @@ class FakeHub:
         repo_id, revision, file_path = "/".join(segments[:2]), segments[3], "/".join(segments[4:])
         head = handler.command == "HEAD"
         repo = self._visible_repo(handler, repo_id, user, head=head, repo_type=repo_type)
+        if repo and repo.gated and user != repo.owner and user not in repo.granted:  # as the Hub answers
+            kind = "dataset" if repo_type == "dataset" else "model"
+            return self._error(handler, 401 if user is None else 403, "GatedRepo",
+                               f"Access to {kind} {repo_id} is restricted and you are not in the authorized list. "
+                               f"Visit https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id} to "
+                               "ask for access.", head=head)
         found = repo and self._revision(handler, repo, revision, head=head)
         if not found:
             return None

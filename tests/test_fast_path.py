@@ -425,6 +425,10 @@ def test_workers_exit_with_the_run(images, tmp_path, how):
         raise
     assert code != 0
     assert _gone(workers), f"the data reader and workers {workers} outlived the training process ({how})"
+    if how == "SIGINT":  # Ctrl-C: a line saying what is kept, not a traceback through the library
+        log = (tmp_path / "log.txt").read_text()
+        assert code == 128 + signal.SIGINT and "Traceback" not in log, log[-3000:]
+        assert "stopped by Ctrl-C. No checkpoint was written: the run would start anew." in log, log[-3000:]
 
 
 def _eager_args(images):

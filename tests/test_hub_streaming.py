@@ -20,7 +20,7 @@ from typing import List, Optional
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, Features, Image as ImageFeature, Value
+from datasets import Array3D, Dataset, Features, Image as ImageFeature, Value
 from huggingface_hub import HfApi
 from PIL import Image
 
@@ -964,6 +964,13 @@ def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub
     ("no_image_column", "no image column (columns: ['text'])"),
     ("truncated", "data/train-00001-of-00002.parquet is not a readable parquet file"),
     ("not_parquet", "data/train-00000-of-00002.parquet is not a readable parquet file"),
+    # a gated dataset: a token is not enough (its conditions are to be accepted on its page), as datasets says
+    ("gated", "Hub dataset alice/repo is gated: Dataset 'alice/repo' is a gated dataset on the Hub. Visit the "
+              "dataset page at https://huggingface.co/datasets/alice/repo to ask for access. Accept its conditions"),
+    ("script", "is read by a loading script, which datasets no longer runs (Dataset scripts are no longer supported, "
+               "but found repo.py). The Hub's Parquet export of it loads: pass --dataset_revision refs/convert/parquet"),
+    ("pixel_arrays", "--image_column 'pixel_values' holds Array3D(shape=(4, 4, 1), dtype='float32'), not encoded "
+                     "images"),
 ])
 def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path, case, words):
     root = tmp_path / "repo"
@@ -987,8 +994,19 @@ def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path
             shard.write_bytes(shard.read_bytes()[:-100])
         elif case == "not_parquet":
             (root / "data" / "train-00000-of-00002.parquet").write_text("not parquet at all\n" * 50)
+        elif case == "script":
+            (root / "repo.py").write_text("import datasets  # a loading script\n")
+        elif case == "pixel_arrays":
+            for path in (root / "data").glob("*.parquet"):
+                path.unlink()
+            Dataset.from_dict({"pixel_values": [np.zeros((4, 4, 1), np.float32)] * 2},
+                              features=Features({"pixel_values": Array3D((4, 4, 1), "float32")})).to_parquet(
+                str(root / "data" / "train-00000-of-00001.parquet"))
         publish(root, name)
-        argv = {"split": ["--split", "holdout"], "config": ["--dataset_config_name", "nope"]}.get(case, [])
+        if case == "gated":
+            dataset_hub.datasets[name].gated = True
+        argv = {"split": ["--split", "holdout"], "config": ["--dataset_config_name", "nope"],
+                "gated": ["--hub_token", "hf_test_bob"], "pixel_arrays": ["--image_column", "pixel_values"]}.get(case, [])
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         train_in_process(train, FAST + ["--max_train_steps", "2", "--dataset_name", name, *argv, "--output_dir",

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -680,6 +681,13 @@ def main(argv=None):
     try:
         with hub_timeout(args.hub_timeout) if args.push_to_hub else contextlib.nullcontext():
             return run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what is kept said in a line, not in a traceback through the library
+        if os.environ.get("RANK", "0") == "0":
+            latest = published_checkpoints(Path(args.output_dir))
+            print("stopped by Ctrl-C. " + (f"{latest[-1]} is the newest checkpoint: continue the run with "
+                                            "--resume_from_checkpoint latest." if latest else
+                                            "No checkpoint was written: the run would start anew."), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:  # every process, whatever stopped it (the processes often stop together: see leave_process_group)
         leave_process_group(failed=sys.exc_info()[1] is not None)
 

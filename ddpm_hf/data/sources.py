@@ -100,9 +100,17 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     except DatasetNotFoundError as err:
         at, flags = (f" at revision {revision}", "--dataset_name and --dataset_revision") if revision else ("",
                                                                                                       "--dataset_name")
+        if "gated" in str(err):  # datasets tells a gated repo apart: a token is not enough, its conditions are
+            raise FileNotFoundError(f"{where} is gated: {first_line(err)} Accept its conditions there with the "
+                                    "account of the token you pass (--hub_token or HF_TOKEN).") from err
         raise FileNotFoundError(
             f"{where}{at} does not exist or this token cannot read it: check {flags}, and for a private or gated "
             "dataset pass --hub_token (or set HF_TOKEN) with read access.") from err
+    except RuntimeError as err:
+        if "scripts are no longer supported" not in str(err):
+            raise
+        raise ValueError(f"{where} is read by a loading script, which datasets no longer runs ({first_line(err)}). "
+                         "The Hub's Parquet export of it loads: pass --dataset_revision refs/convert/parquet.") from err
     except ValueError as err:  # an unknown or missing config: datasets lists the available ones (on a later line)
         said, configs = first_line(err), re.search(r"\[[^\]]*\]", str(err))
         listed = f" Its configs: {configs.group(0)}." if configs and configs.group(0) not in said else ""
@@ -406,6 +414,18 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
                             "files, WebDataset tar shards or image files.")
 
 
+def holds_encoded_images(feature) -> bool:
+    """Whether a column of ``feature`` can be read as encoded images (datasets casts it to ``Image``): an Image, a
+    {bytes, path} struct, file paths or bytes."""
+    from datasets import Image as ImageFeature, Value
+
+    if isinstance(feature, ImageFeature):
+        return True
+    if isinstance(feature, Value):
+        return feature.dtype in ("string", "large_string", "binary", "large_binary")
+    return isinstance(feature, dict) and set(feature) <= {"bytes", "path"} and bool(feature)
+
+
 def find_image_column(features, image_column: Optional[str] = None) -> str:
     """The named image column, or the only/first column whose feature is an Image; fails listing the columns."""
     from datasets import Image as ImageFeature
@@ -414,6 +434,10 @@ def find_image_column(features, image_column: Optional[str] = None) -> str:
     if image_column is not None:
         if image_column not in columns:
             raise ValueError(f"--image_column {image_column!r} is not a column of the dataset; its columns: {columns}.")
+        if not holds_encoded_images(features[image_column]):
+            raise ValueError(f"--image_column {image_column!r} holds {features[image_column]!r}, not encoded images "
+                             "(an Image feature, {bytes, path} structs, file paths or bytes): arrays of pixels are not "
+                             "read; write the images as PNG or JPEG (datasets' Image feature encodes arrays so).")
         return image_column
     candidates = [name for name, feature in (features or {}).items() if isinstance(feature, ImageFeature)]
     if not candidates:
