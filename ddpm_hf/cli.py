@@ -75,6 +75,14 @@ def _sampling_speed_args(parser: argparse.ArgumentParser, bound: str = "") -> No
                              "(e.g. --dynamo_mode reduce-overhead) choose instead")
 
 
+def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
+    parser.add_argument("--revision", default=None, help="the Hub repo's branch, tag or commit (default: main)")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="read pickle weights (diffusion_pytorch_model.bin, as google/ddpm-* hold them) where "
+                             "there are no safetensors: pickle can run code, pass it for sources you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sample = sub.add_parser("sample", help="generate images with a pipeline")
-    sample.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
+    _pipeline_args(sample)
     sample.add_argument("--num_images", type=_positive, default=16)
     sample.add_argument("--out", required=True)
     sample.add_argument("--batch_size", type=_positive, default=64)
@@ -95,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_speed_args(sample)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
-    evaluate.add_argument("pipeline", help="pipeline folder (e.g. a training --output_dir) or Hub repo id")
+    _pipeline_args(evaluate)
     evaluate.add_argument("--data", default="embedded:fashion_mnist", help="dataset name or local folder")
     evaluate.add_argument("--data_config", default=None)
     evaluate.add_argument("--split", default="test", help="split for bits/dim")
@@ -137,7 +145,7 @@ def cmd_sample(args) -> int:
                              sample_batches, samples_key, save_png)
     from .images import uint8_grid
 
-    pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token)
+    pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token, args.revision, args.allow_pickle)
     steps = chain_length(pipe, args.num_inference_steps)
     options, asked_by = compile_options(args.compile)
     out = Path(args.out)
@@ -166,7 +174,8 @@ def cmd_evaluate(args) -> int:
             num_reference=args.num_reference, num_bpd_images=args.num_bpd_images, bpd_timesteps=args.bpd_timesteps,
             features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
-            ddp_timeout=args.ddp_timeout, token=args.hub_token)
+            ddp_timeout=args.ddp_timeout, token=args.hub_token, revision=args.revision,
+            allow_pickle=args.allow_pickle)
     finally:
         leave_process_group(failed=sys.exc_info()[1] is not None)
     if results is not None:  # the main process reports

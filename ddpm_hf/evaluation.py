@@ -99,12 +99,13 @@ def quick_bits_per_dim(pipe, images: torch.Tensor, num_timesteps: int = 20) -> f
     return bits_per_dim(pipe.unet, pipe.scheduler, images, num_timesteps=num_timesteps, progress=False).mean
 
 
-def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = None, token: Optional[str] = None):
-    """A DDPMPipeline from a folder or a Hub repo id (read with ``token``; None: HF_TOKEN or the stored login), moved
-    to ``device`` when given."""
+def load_pipeline(pipeline: Union[str, os.PathLike], device: Optional[str] = None, token: Optional[str] = None,
+                  revision: Optional[str] = None, allow_pickle: bool = False):
+    """A DDPMPipeline from a folder or a Hub repo id (read with ``token``, None: HF_TOKEN or the stored login; at
+    ``revision``; pickle weights only with ``allow_pickle``), moved to ``device`` when given."""
     from .pipelines import DDPMPipeline
 
-    pipe = DDPMPipeline.from_pretrained(pipeline, token=token)
+    pipe = DDPMPipeline.from_pretrained(pipeline, token=token, revision=revision, allow_pickle=allow_pickle)
     if device:
         pipe.to(device)
     return pipe
@@ -404,7 +405,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
              num_bpd_images: int = 64, bpd_timesteps: int = 0, features: str = "fmnist", is_splits: int = 10,
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
              device: Optional[str] = None, dtype: str = "fp32", compile: bool = False,
-             ddp_timeout: float = DDP_TIMEOUT_S, token: Optional[str] = None) -> Optional[dict]:
+             ddp_timeout: float = DDP_TIMEOUT_S, token: Optional[str] = None, revision: Optional[str] = None,
+             allow_pickle: bool = False) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
     results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
 
@@ -421,7 +423,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     the main one. ``bpd.terms_per_process`` in results.json says how the bound's terms were shared. A process waits
     ``ddp_timeout`` seconds for the others at their meetings (torch's default for NCCL is 10 minutes: a GPU slower by
     a few % over hours of sampling would end the evaluation). ``token`` reads a private pipeline or dataset on the Hub
-    (None: HF_TOKEN or the stored login).
+    (None: HF_TOKEN or the stored login); ``revision`` and ``allow_pickle`` are the pipeline's (see load_pipeline).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -444,7 +446,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     if launched > 1 and state.num_processes != launched:
         raise ValueError(f"{launched} processes were launched but accelerate set up {state.num_processes}: each would "
                          "sample everything. On CPU launch with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`.")
-    pipe = load_pipeline(pipeline, device or str(state.device), token)
+    pipe = load_pipeline(pipeline, device or str(state.device), token, revision, allow_pickle)
     if bpd_timesteps >= pipe.scheduler.config.num_train_timesteps:
         raise ValueError(f"--bpd_timesteps {bpd_timesteps} is not fewer than the model's "
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")

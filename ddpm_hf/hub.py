@@ -122,10 +122,14 @@ def _warn_unknown_keys(path: Path, config: dict, cls) -> None:
         logger.warning("%s: ignoring keys that %s does not take: %s", path, cls.__name__, unknown)
 
 
-def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dtype]) -> DDPMUNet:
+def _load_unet(folder: Path, allow_pickle: bool, torch_dtype: Optional[torch.dtype],
+               safetensors_only: bool = False) -> DDPMUNet:
     unet_dir = folder / "unet"
     _warn_unknown_keys(unet_dir / "config.json", _read_json(unet_dir / "config.json"), DDPMUNet)
     safe, pickle_file = unet_dir / SAFE_WEIGHTS, unet_dir / PICKLE_WEIGHTS
+    if not safe.is_file() and safetensors_only:
+        raise FileNotFoundError(f"missing {safe}: the folder has no U-Net weights in safetensors, which "
+                                "use_safetensors=True asks for.")
     if not safe.is_file():
         if pickle_file.is_file() and not allow_pickle:
             raise ValueError(f"{pickle_file} is a pickle file, which can run arbitrary code when loaded, and there is no "
@@ -173,6 +177,8 @@ def load_components(
     ``low_cpu_mem_usage``, ``proxies=None``, ``device_map=None``, ``subfolder=None``, ``variant=None``) and refused,
     saying why, where they would be ignored."""
     _check_diffusers_kwargs(diffusers_kwargs, allow_pickle)
+    safetensors_only = diffusers_kwargs.get("use_safetensors") is True  # as diffusers, whatever allow_pickle
+    allow_pickle = allow_pickle and not safetensors_only
     if dtype is not None and torch_dtype is not None:
         raise ValueError("from_pretrained() got both dtype and torch_dtype: pass one (dtype is diffusers' newer name).")
     dtype = torch_dtype if dtype is None else dtype
@@ -200,7 +206,7 @@ def load_components(
         scheduler = DDPMScheduler.from_config(scheduler_config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
-    return {"unet": _load_unet(folder, allow_pickle, dtype), "scheduler": scheduler}
+    return {"unet": _load_unet(folder, allow_pickle, dtype, safetensors_only), "scheduler": scheduler}
 
 
 def _check_diffusers_kwargs(kwargs: dict, allow_pickle: bool) -> None:
@@ -262,6 +268,8 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+    from .pipelines.pipeline_ddpm_hf import writable_namespaces
+
     token = token or huggingface_hub.get_token()
     if not token:
         raise ValueError("--push_to_hub needs a Hub token with write access: pass --hub_token, set HF_TOKEN, or log "
@@ -276,7 +284,7 @@ def check_push_target(repo_id: str, token: Optional[str], private: bool) -> str:
         if role == "read":
             raise ValueError(f"the Hub token ({me['name']}'s) can only read: pass a token with write access to "
                              f"{repo_id} (--hub_token or HF_TOKEN).")
-        writers = {me["name"]} | {org["name"] for org in me.get("orgs") or [] if org.get("roleInOrg") != "read"}
+        writers = writable_namespaces(me)
         if role == "fineGrained":  # its grants are scoped: said where none shows writing there (the format may vary)
             scoped = (((me.get("auth") or {}).get("accessToken") or {}).get("fineGrained") or {}).get("scoped") or []
             if not any("repo.write" in (grant.get("permissions") or []) and (grant.get("entity") or {}).get("name")

@@ -434,7 +434,7 @@ class DDPMPipeline(DiffusionPipeline):
         commit_message: Optional[str] = None,
         revision: Optional[str] = None,
         create_pr: bool = False,
-        license: str = "apache-2.0",
+        license: Optional[str] = "apache-2.0",
         datasets: Optional[Sequence[str]] = None,
         training_config: Optional[Dict[str, Any]] = None,
         evaluation: Optional[Dict[str, Any]] = None,
@@ -444,6 +444,8 @@ class DDPMPipeline(DiffusionPipeline):
         grid_inference_steps: Optional[int] = None,
         parent_commit: Optional[str] = None,
         base_model: Optional[str] = None,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
     ):
         """Upload the pipeline folder (weights, configs, module files when needed) with a generated model card and a
         sample grid, and nothing else. An unchanged re-push makes no new commit. The token is never printed.
@@ -451,21 +453,31 @@ class DDPMPipeline(DiffusionPipeline):
         ``sample_grid`` defaults to a ``grid_size`` × ``grid_size`` grid sampled with seed ``grid_seed`` (False: no
         grid, none sampled); ``training_config`` and ``evaluation`` (e.g. ``{"bits/dim": 3.75}``) go into the card
         when given. ``parent_commit``: the commit is refused (HTTP 412) unless ``revision`` is still at it.
-        ``base_model``: the Hub model it was fine-tuned from, in the card's metadata.
+        ``base_model``: the Hub model it was fine-tuned from, in the card's metadata. ``license`` None: none in the
+        card. ``safe_serialization`` and ``variant`` as in :meth:`save_pretrained` (diffusers' arguments).
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-        # first (a token that cannot write fails before the sampling), and as the Hub names it: "name" is the token's
-        # account's "account/name"
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-        if sample_grid is None:
-            steps = grid_inference_steps or self.scheduler.config.num_train_timesteps
-            images = self(batch_size=grid_size**2, generator=torch.Generator().manual_seed(grid_seed),
-                          num_inference_steps=steps).images
-            sample_grid = image_grid(images, grid_size, grid_size)
+        # first, a token that cannot write there fails before the sampling (creating the repo does not tell: an
+        # existing repo of another account is "created" all the same)
+        me = api.whoami()
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        namespace = repo_id.rpartition("/")[0] or me["name"]
+        if role == "read" or (role != "fineGrained" and namespace not in writable_namespaces(me)):
+            raise ValueError(f"push_to_hub({repo_id!r}): the token's account, {me['name']}, cannot write there ("
+                             + ("the token only reads" if role == "read" else
+                                f"it writes in {', '.join(sorted(writable_namespaces(me)))}") +
+                             "): pass token= with write access there, or another repo_id.")
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)  # (refuses first too)
+            # as the Hub names it: "name" is the token's account's "account/name"
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+            if sample_grid is None:
+                steps = grid_inference_steps or self.scheduler.config.num_train_timesteps
+                images = self(batch_size=grid_size**2, generator=torch.Generator().manual_seed(grid_seed),
+                              num_inference_steps=steps).images
+                sample_grid = image_grid(images, grid_size, grid_size)
             if sample_grid is not False:
                 sample_grid.save(Path(tmp) / "samples.png")
             card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
@@ -477,6 +489,12 @@ class DDPMPipeline(DiffusionPipeline):
                                      delete_patterns=STALE_AFTER_UPLOAD, parent_commit=parent_commit)
 
 
+def writable_namespaces(me: dict) -> set:
+    """The namespaces the account of huggingface_hub's ``whoami()`` answer ``me`` writes in: its own, and its
+    organisations' where its role is more than read."""
+    return {me["name"]} | {org["name"] for org in me.get("orgs") or [] if org.get("roleInOrg") != "read"}
+
+
 def _set_class_name(config_path: Path, class_name: str) -> None:
     config = json.loads(config_path.read_text())
     config["_class_name"] = class_name
@@ -486,12 +504,14 @@ def _set_class_name(config_path: Path, class_name: str) -> None:
 PREDICTS = {"epsilon": "ε", "sample": "x₀", "v_prediction": "v", "mean": "μ"}  # what the network predicts
 
 
-def model_card(repo_id: str, pipe: DDPMPipeline, license: str = "apache-2.0", datasets: Optional[Sequence[str]] = None,
+def model_card(repo_id: str, pipe: DDPMPipeline, license: Optional[str] = "apache-2.0",
+               datasets: Optional[Sequence[str]] = None,
                training_config: Optional[Dict[str, Any]] = None, evaluation: Optional[Dict[str, Any]] = None,
                grid: bool = True, base_model: Optional[str] = None) -> str:
     """The README.md of a published pipeline: YAML metadata, the sample grid (samples.png, where ``grid``),
     configuration, numbers, usage."""
-    meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation", f"license: {license}",
+    meta = ["---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+            *([f"license: {license}"] if license else []),
             "tags:", "- ddpm", "- ddpm_hf", "- diffusers", "- unconditional-image-generation"]
     if datasets:
         meta += ["datasets:"] + [f"- {json.dumps(d)}" for d in datasets]  # quoted: a repo named "null" stays a name

@@ -757,3 +757,45 @@ def test_data_writes_the_embedded_subset_as_shards_and_names_it_when_the_idx_fil
     with pytest.raises(SystemExit) as failure:
         cli(["data", "fashion-mnist", "--source", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert "--source embedded" in str(failure.value.code) and not (tmp_path / "x").exists(), failure.value.code
+
+
+@pytest.mark.hub
+def test_cli_reads_a_pipeline_at_a_revision_and_pickle_weights_when_allowed(hub, tmp_path, capsys):
+    """`ddpm-hf sample/evaluate --revision` and `--allow_pickle` (as training's --pretrained_model_name_or_path
+    takes them): google/ddpm-*'s pickle weights could not be sampled from the command line, nor a pinned commit.
+    Oracle: the same command on a local safetensors folder of the same weights."""
+    from huggingface_hub import HfApi
+
+    from PIL import Image
+
+    def sampled(source, out, *flags):
+        assert cli(["sample", str(source), "--num_images", "2", "--num_inference_steps", "3", "--out",
+                    str(tmp_path / out), *flags]) == 0
+        return [np.asarray(Image.open(tmp_path / out / f"{k:05d}.png")) for k in range(2)]
+
+    first, second = tiny_pipeline(seed=1), tiny_pipeline(seed=2)
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+    api = HfApi(token="hf_test_alice")
+    api.create_repo("alice/cli-revisions")
+    api.upload_folder(repo_id="alice/cli-revisions", folder_path=str(tmp_path / "first"))
+    commit = api.model_info("alice/cli-revisions").sha
+    api.upload_folder(repo_id="alice/cli-revisions", folder_path=str(tmp_path / "second"))
+    expected = sampled(tmp_path / "first", "local")
+    got = sampled("alice/cli-revisions", "pinned", "--revision", commit, "--hub_token", "hf_test_alice")
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert not all(np.array_equal(a, b) for a, b in zip(sampled(tmp_path / "second", "newer"), expected))
+
+    pickled = tmp_path / "pickled"
+    first.save_pretrained(pickled)
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), pickled / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli(["sample", str(pickled), "--out", str(tmp_path / "refused")])
+    assert "Pass allow_pickle=True only if you trust its source" in str(refused.value.code) + capsys.readouterr().err
+    got = sampled(pickled, "unpickled", "--allow_pickle")
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))

@@ -230,7 +230,17 @@ def test_from_pretrained_takes_diffusers_dtype_arguments_and_refuses_other_pipel
     with pytest.raises(ValueError, match=r"\(LDMPipeline\) has the components \['vqvae'\] too: not a pixel-space "):
         DDPMPipeline.from_pretrained(tmp_path / "pipe")
     (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
-    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    weights = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
+    DDPMPipeline.from_pretrained(tmp_path / "pipe", allow_pickle=True)
+    with pytest.raises(OSError):  # safetensors or nothing, as diffusers, whatever allow_pickle
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe", use_safetensors=True)
+    with pytest.raises(FileNotFoundError, match="no U-Net weights in safetensors"):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe", allow_pickle=True, use_safetensors=True)
+    weights.with_suffix(".bin").unlink()
     with pytest.raises(FileNotFoundError, match="are looked for only with allow_pickle=True"):
         DDPMPipeline.from_pretrained(tmp_path / "pipe")
 
