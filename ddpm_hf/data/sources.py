@@ -26,8 +26,8 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                        revision: Optional[str] = None):
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
     or commit, default main; see :func:`.shards.dataset_revision`), a local folder
-    (``dataset_name`` or ``train_data_dir``: parquet / arrow files laid out flat or as ``data/{split}-*.parquet``, or
-    image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
+    (``dataset_name`` or ``train_data_dir``: its ``split``'s parquet / arrow files, by datasets' own split rules (see
+    :func:`folder_splits`), or image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
     footer of every parquet shard (a local tar: its headers) first (training checks on one process per machine: a
     local folder may be a copy of its own on each)."""
     if (dataset_name is None) == (train_data_dir is None):
