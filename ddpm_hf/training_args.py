@@ -146,14 +146,16 @@ def parse_args(argv=None):
 
     out = p.add_argument_group("outputs")
     out.add_argument("--output_dir", default="ddpm-output")
-    out.add_argument("--checkpointing_steps", type=int, default=500, help="(default: %(default)s)")
+    out.add_argument("--checkpointing_steps", type=int, default=500,
+                     help="steps between checkpoints, 0: none (default: %(default)s)")
     out.add_argument("--checkpoints_total_limit", type=int, default=3,
                      help="the newest checkpoints kept, 0: all (default: %(default)s; diffusers' example keeps all)")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest', a checkpoint folder, or a checkpoint-N folder's name in --output_dir")
     out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="start a new run in an --output_dir that holds an earlier run's checkpoints, removing that "
-                          "run's checkpoints, pipeline, samples and logs (without it such a run is refused: resume it "
+                     help="start a new run in an --output_dir that holds an earlier run's checkpoints or final "
+                          "pipeline, removing them, and that run's samples/ and logs/ where run_info.json shows a run "
+                          "of this script wrote them (without it such a run is refused: resume one with checkpoints "
                           "with --resume_from_checkpoint latest)")
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")
     out.add_argument("--num_sample_images", type=int, default=16)

@@ -31,8 +31,10 @@ import torch
 from diffusers import __version__ as diffusers_version
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import BaseOutput
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+logger = diffusers_logging.get_logger(__name__)
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 OUTPUT_TYPES = ("pil", "np", "pt")
 NUMPY_ALIASES = (None, "numpy")  # what diffusers' DDPMPipeline also answers with NumPy arrays
@@ -457,18 +459,20 @@ class DDPMPipeline(DiffusionPipeline):
         card. ``safe_serialization`` and ``variant`` as in :meth:`save_pretrained` (diffusers' arguments).
         Returns huggingface_hub's ``CommitInfo`` (or None when nothing changed)."""
         from huggingface_hub import HfApi
+        from huggingface_hub.utils import validate_repo_id
 
+        validate_repo_id(repo_id)  # before any request
         api = HfApi(token=token)
-        # first, a token that cannot write there fails before the sampling (creating the repo does not tell: an
-        # existing repo of another account is "created" all the same)
+        # then a token that cannot write there fails before the sampling (creating the repo does not tell: an
+        # existing repo of another account is "created" all the same); a pull request needs no right on the repo
         me = api.whoami()
         role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
         namespace = repo_id.rpartition("/")[0] or me["name"]
-        if role == "read" or (role != "fineGrained" and namespace not in writable_namespaces(me)):
-            raise ValueError(f"push_to_hub({repo_id!r}): the token's account, {me['name']}, cannot write there ("
+        if role == "read" or (role != "fineGrained" and not create_pr and namespace not in writable_namespaces(me)):
+            raise PermissionError(f"push_to_hub({repo_id!r}): the token's account, {me['name']}, cannot write there ("
                              + ("the token only reads" if role == "read" else
                                 f"it writes in {', '.join(sorted(writable_namespaces(me)))}") +
-                             "): pass token= with write access there, or another repo_id.")
+                             "): pass token= with write access there, another repo_id, or create_pr=True.")
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)  # (refuses first too)
             # as the Hub names it: "name" is the token's account's "account/name"
@@ -480,13 +484,30 @@ class DDPMPipeline(DiffusionPipeline):
                 sample_grid = image_grid(images, grid_size, grid_size)
             if sample_grid is not False:
                 sample_grid.save(Path(tmp) / "samples.png")
-            card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
-                              evaluation=evaluation, grid=sample_grid is not False, base_model=base_model)
-            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+            if _a_card_of_its_own(api, repo_id, revision):  # kept, as diffusers' push_to_hub keeps a repo's card
+                logger.warning("%s has a README.md that ddpm_hf did not write: it is kept (remove it, or add the tag "
+                               "ddpm_hf to its metadata, for ddpm_hf's card)", repo_id)
+            else:
+                card = model_card(repo_id, self, license=license, datasets=datasets, training_config=training_config,
+                                  evaluation=evaluation, grid=sample_grid is not False, base_model=base_model)
+                (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             # files of an earlier upload that this one has not go in the same commit (see STALE_AFTER_UPLOAD)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
                                      delete_patterns=STALE_AFTER_UPLOAD, parent_commit=parent_commit)
+
+
+def _a_card_of_its_own(api, repo_id: str, revision: Optional[str]) -> bool:
+    """Whether the repo has a README.md that is not a card ddpm_hf wrote (whose metadata tags name ddpm_hf): a card
+    its owner wrote, or edited taking the tag out, which a push keeps."""
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        path = api.hf_hub_download(repo_id, "README.md", revision=revision)
+    except (EntryNotFoundError, RevisionNotFoundError):  # a new repo, or a branch the push creates
+        return False
+    return "ddpm_hf" not in ((metadata_load(path) or {}).get("tags") or [])
 
 
 def writable_namespaces(me: dict) -> set:

@@ -153,7 +153,7 @@ def test_writes_without_rights_fail_cleanly_and_never_show_the_token(hub, caplog
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ValueError, match="Cannot use `token=False` with `whoami`") as no_token:
         _push(tiny_pipeline(seed=1), "alice/guarded", token=False)
-    with pytest.raises(ValueError, match=r"push_to_hub\('alice/guarded'\): the token's account, bob, cannot write "
+    with pytest.raises(PermissionError, match=r"push_to_hub\('alice/guarded'\): the token's account, bob, cannot write "
                                          r"there \(it writes in bob\): pass token= with write access") as foreign:
         _push(tiny_pipeline(seed=1), "alice/guarded", token=BOB)
     assert hub.repos["alice/guarded"].history == before  # nothing half-written
@@ -221,3 +221,22 @@ def test_push_to_hub_takes_diffusers_arguments(hub):
     _push(tiny_pipeline(), "alice/kwargs", license=None, safe_serialization=True)
     card = hub.repos["alice/kwargs"].files("main")[1]["README.md"].decode()
     assert "license" not in card.split("---")[1] and "library_name: diffusers" in card
+
+
+def test_a_card_its_owner_wrote_is_kept(hub, tmp_path, caplog):
+    """A push over a README.md the repo's owner wrote keeps it, as diffusers' push_to_hub keeps a repo's card (it was
+    replaced by ddpm_hf's, its license with it); ddpm_hf's own card is written again at each push."""
+    from huggingface_hub import HfApi
+
+    _push(tiny_pipeline(), "alice/carded")
+    first = hub.repos["alice/carded"].files("main")[1]["README.md"].decode()
+    assert "- ddpm_hf" in first
+    _push(tiny_pipeline(seed=1), "alice/carded", evaluation={"bits/dim": 3.7})  # ddpm_hf's card: regenerated
+    assert "| bits/dim | 3.7 |" in hub.repos["alice/carded"].files("main")[1]["README.md"].decode()
+    own = "---\nlicense: mit\n---\n# My model\n\nWritten by hand.\n"
+    HfApi(token=ALICE).upload_file(path_or_fileobj=own.encode(), path_in_repo="README.md", repo_id="alice/carded")
+    with caplog.at_level(logging.WARNING):
+        _push(tiny_pipeline(seed=2), "alice/carded")
+    files = hub.repos["alice/carded"].files("main")[1]
+    assert files["README.md"].decode() == own and "did not write: it is kept" in caplog.text
+    assert files["samples.png"]  # the rest of the push went up

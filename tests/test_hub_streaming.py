@@ -956,7 +956,7 @@ def test_a_resume_reads_the_commit_its_checkpoints_read_after_a_push(dataset_hub
 
 
 @pytest.mark.parametrize("case, words", [
-    ("missing", "Hub dataset alice/nothing does not exist or this token cannot read it"),
+    ("missing", "Hub dataset alice/ungated does not exist or this token cannot read it"),
     ("no_token", "Hub dataset alice/private does not exist or this token cannot read it"),
     ("wrong_token", "pass --hub_token (or set HF_TOKEN) with read access"),
     ("split", "has no split 'holdout'; its splits: ['train']. Pass one of them with --split"),
@@ -983,7 +983,7 @@ def test_bad_hub_datasets_are_named_before_training(dataset_hub, train, tmp_path
         publish(root, "alice/private", private=True)
         name, argv = "alice/private", ["--hub_token", "hf_test_bob"]
     elif case == "missing":
-        name = "alice/nothing"
+        name = "alice/ungated"  # (not taken for a gated one by its name)
     else:
         if case == "no_image_column":
             for path in (root / "data").glob("*.parquet"):

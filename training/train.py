@@ -170,10 +170,14 @@ class LoopState:
 
     def load_state_dict(self, state):
         saved = state.get("settings") or {}  # (none in checkpoints before they were kept)
-        changed = [f"--{name} {value} (the checkpoint's: {saved[name]})" for name, value in self.settings.items()
-                   if name in saved and saved[name] != value]
+        changed = {name: f"--{name} {value} (the checkpoint's: {saved[name]})" for name, value in self.settings.items()
+                   if name in saved and saved[name] != value}
+        if "resolution" in changed:  # training on at another size is a recipe of its own (progressive resizing)
+            logger.warning("resuming at another image size: %s; the pipeline will sample at the new one",
+                           changed.pop("resolution"))
         if changed:
-            raise ResumeMismatch(f"this run would learn another thing than the checkpoint's: {', '.join(changed)}. "
+            raise ResumeMismatch("this run would learn another thing than the checkpoint's: "
+                                 f"{', '.join(changed.values())}. "
                                  "Resume with the checkpoint's flags, or start a new run in another --output_dir from "
                                  "its weights (--pretrained_model_name_or_path with a pipeline folder).")
         self.step = state["step"]
@@ -198,9 +202,9 @@ class LoopState:
 
 
 def objective_settings(args, resolution: int) -> dict:
-    """The flags that say what the network learns: the diffusion, the loss and the images' size. A resume keeps them
-    (it would go on learning another thing, and label its pipeline with the new flags); the optimiser's, the data's
-    and the outputs' flags may change."""
+    """The flags that say what the network learns: the diffusion and the loss, which a resume keeps (it would go on
+    learning another thing, and label its pipeline with the new flags), and the images' size, which it may change,
+    saying so (progressive resizing); the optimiser's, the data's and the outputs' flags may change."""
     names = ("ddpm_num_steps", "ddpm_beta_schedule", "prediction_type", "variance_type", "loss", "snr_gamma")
     return {**{name: getattr(args, name) for name in names}, "resolution": resolution}
 

@@ -94,15 +94,17 @@ def first_images(dataset, image_column: str, count: int = CHANNEL_CHECK_IMAGES, 
 
 def check_channels(images: List[Image.Image], in_channels: int) -> None:
     """The model's input channels must match the data: training a 3-channel model on grey images (or the reverse)
-    would silently learn replicated or discarded channels. Refused when none of ``images`` (the data's first) is of
-    the model's kind: colour datasets hold a few grey images (about 2 % of ImageNet's), converted like the rest."""
+    would silently learn replicated or discarded channels. Refused when most of ``images`` (the data's first) are of
+    the other kind: colour datasets hold a few grey images (about 2 % of ImageNet's), converted like the rest."""
     if in_channels not in (1, 3):
         raise ValueError(f"the model has in_channels={in_channels}; only 1 (grey) and 3 (colour) image data exist.")
-    if all(image_channels(image) != in_channels for image in images):
+    others = [image for image in images if image_channels(image) != in_channels]
+    if 2 * len(others) > len(images):
         kind = {1: "grey", 3: "colour"}
         channels = 4 - in_channels
-        modes = ", ".join(dict.fromkeys(image.mode for image in images))
-        first = f", all of its first {len(images)}" if len(images) > 1 else ""
+        modes = ", ".join(dict.fromkeys(image.mode for image in others))
+        first = (f", {'all' if len(others) == len(images) else len(others)} of its first {len(images)}"
+                 if len(images) > 1 else "")
         raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
                          f"{kind[channels]} (mode {modes}){first}: use a model with in_channels={channels} (a preset, "
                          f"--model_config or --pretrained_model_name_or_path), or convert the dataset.")

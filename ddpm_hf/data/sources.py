@@ -35,13 +35,13 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
     if train_data_dir is not None:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir {train_data_dir} is not a folder.")
-        ds = _load_local_folder(train_data_dir, split, streaming, cache_dir, check_shards)
+        ds = _load_local_folder(train_data_dir, split, streaming, cache_dir, check_shards, dataset_config_name)
     else:
         path = str(EMBEDDED_DIR) if dataset_name == EMBEDDED_NAME else dataset_name
         if os.path.isdir(path):
-            ds = _load_local_folder(path, split, streaming, cache_dir, check_shards)
+            ds = _load_local_folder(path, split, streaming, cache_dir, check_shards, dataset_config_name)
         elif os.path.exists(path) or not _looks_like_hub_dataset(dataset_name):
-            raise FileNotFoundError(f"--dataset_name {dataset_name}: neither a folder nor a Hub dataset id "
+            raise FileNotFoundError(f"{dataset_name}: neither a folder nor a Hub dataset id "
                                     "('name' or 'namespace/name'); pass a folder of parquet/arrow/tar files, a Hub "
                                     f"dataset or {EMBEDDED_NAME}.")
         else:
@@ -100,7 +100,7 @@ def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, stre
     except DatasetNotFoundError as err:
         at, flags = (f" at revision {revision}", "--dataset_name and --dataset_revision") if revision else ("",
                                                                                                       "--dataset_name")
-        if "gated" in str(err):  # datasets tells a gated repo apart: a token is not enough, its conditions are
+        if "is a gated dataset" in str(err):  # datasets tells a gated repo apart: its conditions are to be accepted
             raise FileNotFoundError(f"{where} is gated: {first_line(err)} Accept its conditions there with the "
                                     "account of the token you pass (--hub_token or HF_TOKEN).") from err
         raise FileNotFoundError(
@@ -326,53 +326,54 @@ def image_extensions() -> Tuple[str, ...]:
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 
 
-def folder_splits(folder: str) -> Dict[str, List[str]]:
-    """datasets' own reading of a local folder's splits: the split names (train, test, validation and their synonyms,
-    such as eval or dev) in its file or folder names, each with its file patterns; a folder that names none is all
-    train. So a split here holds the files ``load_dataset(folder)`` gives it (train.parquet and test.parquet are two
-    splits, not one), and a split the folder does not name has none."""
-    from datasets.data_files import EmptyDatasetError, get_data_patterns
+def folder_splits(folder: str, config_name: Optional[str] = None,
+                  cache_dir: Optional[str] = None) -> Dict[str, List[str]]:
+    """datasets' own reading of a local folder: each split's files as ``load_dataset(folder, config_name)`` gives them
+    (the configs of its README.md's metadata, as a local copy of a Hub dataset has them; else the split names in its
+    file or folder names: train, test, validation and their synonyms, and a folder that names none is all train).
+    So train.parquet and test.parquet are two splits, not one, and a split the folder does not name has no files.
+    {} for a folder without a file datasets reads."""
+    from datasets import load_dataset_builder
 
     try:
-        return {str(split): patterns for split, patterns in get_data_patterns(folder).items()}
-    except EmptyDatasetError:
+        builder = load_dataset_builder(folder, config_name, cache_dir=cache_dir)
+    except FileNotFoundError:  # (datasets' EmptyDatasetError among them)
         return {}
+    except ValueError as err:  # an unknown or missing config: datasets lists them
+        raise ValueError(f"{folder}: {first_line(err)}" + (" Pass one of its configs with --dataset_config_name."
+                                                           if "config" in str(err).lower() else "")) from err
+    return {str(split): [str(path) for path in files] for split, files in (builder.config.data_files or {}).items()}
 
 
-def _split_files(folder: str, patterns: List[str], extensions: Optional[Tuple[str, ...]]) -> List[str]:
-    """The files of ``extensions`` (".parquet", ...; None: any) in ``folder`` that match a split's ``patterns`` (see
-    :func:`folder_splits`), an image folder's metadata files left out."""
-    from datasets.data_files import resolve_pattern
-
-    files = []
-    for pattern in patterns:
-        try:
-            files += resolve_pattern(pattern, folder, allowed_extensions=list(extensions) if extensions else None)
-        except FileNotFoundError:  # no file of this pattern has the extensions
-            pass
-    # (datasets lets a .tar.gz match .tar: not a WebDataset shard it reads)
-    return sorted(path for path in set(files) if (extensions is None or path.lower().endswith(extensions))
+def _of_kind(files: List[str], extensions: Tuple[str, ...]) -> List[str]:
+    """The ``files`` of ``extensions`` (".parquet", ...; any case), an image folder's metadata files left out."""
+    return sorted(path for path in files if path.lower().endswith(extensions)
                   and os.path.basename(path) not in METADATA_FILES)
 
 
-def _split_naming_files(folder: str, splits: Dict[str, List[str]]) -> str:
-    """The files whose names make ``folder``'s splits, a few per split ("train_list.txt (train), ...")."""
-    named = []
-    for split, patterns in sorted(splits.items()):
-        files = sorted({os.path.relpath(path, folder) for path in _split_files(folder, patterns, None)})
-        named += [f"{name} ({split})" for name in files[:2]]
-    return ", ".join(named)
+def _splits_said(folder: str, splits: Dict[str, List[str]], split: str) -> str:
+    """How datasets reads ``folder``'s splits, for a ``split`` it finds nothing of: the splits and a few of their
+    files, and what to do."""
+    said = "; ".join(f"{name}: {', '.join(os.path.relpath(path, folder) for path in files[:2])}"
+                     f"{', ...' if len(files) > 2 else ''}" for name, files in sorted(splits.items()))
+    return (f"datasets reads this folder's splits from its README's configs or from split names in its file and "
+            f"folder names (a folder that names none is all train), and finds {said or 'none'}. Rename the files "
+            f"that name splits, put the {split} files in a {split}/ folder or name them {split}-00000.parquet, ..., "
+            "or pass --split.")
 
 
-def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True):
-    """A local folder, whichever flag named it: its ``split`` parquet / arrow files if it has any, else its image files
-    (imagefolder, with its metadata if present), else its WebDataset tar shards; a folder with none of these is refused
-    with what it does hold. ``check``: read the files' footers or headers first (see _check_readable)."""
+def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True,
+                       config_name: Optional[str] = None):
+    """A local folder, whichever flag named it: its ``split``'s files as datasets reads them (see
+    :func:`folder_splits`): its parquet / arrow files if it has any, else its image files (imagefolder, with their
+    metadata if present), else its WebDataset tar shards; a folder with none of these is refused with what it does
+    hold. ``check``: read the files' footers or headers first (see _check_readable)."""
     from datasets import load_dataset
 
-    splits = folder_splits(folder)  # (one walk of the folder's tree)
+    splits = folder_splits(folder, config_name, cache_dir)  # (the folder listed once, as datasets lists it)
+    in_split = splits.get(split, [])
     for builder in ("parquet", "arrow"):
-        files = _split_files(folder, splits.get(split, []), (f".{builder}",))
+        files = _of_kind(in_split, (f".{builder}",))
         if files:
             if check:
                 _check_readable(files, builder)
@@ -380,20 +381,19 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
                                 cache_dir=cache_dir)
     found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
     images = [path for path in found if path.suffix.lower() in image_extensions()]
-    files = _split_files(folder, splits.get(split, []), (".tar",))
+    files = _of_kind(in_split, (".tar",))
     if images and files:  # an image folder with a backup.tar, or tar shards with a preview.png: no guessing
         raise ValueError(f"{folder} holds both image files ({len(images)}, e.g. {images[0]}) and tar shards "
                          f"({len(files)}, e.g. {files[0]}): an image folder or WebDataset shards? Pass a folder that "
                          "holds only the one to train on.")
     if images:
-        if not _split_files(folder, splits.get(split, []), image_extensions()):
-            # datasets' imagefolder would read no rows: file names that name splits leave the images out of this one
-            raise FileNotFoundError(
-                f"{folder}: none of its {len(images)} image files is in split {split!r}: datasets reads split names "
-                f"in file and folder names, and here {_split_naming_files(folder, splits) or 'none'} make the "
-                f"splits {', '.join(sorted(splits))}. Rename those files or move them out of the folder, put the "
-                f"images in a {split}/ folder, or pass --split.")
-        return load_dataset("imagefolder", data_dir=folder, split=split, streaming=streaming, cache_dir=cache_dir)
+        split_images = _of_kind(in_split, image_extensions())
+        if not split_images:  # datasets' imagefolder would read no rows
+            raise FileNotFoundError(f"{folder}: none of its {len(images)} image files is in split {split!r}: "
+                                    + _splits_said(folder, splits, split))
+        metadata = [path for path in in_split if os.path.basename(path) in METADATA_FILES]
+        return load_dataset("imagefolder", data_files={split: split_images + metadata}, split=split,
+                            streaming=streaming, cache_dir=cache_dir)
     if files:
         samples = _check_readable(files, "webdataset") if check else {}
         dataset = load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming,
@@ -403,9 +403,7 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
-    hint = (f"; its data files are not named for split {split!r} (datasets reads a split's name in the file or "
-            f"folder names, e.g. {split}-00000.parquet or {split}/; a folder that names none is all train; here: "
-            f"{', '.join(sorted(splits)) or 'none'}): pass --split" if data_files else "")
+    hint = f"; {_splits_said(folder, splits, split)}" if data_files else ""
     if any(path.name.lower().endswith((".tar.gz", ".tgz")) for path in found):
         hint += ("; compressed tars (.tar.gz, .tgz) are not read as WebDataset shards (datasets reads plain .tar): "
                  "decompress them with gunzip, or pass the images as parquet")

@@ -263,7 +263,7 @@ def test_train_data_dir_takes_data_files_or_images_and_names_what_else_it_found(
     wrong_split = tmp_path / "wrong_split" / "data"
     _parquet(wrong_split, images)
     (wrong_split / "train-0.parquet").rename(wrong_split / "test-00000-of-00001.parquet")
-    with pytest.raises(FileNotFoundError, match="not named for split 'train'.*pass --split"):
+    with pytest.raises(FileNotFoundError, match=r"finds test: data/test-00000-of-00001.parquet\. .*or pass --split"):
         load_image_dataset(dataset_name=str(wrong_split.parent))
 
 
@@ -282,12 +282,13 @@ def test_a_local_folders_splits_are_the_ones_datasets_reads(tmp_path):
         ours = [row["image"].tobytes() for row in load_image_dataset(dataset_name=str(two), split=split)]
         theirs = [row["image"].tobytes() for row in datasets.load_dataset(str(two), split=split, streaming=True)]
         assert ours == theirs and len(ours) == {"train": 10, "test": 3}[split]
-    with pytest.raises(FileNotFoundError, match="not named for split 'validation'.*here: test, train"):
+    with pytest.raises(FileNotFoundError, match=r"finds test: test.parquet; train: train.parquet\. Rename the files"):
         load_image_dataset(dataset_name=str(two), split="validation")
 
     flat = _parquet(tmp_path / "flat", images[:4])  # train-0.parquet
     assert len(list(load_image_dataset(dataset_name=str(flat), split="train"))) == 4
-    with pytest.raises(FileNotFoundError, match="not named for split 'test'.*here: train"):
+    with pytest.raises(FileNotFoundError, match=r"\(a folder that names none is all train\), and finds train: "
+                                                r"train-0.parquet\."):
         load_image_dataset(dataset_name=str(flat), split="test")
 
     folder = tmp_path / "pictures"
@@ -299,10 +300,34 @@ def test_a_local_folders_splits_are_the_ones_datasets_reads(tmp_path):
     rows = sorted(load_image_dataset(train_data_dir=str(folder)), key=lambda row: row["text"])
     assert [row["text"] for row in rows] == ["a", "b", "c"]
     assert [row["image"].tobytes() for row in rows] == [Image.open(io.BytesIO(b)).tobytes() for b in images[:3]]
+    # a local copy of a Hub dataset: its README's configs say its splits and configs (a held-out split kept out of
+    # training; another config's files not mixed in), as datasets reads them
+    configs = tmp_path / "configs"
+    for config, rows in (("part_a", images[:4]), ("holdout", images[4:6]), ("other", images[6:9])):
+        _parquet(configs / config, rows)
+    (configs / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n  - split: train\n    path: "
+        "part_a/*\n  - split: test\n    path: holdout/*\n- config_name: other\n  data_files:\n  - split: train\n"
+        "    path: other/*\n---\n")
+    for config, split in ((None, "train"), (None, "test"), ("other", "train")):
+        ours = [row["image"].tobytes() for row in load_image_dataset(str(configs), config, split=split)]
+        theirs = [row["image"].tobytes() for row in datasets.load_dataset(str(configs), config, split=split,
+                                                                          streaming=True)]
+        assert ours == theirs
+        assert len(ours) == ({"train": 4, "test": 2}[split] if config is None else 3)
+    with pytest.raises(ValueError, match="Pass one of its configs with --dataset_config_name"):
+        load_image_dataset(str(configs), "nope")
+    # a camera's upper-case extensions, as datasets reads them
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for i in range(2):
+        Image.open(io.BytesIO(images[i])).save(camera / f"IMG_{i}.JPG", format="JPEG")
+    assert len(list(load_image_dataset(train_data_dir=str(camera)))) == 2
+
     # a file whose name names a split makes datasets read that split as that file alone (no rows): named
     (folder / "train_list.txt").write_text("0.ppm\n")
-    with pytest.raises(FileNotFoundError, match=r"none of its 3 image files is in split 'train': .* here "
-                                                r"train_list.txt \(train\) make the splits train"):
+    with pytest.raises(FileNotFoundError, match=r"none of its 3 image files is in split 'train': .* finds train: "
+                                                r"train_list.txt\. Rename the files that name splits"):
         load_image_dataset(train_data_dir=str(folder))
 
 
@@ -407,6 +432,9 @@ def test_a_colour_dataset_whose_first_image_is_grey_is_taken(tmp_path):
     images = first_images(load_image_dataset(str(tmp_path / "mixed")), "image")
     assert [image.mode for image in images] == ["L"] + ["RGB"] * 7
     check_channels(images, 3)
+    with pytest.raises(ValueError, match=r"in_channels=1 \(grey\) but the dataset's images are colour \(mode RGB\), "
+                                         r"7 of its first 8"):  # a grey model is not trained on most colour data
+        check_channels(images, 1)
     _parquet(tmp_path / "grey", [_png("L", seed=i) for i in range(12)])
     with pytest.raises(ValueError, match=r"images are grey \(mode L\), all of its first 8:"):
         check_channels(first_images(load_image_dataset(str(tmp_path / "grey")), "image"), 3)
@@ -671,19 +699,21 @@ def test_a_new_run_neither_mixes_with_nor_replaces_an_earlier_ones_work(train, t
     assert (tmp_path / "a" / "checkpoint-2" / "model.safetensors").read_bytes() == own
 
 
-def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path):
-    """A resume with another diffusion, loss or image size went on silently, training the rest of the run on another
-    objective and labelling the pipeline with the new flags: refused now, naming each flag and the checkpoint's
-    value; the optimiser's flags may change."""
+def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path, caplog):
+    """A resume with another diffusion or loss went on silently, training the rest of the run on another objective
+    and labelling the pipeline with the new flags: refused now, naming each flag and the checkpoint's value; another
+    image size (progressive resizing) is said; the optimiser's flags may change."""
     data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
     base = FAST + ["--dataset_name", str(data), "--checkpointing_steps", "2", "--output_dir", str(tmp_path / "out")]
     train_in_process(train, base + ["--max_train_steps", "2"])
     resume = ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"]
     with pytest.raises(SystemExit, match=r"would learn another thing than the checkpoint's: --prediction_type "
-                                         r"v_prediction \(the checkpoint's: epsilon\), --resolution 32 \(the "
-                                         r"checkpoint's: 16\)"):
-        train_in_process(train, base + resume + ["--prediction_type", "v_prediction", "--resolution", "32"])
-    train_in_process(train, base + resume + ["--learning_rate", "2e-4"])
+                                         r"v_prediction \(the checkpoint's: epsilon\), --loss vlb \(the "
+                                         r"checkpoint's: simple\)\. Resume"):
+        train_in_process(train, base + resume + ["--prediction_type", "v_prediction", "--loss", "vlb"])
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.train"):
+        train_in_process(train, base + resume + ["--learning_rate", "2e-4", "--resolution", "32"])
+    assert "resuming at another image size: --resolution 32 (the checkpoint's: 16)" in caplog.text
     assert json.loads((tmp_path / "out" / "training_config.json").read_text())["max_train_steps"] == 3
 
 

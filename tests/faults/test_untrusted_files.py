@@ -58,6 +58,12 @@ def _folder_with_code(tmp_path: Path, marker: Path) -> Path:
 def test_code_in_a_pipeline_folder_never_runs(tmp_path):
     marker = tmp_path / "PWNED"
     folder = _folder_with_code(tmp_path, marker)
+    # a component besides the unet and the scheduler: not a DDPM pipeline, refused without reading it
+    with pytest.raises(ValueError, match=r"has the components \['\.\./\.\./escape'\] too: not a pixel-space DDPM"):
+        DDPMPipeline.from_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["../../escape"]
+    (folder / "model_index.json").write_text(json.dumps(index))
     for kwargs in ({}, {"trust_remote_code": True}):  # ddpm_hf imports nothing from a folder, trusted or not
         pipe = DDPMPipeline.from_pretrained(folder, **kwargs)
         assert type(pipe).__module__.startswith("ddpm_hf") and type(pipe.scheduler).__module__.startswith("ddpm_hf")
