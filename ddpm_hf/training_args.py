@@ -285,7 +285,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.resolution is not None and args.resolution < 1:
         p.error(f"--resolution must be at least 1, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:  # diffusers' example: the repo is named after --output_dir
-        args.hub_model_id = Path(args.output_dir).resolve().name
+        args.hub_model_id = Path(os.path.abspath(args.output_dir)).name  # ("." or a trailing "/" too; no symlink)
         if not is_repo_id(args.hub_model_id):
             p.error(f"--push_to_hub without --hub_model_id names the repo after --output_dir, but "
                     f"{args.hub_model_id!r} is not a Hub repo name: pass --hub_model_id (name or namespace/name)")

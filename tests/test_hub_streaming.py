@@ -911,6 +911,12 @@ def test_a_resume_reads_the_hub_model_at_the_commit_the_run_started_from(dataset
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["pretrained_revision"] == commits[0]
     snapshots = cache / "models--alice--moving-base" / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == [commits[0]]
+    # a resume from another model: that model's main, not the commit of the one the run started from
+    other = train.parse_args(["--pretrained_model_name_or_path", "alice/other-base", "--resume_from_checkpoint",
+                              "latest", "--output_dir", str(tmp_path / "run")])
+    assert train.pretrained_revision_to_read(other) is None
+    assert train.pretrained_revision_to_read(train.parse_args(argv[-2:] + [
+        "--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "run")])) == commits[0]
     train_in_process(train, argv + ["--max_train_steps", "1", "--output_dir", str(tmp_path / "new")])
     assert json.loads((tmp_path / "new" / "run_info.json").read_text())["pretrained_revision"] == commits[1]
 

@@ -511,7 +511,8 @@ def pretrained_revision_to_read(args) -> Optional[str]:
     weights replace the pretrained ones all the same. None: the main branch as it is now."""
     if args.revision or not pretrained_hub_id(args):
         return args.revision
-    revision = resumed_run_info(args).get("pretrained_revision")
+    info = resumed_run_info(args)
+    revision = info.get("pretrained_revision") if info.get("pretrained_model") == pretrained_hub_id(args) else None
     if revision:
         logger.info("resuming: %s is read at commit %s, the one the run started from (--revision chooses another)",
                     args.pretrained_model_name_or_path, revision)
@@ -896,6 +897,7 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
                 "data_streams": streams, "dataset_shards": stream.num_shards, "dataset_revision": stream.revision,
+                "pretrained_model": pretrained_hub_id(args),
                 "pretrained_revision": args.revision if pretrained_hub_id(args) else None,
                 "dataloader_num_workers": stream.num_workers}
         (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
