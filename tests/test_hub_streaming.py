@@ -747,14 +747,19 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
                                          r"member 000001.png \(byte 2048\) has a corrupt header"):
         load_image_dataset(train_data_dir=str(corrupt))
 
+    # image files and tars together: read as datasets reads the folder, as the kind most of its files are
     folder = tmp_path / "images"
     (folder / "train").mkdir(parents=True)
     for s in range(3):
         (folder / "train" / f"{s}.png").write_bytes(png_bytes(s))
-    _tar_of(folder / "train" / "backup.tar", ["notes.png"])  # (in the split: a tar beside it is not read)
-    with pytest.raises(ValueError, match=r"images holds both image files \(3, e\.g\. .*\.png\) and tar shards \(1, "
-                                         r"e\.g\. .*backup\.tar\): an image folder or WebDataset shards\?"):
-        load_image_dataset(train_data_dir=str(folder))
+    _tar_of(folder / "train" / "backup.tar", ["notes.png"])
+    assert [row["image"].size for row in load_image_dataset(train_data_dir=str(folder))] == [(20, 20)] * 3
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):
+        _tar_of(shards / f"train-{k:05d}.tar", [f"{k}{s:05d}.png" for s in range(2)])
+    (shards / "preview.png").write_bytes(png_bytes(0))
+    assert len(list(load_image_dataset(train_data_dir=str(shards)))) == 6
 
 
 def test_hub_tars_whose_images_would_be_lost_are_refused_from_their_first_samples(dataset_hub, tmp_path):

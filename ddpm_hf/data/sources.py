@@ -365,9 +365,10 @@ def _splits_said(folder: str, splits: Dict[str, List[str]], split: str) -> str:
 def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True,
                        config_name: Optional[str] = None):
     """A local folder, whichever flag named it: its ``split``'s files as datasets reads them (see
-    :func:`folder_splits`): its parquet / arrow files if it has any, else its image files (imagefolder, with their
-    metadata if present), else its WebDataset tar shards; a folder with none of these is refused with what it does
-    hold. ``check``: read the files' footers or headers first (see _check_readable)."""
+    :func:`folder_splits`; a folder of several kinds is read as the kind most of its files are, as datasets does):
+    its parquet / arrow files if it has any, else its image files (imagefolder, with their metadata if present), else
+    its WebDataset tar shards; a folder with none of these is refused with what it does hold. ``check``: read the
+    files' footers or headers first (see _check_readable)."""
     from datasets import load_dataset
 
     splits = folder_splits(folder, config_name, cache_dir)  # (the folder listed once, as datasets lists it)
@@ -379,27 +380,23 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
                 _check_readable(files, builder)
             return load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                 cache_dir=cache_dir)
-    found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
-    images = [path for path in found if path.suffix.lower() in image_extensions()]
-    files = _of_kind(in_split, (".tar",))
-    if images and files:  # an image folder with a backup.tar, or tar shards with a preview.png: no guessing
-        raise ValueError(f"{folder} holds both image files ({len(images)}, e.g. {images[0]}) and tar shards "
-                         f"({len(files)}, e.g. {files[0]}): an image folder or WebDataset shards? Pass a folder that "
-                         "holds only the one to train on.")
-    if images:
-        split_images = _of_kind(in_split, image_extensions())
-        if not split_images:  # datasets' imagefolder would read no rows
-            raise FileNotFoundError(f"{folder}: none of its {len(images)} image files is in split {split!r}: "
-                                    + _splits_said(folder, splits, split))
+    split_images = _of_kind(in_split, image_extensions())
+    if split_images:
         metadata = [path for path in in_split if os.path.basename(path) in METADATA_FILES]
         return load_dataset("imagefolder", data_files={split: split_images + metadata}, split=split,
                             streaming=streaming, cache_dir=cache_dir)
+    files = _of_kind(in_split, (".tar",))
     if files:
         samples = _check_readable(files, "webdataset") if check else {}
         dataset = load_dataset("webdataset", data_files={split: files}, split=split, streaming=streaming,
                                cache_dir=cache_dir)
         _refuse_lost_images(dataset, {fields: f"{n} samples" for fields, n in samples.items()}, folder)
         return dataset
+    found = [Path(root, name) for root, _, names in os.walk(folder) for name in names]
+    images = [path for path in found if path.suffix.lower() in image_extensions()]
+    if images:  # datasets' imagefolder would read no rows
+        raise FileNotFoundError(f"{folder}: none of its {len(images)} image files is in split {split!r}: "
+                                + _splits_said(folder, splits, split))
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
@@ -408,8 +405,8 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
         hint += ("; compressed tars (.tar.gz, .tgz) are not read as WebDataset shards (datasets reads plain .tar): "
                  "decompress them with gunzip, or pass the images as parquet")
     raise FileNotFoundError(f"{folder} holds no {split} parquet/arrow/tar files and no image files "
-                            f"(.png, .jpg, .webp, ... as datasets' imagefolder reads): found {what}{hint}. A dataset folder holds parquet/arrow "
-                            "files, WebDataset tar shards or image files.")
+                            f"(.png, .jpg, .webp, ... as datasets' imagefolder reads): found {what}{hint}. A dataset "
+                            "folder holds parquet/arrow files, WebDataset tar shards or image files.")
 
 
 def holds_encoded_images(feature) -> bool:
