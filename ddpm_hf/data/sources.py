@@ -27,9 +27,9 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
     """A 🤗 IterableDataset of ``split`` from a Hub dataset id (``token`` for a private one, ``revision`` a branch, tag
     or commit, default main; see :func:`.shards.dataset_revision`), a local folder
     (``dataset_name`` or ``train_data_dir``: its ``split``'s parquet / arrow files, by datasets' own split rules (see
-    :func:`folder_splits`), or image files as an imagefolder, or WebDataset tar files), or ``embedded:fashion_mnist``. ``check_shards``: read the
-    footer of every parquet shard (a local tar: its headers) first (training checks on one process per machine: a
-    local folder may be a copy of its own on each)."""
+    :func:`folder_splits`), or image files as an imagefolder, or WebDataset tar files), or
+    ``embedded:fashion_mnist``. ``check_shards``: read the footer of every parquet shard (a local tar: its headers)
+    first (training checks on one process per machine: a local folder may be a copy of its own on each)."""
     if (dataset_name is None) == (train_data_dir is None):
         raise ValueError("pass exactly one of --dataset_name or --train_data_dir.")
     if train_data_dir is not None:
@@ -342,6 +342,9 @@ def folder_splits(folder: str, config_name: Optional[str] = None,
     except ValueError as err:  # an unknown or missing config: datasets lists them
         raise ValueError(f"{folder}: {first_line(err)}" + (" Pass one of its configs with --dataset_config_name."
                                                            if "config" in str(err).lower() else "")) from err
+    except RuntimeError as err:  # a loading script beside the data, which datasets no longer runs
+        raise ValueError(f"{folder}: {first_line(err)}; remove the script, or pass the folder of the data "
+                         "files.") from err
     return {str(split): [str(path) for path in files] for split, files in (builder.config.data_files or {}).items()}
 
 

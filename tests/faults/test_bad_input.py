@@ -323,6 +323,9 @@ def test_a_local_folders_splits_are_the_ones_datasets_reads(tmp_path):
     for i in range(2):
         Image.open(io.BytesIO(images[i])).save(camera / f"IMG_{i}.JPG", format="JPEG")
     assert len(list(load_image_dataset(train_data_dir=str(camera)))) == 2
+    (camera / "camera.py").write_text("import datasets  # a loading script, which datasets no longer runs\n")
+    with pytest.raises(ValueError, match=r"Dataset scripts are no longer supported.*; remove the script"):
+        load_image_dataset(train_data_dir=str(camera))  # (a RuntimeError's traceback)
 
     # a file whose name names a split makes datasets read that split as that file alone (no rows): named
     (folder / "train_list.txt").write_text("0.ppm\n")
