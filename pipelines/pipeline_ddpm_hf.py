@@ -463,16 +463,8 @@ class DDPMPipeline(DiffusionPipeline):
 
         validate_repo_id(repo_id)  # before any request
         api = HfApi(token=token)
-        # then a token that cannot write there fails before the sampling (creating the repo does not tell: an
-        # existing repo of another account is "created" all the same); a pull request needs no right on the repo
-        me = api.whoami()
-        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
-        namespace = repo_id.rpartition("/")[0] or me["name"]
-        if role == "read" or (role != "fineGrained" and not create_pr and namespace not in writable_namespaces(me)):
-            raise PermissionError(f"push_to_hub({repo_id!r}): the token's account, {me['name']}, cannot write there ("
-                             + ("the token only reads" if role == "read" else
-                                f"it writes in {', '.join(sorted(writable_namespaces(me)))}") +
-                             "): pass token= with write access there, another repo_id, or create_pr=True.")
+        if sample_grid is None:  # a token that cannot write there fails before the grid's sampling, not after it
+            self._check_push_rights(api, repo_id, create_pr)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)  # (refuses first too)
             # as the Hub names it: "name" is the token's account's "account/name"
@@ -495,6 +487,20 @@ class DDPMPipeline(DiffusionPipeline):
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or "Upload DDPM pipeline with ddpm_hf",
                                      delete_patterns=STALE_AFTER_UPLOAD, parent_commit=parent_commit)
+
+    @staticmethod
+    def _check_push_rights(api, repo_id: str, create_pr: bool) -> None:
+        """Raise PermissionError when the token's account cannot write in ``repo_id``'s namespace: creating the repo
+        does not tell (an existing repo of another account is "created" all the same). A pull request needs no right
+        on the repo."""
+        me = api.whoami()
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        namespace = repo_id.rpartition("/")[0] or me["name"]
+        if role == "read" or (role != "fineGrained" and not create_pr and namespace not in writable_namespaces(me)):
+            raise PermissionError(f"push_to_hub({repo_id!r}): the token's account, {me['name']}, cannot write there ("
+                                  + ("the token only reads" if role == "read" else
+                                     f"it writes in {', '.join(sorted(writable_namespaces(me)))}") +
+                                  "): pass token= with write access there, another repo_id, or create_pr=True.")
 
 
 def _a_card_of_its_own(api, repo_id: str, revision: Optional[str]) -> bool:
