@@ -137,8 +137,8 @@ class LoopState:
     cost more than the step). The dropout masks come from torch's own generator, seeded before each batch from the
     process and the batch's number: other on every process (one seed everywhere gave every process the same masks),
     and the same after a resume, whatever drew from that generator in between (a sample grid, a bound estimate).
-    ``settings``: the flags that say what is learnt (see :func:`objective_settings`); a resume under others is
-    refused, naming them."""
+    ``settings``: the flags that say what is learnt (see :func:`objective_settings`); a resume under another
+    diffusion or loss is refused, naming them, and another image size said."""
 
     def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0,
                  settings: Optional[dict] = None):
