@@ -357,8 +357,7 @@ def push_pipeline_with_retries(pipe, repo_id: str, *, step: int, token: Optional
             return True
         except Exception as err:  # network, auth, server: report without the token and go on
             message = redact(f"{type(err).__name__}: {err}", secrets)
-            # the token, or its rights, changed since the run's start (PermissionError: push_to_hub's own check)
-            if http_status(err) in (401, 403) or isinstance(err, PermissionError):
+            if http_status(err) in (401, 403):  # the token, or its rights, changed since the run's start
                 logger.error("push to %s refused (%s): it would be refused again; pass a token with write access "
                              "(--hub_token or HF_TOKEN) when the run resumes. Step %d stays in %s", repo_id, message,
                              step, local_dir)
