@@ -83,11 +83,12 @@ def resolve_folder(
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        pipelines = sorted(path.parent.glob("checkpoint-*/pipeline/model_index.json"),
-                           key=lambda found: int(found.parent.parent.name.split("-")[-1]) if
-                           found.parent.parent.name.split("-")[-1].isdigit() else -1)
+        from .checkpoints import checkpoints
+
+        pipelines = [folder / "pipeline" for folder in checkpoints(path.parent)
+                     if (folder / "pipeline" / "model_index.json").is_file()]
         unfinished = (f" It is a training run's folder before its end: its newest checkpoint's pipeline is "
-                      f"{pipelines[-1].parent}." if path.name == "model_index.json" and pipelines else "")
+                      f"{pipelines[-1]}." if path.name == "model_index.json" and pipelines else "")
         raise FileNotFoundError(f"missing {path}: not a complete pipeline folder (expected model_index.json, "
                                 "unet/config.json, unet/diffusion_pytorch_model.safetensors, "
                                 f"scheduler/scheduler_config.json).{unfinished}")
