@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,9 +42,10 @@ def resolve_folder(
     local_files_only: bool = False,
     allow_pickle: bool = False,
     force_download: bool = False,
+    components: Sequence[str] = ("unet", "scheduler"),
 ) -> Path:
-    """A local pipeline folder, or the snapshot of a Hub repo (only the files a pipeline needs are downloaded; again,
-    with ``force_download``, where they are in the cache)."""
+    """A local pipeline folder, or the snapshot of a Hub repo (only the files the named ``components`` need are
+    downloaded; again, with ``force_download``, where they are in the cache)."""
     name = str(name_or_path)
     if not name.strip():
         raise ValueError("the pipeline name is empty: pass a folder or a Hub repo id ('namespace/name').")
@@ -61,10 +62,11 @@ def resolve_folder(
                          "letters, digits, '.', '_' and '-').")
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "unet/config.json", f"unet/{SAFE_WEIGHTS}", "scheduler/scheduler_config.json",
-                "scheduler/*.py", "*.py"]
-    if allow_pickle:
-        patterns.append(f"unet/{PICKLE_WEIGHTS}")
+    patterns = ["model_index.json", "*.py"]
+    if "unet" in components:
+        patterns += ["unet/config.json", f"unet/{SAFE_WEIGHTS}"] + ([f"unet/{PICKLE_WEIGHTS}"] if allow_pickle else [])
+    if "scheduler" in components:
+        patterns += ["scheduler/scheduler_config.json", "scheduler/*.py"]
     try:
         return Path(snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
                                       local_files_only=local_files_only, allow_patterns=patterns,
@@ -166,6 +168,8 @@ def load_components(
     trust_remote_code: bool = False,
     force_download: bool = False,
     dtype: Optional[Union[torch.dtype, Dict[str, torch.dtype]]] = None,
+    unet: Optional[torch.nn.Module] = None,
+    scheduler: Optional[object] = None,
     **diffusers_kwargs,
 ) -> Dict[str, object]:
     """``{"unet": DDPMUNet, "scheduler": DDPMScheduler}`` from a pipeline folder or Hub repo of any layout ddpm_hf
@@ -176,7 +180,8 @@ def load_components(
     "default", else float32; the scheduler has none). The other arguments of
     diffusers' ``from_pretrained`` are taken where they mean something here (``use_safetensors``,
     ``low_cpu_mem_usage``, ``proxies=None``, ``device_map=None``, ``subfolder=None``, ``variant=None``) and refused,
-    saying why, where they would be ignored."""
+    saying why, where they would be ignored. A ``unet`` or ``scheduler`` passed in is returned in place of the
+    folder's, which is then neither downloaded nor read, as in diffusers."""
     _check_diffusers_kwargs(diffusers_kwargs, allow_pickle)
     safetensors_only = diffusers_kwargs.get("use_safetensors") is True  # as diffusers, whatever allow_pickle
     allow_pickle = allow_pickle and not safetensors_only
@@ -185,9 +190,12 @@ def load_components(
     dtype = torch_dtype if dtype is None else dtype
     if isinstance(dtype, dict):
         dtype = dtype.get("unet", dtype.get("default", torch.float32))
-    folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle, force_download)
+    given = {name: value for name, value in (("unet", unet), ("scheduler", scheduler)) if value is not None}
+    to_read = [name for name in ("unet", "scheduler") if name not in given]
+    folder = resolve_folder(name_or_path, revision, token, cache_dir, local_files_only, allow_pickle, force_download,
+                            components=to_read)
     index = _read_json(folder / "model_index.json")
-    missing = [name for name in ("unet", "scheduler") if name not in index]
+    missing = [name for name in to_read if name not in index]
     others = [name for name, value in index.items() if not name.startswith("_") and name not in ("unet", "scheduler")
               and isinstance(value, list) and value[-1] is not None]  # e.g. a latent diffusion's vqvae
     if missing or others:
@@ -196,6 +204,14 @@ def load_components(
                          f"DDPM pipeline, which is a unet and a scheduler (components: "
                          f"{sorted(k for k in index if not k.startswith('_'))}); load it with "
                          "diffusers.DiffusionPipeline.from_pretrained.")
+    if "unet" in to_read:
+        given["unet"] = _load_unet(folder, allow_pickle, dtype, safetensors_only)
+    if "scheduler" in to_read:
+        given["scheduler"] = _load_scheduler(folder, index)
+    return given
+
+
+def _load_scheduler(folder: Path, index: dict) -> DDPMScheduler:
     scheduler_class = index["scheduler"][-1] if isinstance(index["scheduler"], list) else None
     if scheduler_class not in (None, "DDPMScheduler"):
         logger.warning("%s: its scheduler is %s; ddpm_hf loads its configuration into its DDPMScheduler (the same "
@@ -204,10 +220,9 @@ def load_components(
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     _warn_unknown_keys(folder / "scheduler" / "scheduler_config.json", scheduler_config, DDPMScheduler)
     try:
-        scheduler = DDPMScheduler.from_config(scheduler_config)
+        return DDPMScheduler.from_config(scheduler_config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {err}") from err
-    return {"unet": _load_unet(folder, allow_pickle, dtype, safetensors_only), "scheduler": scheduler}
 
 
 def _check_diffusers_kwargs(kwargs: dict, allow_pickle: bool) -> None:

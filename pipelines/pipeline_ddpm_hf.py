@@ -421,8 +421,7 @@ class DDPMPipeline(DiffusionPipeline):
         except ImportError as err:
             raise ImportError("DDPMPipeline.from_pretrained needs the ddpm_hf package (pip install ddpm-hf); without "
                               "it use diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True).") from err
-        given = {name: kwargs.pop(name) for name in ("unet", "scheduler") if name in kwargs}
-        return cls(**{**load_components(pretrained_model_name_or_path, **kwargs), **given})
+        return cls(**load_components(pretrained_model_name_or_path, **kwargs))
 
     # ------------------------------------------------------------------------------------------------------------
     # Hub

@@ -240,3 +240,25 @@ def test_a_card_its_owner_wrote_is_kept(hub, tmp_path, caplog):
     files = hub.repos["alice/carded"].files("main")[1]
     assert files["README.md"].decode() == own and "did not write: it is kept" in caplog.text
     assert files["samples.png"]  # the rest of the push went up
+
+
+def test_a_component_passed_in_is_neither_downloaded_nor_read(hub, tmp_path):
+    """from_pretrained(repo, unet=...) as diffusers does it: the folder's U-Net weights are not downloaded (they
+    were, only to be replaced), and a local folder without them loads, as in diffusers (the oracle); scheduler= the
+    same for the scheduler's config."""
+    import diffusers
+
+    pipe = tiny_pipeline()
+    _push(pipe, "alice/given")
+    weights = [path for method, path, _, _ in hub.log if method == "GET" and path.endswith(".safetensors")]
+    loaded = DDPMPipeline.from_pretrained("alice/given", cache_dir=tmp_path / "cache", unet=pipe.unet)
+    assert loaded.unet is pipe.unet
+    assert [path for method, path, _, _ in hub.log if method == "GET" and path.endswith(".safetensors")] == weights
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").unlink()
+    diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe", unet=pipe.unet, scheduler=pipe.scheduler)
+    both = DDPMPipeline.from_pretrained(tmp_path / "pipe", unet=pipe.unet, scheduler=pipe.scheduler)
+    assert both.unet is pipe.unet and both.scheduler is pipe.scheduler
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe", unet=pipe.unet)
