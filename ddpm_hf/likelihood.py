@@ -138,18 +138,27 @@ class BitsPerDim:
     exact: bool
     terms_per_process: List[int]
 
+    @property
+    def stderr_over_images(self) -> float:
+        """The standard error of ``mean`` over the images, ``std(per_image) / √N``: how far the bound of the data the
+        images were drawn from may lie from ``mean``. It holds the noise of each image's draws (ε, and t when
+        sampled) as well as the choice of images, so it is not 0 for the exact bound, whose T terms take one ε
+        each."""
+        return float(self.per_image.std() / math.sqrt(len(self.per_image))) if len(self.per_image) > 1 else math.nan
+
     def rate_distortion(self) -> Dict[str, List[float]]:
-        """§4.3, Table 4: after reverse step i (i = 1..T, from x_T), the rate is the bits sent so far,
-        L_T + L_{T−1} + ... + L_{T−i}, excluding the decoder term, and the distortion the RMSE of x̂_0 (0–255)."""
+        """§4.3, Fig. 5 and Table 4, the progressive lossy code: a receiver holding x_t (reverse step T − t,
+        t = T .. 1) has been sent L_T + L_{T−1} + ... + L_t bits (x_T, then each x_{s−1} given x_s; the decoder's L_0
+        is never sent), and reconstructs x̂_0 from x_t, with the RMSE (0–255) of ``x0_rmse`` at t."""
         if self.terms is None:
             raise ValueError("rate_distortion needs the exact bound (bits_per_dim(..., num_timesteps=None)).")
-        terms = self.terms.double()
+        terms = self.terms.double()  # index k: L_k (L_0 the decoder's); x0_rmse index k: x̂_0 from x_{k+1}
         num_steps = len(terms)
-        sent = torch.cumsum(terms.flip(0), 0)  # index i−1: terms T−1 .. T−i
-        sent = sent - torch.where(torch.arange(num_steps) == num_steps - 1, terms[0], torch.zeros(()))
-        rate = float(self.prior.mean()) + sent
-        return {"reverse_step": list(range(1, num_steps + 1)), "rate_bpd": rate.tolist(),
-                "distortion_rmse": self.x0_rmse.flip(0).tolist()}
+        # received x_{k+1}: sent L_{k+1} .. L_{T−1} after L_T, for k = T − 1 down to 0
+        sent_after = torch.cat([torch.zeros(1, dtype=terms.dtype), torch.cumsum(terms.flip(0), 0)[:-1]])
+        rate = float(self.prior.mean()) + sent_after
+        return {"reverse_step": list(range(num_steps)), "rate_bpd": rate.tolist(),
+                "distortion_rmse": self.x0_rmse.double().flip(0).tolist()}
 
 
 class _ImageNoise:

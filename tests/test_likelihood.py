@@ -101,15 +101,37 @@ def test_sampled_estimate_is_unbiased_within_three_standard_errors():
 
 
 def test_rate_distortion_bookkeeping():
+    """§4.3: the receiver of x_t has been sent L_T + L_{T−1} + ... + L_t and reconstructs x̂_0 from that same x_t;
+    the pairs, written out from the per-timestep terms and RMSEs (T = 100). The curve paired each rate with the
+    x̂_0 of one step earlier, so its last two rates were equal and its first point (L_T alone, x̂_0 from x_T) was
+    missing."""
     scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="fixed_large")
     images, _ = _gaussian_images(n=64)
     result = bits_per_dim(GaussianDataOptimum(scheduler, False), scheduler, images, progress=False)
     curve = result.rate_distortion()
-    assert curve["reverse_step"][0] == 1 and len(curve["rate_bpd"]) == 100
-    # all bits except the decoder's are sent by the last step; rate never decreases; distortion falls
-    assert abs(curve["rate_bpd"][-1] + float(result.terms[0]) - result.mean) < 1e-6
-    assert all(b >= a - 1e-12 for a, b in zip(curve["rate_bpd"], curve["rate_bpd"][1:]))
+    T, prior = 100, float(result.prior.mean())
+    assert curve["reverse_step"] == list(range(T))
+    for step, rate, rmse in zip(curve["reverse_step"], curve["rate_bpd"], curve["distortion_rmse"]):
+        t = T - step  # the receiver holds x_t (1-based): sent L_T, then L_{T−1} .. L_t (terms index L_0 .. L_{T−1})
+        assert rate == pytest.approx(prior + float(result.terms[t:].sum()), abs=1e-9)
+        assert rmse == pytest.approx(float(result.x0_rmse[t - 1]), abs=1e-12)  # x0_rmse index t − 1: from x_t
+    # all bits except the decoder's are sent when x_1 is; every term is positive, so the rate rises at every step
+    assert curve["rate_bpd"][-1] + float(result.terms[0]) == pytest.approx(result.mean, abs=1e-9)
+    assert all(b > a for a, b in zip(curve["rate_bpd"], curve["rate_bpd"][1:]))
     assert curve["distortion_rmse"][-1] < curve["distortion_rmse"][0]
+
+
+def test_the_standard_error_over_images_is_that_of_the_mean():
+    """The exact bound's stderr is 0 (no timesteps are sampled), yet its mean over a few images moves with the
+    images and their ε: the standard error over images, std/√N, is reported beside it, and a mean over another
+    draw of ε lies within a few of it."""
+    scheduler = DDPMScheduler(num_train_timesteps=50, variance_type="fixed_large")
+    images, _ = _gaussian_images(n=16)
+    model = GaussianDataOptimum(scheduler, False)
+    first, second = (bits_per_dim(model, scheduler, images, seed=seed, progress=False) for seed in (0, 1))
+    assert first.stderr == 0 and first.mean != second.mean
+    assert first.stderr_over_images == pytest.approx(float(first.per_image.std()) / 4, rel=1e-12)
+    assert abs(first.mean - second.mean) < 4 * math.hypot(first.stderr_over_images, second.stderr_over_images)
 
 
 def test_float_input_must_lie_on_the_pixel_grid():
