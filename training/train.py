@@ -762,6 +762,7 @@ def run(args):
     if args.gradient_accumulation_steps > 1:
         keep_gradient_buffers(model)
     started = start_run(accelerator, args, model, stream, loop, ema, new_run)
+    take_the_flags_optimizer_settings(args, optimizer, lr_scheduler)  # (resumed: the checkpoint's were loaded)
     if args.record_example_ids:
         stream.record_ids_in(Path(args.output_dir) / "logs", loop.step)
 
@@ -850,6 +851,27 @@ def make_optimizer(args, model, device):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     return optimizer, lr_scheduler
+
+
+def take_the_flags_optimizer_settings(args, optimizer, lr_scheduler) -> None:
+    """The optimiser's flags may change when a run resumes, as the schedule's do (the README says so): loading the
+    checkpoint put back its own rate, betas, weight decay and ε, and they would have gone on, silently, while
+    training_config.json and the card said the flags'. The rate is the schedule's base rate, the group's the
+    schedule's value at the resumed step."""
+    group = optimizer.param_groups[0]
+    had = {"learning_rate": lr_scheduler.base_lrs[0], "adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1],
+           "adam_weight_decay": group["weight_decay"], "adam_epsilon": group["eps"]}
+    changed = {name: value for name, value in had.items() if getattr(args, name) != value}
+    if not changed:
+        return
+    logger.warning("resuming with the flags' optimiser settings, not the checkpoint's: %s",
+                   ", ".join(f"--{name} {getattr(args, name)} (checkpoint: {value})" for name, value in changed.items()))
+    lr_scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        group.update(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                     eps=args.adam_epsilon, initial_lr=args.learning_rate,
+                     lr=args.learning_rate * lr_lambda(lr_scheduler.last_epoch))
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def keep_the_checkpoints_ema(args, ema) -> None:

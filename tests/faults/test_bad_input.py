@@ -715,9 +715,16 @@ def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path, cap
                                          r"checkpoint's: simple\)\. Resume"):
         train_in_process(train, base + resume + ["--prediction_type", "v_prediction", "--loss", "vlb"])
     with caplog.at_level(logging.WARNING, logger="ddpm_hf.train"):
-        train_in_process(train, base + resume + ["--learning_rate", "2e-4", "--resolution", "32"])
+        train_in_process(train, base + resume + ["--learning_rate", "1e-3", "--adam_beta1", "0.5",
+                                                 "--adam_weight_decay", "0.1", "--resolution", "32"])
     assert "resuming at another image size: --resolution 32 (the checkpoint's: 16)" in caplog.text
     assert json.loads((tmp_path / "out" / "training_config.json").read_text())["max_train_steps"] == 3
+    # the optimiser's flags take effect (the checkpoint's were loaded over them and went on, unsaid): the state the
+    # third step's checkpoint holds, as torch reads it, after the warm-up of 2 steps (constant_with_warmup: the rate)
+    assert ("resuming with the flags' optimiser settings, not the checkpoint's: --learning_rate 0.001 (checkpoint: "
+            "0.0002), --adam_beta1 0.5 (checkpoint: 0.9), --adam_weight_decay 0.1 (checkpoint: 0.0)") in caplog.text
+    group = torch.load(tmp_path / "out" / "checkpoint-3" / "optimizer.bin", weights_only=True)["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-3, (0.5, 0.999), 0.1)
 
 
 def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path, monkeypatch, capsys, caplog):
