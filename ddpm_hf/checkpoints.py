@@ -220,6 +220,7 @@ class CheckpointSaver:
         try:
             for old in checkpoints(self.output_dir)[:-self.limit] if self.limit else []:
                 delete_folder(old)
+                logger.info("removed %s (--checkpoints_total_limit %d)", old.name, self.limit)
         except OSError as err:  # the new checkpoint is in place: an old one left is no reason to stop
             logger.warning("could not remove an old checkpoint (%s); --checkpoints_total_limit %d is exceeded until "
                            "the next checkpoint removes it", err, self.limit)
@@ -261,6 +262,30 @@ def starts_a_new_run(output_dir: Path, resume: Optional[str], overwrite: bool) -
     if not continues:
         refuse_an_earlier_run(output_dir, overwrite)
     return not continues
+
+
+def set_aside_later_checkpoints(output_dir: Path, resumed: Path) -> Optional[Path]:
+    """A run resumed from one of its checkpoints before its newest (to train again from there, or past an unreadable
+    newest one) trains the later checkpoints' steps again: they are moved into ``abandoned-after-checkpoint-N/``,
+    out of the way of 'latest' (which would go back to them), of --checkpoints_total_limit's pruning (by step: it
+    removed this run's own first) and of this run's checkpoints of the same names. Returns that folder, or None."""
+    if resumed.resolve().parent != output_dir.resolve():  # another run's checkpoint: a new run, checked as one
+        return None
+    later = [path for path in checkpoints(output_dir) if int(path.name.split("-")[1]) > int(resumed.name.split("-")[1])]
+    if not later:
+        return None
+    aside = output_dir / f"abandoned-after-{resumed.name}"
+    for number in range(2, 10**6):  # a second return to the same checkpoint keeps the first one's
+        if not aside.exists():
+            break
+        aside = output_dir / f"abandoned-after-{resumed.name}-{number}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    logger.warning("resumed from %s, before the run's later %s: moved %s into %s (this run trains their steps "
+                   "again; delete it when you no longer need them)", resumed.name, ", ".join(p.name for p in later),
+                   "it" if len(later) == 1 else "them", aside)
+    return aside
 
 
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:

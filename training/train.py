@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from ddpm_hf import DDPMScheduler, DDPMUNet, compiling
 from ddpm_hf.checkpoints import (CheckpointSaver, check_output_dir_shared, checkpoints, clear_earlier_run,
-                                 published_checkpoints, recover_folders, resume, save_pipeline, starts_a_new_run,
-                                 write_file)
+                                 published_checkpoints, recover_folders, resume, save_pipeline,
+                                 set_aside_later_checkpoints, starts_a_new_run, write_file)
 from ddpm_hf.data import (TrainStream, all_processes, check_channels, dataset_revision, default_num_workers,
                           find_image_column, first_images, hub_dataset_id, known_row_groups, load_image_dataset,
                           remember_row_groups)
@@ -914,6 +914,8 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
             raise SystemExit(f"{path} is at step {loop.step}, past --max_train_steps {args.max_train_steps}: pass "
                              f"--max_train_steps {loop.step} or more to continue that run (at {loop.step} it trains "
                              "nothing more and writes its pipeline), or start a new run in another --output_dir.")
+        if path is not None and accelerator.is_main_process:  # (before this run's first checkpoint, which waits)
+            set_aside_later_checkpoints(output_dir, path)
     streams = args.data_streams or accelerator.num_processes
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,

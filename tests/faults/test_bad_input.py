@@ -727,6 +727,30 @@ def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path, cap
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-3, (0.5, 0.999), 0.1)
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(train, tmp_path, caplog):
+    """Training again from an earlier checkpoint of the run (checkpoint-4 of 4, 8): checkpoint-8 stayed beside the
+    new branch's, so the checkpoint limit pruned the new branch's own parent and 'latest' went back to the abandoned
+    step 8. It is moved, intact, into abandoned-after-checkpoint-4/, and 'latest' continues the new branch; the
+    checkpoints the limit removes are named."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    out = tmp_path / "out"
+    base = FAST + ["--dataset_name", str(data), "--output_dir", str(out), "--checkpoints_total_limit", "2"]
+    train_in_process(train, base + ["--max_train_steps", "8", "--checkpointing_steps", "4"])
+    abandoned = (out / "checkpoint-8" / "model.safetensors").read_bytes()
+    branch = base + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+        train_in_process(train, branch + ["--resume_from_checkpoint", str(out / "checkpoint-4")])
+    assert "resumed from checkpoint-4, before the run's later checkpoint-8: moved it into" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert (out / "abandoned-after-checkpoint-4" / "checkpoint-8" / "model.safetensors").read_bytes() == abandoned
+    with caplog.at_level(logging.INFO, logger="ddpm_hf"):
+        train_in_process(train, base + ["--max_train_steps", "8", "--checkpointing_steps", "2", "--learning_rate",
+                                        "1e-3", "--resume_from_checkpoint", "latest"])
+    assert "removed checkpoint-4 (--checkpoints_total_limit 2)" in caplog.text  # (said, as diffusers' examples do)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    assert (out / "checkpoint-8" / "model.safetensors").read_bytes() != abandoned  # the new branch's step 8
+
+
 def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path, monkeypatch, capsys, caplog):
     """A run's folder or a pipeline passed as the checkpoint to resume (it was called diffusers' example's checkpoints,
     naming the wrong --output_dir); a run's folder before its end passed as a pipeline (its newest checkpoint's
