@@ -204,20 +204,29 @@ def load_components(
                          f"DDPM pipeline, which is a unet and a scheduler (components: "
                          f"{sorted(k for k in index if not k.startswith('_'))}); load it with "
                          "diffusers.DiffusionPipeline.from_pretrained.")
+    if "scheduler" in to_read:  # first: another kind of diffusion is refused before the weights are read
+        given["scheduler"] = _load_scheduler(folder, index)
     if "unet" in to_read:
         given["unet"] = _load_unet(folder, allow_pickle, dtype, safetensors_only)
-    if "scheduler" in to_read:
-        given["scheduler"] = _load_scheduler(folder, index)
     return given
 
 
 def _load_scheduler(folder: Path, index: dict) -> DDPMScheduler:
     scheduler_class = index["scheduler"][-1] if isinstance(index["scheduler"], list) else None
+    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     if scheduler_class not in (None, "DDPMScheduler"):
+        # diffusers saves every argument of a scheduler: those of DDPM's diffusion (DDIM, PNDM, Euler, DPM-Solver...)
+        # have a beta_schedule; the others (ScoreSdeVe, KarrasVe, EDM, consistency models) are another diffusion,
+        # which a DDPMScheduler would replace with its default β and score as a DDPM
+        if "beta_schedule" not in scheduler_config:
+            raise ValueError(f"{folder}: its scheduler is {scheduler_class}, whose configuration has no β schedule "
+                             f"(beta_schedule, beta_start, beta_end; it holds "
+                             f"{sorted(k for k in scheduler_config if not k.startswith('_'))}): not DDPM's diffusion, "
+                             "which ddpm_hf samples and evaluates. Load it with "
+                             "diffusers.DiffusionPipeline.from_pretrained.")
         logger.warning("%s: its scheduler is %s; ddpm_hf loads its configuration into its DDPMScheduler (the same "
                        "diffusion, ancestral sampling). To sample with %s: pipe.scheduler = diffusers.%s.from_config("
                        "pipe.scheduler.config)", folder, scheduler_class, scheduler_class, scheduler_class)
-    scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json")
     _warn_unknown_keys(folder / "scheduler" / "scheduler_config.json", scheduler_config, DDPMScheduler)
     try:
         return DDPMScheduler.from_config(scheduler_config)

@@ -611,6 +611,28 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert result.returncode == 0 and "ddpm-hf" in result.stdout
 
 
+def test_a_pipeline_of_another_diffusion_is_refused_before_any_work(tmp_path):
+    """A diffusers ScoreSdeVePipeline folder (a U-Net and a scheduler, as DDPM's) is a variance-exploding SDE, not
+    DDPM's β diffusion: its sigma keys were dropped and the default linear β sampled and scored as a DDPM. Both
+    commands refuse it, naming its scheduler and diffusers' loader, which reads the folder as what it is (the
+    oracle), before anything is written."""
+    import diffusers
+
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                 layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2)
+    diffusers.ScoreSdeVePipeline(unet=unet, scheduler=diffusers.ScoreSdeVeScheduler()).save_pretrained(tmp_path / "sde")
+    assert type(diffusers.DiffusionPipeline.from_pretrained(tmp_path / "sde")) is diffusers.ScoreSdeVePipeline
+    for command in (["sample", "--num_images", "2", "--num_inference_steps", "2"],
+                    ["evaluate", "--metrics", "bpd", "--num_bpd_images", "2"]):
+        with pytest.raises(SystemExit) as refused:
+            cli([command[0], str(tmp_path / "sde"), *command[1:], "--out", str(tmp_path / "out")])
+        message = str(refused.value)
+        assert "its scheduler is ScoreSdeVeScheduler, whose configuration has no β schedule" in message, message
+        assert "Load it with diffusers.DiffusionPipeline.from_pretrained" in message, message
+        assert not (tmp_path / "out").exists()
+
+
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
     """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
     (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
