@@ -221,6 +221,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     except ValueError as err:
         p.error(str(err))
     args.batch_from_preset = args.train_batch_size is None  # per data stream: see train.py's start_run
+    args.warmup_from_preset = args.lr_warmup_steps is None  # (named in train.py's warning of a run-long warm-up)
     if args.pretrained_model_name_or_path is not None:
         if args.model_config:
             p.error("--pretrained_model_name_or_path brings its U-Net's config: drop --model_config")
@@ -373,7 +374,7 @@ def read_model_config(path: str) -> dict:
 
 def public_config(args) -> dict:
     """The run's flags without the token: what goes to the trackers and training_config.json."""
-    return {k: v for k, v in vars(args).items() if k not in ("hub_token", "batch_from_preset")}
+    return {k: v for k, v in vars(args).items() if k not in ("hub_token", "batch_from_preset", "warmup_from_preset")}
 
 
 LOCAL_PATH_FLAGS = ("output_dir", "train_data_dir", "cache_dir", "logging_dir", "resume_from_checkpoint",

@@ -936,6 +936,12 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
                            "the initial weights in the EMA weights after %d steps, and the saved pipeline has those: "
                            "pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,
                            100 * initial, args.max_train_steps)
+        if args.lr_scheduler != "constant" and loop.step < args.lr_warmup_steps >= args.max_train_steps:
+            logger.warning("--lr_warmup_steps %d%s is not below --max_train_steps %d: the learning rate rises for the "
+                           "whole run and never reaches --learning_rate %g (at most %.3g). Pass a shorter "
+                           "--lr_warmup_steps, such as a tenth of the run's steps.", args.lr_warmup_steps,
+                           f" (--preset {args.preset}'s)" if args.warmup_from_preset else "", args.max_train_steps,
+                           args.learning_rate, args.learning_rate * args.max_train_steps / args.lr_warmup_steps)
         if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
             logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
                            "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "
