@@ -240,6 +240,12 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
         raise stop_all(f"mixed precision fp16, from {asked}: this script trains fp16 with CUDA's loss scaler only, "
                        f"and this run is on {accelerator.device.type}; pass --mixed_precision bf16 or no.")
     logger.info("mixed precision: %s (from %s)", args.mixed_precision, asked)
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # accelerate's wins, as it runs
+        logger.warning("gradient accumulation: %d micro-batches per update, from accelerate's setting "
+                       "(ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch` from its DeepSpeed "
+                       "options), not --gradient_accumulation_steps %d", accelerator.gradient_accumulation_steps,
+                       args.gradient_accumulation_steps)
+        args.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif dynamo_settings and accelerator.mixed_precision == "no":  # what accelerate does with them
@@ -916,6 +922,9 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
                              "nothing more and writes its pipeline), or start a new run in another --output_dir.")
         if path is not None and accelerator.is_main_process:  # (before this run's first checkpoint, which waits)
             set_aside_later_checkpoints(output_dir, path)
+        # accelerate counts micro-batches, restored from the checkpoint: under another --gradient_accumulation_steps
+        # the first update would come after a remainder of them (scaled as a full one)
+        accelerator.step = loop.step * args.gradient_accumulation_steps
     streams = args.data_streams or accelerator.num_processes
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,

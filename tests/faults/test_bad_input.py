@@ -751,6 +751,33 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(train, tmp_
     assert (out / "checkpoint-8" / "model.safetensors").read_bytes() != abandoned  # the new branch's step 8
 
 
+def test_a_resume_under_another_gradient_accumulation_makes_full_updates(train, tmp_path):
+    """accelerate restores its micro-batch count from the checkpoint: 3 steps of 1 micro-batch, resumed with
+    --gradient_accumulation_steps 2, made its first update after 1 micro-batch (3 is odd), divided by 2. Counted
+    from the examples taken: 3 × 4, then 2 updates × 2 micro-batches × 4."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    base = FAST + ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--record_example_ids",
+                   "--checkpointing_steps", "1"]
+    train_in_process(train, base + ["--max_train_steps", "3"])
+    train_in_process(train, base + ["--max_train_steps", "5", "--gradient_accumulation_steps", "2",
+                                    "--resume_from_checkpoint", "latest"])
+    assert len((tmp_path / "out" / "logs" / "example_ids_rank0.txt").read_text().split()) == 3 * 4 + 2 * 2 * 4
+
+
+def test_accelerates_gradient_accumulation_setting_is_the_runs(train, tmp_path, monkeypatch, caplog):
+    """`accelerate launch` sets ACCELERATE_GRADIENT_ACCUMULATION_STEPS from its DeepSpeed options, and accelerate
+    takes it over the flag: the run accumulated 2 micro-batches while training_config.json said the flag's 1. Said
+    now, and recorded as the run's; the examples taken are 2 updates × 2 micro-batches × 4."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.train"):
+        train_in_process(train, FAST + ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
+                                        "--record_example_ids", "--max_train_steps", "2"])
+    assert "gradient accumulation: 2 micro-batches per update, from accelerate's setting" in caplog.text
+    assert json.loads((tmp_path / "out" / "training_config.json").read_text())["gradient_accumulation_steps"] == 2
+    assert len((tmp_path / "out" / "logs" / "example_ids_rank0.txt").read_text().split()) == 2 * 2 * 4
+
+
 def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path, monkeypatch, capsys, caplog):
     """A run's folder or a pipeline passed as the checkpoint to resume (it was called diffusers' example's checkpoints,
     naming the wrong --output_dir); a run's folder before its end passed as a pipeline (its newest checkpoint's
