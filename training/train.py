@@ -947,10 +947,11 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
                            100 * initial, args.max_train_steps)
         if args.lr_scheduler != "constant" and loop.step < args.lr_warmup_steps >= args.max_train_steps:
             logger.warning("--lr_warmup_steps %d%s is not below --max_train_steps %d: the learning rate rises for the "
-                           "whole run and never reaches --learning_rate %g (at most %.3g). Pass a shorter "
-                           "--lr_warmup_steps, such as a tenth of the run's steps.", args.lr_warmup_steps,
+                           "whole run and never reaches --learning_rate %g (its last update's: %.3g). Pass a "
+                           "shorter --lr_warmup_steps, such as a tenth of the run's steps.", args.lr_warmup_steps,
                            f" (--preset {args.preset}'s)" if args.warmup_from_preset else "", args.max_train_steps,
-                           args.learning_rate, args.learning_rate * args.max_train_steps / args.lr_warmup_steps)
+                           args.learning_rate,  # (update k, from 1, is at the warm-up's (k − 1) / --lr_warmup_steps)
+                           args.learning_rate * (args.max_train_steps - 1) / args.lr_warmup_steps)
         if args.batch_from_preset and streams > 1:  # the preset's batch is its recipe's global one
             logger.warning("--preset %s's batch, %d, is per data stream: %d streams make %d examples per step, %d "
                            "times the recipe's (its learning rate and steps assume %d). For the recipe's batch pass "

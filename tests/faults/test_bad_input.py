@@ -817,8 +817,8 @@ def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path,
 
 def test_a_warm_up_as_long_as_the_run_is_warned_about(train, tmp_path, caplog):
     """A preset's warm-up (tiny-16's 10 steps; the paper's 5,000 for ddpm-cifar10) over a shorter run kept the rate
-    below --learning_rate for the whole run, unsaid: said before training, naming the preset. The checkpoint's rate
-    after 4 steps is 4/10 of it (the linear warm-up, closed form). Not said for a short warm-up nor for 'constant',
+    below --learning_rate for the whole run, unsaid: said before training, naming the preset, with the last
+    update's rate, 3/10 of it; the checkpoint's after 4 steps, for the next update, is 4/10 (the linear warm-up). Not said for a short warm-up nor for 'constant',
     which has none."""
     data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
     fast = [arg for i, arg in enumerate(FAST) if "--lr_warmup_steps" not in FAST[max(i - 1, 0):i + 1]]
@@ -830,10 +830,11 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(train, tmp_path, caplog):
                                             "--checkpointing_steps", "4", "--output_dir", str(tmp_path / out), *extra])
         said = [r.getMessage() for r in caplog.records if "--lr_warmup_steps" in r.getMessage()]
         assert said == (["--lr_warmup_steps 10 (--preset tiny-16's) is not below --max_train_steps 4: the learning "
-                         "rate rises for the whole run and never reaches --learning_rate 0.0002 (at most 8e-05). Pass "
-                         "a shorter --lr_warmup_steps, such as a tenth of the run's steps."] if warned else []), said
+                         "rate rises for the whole run and never reaches --learning_rate 0.0002 (its last update's: "
+                         "6e-05). Pass a shorter --lr_warmup_steps, such as a tenth of the run's steps."]
+                        if warned else []), said
     group = torch.load(tmp_path / "a" / "checkpoint-4" / "optimizer.bin", weights_only=True)["param_groups"][0]
-    assert group["lr"] == pytest.approx(2e-4 * 4 / 10, rel=1e-12)
+    assert group["lr"] == pytest.approx(2e-4 * 4 / 10, rel=1e-12)  # (the next update's: the warm-up's 4/10)
 
 
 def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_path, caplog):
