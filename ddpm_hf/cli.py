@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(evaluate)
     evaluate.add_argument("--data", default="embedded:fashion_mnist", help="dataset name or local folder")
     evaluate.add_argument("--data_config", default=None)
+    evaluate.add_argument("--image_column", default=None, help="default: the first Image column")
     evaluate.add_argument("--split", default="test", help="split for bits/dim")
     evaluate.add_argument("--reference_split", default="train", help="split for the FID/KID reference statistics")
     evaluate.add_argument("--metrics", type=_metrics, default=["bpd", "fid", "kid"])
@@ -175,7 +176,7 @@ def cmd_evaluate(args) -> int:
             features=args.features, is_splits=args.is_splits, num_inference_steps=args.num_inference_steps,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype, compile=args.compile,
             ddp_timeout=args.ddp_timeout, token=args.hub_token, revision=args.revision,
-            allow_pickle=args.allow_pickle)
+            allow_pickle=args.allow_pickle, image_column=args.image_column)
     finally:
         leave_process_group(failed=sys.exc_info()[1] is not None)
     if results is not None:  # the main process reports
@@ -244,7 +245,8 @@ def _check_data(parser: argparse.ArgumentParser, args) -> None:
         try:
             dataset = load_image_dataset(args.data, args.data_config, split=split, streaming=True,
                                          token=args.hub_token, check_shards=False)
-            first_images(dataset, find_image_column(dataset.features), count=1, token=args.hub_token)
+            first_images(dataset, find_image_column(dataset.features, args.image_column), count=1,
+                         token=args.hub_token)
         except (OSError, ValueError) as err:
             parser.error(f"--data {args.data} (split {split!r}): {err}")
 

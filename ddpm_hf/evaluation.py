@@ -406,7 +406,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
              num_inference_steps: Optional[int] = None, batch_size: int = 64, seed: int = 0,
              device: Optional[str] = None, dtype: str = "fp32", compile: bool = False,
              ddp_timeout: float = DDP_TIMEOUT_S, token: Optional[str] = None, revision: Optional[str] = None,
-             allow_pickle: bool = False) -> Optional[dict]:
+             allow_pickle: bool = False, image_column: Optional[str] = None) -> Optional[dict]:
     """Evaluate the pipeline folder or Hub repo id ``pipeline`` on the dataset ``data`` (name or folder) and write
     results.json and the figures to ``out_dir``; returns the results on the main process, None on the others.
 
@@ -424,6 +424,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     ``ddp_timeout`` seconds for the others at their meetings (torch's default for NCCL is 10 minutes: a GPU slower by
     a few % over hours of sampling would end the evaluation). ``token`` reads a private pipeline or dataset on the Hub
     (None: HF_TOKEN or the stored login); ``revision`` and ``allow_pickle`` are the pipeline's (see load_pipeline).
+    ``image_column``: the data's column of images (None: its first Image column), at every reading of the data.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -456,14 +457,14 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (grey "
                        "images), which say little of this model's colour images: pass --features inception for the "
                        "standard scores (see the README).")
+    reading = dict(dataset_config_name=data_config, image_column=image_column, token=token)  # every reading's
     for data_split in data_splits(metrics, split, reference_split):
         # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
         # wrong kind, or too few of them, fail now, everywhere, before any work.
         interpolated = data_split == split and "interpolation" in metrics
         compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
         needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
-        got = len(load_eval_images(data, needed, size, channels, split=data_split, dataset_config_name=data_config,
-                                   token=token, check_shards=True))
+        got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True, **reading))
         if interpolated and got < 2:
             raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
                              "there: pass a split with two images or more, or leave interpolation out of --metrics.")
@@ -512,8 +513,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     # --- the bound (eq. 5) on every process, each its share of the terms; rate-distortion (Fig. 5) --------------------
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
-        images = load_eval_images(data, num_bpd_images, size, channels, split=split, dataset_config_name=data_config,
-                                  token=token)
+        images = load_eval_images(data, num_bpd_images, size, channels, split=split, **reading)
         bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=batch_size,
                              seed=seed, progress=state.is_main_process, state=state)
     if bound is not None and state.is_main_process:
@@ -584,8 +584,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         quality = results["sample_quality"] = {"features": features, "num_samples": num_samples}
         if sample_features is not None:
             real = cached_features(features, extractor, lambda: eval_image_chunks(
-                data, num_reference, size, channels, split=reference_split, dataset_config_name=data_config,
-                token=token, chunk_size=batch_size), expected=num_reference)
+                data, num_reference, size, channels, split=reference_split, chunk_size=batch_size, **reading),
+                expected=num_reference)
             if len(real) < num_reference:
                 logger.warning("--reference_split %s holds %d images, fewer than --num_reference %d: the scores "
                                "compare the samples with those %d.", reference_split, len(real), num_reference,
@@ -606,8 +606,7 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                                          num_inference_steps=steps, num_snapshots=min(10, steps)).grid,
                      out / "progressive.png")  # Fig. 6's snapshots, fewer for a shorter chain
         if "interpolation" in metrics:
-            pair = to_model_range(load_eval_images(data, 2, size, channels, split=split,
-                                                   dataset_config_name=data_config, token=token))
+            pair = to_model_range(load_eval_images(data, 2, size, channels, split=split, **reading))
             t = pipe.scheduler.config.num_train_timesteps // 2  # the paper's t = 500 of 1000
             save_png(sampler.interpolate(pair[0], pair[1], lambdas=8, t=t, seed=seed).grid, out / "interpolation.png")
     results["seconds"] = round(time.time() - started, 1)
