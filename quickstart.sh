@@ -56,7 +56,7 @@ cat <<EOF
 
 Done. Outputs:
   pipeline (diffusers format):        $OUT  (model_index.json, unet/, scheduler/)
-  samples:                            $OUT/samples-final/grid.png  (and $OUT/samples/ during training)
+  samples:                            $OUT/samples-final_grid.png  (images in $OUT/samples-final/; $OUT/samples/ in training)
   evaluation:                         $OUT/eval/results.json, rate_distortion.png, progressive.png, interpolation.png
   checkpoints:                        $OUT/checkpoint-*
   tensorboard logs:                   $OUT/logs   (tensorboard --logdir $OUT/logs)

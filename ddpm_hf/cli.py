@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(args) -> int:
     from .compiling import compile_options
-    from .evaluation import (chain_length, load_pipeline, open_sample_folder, prepare_sampling, put_first_rows,
-                             sample_batches, samples_key, save_png)
+    from .evaluation import (chain_length, grid_path, load_pipeline, open_sample_folder, prepare_sampling,
+                             put_first_rows, sample_batches, samples_key, save_png)
     from .images import uint8_grid
 
     pipe = load_pipeline(args.pipeline, str(_device(args)), args.hub_token, args.revision, args.allow_pickle)
@@ -157,8 +157,8 @@ def cmd_sample(args) -> int:
     for rows, images in sample_batches(pipe, args.num_images, args.batch_size, steps, args.seed, folder=out,
                                        fixed_batch_size=options is not None):
         grid = put_first_rows(grid, min(64, args.num_images), rows, images)
-    save_png(uint8_grid(grid), out / "grid.png")
-    print(f"{args.num_images} images in {out}, grid: {out / 'grid.png'}")
+    grid_file = save_png(uint8_grid(grid), grid_path(out))  # beside the samples: FID tools read the folder
+    print(f"{args.num_images} images in {out}, grid: {grid_file}")
     return 0
 
 

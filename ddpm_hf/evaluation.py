@@ -249,10 +249,13 @@ def check_sample_folder(folder: Path) -> Optional[dict]:
 def open_sample_folder(folder: Path, key: dict, num_images: int) -> None:
     """Make ``folder`` hold samples made under ``key`` (one process does this): those an interrupted command left
     there under the same key stay (they are the images it would make again); those made under another key, and
-    those past ``num_images``, are removed (the command that made them wrote its key first). See
+    those past ``num_images``, are removed (the command that made them wrote its key first), and so is the grid.png
+    that earlier versions of ``ddpm-hf sample`` wrote among its samples (see :func:`grid_path`). See
     :func:`check_sample_folder` for what is refused."""
     previous = check_sample_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if previous is not None:
+        (folder / "grid.png").unlink(missing_ok=True)
     stale = [path for i, path in sorted(sample_files(folder).items()) if previous != key or i >= num_images]
     if stale:
         logger.warning("%s: %d samples of another pipeline, setting or count removed", folder, len(stale))
@@ -265,6 +268,14 @@ def open_sample_folder(folder: Path, key: dict, num_images: int) -> None:
 def sample_path(folder: Path, index: int) -> Path:
     """Where image ``index`` is written: 00000.png, 00001.png, ..."""
     return folder / f"{index:05d}.png"
+
+
+def grid_path(folder: Path) -> Path:
+    """Where ``ddpm-hf sample`` writes the grid of its first images: beside ``folder`` (samples/ → samples_grid.png),
+    not in it, where the FID tools that read a folder's images (clean-fid its subfolders too) would score it as a
+    sample."""
+    folder = folder.resolve()
+    return folder.parent / f"{folder.name}_grid.png"
 
 
 def _read_sample(path: Path) -> Optional[torch.Tensor]:

@@ -225,7 +225,7 @@ def test_cli_sample_and_evaluate(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     assert cli(["sample", str(tmp_path / "pipe"), "--num_images", "5", "--batch_size", "2", "--out",
                 str(tmp_path / "samples")]) == 0
-    assert len(list((tmp_path / "samples").glob("0*.png"))) == 5 and (tmp_path / "samples" / "grid.png").is_file()
+    assert len(list((tmp_path / "samples").glob("0*.png"))) == 5 and (tmp_path / "samples_grid.png").is_file()
 
     out = tmp_path / "eval"
     # a 5-step chain: progressive generation's figure shows 5 snapshots, not the 10 of a long one
@@ -283,7 +283,7 @@ def test_evaluate_and_sample_keep_no_batch_of_samples_but_the_one_at_hand(tmp_pa
     assert cli(["sample", str(tmp_path / "pipe"), "--num_images", "12", "--batch_size", "4", "--num_inference_steps",
                 "5", "--out", str(tmp_path / "samples")]) == 0
     assert len(batches) == 3 and alive_at == [1]
-    assert (tmp_path / "samples" / "grid.png").read_bytes() == _png_of(uint8_grid(as_uint8(tmp_path / "samples")))
+    assert (tmp_path / "samples_grid.png").read_bytes() == _png_of(uint8_grid(as_uint8(tmp_path / "samples")))
     out = tmp_path / "eval"
     for made in ("all", "half"):
         batches.clear(), alive_at.clear()
@@ -670,6 +670,25 @@ def test_evaluate_reads_the_image_column_it_is_told(tmp_path):
     assert evaluated("struct", "--image_column", "picture") == expected
     assert evaluated("two", "--image_column", "picture") == expected
     assert evaluated("two")[0] != expected[0]  # the first Image column, other images
+
+
+def test_the_sample_folder_holds_only_the_samples_for_fid_tools_that_read_it(tmp_path):
+    """FID tools score every image of a folder (pytorch-fid: its *.png; clean-fid: its subfolders' too): the folder of
+    `ddpm-hf sample` holds the numbered samples alone, each the model's 16 × 16 grey image, and the grid of the first
+    ones is written beside it. A grid.png an earlier version wrote among its samples goes at the next run."""
+    from PIL import Image
+
+    tiny_pipeline(num_train_timesteps=10).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "samples"
+    for num_images in (3, 4):
+        assert cli(["sample", str(tmp_path / "pipe"), "--num_images", str(num_images), "--num_inference_steps", "2",
+                    "--out", str(out)]) == 0
+        images = [path for path in out.rglob("*") if path.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        assert sorted(path.name for path in images) == [f"{i:05d}.png" for i in range(num_images)]
+        assert all(Image.open(path).size == (16, 16) and Image.open(path).mode == "L" for path in images)
+        with Image.open(tmp_path / "samples_grid.png") as grid:
+            assert grid.size[0] > 16 and grid.size[1] >= 16
+        Image.new("L", (40, 40)).save(out / "grid.png")  # as an earlier version left it
 
 
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
