@@ -108,7 +108,12 @@ def parse_args(argv=None):
                      choices=["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts",
                               "polynomial"],
                      help="the paper's: constant_with_warmup (diffusers' example defaults to cosine); "
-                          "cosine_with_restarts makes one cycle, polynomial decays linearly to 1e-7 (their defaults)")
+                          "cosine_with_restarts makes --lr_num_cycles cycles, polynomial decays to 1e-7 with power "
+                          "--lr_power")
+    opt.add_argument("--lr_num_cycles", type=int, default=None,
+                     help="cosine_with_restarts' hard restarts (default: 1, as in diffusers' examples)")
+    opt.add_argument("--lr_power", type=float, default=None,
+                     help="polynomial's power (default: 1.0, a linear decay, as in diffusers' examples)")
     opt.add_argument("--lr_warmup_steps", type=int, default=None,
                      help="in optimizer updates, whatever the processes and --gradient_accumulation_steps (diffusers' "
                           "example's count is × accumulation / processes updates); default: the preset's (the "
@@ -166,6 +171,8 @@ def parse_args(argv=None):
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
                      "every N steps; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
+    out.add_argument("--tracker_project_name", default="ddpm_hf",
+                     help="the trackers' project (wandb's, comet's; TensorBoard's run is --logging_dir)")
     out.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S, help="seconds the processes wait for each "
                      "other (the others wait while the main one samples, estimates bits/dim, saves and uploads); "
                      "torch's default for NCCL is 600 (transformers' flag name)")
@@ -188,7 +195,7 @@ def parse_args(argv=None):
     for token in unknown:
         flag = token.split("=", 1)[0]
         if flag in DIFFUSERS_ONLY_FLAGS:
-            p.error(f"{flag} is a flag of diffusers' train_unconditional.py, not of this script: "
+            p.error(f"{flag} is a flag of diffusers' training examples, not of this script: "
                     f"{DIFFUSERS_ONLY_FLAGS[flag]}")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -196,11 +203,15 @@ def parse_args(argv=None):
     return args
 
 
-# The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py that this script does not
-# take, with what does the same here: a command brought from there stops naming the replacement, not just the flag.
+# The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py (and of its other training
+# examples) that this script does not take, with what does the same here: a command brought from there stops naming
+# the replacement, not just the flag.
+_NO_EPOCHS = ("training here is step-based (a streamed dataset has no length to count epochs by): pass "
+              "--max_train_steps, or --max_train_minutes")
 DIFFUSERS_ONLY_FLAGS = {
-    "--num_epochs": "training here is step-based (a streamed dataset has no length to count epochs by): pass "
-                    "--max_train_steps, or --max_train_minutes",
+    "--num_epochs": _NO_EPOCHS,
+    "--num_train_epochs": _NO_EPOCHS,
+    "--validation_steps": "pass --save_images_steps (the sample grid) or --eval_steps (a bits/dim estimate)",
     "--save_images_epochs": "pass --save_images_steps",
     "--save_model_epochs": "the pipeline is written at the end and a resumable checkpoint every --checkpointing_steps",
     "--eval_batch_size": "the sample grid's size is --num_sample_images",
@@ -230,6 +241,18 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     elif args.revision is not None or args.allow_pickle:
         p.error(f"{'--revision' if args.revision is not None else '--allow_pickle'} is about "
                 "--pretrained_model_name_or_path, which is not given")
+    # flags that the rest of the command turns off, refused rather than ignored (checked before the preset fills them)
+    if not args.use_ema and (args.ema_warmup or args.ema_max_decay is not None):
+        p.error(f"{'--ema_warmup' if args.ema_warmup else '--ema_max_decay'} sets the EMA, which --no-use_ema turns "
+                "off: drop one of them")
+    if args.lr_num_cycles is not None and args.lr_scheduler != "cosine_with_restarts":
+        p.error(f"--lr_num_cycles is cosine_with_restarts' number of cycles; --lr_scheduler {args.lr_scheduler} has "
+                "none: drop it, or pass --lr_scheduler cosine_with_restarts")
+    if args.lr_power is not None and args.lr_scheduler != "polynomial":
+        p.error(f"--lr_power is the polynomial schedule's power; --lr_scheduler {args.lr_scheduler} has none: drop "
+                "it, or pass --lr_scheduler polynomial")
+    args.lr_num_cycles = 1 if args.lr_num_cycles is None else args.lr_num_cycles
+    args.lr_power = 1.0 if args.lr_power is None else args.lr_power
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -245,6 +268,13 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
                  "lr_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.lr_num_cycles < 1:
+        p.error(f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}")
+    if not 0 < args.lr_power < float("inf"):
+        p.error(f"--lr_power must be positive, got {args.lr_power}")
+    if args.checkpointing_steps == 0 and args.push_checkpoints:
+        p.error("--push_checkpoints pushes the pipeline at each checkpoint, which --checkpointing_steps 0 turns off: "
+                "drop one of them")
     if args.seed not in SEED_RANGE:
         p.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:

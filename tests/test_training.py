@@ -795,7 +795,8 @@ def test_checkpoints_of_diffusers_example_are_named_not_called_corrupt(tmp_path)
 
 def test_the_sample_grids_reach_tensorboard(tmp_path):
     """As diffusers' example logs its test samples, each sample grid goes to the tracker too (TensorBoard's images),
-    at its step: a run watched in TensorBoard showed losses only. Oracle: TensorBoard's own reader of the events."""
+    at its step: a run watched in TensorBoard showed losses only. Oracle: TensorBoard's own reader of the events,
+    in the folder of --tracker_project_name (accelerate's run name)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from runs import FAST, load_train_script, train_in_process, write_images
@@ -804,8 +805,9 @@ def test_the_sample_grids_reach_tensorboard(tmp_path):
     out = tmp_path / "run"
     argv = [a if a != "none" else "tensorboard" for a in FAST]  # (FAST logs to no tracker)
     train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--save_images_steps",
-                                    "2", "--output_dir", str(out)])
+                                    "2", "--output_dir", str(out), "--tracker_project_name", "fmnist-ddpm"])
     events = sorted((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and all(out / "logs" / "fmnist-ddpm" in path.parents for path in events)  # (diffusers' flag)
     accumulator = EventAccumulator(str(events[-1].parent), size_guidance={"images": 0})
     accumulator.Reload()
     logged = accumulator.Images("samples")

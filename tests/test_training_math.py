@@ -93,6 +93,23 @@ def test_the_decaying_learning_rates_follow_their_formulas(schedule):
         lr_scheduler.step()
 
 
+@pytest.mark.parametrize("flags", [["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "3"],
+                                   ["--lr_scheduler", "polynomial", "--lr_power", "2"]])
+def test_the_schedules_cycles_and_power_are_taken(flags):
+    """--lr_num_cycles and --lr_power, as diffusers' training examples take them: k hard restarts,
+    lr · (1 + cos(π ((k f) mod 1))) / 2, and a decay of power p to 1e-7, (lr − 1e-7) (1 − f)^p + 1e-7."""
+    args = _args("--learning_rate", "2e-4", "--lr_warmup_steps", "4", "--max_train_steps", "20", *flags)
+    model, _ = train.build_model(args)
+    optimizer, lr_scheduler = train.make_optimizer(args, model, torch.device("cpu"))
+    for n in range(0, 20):
+        f = (n - 4) / 16  # (after the warm-up of 4)
+        expected = 2e-4 * n / 4 if n < 4 else ((2e-4 - 1e-7) * (1 - f) ** 2 + 1e-7 if "--lr_power" in flags
+                                               else 2e-4 * (1 + math.cos(math.pi * ((3 * f) % 1.0))) / 2)
+        assert lr_scheduler.get_last_lr()[0] == pytest.approx(expected, rel=1e-9, abs=1e-12), (flags, n)
+        optimizer.step()
+        lr_scheduler.step()
+
+
 @pytest.mark.parametrize("preset, parameters, lr, batch, dropout", [
     ("ddpm-cifar10", 35_746_307, 2e-4, 128, 0.1),
     ("ddpm-256", 113_673_219, 2e-5, 64, 0.0),

@@ -855,7 +855,8 @@ def make_optimizer(args, model, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
+                                 num_training_steps=args.max_train_steps, num_cycles=args.lr_num_cycles,
+                                 power=args.lr_power)
     return optimizer, lr_scheduler
 
 
@@ -937,7 +938,7 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
         tracker_config = {k: v for k, v in public_config(args).items() if isinstance(v, (int, float, str, bool))}
         # resumed: TensorBoard drops what the stopped launch logged after its checkpoint, logged again from here
         purge = {"tensorboard": {"purge_step": loop.step + 1}} if loop.step else None
-        accelerator.init_trackers("ddpm_hf", config=tracker_config, init_kwargs=purge)
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config, init_kwargs=purge)
         # (a run that starts: a resumed one keeps its checkpoint's EMA settings, whatever the flags say now)
         initial = args.ema_max_decay ** args.max_train_steps if args.use_ema and not loop.step else 0.0
         if initial > 0.05 and not args.ema_warmup and args.ema_inv_gamma is None:  # (the pipeline's weights)

@@ -96,6 +96,14 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--push_to_hub", "--hub_model_id", "a/b/c"], "is not a Hub repo id"),
     (["--push_to_hub", "--hub_model_id", "alice/a b"], "is not a Hub repo id"),
     (["--push_checkpoints"], "--push_checkpoints needs --push_to_hub"),
+    (["--push_to_hub", "--push_checkpoints", "--checkpointing_steps", "0"], "which --checkpointing_steps 0 turns off"),
+    (["--no-use_ema", "--ema_warmup"], "--ema_warmup sets the EMA, which --no-use_ema turns off"),
+    (["--no-use_ema", "--ema_max_decay", "0.99"], "--ema_max_decay sets the EMA, which --no-use_ema turns off"),
+    (["--lr_num_cycles", "2"], "--lr_scheduler constant_with_warmup has none: drop it, or pass --lr_scheduler "
+                               "cosine_with_restarts"),
+    (["--lr_scheduler", "cosine", "--lr_power", "2"], "--lr_scheduler cosine has none"),
+    (["--lr_scheduler", "cosine_with_restarts", "--lr_num_cycles", "0"], "--lr_num_cycles must be at least 1, got 0"),
+    (["--lr_scheduler", "polynomial", "--lr_power", "0"], "--lr_power must be positive, got 0.0"),
     (["--train_data_dir", "{tmp}/missing"], "is not a folder"),
     (["--resume_from_checkpoint", "{tmp}/checkpoint-7"], "no such checkpoint folder"),
     (["--output_dir", "{tmp}/a_file"], "is a file, not a folder"),
@@ -162,7 +170,7 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     assert exit_info.value.code == 2
 
 
-# A command brought from diffusers' train_unconditional.py: each of its flags this script lacks stops the parse naming
+# A command brought from diffusers' train_unconditional.py (or another of its training examples): each of its flags this script lacks stops the parse naming
 # what does the same here, and each flag so named exists here (the oracle: this script's own parser takes it).
 @pytest.mark.parametrize("argv, replacement", [
     (["--num_epochs", "100"], ["--max_train_steps", "3"]),
@@ -173,6 +181,8 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     (["--enable_xformers_memory_efficient_attention"], []),
     (["--local_rank=0"], []),
     (["--preserve_input_precision"], []),
+    (["--num_train_epochs", "100"], ["--max_train_steps", "3"]),  # (diffusers' other training examples)
+    (["--validation_steps", "100"], ["--save_images_steps", "3", "--eval_steps", "3"]),
 ])
 def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, capsys, argv, replacement):
     with pytest.raises(SystemExit) as exit_info:
@@ -180,7 +190,7 @@ def test_a_diffusers_flag_this_script_lacks_names_what_does_the_same(train, caps
     assert exit_info.value.code == 2
     flag = argv[0].split("=")[0]
     err = capsys.readouterr().err.split("error: ", 1)[1]  # the message, without the usage that lists every flag
-    assert err.startswith(f"{flag} is a flag of diffusers' train_unconditional.py, not of this script: "), err
+    assert err.startswith(f"{flag} is a flag of diffusers' training examples, not of this script: "), err
     assert all(name in err for name in replacement if name.startswith("--")), err
     train.parse_args(replacement)  # what the message names is accepted
     with pytest.raises(SystemExit) as exit_info:  # any other unknown flag: argparse's own message
