@@ -464,6 +464,13 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                          f"{pipe.scheduler.config.num_train_timesteps} diffusion steps: use 0 for the exact bound.")
     unet = pipe.unet
     channels, size = unet.config.in_channels, unet.config.sample_size
+    if not isinstance(size, int):  # (height, width), as diffusers' UNet2DModel also takes it
+        if len(set(size)) == 1:
+            size = size[0]
+        elif data_splits(metrics, split, reference_split):
+            raise ValueError(f"the model's sample_size is {list(size)} (height, width): not square, and evaluate reads "
+                             "the data centre-cropped to a square resolution. Of --metrics, only progressive runs on "
+                             "such a model (ddpm-hf sample makes its images).")
     if features == "fmnist" and {"fid", "kid", "is"} & set(metrics) and channels != 1:  # (any size: resized to 28)
         logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (grey "
                        "images), which say little of this model's colour images: pass --features inception for the "

@@ -691,6 +691,28 @@ def test_the_sample_folder_holds_only_the_samples_for_fid_tools_that_read_it(tmp
         Image.new("L", (40, 40)).save(out / "grid.png")  # as an earlier version left it
 
 
+def test_a_non_square_model_is_refused_before_any_work_where_the_data_is_read(tmp_path):
+    """A U-Net of sample_size [16, 24] (height, width, as diffusers' UNet2DModel takes it) crashed evaluate with a
+    TypeError in the data's resize: the data is read centre-cropped to a square, so the metrics that read it are
+    refused in one line naming the model's sample_size, before anything is written; the progressive figure, which
+    reads none, is drawn. [16, 16] is the square 16."""
+    from ddpm_hf import DDPMPipeline, DDPMScheduler, DDPMUNet, unet_config
+
+    for sample_size in ([16, 24], [16, 16]):
+        DDPMPipeline(unet=DDPMUNet(**unet_config("tiny-16", sample_size=sample_size)),
+                     scheduler=DDPMScheduler(num_train_timesteps=5)).save_pretrained(tmp_path / f"model-{sample_size[1]}")
+    for metrics in ("bpd", "fid", "interpolation"):
+        with pytest.raises(SystemExit) as refused:
+            cli(["evaluate", str(tmp_path / "model-24"), "--metrics", metrics, "--num_bpd_images", "2",
+                 "--num_samples", "4", "--num_reference", "4", "--out", str(tmp_path / "out")])
+        assert "the model's sample_size is [16, 24] (height, width): not square" in str(refused.value), refused.value
+        assert not (tmp_path / "out").exists()
+    assert cli(["evaluate", str(tmp_path / "model-24"), "--metrics", "progressive", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "progressive.png").is_file()
+    assert cli(["evaluate", str(tmp_path / "model-16"), "--metrics", "bpd", "--num_bpd_images", "2", "--out",
+                str(tmp_path / "square")]) == 0
+
+
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
     """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
     (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
