@@ -659,7 +659,7 @@ class Throughput:
     def summary(self) -> str:
         seconds = max(self.total["seconds"], 1e-9)
         return (f"{self.total['images'] / seconds:.1f} images/s, data_wait {100 * self.total['wait'] / seconds:.2f} % "
-                f"over {seconds:.1f} s (the first logging interval left out)")
+                f"over {seconds:.1f} s (images of all processes; the first logging interval left out)")
 
 
 def decided_by_main(accelerator, decide, what: str):
@@ -708,6 +708,7 @@ def run(args):
     compile_kwargs, asked_by = compile_options(args)  # accelerate's dynamo settings, checked before anything loads
     accelerator = make_accelerator(args, dynamo_settings=asked_by.startswith("accelerate"))
     device, world = accelerator.device, accelerator.num_processes
+    args.data_streams = args.data_streams or world  # (resolved: training_config.json, the trackers and the card say it)
     check_output_dir_shared(accelerator, Path(args.output_dir))  # one folder for all machines, or stop now
     # a new run (from scratch or another run's checkpoint) not beside an earlier run's checkpoints nor over its
     # pipeline (decided once: one listing for all)
@@ -738,7 +739,7 @@ def run(args):
     dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
-    stream = open_train_stream(args, dataset, model, resolution, args.data_streams or world,
+    stream = open_train_stream(args, dataset, model, resolution, args.data_streams,
                                accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
@@ -926,11 +927,13 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
         # accelerate counts micro-batches, restored from the checkpoint: under another --gradient_accumulation_steps
         # the first update would come after a remainder of them (scaled as a full one)
         accelerator.step = loop.step * args.gradient_accumulation_steps
-    streams = args.data_streams or accelerator.num_processes
+    streams = args.data_streams
+    global_batch = args.train_batch_size * streams * args.gradient_accumulation_steps  # the examples of one update
     if accelerator.is_main_process:
         info = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes,
                 "backend": getattr(accelerator.state, "backend", None), "model_wrapper": type(model).__name__,
-                "data_streams": streams, "dataset_shards": stream.num_shards, "dataset_revision": stream.revision,
+                "data_streams": streams, "global_batch_size": global_batch, "dataset_shards": stream.num_shards,
+                "dataset_revision": stream.revision,
                 "pretrained_model": pretrained_hub_id(args),
                 "pretrained_revision": args.revision if pretrained_hub_id(args) else None,
                 "dataloader_num_workers": stream.num_workers}
@@ -959,9 +962,10 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
                            "--train_batch_size %d.", args.preset, args.train_batch_size, streams,
                            args.train_batch_size * streams, streams, args.train_batch_size,
                            max(1, args.train_batch_size // streams))
-    logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per step in all",
-                accelerator.process_index, accelerator.num_processes, accelerator.distributed_type, stream.streams,
-                stream.num_workers, args.train_batch_size * streams)
+    logger.info("process %d/%d, %s, data streams %s, %d decoding workers, %d examples per update in all (--train_batch_"
+                "size %d × %d streams × %d accumulated)", accelerator.process_index, accelerator.num_processes,
+                accelerator.distributed_type, stream.streams, stream.num_workers, global_batch, args.train_batch_size,
+                streams, args.gradient_accumulation_steps)
     return time.perf_counter()
 
 

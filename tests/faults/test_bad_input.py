@@ -784,8 +784,10 @@ def test_accelerates_gradient_accumulation_setting_is_the_runs(train, tmp_path, 
         train_in_process(train, FAST + ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"),
                                         "--record_example_ids", "--max_train_steps", "2"])
     assert "gradient accumulation: 2 micro-batches per update, from accelerate's setting" in caplog.text
-    assert json.loads((tmp_path / "out" / "training_config.json").read_text())["gradient_accumulation_steps"] == 2
+    config = json.loads((tmp_path / "out" / "training_config.json").read_text())
+    assert (config["gradient_accumulation_steps"], config["data_streams"]) == (2, 1)  # (data_streams was null)
     assert len((tmp_path / "out" / "logs" / "example_ids_rank0.txt").read_text().split()) == 2 * 2 * 4
+    assert json.loads((tmp_path / "out" / "run_info.json").read_text())["global_batch_size"] == 4 * 1 * 2
 
 
 def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path, monkeypatch, capsys, caplog):
