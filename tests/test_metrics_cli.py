@@ -700,14 +700,16 @@ def test_a_non_square_model_is_refused_before_any_work_where_the_data_is_read(tm
 
     for sample_size in ([16, 24], [16, 16]):
         DDPMPipeline(unet=DDPMUNet(**unet_config("tiny-16", sample_size=sample_size)),
-                     scheduler=DDPMScheduler(num_train_timesteps=5)).save_pretrained(tmp_path / f"model-{sample_size[1]}")
+                     scheduler=DDPMScheduler(num_train_timesteps=5)).save_pretrained(
+                         tmp_path / f"model-{sample_size[1]}")
     for metrics in ("bpd", "fid", "interpolation"):
         with pytest.raises(SystemExit) as refused:
             cli(["evaluate", str(tmp_path / "model-24"), "--metrics", metrics, "--num_bpd_images", "2",
                  "--num_samples", "4", "--num_reference", "4", "--out", str(tmp_path / "out")])
         assert "the model's sample_size is [16, 24] (height, width): not square" in str(refused.value), refused.value
         assert not (tmp_path / "out").exists()
-    assert cli(["evaluate", str(tmp_path / "model-24"), "--metrics", "progressive", "--out", str(tmp_path / "out")]) == 0
+    assert cli(["evaluate", str(tmp_path / "model-24"), "--metrics", "progressive", "--out",
+                str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "progressive.png").is_file()
     assert cli(["evaluate", str(tmp_path / "model-16"), "--metrics", "bpd", "--num_bpd_images", "2", "--out",
                 str(tmp_path / "square")]) == 0
