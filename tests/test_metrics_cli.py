@@ -715,6 +715,33 @@ def test_a_non_square_model_is_refused_before_any_work_where_the_data_is_read(tm
                 str(tmp_path / "square")]) == 0
 
 
+def test_evaluate_help_explains_every_flag_and_shows_its_default():
+    """`ddpm-hf evaluate --help`, as a user runs it: every option says what it is, each one with a default shows it
+    as argparse parsed it (oracle: the parser's own defaults), and --metrics lists every metric evaluate takes."""
+    import os
+
+    from ddpm_hf.cli import build_parser
+    from ddpm_hf.evaluation import METRICS
+
+    shown = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "evaluate", "--help"], capture_output=True,
+                           text=True, env=dict(os.environ, COLUMNS="100"), check=True).stdout
+    options = shown.split("\noptions:\n", 1)[1]
+    helps = {entry.split()[0].rstrip(","): " ".join(entry.split()[1:])
+             for entry in re.split(r"\n  (?=-)", "\n" + options) if entry.strip()}
+    evaluate = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    for action in evaluate._actions:
+        flag = action.option_strings[-1] if action.option_strings else None
+        if flag in (None, "--help"):
+            continue
+        said = helps[flag].replace(action.metavar or action.dest.upper(), "", 1) if action.nargs != 0 else helps[flag]
+        assert len(said.split()) >= 2, (flag, helps[flag])  # not the flag's name alone
+        if action.default is not None and action.nargs != 0:
+            assert f"default: {action.default}" in said, (flag, said)
+    for metric in METRICS:
+        assert re.search(rf"\b{metric}\b", helps["--metrics"]), metric
+    assert "(default: bpd,fid,kid)" in helps["--metrics"]
+
+
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
     """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
     (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
