@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -51,13 +52,15 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
 def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
                       dataset_config_name=None, train_data_dir=None, image_column=None, token=None,
                       chunk_size: int = 256, check_shards: bool = False, revision: Optional[str] = None,
-                      cache_dir: Optional[str] = None) -> Iterator[torch.Tensor]:
+                      cache_dir: Optional[str] = None,
+                      source_sizes: Optional[Counter] = None) -> Iterator[torch.Tensor]:
     """The first ``num_images`` images of ``split`` as uint8 (n, C, H, W) chunks of ``chunk_size``, centre-cropped
     to ``resolution``, for a model with ``channels`` input channels, decoded as training decodes them (the same
     channel check, EXIF orientation and 8-bit values; an image column of plain {bytes, path} structs too). In chunks,
     so that 50,000 reference images of 256² (9.8 GB) need not be held at once. ``check_shards``: read every shard's
     footer first (see load_image_dataset), a request per shard on the Hub: evaluate checks each split once, before
-    any work, not at each of its reads. ``revision``, ``cache_dir``: a Hub dataset's commit and cache, as training's."""
+    any work, not at each of its reads. ``revision``, ``cache_dir``: a Hub dataset's commit and cache, as training's.
+    ``source_sizes``: the (height, width) of each image read, as stored, is counted into it."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
@@ -76,6 +79,8 @@ def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: 
         except Exception as err:  # the evaluation's images are not skipped: its figures name their images
             raise ValueError(f"{where}: row {row_index} holds no image that can be read ({type(err).__name__}: "
                              f"{err})") from err
+        if source_sizes is not None:
+            source_sizes[image.height, image.width] += 1
         images.append(prepare_image(image, resolution, channels, center_crop=True, flip=False, rng=rng))
         if len(images) == chunk_size or made + len(images) == num_images:
             made += len(images)
@@ -476,13 +481,21 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
                        "images), which say little of this model's colour images: pass --features inception for the "
                        "standard scores (see the README).")
     reading = dict(dataset_config_name=data_config, image_column=image_column, token=token)  # every reading's
+    data_resolution = {}  # each split's sizes, as stored, of its first images
     for data_split in data_splits(metrics, split, reference_split):
         # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
         # wrong kind, or too few of them, fail now, everywhere, before any work.
         interpolated = data_split == split and "interpolation" in metrics
         compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
         needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
-        got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True, **reading))
+        sizes = Counter()
+        got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True,
+                                   source_sizes=sizes, **reading))
+        data_resolution[data_split] = [list(shape) for shape in sizes]
+        if set(sizes) - {(size, size)}:  # said, and recorded in results.json: the model sees other pixels than stored
+            logger.warning("--data %s (split %s): its images are %s, resized to the model's %d×%d (the shorter side "
+                           "to %d, then centre-cropped)", data, data_split, ", ".join(f"{h}×{w}" for h, w in sizes),
+                           size, size, size)
         if interpolated and got < 2:
             raise ValueError(f"the interpolation (Fig. 8) mixes two images of --split {split}, and {data} has {got} "
                              "there: pass a split with two images or more, or leave interpolation out of --metrics.")
@@ -495,6 +508,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
     results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
+    if data_resolution:  # (height, width): the model's, and the data's first images' as stored
+        results.update(resolution=[size, size], data_resolution=data_resolution)
 
     def save_results() -> None:
         """results.json as far as it goes, after each stage (the bound, the sample quality, the figures): a failure
@@ -532,6 +547,9 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     bound = None
     if {"bpd", "rd"} & set(metrics):  # on every process: each computes its share of the terms
         images = load_eval_images(data, num_bpd_images, size, channels, split=split, **reading)
+        if len(images) < num_bpd_images and state.is_main_process:
+            logger.warning("--split %s holds %d images, fewer than --num_bpd_images %d: the bound is of those %d.",
+                           split, len(images), num_bpd_images, len(images))
         bound = bits_per_dim(unet, pipe.scheduler, images, num_timesteps=bpd_timesteps or None, batch_size=batch_size,
                              seed=seed, progress=state.is_main_process, state=state)
     if bound is not None and state.is_main_process:

@@ -742,6 +742,29 @@ def test_evaluate_help_explains_every_flag_and_shows_its_default():
     assert "(default: bpd,fid,kid)" in helps["--metrics"]
 
 
+def test_fewer_bound_images_and_resized_data_are_said_and_recorded(tmp_path, caplog):
+    """--num_bpd_images above the split's size used fewer images without a word (a short FID reference is warned
+    about), and data resized to the model's resolution was neither said nor recorded. Both are warned about;
+    results.json records the model's resolution and the data's as stored (oracle: the PNGs' own sizes, read by PIL)."""
+    import logging
+
+    from PIL import Image
+
+    pngs = [png_bytes(seed, size=20) for seed in range(3)]
+    data = write_test_split(tmp_path / "data", pngs)
+    stored = {Image.open(io.BytesIO(png)).size[::-1] for png in pngs}
+    tiny_pipeline(num_train_timesteps=5).save_pretrained(tmp_path / "pipe")
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.evaluation"):
+        assert cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images",
+                    "10", "--out", str(tmp_path / "out")]) == 0
+    said = [record.getMessage() for record in caplog.records]
+    assert any("--split test holds 3 images, fewer than --num_bpd_images 10" in m for m in said), said
+    assert any("its images are 20×20, resized to the model's 16×16" in m for m in said), said
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["bpd"]["num_images"] == 3 and results["resolution"] == [16, 16]
+    assert results["data_resolution"] == {"test": [list(size) for size in stored]}
+
+
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
     """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
     (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
