@@ -169,7 +169,7 @@ def parse_args(argv=None):
     out.add_argument("--logger", "--report_to", dest="logger", default="tensorboard", choices=TRACKERS,
                      help="the accelerate tracker(s) to log to (--report_to: diffusers' name for this flag)")
     out.add_argument("--logging_steps", type=int, default=1, help="log (and read the loss back from the device) "
-                     "every N steps; above 1 keeps a GPU from waiting on the host")
+                     "every N steps, the loss's mean over them; above 1 keeps a GPU from waiting on the host")
     out.add_argument("--logging_dir", default="logs")
     out.add_argument("--tracker_project_name", default="ddpm_hf",
                      help="the trackers' project (wandb's, comet's; TensorBoard's run is --logging_dir)")

@@ -575,8 +575,9 @@ def test_the_time_budget_leaves_the_steps_between_logs_to_the_device():
 
 
 def test_the_logged_losses_are_the_means_over_each_quarter_of_the_timesteps():
-    """loss_logs (read back from the device at once) against numpy's means: the step's mean loss, and per quarter
-    of t ∈ [0, T) the mean of its examples' losses, a quarter without examples left out."""
+    """loss_logs of the sums of an interval's micro-batches (read back from the device once) against numpy's means
+    over all their examples: the mean loss, and per quarter of t ∈ [0, T) the mean of its examples' losses, a
+    quarter without examples left out."""
     import numpy as np
     from accelerate import Accelerator
     from runs import load_train_script
@@ -585,20 +586,44 @@ def test_the_logged_losses_are_the_means_over_each_quarter_of_the_timesteps():
     rng = np.random.default_rng(0)
     t = np.concatenate([rng.integers(0, 500, 40), [749, 250, 499, 0]])  # no example in the last quarter
     losses = rng.exponential(size=len(t)) * 10.0 ** -rng.integers(0, 3, len(t))
-    logs = train.loss_logs(Accelerator(cpu=True), torch.tensor(losses, dtype=torch.float32), torch.tensor(t), T)
+    batches = [slice(0, 16), slice(16, 20), slice(20, None)]  # micro-batches of unequal sizes: not a mean of means
+    sums = sum(train.loss_sums(torch.tensor(losses[b], dtype=torch.float32), torch.tensor(t[b]), T) for b in batches)
+    logs = train.loss_logs(Accelerator(cpu=True), sums)
     expected = {"loss": losses.mean(), **{f"loss_q{q}": losses[(t * 4) // T == q].mean() for q in range(3)}}
     assert logs.keys() - {"grad_norm"} == expected.keys()
     for key, value in expected.items():
         assert logs[key] == pytest.approx(value, rel=1e-5), key
     assert logs["loss_q2"] == pytest.approx(losses[(t >= 500) & (t < 750)].mean(), rel=1e-5)  # t = 749 only
     assert logs["grad_norm"] == 0.0  # none computed (a micro-step, or --max_grad_norm 0)
-    norm = torch.tensor(3.25)
-    assert train.loss_logs(Accelerator(cpu=True), torch.tensor(losses), torch.tensor(t), T, norm)["grad_norm"] == 3.25
+    assert train.loss_logs(Accelerator(cpu=True), sums, torch.tensor(3.25))["grad_norm"] == 3.25
     # What the logs read is made on the device, with no read back on the host before the one of loss_logs: on the
-    # meta device, which holds no values, a read (bincount sizing its output, bool() or float() of the norm) raises.
-    meta = train.logged_values(torch.empty(44, device="meta"), torch.empty(44, dtype=torch.long, device="meta"), T,
-                               torch.empty((), device="meta"))
+    # meta device, which holds no values, a read (bincount sizing its output, or float() of a count) raises.
+    meta = train.loss_sums(torch.empty(44, device="meta"), torch.empty(44, dtype=torch.long, device="meta"), T)
     assert meta.shape == (10,) and meta.device.type == "meta"
+
+
+def test_the_loss_logged_every_n_steps_is_the_intervals_mean(tmp_path):
+    """--logging_steps 2 logs the mean loss of its 2 steps, as transformers' --logging_steps does (it logged the
+    second step's alone, so a curve logged every 50 steps showed 1 step in 50). Oracle: the same run logged every
+    step (equal batches: the interval's mean is the mean of its steps' means), read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from runs import FAST, load_train_script, train_in_process, write_images
+
+    train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
+    argv = [a if a != "none" else "tensorboard" for a in FAST]  # (FAST logs to no tracker)
+    logged = {}
+    for every in (1, 2):
+        out = tmp_path / f"every-{every}"
+        train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--logging_steps",
+                                        str(every), "--checkpointing_steps", "0", "--output_dir", str(out)])
+        accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+        accumulator.Reload()
+        logged[every] = {event.step: event.value for event in accumulator.Scalars("loss")}
+    assert sorted(logged[2]) == [2, 4]
+    for step in (2, 4):
+        assert logged[2][step] == pytest.approx((logged[1][step - 1] + logged[1][step]) / 2, rel=1e-5), step
+    assert logged[2][4] != pytest.approx(logged[1][4], rel=1e-3)  # (the steps' losses differ: the test can fail)
 
 
 def test_one_process_decides_the_time_budget_alone(monkeypatch):

@@ -378,10 +378,10 @@ def compile_model(model, loss_fn, batch: int, resolution: int, device, options: 
 class Update:
     """An optimizer update as the loop counts it: whether it was finite and whether the fp16 loss scaler skipped it
     (known at once, or flags on their way back from the device, see :meth:`finite`), its gradient norm, and the
-    step's per-example losses and timesteps for the logs."""
+    sums of its micro-batches' losses for the logs (:func:`loss_sums`)."""
 
     def __init__(self, finite, grad_norm=None, overflow=False):
-        self.grad_norm, self.per_example, self.t = grad_norm, None, None
+        self.grad_norm, self.loss_sums = grad_norm, None
         self._flags, self._copied = (finite, overflow), None
         if torch.is_tensor(finite):  # one copy to the host; the fp16 scaler's overflow flag (a tensor) goes with it
             self._flags = (torch.stack([finite.reshape(()), overflow.reshape(())]) if torch.is_tensor(overflow)
@@ -785,15 +785,18 @@ def run(args):
     def count(update: Update) -> None:
         """A finished update made a step, unless it was skipped: the learning-rate schedule, the EMA, the step
         count, the logs and what is due after the step (checkpoints, samples, ...)."""
+        nonlocal interval_sums
         if bad.skip(update.finite(), update.overflow(), loop.step + 1):
             return
         lr_scheduler.step()
         decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema else 0.0
         loop.step += 1
-        if due_after(args, loop.step).log:
-            logs = dict(loss_logs(accelerator, update.per_example, update.t, num_train_timesteps, update.grad_norm),
+        interval_sums = update.loss_sums if interval_sums is None else interval_sums + update.loss_sums
+        if due_after(args, loop.step).log:  # the means over the interval's updates, all their micro-batches
+            logs = dict(loss_logs(accelerator, interval_sums, update.grad_norm),
                         **speed.interval(), lr=lr_scheduler.get_last_lr()[0], ema_decay=decay,
                         skipped_steps=bad.skipped, fp16_overflow_steps=bad.overflows)
+            interval_sums = None
             accelerator.log(logs, step=loop.step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}",
                             data_wait=f"{100 * logs['data_wait']:.1f}%")
@@ -802,6 +805,7 @@ def run(args):
                    saver, uploads, bpd_images)
 
     pending = None  # an update the device decided, counted when the next one has been queued (see Update)
+    update_sums = interval_sums = None  # the losses of this update's micro-batches, of the logging interval's updates
     try:
         while loop.step < args.max_train_steps:
             waiting = time.perf_counter()
@@ -812,6 +816,8 @@ def run(args):
                 x_t = scheduler.add_noise(x0, noise, t)  # eq. 4
                 per_example = loss_fn(model(x_t, t).sample, x0, x_t, t, noise)  # eq. 14 (or the bound)
                 loss = per_example.mean()
+                sums = loss_sums(per_example.detach(), t, num_train_timesteps)
+                update_sums = sums if update_sums is None else update_sums + sums
                 accelerator.backward(loss)
                 if pending is not None and accelerator.sync_gradients:  # before this update: its lr, its EMA decay
                     count(pending)
@@ -819,7 +825,7 @@ def run(args):
                 update = optimizer_step(accelerator, model, optimizer, loss, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            update.per_example, update.t = per_example, t
+            update.loss_sums, update_sums = update_sums, None
             if update.decided_on_device and not count_at_once(args, loop.step + 1):
                 pending = update  # the host goes on queueing the next step instead of waiting for this one
             else:
@@ -1072,29 +1078,30 @@ def finish(accelerator, args, stream) -> None:
               f"checkpoints: {checkpoints}\nlogs: {output_dir / args.logging_dir}")
 
 
-def loss_logs(accelerator, per_example, t, num_train_timesteps: int, grad_norm=None) -> dict:
-    """The step's mean loss over all processes, per quarter of the timesteps (the loss varies with t by orders of
-    magnitude: the quarters show where training stands), and the gradient norm (0 where none was computed): one
-    read back from the device (see logged_values)."""
-    values = logged_values(accelerator.gather(per_example.detach()), accelerator.gather(t), num_train_timesteps,
-                           grad_norm)
-    mean, *values, norm = values.tolist()
-    logs = {"loss": mean, "grad_norm": norm}
-    logs.update({f"loss_q{q}": total / count for q, (total, count) in enumerate(zip(values[:4], values[4:])) if count})
-    return logs
-
-
-def logged_values(losses, t, num_train_timesteps: int, grad_norm=None):
-    """One tensor on the losses' device: the mean loss, the sums and counts of the losses per quarter of t, the
-    gradient norm. Nothing is read on the host: on a GPU each read waits for the device (torch.bincount reads the
-    largest value to size its output; bool() and float() of the norm are two more)."""
+def loss_sums(losses, t, num_train_timesteps: int):
+    """The sums a logging interval's means are made of, for one micro-batch's per-example ``losses`` at timesteps
+    ``t``: one tensor on their device, [sum, count, the sums per quarter of t, the counts per quarter]. Nothing is
+    read on the host: on a GPU each read waits for the device (torch.bincount reads the largest value to size its
+    output)."""
     losses = losses.float()
     quarter = t * 4 // num_train_timesteps  # t in [q T/4, (q + 1) T/4): quarter q
     sums = torch.zeros(4, device=losses.device).index_add_(0, quarter, losses)
     counts = torch.zeros(4, device=losses.device).index_add_(0, quarter, torch.ones_like(losses))
-    norm = torch.zeros(1, device=losses.device) if grad_norm is None else (
-        torch.as_tensor(grad_norm, device=losses.device).detach().float().reshape(1))
-    return torch.cat([losses.mean().view(1), sums, counts, norm])
+    return torch.cat([losses.sum().view(1), counts.sum().view(1), sums, counts])
+
+
+def loss_logs(accelerator, sums, grad_norm=None) -> dict:
+    """The mean loss over every process's examples of the logging interval (its updates, their micro-batches; sums
+    of :func:`loss_sums`), per quarter of the timesteps (the loss varies with t by orders of magnitude: the quarters
+    show where training stands), and the last update's gradient norm (0 where none was computed): one read back
+    from the device. (A step's loss alone, logged every --logging_steps, was one micro-batch of one step.)"""
+    norm = torch.zeros(1, device=sums.device) if grad_norm is None else (
+        torch.as_tensor(grad_norm, device=sums.device).detach().float().reshape(1))
+    total, count, *quarters, norm = torch.cat([accelerator.reduce(sums, "sum"), norm]).tolist()
+    logs = {"loss": total / count, "grad_norm": norm}
+    logs.update({f"loss_q{q}": total / count for q, (total, count) in enumerate(zip(quarters[:4], quarters[4:]))
+                 if count})
+    return logs
 
 
 def out_of_time(accelerator, started: float, minutes: float) -> bool:
