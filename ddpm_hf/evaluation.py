@@ -68,7 +68,8 @@ def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: 
     column = find_image_column(dataset.features, image_column)
     where = f"{dataset_name or train_data_dir} ({split} split)"
     try:
-        check_channels(first_images(dataset, column, token=token), channels)
+        check_channels(first_images(dataset, column, token=token), channels,
+                       other_model="another pipeline")
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     rng = np.random.default_rng(0)

@@ -554,7 +554,8 @@ def test_evaluate_refuses_images_of_the_other_kind_before_any_work(tmp_path):
                  "--metrics", metrics, "--num_samples", "4", "--num_reference", "4", "--out", str(out)])
         message = str(failure.value)
         assert str(data) in message and f"in_channels={model_kind}" in message, message
-        assert f"use a model with in_channels={data_kind}" in message, message
+        assert f"use a model with in_channels={data_kind} (another pipeline)" in message, message
+        assert "--model_config" not in message and "--pretrained_model_name_or_path" not in message, message
         assert not out.exists()  # nothing sampled, nothing written
     # the interpolation's two images, looked for before the bound
     one = write_test_split(tmp_path / "one", [png_bytes(0, size=16)])
@@ -763,6 +764,29 @@ def test_fewer_bound_images_and_resized_data_are_said_and_recorded(tmp_path, cap
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["bpd"]["num_images"] == 3 and results["resolution"] == [16, 16]
     assert results["data_resolution"] == {"test": [list(size) for size in stored]}
+
+
+def test_a_missing_split_is_said_for_the_data_evaluate_was_given(tmp_path):
+    """A split the data lacks: on embedded:fashion_mnist the error told to rename files inside the installed package
+    (and ended with ".."); it names the splits there are (oracle: datasets' own reading of the folder) and --split.
+    A folder of one's own keeps the advice to rename its files, in sentences that end once."""
+    from datasets import load_dataset_builder
+
+    from ddpm_hf.data.embedded import EMBEDDED_DIR
+
+    splits = sorted(load_dataset_builder(str(EMBEDDED_DIR)).config.data_files)
+    tiny_pipeline(num_train_timesteps=5).save_pretrained(tmp_path / "pipe")
+    write_test_split(tmp_path / "own", [png_bytes(0, size=16)])
+    for data, fix in (("embedded:fashion_mnist", f"its splits: {splits}. Pass one of them with --split."),
+                      (str(tmp_path / "own"), "Rename the files that name splits")):
+        result = subprocess.run([sys.executable, "-m", "ddpm_hf.cli", "evaluate", str(tmp_path / "pipe"), "--data",
+                                 data, "--split", "validation", "--metrics", "bpd", "--out", str(tmp_path / "out")],
+                                capture_output=True, text=True, env=child_env())
+        said = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and f"--data {data} (split 'validation')" in said, result.stderr
+        assert fix in said and ".." not in said.replace("...", ""), said
+        assert ("Rename" in said) == (data != "embedded:fashion_mnist"), said
+        assert not (tmp_path / "out").exists()
 
 
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):

@@ -92,10 +92,12 @@ def first_images(dataset, image_column: str, count: int = CHANNEL_CHECK_IMAGES, 
                      f"is {image_column!r} the image column?")
 
 
-def check_channels(images: List[Image.Image], in_channels: int) -> None:
+def check_channels(images: List[Image.Image], in_channels: int,
+                   other_model: str = "a preset, --model_config or --pretrained_model_name_or_path") -> None:
     """The model's input channels must match the data: training a 3-channel model on grey images (or the reverse)
     would silently learn replicated or discarded channels. Refused when most of ``images`` (the data's first) are of
-    the other kind: colour datasets hold a few grey images (about 2 % of ImageNet's), converted like the rest."""
+    the other kind: colour datasets hold a few grey images (about 2 % of ImageNet's), converted like the rest.
+    ``other_model``: how the command that reads the data takes another model (training's flags by default)."""
     if in_channels not in (1, 3):
         raise ValueError(f"the model has in_channels={in_channels}; only 1 (grey) and 3 (colour) image data exist.")
     others = [image for image in images if image_channels(image) != in_channels]
@@ -106,8 +108,8 @@ def check_channels(images: List[Image.Image], in_channels: int) -> None:
         first = (f", {'all' if len(others) == len(images) else len(others)} of its first {len(images)}"
                  if len(images) > 1 else "")
         raise ValueError(f"the model has in_channels={in_channels} ({kind[in_channels]}) but the dataset's images are "
-                         f"{kind[channels]} (mode {modes}){first}: use a model with in_channels={channels} (a preset, "
-                         f"--model_config or --pretrained_model_name_or_path), or convert the dataset.")
+                         f"{kind[channels]} (mode {modes}){first}: use a model with in_channels={channels} "
+                         f"({other_model}), or convert the dataset.")
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

@@ -363,7 +363,7 @@ def _splits_said(folder: str, splits: Dict[str, List[str]], split: str) -> str:
     return (f"datasets reads this folder's splits from its README's configs or from split names in its file and "
             f"folder names (a folder that names none is all train), and finds {said or 'none'}. Rename the files "
             f"that name splits, put the {split} files in a {split}/ folder or name them {split}-00000.parquet, ..., "
-            "or pass --split.")
+            "or pass --split")
 
 
 def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Optional[str], check: bool = True,
@@ -377,6 +377,9 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
 
     splits = folder_splits(folder, config_name, cache_dir)  # (the folder listed once, as datasets lists it)
     in_split = splits.get(split, [])
+    if not in_split and folder == str(EMBEDDED_DIR):  # the package's own files: none to rename or move
+        raise FileNotFoundError(f"{EMBEDDED_NAME} has no split {split!r}; its splits: {sorted(splits)}. Pass one of "
+                                "them with --split.")
     for builder in ("parquet", "arrow"):
         files = _of_kind(in_split, (f".{builder}",))
         if files:
@@ -400,7 +403,7 @@ def _load_local_folder(folder: str, split: str, streaming: bool, cache_dir: Opti
     images = [path for path in found if path.suffix.lower() in image_extensions()]
     if images:  # datasets' imagefolder would read no rows
         raise FileNotFoundError(f"{folder}: none of its {len(images)} image files is in split {split!r}: "
-                                + _splits_said(folder, splits, split))
+                                f"{_splits_said(folder, splits, split)}.")
     extensions = sorted({path.suffix.lower() or "(none)" for path in found})
     data_files = [path for path in found if path.suffix in (".parquet", ".arrow", ".tar")]
     what = (f"{len(found)} files ({', '.join(extensions)})" if found else "nothing")
