@@ -14,12 +14,16 @@ def first_line(err: BaseException) -> str:
 
 def local_path_hint(name: str) -> str:
     """For a name read as a Hub repo id ('namespace/name') that the Hub did not give: a sentence saying there is no
-    such folder here either, where its first part is a folder here (a typo in a local path, 'data/flat_grey' for
-    'data/flat_gray', is otherwise reported as a Hub failure only); else ''."""
+    such folder here either (a mistyped local path, 'data/flat_grey' for 'data/flat_gray', or a relative one given
+    from another folder, is otherwise reported as a Hub failure only), naming its first part where that one is a
+    folder here; '' where ``name`` is a folder."""
+    if os.path.isdir(name):
+        return ""
     first = name.split("/")[0]
-    if "/" in name and first and os.path.isdir(first) and not os.path.exists(name):
+    if "/" in name and first and os.path.isdir(first):
         return f" There is no folder {name} here either, though {first}/ is one: a typo in a local path?"
-    return ""
+    return (f" There is no local folder {name} either (a relative path is read from the current folder, "
+            f"{os.getcwd()}).")
 
 
 def http_status(err: BaseException) -> Optional[int]:

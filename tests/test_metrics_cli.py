@@ -789,6 +789,22 @@ def test_a_missing_split_is_said_for_the_data_evaluate_was_given(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_mistyped_local_pipeline_says_there_is_no_such_folder_either(hub, tmp_path, monkeypatch):
+    """`ddpm-hf sample runs/quickstart` run from another folder is a valid Hub id the Hub does not have (the local Hub
+    answers 404): the error said so only, and named the local folder only where runs/ existed. It now says there is
+    no local folder of that name either, from the folder it was run in."""
+    monkeypatch.chdir(tmp_path)
+    for folder, said in ((None, f"There is no local folder runs/quickstart either (a relative path is read from the "
+                                f"current folder, {tmp_path})"),
+                         ("runs", "There is no folder runs/quickstart here either, though runs/ is one")):
+        if folder:
+            (tmp_path / folder).mkdir()
+        with pytest.raises(SystemExit) as failed:
+            cli(["sample", "runs/quickstart", "--out", str(tmp_path / "out")])
+        assert "could not get runs/quickstart" in str(failed.value) and said in str(failed.value), failed.value
+        assert not (tmp_path / "out").exists()
+
+
 def test_the_sampling_progress_counts_the_steps_of_the_chain_and_leaves_the_pipelines_bar(capsys):
     """`ddpm-hf sample`'s default 16 images are one batch: a bar counting batches stood at 0/1 for the whole chain
     (minutes at 1000 steps). It counts the chain's steps over all batches, and gives the pipeline's own progress bar
