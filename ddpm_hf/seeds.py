@@ -23,9 +23,10 @@ def image_seed(seed: int, index: int) -> int:
     return _hashed(seed, index)
 
 
-def noise_seed(seed: int, stream: int) -> int:
-    """The diffusion noise (t and ε of Algorithm 1) of data stream ``stream`` in training."""
-    return _hashed(seed, stream, _NOISE)
+def noise_seed(seed: int, stream: int, from_step: int = 0) -> int:
+    """The diffusion noise (t and ε of Algorithm 1) of data stream ``stream`` in training, from the run's start, or
+    ``from_step`` where a resume begins the data anew (--next_epoch_on_resume)."""
+    return _hashed(seed, stream, _NOISE, from_step) if from_step else _hashed(seed, stream, _NOISE)
 
 
 def dropout_seed(seed: int, process: int, batch: int) -> int:

@@ -157,6 +157,11 @@ def parse_args(argv=None):
                      help="the newest checkpoints kept, 0: all (default: %(default)s; diffusers' example keeps all)")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest', a checkpoint folder, or a checkpoint-N folder's name in --output_dir")
+    out.add_argument("--next_epoch_on_resume", action="store_true",
+                     help="resume the model, optimiser, EMA and schedule exactly, and begin the data at the next "
+                          "epoch's start: for a resume with another number of processes (--data_streams), another "
+                          "--dataset_revision, --seed or --shuffle_buffer_size (the rest of the checkpoint's epoch is "
+                          "not seen)")
     out.add_argument("--overwrite_output_dir", action="store_true",
                      help="start a new run in an --output_dir that holds an earlier run's checkpoints or final "
                           "pipeline, removing them, and that run's samples/ and logs/ where run_info.json shows a run "
@@ -272,6 +277,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--lr_num_cycles must be at least 1, got {args.lr_num_cycles}")
     if not 0 < args.lr_power < float("inf"):
         p.error(f"--lr_power must be positive, got {args.lr_power}")
+    if args.next_epoch_on_resume and not args.resume_from_checkpoint:
+        p.error("--next_epoch_on_resume is about --resume_from_checkpoint, which is not given")
     if args.checkpointing_steps == 0 and args.push_checkpoints:
         p.error("--push_checkpoints pushes the pipeline at each checkpoint, which --checkpointing_steps 0 turns off: "
                 "drop one of them")

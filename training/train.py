@@ -141,11 +141,12 @@ class LoopState:
     diffusion or loss is refused, naming them, and another image size said."""
 
     def __init__(self, streams, per_stream_batch: int, seed: int, device: torch.device, process: int = 0,
-                 settings: Optional[dict] = None):
+                 settings: Optional[dict] = None, next_epoch_on_resume: bool = False):
         self.step = 0
         self.batches: Optional[int] = 0  # the micro-batches drawn, skipped updates' included: each has its own masks
         self.per_stream_batch, self.seed, self.process = per_stream_batch, seed, process
         self.settings = dict(settings or {})
+        self.device, self.next_epoch_on_resume = device, next_epoch_on_resume
         self.generators = {v: torch.Generator(device).manual_seed(noise_seed(seed, v)) for v in streams}
 
     def draw(self, x0: torch.Tensor, num_train_timesteps: int):
@@ -184,7 +185,10 @@ class LoopState:
         # None: a run begun before the masks were seeded per batch goes on drawing them as it did, from the generator
         # accelerate restores (so that it still ends where it would have)
         self.batches = state.get("batches")
-        if "noise" in state:  # checkpoints before 0.2 kept it in the data stream (see start_run)
+        if self.next_epoch_on_resume:  # the data begins anew, and so does its noise (not the run's first steps')
+            self.generators = {v: torch.Generator(self.device).manual_seed(noise_seed(self.seed, v, self.step))
+                               for v in self.generators}
+        elif "noise" in state:  # checkpoints before 0.2 kept it in the data stream (see start_run)
             self.load_noise_state(state["noise"])
 
     def load_noise_state(self, noise_state):
@@ -347,7 +351,8 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
                            streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
                            args.random_flip, record_ids=args.record_example_ids,
                            num_workers=default_num_workers(local_processes) if workers is None else workers,
-                           pin_memory=pin_memory, token=args.hub_token)
+                           pin_memory=pin_memory, token=args.hub_token,
+                           next_epoch_on_resume=args.next_epoch_on_resume)
     except (OSError, ValueError) as err:
         raise SystemExit(f"dataset {args.dataset_name or args.train_data_dir} (split {args.split!r}): {err}") from err
 
@@ -749,7 +754,7 @@ def run(args):
     # --- optimiser, EMA, the state a checkpoint holds, resume ------------------------------------------------------
     optimizer, lr_scheduler = make_optimizer(args, model, device)
     loop = LoopState(stream.streams, args.train_batch_size, args.seed, device, accelerator.process_index,
-                     objective_settings(args, resolution))
+                     objective_settings(args, resolution), args.next_epoch_on_resume)
     model, optimizer = accelerator.prepare(model, optimizer)
     # after prepare: the average lives on the device of the weights it follows
     power_ramp = None if args.ema_inv_gamma is None else (args.ema_inv_gamma, args.ema_power)  # diffusers' ramp
@@ -915,7 +920,7 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
-        if stream.legacy_noise_state is not None:  # (every process: the same state, the same answer)
+        if stream.legacy_noise_state is not None and not args.next_epoch_on_resume:  # (every process: the same)
             try:
                 loop.load_noise_state(stream.legacy_noise_state)
             except ResumeMismatch as err:

@@ -56,7 +56,8 @@ class TrainStream:
     def __init__(self, dataset, image_column: str, resolution: int, channels: int, per_stream_batch: int,
                  num_streams: int, rank: int, world_size: int, seed: int, shuffle_buffer_size: int = 1000,
                  center_crop: bool = True, random_flip: bool = False, record_ids: bool = False, num_workers: int = 0,
-                 prefetch: int = 4, pin_memory: bool = False, token: Optional[str] = None):
+                 prefetch: int = 4, pin_memory: bool = False, token: Optional[str] = None,
+                 next_epoch_on_resume: bool = False):
         from datasets.distributed import split_dataset_by_node
 
         if num_streams % world_size:
@@ -107,6 +108,7 @@ class TrainStream:
         self.ids_at_resume: Optional[tuple] = None  # (count, last id) of this process in the checkpoint resumed from
         self._ids_file: Optional[Path] = None
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
+        self.next_epoch_on_resume = next_epoch_on_resume  # (see load_state_dict)
         self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
         self._reader: Optional[ReaderProcess] = None  # with workers
         self._thread: Optional[threading.Thread] = None  # without
@@ -146,21 +148,28 @@ class TrainStream:
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's positions; refused (:class:`ResumeMismatch`) when it read another number of streams,
         another commit of the dataset, or shuffled with another seed or buffer: its positions would name other rows
-        (within the epoch, examples seen twice and others never)."""
+        (within the epoch, examples seen twice and others never). With ``next_epoch_on_resume`` the positions are
+        not taken: see :meth:`_begin_next_epoch`."""
+        if self.next_epoch_on_resume:
+            self._begin_next_epoch(state)
+            return
+        anew = "pass --next_epoch_on_resume to go on from the next epoch's start"
         saved_streams = len(state["position"])  # every stream's, the other processes' included
         if saved_streams != self.num_streams:
             raise ResumeMismatch(f"the checkpoint read the data as {saved_streams} data streams, this run as "
                                  f"{self.num_streams}: resume with --data_streams {saved_streams} (any number of "
-                                 f"processes that divides it), or start a new run.")
+                                 f"processes that divides it) to go on exactly; with another number of processes, "
+                                 f"{anew} as {self.num_streams} streams (the model, optimiser, EMA and schedule go on "
+                                 "exactly, the rest of the checkpoint's epoch is not seen); or start a new run.")
         saved_revision = state.get("dataset_revision")
         if saved_revision and self.revision and saved_revision != self.revision:
             raise ResumeMismatch(f"the checkpoint read the Hub dataset at commit {saved_revision}, this run opened "
-                                 f"{self.revision}: resume with --dataset_revision {saved_revision}, or start a new "
-                                 "run on the new data.")
+                                 f"{self.revision}: resume with --dataset_revision {saved_revision}, {anew} on the "
+                                 "new data, or start a new run on it.")
         for flag, value in (("seed", self.seed), ("shuffle_buffer_size", self.shuffle_buffer_size)):
             if state.get(flag, value) != value:  # (checkpoints before this check: not known)
                 raise ResumeMismatch(f"the checkpoint's run shuffled the data with --{flag} {state[flag]}, this run "
-                                     f"with {value}: resume with --{flag} {state[flag]}, or start a new run.")
+                                     f"with {value}: resume with --{flag} {state[flag]}, {anew}, or start a new run.")
         self.close()
         self.position = {v: tuple(state["position"][v]) for v in self.streams}
         skipped = state["skipped_rows"]
@@ -181,6 +190,26 @@ class TrainStream:
         self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
         self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
         self.seen_ids = []
+
+    def _begin_next_epoch(self, state: dict) -> None:
+        """--next_epoch_on_resume: the checkpoint's positions are left (they may name rows of another number of
+        streams, another commit of the dataset, another shuffle): every stream begins the epoch after the furthest
+        one the checkpoint reached, so no example is seen twice within it; the rest of the checkpoint's epoch is not
+        seen. The undecodable rows counted go on in the first stream's count; the example record starts again."""
+        epoch = 1 + max(epoch for epoch, _ in state["position"].values())
+        self.close()
+        self.position = {v: (epoch, 0) for v in self.streams}
+        skipped = state["skipped_rows"]
+        total = skipped if isinstance(skipped, int) else sum(skipped.values())
+        self.skipped = {v: total if v == 0 else 0 for v in self.streams}
+        self.last_row = {}
+        if self.tar_counts is not None and state.get("tar_files") == self.tar_signature:  # (counts of the same tars)
+            self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
+        self.ids_at_resume, self.ids_recorded, self.last_id, self.seen_ids = None, 0, None, []
+        if self.rank == 0:
+            logger.warning("--next_epoch_on_resume: the data begins epoch %d as %d streams (the checkpoint read %d, "
+                           "at epoch %s); the rest of epoch %d is not seen", epoch, self.num_streams,
+                           len(state["position"]), sorted({e for e, _ in state["position"].values()}), epoch - 1)
 
     # --- the record of the examples used (--record_example_ids) ----------------------------------------------------
     ID_LINE_BYTES = 41  # a sha1 in hex and its newline

@@ -774,6 +774,37 @@ def test_a_resume_under_another_gradient_accumulation_makes_full_updates(train, 
     assert len((tmp_path / "out" / "logs" / "example_ids_rank0.txt").read_text().split()) == 3 * 4 + 2 * 2 * 4
 
 
+def test_a_resume_on_more_processes_begins_the_next_epoch_when_asked(train, tmp_path, capsys, caplog):
+    """A run begun on one process (1 data stream) could not be resumed on more: the streams' positions of the
+    checkpoint name rows of 1 stream. Refused still without the flag, naming --next_epoch_on_resume; with it the
+    model, optimiser and EMA go on (the optimiser's step count), and the data begins the next epoch as 2 streams:
+    8 images, a stream's batch of 4, so every step after the resume is one epoch, each image once (the oracle: the
+    ids of the first run's first epoch)."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    out = tmp_path / "out"
+    base = FAST + ["--dataset_name", str(data), "--output_dir", str(out), "--record_example_ids",
+                   "--checkpointing_steps", "2"]
+    train_in_process(train, base + ["--max_train_steps", "4"])
+    ids = (out / "logs" / "example_ids_rank0.txt").read_text().split()
+    epoch = set(ids[:8])
+    assert len(epoch) == 8
+    resumed = base + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--data_streams", "2"]
+    with pytest.raises(SystemExit, match=r"resume with --data_streams 1 \(any number of processes that divides it\) "
+                                         r"to go on exactly; with another number of processes, pass "
+                                         r"--next_epoch_on_resume to go on from the next epoch's start as 2 streams"):
+        train_in_process(train, resumed)
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
+        train_in_process(train, resumed + ["--next_epoch_on_resume"])
+    assert "the data begins epoch 2 as 2 streams (the checkpoint read 1, at epoch [1])" in caplog.text
+    after = (out / "logs" / "example_ids_rank0.txt").read_text().split()  # (the record starts again, said)
+    assert len(after) == 2 * 8 and set(after[:8]) == epoch and set(after[8:]) == epoch
+    optimizer = torch.load(out / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {6}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--next_epoch_on_resume"])
+    assert "--next_epoch_on_resume is about --resume_from_checkpoint, which is not given" in capsys.readouterr().err
+
+
 def test_accelerates_gradient_accumulation_setting_is_the_runs(train, tmp_path, monkeypatch, caplog):
     """`accelerate launch` sets ACCELERATE_GRADIENT_ACCUMULATION_STEPS from its DeepSpeed options, and accelerate
     takes it over the flag: the run accumulated 2 micro-batches while training_config.json said the flag's 1. Said
