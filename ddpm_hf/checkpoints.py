@@ -264,28 +264,36 @@ def starts_a_new_run(output_dir: Path, resume: Optional[str], overwrite: bool) -
     return not continues
 
 
-def set_aside_later_checkpoints(output_dir: Path, resumed: Path) -> Optional[Path]:
-    """A run resumed from one of its checkpoints before its newest (to train again from there, or past an unreadable
-    newest one) trains the later checkpoints' steps again: they are moved into ``abandoned-after-checkpoint-N/``,
-    out of the way of 'latest' (which would go back to them), of --checkpoints_total_limit's pruning (by step: it
-    removed this run's own first) and of this run's checkpoints of the same names. Returns that folder, or None."""
+def set_aside_later_checkpoints(output_dir: Path, resumed: Path, step: int) -> Optional[Path]:
+    """A run resumed from a checkpoint of its own at ``step``, before its newest (to train again from there, or
+    past an unreadable newest one), trains the later checkpoints' steps again: they are moved into
+    ``abandoned-after-checkpoint-N/``, out of the way of 'latest' (which would go back to them), of
+    --checkpoints_total_limit's pruning (by step: it removed this run's own first) and of this run's checkpoints of
+    the same names. Returns that folder, or None."""
     if resumed.resolve().parent != output_dir.resolve():  # another run's checkpoint: a new run, checked as one
         return None
-    later = [path for path in checkpoints(output_dir) if int(path.name.split("-")[1]) > int(resumed.name.split("-")[1])]
+    later = [path for path in checkpoints(output_dir) if int(path.name.split("-")[1]) > step]
     if not later:
         return None
-    aside = output_dir / f"abandoned-after-{resumed.name}"
-    for number in range(2, 10**6):  # a second return to the same checkpoint keeps the first one's
+    aside = output_dir / f"abandoned-after-checkpoint-{step}"
+    for number in range(2, 10**6):  # a second return to the same step keeps the first one's
         if not aside.exists():
             break
-        aside = output_dir / f"abandoned-after-{resumed.name}-{number}"
+        aside = output_dir / f"abandoned-after-checkpoint-{step}-{number}"
     aside.mkdir()
     for path in later:
         os.replace(path, aside / path.name)
-    logger.warning("resumed from %s, before the run's later %s: moved %s into %s (this run trains their steps "
-                   "again; delete it when you no longer need them)", resumed.name, ", ".join(p.name for p in later),
-                   "it" if len(later) == 1 else "them", aside)
+    pipeline = (" The pipeline in --output_dir is theirs until this run ends." if (output_dir / "model_index.json")
+                .is_file() else "")
+    logger.warning("resumed at step %d, before the run's later %s: moved into %s (this run trains %s steps again; "
+                   "delete the folder when you no longer need it).%s", step, ", ".join(p.name for p in later), aside,
+                   "that checkpoint's" if len(later) == 1 else "their", pipeline)
     return aside
+
+
+def abandoned_checkpoints(output_dir: Path) -> List[Path]:
+    """The folders :func:`set_aside_later_checkpoints` made in ``output_dir``: an earlier run's too."""
+    return sorted(path for path in output_dir.glob("abandoned-after-checkpoint-*") if path.is_dir())
 
 
 def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
@@ -294,7 +302,7 @@ def refuse_an_earlier_run(output_dir: Path, overwrite: bool) -> None:
     (a finished run's, whose checkpoints were removed to save room). Raises a ValueError naming the choices, unless
     ``overwrite`` (then :func:`clear_earlier_run` removes that run)."""
     listed = checkpoints(output_dir)
-    found = [p.name for p in listed]
+    found = [p.name for p in listed + abandoned_checkpoints(output_dir)]
     foreign = [p for p in listed if from_diffusers_example(p)]
     if foreign and not overwrite:
         raise ValueError(diffusers_example_message(output_dir, foreign) + " (--overwrite_output_dir would remove "
@@ -317,8 +325,8 @@ def clear_earlier_run(output_dir: Path, logging_dir: Path) -> None:
     wrote in keeps its samples/ and logs/ (they were removed whatever they held)."""
     from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
 
-    removed = [old.name for old in checkpoints(output_dir)]
-    for old in checkpoints(output_dir):
+    removed = [old.name for old in checkpoints(output_dir) + abandoned_checkpoints(output_dir)]
+    for old in checkpoints(output_dir) + abandoned_checkpoints(output_dir):
         delete_folder(old)
     if (output_dir / "model_index.json").exists():
         removed.append("the pipeline")

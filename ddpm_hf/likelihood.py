@@ -139,12 +139,12 @@ class BitsPerDim:
     terms_per_process: List[int]
 
     @property
-    def stderr_over_images(self) -> float:
+    def stderr_over_images(self) -> Optional[float]:
         """The standard error of ``mean`` over the images, ``std(per_image) / √N``: how far the bound of the data the
         images were drawn from may lie from ``mean``. It holds the noise of each image's draws (ε, and t when
         sampled) as well as the choice of images, so it is not 0 for the exact bound, whose T terms take one ε
-        each."""
-        return float(self.per_image.std() / math.sqrt(len(self.per_image))) if len(self.per_image) > 1 else math.nan
+        each. None for one image (results.json: null)."""
+        return float(self.per_image.std() / math.sqrt(len(self.per_image))) if len(self.per_image) > 1 else None
 
     def rate_distortion(self) -> Dict[str, List[float]]:
         """§4.3, Fig. 5 and Table 4, the progressive lossy code: a receiver holding x_t (reverse step T − t,

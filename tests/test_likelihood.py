@@ -132,6 +132,7 @@ def test_the_standard_error_over_images_is_that_of_the_mean():
     assert first.stderr == 0 and first.mean != second.mean
     assert first.stderr_over_images == pytest.approx(float(first.per_image.std()) / 4, rel=1e-12)
     assert abs(first.mean - second.mean) < 4 * math.hypot(first.stderr_over_images, second.stderr_over_images)
+    assert bits_per_dim(model, scheduler, images[:1], progress=False).stderr_over_images is None  # (JSON: null)
 
 
 def test_float_input_must_lie_on_the_pixel_grid():

@@ -245,10 +245,11 @@ def make_accelerator(args, dynamo_settings: bool = False) -> Accelerator:
                        f"and this run is on {accelerator.device.type}; pass --mixed_precision bf16 or no.")
     logger.info("mixed precision: %s (from %s)", args.mixed_precision, asked)
     if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:  # accelerate's wins, as it runs
-        logger.warning("gradient accumulation: %d micro-batches per update, from accelerate's setting "
-                       "(ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch` from its DeepSpeed "
-                       "options), not --gradient_accumulation_steps %d", accelerator.gradient_accumulation_steps,
-                       args.gradient_accumulation_steps)
+        if accelerator.is_main_process:
+            logger.warning("gradient accumulation: %d micro-batches per update, from accelerate's setting "
+                           "(ACCELERATE_GRADIENT_ACCUMULATION_STEPS in the environment; `accelerate launch` sets it "
+                           "for DeepSpeed), not --gradient_accumulation_steps %d",
+                           accelerator.gradient_accumulation_steps, args.gradient_accumulation_steps)
         args.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -774,7 +775,8 @@ def run(args):
     if args.gradient_accumulation_steps > 1:
         keep_gradient_buffers(model)
     started = start_run(accelerator, args, model, stream, loop, ema, new_run)
-    take_the_flags_optimizer_settings(args, optimizer, lr_scheduler)  # (resumed: the checkpoint's were loaded)
+    take_the_flags_optimizer_settings(args, optimizer, lr_scheduler,  # (resumed: the checkpoint's were loaded)
+                                      say=accelerator.is_main_process)
     if args.record_example_ids:
         stream.record_ids_in(Path(args.output_dir) / "logs", loop.step)
 
@@ -872,20 +874,25 @@ def make_optimizer(args, model, device):
     return optimizer, lr_scheduler
 
 
-def take_the_flags_optimizer_settings(args, optimizer, lr_scheduler) -> None:
-    """The optimiser's flags may change when a run resumes, as the schedule's do (the README says so): loading the
-    checkpoint put back its own rate, betas, weight decay and ε, and they would have gone on, silently, while
-    training_config.json and the card said the flags'. The rate is the schedule's base rate, the group's the
-    schedule's value at the resumed step."""
+def take_the_flags_optimizer_settings(args, optimizer, lr_scheduler, say: bool = True) -> None:
+    """The optimiser's flags may change when a run resumes (the README says so): loading the checkpoint put back its
+    own rate, betas, weight decay and ε, and they would have gone on, silently, while training_config.json and the
+    card said the flags'. The rate is the schedule's base rate; the group's is the flags' schedule's value at the
+    resumed step (the checkpoint's schedule's until its next step, where only the schedule's flags changed), as
+    LambdaLR computes it: unchanged flags, the same float. ``say``: the changes are said (by one process)."""
     group = optimizer.param_groups[0]
     had = {"learning_rate": lr_scheduler.base_lrs[0], "adam_beta1": group["betas"][0], "adam_beta2": group["betas"][1],
            "adam_weight_decay": group["weight_decay"], "adam_epsilon": group["eps"]}
     changed = {name: value for name, value in had.items() if getattr(args, name) != value}
-    if not changed:
-        return
-    logger.warning("resuming with the flags' optimiser settings, not the checkpoint's: %s",
-                   ", ".join(f"--{name} {getattr(args, name)} (checkpoint: {value})" for name, value in changed.items()))
+    if changed and say:
+        logger.warning("resuming with the flags' optimiser settings, not the checkpoint's: %s",
+                       ", ".join(f"--{name} {getattr(args, name)} (checkpoint: {value})"
+                                 for name, value in changed.items()))
     lr_scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+    rate = args.learning_rate * lr_scheduler.lr_lambdas[0](lr_scheduler.last_epoch)
+    if rate != group["lr"] and not changed and say:
+        logger.warning("resuming with the flags' learning-rate schedule: %g at step %d (the checkpoint's schedule: %g)",
+                       rate, lr_scheduler.last_epoch, group["lr"])
     for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
         group.update(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                      eps=args.adam_epsilon, initial_lr=args.learning_rate,
@@ -934,7 +941,7 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
                              f"--max_train_steps {loop.step} or more to continue that run (at {loop.step} it trains "
                              "nothing more and writes its pipeline), or start a new run in another --output_dir.")
         if path is not None and accelerator.is_main_process:  # (before this run's first checkpoint, which waits)
-            set_aside_later_checkpoints(output_dir, path)
+            set_aside_later_checkpoints(output_dir, path, loop.step)
         # accelerate counts micro-batches, restored from the checkpoint: under another --gradient_accumulation_steps
         # the first update would come after a remainder of them (scaled as a full one)
         accelerator.step = loop.step * args.gradient_accumulation_steps

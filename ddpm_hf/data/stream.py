@@ -29,6 +29,10 @@ from .sources import pause_for_arrow_scans, without_exit_pause
 logger = logging.getLogger(__name__)
 
 
+def _streams(count: int) -> str:
+    return f"{count} data stream{'' if count == 1 else 's'}"
+
+
 class TrainStream:
     """Endless per-process uint8 image batches for step-based training, prefetched, with exact resume.
 
@@ -156,11 +160,11 @@ class TrainStream:
         anew = "pass --next_epoch_on_resume to go on from the next epoch's start"
         saved_streams = len(state["position"])  # every stream's, the other processes' included
         if saved_streams != self.num_streams:
-            raise ResumeMismatch(f"the checkpoint read the data as {saved_streams} data streams, this run as "
+            raise ResumeMismatch(f"the checkpoint read the data as {_streams(saved_streams)}, this run as "
                                  f"{self.num_streams}: resume with --data_streams {saved_streams} (any number of "
-                                 f"processes that divides it) to go on exactly; with another number of processes, "
-                                 f"{anew} as {self.num_streams} streams (the model, optimiser, EMA and schedule go on "
-                                 "exactly, the rest of the checkpoint's epoch is not seen); or start a new run.")
+                                 f"processes that divides it) to go on exactly; else {anew} as "
+                                 f"{_streams(self.num_streams)} (the model, optimiser, EMA and schedule go on exactly, "
+                                 "the rest of the checkpoint's epoch is not seen); or start a new run.")
         saved_revision = state.get("dataset_revision")
         if saved_revision and self.revision and saved_revision != self.revision:
             raise ResumeMismatch(f"the checkpoint read the Hub dataset at commit {saved_revision}, this run opened "
@@ -195,7 +199,7 @@ class TrainStream:
         """--next_epoch_on_resume: the checkpoint's positions are left (they may name rows of another number of
         streams, another commit of the dataset, another shuffle): every stream begins the epoch after the furthest
         one the checkpoint reached, so no example is seen twice within it; the rest of the checkpoint's epoch is not
-        seen. The undecodable rows counted go on in the first stream's count; the example record starts again."""
+        seen. The undecodable rows counted go on in the first stream's count."""
         epoch = 1 + max(epoch for epoch, _ in state["position"].values())
         self.close()
         self.position = {v: (epoch, 0) for v in self.streams}
@@ -205,11 +209,15 @@ class TrainStream:
         self.last_row = {}
         if self.tar_counts is not None and state.get("tar_files") == self.tar_signature:  # (counts of the same tars)
             self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
-        self.ids_at_resume, self.ids_recorded, self.last_id, self.seen_ids = None, 0, None, []
+        recorded = state.get("ids_recorded")  # the record goes on where this process's can (as in load_state_dict)
+        self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
+        self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
+        self.seen_ids = []
         if self.rank == 0:
-            logger.warning("--next_epoch_on_resume: the data begins epoch %d as %d streams (the checkpoint read %d, "
-                           "at epoch %s); the rest of epoch %d is not seen", epoch, self.num_streams,
-                           len(state["position"]), sorted({e for e, _ in state["position"].values()}), epoch - 1)
+            logger.warning("--next_epoch_on_resume: the data begins epoch %d as %s (the checkpoint read %s, at epoch "
+                           "%s); the rest of epoch %d is not seen", epoch, _streams(self.num_streams),
+                           _streams(len(state["position"])), sorted({e for e, _ in state["position"].values()}),
+                           epoch - 1)
 
     # --- the record of the examples used (--record_example_ids) ----------------------------------------------------
     ID_LINE_BYTES = 41  # a sha1 in hex and its newline

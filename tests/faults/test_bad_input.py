@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ from helpers import tiny_pipeline
 from runs import FAST, train_in_process
 
 from ddpm_hf import DDPMPipeline
+from ddpm_hf.checkpoints import starts_a_new_run
 from ddpm_hf.cli import main as cli
 from ddpm_hf.evaluation import load_eval_images
 from ddpm_hf.data import TrainStream, check_channels, first_images, image_channels, load_image_dataset, prepare_image
 from ddpm_hf.images import to_model_range
+from ddpm_hf.seeds import noise_seed
 
 
 
@@ -737,6 +740,20 @@ def test_a_resume_that_would_learn_another_thing_is_refused(train, tmp_path, cap
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-3, (0.5, 0.999), 0.1)
 
 
+def test_a_resume_under_another_schedule_starts_on_it_and_says_so(train, tmp_path, caplog):
+    """Only the schedule's flags changed (--lr_warmup_steps 2 → 4): the first update after the resume ran at the
+    checkpoint's schedule's rate (2e-4 at step 2), the next ones at the new one's, unsaid. Now the first is the new
+    schedule's, 2e-4 · 2/4, said."""
+    data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
+    base = FAST + ["--dataset_name", str(data), "--checkpointing_steps", "2", "--output_dir", str(tmp_path / "out")]
+    train_in_process(train, base + ["--max_train_steps", "2"])
+    with caplog.at_level(logging.WARNING, logger="ddpm_hf.train"):
+        train_in_process(train, base + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest",
+                                        "--lr_warmup_steps", "4"])
+    assert "resuming with the flags' learning-rate schedule: 0.0001 at step 2 (the checkpoint's schedule: 0.0002)" \
+        in caplog.text
+
+
 def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(train, tmp_path, caplog):
     """Training again from an earlier checkpoint of the run (checkpoint-4 of 4, 8): checkpoint-8 stayed beside the
     new branch's, so the checkpoint limit pruned the new branch's own parent and 'latest' went back to the abandoned
@@ -750,7 +767,7 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(train, tmp_
     branch = base + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
     with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
         train_in_process(train, branch + ["--resume_from_checkpoint", str(out / "checkpoint-4")])
-    assert "resumed from checkpoint-4, before the run's later checkpoint-8: moved it into" in caplog.text
+    assert "resumed at step 4, before the run's later checkpoint-8: moved into" in caplog.text
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert (out / "abandoned-after-checkpoint-4" / "checkpoint-8" / "model.safetensors").read_bytes() == abandoned
     with caplog.at_level(logging.INFO, logger="ddpm_hf"):
@@ -759,6 +776,12 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(train, tmp_
     assert "removed checkpoint-4 (--checkpoints_total_limit 2)" in caplog.text  # (said, as diffusers' examples do)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     assert (out / "checkpoint-8" / "model.safetensors").read_bytes() != abandoned  # the new branch's step 8
+    shutil.copytree(out / "checkpoint-8", out / "my copy")  # a checkpoint of another name: its step is the loop's
+    train_in_process(train, base + ["--max_train_steps", "8", "--learning_rate", "1e-3", "--resume_from_checkpoint",
+                                    str(out / "my copy")])
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an earlier run \(checkpoint-6, checkpoint-8, "
+                                         r"abandoned-after-checkpoint-4\)"):  # (a new run sees them too)
+        starts_a_new_run(out, None, overwrite=False)
 
 
 def test_a_resume_under_another_gradient_accumulation_makes_full_updates(train, tmp_path):
@@ -789,17 +812,24 @@ def test_a_resume_on_more_processes_begins_the_next_epoch_when_asked(train, tmp_
     epoch = set(ids[:8])
     assert len(epoch) == 8
     resumed = base + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--data_streams", "2"]
-    with pytest.raises(SystemExit, match=r"resume with --data_streams 1 \(any number of processes that divides it\) "
-                                         r"to go on exactly; with another number of processes, pass "
-                                         r"--next_epoch_on_resume to go on from the next epoch's start as 2 streams"):
+    with pytest.raises(SystemExit, match=r"read the data as 1 data stream, this run as 2: resume with --data_streams "
+                                         r"1 \(any number of processes that divides it\) to go on exactly; else pass "
+                                         r"--next_epoch_on_resume to go on from the next epoch's start as 2 data "
+                                         r"streams"):
         train_in_process(train, resumed)
     with caplog.at_level(logging.WARNING, logger="ddpm_hf"):
         train_in_process(train, resumed + ["--next_epoch_on_resume"])
-    assert "the data begins epoch 2 as 2 streams (the checkpoint read 1, at epoch [1])" in caplog.text
-    after = (out / "logs" / "example_ids_rank0.txt").read_text().split()  # (the record starts again, said)
-    assert len(after) == 2 * 8 and set(after[:8]) == epoch and set(after[8:]) == epoch
+    assert "the data begins epoch 2 as 2 data streams (the checkpoint read 1 data stream, at epoch [1])" in caplog.text
+    after = (out / "logs" / "example_ids_rank0.txt").read_text().split()  # (one process still: the record goes on)
+    assert after[:16] == ids and len(after) == 16 + 2 * 8 and set(after[16:24]) == set(after[24:]) == epoch
     optimizer = torch.load(out / "checkpoint-6" / "optimizer.bin", weights_only=True)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {6}
+    # the new streams' noise is seeded from the step: not the noise of the run's first steps again
+    loop = train.LoopState([0, 1], 4, 0, torch.device("cpu"), next_epoch_on_resume=True)
+    loop.load_state_dict({"step": 4, "batches": 4, "settings": {}, "noise": {0: torch.Generator().get_state()}})
+    for v, generator in loop.generators.items():
+        assert torch.equal(generator.get_state(), torch.Generator().manual_seed(noise_seed(0, v, 4)).get_state())
+        assert not torch.equal(generator.get_state(), torch.Generator().manual_seed(noise_seed(0, v)).get_state())
     with pytest.raises(SystemExit):
         train.parse_args(["--next_epoch_on_resume"])
     assert "--next_epoch_on_resume is about --resume_from_checkpoint, which is not given" in capsys.readouterr().err
