@@ -8,7 +8,9 @@ parquet, arrow and image files, as on the Hub) goes through the Git LFS batch AP
 other file (all of a model's) is "regular", base64 in the commit. There is no Xet server: a process that uploads data
 files must run huggingface_hub with Xet off (HF_HUB_DISABLE_XET; the ``dataset_hub`` fixture). Repos, commits and
 files live in memory; commit ids are stable sha1s, and old commits stay downloadable. Auth: bearer tokens map to
-users; only the owner writes; private repos are invisible to others (401 anonymous, 404 other users, as the Hub).
+users; only the owner writes main; private repos are invisible to others (401 anonymous, 404 other users, as the
+Hub). Pull requests, as huggingface_hub opens them (``create_pr``: a discussion, then commits to its ``refs/pr/N``,
+or one commit with ``?create_pr=1``), are open to anyone logged in who sees the repo, and leave main as it was.
 
 ``hub.log`` records every request (method, path, user, monotonic time); ``hub.misses`` every request no route
 answered, so tests notice when a client upgrade starts calling something new. ``hub.reads`` records every GET of a
@@ -123,12 +125,22 @@ class Repo:
     # a gated repo: its info and listing are public, its files only for the owner and the users it granted access
     gated: bool = False
     granted: Set[str] = field(default_factory=set)
+    # pull requests, by number from 1 (revision "refs/pr/N"): {"author", "title", "sha"} (the commit its ref is at);
+    # main is untouched
+    pull_requests: List[Dict[str, str]] = field(default_factory=list)
+
+    def pull_request(self, revision: str) -> Optional[Dict[str, str]]:
+        number = revision[len("refs/pr/"):] if revision.startswith("refs/pr/") else ""
+        return self.pull_requests[int(number) - 1] if number.isdigit() and 0 < int(number) <= len(
+            self.pull_requests) else None
 
     @property
     def repo_id(self) -> str:
         return f"{self.owner}/{self.name}"
 
     def files(self, revision: str) -> Optional[Tuple[str, Dict[str, bytes]]]:
+        if self.pull_request(revision) is not None:
+            revision = self.pull_request(revision)["sha"]
         sha = self.history[-1] if revision == "main" else revision
         return (sha, self.commits[sha]) if sha in self.commits else None
 
@@ -458,14 +470,31 @@ class FakeHub:
             return None
         return repo
 
-    def _commit(self, repo: Repo, files: Dict[str, bytes], title: str) -> str:
+    def _repo_to_commit_to(self, handler, repo_id, user, repo_type, query, revision) -> Optional[Repo]:
+        """The repo a commit (or its preupload) to ``revision`` goes to: main for its owner; a pull request
+        (``?create_pr=1``, or the ref ``refs/pr/N`` of one) for anyone logged in who sees the repo, as on the Hub."""
+        repo = self._store(repo_type).get(repo_id)
+        opens_or_updates = query.get("create_pr") == ["1"] or (repo is not None and repo.pull_request(revision))
+        if not opens_or_updates:
+            return self._writable_repo(handler, repo_id, user, repo_type)
+        if user is None:
+            self._error(handler, 401, "Unauthorized", "Invalid credentials in Authorization header")
+            return None
+        return self._visible_repo(handler, repo_id, user, repo_type=repo_type)
+
+    def _open_pull_request(self, repo: Repo, user: str, title: str) -> int:
+        repo.pull_requests.append({"author": user, "title": title, "sha": repo.history[-1]})
+        return len(repo.pull_requests)
+
+    def _commit(self, repo: Repo, files: Dict[str, bytes], title: str, on_main: bool = True) -> str:
         parent = repo.history[-1] if repo.history else ""
         digest = hashlib.sha1(parent.encode() + title.encode() + str(time.time_ns()).encode())
         for path in sorted(files):
             digest.update(path.encode() + git_blob_oid(files[path]).encode())
         sha = digest.hexdigest()
         repo.commits[sha] = dict(files)
-        repo.history.append(sha)
+        if on_main:
+            repo.history.append(sha)
         return sha
 
     def _repo_url(self, repo: Repo) -> str:
@@ -576,7 +605,7 @@ class FakeHub:
                 self._send(handler, 200, [entry for entry in listing if entry["path"] in wanted])
             return True
         if method == "POST" and rest and rest[0] == "preupload":
-            repo = self._writable_repo(handler, repo_id, user, repo_type)
+            repo = self._repo_to_commit_to(handler, repo_id, user, repo_type, query, rest[1])
             found = repo and self._revision(handler, repo, rest[1])
             if found:
                 current = found[1]
@@ -590,14 +619,36 @@ class FakeHub:
                                     "oid": oid})
                 self._send(handler, 200, {"files": answers})
             return True
+        if method == "POST" and rest == ["discussions"]:  # create_pull_request (create_discussion: not served)
+            repo = self._repo_to_commit_to(handler, repo_id, user, repo_type, {"create_pr": ["1"]}, "main")
+            if repo is not None:
+                body = json.loads(raw or b"{}")
+                if body.get("pullRequest") is not True:
+                    self._error(handler, 400, "BadRequest", "fake hub opens pull requests only, not discussions")
+                else:
+                    self._send(handler, 200, {"num": self._open_pull_request(repo, user, body.get("title", ""))})
+            return True
+        if method == "GET" and len(rest) == 2 and rest[0] == "discussions" and rest[1].isdigit():
+            repo = self._visible_repo(handler, repo_id, user, repo_type=repo_type)
+            pull_request = repo and repo.pull_request(f"refs/pr/{rest[1]}")
+            if repo and pull_request is None:
+                self._error(handler, 404, "NotFound", f"no discussion {rest[1]} in {repo_id}")
+            elif repo:
+                self._send(handler, 200, {
+                    "num": int(rest[1]), "title": pull_request["title"], "status": "open", "isPullRequest": True,
+                    "author": {"name": pull_request["author"]}, "createdAt": "2026-01-01T00:00:00.000Z",
+                    "repo": {"name": repo_id, "type": repo_type}, "events": [], "filesWithConflicts": [],
+                    "changes": {"base": "refs/heads/main"}})
+            return True
         if method == "POST" and rest and rest[0] == "commit":
-            repo = self._writable_repo(handler, repo_id, user, repo_type)
+            repo = self._repo_to_commit_to(handler, repo_id, user, repo_type, query, rest[1])
             if repo is None:
                 return True
-            if rest[1] != "main":
+            pull_request = repo.pull_request(rest[1])
+            if rest[1] != "main" and pull_request is None:
                 self._error(handler, 404, "RevisionNotFound", f"Invalid rev id: {rest[1]}")
                 return True
-            files = dict(repo.files("main")[1])
+            files = dict(repo.files(rest[1])[1])
             title, parent = "commit", None
             for line in raw.decode().splitlines():
                 if not line.strip():
@@ -621,13 +672,20 @@ class FakeHub:
                     self._error(handler, 400, "BadRequest", f"unsupported commit operation {key}")
                     return True
             # as the Hub answers a commit whose parent is not the branch's head
-            if parent is not None and parent != (repo.history or [None])[-1]:
+            head = pull_request["sha"] if pull_request else (repo.history or [None])[-1]
+            if parent is not None and parent != head:
                 self._error(handler, 412, "PreconditionFailed", "A commit has happened since. Please refresh and try "
                             "again.")
                 return True
-            sha = self._commit(repo, files, title)
-            self._send(handler, 200, {"commitOid": sha, "commitUrl": f"{self._repo_url(repo)}/commit/{sha}",
-                                      "commitMessage": title})
+            if query.get("create_pr") == ["1"]:  # (huggingface_hub's commit without Xet opens it so)
+                pull_request = repo.pull_requests[self._open_pull_request(repo, user, title) - 1]
+            sha = self._commit(repo, files, title, on_main=pull_request is None)
+            answer = {"commitOid": sha, "commitUrl": f"{self._repo_url(repo)}/commit/{sha}", "commitMessage": title}
+            if pull_request is not None:  # its ref moves; main stays as it was
+                pull_request["sha"] = sha
+                number = repo.pull_requests.index(pull_request) + 1
+                answer["pullRequestUrl"] = f"{self._repo_url(repo)}/discussions/{number}"
+            self._send(handler, 200, answer)
             return True
         return False
 

@@ -262,3 +262,27 @@ def test_a_component_passed_in_is_neither_downloaded_nor_read(hub, tmp_path):
     assert both.unet is pipe.unet and both.scheduler is pipe.scheduler
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         DDPMPipeline.from_pretrained(tmp_path / "pipe", unet=pipe.unet)
+
+
+def test_a_pull_request_to_another_accounts_repo(hub, tmp_path):
+    """push_to_hub(create_pr=True) with a token that cannot write there (bob's, to alice's repo), as the Hub takes it:
+    the rights check lets it through, the commit opens refs/pr/1 and main stays alice's; the pull request's
+    revision loads, in ddpm_hf and in plain diffusers (the oracle), as bob's pipeline, and main as alice's."""
+    alices, bobs = tiny_pipeline(seed=0), tiny_pipeline(seed=1)
+    _push(alices, "alice/shared")
+    main = list(hub.repos["alice/shared"].history)
+    info = _push(bobs, "alice/shared", token=BOB, create_pr=True)
+    assert (info.pr_revision, info.pr_num) == ("refs/pr/1", 1) and hub.repos["alice/shared"].history == main
+    cache = tmp_path / "cache"
+    for revision, pipe in (("refs/pr/1", bobs), ("main", alices)):
+        loaded = DDPMPipeline.from_pretrained("alice/shared", revision=revision, cache_dir=cache)
+        loaded.set_progress_bar_config(disable=True)
+        np.testing.assert_allclose(sample_np(loaded), sample_np(pipe), rtol=0, atol=1e-5)
+    theirs = run_without_ddpm_hf(f"""
+        import diffusers
+        pipe = diffusers.DiffusionPipeline.from_pretrained("alice/shared", revision="refs/pr/1",
+                                                           cache_dir={str(tmp_path / "plain")!r})
+        print(float(pipe.unet.conv_in.weight.sum()))
+    """, cwd=tmp_path)
+    expected = float(bobs.unet.conv_in.weight.detach().sum())
+    assert float(theirs.stdout.strip().splitlines()[-1]) == pytest.approx(expected, abs=1e-5)
