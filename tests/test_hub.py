@@ -199,8 +199,9 @@ def test_hub_id_errors_are_clear(hub, tmp_path):
     with pytest.raises(OSError, match=not_got + "RepositoryNotFoundError: 404 Client Error") as missing:
         DDPMPipeline.from_pretrained("alice/does-not-exist", cache_dir=tmp_path, token=ALICE)
     assert isinstance(missing.value.__cause__, RepositoryNotFoundError)
-    assert str(missing.value).endswith("Check the repo id, your access to it and the connection; a repo downloaded "
-                                       "before loads offline with HF_HUB_OFFLINE=1 (Python: local_files_only=True).")
+    assert ("Check the repo id, your access to it and the connection; a repo downloaded before loads offline with "
+            "HF_HUB_OFFLINE=1 (Python: local_files_only=True). There is no local folder alice/does-not-exist either"
+            ) in str(missing.value)
     assert ALICE not in str(missing.value)
     requests_before = len(hub.log)
     with pytest.raises(OSError, match=not_got + "LocalEntryNotFoundError: Cannot find an appropriate cached snapshot"
