@@ -28,8 +28,9 @@ A preset supplies the network and the paper's hyper-parameters; any flag overrid
 def parse_args(argv=None):
     p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", default=None, help=f"Hub dataset, local folder of parquet/arrow/tar files, or "
-                      f"{EMBEDDED_NAME} (default when --train_data_dir is not given)")
+    data.add_argument("--dataset_name", default=None,
+                      help=f"Hub dataset, local folder (parquet/arrow/tar or image files), or {EMBEDDED_NAME} "
+                           "(default when --train_data_dir is not given)")
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--train_data_dir", default=None, help="a local folder: its parquet/arrow/tar files, else its "
                       "image files (imagefolder)")
@@ -164,7 +165,8 @@ def parse_args(argv=None):
                           "not seen)")
     out.add_argument("--overwrite_output_dir", action="store_true",
                      help="start a new run in an --output_dir that holds an earlier run's checkpoints or final "
-                          "pipeline, removing them, and that run's samples/ and logs/ where run_info.json shows a run "
+                          "pipeline, removing them (abandoned-after-checkpoint-N/ folders too), and that run's "
+                          "samples/ and logs/ where run_info.json shows a run "
                           "of this script wrote them (without it such a run is refused: resume one with checkpoints "
                           "with --resume_from_checkpoint latest)")
     out.add_argument("--save_images_steps", type=int, default=0, help="0: only at the end")

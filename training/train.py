@@ -963,7 +963,8 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
         # (a run that starts: a resumed one keeps its checkpoint's EMA settings, whatever the flags say now)
         initial = args.ema_max_decay ** args.max_train_steps if args.use_ema and not loop.step else 0.0
         if initial > 0.05 and not args.ema_warmup and args.ema_inv_gamma is None:  # (the pipeline's weights)
-            logger.warning("the EMA decay %s from the first step (the paper's, for 800,000 steps) leaves %.0f %% of "
+            logger.warning("the EMA decay %s, constant from the first step (as the paper's 0.9999 over 800,000 "
+                           "steps), leaves %.0f %% of "
                            "the initial weights in the EMA weights after %d steps, and the saved pipeline has those: "
                            "pass --ema_warmup for a run this short (or --no-use_ema).", args.ema_max_decay,
                            100 * initial, args.max_train_steps)
@@ -1086,8 +1087,9 @@ def finish(accelerator, args, stream) -> None:
     accelerator.end_training()
     if accelerator.is_main_process:
         checkpoints = f"{output_dir}/checkpoint-*" if any(output_dir.glob("checkpoint-*")) else "none"
+        logs = output_dir / args.logging_dir
         print(f"pipeline: {output_dir}\nsamples: {output_dir / 'samples'}\n"
-              f"checkpoints: {checkpoints}\nlogs: {output_dir / args.logging_dir}")
+              f"checkpoints: {checkpoints}\nlogs: {logs if logs.is_dir() else 'none (--logger none)'}")
 
 
 def loss_sums(losses, t, num_train_timesteps: int):

@@ -173,7 +173,8 @@ def test_report_to_is_the_logger_flag_under_diffusers_name(train):
     assert exit_info.value.code == 2
 
 
-# A command brought from diffusers' train_unconditional.py (or another of its training examples): each of its flags this script lacks stops the parse naming
+# A command brought from diffusers' train_unconditional.py (or another of its training examples): each of its flags
+# this script lacks stops the parse naming
 # what does the same here, and each flag so named exists here (the oracle: this script's own parser takes it).
 @pytest.mark.parametrize("argv, replacement", [
     (["--num_epochs", "100"], ["--max_train_steps", "3"]),
@@ -890,9 +891,9 @@ def test_paths_that_are_not_what_they_were_passed_for_are_named(train, tmp_path,
 
 def test_a_warm_up_as_long_as_the_run_is_warned_about(train, tmp_path, caplog):
     """A preset's warm-up (tiny-16's 10 steps; the paper's 5,000 for ddpm-cifar10) over a shorter run kept the rate
-    below --learning_rate for the whole run, unsaid: said before training, naming the preset, with the last
-    update's rate, 3/10 of it; the checkpoint's after 4 steps, for the next update, is 4/10 (the linear warm-up). Not said for a short warm-up nor for 'constant',
-    which has none."""
+    below --learning_rate for the whole run, unsaid: said before training, naming the preset, with the last update's
+    rate, 3/10 of it; the checkpoint's after 4 steps, for the next update, is 4/10 (the linear warm-up). Not said for
+    a short warm-up nor for 'constant', which has none."""
     data = _parquet(tmp_path / "data", [_png(seed=i) for i in range(8)])
     fast = [arg for i, arg in enumerate(FAST) if "--lr_warmup_steps" not in FAST[max(i - 1, 0):i + 1]]
     for out, extra, warned in (("a", [], True), ("b", ["--lr_warmup_steps", "2"], False),
@@ -923,6 +924,7 @@ def test_an_ema_that_would_keep_the_initial_weights_is_warned_about(train, tmp_p
                                             "0.99", "--checkpointing_steps", "2", "--output_dir", str(tmp_path / out),
                                             *extra])
         said = [r.getMessage() for r in caplog.records if "of the initial weights" in r.getMessage()]
-        assert said == (["the EMA decay 0.99 from the first step (the paper's, for 800,000 steps) leaves 98 % of the "
-                         "initial weights in the EMA weights after 2 steps, and the saved pipeline has those: "
-                         "pass --ema_warmup for a run this short (or --no-use_ema)."] if warned else []), said
+        assert said == (["the EMA decay 0.99, constant from the first step (as the paper's 0.9999 over 800,000 "
+                         "steps), leaves 98 % of the initial weights in the EMA weights after 2 steps, and the saved "
+                         "pipeline has those: pass --ema_warmup for a run this short (or --no-use_ema)."]
+                        if warned else []), said
