@@ -4,7 +4,7 @@
 # train_unconditional.py does), sample a grid,
 # evaluate bits/dim and FID-FMNIST, and print where every output is.
 #
-#   bash quickstart.sh                 # about 25 minutes on 2 CPU cores (15 training, 8 evaluating)
+#   bash quickstart.sh                 # 15 to 25 minutes on 2 CPU cores (10-15 training, 4-8 evaluating)
 #   STEPS=300 bash quickstart.sh       # shorter; OUT=..., PROCESSES=1 also work
 set -euo pipefail
 cd "$(dirname "$0")"
