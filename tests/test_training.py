@@ -109,6 +109,28 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
 
 
 @pytest.mark.distributed
+def test_a_run_begun_on_one_process_goes_on_with_two(parquet_dir, tmp_path):
+    """One GPU, then two: a one-process run (1 data stream) resumed by a two-process launch with
+    --next_epoch_on_resume goes on at its step, its optimiser's state loaded on both ranks, and the data begins the
+    next epoch as 2 streams: the 2 steps after the resume (2 ranks × 16) take the 64 images once each, the ranks'
+    shares disjoint (the record starts again: another number of processes)."""
+    out = tmp_path / "run"
+    args = FAST + ["--dataset_name", str(parquet_dir), "--train_batch_size", "16", "--checkpointing_steps", "2",
+                   "--record_example_ids", "--output_dir", str(out), "--dataloader_num_workers", "0"]
+    _run([sys.executable, TRAIN, *args, "--max_train_steps", "2"], env=child_env(), cwd=tmp_path)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--main_process_port", str(free_port()), TRAIN, *args, "--max_train_steps", "4", "--resume_from_checkpoint",
+          "latest", "--next_epoch_on_resume"], env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+    assert json.loads((out / "run_info.json").read_text())["num_processes"] == 2
+    assert json.loads((out / "training_config.json").read_text())["data_streams"] == 2
+    rank0, rank1 = _ids(out, 0), _ids(out, 1)
+    assert len(rank0) == len(rank1) == 32 and not set(rank0) & set(rank1)
+    assert set(rank0) | set(rank1) == _all_ids()
+    optimizer = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
+
+
+@pytest.mark.distributed
 def test_multi_process_launch_without_ddp_is_refused(parquet_dir, tmp_path):
     # --multi_gpu on a machine without CUDA and without ACCELERATE_USE_CPU: two processes that would train alone.
     result = subprocess.run(
