@@ -1089,7 +1089,7 @@ def finish(accelerator, args, stream) -> None:
         checkpoints = f"{output_dir}/checkpoint-*" if any(output_dir.glob("checkpoint-*")) else "none"
         logs = output_dir / args.logging_dir
         print(f"pipeline: {output_dir}\nsamples: {output_dir / 'samples'}\n"
-              f"checkpoints: {checkpoints}\nlogs: {logs if logs.is_dir() else 'none (--logger none)'}")
+              f"checkpoints: {checkpoints}\nlogs: {logs if logs.is_dir() else 'none written there'}")
 
 
 def loss_sums(losses, t, num_train_timesteps: int):
