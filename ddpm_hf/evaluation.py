@@ -493,7 +493,8 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True,
                                    source_sizes=sizes, **reading))
         data_resolution[data_split] = [list(shape) for shape in sizes]
-        if set(sizes) - {(size, size)}:  # said, and recorded in results.json: the model sees other pixels than stored
+        if set(sizes) - {(size, size)} and state.is_main_process:  # said (once), and recorded in results.json: the
+            # model sees other pixels than stored
             logger.warning("--data %s (split %s): its images are %s, resized to the model's %d×%d (the shorter side "
                            "to %d, then centre-cropped)", data, data_split, ", ".join(f"{h}×{w}" for h, w in sizes),
                            size, size, size)
