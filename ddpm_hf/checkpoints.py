@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -32,10 +32,16 @@ from .processes import stop_all
 logger = logging.getLogger(__name__)
 
 
+def checkpoint_step(path: Path) -> Optional[int]:
+    """N of a checkpoint-N folder's name; None for another name."""
+    number = path.name[len("checkpoint-"):] if path.name.startswith("checkpoint-") else ""
+    return int(number) if number.isdigit() else None
+
+
 def checkpoints(output_dir: Path) -> List[Path]:
     """The visible checkpoint-N folders, oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
 
 
 _PUBLISHING: List[threading.Thread] = []  # the checkpoint this process publishes in the background (CheckpointSaver)
@@ -253,12 +259,16 @@ def diffusers_example_message(output_dir: Path, found: List[Path]) -> str:
             "script's run in another --output_dir")
 
 
+def in_run(output_dir: Path, checkpoint: Union[str, Path]) -> bool:
+    """Whether ``checkpoint`` is a checkpoint of the run in ``output_dir`` (its folder is there)."""
+    return Path(checkpoint).resolve().parent == output_dir.resolve()
+
+
 def starts_a_new_run(output_dir: Path, resume: Optional[str], overwrite: bool) -> bool:
     """Whether a run with --resume_from_checkpoint ``resume`` is a new one in ``output_dir`` (from scratch, or from
     another run's checkpoint: its checkpoints were written beside the ones there), not the continuation of its run
     ('latest' where it has a checkpoint, or one of its own). A new run is checked by :func:`refuse_an_earlier_run`."""
-    continues = bool(checkpoints(output_dir)) if resume == "latest" else (
-        bool(resume) and Path(resume).resolve().parent == output_dir.resolve())
+    continues = bool(checkpoints(output_dir)) if resume == "latest" else bool(resume) and in_run(output_dir, resume)
     if not continues:
         refuse_an_earlier_run(output_dir, overwrite)
     return not continues
@@ -270,9 +280,9 @@ def set_aside_later_checkpoints(output_dir: Path, resumed: Path, step: int) -> O
     ``abandoned-after-checkpoint-N/``, out of the way of 'latest' (which would go back to them), of
     --checkpoints_total_limit's pruning (by step: it removed this run's own first) and of this run's checkpoints of
     the same names. Returns that folder, or None."""
-    if resumed.resolve().parent != output_dir.resolve():  # another run's checkpoint: a new run, checked as one
+    if not in_run(output_dir, resumed):  # another run's checkpoint: a new run, checked as one
         return None
-    later = [path for path in checkpoints(output_dir) if int(path.name.split("-")[1]) > step]
+    later = [path for path in checkpoints(output_dir) if checkpoint_step(path) > step]
     if not later:
         return None
     aside = output_dir / f"abandoned-after-checkpoint-{step}"
@@ -325,8 +335,9 @@ def clear_earlier_run(output_dir: Path, logging_dir: Path) -> None:
     wrote in keeps its samples/ and logs/ (they were removed whatever they held)."""
     from ddpm_hf.pipelines.pipeline_ddpm_hf import PIPELINE_FILE
 
-    removed = [old.name for old in checkpoints(output_dir) + abandoned_checkpoints(output_dir)]
-    for old in checkpoints(output_dir) + abandoned_checkpoints(output_dir):
+    earlier = checkpoints(output_dir) + abandoned_checkpoints(output_dir)
+    removed = [old.name for old in earlier]
+    for old in earlier:
         delete_folder(old)
     if (output_dir / "model_index.json").exists():
         removed.append("the pipeline")

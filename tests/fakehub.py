@@ -125,11 +125,11 @@ class Repo:
     # a gated repo: its info and listing are public, its files only for the owner and the users it granted access
     gated: bool = False
     granted: Set[str] = field(default_factory=set)
-    # pull requests, by number from 1 (revision "refs/pr/N"): {"author", "title", "sha"} (the commit its ref is at);
-    # main is untouched
-    pull_requests: List[Dict[str, str]] = field(default_factory=list)
+    # pull requests, in order (revision "refs/pr/{num}"): {"num", "author", "title", "sha" (the commit its ref is
+    # at)}; main is untouched
+    pull_requests: List[dict] = field(default_factory=list)
 
-    def pull_request(self, revision: str) -> Optional[Dict[str, str]]:
+    def pull_request(self, revision: str) -> Optional[dict]:
         number = revision[len("refs/pr/"):] if revision.startswith("refs/pr/") else ""
         return self.pull_requests[int(number) - 1] if number.isdigit() and 0 < int(number) <= len(
             self.pull_requests) else None
@@ -139,8 +139,9 @@ class Repo:
         return f"{self.owner}/{self.name}"
 
     def files(self, revision: str) -> Optional[Tuple[str, Dict[str, bytes]]]:
-        if self.pull_request(revision) is not None:
-            revision = self.pull_request(revision)["sha"]
+        pull_request = self.pull_request(revision)
+        if pull_request is not None:
+            revision = pull_request["sha"]
         sha = self.history[-1] if revision == "main" else revision
         return (sha, self.commits[sha]) if sha in self.commits else None
 
@@ -460,31 +461,29 @@ class FakeHub:
             return None
         return repo
 
-    def _writable_repo(self, handler, repo_id, user, repo_type="model") -> Optional[Repo]:
+    def _writable_repo(self, handler, repo_id, user, repo_type="model", pull_request=False) -> Optional[Repo]:
+        """The repo ``user`` may write to: its owner's; with ``pull_request``, anyone's logged in who sees it (a pull
+        request leaves main as it was), as on the Hub."""
         if user is None:
             self._error(handler, 401, "Unauthorized", "Invalid credentials in Authorization header")
             return None
         repo = self._visible_repo(handler, repo_id, user, repo_type=repo_type)
-        if repo is not None and repo.owner != user:
+        if repo is not None and repo.owner != user and not pull_request:
             self._error(handler, 403, "Forbidden", f"You don't have the rights to write to {repo_id}")
             return None
         return repo
 
     def _repo_to_commit_to(self, handler, repo_id, user, repo_type, query, revision) -> Optional[Repo]:
-        """The repo a commit (or its preupload) to ``revision`` goes to: main for its owner; a pull request
-        (``?create_pr=1``, or the ref ``refs/pr/N`` of one) for anyone logged in who sees the repo, as on the Hub."""
+        """The repo a commit (or its preupload) to ``revision`` goes to: main, or a pull request (``?create_pr=1``,
+        or the ref ``refs/pr/N`` of one)."""
         repo = self._store(repo_type).get(repo_id)
-        opens_or_updates = query.get("create_pr") == ["1"] or (repo is not None and repo.pull_request(revision))
-        if not opens_or_updates:
-            return self._writable_repo(handler, repo_id, user, repo_type)
-        if user is None:
-            self._error(handler, 401, "Unauthorized", "Invalid credentials in Authorization header")
-            return None
-        return self._visible_repo(handler, repo_id, user, repo_type=repo_type)
+        to_pull_request = query.get("create_pr") == ["1"] or (repo is not None and repo.pull_request(revision))
+        return self._writable_repo(handler, repo_id, user, repo_type, pull_request=bool(to_pull_request))
 
-    def _open_pull_request(self, repo: Repo, user: str, title: str) -> int:
-        repo.pull_requests.append({"author": user, "title": title, "sha": repo.history[-1]})
-        return len(repo.pull_requests)
+    def _open_pull_request(self, repo: Repo, user: str, title: str) -> dict:
+        pull_request = {"num": len(repo.pull_requests) + 1, "author": user, "title": title, "sha": repo.history[-1]}
+        repo.pull_requests.append(pull_request)
+        return pull_request
 
     def _commit(self, repo: Repo, files: Dict[str, bytes], title: str, on_main: bool = True) -> str:
         parent = repo.history[-1] if repo.history else ""
@@ -620,13 +619,13 @@ class FakeHub:
                 self._send(handler, 200, {"files": answers})
             return True
         if method == "POST" and rest == ["discussions"]:  # create_pull_request (create_discussion: not served)
-            repo = self._repo_to_commit_to(handler, repo_id, user, repo_type, {"create_pr": ["1"]}, "main")
+            repo = self._writable_repo(handler, repo_id, user, repo_type, pull_request=True)
             if repo is not None:
                 body = json.loads(raw or b"{}")
                 if body.get("pullRequest") is not True:
                     self._error(handler, 400, "BadRequest", "fake hub opens pull requests only, not discussions")
                 else:
-                    self._send(handler, 200, {"num": self._open_pull_request(repo, user, body.get("title", ""))})
+                    self._send(handler, 200, {"num": self._open_pull_request(repo, user, body.get("title", ""))["num"]})
             return True
         if method == "GET" and len(rest) == 2 and rest[0] == "discussions" and rest[1].isdigit():
             repo = self._visible_repo(handler, repo_id, user, repo_type=repo_type)
@@ -678,13 +677,12 @@ class FakeHub:
                             "again.")
                 return True
             if query.get("create_pr") == ["1"]:  # (huggingface_hub's commit without Xet opens it so)
-                pull_request = repo.pull_requests[self._open_pull_request(repo, user, title) - 1]
+                pull_request = self._open_pull_request(repo, user, title)
             sha = self._commit(repo, files, title, on_main=pull_request is None)
             answer = {"commitOid": sha, "commitUrl": f"{self._repo_url(repo)}/commit/{sha}", "commitMessage": title}
             if pull_request is not None:  # its ref moves; main stays as it was
                 pull_request["sha"] = sha
-                number = repo.pull_requests.index(pull_request) + 1
-                answer["pullRequestUrl"] = f"{self._repo_url(repo)}/discussions/{number}"
+                answer["pullRequestUrl"] = f"{self._repo_url(repo)}/discussions/{pull_request['num']}"
             self._send(handler, 200, answer)
             return True
         return False

@@ -147,7 +147,11 @@ class LoopState:
         self.per_stream_batch, self.seed, self.process = per_stream_batch, seed, process
         self.settings = dict(settings or {})
         self.device, self.next_epoch_on_resume = device, next_epoch_on_resume
-        self.generators = {v: torch.Generator(device).manual_seed(noise_seed(seed, v)) for v in streams}
+        self.generators = self._seeded(streams)
+
+    def _seeded(self, streams, from_step: int = 0) -> dict:
+        """A generator of diffusion noise per stream, from the run's start or ``from_step`` (see noise_seed)."""
+        return {v: torch.Generator(self.device).manual_seed(noise_seed(self.seed, v, from_step)) for v in streams}
 
     def draw(self, x0: torch.Tensor, num_train_timesteps: int):
         """t ~ U{0..T−1} (0-based, the paper's t − 1) and ε ~ N(0, I) for the batch ``x0``, stream by stream; seeds
@@ -186,8 +190,7 @@ class LoopState:
         # accelerate restores (so that it still ends where it would have)
         self.batches = state.get("batches")
         if self.next_epoch_on_resume:  # the data begins anew, and so does its noise (not the run's first steps')
-            self.generators = {v: torch.Generator(self.device).manual_seed(noise_seed(self.seed, v, self.step))
-                               for v in self.generators}
+            self.generators = self._seeded(self.generators, self.step)
         elif "noise" in state:  # checkpoints before 0.2 kept it in the data stream (see start_run)
             self.load_noise_state(state["noise"])
 
@@ -339,7 +342,7 @@ def open_dataset(args, accelerator):
     return dataset
 
 
-def open_train_stream(args, dataset, model, resolution: int, streams: int, rank: int, world: int,
+def open_train_stream(args, dataset, model, resolution: int, rank: int, world: int,
                       local_processes: int, pin_memory: bool, is_main_process: bool = True) -> TrainStream:
     """The training stream over ``dataset``, its image column found and its first image read (by the main process)
     before any training: data the model cannot take stops here, named."""
@@ -349,7 +352,7 @@ def open_train_stream(args, dataset, model, resolution: int, streams: int, rank:
             check_channels(first_images(dataset, image_column, token=args.hub_token), model.config.in_channels)
         workers = args.dataloader_num_workers
         return TrainStream(dataset, image_column, resolution, model.config.in_channels, args.train_batch_size,
-                           streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
+                           args.data_streams, rank, world, args.seed, args.shuffle_buffer_size, args.center_crop,
                            args.random_flip, record_ids=args.record_example_ids,
                            num_workers=default_num_workers(local_processes) if workers is None else workers,
                            pin_memory=pin_memory, token=args.hub_token,
@@ -745,8 +748,7 @@ def run(args):
     dataset = open_dataset(args, accelerator)  # a bad repo, token, split or shard stops here
 
     # --- data: uint8 batches prefetched by background workers ------------------------------------------------------
-    stream = open_train_stream(args, dataset, model, resolution, args.data_streams,
-                               accelerator.process_index, world,
+    stream = open_train_stream(args, dataset, model, resolution, accelerator.process_index, world,
                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
                                pin_memory=device.type == "cuda", is_main_process=accelerator.is_main_process)
     bpd_images = (bits_per_dim_images(args, resolution, model.config.in_channels, stream.revision)  # (the main one)
@@ -927,7 +929,7 @@ def start_run(accelerator, args, model, stream, loop, ema, new_run: bool) -> flo
     accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         path = resume(accelerator, output_dir, args.resume_from_checkpoint)
-        if stream.legacy_noise_state is not None and not args.next_epoch_on_resume:  # (every process: the same)
+        if stream.legacy_noise_state is not None:  # (every process: the same state, the same answer)
             try:
                 loop.load_noise_state(stream.legacy_noise_state)
             except ResumeMismatch as err:
@@ -1094,14 +1096,13 @@ def finish(accelerator, args, stream) -> None:
 
 def loss_sums(losses, t, num_train_timesteps: int):
     """The sums a logging interval's means are made of, for one micro-batch's per-example ``losses`` at timesteps
-    ``t``: one tensor on their device, [sum, count, the sums per quarter of t, the counts per quarter]. Nothing is
-    read on the host: on a GPU each read waits for the device (torch.bincount reads the largest value to size its
-    output)."""
+    ``t``: one tensor on their device, [the sums of the losses per quarter of t, the counts per quarter], made in one
+    index_add_ (it runs at every micro-batch). Nothing is read on the host: on a GPU each read waits for the device
+    (torch.bincount reads the largest value to size its output)."""
     losses = losses.float()
     quarter = t * 4 // num_train_timesteps  # t in [q T/4, (q + 1) T/4): quarter q
-    sums = torch.zeros(4, device=losses.device).index_add_(0, quarter, losses)
-    counts = torch.zeros(4, device=losses.device).index_add_(0, quarter, torch.ones_like(losses))
-    return torch.cat([losses.sum().view(1), counts.sum().view(1), sums, counts])
+    return torch.zeros(8, device=losses.device).index_add_(0, torch.cat([quarter, quarter + 4]),
+                                                             torch.cat([losses, torch.ones_like(losses)]))
 
 
 def loss_logs(accelerator, sums, grad_norm=None) -> dict:
@@ -1111,8 +1112,8 @@ def loss_logs(accelerator, sums, grad_norm=None) -> dict:
     from the device. (A step's loss alone, logged every --logging_steps, was one micro-batch of one step.)"""
     norm = torch.zeros(1, device=sums.device) if grad_norm is None else (
         torch.as_tensor(grad_norm, device=sums.device).detach().float().reshape(1))
-    total, count, *quarters, norm = torch.cat([accelerator.reduce(sums, "sum"), norm]).tolist()
-    logs = {"loss": total / count, "grad_norm": norm}
+    *quarters, norm = torch.cat([accelerator.reduce(sums, "sum"), norm]).tolist()
+    logs = {"loss": sum(quarters[:4]) / sum(quarters[4:]), "grad_norm": norm}
     logs.update({f"loss_q{q}": total / count for q, (total, count) in enumerate(zip(quarters[:4], quarters[4:]))
                  if count})
     return logs

@@ -49,10 +49,7 @@ def load_image_dataset(dataset_name: Optional[str] = None, dataset_config_name: 
                 ds = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir, token,
                                        check_shards, revision)
             except OSError as err:  # (a missing repo, the Hub unreachable): said with what is here
-                hint = local_path_hint(dataset_name)
-                if not hint:
-                    raise
-                raise OSError(f"{err}{hint}") from err
+                raise OSError(f"{err}{local_path_hint(dataset_name)}") from err
     if not streaming:
         ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
     return ds

@@ -154,9 +154,34 @@ class TrainStream:
         another commit of the dataset, or shuffled with another seed or buffer: its positions would name other rows
         (within the epoch, examples seen twice and others never). With ``next_epoch_on_resume`` the positions are
         not taken: see :meth:`_begin_next_epoch`."""
+        if not self.next_epoch_on_resume:
+            self._check_same_reading(state)
+        self.close()
         if self.next_epoch_on_resume:
             self._begin_next_epoch(state)
-            return
+        else:
+            self.position = {v: tuple(state["position"][v]) for v in self.streams}
+            skipped = state["skipped_rows"]
+            if isinstance(skipped, int):  # written by 0.1 (one process): one count for all
+                skipped = {self.streams[0]: skipped}
+            self.skipped = {v: skipped.get(v, 0) for v in self.streams}
+            self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
+            self.legacy_noise_state = state.get("noise")
+        if self.tar_counts is not None:  # every process's counts
+            if state.get("tar_files") == self.tar_signature:
+                self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
+            else:  # other tars, or tars changed since: counted again (meanwhile a resume reads its epoch again)
+                self.tar_counts = TarRowCounts()
+                if state.get("tar_rows_known"):
+                    logger.warning("the tar shards are not those the checkpoint counted the samples of (another "
+                                   "name, size or modification time): their samples are counted again")
+        recorded = state.get("ids_recorded")  # (a checkpoint of a run that recorded them; by another layout: unusable)
+        self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
+        self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
+        self.seen_ids = []
+
+    def _check_same_reading(self, state: dict) -> None:
+        """Refuse (:class:`ResumeMismatch`) a checkpoint whose positions name rows of another reading."""
         anew = "pass --next_epoch_on_resume to go on from the next epoch's start"
         saved_streams = len(state["position"])  # every stream's, the other processes' included
         if saved_streams != self.num_streams:
@@ -174,45 +199,19 @@ class TrainStream:
             if state.get(flag, value) != value:  # (checkpoints before this check: not known)
                 raise ResumeMismatch(f"the checkpoint's run shuffled the data with --{flag} {state[flag]}, this run "
                                      f"with {value}: resume with --{flag} {state[flag]}, {anew}, or start a new run.")
-        self.close()
-        self.position = {v: tuple(state["position"][v]) for v in self.streams}
-        skipped = state["skipped_rows"]
-        if isinstance(skipped, int):  # written by 0.1 (one process): one count for all
-            skipped = {self.streams[0]: skipped}
-        self.skipped = {v: skipped.get(v, 0) for v in self.streams}
-        self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
-        if self.tar_counts is not None:  # every process's counts
-            if state.get("tar_files") == self.tar_signature:
-                self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
-            else:  # other tars, or tars changed since: counted again (meanwhile a resume reads its epoch again)
-                self.tar_counts = TarRowCounts()
-                if state.get("tar_rows_known"):
-                    logger.warning("the tar shards are not those the checkpoint counted the samples of (another "
-                                   "name, size or modification time): their samples are counted again")
-        self.legacy_noise_state = state.get("noise")
-        recorded = state.get("ids_recorded")  # (a checkpoint of a run that recorded them; by another layout: unusable)
-        self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
-        self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
-        self.seen_ids = []
 
     def _begin_next_epoch(self, state: dict) -> None:
         """--next_epoch_on_resume: the checkpoint's positions are left (they may name rows of another number of
-        streams, another commit of the dataset, another shuffle): every stream begins the epoch after the furthest
-        one the checkpoint reached, so no example is seen twice within it; the rest of the checkpoint's epoch is not
-        seen. The undecodable rows counted go on in the first stream's count."""
+        streams, another commit of the dataset, another shuffle), and its noise generators with them (see train.py's
+        LoopState): every stream begins the epoch after the furthest one the checkpoint reached, so no example is
+        seen twice within it; the rest of the checkpoint's epoch is not seen. The undecodable rows counted go on in
+        the first stream's count."""
         epoch = 1 + max(epoch for epoch, _ in state["position"].values())
-        self.close()
         self.position = {v: (epoch, 0) for v in self.streams}
         skipped = state["skipped_rows"]
         total = skipped if isinstance(skipped, int) else sum(skipped.values())
         self.skipped = {v: total if v == 0 else 0 for v in self.streams}
         self.last_row = {}
-        if self.tar_counts is not None and state.get("tar_files") == self.tar_signature:  # (counts of the same tars)
-            self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
-        recorded = state.get("ids_recorded")  # the record goes on where this process's can (as in load_state_dict)
-        self.ids_at_resume = tuple(recorded[self.rank]) if recorded and len(recorded) == self.world_size else None
-        self.ids_recorded, self.last_id = self.ids_at_resume or (0, None)
-        self.seen_ids = []
         if self.rank == 0:
             logger.warning("--next_epoch_on_resume: the data begins epoch %d as %s (the checkpoint read %s, at epoch "
                            "%s); the rest of epoch %d is not seen", epoch, _streams(self.num_streams),
