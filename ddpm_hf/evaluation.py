@@ -10,7 +10,8 @@ import logging
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -49,23 +50,36 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
     return list(dict.fromkeys(splits))
 
 
+@dataclass
+class DataRead:
+    """What the readings of the data met, for results.json: the image column read, and each split's image sizes
+    (height, width) as stored, each counted once, in the order first met."""
+    image_column: Optional[str] = None
+    sizes: Dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def record(self) -> dict:
+        return {"image_column": self.image_column,
+                "data_resolution": {split: [list(size) for size in sizes] for split, sizes in self.sizes.items()}}
+
+
 def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: int, split: str = "test",
                       dataset_config_name=None, train_data_dir=None, image_column=None, token=None,
                       chunk_size: int = 256, check_shards: bool = False, revision: Optional[str] = None,
-                      cache_dir: Optional[str] = None,
-                      source_sizes: Optional[Counter] = None) -> Iterator[torch.Tensor]:
+                      cache_dir: Optional[str] = None, read: Optional[DataRead] = None) -> Iterator[torch.Tensor]:
     """The first ``num_images`` images of ``split`` as uint8 (n, C, H, W) chunks of ``chunk_size``, centre-cropped
     to ``resolution``, for a model with ``channels`` input channels, decoded as training decodes them (the same
     channel check, EXIF orientation and 8-bit values; an image column of plain {bytes, path} structs too). In chunks,
     so that 50,000 reference images of 256² (9.8 GB) need not be held at once. ``check_shards``: read every shard's
     footer first (see load_image_dataset), a request per shard on the Hub: evaluate checks each split once, before
     any work, not at each of its reads. ``revision``, ``cache_dir``: a Hub dataset's commit and cache, as training's.
-    ``source_sizes``: the (height, width) of each image read, as stored, is counted into it."""
+    ``read``: the column read and the (height, width) of each image, as stored, are recorded in it."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, train_data_dir, split=split, streaming=True,
                                  token=token, check_shards=check_shards, revision=revision, cache_dir=cache_dir)
     column = find_image_column(dataset.features, image_column)
+    if read is not None:
+        read.image_column = column
     where = f"{dataset_name or train_data_dir} ({split} split)"
     try:
         check_channels(first_images(dataset, column, token=token), channels,
@@ -80,8 +94,8 @@ def eval_image_chunks(dataset_name, num_images: int, resolution: int, channels: 
         except Exception as err:  # the evaluation's images are not skipped: its figures name their images
             raise ValueError(f"{where}: row {row_index} holds no image that can be read ({type(err).__name__}: "
                              f"{err})") from err
-        if source_sizes is not None:
-            source_sizes[image.height, image.width] += 1
+        if read is not None:
+            read.sizes[split][image.height, image.width] += 1
         images.append(prepare_image(image, resolution, channels, center_crop=True, flip=False, rng=rng))
         if len(images) == chunk_size or made + len(images) == num_images:
             made += len(images)
@@ -481,18 +495,16 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
         logger.warning("FID, KID and IS on --features fmnist compare the features of a Fashion-MNIST classifier (grey "
                        "images), which say little of this model's colour images: pass --features inception for the "
                        "standard scores (see the README).")
-    reading = dict(dataset_config_name=data_config, image_column=image_column, token=token)  # every reading's
-    data_resolution = {}  # each split's sizes, as stored, of its first images
+    data_read = DataRead()  # what every reading of the data met: its column, the sizes of the images it read
+    reading = dict(dataset_config_name=data_config, image_column=image_column, token=token, read=data_read)
     for data_split in data_splits(metrics, split, reference_split):
         # One image of each split (the interpolation's two, FID's and KID's few), on every process: images of the
         # wrong kind, or too few of them, fail now, everywhere, before any work.
         interpolated = data_split == split and "interpolation" in metrics
         compared = data_split == reference_split and {"fid", "kid"} & set(metrics)
         needed = max(2 if interpolated else 1, MIN_FID_KID_IMAGES if compared else 1)
-        sizes = Counter()
-        got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True,
-                                   source_sizes=sizes, **reading))
-        data_resolution[data_split] = [list(shape) for shape in sizes]
+        got = len(load_eval_images(data, needed, size, channels, split=data_split, check_shards=True, **reading))
+        sizes = data_read.sizes[data_split]
         if set(sizes) - {(size, size)} and state.is_main_process:  # said (once), and recorded in results.json: the
             # model sees other pixels than stored
             logger.warning("--data %s (split %s): its images are %s, resized to the model's %d×%d (the shorter side "
@@ -510,13 +522,15 @@ def evaluate(pipeline: str, out_dir: Union[str, os.PathLike], *, data: str = "em
     out.mkdir(parents=True, exist_ok=True)
     steps = chain_length(pipe, num_inference_steps)
     results = {"pipeline": pipeline, "data": data, "num_inference_steps": steps, "num_processes": state.num_processes}
-    if data_resolution:  # (height, width): the model's, and the data's first images' as stored
-        results.update(resolution=[size, size], data_resolution=data_resolution)
+    if data_read.sizes:  # (height, width): the model's
+        results["resolution"] = [size, size]
 
     def save_results() -> None:
         """results.json as far as it goes, after each stage (the bound, the sample quality, the figures): a failure
         or a kill in a later one keeps what the earlier ones computed ("seconds" is written once all are done).
-        Replaced whole, never half written."""
+        Replaced whole, never half written. With it, what the data's readings so far met (see DataRead)."""
+        if data_read.sizes:
+            results.update(data_read.record())
         partial = out / "results.json.partial"
         partial.write_text(json.dumps(results, indent=2))
         os.replace(partial, out / "results.json")

@@ -746,14 +746,17 @@ def test_evaluate_help_explains_every_flag_and_shows_its_default():
 def test_fewer_bound_images_and_resized_data_are_said_and_recorded(tmp_path, caplog):
     """--num_bpd_images above the split's size used fewer images without a word (a short FID reference is warned
     about), and data resized to the model's resolution was neither said nor recorded. Both are warned about;
-    results.json records the model's resolution and the data's as stored (oracle: the PNGs' own sizes, read by PIL)."""
+    results.json records the model's resolution, the data's as stored (oracle: the PNGs' own sizes, read by PIL) of
+    every image read, not only of the first images the checks read (here one: a 24×24 image comes second), and the
+    image column read."""
     import logging
 
     from PIL import Image
 
-    pngs = [png_bytes(seed, size=20) for seed in range(3)]
+    pngs = [png_bytes(0, size=20), png_bytes(1, size=24), png_bytes(2, size=20)]
     data = write_test_split(tmp_path / "data", pngs)
-    stored = {Image.open(io.BytesIO(png)).size[::-1] for png in pngs}
+    stored = list(dict.fromkeys(Image.open(io.BytesIO(png)).size[::-1] for png in pngs))
+    assert len(stored) == 2
     tiny_pipeline(num_train_timesteps=5).save_pretrained(tmp_path / "pipe")
     with caplog.at_level(logging.WARNING, logger="ddpm_hf.evaluation"):
         assert cli(["evaluate", str(tmp_path / "pipe"), "--data", str(data), "--metrics", "bpd", "--num_bpd_images",
@@ -764,6 +767,7 @@ def test_fewer_bound_images_and_resized_data_are_said_and_recorded(tmp_path, cap
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["bpd"]["num_images"] == 3 and results["resolution"] == [16, 16]
     assert results["data_resolution"] == {"test": [list(size) for size in stored]}
+    assert results["image_column"] == "image"
 
 
 def test_a_missing_split_is_said_for_the_data_evaluate_was_given(tmp_path):
