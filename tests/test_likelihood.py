@@ -100,6 +100,49 @@ def test_sampled_estimate_is_unbiased_within_three_standard_errors():
     assert 0.8 * without_decoder < estimate.stderr < 1.25 * without_decoder < 0.5 * uniform
 
 
+def test_the_sampled_estimate_weighs_its_terms_by_T_minus_1_and_keeps_the_prior_at_a_short_chain():
+    """The sampled bound is L_T + L_0 + (T − 1)·mean of the drawn L_{t≥1}. At T = 1000 a weight of T instead of
+    T − 1 moves it by 0.1 % and L_T is about 1e-5 bits/dim, both far inside the test above's three standard errors;
+    at T = 10 they are 0.5 and 1.1 bits/dim. Oracle: the exact bound, all 10 terms, over the same images."""
+    scheduler = DDPMScheduler(num_train_timesteps=10, variance_type="learned")
+    images, _ = _gaussian_images(n=256, seed=1)
+    model = GaussianDataOptimum(scheduler, True)
+    exact = bits_per_dim(model, scheduler, images, progress=False)
+    estimate = bits_per_dim(model, scheduler, images, num_timesteps=100, seed=7, progress=False)
+    assert float(exact.prior.mean()) > 0.3  # L_T is not negligible here: the test can see it dropped
+    # (each ran its own ε: the exact bound's mean moves by its standard error over images too)
+    assert abs(estimate.mean - exact.mean) < 3 * math.hypot(estimate.stderr, exact.stderr_over_images)
+
+
+def test_the_sampled_estimates_standard_error_is_the_spread_of_its_estimates():
+    """The reported stderr of a sampled bound against the spread of the estimate itself over 300 draws of its
+    timesteps (the brute-force oracle): with 2 draws per image the unbiased variance is twice the biased one, so a
+    biased variance, or a missing (T − 1) or √K, shows as a ratio far from 1. (L_0 is computed, with its own ε, so
+    the spread is a little above the timesteps' alone: about 1.08 here.)"""
+    scheduler = DDPMScheduler(num_train_timesteps=10, variance_type="learned")
+    images, _ = _gaussian_images(n=4, seed=2)
+    model = GaussianDataOptimum(scheduler, True)
+    runs = [bits_per_dim(model, scheduler, images, num_timesteps=2, seed=seed, progress=False) for seed in range(300)]
+    means, stderrs = np.array([run.mean for run in runs]), np.array([run.stderr for run in runs])
+    ratio = means.std(ddof=1) / math.sqrt((stderrs**2).mean())
+    assert 0.85 < ratio < 1.2, ratio  # (a biased variance: about 1.5)
+
+
+def test_the_x0_rmse_of_each_step_is_the_closed_form_for_gaussian_data():
+    """Fig. 5's distortion: the RMSE of x̂_0 from x_t, in pixels of [0, 255]. For x_0 ~ N(m, s²) per pixel and the
+    optimal ε-predictor, x̂_0 = E[x_0 | x_t] and its error has variance s²(1 − ᾱ_t) / (ᾱ_t s² + 1 − ᾱ_t), so
+    RMSE_t = 127.5 · √that. Mean ratio over the 100 steps within 2 % (the clip to [−1, 1] and the pixel grid leave
+    about 0.8 %), each step within 10 % (512 images: about 1.6 % of Monte-Carlo noise a step). A scale of 255, or a
+    mean of each image's root (the root of the mean is asked for), land at 2.0 and 0.945."""
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="fixed_large")
+    images, _ = _gaussian_images(n=512)
+    result = bits_per_dim(GaussianDataOptimum(scheduler, False), scheduler, images, progress=False)
+    alpha_bars = np.cumprod(1 - scheduler.betas.double().numpy())
+    closed = 127.5 * np.sqrt(STD**2 * (1 - alpha_bars) / (alpha_bars * STD**2 + 1 - alpha_bars))
+    ratio = result.x0_rmse.double().numpy() / closed
+    assert abs(ratio.mean() - 1) < 0.02 and np.abs(ratio - 1).max() < 0.1, (ratio.mean(), np.abs(ratio - 1).max())
+
+
 def test_rate_distortion_bookkeeping():
     """§4.3: the receiver of x_t has been sent L_T + L_{T−1} + ... + L_t and reconstructs x̂_0 from that same x_t;
     the pairs, written out from the per-timestep terms and RMSEs (T = 100). The curve paired each rate with the
