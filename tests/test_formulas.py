@@ -212,6 +212,22 @@ def test_a_mean_predictor_samples_as_the_noise_predictor_it_was_converted_from(n
                                    rtol=1e-3, atol=2e-2)
 
 
+def test_a_clipped_mean_predictor_steps_from_its_own_mean_on_the_full_chain():
+    """Algorithm 2 with μ̃ prediction on the full chain, as the original code samples it: x_{t−1} = μ_θ + √β̃_t z
+    with the network's mean as is, even where its x̂_0 lies outside [−1, 1] and is clipped (the clip changes the
+    reported x̂_0 only). Closed form in float64 from the paper's schedule; float32 chain, so 1e-5."""
+    scheduler = DDPMScheduler(prediction_type="mean", clip_sample=True)
+    p = paper_schedule(scheduler)
+    g = torch.Generator().manual_seed(0)
+    x_t, mean = torch.randn(2, 1, 8, 8, generator=g), 3 * torch.randn(2, 1, 8, 8, generator=g)
+    t = 500
+    out = scheduler.step(mean, t, x_t, generator=torch.Generator().manual_seed(1))
+    assert np.abs(start_from_output(p, "mean", mean.double().numpy(), x_t.double().numpy(), [t])).max() > 1  # clipped
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)).double()
+    expected = mean.double() + np.sqrt(posterior_variance_at(p, t)) * z
+    np.testing.assert_allclose(out.prev_sample.double().numpy(), expected.numpy(), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
 def test_the_decoder_variance_at_t1_is_the_posterior_variance_of_t2(variance_type):
     """L_0 for one pixel and a mean half a bin off: −log of the N(mean, β̃_2) mass of the bin, whatever the fixed

@@ -222,6 +222,30 @@ def test_learned_variance_is_a_log_variance():
     torch.testing.assert_close(sample - mean, np.exp(-1.0) * noise, rtol=1e-5, atol=1e-5)
 
 
+def test_p_variance_of_a_learned_variance_is_the_exp_of_the_models_log_variance():
+    """The public p_variance returns (σ², log σ²); for ``learned`` the model's extra channels are log σ² (improved-
+    diffusion's convention), so σ² = exp of them exactly (float64). The step reads the log, so only this sees σ²."""
+    scheduler = DDPMScheduler(variance_type="learned")
+    x = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    log_variance = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    variance, log_var = scheduler.p_variance(x, torch.tensor([5, 300, 999]), model_variance=log_variance)
+    torch.testing.assert_close(variance, log_variance.exp(), rtol=1e-12, atol=0)
+    assert torch.equal(log_var, log_variance)
+
+
+def test_thresholding_of_a_prediction_whose_quantile_is_below_one_matches_diffusers():
+    """Dynamic thresholding (Imagen) clamps the quantile s to at least 1, so a prediction already inside [−1, 1] is
+    left alone. The parity tests' random outputs have quantiles above 1, where the lower clamp does nothing: here the
+    x̂_0 (prediction_type sample) is 0.2·N(0, 1), whose 99.5 % quantile is about 0.5."""
+    ours, theirs = _pair(thresholding=True, sample_max_value=2.0, prediction_type="sample")
+    g = torch.Generator().manual_seed(0)
+    x, output = torch.randn(2, 3, 8, 8, generator=g), 0.2 * torch.randn(2, 3, 8, 8, generator=g)
+    assert float(output.abs().flatten(1).quantile(0.995, dim=1).max()) < 0.9
+    a, b = (s.step(output, 500, x, generator=torch.Generator().manual_seed(1)) for s in (ours, theirs))
+    torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-6, atol=1e-6)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------------
 
 
