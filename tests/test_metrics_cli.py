@@ -239,6 +239,12 @@ def test_cli_sample_and_evaluate(tmp_path):
     assert quality["label"] == "FID-FMNIST" and quality["num_samples"] == 16 and quality["fid"] > 0
     for figure in ("rate_distortion.png", "samples.png", "progressive.png", "interpolation.png"):
         assert (out / figure).is_file(), figure
+    # Fig. 8 at the paper's t = 500 of 1000 (here 10 of 20), of the split's first two images, seed 0
+    from PIL import Image
+
+    first_two = load_eval_images("embedded:fashion_mnist", 2, 16, 1, split="test")
+    expected = pipe.interpolate(first_two[0], first_two[1], lambdas=8, t=10, seed=0).grid
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "interpolation.png")), np.asarray(expected))
 
 
 def test_evaluate_and_sample_keep_no_batch_of_samples_but_the_one_at_hand(tmp_path, monkeypatch):

@@ -292,6 +292,53 @@ def test_interpolation_through_the_latent():
         pipe.interpolate(torch.zeros(3, 16, 16), b, t=10)
 
 
+def test_progressive_snapshots_are_the_x0_predictions_of_diffusers_chain():
+    """Fig. 6 shows x̂_0 along the chain, not x_{t−1}. Oracle: the same network stepped by diffusers' DDPMScheduler
+    with the same generator, its pred_original_sample at each kept step, as an image in [0, 1]."""
+    pipe = tiny_pipeline(num_train_timesteps=50)
+    out = pipe.progressive(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=50,
+                           num_snapshots=5, output_type="np")
+    reference = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    reference.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    x, x0_at = torch.randn(2, 1, 16, 16, generator=generator), {}
+    with torch.no_grad():
+        for t in reference.timesteps:
+            step = reference.step(pipe.unet(x, t).sample, t, x, generator=generator)
+            x0_at[int(t)] = (step.pred_original_sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            x = step.prev_sample
+    for t, snapshot in zip(out.timesteps, out.snapshots):
+        np.testing.assert_allclose(snapshot, x0_at[t], rtol=0, atol=1e-5)
+
+
+def test_interpolation_encodes_both_images_then_decodes_each_mix_from_t_as_diffusers_steps():
+    """Fig. 8 (§4.3): x_t ~ q(x_t | x_0) and x'_t ~ q(x'_t | x'_0) with independent noise (drawn in that order from
+    ``seed``), x̄_t = (1 − λ) x_t + λ x'_t, decoded by the reverse chain from t itself down to 0, one generator per
+    λ seeded ``seed + 1``. Oracle: that recipe with diffusers' DDPMScheduler (add_noise, custom timesteps, step).
+    The same image at both ends still decodes to two images (the encodings are independent)."""
+    pipe = tiny_pipeline(num_train_timesteps=40)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(1, 16, 16, generator=g) * 2 - 1, torch.rand(1, 16, 16, generator=g) * 2 - 1
+    lambdas, t, seed = [0.0, 0.3, 1.0], 20, 5
+    got = pipe.interpolate(a, b, lambdas=lambdas, t=t, seed=seed, output_type="np").images
+
+    reference = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    encoder = torch.Generator().manual_seed(seed)
+    noise_a, noise_b = torch.randn(1, 1, 16, 16, generator=encoder), torch.randn(1, 1, 16, 16, generator=encoder)
+    at_t = torch.tensor([t])
+    x_t, x_t_b = reference.add_noise(a[None], noise_a, at_t), reference.add_noise(b[None], noise_b, at_t)
+    x = torch.cat([(1 - lam) * x_t + lam * x_t_b for lam in lambdas])
+    reference.set_timesteps(timesteps=list(range(t, -1, -1)))
+    generators = [torch.Generator().manual_seed(seed + 1) for _ in lambdas]
+    with torch.no_grad():
+        for step_t in reference.timesteps:
+            x = reference.step(pipe.unet(x, step_t).sample, step_t, x, generator=generators).prev_sample
+    np.testing.assert_allclose(got, (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
+
+    same = pipe.interpolate(a, a, lambdas=[0.0, 1.0], t=t, seed=seed, output_type="np").images
+    assert np.abs(same[0] - same[1]).max() > 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_network_samples_a_float32_chain(dtype):
     """The network may run in bf16/fp16; x_t stays float32. Oracle: a network whose output is exactly 0 in any
