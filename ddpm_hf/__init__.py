@@ -2,12 +2,45 @@
 
 __version__ = "0.2.0"
 
-from typing import TYPE_CHECKING
+# The oldest versions this package runs with; below them it fails at first use (diffusers 0.34 with transformers 5:
+# an ImportError inside diffusers; datasets 3.0: no IterableDataset.num_shards; accelerate 1.1: no
+# Accelerator(dynamo_plugin=)). setup.py requires them, and importing ddpm_hf names any older one installed past
+# pip's resolver (--no-deps, a later downgrade) before it fails somewhere deep. The suite runs with constraints.txt.
+MINIMUM_VERSIONS = {
+    "torch": "2.1", "diffusers": "0.35", "transformers": "5.0", "accelerate": "1.2", "datasets": "3.1",
+    "huggingface_hub": "1.0", "pyarrow": "25", "Pillow": "10.3",  # (pyarrow 24 aborts at exit: see data/sources.py)
+}
 
-from . import processes  # noqa: F401  (first: it records this process's parent before torch is imported)
-from .presets import PRESETS, unet_config
-from .scheduler import DDPMScheduler, DDPMSchedulerOutput
-from .unet import DDPMUNet, DDPMUNetOutput
+
+def _check_installed_versions() -> None:
+    """ImportError naming every installed package older than MINIMUM_VERSIONS says, and the command that updates
+    them (a package not installed is named by its own import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    too_old = {}
+    for name, least in MINIMUM_VERSIONS.items():
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            continue
+        if Version(found) < Version(least):
+            too_old[name] = (found, least)
+    if too_old:
+        raise ImportError("ddpm_hf needs " + ", ".join(f"{name}>={least} (found {found})" for name, (found, least)
+                                                       in too_old.items())
+                          + ": pip install -U " + " ".join(f'"{name}>={least}"' for name, (_, least) in too_old.items()))
+
+
+_check_installed_versions()
+
+from typing import TYPE_CHECKING  # noqa: E402
+
+from . import processes  # noqa: F401,E402  (first of ours: it records this process's parent before torch is imported)
+from .presets import PRESETS, unet_config  # noqa: E402
+from .scheduler import DDPMScheduler, DDPMSchedulerOutput  # noqa: E402
+from .unet import DDPMUNet, DDPMUNetOutput  # noqa: E402
 
 if TYPE_CHECKING:
     from .pipelines import DDPMPipeline

@@ -5,13 +5,15 @@ the pipeline moved into --output_dir itself), with 2 samples drawn from it and t
 Resuming the old checkpoint must end on the old run's weights, and the old pipeline must sample the old images."""
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from runs import FAST, ROOT, final_weights, run, write_images
+from runs import FAST, ROOT, child_env, final_weights, run, write_images
 
 OLD = ROOT / "tests" / "data" / "before_v0_2"
 OLD_ARGS = FAST + ["--max_train_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2",
@@ -50,3 +52,21 @@ def test_a_pipeline_from_before_samples_the_same_images():
                       output_type="np").images
         np.testing.assert_allclose(images, np.load(OLD / "samples_seed0.npy"), rtol=0, atol=1e-5)
 
+
+
+def test_an_older_dependency_installed_past_pip_is_named_at_import(tmp_path):
+    """accelerate 1.1 has no Accelerator(dynamo_plugin=) and datasets 3.0 no IterableDataset.num_shards: a run failed
+    deep inside training. An install below MINIMUM_VERSIONS (made with --no-deps, or downgraded since) is named at
+    import, with the command that updates it. The older versions are real distribution records (dist-info folders)
+    placed first on the path, where importlib.metadata finds them as it finds any installed package."""
+    for name, old in (("accelerate", "1.1.1"), ("datasets", "3.0.0")):
+        info = tmp_path / f"{name}-{old}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {old}\n")
+    failed = subprocess.run([sys.executable, "-c", "import ddpm_hf"], capture_output=True, text=True,
+                            env={**child_env(), "PYTHONPATH": str(tmp_path)})
+    assert failed.returncode != 0
+    said = failed.stderr.strip().splitlines()[-1]
+    assert said == ('ImportError: ddpm_hf needs accelerate>=1.2 (found 1.1.1), datasets>=3.1 (found 3.0.0): '
+                    'pip install -U "accelerate>=1.2" "datasets>=3.1"'), failed.stderr[-2000:]
+    assert subprocess.run([sys.executable, "-c", "import ddpm_hf"], env=child_env()).returncode == 0
