@@ -664,11 +664,17 @@ def test_a_long_hub_webdataset_stream_keeps_its_connections_to_the_hub_bounded(d
     assert stream.position[0][0] == 1 and peak < 40, peak
 
 
-def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_are_now(tmp_path, caplog):
+def test_tars_changed_since_the_checkpoint_are_counted_again_and_their_other_order_stops_the_resume(tmp_path, caplog):
     """A local tar rewritten after a checkpoint (two samples added) no longer holds the samples the checkpoint counted:
     a replay from those counts would leave the new ones out. The resume drops the counts, saying so, and reads the
-    epoch again up to the position: the same rows as a resume from the checkpoint without counts (an older one)."""
-    folder = _write_tars(tmp_path / "tars", [3, 5, 4, 6, 2, 7, 4, 3] * 3)
+    epoch again up to the position, as a resume from the checkpoint without counts (an older one) does. The added
+    samples move the shuffled order: both find another row there than the checkpoint saw, and stop alike, naming
+    it (before, they went on in the new order). With --next_epoch_on_resume the tars are read as they are now: the
+    next epoch holds every sample, the two new ones among them (oracle: the ids of the PNGs written)."""
+    from ddpm_hf.errors import ResumeMismatch
+
+    sizes = [3, 5, 4, 6, 2, 7, 4, 3] * 3
+    folder = _write_tars(tmp_path / "tars", sizes)
 
     def read(batches, state=None):  # the folder as it is at each call
         return _tar_batches(load_image_dataset(train_data_dir=str(folder)), batches, state)
@@ -679,11 +685,18 @@ def test_tars_changed_since_the_checkpoint_are_counted_again_and_read_as_they_ar
     with tarfile.open(folder / "train-00023.tar", "a") as tar:  # two more samples in the last tar
         for s in (500, 501):
             _add_member(tar, f"{s:06d}.png", png_bytes(s))
-    resumed, _ = read(10, state)
+    for given in (state, dict(state, tar_rows_known={})):
+        with pytest.raises(ResumeMismatch, match=r"\(epoch 1, row 46\) is not the one the checkpoint saw: the data "
+                                                 r"changed since the checkpoint"):
+            read(10, given)
     assert "not those the checkpoint counted the samples of" in caplog.text
-    uncounted = dict(state, tar_rows_known={})
-    expected, _ = read(10, uncounted)
-    assert all(torch.equal(a, b) for a, b in zip(resumed, expected))
+    anew = TrainStream(load_image_dataset(train_data_dir=str(folder)), "png", 16, 1, 4, 1, 0, 1, seed=5,
+                       shuffle_buffer_size=8, record_ids=True, next_epoch_on_resume=True)
+    anew.load_state_dict(state)
+    ids = read_batches(anew, (sum(sizes) + 2) // 4)  # the third epoch, whole
+    with tarfile.open(folder / "train-00023.tar") as tar:
+        written = {hashlib.sha1(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
+    assert written <= set(ids) and len(set(ids)) == sum(sizes) + 2
 
 
 def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_are_not_guessed(tmp_path):

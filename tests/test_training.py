@@ -409,6 +409,77 @@ def test_a_resumes_replayed_order_is_the_streams_order_whatever_the_row_groups_b
             stream.close()
 
 
+def test_a_resume_whose_order_is_not_the_checkpoints_stops_naming_why_and_the_ways_on(tmp_path):
+    """A resume reads its epoch again up to the position where it cannot replay it; the row it reaches there was not
+    compared with the one the checkpoint saw, so data rewritten since (or a datasets release that shuffles otherwise)
+    went on in another order, silently: examples seen twice, others never. The row is compared now and the resume
+    stops, naming the cause (the datasets releases where they differ) and the ways on. Parquet shards rewritten with
+    other images of the same row counts (the parquet replay falls back, then the reading again finds it), an image
+    folder whose first files went and others came (its rows are paths: the reading again alone), and, as controls, the same image folder moved to
+    another place and the unchanged data, which resume as the uninterrupted stream goes on (the oracle)."""
+    from ddpm_hf.errors import ResumeMismatch
+
+    def parquet(folder, offset):
+        for k in range(4):
+            Dataset.from_dict({"image": [{"bytes": png_bytes(offset + 16 * k + i, 8), "path": None} for i in range(16)]},
+                              features=Features({"image": ImageFeature()})).to_parquet(
+                str(folder / f"train-{k:05d}-of-00004.parquet"))
+        return folder
+
+    def image_folder(folder, names):
+        (folder / "train").mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            (folder / "train" / name).write_bytes(png_bytes(i, 8))
+        return folder
+
+    def stream(folder):
+        return TrainStream(load_image_dataset(str(folder), check_shards=False), "image", 8, 1, 4, 1, 0, 1, seed=0,
+                           shuffle_buffer_size=8)
+
+    def checkpoint_then_rest(folder):
+        """The state after 3 batches, and the next 2 batches of the uninterrupted stream."""
+        uninterrupted = stream(folder)
+        for _ in range(3):
+            uninterrupted.next_batch()
+        state = uninterrupted.state_dict()
+        rest = [uninterrupted.next_batch() for _ in range(2)]
+        uninterrupted.close()
+        return state, rest
+
+    (tmp_path / "shards").mkdir()
+    state, rest = checkpoint_then_rest(parquet(tmp_path / "shards", 0))
+    assert state["datasets_version"] == __import__("datasets").__version__
+    resumed = stream(tmp_path / "shards")
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(), batch) for batch in rest)  # the control: unchanged data
+    resumed.close()
+
+    parquet(tmp_path / "shards", 1000)  # rewritten: other images, the same row counts
+    for written_by, why in ((None, "the data changed since the checkpoint"),
+                            ("0.0.1", "the checkpoint's order was datasets 0.0.1's, this is datasets ")):
+        resumed = stream(tmp_path / "shards")
+        resumed.load_state_dict(dict(state, datasets_version=written_by))
+        with pytest.raises(ResumeMismatch, match="row before the checkpoint's position") as stopped:
+            resumed.next_batch()
+        assert why in str(stopped.value) and "--next_epoch_on_resume" in str(stopped.value), stopped.value
+        resumed.close()
+
+    names = [f"{i:03d}.png" for i in range(40)]
+    state, rest = checkpoint_then_rest(image_folder(tmp_path / "images", names))
+    shutil.move(tmp_path / "images", tmp_path / "moved")  # the same files elsewhere: the same rows
+    resumed = stream(tmp_path / "moved")
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch(), batch) for batch in rest)
+    resumed.close()
+    shutil.rmtree(tmp_path / "moved")
+    image_folder(tmp_path / "moved", [f"{i + 5:03d}.png" for i in range(40)])  # 5 files gone, 5 new: the order moves
+    resumed = stream(tmp_path / "moved")
+    resumed.load_state_dict(state)
+    with pytest.raises(ResumeMismatch, match="the data changed since the checkpoint"):
+        resumed.next_batch()
+    resumed.close()
+
+
 def test_passes_end_and_close_without_datasets_exit_pause(parquet_dir, monkeypatch):
     """datasets pauses config.SLEEP_TIME_ON_THREADS_SHUTDOWN (5 s) after every pass over shuffled parquet shards, for
     scans left part-way at interpreter exit, which pyarrow before 25 turned into an abort (setup.py requires 25). A

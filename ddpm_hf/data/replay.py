@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .decoding import undecoded_images
-from .shards import TarRowCounts, one_tar, parquet_row_groups, row_fingerprint, streaming_patches_kept
+from .shards import TarRowCounts, is_row, one_tar, parquet_row_groups, streaming_patches_kept
 from .sources import without_exit_pause
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ class Replay:
         datasets' shard shuffle, split and shuffle buffer depend on the shards' row counts, not on the rows: the same
         operations on a dataset of (shard, row) pairs with the same row counts yield the order in which the stream
         yields its rows. The row before ``start`` is read and compared with the fingerprint kept with the position,
-        so a datasets version that shuffles differently, or data that changed, falls back to the exact slow path."""
+        so a datasets version that shuffles differently, or data that changed, falls back to the slow path, which
+        compares that row again, as read by the stream itself (see TrainStream._epoch_rows)."""
         if expected is None:
             return None
         if counts is not None:
@@ -92,7 +93,7 @@ class Replay:
             if (shard, row) in needed:
                 held[(shard, row)] = cells
             if (shard, row) == check:
-                if row_fingerprint(cells[self.image_column]) != expected:
+                if not is_row(cells[self.image_column], expected):
                     return _fallback(v, "the row before the position is not the one the checkpoint saw")
                 break
         else:
@@ -215,7 +216,7 @@ class Replay:
                                             for shard, n in generated.items() if shard not in finished})
         not_read = finished - {row["__shard__"]} if row["__stand_in__"] else finished
         check = stand_ins.cells(row) if row["__stand_in__"] else row
-        if row_fingerprint(check[self.image_column]) != expected:
+        if not is_row(check[self.image_column], expected):
             replay.close()
             return _fallback(v, "the row before the position is not the one the checkpoint saw")
         logger.info("stream %d resumes at epoch %d row %d without reading %d finished tars again", v, epoch, start,

@@ -55,6 +55,15 @@ def row_fingerprint(cell: dict) -> str:
     return f"{len(data)}:{zlib.crc32(data):08x}" if data is not None else f"path:{cell.get('path')}"
 
 
+def is_row(cell: dict, fingerprint: str) -> bool:
+    """Whether ``cell`` is the row whose :func:`row_fingerprint` is ``fingerprint``. A file is known by its folder and
+    name: the same folder moved elsewhere (or the same Hub file at another address) holds the same rows."""
+    now = row_fingerprint(cell)
+    if now.startswith("path:") and fingerprint.startswith("path:"):
+        return now.replace("\\", "/").split("/")[-2:] == fingerprint.replace("\\", "/").split("/")[-2:]
+    return now == fingerprint
+
+
 HUB_COMMIT = re.compile(r"^hf://datasets/.+?@([0-9a-f]{40})/")
 
 

@@ -22,7 +22,7 @@ from ..errors import ResumeMismatch, first_line
 from .decoding import DecodeSettings, decode_rows, undecoded_images
 from .reader import Batch, ReaderProcess, all_processes, put_unless_stopped
 from .replay import Replay
-from .shards import (TarRowCounts, TarSampleCounter, dataset_revision, parquet_shard_files, row_fingerprint,
+from .shards import (TarRowCounts, TarSampleCounter, dataset_revision, is_row, parquet_shard_files, row_fingerprint,
                      tar_files_signature, tar_shard_files, with_tar_counting)
 from .sources import pause_for_arrow_scans, without_exit_pause
 
@@ -112,6 +112,7 @@ class TrainStream:
         self.ids_at_resume: Optional[tuple] = None  # (count, last id) of this process in the checkpoint resumed from
         self._ids_file: Optional[Path] = None
         self.legacy_noise_state = None  # noise generators found in a checkpoint written before 0.2 (see train.py)
+        self.checkpoint_datasets_version: Optional[str] = None  # the datasets that read the checkpoint's order
         self.next_epoch_on_resume = next_epoch_on_resume  # (see load_state_dict)
         self._pool: Optional[ProcessPoolExecutor] = None  # the decoding workers (in the reader process)
         self._reader: Optional[ReaderProcess] = None  # with workers
@@ -146,7 +147,7 @@ class TrainStream:
         if failures:
             raise OSError(f"could not write the example ids (--record_example_ids): {'; '.join(failures)}")
         return dict(state,
-                    dataset_revision=self.revision,
+                    dataset_revision=self.revision, datasets_version=_datasets_version(),
                     seed=self.seed, shuffle_buffer_size=self.shuffle_buffer_size, tar_files=self.tar_signature)
 
     def load_state_dict(self, state: dict) -> None:
@@ -167,6 +168,7 @@ class TrainStream:
             self.skipped = {v: skipped.get(v, 0) for v in self.streams}
             self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
             self.legacy_noise_state = state.get("noise")
+            self.checkpoint_datasets_version = state.get("datasets_version")  # (None: written before 0.2.1)
         if self.tar_counts is not None:  # every process's counts
             if state.get("tar_files") == self.tar_signature:
                 self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
@@ -394,6 +396,8 @@ class TrainStream:
                 for index, row in self._epoch_rows(v, epoch, consumed, expected, counts):
                     yield epoch, index, row
                     consumed, failures = index + 1, 0
+            except ResumeMismatch:  # the order is not the checkpoint's: reading again would not mend it
+                raise
             except Exception as err:  # noqa: BLE001 (whatever the fsspec/HTTP stack raises; parse errors are final)
                 if isinstance(err, ValueError) and not isinstance(err, OSError) or failures >= self.READ_RETRIES:
                     where = f"stream {v}, epoch {epoch}, row {consumed}"
@@ -419,14 +423,35 @@ class TrainStream:
                     counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, dict]]:
         """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
         finished where that is possible (see Replay.rows_from), else read from the epoch's start, the first ``start``
-        rows skipped undecoded."""
+        rows skipped undecoded and the last of them compared with ``expected`` (the fingerprint kept with the
+        position; None: not known). Where it differs the order is not the one the position counted in, and the
+        resume stops (:class:`ResumeMismatch`): going on would see some of the epoch's examples twice, others never."""
         if start:
             replayed = self.replay.rows_from(v, epoch, start, expected, counts)
             if replayed is not None:
                 return replayed
         ds = self.datasets[v]
         ds.set_epoch(epoch)
-        return ((index, row) for index, row in enumerate(ds) if index >= start)
+        rows = enumerate(ds)
+        if start:  # to the position, undecoded
+            for index, row in rows:
+                if index == start - 1:
+                    if expected is not None and not is_row(row[self.image_column], expected):
+                        raise ResumeMismatch(self._other_order(v, epoch, start))
+                    break
+        return rows
+
+    def _other_order(self, v: int, epoch: int, start: int) -> str:
+        """What a resume whose row before the position is another row than the checkpoint's met, and the ways on."""
+        saved, now = self.checkpoint_datasets_version, _datasets_version()
+        why, exactly = (f"the checkpoint's order was datasets {saved}'s, this is datasets {now}, which shuffles "
+                        f"otherwise", f"install datasets=={saved} to go on exactly") if saved and saved != now else (
+                        "the data changed since the checkpoint (other files, or other rows in them)",
+                        "put the data back as it was to go on exactly")
+        return (f"stream {v}: the row before the checkpoint's position (epoch {epoch}, row {start}) is not the one the "
+                f"checkpoint saw: {why}. Going on would see some of this epoch's examples twice and others never: "
+                f"{exactly}, pass --next_epoch_on_resume to go on from the next epoch's start (the model, optimiser, "
+                "EMA and schedule exactly; the rest of this epoch unseen), or start a new run.")
 
     def _decoded(self, v: int, epoch: int, consumed: int,
                  counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, tuple]]:
@@ -505,3 +530,9 @@ def close_abandoned_reads() -> None:
     out of collections; at most once a second in a reading thread of the training process, where a collection costs
     0.2 s), and a stream at its close."""
     gc.collect()
+
+
+def _datasets_version() -> str:
+    import datasets
+
+    return datasets.__version__
