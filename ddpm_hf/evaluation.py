@@ -53,7 +53,7 @@ def data_splits(metrics: Sequence[str], split: str, reference_split: str) -> Lis
 @dataclass
 class DataRead:
     """What the readings of the data met, for results.json: the image column read, and each split's image sizes
-    (height, width) as stored, each counted once, in the order first met."""
+    (height, width) as stored, each listed once, in the order first met."""
     image_column: Optional[str] = None
     sizes: Dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 

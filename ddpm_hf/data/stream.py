@@ -168,7 +168,7 @@ class TrainStream:
             self.skipped = {v: skipped.get(v, 0) for v in self.streams}
             self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
             self.legacy_noise_state = state.get("noise")
-            self.checkpoint_datasets_version = state.get("datasets_version")  # (None: written before 0.2.1)
+            self.checkpoint_datasets_version = state.get("datasets_version")  # (None: a checkpoint before it was kept)
         if self.tar_counts is not None:  # every process's counts
             if state.get("tar_files") == self.tar_signature:
                 self.tar_counts = TarRowCounts(state.get("tar_rows_known", {}))
