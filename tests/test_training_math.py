@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,3 +322,98 @@ def test_a_run_from_a_pretrained_unet_trains_from_its_weights(tmp_path):
     trained = DDPMUNet.from_pretrained(tmp_path / "run" / "unet")
     moved = max((value - source.state_dict()[key]).abs().max().item() for key, value in trained.state_dict().items())
     assert 0 < moved <= 1.2e-6  # Adam's first step moves a weight by the rate at most (+ float32 rounding near 1)
+
+
+def test_no_two_seeds_of_the_library_are_the_same():
+    """ddpm_hf.seeds promises that no two uses, indices or user seeds share a stream. Brute force over seeds 0..3,
+    indices 0..23, processes 0..2 and the resumes' from_step: every image, noise and dropout seed is distinct. (A
+    dropout tag equal to the noise's would make process 0's masks reuse a noise stream: SeedSequence pads its words
+    with zeros.)"""
+    from ddpm_hf.seeds import dropout_seed, image_seed, noise_seed
+
+    drawn = {}
+    for seed in range(4):
+        for index in range(24):
+            drawn["image", seed, index] = image_seed(seed, index)
+            for from_step in (0, 1, 2, 7, 100):
+                drawn["noise", seed, index, from_step] = noise_seed(seed, index, from_step)
+            for process in range(3):
+                drawn["dropout", seed, process, index] = dropout_seed(seed, process, index)
+    assert len(set(drawn.values())) == len(drawn)
+
+
+@pytest.mark.parametrize("num_train_timesteps", [1000, 10, 7, 1])
+def test_the_logged_quarters_hold_the_timesteps_of_their_quarter(num_train_timesteps):
+    """loss_sums puts a loss at t in quarter q where q·T/4 ≤ t < (q + 1)·T/4 (float comparison here, numpy), for
+    every t of 0..T − 1, T a multiple of 4 or not; the sums and counts per quarter as numpy makes them."""
+    T = num_train_timesteps
+    t = np.arange(T)
+    losses = np.random.default_rng(T).random(T) + 0.5
+    sums = train.loss_sums(torch.tensor(losses, dtype=torch.float32), torch.tensor(t), T).numpy()
+    for q in range(4):
+        inside = (t >= q * T / 4) & (t < (q + 1) * T / 4)
+        assert sums[4 + q] == inside.sum(), (q, sums)
+        assert sums[q] == pytest.approx(losses[inside].sum(), rel=1e-5, abs=1e-6), q
+
+
+def test_images_per_second_and_the_data_wait_are_those_of_the_clock(monkeypatch):
+    """Throughput against a clock the test sets: per logging interval, images over seconds and the wait's share;
+    the summary over all intervals but the first (start-up), in closed form: 160 images and 1.5 s of wait over 10 s
+    after the first interval."""
+    import types
+
+    clock = [100.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    speed = train.Throughput()
+    speed.waited(2.0, 100)
+    clock[0] += 10
+    assert speed.interval() == {"images_per_s": 10.0, "data_wait": 0.2}
+    speed.waited(1.0, 40)
+    speed.waited(0.5, 20)
+    clock[0] += 5
+    assert speed.interval() == {"images_per_s": 12.0, "data_wait": 0.3}
+    speed.waited(0.0, 30)
+    clock[0] += 5
+    assert speed.interval() == {"images_per_s": 6.0, "data_wait": 0.0}
+    assert speed.summary().startswith("9.0 images/s, data_wait 15.00 % over 10.0 s")
+
+
+@pytest.mark.parametrize("logging_steps,checkpointing_steps,push,push_checkpoints,last",
+                         [(3, 4, True, False, 10), (3, 4, True, True, 10), (1, 0, False, False, 5),
+                          (7, 5, True, False, 12)])
+def test_what_is_due_after_each_step_is_the_flags_rule(logging_steps, checkpointing_steps, push, push_checkpoints,
+                                                        last):
+    """due_after against its rule written out here, step by step: logs every --logging_steps and at the last step;
+    checkpoints every --checkpointing_steps and at the last step, where checkpointing is on; an upload at the end,
+    and at each checkpoint only with --push_checkpoints."""
+    import types
+
+    args = types.SimpleNamespace(max_train_steps=last, logging_steps=logging_steps,
+                                 checkpointing_steps=checkpointing_steps, save_images_steps=0, eval_steps=0,
+                                 push_to_hub=push, push_checkpoints=push_checkpoints)
+    for step in range(1, last + 1):
+        due = train.due_after(args, step)
+        at_checkpoint = bool(checkpointing_steps) and step % checkpointing_steps == 0
+        assert due.log == (step % logging_steps == 0 or step == last), step
+        assert due.checkpoint == (at_checkpoint or (bool(checkpointing_steps) and step == last)), step
+        assert due.push == (push and (step == last or (push_checkpoints and at_checkpoint))), step
+
+
+@pytest.mark.parametrize("resumed_at", [0, 3])
+def test_a_resume_under_other_optimiser_flags_runs_their_schedule_from_its_step(resumed_at):
+    """take_the_flags_optimizer_settings on a checkpoint's optimiser and schedule (1e-3, β1 0.9) under other flags
+    (3e-4, β1 0.8), warm-up 8: at each of the next 10 steps the rate is 3e-4 · min(1, k / 8) (the closed form of a
+    linear warm-up) and the betas are the flags'. Resumed in the warm-up, at step 0 and at step 3."""
+    warmup = ["--lr_warmup_steps", "8", "--lr_scheduler", "constant_with_warmup", "--max_train_steps", "100"]
+    saved = _args("--learning_rate", "1e-3", *warmup)
+    flags = _args("--learning_rate", "3e-4", "--adam_beta1", "0.8", *warmup)
+    optimizer, schedule = train.make_optimizer(saved, torch.nn.Linear(2, 2), torch.device("cpu"))
+    for _ in range(resumed_at):
+        optimizer.step()
+        schedule.step()
+    train.take_the_flags_optimizer_settings(flags, optimizer, schedule, say=False)
+    for k in range(resumed_at, resumed_at + 10):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-4 * min(1.0, k / 8), rel=1e-12, abs=1e-15), k
+        assert optimizer.param_groups[0]["betas"] == (0.8, 0.999)
+        optimizer.step()
+        schedule.step()
