@@ -417,3 +417,17 @@ def test_a_resume_under_other_optimiser_flags_runs_their_schedule_from_its_step(
         assert optimizer.param_groups[0]["betas"] == (0.8, 0.999)
         optimizer.step()
         schedule.step()
+
+
+def test_latest_resumes_the_checkpoint_of_the_highest_step(tmp_path, caplog):
+    """--resume_from_checkpoint latest among checkpoint-2 ... checkpoint-10: the one of step 10 (by the number: by
+    name, checkpoint-8 sorts last). An exact resume from an older one ends on the same weights, so the resume tests
+    cannot see which was taken: the run says it."""
+    import logging
+
+    images = write_images(tmp_path / "images", count=16, shards=2, size=16)
+    base = FAST + ["--dataset_name", str(images), "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "2"]
+    train_in_process(train, base + ["--max_train_steps", "10"])
+    with caplog.at_level(logging.INFO, logger="ddpm_hf.train"):
+        train_in_process(train, base + ["--max_train_steps", "11", "--resume_from_checkpoint", "latest"])
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint-10'} at step 10" in caplog.text, caplog.text[-2000:]
