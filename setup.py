@@ -24,9 +24,8 @@ setup(
     package_dir={"ddpm_hf": "ddpm_hf", "ddpm_hf.pipelines": "pipelines"},
     package_data={"ddpm_hf": ["embedded/fashion_mnist/README.md", "embedded/fashion_mnist/data/*.parquet",
                               "assets/*.safetensors"]},
+    # the floors' reasons are in ddpm_hf/__init__.py
     install_requires=[f"{name}>={least}" for name, least in assigned["MINIMUM_VERSIONS"].items()] + [
-        # huggingface_hub: set_client_factory (the upload timeout) arrived with 1.0's httpx client; Pillow: 16-bit
-        # grey PNGs open as I;16 from 10.3 (scaled to 8 bits, see ddpm_hf.data.decoding)
         "packaging", "safetensors", "tqdm", "numpy", "tensorboard",
     ],
     extras_require={

@@ -8,7 +8,9 @@ __version__ = "0.2.0"
 # pip's resolver (--no-deps, a later downgrade) before it fails somewhere deep. The suite runs with constraints.txt.
 MINIMUM_VERSIONS = {
     "torch": "2.1", "diffusers": "0.35", "transformers": "5.0", "accelerate": "1.2", "datasets": "3.1",
-    "huggingface_hub": "1.0", "pyarrow": "25", "Pillow": "10.3",  # (pyarrow 24 aborts at exit: see data/sources.py)
+    # huggingface_hub 1.0: set_client_factory (the upload timeout); pyarrow 24 aborts at exit (see data/sources.py);
+    # Pillow 10.3: 16-bit grey PNGs open as I;16 (scaled to 8 bits, see data/decoding.py)
+    "huggingface_hub": "1.0", "pyarrow": "25", "Pillow": "10.3",
 }
 
 
@@ -17,15 +19,16 @@ def _check_installed_versions() -> None:
     them (a package not installed is named by its own import)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from packaging.version import Version
+    from packaging.version import InvalidVersion, Version
 
     too_old = {}
     for name, least in MINIMUM_VERSIONS.items():
         try:
             found = version(name)
-        except PackageNotFoundError:
+            older = Version(found) < Version(least)
+        except (PackageNotFoundError, InvalidVersion):  # (a version pip could not order either: not judged)
             continue
-        if Version(found) < Version(least):
+        if older:
             too_old[name] = (found, least)
     if too_old:
         raise ImportError("ddpm_hf needs " + ", ".join(f"{name}>={least} (found {found})" for name, (found, least)

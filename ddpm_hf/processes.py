@@ -8,8 +8,9 @@ import signal
 import time
 
 DDP_TIMEOUT_S = 1800.0  # seconds the processes of a command wait for each other (--ddp_timeout's default)
-# This process and its parent as ddpm_hf was first imported: its __init__ imports this module first, before torch and
-# the rest (seconds), so that a launcher killed meanwhile is told from the process that then adopts this one.
+# This process and its parent as ddpm_hf was first imported: its __init__ imports this module before torch and the
+# rest (seconds; only its check of the installed versions comes first), so that a launcher killed meanwhile is told
+# from the process that then adopts this one.
 STARTED_AS = (os.getpid(), os.getppid())
 
 

@@ -418,7 +418,9 @@ class DDPMPipeline(DiffusionPipeline):
 
         try:  # (by name: diffusers' check of remote code would take an import statement for a requirement)
             load_components = importlib.import_module("ddpm_hf.hub").load_components
-        except ImportError as err:
+        except ModuleNotFoundError as err:  # (ddpm_hf's own ImportError, a dependency too old, is its own message)
+            if err.name not in ("ddpm_hf", "ddpm_hf.hub"):
+                raise
             raise ImportError("DDPMPipeline.from_pretrained needs the ddpm_hf package (pip install ddpm-hf); without "
                               "it use diffusers.DiffusionPipeline.from_pretrained(path, trust_remote_code=True).") from err
         return cls(**load_components(pretrained_model_name_or_path, **kwargs))

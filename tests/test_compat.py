@@ -70,3 +70,11 @@ def test_an_older_dependency_installed_past_pip_is_named_at_import(tmp_path):
     assert said == ('ImportError: ddpm_hf needs accelerate>=1.2 (found 1.1.1), datasets>=3.1 (found 3.0.0): '
                     'pip install -U "accelerate>=1.2" "datasets>=3.1"'), failed.stderr[-2000:]
     assert subprocess.run([sys.executable, "-c", "import ddpm_hf"], env=child_env()).returncode == 0
+    # the pipeline file run as a folder's remote code (without importing ddpm_hf) loads through ddpm_hf: the same
+    # message, not "needs the ddpm_hf package" (which is for ddpm_hf not installed at all)
+    remote = ("import importlib.util; spec = importlib.util.spec_from_file_location('remote', "
+              f"{str(ROOT / 'pipelines' / 'pipeline_ddpm_hf.py')!r}); module = importlib.util.module_from_spec(spec); "
+              "spec.loader.exec_module(module); module.DDPMPipeline.from_pretrained('anything')")
+    failed = subprocess.run([sys.executable, "-c", remote], capture_output=True, text=True,
+                            env={**child_env(), "PYTHONPATH": str(tmp_path)})
+    assert failed.stderr.strip().splitlines()[-1] == said, failed.stderr[-2000:]

@@ -686,8 +686,8 @@ def test_tars_changed_since_the_checkpoint_are_counted_again_and_their_other_ord
         for s in (500, 501):
             _add_member(tar, f"{s:06d}.png", png_bytes(s))
     for given in (state, dict(state, tar_rows_known={})):
-        with pytest.raises(ResumeMismatch, match=r"\(epoch 1, row 46\) is not the one the checkpoint saw: the data "
-                                                 r"changed since the checkpoint"):
+        with pytest.raises(ResumeMismatch, match=r"position is epoch 1, row 46, and the row before it is not the one "
+                                                 r"the checkpoint saw: the data changed since the checkpoint"):
             read(10, given)
     assert "not those the checkpoint counted the samples of" in caplog.text
     anew = TrainStream(load_image_dataset(train_data_dir=str(folder)), "png", 16, 1, 4, 1, 0, 1, seed=5,

@@ -417,6 +417,7 @@ def test_a_resume_whose_order_is_not_the_checkpoints_stops_naming_why_and_the_wa
     other images of the same row counts (the parquet replay falls back, then the reading again finds it), an image
     folder whose first files went and others came (its rows are paths: the reading again alone), and, as controls, the same image folder moved to
     another place and the unchanged data, which resume as the uninterrupted stream goes on (the oracle)."""
+    from ddpm_hf.data.shards import is_row
     from ddpm_hf.errors import ResumeMismatch
 
     def parquet(folder, offset):
@@ -456,13 +457,23 @@ def test_a_resume_whose_order_is_not_the_checkpoints_stops_naming_why_and_the_wa
 
     parquet(tmp_path / "shards", 1000)  # rewritten: other images, the same row counts
     for written_by, why in ((None, "the data changed since the checkpoint"),
-                            ("0.0.1", "the checkpoint's order was datasets 0.0.1's, this is datasets ")):
+                            ("0.0.1", "the checkpoint's order was datasets 0.0.1's and this is datasets ")):
         resumed = stream(tmp_path / "shards")
         resumed.load_state_dict(dict(state, datasets_version=written_by))
-        with pytest.raises(ResumeMismatch, match="row before the checkpoint's position") as stopped:
+        with pytest.raises(ResumeMismatch, match="the checkpoint's position is epoch 0, row 12, and the row before it "
+                                                 "is not the one the checkpoint saw") as stopped:
             resumed.next_batch()
         assert why in str(stopped.value) and "--next_epoch_on_resume" in str(stopped.value), stopped.value
         resumed.close()
+    for old in (tmp_path / "shards").glob("*.parquet"):  # fewer rows than the position: 8
+        old.unlink()
+    Dataset.from_dict({"image": [{"bytes": png_bytes(i, 8), "path": None} for i in range(8)]},
+                      features=Features({"image": ImageFeature()})).to_parquet(str(tmp_path / "shards" / "train.parquet"))
+    resumed = stream(tmp_path / "shards")
+    resumed.load_state_dict(state)
+    with pytest.raises(ResumeMismatch, match="the checkpoint's position is epoch 0, row 12, and epoch 0 now has 8 rows"):
+        resumed.next_batch()
+    resumed.close()
 
     names = [f"{i:03d}.png" for i in range(40)]
     state, rest = checkpoint_then_rest(image_folder(tmp_path / "images", names))
@@ -478,6 +489,10 @@ def test_a_resume_whose_order_is_not_the_checkpoints_stops_naming_why_and_the_wa
     with pytest.raises(ResumeMismatch, match="the data changed since the checkpoint"):
         resumed.next_batch()
     resumed.close()
+    # a file is known by its name: of an archive's member, the member's (the archive's path is every member's)
+    assert is_row({"path": "/elsewhere/renamed/001.png"}, "path:/data/images/001.png")
+    assert not is_row({"path": "zip://cat/1.png::hf://datasets/u/r@0123/train.zip"},
+                      "path:zip://cat/2.png::hf://datasets/u/r@0123/train.zip")
 
 
 def test_passes_end_and_close_without_datasets_exit_pause(parquet_dir, monkeypatch):

@@ -708,8 +708,8 @@ def main(argv=None):
                                             "--resume_from_checkpoint latest." if latest else
                                             "No checkpoint was written: the run would start anew."), file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    except ResumeMismatch as err:  # the data's order after a resume is not the checkpoint's (see TrainStream)
-        raise SystemExit(f"cannot resume exactly: {err}") from None
+    except ResumeMismatch as err:  # the data's order is not the one its position counted in (see TrainStream)
+        raise SystemExit(f"cannot go on exactly: {err}") from None
     finally:  # every process, whatever stopped it (the processes often stop together: see leave_process_group)
         leave_process_group(failed=sys.exc_info()[1] is not None)
 

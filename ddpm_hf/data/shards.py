@@ -56,12 +56,17 @@ def row_fingerprint(cell: dict) -> str:
 
 
 def is_row(cell: dict, fingerprint: str) -> bool:
-    """Whether ``cell`` is the row whose :func:`row_fingerprint` is ``fingerprint``. A file is known by its folder and
-    name: the same folder moved elsewhere (or the same Hub file at another address) holds the same rows."""
+    """Whether ``cell`` is the row whose :func:`row_fingerprint` is ``fingerprint``. A file is known by its name
+    (of a member of an archive, ``zip://member::archive``, the member's): the same folder renamed or moved elsewhere,
+    or the same Hub file at another address, holds the same rows."""
     now = row_fingerprint(cell)
     if now.startswith("path:") and fingerprint.startswith("path:"):
-        return now.replace("\\", "/").split("/")[-2:] == fingerprint.replace("\\", "/").split("/")[-2:]
+        return _file_name(now) == _file_name(fingerprint)
     return now == fingerprint
+
+
+def _file_name(fingerprint: str) -> str:
+    return fingerprint.split("::")[0].replace("\\", "/").rsplit("/", 1)[-1]
 
 
 HUB_COMMIT = re.compile(r"^hf://datasets/.+?@([0-9a-f]{40})/")

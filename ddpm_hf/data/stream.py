@@ -393,7 +393,7 @@ class TrainStream:
         while True:
             row = None
             try:
-                for index, row in self._epoch_rows(v, epoch, consumed, expected, counts):
+                for index, row in self._epoch_rows(v, epoch, consumed, expected, counts, retried=failures > 0):
                     yield epoch, index, row
                     consumed, failures = index + 1, 0
             except ResumeMismatch:  # the order is not the checkpoint's: reading again would not mend it
@@ -419,39 +419,55 @@ class TrainStream:
                                  f"{self.num_streams} streams.")
             epoch, consumed, expected = epoch + 1, 0, None
 
-    def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str],
-                    counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, dict]]:
+    def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str], counts: Optional[TarRowCounts],
+                    retried: bool = False) -> Iterator[Tuple[int, dict]]:
         """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
         finished where that is possible (see Replay.rows_from), else read from the epoch's start, the first ``start``
         rows skipped undecoded and the last of them compared with ``expected`` (the fingerprint kept with the
-        position; None: not known). Where it differs the order is not the one the position counted in, and the
-        resume stops (:class:`ResumeMismatch`): going on would see some of the epoch's examples twice, others never."""
+        position; None: not known). Where it differs, or the epoch now ends before the position, the order is not
+        the one the position counted in, and the stream stops (:class:`ResumeMismatch`): going on would see some of
+        the epoch's examples twice, others never. ``retried``: the reading goes on after a failed read, not after a
+        resume (said so)."""
         if start:
             replayed = self.replay.rows_from(v, epoch, start, expected, counts)
             if replayed is not None:
                 return replayed
         ds = self.datasets[v]
         ds.set_epoch(epoch)
-        rows = enumerate(ds)
+        rows, index = enumerate(ds), -1
         if start:  # to the position, undecoded
             for index, row in rows:
                 if index == start - 1:
                     if expected is not None and not is_row(row[self.image_column], expected):
-                        raise ResumeMismatch(self._other_order(v, epoch, start))
+                        raise ResumeMismatch(self._other_order(v, epoch, start, retried))
                     break
+            else:  # a position no reading of this epoch reaches
+                if expected is not None:
+                    raise ResumeMismatch(self._other_order(v, epoch, start, retried, rows_now=index + 1))
+                logger.warning("stream %d: epoch %d has %d rows, the checkpoint's position is row %d (it kept no "
+                               "fingerprint to tell why): going on from the next epoch", v, epoch, index + 1, start)
         return rows
 
-    def _other_order(self, v: int, epoch: int, start: int) -> str:
-        """What a resume whose row before the position is another row than the checkpoint's met, and the ways on."""
+    def _other_order(self, v: int, epoch: int, start: int, retried: bool, rows_now: Optional[int] = None) -> str:
+        """What a reading again whose row before the position is another row than the one seen there met (or an epoch
+        that ends before it: ``rows_now`` rows), and the ways on."""
+        found = (f"epoch {epoch} now has {rows_now} rows" if rows_now is not None else
+                 f"the row before it is not the one {'read there before' if retried else 'the checkpoint saw'}")
+        if retried:  # a failed read, then the epoch read again during the run
+            return (f"stream {v}, after a failed read: the position is epoch {epoch}, row {start}, and {found}: the "
+                    "data changed while the run read it. Put it back as it was and resume with "
+                    "--resume_from_checkpoint latest, or pass --next_epoch_on_resume as well to go on from the next "
+                    "epoch's start on the data as it is.")
         saved, now = self.checkpoint_datasets_version, _datasets_version()
-        why, exactly = (f"the checkpoint's order was datasets {saved}'s, this is datasets {now}, which shuffles "
-                        f"otherwise", f"install datasets=={saved} to go on exactly") if saved and saved != now else (
-                        "the data changed since the checkpoint (other files, or other rows in them)",
-                        "put the data back as it was to go on exactly")
-        return (f"stream {v}: the row before the checkpoint's position (epoch {epoch}, row {start}) is not the one the "
-                f"checkpoint saw: {why}. Going on would see some of this epoch's examples twice and others never: "
-                f"{exactly}, pass --next_epoch_on_resume to go on from the next epoch's start (the model, optimiser, "
-                "EMA and schedule exactly; the rest of this epoch unseen), or start a new run.")
+        why, exactly = (f"the checkpoint's order was datasets {saved}'s and this is datasets {now}, which may shuffle "
+                        "otherwise (or the data changed since)", f"install datasets=={saved} to go on exactly") \
+            if saved and saved != now else ("the data changed since the checkpoint (other files, or other rows in "
+                                            "them), or the datasets release that read it shuffles otherwise",
+                                            "put the data (and datasets release) back as they were to go on exactly")
+        return (f"stream {v}: the checkpoint's position is epoch {epoch}, row {start}, and {found}: {why}. Going on "
+                f"would see some of this epoch's examples twice and others never: {exactly}, pass "
+                "--next_epoch_on_resume to go on from the next epoch's start (the model, optimiser, EMA and schedule "
+                "exactly; the rest of this epoch unseen), or start a new run.")
 
     def _decoded(self, v: int, epoch: int, consumed: int,
                  counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, tuple]]:
