@@ -69,7 +69,6 @@ def test_an_older_dependency_installed_past_pip_is_named_at_import(tmp_path):
     said = failed.stderr.strip().splitlines()[-1]
     assert said == ('ImportError: ddpm_hf needs accelerate>=1.2 (found 1.1.1), datasets>=3.1 (found 3.0.0): '
                     'pip install -U "accelerate>=1.2" "datasets>=3.1"'), failed.stderr[-2000:]
-    assert subprocess.run([sys.executable, "-c", "import ddpm_hf"], env=child_env()).returncode == 0
     # the pipeline file run as a folder's remote code (without importing ddpm_hf) loads through ddpm_hf: the same
     # message, not "needs the ddpm_hf package" (which is for ddpm_hf not installed at all)
     remote = ("import importlib.util; spec = importlib.util.spec_from_file_location('remote', "
