@@ -797,6 +797,24 @@ def test_fewer_bound_images_and_resized_data_are_said_and_recorded(tmp_path, cap
     assert results["image_column"] == "image"
 
 
+def test_results_json_lists_a_splits_ten_most_common_sizes():
+    """A split of photos has thousands of sizes: results.json lists its 10 most common, most common first (ties in
+    the order met), of 12 sizes met here with counts 12 down to 1 in shuffled order."""
+    import random
+    from collections import Counter
+
+    from ddpm_hf.evaluation import DataRead
+
+    read, sizes = DataRead(image_column="image"), [(10 + k, 20 + k) for k in range(12)]
+    met = [size for k, size in enumerate(sizes) for _ in range(12 - k)]
+    random.Random(0).shuffle(met)
+    for size in met:
+        read.sizes["train"][size] += 1
+    expected = [list(size) for size, _ in sorted(Counter(met).items(), key=lambda item: -item[1])[:10]]
+    assert read.record() == {"image_column": "image", "data_resolution": {"train": expected}}
+    assert expected[0] == [10, 20] and len(expected) == 10
+
+
 def test_a_missing_split_is_said_for_the_data_evaluate_was_given(tmp_path):
     """A split the data lacks: on embedded:fashion_mnist the error told to rename files inside the installed package
     (and ended with ".."); it names the splits there are (oracle: datasets' own reading of the folder) and --split.

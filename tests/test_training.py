@@ -489,6 +489,14 @@ def test_a_resume_whose_order_is_not_the_checkpoints_stops_naming_why_and_the_wa
     with pytest.raises(ResumeMismatch, match="the data changed since the checkpoint"):
         resumed.next_batch()
     resumed.close()
+    # read again after a failed read during the run (no resume): the message says the data changed meanwhile
+    reading = stream(tmp_path / "moved")
+    with pytest.raises(ResumeMismatch, match=r"stream 0, after a failed read: the position is epoch 0, row 12, and "
+                                             r"the row before it is not the one read there before: the data changed "
+                                             r"while the run read it") as stopped:
+        list(reading._epoch_rows(0, 0, 12, state["last_row"][0], None, retried=True))
+    assert "datasets" not in str(stopped.value)
+    reading.close()
     # a file is known by its name: of an archive's member, the member's (the archive's path is every member's)
     assert is_row({"path": "/elsewhere/renamed/001.png"}, "path:/data/images/001.png")
     assert not is_row({"path": "zip://cat/1.png::hf://datasets/u/r@0123/train.zip"},
