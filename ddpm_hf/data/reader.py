@@ -36,6 +36,7 @@ class Batch:
     skipped: Dict[int, int]  # undecodable rows per stream in this batch
     ids: List[str]
     last_rows: Dict[int, str]  # fingerprint of each stream's last row in this batch
+    first_rows: Dict[int, str]  # ... and of the first row of an epoch these rows began (streams that began one)
     tar_events: Optional[list] = None  # a WebDataset's TarRowCounts events since the last batch (see its replay)
 
 

@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import re
 import tarfile
-import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -64,21 +63,13 @@ def without_exit_pause(dataset):
     here: 24.0.0 aborts every time, 25.0.0 never). A pass that ends has read every shard to its end and leaves no
     scan part-way under any pyarrow; with pyarrow >= 25 (setup.py's requirement) neither does one closed part-way.
     A training stream ends a pass at every epoch (on a GPU that was 5 s without a batch per epoch, bench/gpu.sh,
-    2026-11-27) and closes one part-way when the run ends; under an older pyarrow (installed without setup.py's
-    requirements) it pauses then, once (``pause_for_arrow_scans``). Set on the dataset's leaf iterables, the setting
-    carries over to what shuffle, shard, split and set_epoch derive from them."""
+    2026-11-27) and closes one part-way when the run ends (an older pyarrow is refused at import: MINIMUM_VERSIONS).
+    Set on the dataset's leaf iterables, the setting carries over to what shuffle, shard, split and set_epoch derive
+    from them."""
     for node in examples_iterables(dataset):
         if hasattr(node, "_sleep_on_threads_shutdown"):
             node._sleep_on_threads_shutdown = False
     return dataset
-
-
-def pause_for_arrow_scans() -> None:
-    """After closing a pass part-way, datasets' pause (see without_exit_pause) where pyarrow still needs it (< 25)."""
-    from datasets import config
-
-    if config.PYARROW_VERSION.major < 25:
-        time.sleep(config.SLEEP_TIME_ON_THREADS_SHUTDOWN)
 
 
 def _load_hub_dataset(repo_id: str, config_name: Optional[str], split: str, streaming: bool,

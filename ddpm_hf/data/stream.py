@@ -24,7 +24,7 @@ from .reader import Batch, ReaderProcess, all_processes, put_unless_stopped
 from .replay import Replay
 from .shards import (TarRowCounts, TarSampleCounter, dataset_revision, is_row, parquet_shard_files, row_fingerprint,
                      tar_files_signature, tar_shard_files, with_tar_counting)
-from .sources import pause_for_arrow_scans, without_exit_pause
+from .sources import without_exit_pause
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class TrainStream:
         self.skipped = {v: 0 for v in self.streams}  # undecodable rows per stream
         self._undecodable_met = {v: 0 for v in self.streams}  # by this launch's reading (for its warnings)
         self.last_row: Dict[int, str] = {}  # fingerprint of the row before each stream's position
+        self.first_row: Dict[int, str] = {}  # ... and of the first row of the position's epoch (where it was read)
         self.seen_ids: List[str] = []  # with record_ids: those of the examples handed out, until written
         self.ids_recorded, self.last_id = 0, None  # ... their count over the run and the last (see record_ids_in)
         self.ids_at_resume: Optional[tuple] = None  # (count, last id) of this process in the checkpoint resumed from
@@ -133,7 +134,7 @@ class TrainStream:
         ids recorded up to this position are written first (see record_ids_in), and their count kept."""
         tar_rows = dict(self.tar_counts.known) if self.tar_counts is not None else {}
         per_stream = {"position": dict(self.position), "skipped_rows": dict(self.skipped),
-                      "last_row": dict(self.last_row), "tar_rows_known": tar_rows}
+                      "last_row": dict(self.last_row), "first_row": dict(self.first_row), "tar_rows_known": tar_rows}
         if self.settings.record_ids:  # (per process: a process's record is one file)
             failed = ""
             try:
@@ -167,6 +168,7 @@ class TrainStream:
                 skipped = {self.streams[0]: skipped}
             self.skipped = {v: skipped.get(v, 0) for v in self.streams}
             self.last_row = {v: state["last_row"][v] for v in self.streams if v in state.get("last_row", {})}
+            self.first_row = {v: state["first_row"][v] for v in self.streams if v in state.get("first_row", {})}
             self.legacy_noise_state = state.get("noise")
             self.checkpoint_datasets_version = state.get("datasets_version")  # (None: a checkpoint before it was kept)
         if self.tar_counts is not None:  # every process's counts
@@ -213,7 +215,7 @@ class TrainStream:
         skipped = state["skipped_rows"]
         total = skipped if isinstance(skipped, int) else sum(skipped.values())
         self.skipped = {v: total if v == 0 else 0 for v in self.streams}
-        self.last_row = {}
+        self.last_row, self.first_row = {}, {}
         if self.rank == 0:
             logger.warning("--next_epoch_on_resume: the data begins epoch %d as %s (the checkpoint read %s, at epoch "
                            "%s); the rest of epoch %d is not seen", epoch, _streams(self.num_streams),
@@ -292,6 +294,7 @@ class TrainStream:
             raise
         self.position = item.position
         self.last_row.update(item.last_rows)
+        self.first_row.update(item.first_rows)
         if item.tar_events:
             self.tar_counts.replay(item.tar_events)
         for v, n in item.skipped.items():
@@ -369,19 +372,20 @@ class TrainStream:
                         self._in_reader_process or time.monotonic() - collected > self.COLLECT_EVERY_S):
                     self._tar_counter.ended, collected = 0, time.monotonic()
                     close_abandoned_reads()
-                arrays, ids, skipped, last_rows = [], [], {}, {}
+                arrays, ids, skipped, last_rows, first_rows = [], [], {}, {}, {}
                 for v in self.streams:
-                    taken, stream_ids, skipped[v], position[v], last_rows[v] = self._take(v, decoded[v])
+                    taken, stream_ids, skipped[v], position[v], last_rows[v], first = self._take(v, decoded[v])
                     arrays += taken
                     ids += stream_ids
-                deliver(arrays, Batch(None, dict(position), skipped, ids, last_rows,
+                    if first is not None:
+                        first_rows[v] = first
+                deliver(arrays, Batch(None, dict(position), skipped, ids, last_rows, first_rows,
                                        counts.drain() if counts is not None else None))
         except BaseException as err:  # handed to the training loop, which raises it
             deliver(None, err)
         finally:
             for generator in decoded.values():
                 generator.close()
-            pause_for_arrow_scans()  # the passes just closed were left part-way
 
     def _rows(self, v: int, epoch: int, consumed: int,
               counts: Optional[TarRowCounts]) -> Iterator[Tuple[int, int, dict]]:
@@ -389,11 +393,12 @@ class TrainStream:
         WebDataset's, as this reader knows them). A read that fails (the network, a 5xx that datasets' own retries
         gave up on) re-opens the epoch and continues at the same row, up to READ_RETRIES times in a row with a
         doubling pause; then the run stops, its checkpoints intact."""
-        failures, expected = 0, self.last_row.get(v)
+        failures, expected, first = 0, self.last_row.get(v), self.first_row.get(v)
         while True:
             row = None
             try:
-                for index, row in self._epoch_rows(v, epoch, consumed, expected, counts, retried=failures > 0):
+                for index, row in self._epoch_rows(v, epoch, consumed, expected, counts, first,
+                                                   retried=failures > 0):
                     yield epoch, index, row
                     consumed, failures = index + 1, 0
             except ResumeMismatch:  # the order is not the checkpoint's: reading again would not mend it
@@ -417,17 +422,18 @@ class TrainStream:
             if consumed == 0:
                 raise ValueError(f"stream {v} of the dataset is empty: the dataset has too few rows or shards for "
                                  f"{self.num_streams} streams.")
-            epoch, consumed, expected = epoch + 1, 0, None
+            epoch, consumed, expected, first = epoch + 1, 0, None, None
 
     def _epoch_rows(self, v: int, epoch: int, start: int, expected: Optional[str], counts: Optional[TarRowCounts],
-                    retried: bool = False) -> Iterator[Tuple[int, dict]]:
+                    first: Optional[str] = None, retried: bool = False) -> Iterator[Tuple[int, dict]]:
         """(row, cells) of stream ``v``'s epoch from row ``start`` on: replayed without reading the shards already
         finished where that is possible (see Replay.rows_from), else read from the epoch's start, the first ``start``
         rows skipped undecoded and the last of them compared with ``expected`` (the fingerprint kept with the
-        position; None: not known). Where it differs, or the epoch now ends before the position, the order is not
-        the one the position counted in, and the stream stops (:class:`ResumeMismatch`): going on would see some of
-        the epoch's examples twice, others never. ``retried``: the reading goes on after a failed read, not after a
-        resume (said so)."""
+        position; None: not known), the epoch's first row with ``first`` (so that another order stops the resume at
+        once, not after hours of reading again). Where either differs, or the epoch now ends before the position,
+        the order is not the one the position counted in, and the stream stops (:class:`ResumeMismatch`): going on
+        would see some of the epoch's examples twice, others never. ``retried``: the reading goes on after a failed
+        read, not after a resume (said so)."""
         if start:
             replayed = self.replay.rows_from(v, epoch, start, expected, counts)
             if replayed is not None:
@@ -437,6 +443,8 @@ class TrainStream:
         rows, index = enumerate(ds), -1
         if start:  # to the position, undecoded
             for index, row in rows:
+                if index == 0 and first is not None and not is_row(row[self.image_column], first):
+                    raise ResumeMismatch(self._other_order(v, epoch, start, retried, first_row=True))
                 if index == start - 1:
                     if expected is not None and not is_row(row[self.image_column], expected):
                         raise ResumeMismatch(self._other_order(v, epoch, start, retried))
@@ -448,11 +456,15 @@ class TrainStream:
                                "fingerprint to tell why): going on from the next epoch", v, epoch, index + 1, start)
         return rows
 
-    def _other_order(self, v: int, epoch: int, start: int, retried: bool, rows_now: Optional[int] = None) -> str:
-        """What a reading again whose row before the position is another row than the one seen there met (or an epoch
-        that ends before it: ``rows_now`` rows), and the ways on."""
+    def _other_order(self, v: int, epoch: int, start: int, retried: bool, rows_now: Optional[int] = None,
+                     first_row: bool = False) -> str:
+        """What a reading again whose row before the position (or, ``first_row``, whose first row) is another row
+        than the one seen there met (or an epoch that ends before the position: ``rows_now`` rows), and the ways
+        on."""
+        seen = "read there before" if retried else "the checkpoint saw"
         found = (f"epoch {epoch} now has {rows_now} rows" if rows_now is not None else
-                 f"the row before it is not the one {'read there before' if retried else 'the checkpoint saw'}")
+                 f"the epoch's first row is not the one {seen}" if first_row else
+                 f"the row before it is not the one {seen}")
         if retried:  # a failed read, then the epoch read again during the run
             return (f"stream {v}, after a failed read: the position is epoch {epoch}, row {start}, and {found}: the "
                     "data changed while the run read it. Put it back as it was and resume with "
@@ -499,13 +511,16 @@ class TrainStream:
             for (_, e, i), result, cell in zip(keys, results, cells):
                 yield e, i, result, cell
 
-    def _take(self, v: int, decoded: Iterator) -> Tuple[list, list, int, Tuple[int, int], str]:
+    def _take(self, v: int, decoded: Iterator) -> Tuple[list, list, int, Tuple[int, int], str, Optional[str]]:
         """The next ``per_stream_batch`` decodable examples of stream ``v``, their ids, the rows skipped, the
-        stream's position after them and the fingerprint of the row before that position."""
-        taken, ids, skipped, first_failure, failures = [], [], 0, None, 0
+        stream's position after them, the fingerprint of the row before that position and, where these rows began
+        the position's epoch, that of its first row (else None)."""
+        taken, ids, skipped, first_failure, failures, first = [], [], 0, None, 0, None
         while len(taken) < self.per_stream_batch:
             epoch, index, (array, detail), cell = next(decoded)
             position = (epoch, index + 1)
+            if index == 0:
+                first = row_fingerprint(cell)
             if array is not None:
                 taken.append(array)
                 if detail is not None:
@@ -520,7 +535,7 @@ class TrainStream:
                 what = "a whole epoch" if whole_epoch else f"{failures} rows in a row"
                 raise ValueError(f"no decodable image in {what} of stream {v}: the data is corrupt or the image "
                                  "column holds something else.")
-        return taken, ids, skipped, position, row_fingerprint(cell)
+        return taken, ids, skipped, position, row_fingerprint(cell), first
 
     def _say_undecodable(self, v: int, epoch: int, index: int, detail: str) -> None:
         """A stream's first UNDECODABLE_SAID undecodable images are said with their row and error, the later ones
