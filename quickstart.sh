@@ -13,20 +13,17 @@ OUT=${OUT:-runs/quickstart}
 STEPS=${STEPS:-1500}
 PROCESSES=${PROCESSES:-2}
 
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11) and "ddpm_hf needs Python >= 3.11; python3 is " + sys.version.split()[0])'
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# the versions the tests last passed with (constraints.txt, made on Python 3.11; older Pythons get the newest)
-PINS=()
-if python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  PINS=(-c constraints.txt)
-  export PIP_BUILD_CONSTRAINT="$PWD/constraints.txt"
-fi
-python -c "import torch" 2>/dev/null || pip install -q ${PINS[@]+"${PINS[@]}"} torch==2.13.0
-python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q ${PINS[@]+"${PINS[@]}"} -e ".[test]"
+# the versions the tests last passed with (constraints.txt)
+export PIP_BUILD_CONSTRAINT="$PWD/constraints.txt"
+python -c "import torch" 2>/dev/null || pip install -q -c constraints.txt torch==2.13.0
+python -c "import ddpm_hf, pytest" 2>/dev/null || pip install -q -c constraints.txt -e ".[test]"
 
 # --recipe short: the settings measured best for runs this short (docs/benchmarks.md, "Recipes for short runs")
 TRAIN_ARGS=(--preset small-28 --recipe short --dataset_name embedded:fashion_mnist --max_train_steps "$STEPS"

@@ -18,7 +18,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # 3.10 is past its end of life (2026-10); the newest diffusers and transformers need 3.11
     # The top-level folders show the architecture (library, pipelines, training script); all install under ddpm_hf.
     packages=["ddpm_hf", "ddpm_hf.data", "ddpm_hf.pipelines"],
     package_dir={"ddpm_hf": "ddpm_hf", "ddpm_hf.pipelines": "pipelines"},

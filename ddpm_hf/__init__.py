@@ -2,12 +2,13 @@
 
 __version__ = "0.2.0"
 
-# The oldest versions this package runs with; below them it fails at first use (diffusers 0.34 with transformers 5:
-# an ImportError inside diffusers; datasets 3.0: no IterableDataset.num_shards; accelerate 1.1: no
+# The oldest versions this package runs with; below them it fails at first use (torch 2.5: diffusers 0.41 and later
+# call torch.accelerator at import, and transformers 5 counts an older torch as absent; diffusers 0.34 with
+# transformers 5: an ImportError inside diffusers; datasets 3.0: no IterableDataset.num_shards; accelerate 1.1: no
 # Accelerator(dynamo_plugin=)). setup.py requires them, and importing ddpm_hf names any older one installed past
 # pip's resolver (--no-deps, a later downgrade) before it fails somewhere deep. The suite runs with constraints.txt.
 MINIMUM_VERSIONS = {
-    "torch": "2.1", "diffusers": "0.35", "transformers": "5.0", "accelerate": "1.2", "datasets": "3.1",
+    "torch": "2.6", "diffusers": "0.35", "transformers": "5.0", "accelerate": "1.2", "datasets": "3.1",
     # huggingface_hub 1.0: set_client_factory (the upload timeout); pyarrow 24 aborts at exit (see data/sources.py);
     # Pillow 10.3: 16-bit grey PNGs open as I;16 (scaled to 8 bits, see data/decoding.py)
     "huggingface_hub": "1.0", "pyarrow": "25", "Pillow": "10.3",

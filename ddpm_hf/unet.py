@@ -71,8 +71,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if (device not in self.autocast_dtype_on or not hasattr(torch, "get_autocast_dtype")  # torch < 2.4
-                or not torch.is_autocast_enabled(device)):
+        if device not in self.autocast_dtype_on or not torch.is_autocast_enabled(device):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):

@@ -56,11 +56,11 @@ def test_a_pipeline_from_before_samples_the_same_images():
 
 def test_an_older_dependency_installed_past_pip_is_named_at_import(tmp_path):
     """accelerate 1.1 has no Accelerator(dynamo_plugin=) and datasets 3.0 no IterableDataset.num_shards: a run failed
-    deep inside training. An install below MINIMUM_VERSIONS (made with --no-deps, or downgraded since) is named at
+    deep inside training; under torch 2.5 diffusers fails at import (torch.accelerator). An install below MINIMUM_VERSIONS (made with --no-deps, or downgraded since) is named at
     import, with the command that updates it. The older versions are real distribution records (dist-info folders)
     placed first on the path, where importlib.metadata finds them as it finds any installed package."""
     # (and a version no one can order, pyarrow's here: not judged, as pip does not judge it)
-    for name, old in (("accelerate", "1.1.1"), ("datasets", "3.0.0"), ("pyarrow", "unknown-build")):
+    for name, old in (("torch", "2.5.1"), ("accelerate", "1.1.1"), ("datasets", "3.0.0"), ("pyarrow", "unknown-build")):
         info = tmp_path / f"{name}-{old}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {old}\n")
@@ -68,8 +68,8 @@ def test_an_older_dependency_installed_past_pip_is_named_at_import(tmp_path):
                             env={**child_env(), "PYTHONPATH": str(tmp_path)})
     assert failed.returncode != 0
     said = failed.stderr.strip().splitlines()[-1]
-    assert said == ('ImportError: ddpm_hf needs accelerate>=1.2 (found 1.1.1), datasets>=3.1 (found 3.0.0): '
-                    'pip install -U "accelerate>=1.2" "datasets>=3.1"'), failed.stderr[-2000:]
+    assert said == ('ImportError: ddpm_hf needs torch>=2.6 (found 2.5.1), accelerate>=1.2 (found 1.1.1), datasets>=3.1 '
+                    '(found 3.0.0): pip install -U "torch>=2.6" "accelerate>=1.2" "datasets>=3.1"'), failed.stderr[-2000:]
     # the pipeline file run as a folder's remote code (without importing ddpm_hf) loads through ddpm_hf: the same
     # message, not "needs the ddpm_hf package" (which is for ddpm_hf not installed at all)
     remote = ("import importlib.util; spec = importlib.util.spec_from_file_location('remote', "

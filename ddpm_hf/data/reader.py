@@ -219,15 +219,14 @@ class ReaderProcess:
     @staticmethod
     def _reader_error(pickled: Optional[bytes], summary: str, where: str) -> BaseException:
         """The reader's error as it was raised there where it unpickles here (it may hold what only the reader
-        could rebuild), else a RuntimeError with its summary; with the reader's traceback as a note (3.11+)."""
+        could rebuild), else a RuntimeError with its summary; with the reader's traceback as a note."""
         import pickle
 
         try:
             error = pickle.loads(pickled) if pickled is not None else RuntimeError(summary)
         except Exception:  # noqa: BLE001
             error = RuntimeError(summary)
-        if hasattr(error, "add_note"):
-            error.add_note("in the data reader process:\n" + where)
+        error.add_note("in the data reader process:\n" + where)
         return error
 
     def stop(self) -> None:
