@@ -65,9 +65,16 @@ def leave_process_group(failed: bool = False) -> None:
 
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    if failed and torch.distributed.get_backend() != "gloo":
+    gloo = torch.distributed.get_backend() == "gloo"
+    if failed and not gloo:
         return
+    # torch < 2.8 destroys a group holding the GIL (pytorch/pytorch#154976) while gloo joins its worker threads, one of
+    # which may still need the GIL to free the last collective's tensors: a deadlock that only the launcher's SIGKILL
+    # ended (torch 2.6, two CPU processes refusing a run together: 3 of 12 launches). The gloo backend, held here past
+    # its group, is destroyed last, by gloo's own binding, which releases the GIL.
+    backend = torch.distributed.group.WORLD._get_backend(torch.device("cpu")) if gloo else None
     torch.distributed.destroy_process_group()
+    del backend
 
 
 def says_shared_messages() -> bool:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
@@ -16,11 +17,26 @@ from safetensors.torch import load_file
 from runs import FAST, ROOT, child_env, final_weights, run, write_images
 
 OLD = ROOT / "tests" / "data" / "before_v0_2"
+# The dropout masks that the torch which wrote tests/data/before_v0_2 draws after manual_seed(0) (the CPU kernel of
+# bernoulli_ with one probability, dropout's), as a hash. torch 2.6's kernel draws others: a resume there ends about
+# 1e-4 from the stored weights (139 of 144 tensors beyond 1e-5), whatever ddpm_hf does.
+WRITERS_DROPOUT_DRAWS = "9a32229cae86ff07"
+
+
+def _dropout_draws() -> str:
+    import hashlib
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return hashlib.sha1(torch.empty(1000).bernoulli_(0.9).numpy().tobytes()).hexdigest()[:16]
 OLD_ARGS = FAST + ["--max_train_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2",
                    "--dropout", "0.1", "--record_example_ids"]
 
 
 def test_a_checkpoint_from_before_resumes_to_the_same_weights(tmp_path):
+    if _dropout_draws() != WRITERS_DROPOUT_DRAWS:
+        pytest.skip(f"torch {torch.__version__} draws other dropout masks than the torch that wrote the checkpoint: "
+                    "its resume cannot end on the stored weights")
     data = write_images(tmp_path / "data", count=64)
     out = tmp_path / "run"
     out.mkdir()
