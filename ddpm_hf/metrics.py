@@ -141,7 +141,11 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
+        # the file is TorchScript, which torch.export cannot read; torch 2.13 deprecates torch.jit.load (a
+        # DeprecationWarning) and 2.14 says so to every user (a FutureWarning) at every evaluation: nothing to act on
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")
+            self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()

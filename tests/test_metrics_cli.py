@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,11 @@ def test_the_inception_network_is_given_what_the_tf_graph_took(tmp_path, monkeyp
     torch.jit.save(torch.jit.script(Given()), str(tmp_path / "default_1.pt"))
     monkeypatch.setattr(metrics, "inception_weights", lambda: tmp_path / "default_1.pt")
     levels = torch.tensor([[0, 64], [128, 255]], dtype=torch.uint8)[None, None]  # a 2 × 2 grey image
-    given = metrics.InceptionFeatures()(levels)
+    with warnings.catch_warnings(record=True) as said:  # torch >= 2.13 deprecates torch.jit.load: not the user's
+        warnings.simplefilter("always")                 # to act on (a FutureWarning, shown to all, in 2.14)
+        network = metrics.InceptionFeatures()
+    assert not [w for w in said if "torch.jit.load" in str(w.message)], [str(w.message) for w in said]
+    given = network(levels)
     assert given.shape == (1, 3, 299, 299)
     expected = (metrics.resize_like_tf1(levels.float(), 299) - 128) / 128
     torch.testing.assert_close(given, expected.repeat(1, 3, 1, 1), rtol=0, atol=1e-6)
