@@ -750,6 +750,8 @@ def test_one_process_decides_the_time_budget_alone(monkeypatch):
         accelerator = Accelerator(cpu=True)
         monkeypatch.setattr(accelerator, "reduce", lambda *a, **k: pytest.fail("one process asked the others"))
         assert train.out_of_time(accelerator, time.perf_counter() - 61, 1) is True
+        assert train.out_of_time(accelerator, time.perf_counter() - 59, 1) is False  # minutes, not seconds
+        assert train.out_of_time(accelerator, time.perf_counter() - 31, 0.5) is True
         assert train.out_of_time(accelerator, time.perf_counter(), 1) is False
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

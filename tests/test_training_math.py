@@ -431,3 +431,53 @@ def test_latest_resumes_the_checkpoint_of_the_highest_step(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ddpm_hf.train"):
         train_in_process(train, base + ["--max_train_steps", "11", "--resume_from_checkpoint", "latest"])
     assert f"resumed from {tmp_path / 'run' / 'checkpoint-10'} at step 10" in caplog.text, caplog.text[-2000:]
+
+
+def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monkeypatch):
+    """--gradient_accumulation_steps 2 with batches of 4 is, update for update, the run with batches of 8 and no
+    accumulation (the oracle; accelerate's and diffusers' meaning): the loss divided by the 2 micro-steps, the
+    gradient clipped once, on the update's sum, the learning-rate schedule, its warm-up and the EMA stepped once per
+    update, and the logged gradient norm the update's. The stream gives both runs the same examples in the same order
+    (their --record_example_ids); for both to draw the same t and ε for an example, the draw is made a function of
+    the example's pixels (tiny-16 has no dropout)."""
+    import hashlib
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from safetensors.torch import load_file
+
+    from runs import final_weights
+
+    def draw(self, x0, num_train_timesteps):
+        generators = [torch.Generator().manual_seed(int(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:15], 16))
+                      for x in x0]
+        t = torch.cat([torch.randint(num_train_timesteps, (1,), generator=g) for g in generators])
+        return t, torch.stack([torch.randn(x.shape, generator=g) for x, g in zip(x0, generators)])
+
+    monkeypatch.setattr(train.LoopState, "draw", draw)
+    images = write_images(tmp_path / "images", count=64, shards=2, size=16)
+    argv = [a if a != "none" else "tensorboard" for a in FAST] + [
+        "--dataset_name", str(images), "--max_train_steps", "6", "--logging_steps", "1", "--checkpointing_steps",
+        "6", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--max_grad_norm",
+        "0.05", "--ema_max_decay", "0.5", "--dataloader_num_workers", "0", "--record_example_ids"]
+    runs = {"accumulated": ["--train_batch_size", "4", "--gradient_accumulation_steps", "2"],
+            "one batch": ["--train_batch_size", "8"]}
+    logged = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        train_in_process(train, argv + flags + ["--output_dir", str(out)])
+        accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+        accumulator.Reload()
+        logged[name] = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+                        for tag in ("loss", "grad_norm", "lr", "ema_decay")}
+    accumulated, one = (tmp_path / name for name in runs)
+    assert ((accumulated / "logs" / "example_ids_rank0.txt").read_text() ==
+            (one / "logs" / "example_ids_rank0.txt").read_text())
+    for tag, values in logged["one batch"].items():
+        assert [step for step, _ in values] == [1, 2, 3, 4, 5, 6], tag
+        assert [v for _, v in logged["accumulated"][tag]] == pytest.approx([v for _, v in values], rel=1e-4), tag
+    assert min(v for _, v in logged["one batch"]["grad_norm"]) > 0.05  # every update clipped: the clip is tested
+    for weights in (final_weights, lambda run: load_file(run / "checkpoint-6" / "model.safetensors")):  # EMA, trained
+        ours, oracle = weights(accumulated), weights(one)
+        for key in oracle:
+            torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6)

@@ -89,6 +89,7 @@ def _parquet(folder: Path, images, extra=None) -> Path:
     (["--lr_scheduler", "polynomial", "--lr_warmup_steps", "5", "--max_train_steps", "5"],
      "--lr_warmup_steps 5 leaves none of --max_train_steps 5"),
     (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"], "decays to 1e-7: --learning_rate 1e-08 must be above"),
+    (["--lr_scheduler", "polynomial", "--learning_rate", "1e-7"], "decays to 1e-7: --learning_rate 1e-07 must be above"),
     (["--snr_gamma", "0"], "--snr_gamma must be positive, got 0.0"),
     (["--snr_gamma=-5"], "--snr_gamma must be positive, got -5.0"),
     (["--snr_gamma", "nan"], "--snr_gamma must be positive, got nan"),
