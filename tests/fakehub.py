@@ -122,6 +122,7 @@ class Repo:
     repo_type: str = "model"
     commits: Dict[str, Dict[str, bytes]] = field(default_factory=dict)  # sha -> {path: content}
     history: List[str] = field(default_factory=list)  # shas, oldest first; the last is "main"
+    titles: Dict[str, str] = field(default_factory=dict)  # sha -> the commit's title (its summary)
     # a gated repo: its info and listing are public, its files only for the owner and the users it granted access
     gated: bool = False
     granted: Set[str] = field(default_factory=set)
@@ -491,7 +492,7 @@ class FakeHub:
         for path in sorted(files):
             digest.update(path.encode() + git_blob_oid(files[path]).encode())
         sha = digest.hexdigest()
-        repo.commits[sha] = dict(files)
+        repo.commits[sha], repo.titles[sha] = dict(files), title
         if on_main:
             repo.history.append(sha)
         return sha

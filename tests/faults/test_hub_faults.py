@@ -239,6 +239,34 @@ def test_a_checkpoint_upload_skipped_for_a_busy_one_does_not_wait_for_its_checkp
     _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/busy")
 
 
+def test_a_private_repo_made_by_the_run_gets_every_checkpoint_whose_last_upload_has_ended(images, tmp_path,
+                                                                                         train_here, hub,
+                                                                                         monkeypatch):
+    """--hub_private_repo --push_checkpoints into a repo that does not exist yet: the run creates it private (a
+    push does not change a repo's visibility: made public, the weights would stay public), and an upload that has
+    ended does not make the next checkpoint's skip. Each checkpoint waits here for the last upload to end, so that
+    every one is due to be uploaded: steps 2, 4 and 6, the last one the final pipeline."""
+    from ddpm_hf.hub import Uploads
+
+    real_busy = Uploads.busy
+
+    def busy_once_the_last_has_ended(self, step):
+        if self.running is not None:
+            self.running[0].join(60)
+        return real_busy(self, step)
+
+    monkeypatch.setattr(Uploads, "busy", busy_once_the_last_has_ended)
+    out = tmp_path / "run"
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "6", "--checkpointing_steps", "2",
+                       "--push_to_hub", "--push_checkpoints", "--hub_private_repo", "--hub_model_id", "alice/new",
+                       "--hub_token", ALICE, "--output_dir", str(out)])
+    repo = hub.repos["alice/new"]
+    assert repo.private
+    assert [repo.titles[sha] for sha in repo.history] == ["initial commit"] + [
+        f"ddpm_hf: EMA weights at step {step}" for step in (2, 4, 6)]
+    _assert_pushed(hub, DDPMPipeline.from_pretrained(out), tmp_path, repo="alice/new")
+
+
 def test_a_commit_the_hub_takes_after_its_client_gave_up_does_not_replace_newer_weights(images, tmp_path,
                                                                                         train_here, hub):
     """The Hub holds the commit of step 2's upload past the client's timeout (--hub_timeout 5, time enough for its
