@@ -462,6 +462,8 @@ def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, eage
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     # bf16 keeps 8 bits of mantissa: the same batches give losses within a few percent, step by step
     torch.testing.assert_close(torch.tensor(losses["bf16"]), torch.tensor(losses["no"]), rtol=0.05, atol=0.02)
+    # and bf16 did round: the fp32 run's losses, with its batches, t and ε, come out the same to the last bit
+    assert (torch.tensor(losses["bf16"]) - torch.tensor(losses["no"])).abs().max() > 1e-5, "bf16 was not used"
     with safe_open(str(tmp_path / "bf16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     from diffusers import DiffusionPipeline
