@@ -46,7 +46,7 @@ def _ids(run_dir: Path, rank: int):
 def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir, tmp_path):
     # The preset's batch of 16: from there on oneDNN returned channels-last gradients for the 1×1 convolutions
     args = FAST + ["--dataset_name", str(parquet_dir), "--train_batch_size", "16", "--max_train_steps", "2",
-                   "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--record_example_ids"]
+                   "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--record_example_ids", "--logging_steps", "1"]
     two = tmp_path / "two"
 
     def two_processes(*extra, launch_options=()):
@@ -59,7 +59,9 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir,
 
     # each rank reads in a reader process with a decoding worker (as on a GPU machine); the resume below reads in a
     # thread of each rank (0 workers: the default of two processes on 2 cores)
-    two_processes("--output_dir", str(two), "--dataloader_num_workers", "1")
+    said = two_processes("--output_dir", str(two), "--dataloader_num_workers", "1")
+    # each process's images/s counts the images of both: step 2's 2 × 16 (the first logging interval left out)
+    assert len(re.findall(r"images/s, data_wait [\d.]+ % over [\d.]+ s \(32 images of all processes", said)) == 2, said
     info = json.loads((two / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["distributed_type"].endswith("MULTI_CPU")
     assert info["backend"] == "gloo" and info["model_wrapper"] == "DistributedDataParallel"

@@ -668,7 +668,8 @@ class Throughput:
     def summary(self) -> str:
         seconds = max(self.total["seconds"], 1e-9)
         return (f"{self.total['images'] / seconds:.1f} images/s, data_wait {100 * self.total['wait'] / seconds:.2f} % "
-                f"over {seconds:.1f} s (images of all processes; the first logging interval left out)")
+                f"over {seconds:.1f} s ({self.total['images']:.0f} images of all processes; the first logging "
+                "interval left out)")
 
 
 def decided_by_main(accelerator, decide, what: str):
