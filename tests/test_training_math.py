@@ -481,3 +481,33 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
         ours, oracle = weights(accumulated), weights(one)
         for key in oracle:
             torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6)
+
+
+def test_the_data_wait_logged_is_the_time_the_loop_waited_for_its_batches(tmp_path, monkeypatch):
+    """`data_wait` is the fraction of each logging interval that the loop spent getting its batch. Every batch
+    comes 50 ms late here (a slow stream), so each logged step's wait, data_wait × the interval's seconds (its
+    images / images_per_s), is at least those 50 ms, and at most the interval."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ddpm_hf.data import TrainStream
+
+    real_next_batch = TrainStream.next_batch
+
+    def late_next_batch(self):
+        time.sleep(0.05)
+        return real_next_batch(self)
+
+    monkeypatch.setattr(TrainStream, "next_batch", late_next_batch)
+    images, out = write_images(tmp_path / "images", count=32, shards=2, size=16), tmp_path / "run"
+    train_in_process(train, [a if a != "none" else "tensorboard" for a in FAST] + [
+        "--dataset_name", str(images), "--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "0",
+        "--dataloader_num_workers", "0", "--output_dir", str(out)])
+    accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    accumulator.Reload()
+    waits, speeds = (accumulator.Scalars(tag) for tag in ("data_wait", "images_per_s"))
+    assert [e.step for e in waits] == [e.step for e in speeds] == [1, 2, 3, 4]
+    for wait, speed in zip(waits, speeds):
+        seconds = 4 / speed.value  # a batch of 4 images per step
+        assert 0.05 <= wait.value * seconds <= seconds, (wait.step, wait.value, seconds)
