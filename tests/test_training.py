@@ -656,15 +656,18 @@ def test_evaluate_spreads_sampling_over_two_processes(tmp_path):
 def test_the_time_budget_ends_every_process_at_the_same_step(parquet_dir, tmp_path, processes):
     """--max_train_minutes ends a run that could never reach its --max_train_steps: every process stops at the same
     step (each saw exactly that many batches), a logged one, with the checkpoint of that step and the final pipeline
-    written. (One process: 20 s more of the suite for what test_one_process_decides_the_time_budget_alone shows
-    in-process.)"""
+    written. Process 1's clock says it started 2.5 s before process 0 (of a budget of 3 s): it is out of time first,
+    and the others stop with it. (One process: 20 s more of the suite for what
+    test_one_process_decides_the_time_budget_alone shows in-process.)"""
     out = tmp_path / "run"
     args = FAST + ["--dataset_name", str(parquet_dir), "--max_train_steps", "1000000", "--max_train_minutes", "0.05",
                    "--checkpointing_steps", "100000", "--logging_steps", "3", "--record_example_ids",
-                   "--output_dir", str(out)]
-    launcher = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                                          "--main_process_port", str(free_port())]
-    result = _run([sys.executable, *launcher, TRAIN, *args], env=child_env(ACCELERATE_USE_CPU="1"), cwd=tmp_path)
+                   "--ddp_timeout", "60", "--output_dir", str(out)]
+    launcher = [TRAIN] if processes == 1 else [
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+        str(free_port()), str(Path(__file__).with_name("skewed_clock.py"))]
+    result = _run([sys.executable, *launcher, *args],
+                  env=child_env(ACCELERATE_USE_CPU="1", DDPM_HF_CLOCK_SKEW_S="2.5"), cwd=tmp_path)
     stops = {int(step) for step in re.findall(r"time budget of 0.05 minutes reached at step (\d+)",
                                               result.stdout + result.stderr)}
     assert len(stops) == 1, result.stderr[-3000:]
