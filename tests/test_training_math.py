@@ -481,6 +481,14 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
         ours, oracle = weights(accumulated), weights(one)
         for key in oracle:
             torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6)
+    # the pipeline holds the EMA's weights, after its 6 updates (the checkpoint's EMA state, kept beside the weights)
+    from ddpm_hf import DDPMUNet
+
+    ema = torch.load(one / "checkpoint-6" / "custom_checkpoint_3.pkl", weights_only=False)
+    pipeline_unet = list(DDPMUNet.from_pretrained(one / "unet").parameters())
+    assert ema["num_updates"] == 6 and len(ema["shadow"]) == len(pipeline_unet)
+    for weight, average in zip(pipeline_unet, ema["shadow"]):
+        torch.testing.assert_close(weight, average, rtol=0, atol=0)
 
 
 def test_the_data_wait_logged_is_the_time_the_loop_waited_for_its_batches(tmp_path, monkeypatch):
