@@ -159,7 +159,7 @@ def test_a_launch_says_a_bad_flag_once(tmp_path):
     assert text.count("usage: train.py") == 1 and "failed (exitcode: 2) local_rank: 0 " in text, text[-3000:]
 
 
-def test_only_processes_torchs_launcher_started_leave_a_failure_to_the_first(monkeypatch):
+def test_only_processes_torchs_launcher_started_leave_a_failure_to_the_first(monkeypatch, capsys):
     """A process with LOCAL_RANK 1 that torch's launcher did not start (started by a training process, or another
     launcher) says its failure itself: nothing would end it while it waits for another to speak."""
     from ddpm_hf import processes
@@ -170,6 +170,9 @@ def test_only_processes_torchs_launcher_started_leave_a_failure_to_the_first(mon
     assert processes.stop_all("bad flag").code == "bad flag"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert processes.stop_all("bad flag").code == 1
+    with pytest.raises(SystemExit) as quiet:  # a bad flag: argparse's status, said by the first process only
+        processes.ArgumentParser(prog="train.py").error("bad flag")
+    assert quiet.value.code == 2 and not capsys.readouterr().err
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert processes.stop_all("bad flag").code == "bad flag"
 
