@@ -519,3 +519,27 @@ def test_the_data_wait_logged_is_the_time_the_loop_waited_for_its_batches(tmp_pa
     for wait, speed in zip(waits, speeds):
         seconds = 4 / speed.value  # a batch of 4 images per step
         assert 0.05 <= wait.value * seconds <= seconds, (wait.step, wait.value, seconds)
+
+
+def test_an_update_clips_the_gradients_l2_norm_and_says_the_norm_before():
+    """optimizer_step clips the gradient to --max_grad_norm in its L2 norm over all the weights (clip_grad_norm_, as
+    diffusers' example does) and hands back the norm before clipping, which is logged. Closed form: SGD with a rate
+    of 1 moves the weights by g · min(1, c / ‖g‖₂); here ‖g‖₂ = 13 (‖g‖∞ = 12) and c = 1.3."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        layer = torch.nn.Linear(3, 2)
+        model, optimizer = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=1.0))
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]]), torch.tensor([0.0, 12.0])]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        update = train.optimizer_step(accelerator, model, optimizer, torch.tensor(1.0), 1.3)
+        assert update.finite() and float(update.grad_norm) == pytest.approx(13.0, rel=1e-6)
+        for p, b, g in zip(model.parameters(), before, grads):
+            torch.testing.assert_close(b - p.detach(), g / 10)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
