@@ -499,9 +499,11 @@ def test_accelerates_dynamo_settings_compile_the_unet_in_place(images, eager, tm
     out = tmp_path / "dynamo"
     env = child_env(ACCELERATE_DYNAMO_BACKEND="EAGER", ACCELERATE_DYNAMO_MODE="default",  # as accelerate launch
                     ACCELERATE_DYNAMO_USE_FULLGRAPH="True", ACCELERATE_DYNAMO_USE_DYNAMIC="False",  # sets them
-                    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="False")
+                    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="False", TORCH_LOGS="dynamo")
     run(_eager_args(images) + ["--output_dir", str(out)], tmp_path / "dynamo.log", env=env)
     log = (tmp_path / "dynamo.log").read_text()
+    # the U-Net's forward traced by dynamo in the training process (its INFO log, asked by TORCH_LOGS)
+    assert re.search(r"torchdynamo start tracing forward \S*ddpm_hf/unet\.py", log), log[-3000:]
     asked = "asked by accelerate's dynamo settings (eager): {'backend': 'eager', 'fullgraph': True, 'dynamic': False}"
     assert asked in log, log[-3000:]
     torch.testing.assert_close(torch.tensor(_scalars(out / "logs", "loss")),
