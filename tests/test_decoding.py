@@ -1,6 +1,7 @@
 """From a stored image to the model's input, against oracles computed here from PIL and numpy: the resize and the
 centre and random crops, the flip, 16-bit, float and 32-bit integer images, EXIF orientation, the channel check's
-majority rule, and the [-1, 1] → uint8 conversion of samples. (Until 2026-11-29 e these were checked only through a
+majority rule, the [-1, 1] → uint8 conversion of samples, each example's own flip, a row's fingerprint and the default
+number of decoding workers. (Until 2026-11-29 e these were checked only through a
 stored checkpoint's square grey images: a mutation audit found 14 planted bugs here that no test saw.)"""
 
 import io
@@ -139,3 +140,48 @@ def test_samples_become_the_nearest_level_clipped():
     away_from_ties = np.abs(expected - np.floor(expected) - 0.5) > 1e-3
     np.testing.assert_array_equal(to_uint8(x).numpy()[away_from_ties],
                                   np.rint(expected)[away_from_ties].astype(np.uint8))
+
+
+def test_each_example_draws_its_flip_anew_in_every_epoch_and_stream():
+    """The flip of an example is drawn from its key (stream, epoch, row): row k of another epoch, or of another
+    stream (another GPU's data), draws its own. Tied to the row alone, an example would be flipped alike in every
+    epoch, and the streams' flips would be one sequence. Oracle: the unflipped image and its mirror, from numpy;
+    over 64 rows, two keys' flip sequences agree by chance with probability 2⁻⁶⁴."""
+    from ddpm_hf.data.decoding import DecodeSettings, decode_rows
+
+    image = _colour(16, 16)
+    upright = np.asarray(image).transpose(2, 0, 1)
+    settings = DecodeSettings(resolution=16, channels=3, center_crop=True, random_flip=True, seed=0, record_ids=False)
+
+    def flips(v: int, epoch: int) -> list:
+        rows = decode_rows([{"bytes": _encoded(image), "path": None}] * 64, [(v, epoch, i) for i in range(64)],
+                           settings)
+        assert all(np.array_equal(a, upright) or np.array_equal(a, upright[:, :, ::-1]) for a, _ in rows)
+        return [not np.array_equal(a, upright) for a, _ in rows]
+
+    first = flips(0, 0)
+    assert 16 < sum(first) < 48  # about half of them
+    assert flips(0, 1) != first and flips(1, 0) != first
+    assert flips(0, 0) == first  # the same key, the same flip: whichever worker or process decodes it
+
+
+def test_a_rows_fingerprint_is_its_whole_bytes():
+    """A resume knows a row by its fingerprint: rows of the same length that differ only near their end (JPEGs of one
+    camera share long headers) must differ in it. Oracle: zlib's CRC-32 of all the bytes; a file by its name."""
+    import zlib
+
+    from ddpm_hf.data import row_fingerprint
+
+    head = bytes(range(256)) * 4
+    a, b = head + b"\x00", head + b"\x01"
+    assert row_fingerprint({"bytes": a}) == f"{len(a)}:{zlib.crc32(a):08x}" != row_fingerprint({"bytes": b})
+    assert row_fingerprint({"bytes": None, "path": "/data/001.png"}) == "path:/data/001.png"
+
+
+def test_the_default_workers_share_the_cores_among_the_machines_processes(monkeypatch):
+    """Without --dataloader_num_workers, each training process decodes in the cores left after one per process,
+    shared among the machine's processes, at most 8 each: 8 processes on 32 cores do not start 8 workers each."""
+    from ddpm_hf.data import reader
+
+    monkeypatch.setattr(reader, "usable_cores", lambda: 32)
+    assert [reader.default_num_workers(n) for n in (1, 2, 4, 8, 32)] == [8, 8, 7, 3, 0]
