@@ -578,6 +578,26 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, workers):
     good = [i for i in range(12) if i not in (2, 7, 8)]
     assert stream.seen_ids == [hashlib.sha1(png_bytes(i)).hexdigest() for i in good[:9]]
     assert stream.state_dict()["position"] == {0: (0, 12)}  # row 11 was the last one used
+    if workers:
+        return
+    # the count goes on across a resume (oracle: the uninterrupted stream's), and into --next_epoch_on_resume's
+    # first stream, the other streams' counts added
+    def stream_of(**options):
+        return TrainStream(ds, "image", 16, 1, 3, 1, 0, 1, seed=0, shuffle_buffer_size=0, **options)
+
+    first = stream_of()
+    first.next_batch(), first.next_batch()
+    state = first.state_dict()
+    first.close()
+    resumed = stream_of()
+    resumed.load_state_dict(state)
+    resumed.next_batch()
+    resumed.close()
+    assert resumed.skipped_rows == 3 and resumed.state_dict()["skipped_rows"] == {0: 3}
+    anew = stream_of(next_epoch_on_resume=True)
+    anew.load_state_dict(dict(state, position={0: (0, 6), 1: (0, 6)}, skipped_rows={0: 1, 1: 2}))
+    assert anew.skipped_rows == 3 and anew.state_dict()["position"] == {0: (1, 0)}
+    anew.close()
 
 
 def test_many_undecodable_rows_are_said_one_by_one_then_counted(tmp_path, caplog):
