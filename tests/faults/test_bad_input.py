@@ -503,6 +503,16 @@ def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path, workers):  # rea
             stream.next_batch()
     finally:
         stream.close()
+    if workers:
+        return
+    _parquet(tmp_path / "one", [b"\x89PNG\r\n\x1a\n broken"])  # an epoch of one row: its second reading ends it
+    stream = TrainStream(load_image_dataset(str(tmp_path / "one")), "image", 16, 1, 4, 1, 0, 1, seed=0,
+                         shuffle_buffer_size=0)
+    try:
+        with pytest.raises(ValueError, match="no decodable image in a whole epoch of stream 0"):
+            stream.next_batch()  # (not after MAX_UNDECODABLE_IN_A_ROW readings of it, as "1000 rows in a row")
+    finally:
+        stream.close()
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
