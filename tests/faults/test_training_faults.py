@@ -752,3 +752,34 @@ def test_a_checkpoint_upload_samples_its_grid_once_whatever_its_attempts(images,
     assert "pushed the EMA pipeline of step 4" in caplog.text
     assert len(calls) == 2  # steps 2 and 4, one grid each
     assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+
+
+def test_a_checkpoint_is_never_visible_before_its_pipeline_nor_while_it_is_deleted(images, tmp_path, train_here,
+                                                                                  monkeypatch):
+    """A kill may come at any moment: a checkpoint-N folder must be complete whenever it is visible. So its
+    pipeline/ is written into the hidden folder before it is published, and --checkpoints_total_limit removes an old
+    one only once it is hidden (renamed first). Every pipeline written and every folder removed is watched here:
+    none may be a visible checkpoint's."""
+    from ddpm_hf import DDPMPipeline, checkpoints
+
+    out = tmp_path / "run"
+    seen, real_rmtree, real_save = [], shutil.rmtree, DDPMPipeline.save_pretrained
+
+    def watched_rmtree(path, *args, **kwargs):
+        seen.append(("removed", Path(path).name))
+        return real_rmtree(path, *args, **kwargs)
+
+    def watched_save(self, folder, *args, **kwargs):
+        seen.append(("pipeline in", Path(folder).parent.name))
+        return real_save(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", watched_rmtree)
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", watched_save)
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps", "1",
+                       "--checkpoints_total_limit", "1", "--output_dir", str(out)])
+    assert [p.name for p in checkpoints.published_checkpoints(out)] == ["checkpoint-3"]
+    assert [folder for what, folder in seen if what == "pipeline in" and folder.startswith(".checkpoint")] == [
+        f".checkpoint-{step}.tmp" for step in (1, 2, 3)]
+    assert ("removed", ".checkpoint-1.trash") in seen and ("removed", ".checkpoint-2.trash") in seen
+    assert not [s for s in seen if re.fullmatch(r"checkpoint-\d+", s[1])], seen
+    check_checkpoints(out)
