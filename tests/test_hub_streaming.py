@@ -312,17 +312,24 @@ def _read_with_404s(hub, stream: TrainStream, batches: int, at: int, path_part: 
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # read by a thread of this process, or by a reader process
-def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries, workers):
+def test_a_source_that_keeps_failing_stops_the_stream_naming_the_row(dataset_hub, four_shards, fast_retries, workers,
+                                                                     monkeypatch, caplog):
+    """Five retries, each after twice the pause of the one before (said where the stream reads in this process),
+    then the run stops naming the row."""
+    monkeypatch.setattr(TrainStream, "READ_RETRY_PAUSE_S", 0.05)
     repo = publish(four_shards, "alice/four")
     dataset = load_image_dataset(repo)
     third = sorted(p.name for p in (four_shards / "data").glob("*.parquet"))[2]
     # a shard gone from the repo (404): neither huggingface_hub nor datasets retry it, so the test measures our
     # retries alone (a persistent 5xx takes huggingface_hub's own 5 retries, 23 s, per attempt)
     dataset_hub.inject("GET", third, "status", times=-1, status=404)
-    with pytest.raises(RuntimeError) as failure:
+    with pytest.raises(RuntimeError) as failure, caplog.at_level(logging.WARNING, logger="ddpm_hf.data"):
         _read_ids(dataset, 8, workers=workers)
     message = str(failure.value)
     assert "reading the dataset failed at stream 0, epoch 0, row" in message and "after 5 retries" in message
+    if not workers:
+        assert re.findall(r"retry (\d)/5 in ([\d.]+) s", caplog.text) == [
+            (str(k + 1), f"{0.05 * 2 ** k:.1f}") for k in range(5)]
     assert "resume with --resume_from_checkpoint latest" in message
 
 

@@ -515,6 +515,27 @@ def test_a_stream_of_nothing_but_corrupt_images_stops(tmp_path, workers):  # rea
         stream.close()
 
 
+def test_a_shard_that_is_not_parquet_stops_the_stream_without_retries(tmp_path, monkeypatch, caplog):
+    """A shard that cannot be parsed (here the second one's bytes are not parquet) is read again in vain: the
+    stream stops at once, naming the row and the parser's error, instead of retrying for a minute as after a
+    network failure."""
+    from runs import png_bytes
+
+    monkeypatch.setattr(TrainStream, "READ_RETRY_PAUSE_S", 0.01)  # (a retry would be said, and counted)
+    _parquet(tmp_path / "data", [png_bytes(i) for i in range(4)])
+    (tmp_path / "data" / "train-1.parquet").write_bytes(b"not parquet at all" * 64)
+    stream = TrainStream(load_image_dataset(str(tmp_path / "data"), check_shards=False), "image", 16, 1, 6, 1, 0, 1,
+                         seed=0, shuffle_buffer_size=0)
+    try:
+        with pytest.raises(RuntimeError, match=r"reading the dataset failed at stream 0, epoch 0, row 4 \(Arrow"
+                                               r"\w+: [^)]*\); the last checkpoint is intact") as stopped, \
+                caplog.at_level(logging.WARNING, logger="ddpm_hf.data"):
+            stream.next_batch()
+    finally:
+        stream.close()
+    assert "retries" not in str(stopped.value) and "retry" not in caplog.text
+
+
 # --- the command line ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
