@@ -1018,3 +1018,46 @@ def test_the_sample_grid_shows_its_progress(tmp_path, capsys):
                                     str(tmp_path / "run")])
     bar = re.findall(r"sample grid of step 1: +\d+%\|[^|]*\| \d/4 ", capsys.readouterr().err)  # (cleared when done)
     assert bar, "no progress bar of the sample grid"
+
+
+def test_a_failed_read_in_the_epoch_after_a_resume_goes_on_exactly(tmp_path, monkeypatch):
+    """A resumed image-folder stream (no replay: the epoch read again up to the position, its first row checked
+    against the checkpoint's) goes on into the next epoch, where a read fails once and is retried: the examples are
+    the uninterrupted stream's, in its order. The epoch's first row the retry checks is that epoch's, not the
+    checkpoint's (another epoch, another first row: the stream would stop, saying the data changed)."""
+    (tmp_path / "train").mkdir()
+    for i in range(16):
+        (tmp_path / "train" / f"{i:02d}.png").write_bytes(png_bytes(i, 8))
+    monkeypatch.setattr(TrainStream, "READ_RETRY_PAUSE_S", 0.01)
+
+    def stream():
+        return TrainStream(load_image_dataset(str(tmp_path), check_shards=False), "image", 8, 1, 4, 1, 0, 1, seed=0,
+                           shuffle_buffer_size=8, record_ids=True)
+
+    uninterrupted = stream()
+    for _ in range(8):  # two epochs
+        uninterrupted.next_batch()
+    uninterrupted.close()
+    first = stream()
+    first.next_batch(), first.next_batch()
+    state = first.state_dict()
+    first.close()
+
+    real_epoch_rows, failed = TrainStream._epoch_rows, []
+
+    def failing_once(self, v, epoch, start, *args, **kwargs):
+        rows = real_epoch_rows(self, v, epoch, start, *args, **kwargs)
+        for index, row in rows:
+            if (epoch, index) == (1, 6) and not failed:
+                failed.append(start)
+                raise ConnectionError("the connection was reset")
+            yield index, row
+
+    monkeypatch.setattr(TrainStream, "_epoch_rows", failing_once)
+    resumed = stream()
+    resumed.load_state_dict(state)
+    for _ in range(6):
+        resumed.next_batch()
+    resumed.close()
+    assert failed == [0]  # the read of epoch 1 from its start failed at row 6, and was retried from there
+    assert first.seen_ids + resumed.seen_ids == uninterrupted.seen_ids
