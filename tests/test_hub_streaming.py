@@ -766,6 +766,12 @@ def test_local_tars_that_would_lose_images_are_refused_and_images_beside_tars_ar
     with pytest.raises(ValueError, match=r"train-00000.tar is not a readable webdataset file \(the member after "
                                          r"member 000001.png \(byte 2048\) has a corrupt header"):
         load_image_dataset(train_data_dir=str(corrupt))
+    # a block of zeros where the third member's header was (tarfile stops there quietly, as at an end of archive):
+    # the rest of the tar is not an end of archive
+    data[third:third + 512] = bytes(512)
+    (corrupt / "train-00000.tar").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"the member after member 000001.png \(byte 2048\) has a corrupt header"):
+        load_image_dataset(train_data_dir=str(corrupt))
 
     # image files and tars together: read as datasets reads the folder, as the kind most of its files are
     folder = tmp_path / "images"
