@@ -442,10 +442,10 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
     the example's pixels (tiny-16 has no dropout)."""
     import hashlib
 
+    from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from safetensors.torch import load_file
-
+    from ddpm_hf import DDPMUNet
     from runs import final_weights
 
     def draw(self, x0, num_train_timesteps):
@@ -481,9 +481,8 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
         ours, oracle = weights(accumulated), weights(one)
         for key in oracle:
             torch.testing.assert_close(ours[key], oracle[key], rtol=1e-4, atol=1e-6)
-    # the pipeline holds the EMA's weights, after its 6 updates (the checkpoint's EMA state, kept beside the weights)
-    from ddpm_hf import DDPMUNet
-
+    # the pipeline holds the EMA's weights, after its 6 updates (the checkpoint's EMA state: the fourth state
+    # train.py registers with accelerate, after the schedule's, the stream's and the loop's)
     ema = torch.load(one / "checkpoint-6" / "custom_checkpoint_3.pkl", weights_only=False)
     pipeline_unet = list(DDPMUNet.from_pretrained(one / "unet").parameters())
     assert ema["num_updates"] == 6 and len(ema["shadow"]) == len(pipeline_unet)
