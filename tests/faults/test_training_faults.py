@@ -783,3 +783,14 @@ def test_a_checkpoint_is_never_visible_before_its_pipeline_nor_while_it_is_delet
     assert ("removed", ".checkpoint-1.trash") in seen and ("removed", ".checkpoint-2.trash") in seen
     assert not [s for s in seen if re.fullmatch(r"checkpoint-\d+", s[1])], seen
     check_checkpoints(out)
+
+
+def test_a_limit_of_0_keeps_every_checkpoint(images, tmp_path, train_here):
+    """--checkpoints_total_limit 0 keeps them all, as diffusers' example does without the flag."""
+    from ddpm_hf.checkpoints import published_checkpoints
+
+    out = tmp_path / "run"
+    train_here(FAST + ["--dataset_name", str(images), "--max_train_steps", "3", "--checkpointing_steps", "1",
+                       "--checkpoints_total_limit", "0", "--output_dir", str(out)])
+    assert [p.name for p in published_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    check_checkpoints(out)
