@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ TRAIN = str(ROOT / "training" / "train.py")
 FAST = ["--preset", "tiny-16", "--ddpm_num_steps", "50", "--ddpm_num_inference_steps", "4", "--num_sample_images",
         "4", "--logger", "none", "--shuffle_buffer_size", "16", "--lr_warmup_steps", "2", "--ema_max_decay", "0.9",
         "--train_batch_size", "4"]
+FAST_LOGGED = [a if a != "none" else "tensorboard" for a in FAST]  # FAST, logging to TensorBoard
 KILL_POINTS = ("step", "checkpoint", "upload")
 
 
@@ -189,6 +190,15 @@ def check_checkpoints(output_dir: Path) -> List[str]:
             final_weights(folder / "pipeline")
         names.append(folder.name)
     return names
+
+
+def logged_scalars(logdir: Path, tag: str) -> Dict[int, float]:
+    """{step: value} of the scalar ``tag`` that a run logged to TensorBoard in ``logdir`` (its newest event file)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(sorted(logdir.rglob("events.out.tfevents.*"))[-1].parent))
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
 def final_weights(output_dir: Path) -> dict:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 import ddpm_hf.data.stream as stream_module
 from ddpm_hf.data import TrainStream, load_image_dataset
 from ddpm_hf.data.reader import ReaderProcess
-from runs import FAST, child_env, final_weights, launch, png_bytes, read_batches, run, write_images
+from runs import FAST, child_env, final_weights, launch, logged_scalars, png_bytes, read_batches, run, write_images
 
 
 REAL_DECODE_ROWS = stream_module.decode_rows
@@ -447,12 +447,7 @@ def eager(images, tmp_path_factory):
 
 
 def _scalars(logdir: Path, tag: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    files = sorted(logdir.rglob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(files[-1].parent))
-    acc.Reload()
-    return [e.value for e in acc.Scalars(tag)]
+    return list(logged_scalars(logdir, tag).values())
 
 
 def test_bf16_trains_like_fp32_and_saves_an_fp32_diffusers_pipeline(images, eager, tmp_path):

@@ -46,7 +46,8 @@ def _ids(run_dir: Path, rank: int):
 def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(parquet_dir, tmp_path):
     # The preset's batch of 16: from there on oneDNN returned channels-last gradients for the 1×1 convolutions
     args = FAST + ["--dataset_name", str(parquet_dir), "--train_batch_size", "16", "--max_train_steps", "2",
-                   "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--record_example_ids", "--logging_steps", "1"]
+                   "--lr_warmup_steps", "0", "--checkpointing_steps", "1", "--record_example_ids",
+                   "--logging_steps", "1"]
     two = tmp_path / "two"
 
     def two_processes(*extra, launch_options=()):
@@ -744,20 +745,16 @@ def test_the_loss_logged_every_n_steps_is_the_intervals_mean(tmp_path):
     """--logging_steps 2 logs the mean loss of its 2 steps, as transformers' --logging_steps does (it logged the
     second step's alone, so a curve logged every 50 steps showed 1 step in 50). Oracle: the same run logged every
     step (equal batches: the interval's mean is the mean of its steps' means), read with TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from runs import FAST, load_train_script, train_in_process, write_images
+    from runs import FAST_LOGGED, load_train_script, logged_scalars, train_in_process, write_images
 
     train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
-    argv = [a if a != "none" else "tensorboard" for a in FAST]  # (FAST logs to no tracker)
     logged = {}
     for every in (1, 2):
         out = tmp_path / f"every-{every}"
-        train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--logging_steps",
-                                        str(every), "--checkpointing_steps", "0", "--output_dir", str(out)])
-        accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-        accumulator.Reload()
-        logged[every] = {event.step: event.value for event in accumulator.Scalars("loss")}
+        train_in_process(train, FAST_LOGGED + ["--dataset_name", str(images), "--max_train_steps", "4",
+                                               "--logging_steps", str(every), "--checkpointing_steps", "0",
+                                               "--output_dir", str(out)])
+        logged[every] = logged_scalars(out / "logs", "loss")
     assert sorted(logged[2]) == [2, 4]
     for step in (2, 4):
         assert logged[2][step] == pytest.approx((logged[1][step - 1] + logged[1][step]) / 2, rel=1e-5), step
@@ -965,13 +962,13 @@ def test_the_sample_grids_reach_tensorboard(tmp_path):
     in the folder of --tracker_project_name (accelerate's run name)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from runs import FAST, load_train_script, train_in_process, write_images
+    from runs import FAST_LOGGED, load_train_script, train_in_process, write_images
 
     train, images = load_train_script(), write_images(tmp_path / "images", count=16, shards=2, size=16)
     out = tmp_path / "run"
-    argv = [a if a != "none" else "tensorboard" for a in FAST]  # (FAST logs to no tracker)
-    train_in_process(train, argv + ["--dataset_name", str(images), "--max_train_steps", "4", "--save_images_steps",
-                                    "2", "--output_dir", str(out), "--tracker_project_name", "fmnist-ddpm"])
+    train_in_process(train, FAST_LOGGED + ["--dataset_name", str(images), "--max_train_steps", "4",
+                                           "--save_images_steps", "2", "--output_dir", str(out),
+                                           "--tracker_project_name", "fmnist-ddpm"])
     events = sorted((out / "logs").rglob("events.out.tfevents.*"))
     assert events and all(out / "logs" / "fmnist-ddpm" in path.parents for path in events)  # (diffusers' flag)
     accumulator = EventAccumulator(str(events[-1].parent), size_guidance={"images": 0})

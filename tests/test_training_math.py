@@ -443,10 +443,9 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
     import hashlib
 
     from safetensors.torch import load_file
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ddpm_hf import DDPMUNet
-    from runs import final_weights
+    from runs import FAST_LOGGED, final_weights, logged_scalars
 
     def draw(self, x0, num_train_timesteps):
         generators = [torch.Generator().manual_seed(int(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:15], 16))
@@ -456,7 +455,7 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
 
     monkeypatch.setattr(train.LoopState, "draw", draw)
     images = write_images(tmp_path / "images", count=64, shards=2, size=16)
-    argv = [a if a != "none" else "tensorboard" for a in FAST] + [
+    argv = FAST_LOGGED + [
         "--dataset_name", str(images), "--max_train_steps", "6", "--logging_steps", "1", "--checkpointing_steps",
         "6", "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--learning_rate", "1e-3", "--max_grad_norm",
         "0.05", "--ema_max_decay", "0.5", "--dataloader_num_workers", "0", "--record_example_ids"]
@@ -466,9 +465,7 @@ def test_two_micro_batches_make_the_update_that_their_batch_makes(tmp_path, monk
     for name, flags in runs.items():
         out = tmp_path / name
         train_in_process(train, argv + flags + ["--output_dir", str(out)])
-        accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-        accumulator.Reload()
-        logged[name] = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+        logged[name] = {tag: list(logged_scalars(out / "logs", tag).items())
                         for tag in ("loss", "grad_norm", "lr", "ema_decay")}
     accumulated, one = (tmp_path / name for name in runs)
     assert ((accumulated / "logs" / "example_ids_rank0.txt").read_text() ==
@@ -496,9 +493,8 @@ def test_the_data_wait_logged_is_the_time_the_loop_waited_for_its_batches(tmp_pa
     images / images_per_s), is at least those 50 ms, and at most the interval."""
     import time
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from ddpm_hf.data import TrainStream
+    from runs import FAST_LOGGED, logged_scalars
 
     real_next_batch = TrainStream.next_batch
 
@@ -508,16 +504,14 @@ def test_the_data_wait_logged_is_the_time_the_loop_waited_for_its_batches(tmp_pa
 
     monkeypatch.setattr(TrainStream, "next_batch", late_next_batch)
     images, out = write_images(tmp_path / "images", count=32, shards=2, size=16), tmp_path / "run"
-    train_in_process(train, [a if a != "none" else "tensorboard" for a in FAST] + [
+    train_in_process(train, FAST_LOGGED + [
         "--dataset_name", str(images), "--max_train_steps", "4", "--logging_steps", "1", "--checkpointing_steps", "0",
         "--dataloader_num_workers", "0", "--output_dir", str(out)])
-    accumulator = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
-    accumulator.Reload()
-    waits, speeds = (accumulator.Scalars(tag) for tag in ("data_wait", "images_per_s"))
-    assert [e.step for e in waits] == [e.step for e in speeds] == [1, 2, 3, 4]
-    for wait, speed in zip(waits, speeds):
-        seconds = 4 / speed.value  # a batch of 4 images per step
-        assert 0.05 <= wait.value * seconds <= seconds, (wait.step, wait.value, seconds)
+    waits, speeds = (logged_scalars(out / "logs", tag) for tag in ("data_wait", "images_per_s"))
+    assert list(waits) == list(speeds) == [1, 2, 3, 4]
+    for step, wait in waits.items():
+        seconds = 4 / speeds[step]  # a batch of 4 images per step
+        assert 0.05 <= wait * seconds <= seconds, (step, wait, seconds)
 
 
 def test_an_update_clips_the_gradients_l2_norm_and_says_the_norm_before():
